@@ -1,0 +1,532 @@
+"""The transfer engine: trades the pieces of one manifest with many peers at once.
+
+It decides (with ``picker`` and ``choker``) and drives transfers over ``PeerLink`` objects, which
+the libp2p layer, the fast data lane and the simulator each implement. It never imports libp2p and
+never reads the wall clock directly (only ``trio.current_time()``), so the simulator can run it under
+a virtual clock.
+
+Per link there are two tasks: a reader that handles each message as it arrives (so a yamux stream is
+always drained) and a writer that sends control messages first and piece payloads when the peer
+holds an upload slot. Disk reads, writes and hashing run through ``run_blocking`` (worker threads in
+production), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from swarm import wire
+from swarm.choker import Choker, PeerSlot
+from swarm.manifest import Manifest
+from swarm.picker import Picker
+from swarm.store import PieceHashMismatch
+
+log = logging.getLogger(__name__)
+
+
+class LinkClosed(Exception):
+    """The other side of a link went away."""
+
+
+class PeerLink(Protocol):
+    """One bidirectional message channel to one peer about one manifest."""
+
+    peer_id: str
+
+    async def send(self, msg: wire.Message) -> None: ...
+
+    async def receive(self) -> wire.Message:
+        """The next message; raises LinkClosed when the peer is gone, wire.ProtocolError when
+        it sent garbage."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class PieceStore(Protocol):
+    """Where verified pieces live. ``write_piece`` verifies and raises PieceHashMismatch."""
+
+    @property
+    def have(self) -> frozenset[int]: ...
+
+    def read_piece(self, index: int) -> Any: ...
+
+    def write_piece(self, index: int, data: Any) -> bool: ...
+
+
+@attrs.frozen
+class EngineConfig:
+    pipeline_depth: int = 4
+    """Requests outstanding per peer: enough to keep a fast link busy across one round trip."""
+    upload_slots: int = 4
+    """Peers served at once (see choker)."""
+    slot_hold: float = 2.0
+    """Seconds a peer keeps an upload slot before fair rotation may take it."""
+    rechoke_interval: float = 1.0
+    """How often upload slots are re-dealt and rates sampled."""
+    tick: float = 0.25
+    """How often request deadlines are checked."""
+    request_timeout: float = 5.0
+    """Base seconds a request may take before we ask someone else ..."""
+    min_rate: float = 1 << 20
+    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 9 s, a config piece ~5 s."""
+    handshake_timeout: float = 10.0
+    """Seconds for a new link to exchange Hello and Bitfield."""
+    max_queued_requests: int = 64
+    """Requests a peer may queue with us; more is a protocol violation (memory bound)."""
+    max_wasted_bytes: int = 64 << 20
+    """Unrequested piece bytes tolerated from one peer (late endgame copies) before dropping it."""
+    max_timeouts: int = 3
+    """Consecutive timed-out requests after which a peer counts as snubbed (one request at a time)."""
+    max_peers: int = 64
+    """Links per transfer."""
+
+
+@attrs.define
+class PeerStats:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    pieces_up: int = 0
+    pieces_down: int = 0
+    bad_pieces: int = 0
+    banned: bool = False
+
+
+class _Peer:
+    def __init__(self, link: PeerLink, now: float):
+        self.link = link
+        self.id = link.peer_id
+        self.have: set[int] = set()
+        self.am_interested = False
+        self.peer_choking = True
+        self.slot = PeerSlot(self.id, since=now)
+        self.requests: dict[int, float] = {}  # index -> deadline
+        self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
+        self.uploads: deque[int] = deque()
+        self.control: deque[wire.Message] = deque()
+        self.wake = trio.Event()
+        self.timeouts = 0
+        self.wasted = 0
+        self.window_bytes = 0
+        self.closed = False
+
+    def post(self, msg: wire.Message) -> None:
+        self.control.append(msg)
+        self.wake.set()
+
+
+class _Drop(Exception):
+    """Close this link (reason in args)."""
+
+
+async def _run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+class Transfer:
+    """Everything about trading one manifest: our pieces, our peers, our slots.
+
+    Use ``async with trio.open_nursery() as n: n.start_soon(t.run)`` and hand each link to
+    ``serve_link``; ``completed`` fires once every wanted piece is verified, ``configs_ready`` once
+    every wanted config piece is. After completion the transfer keeps serving (seeding) until
+    cancelled.
+    """
+
+    def __init__(self, manifest: Manifest, store: PieceStore, *,
+                 wanted_files: Iterable[int] | None = None,
+                 config: EngineConfig | None = None,
+                 rng: random.Random | None = None,
+                 run_blocking: Callable[..., Awaitable[Any]] | None = None,
+                 may_upload: bool = True,
+                 on_piece: Callable[[int, int], None] | None = None):
+        self.manifest = manifest
+        self.hash = manifest.manifest_hash
+        self.num_pieces = manifest.num_pieces
+        self.store = store
+        self.config = config or EngineConfig()
+        self.rng = rng or random.Random()
+        self.run_blocking = run_blocking or _run_in_thread
+        self.may_upload = may_upload
+        self.on_piece = on_piece
+        files = range(len(manifest.files)) if wanted_files is None else wanted_files
+        wanted: set[int] = set()
+        for f in files:
+            wanted.update(manifest.file_piece_range(f))
+        config_pieces = manifest.config_piece_indices() & wanted
+        self.picker = Picker(self.num_pieces, wanted, config_pieces, rng=self.rng)
+        self.have: set[int] = set(store.have)
+        for i in self.have:
+            self.picker.got(i)
+        self._lengths = [p.length for p in manifest.pieces]
+        self.wanted_bytes = sum(self._lengths[i] for i in wanted)
+        self.choker = Choker(self.config.upload_slots, self.config.slot_hold)
+        self.peers: dict[str, _Peer] = {}
+        self.stats: dict[str, PeerStats] = {}
+        self.banned: set[str] = set()
+        self._writing: set[int] = set()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.completed = trio.Event()
+        self.configs_ready = trio.Event()
+        self._check_done()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def done(self) -> bool:
+        return self.picker.done
+
+    @property
+    def have_bytes(self) -> int:
+        return sum(self._lengths[i] for i in self.have if i in self.picker.wanted)
+
+    def peer_stats(self, peer_id: str) -> PeerStats:
+        return self.stats.setdefault(peer_id, PeerStats())
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Timers: request deadlines every ``tick``, slot re-dealing every ``rechoke_interval``."""
+        task_status.started()
+        next_rechoke = trio.current_time() + self.config.rechoke_interval
+        while True:
+            await trio.sleep(self.config.tick)
+            now = trio.current_time()
+            self._expire_requests(now)
+            if now >= next_rechoke:
+                self._rechoke(now)
+                next_rechoke = now + self.config.rechoke_interval
+
+    async def serve_link(self, link: PeerLink, hello: wire.Hello | None = None) -> None:
+        """Trade over ``link`` until either side closes it. Never raises for a peer's fault: the
+        link is closed and the peer scored. ``hello`` is the peer's Hello if the caller already
+        read it (to route the stream to this transfer)."""
+        pid = link.peer_id
+        if pid in self.banned or pid in self.peers or len(self.peers) >= self.config.max_peers:
+            why = "banned" if pid in self.banned else "duplicate link" if pid in self.peers \
+                else "too many peers"
+            await self._close_link(link, why)
+            return
+        peer = _Peer(link, trio.current_time())
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await link.send(wire.Hello(self.hash, self.num_pieces))
+                await link.send(wire.Bitfield(wire.pack_bitfield(self.have, self.num_pieces)))
+                if hello is None:
+                    hello = await link.receive()
+                self._check_hello(hello)
+                bf = await link.receive()
+                if not isinstance(bf, wire.Bitfield):
+                    raise wire.ProtocolError(f"expected Bitfield, got {type(bf).__name__}")
+                peer.have = wire.unpack_bitfield(bf.bits, self.num_pieces)
+        except (trio.TooSlowError, LinkClosed, wire.ProtocolError, _Drop, OSError) as e:
+            log.info("handshake with %s failed: %s", pid, e)
+            await self._close_link(link, f"handshake: {e}")
+            return
+        if pid in self.peers:  # lost a race with a second link from the same peer
+            await self._close_link(link, "duplicate link")
+            return
+        self.peers[pid] = peer
+        self.stats.setdefault(pid, PeerStats())
+        self.picker.peer_has(peer.have)
+        reason = "closed"
+        try:
+            self._update_interest(peer)
+            self._fill_slots()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, peer, nursery.cancel_scope)
+                await self._reader(peer)
+                nursery.cancel_scope.cancel()
+        except _Drop as e:
+            reason = str(e)
+        except wire.ProtocolError as e:
+            reason = f"protocol error: {e}"
+        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            reason = f"link lost: {e!r}"
+        finally:
+            self._forget(peer)
+            with trio.CancelScope(shield=True):
+                await self._close_link(link, reason)
+        log.debug("link to %s ended: %s", pid, reason)
+
+    # ------------------------------------------------------------------ link tasks
+
+    async def _reader(self, peer: _Peer) -> None:
+        while True:
+            try:
+                msg = await peer.link.receive()
+            except LinkClosed:
+                return
+            if isinstance(msg, wire.PieceData):
+                await self._on_piece(peer, msg)
+            else:
+                self._on_control(peer, msg)
+
+    async def _writer(self, peer: _Peer, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                while peer.control:
+                    await peer.link.send(peer.control.popleft())
+                if peer.uploads and not peer.slot.unchoked:
+                    # Choked since they asked: Reject everything queued (they will ask others).
+                    while peer.uploads:
+                        peer.control.append(wire.Reject(peer.uploads.popleft()))
+                    continue
+                if peer.uploads:
+                    index = peer.uploads.popleft()
+                    data = await self.run_blocking(self.store.read_piece, index)
+                    await peer.link.send(wire.PieceData(index, data))
+                    n = len(data)
+                    st = self.stats[peer.id]
+                    st.bytes_up += n
+                    st.pieces_up += 1
+                    self.bytes_up += n
+                    continue
+                peer.wake = trio.Event()
+                await peer.wake.wait()
+        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("writer to %s: %r", peer.id, e)
+            peer.closed = True
+            scope.cancel()
+
+    # ------------------------------------------------------------------ message handling
+
+    def _check_hello(self, hello: wire.Message) -> None:
+        if not isinstance(hello, wire.Hello):
+            raise wire.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+        if hello.manifest_hash != self.hash:
+            raise wire.ProtocolError("Hello for a different manifest")
+        if hello.num_pieces != self.num_pieces:
+            raise wire.ProtocolError(f"Hello.num_pieces {hello.num_pieces} != {self.num_pieces}")
+
+    def _index(self, i: int) -> int:
+        if not 0 <= i < self.num_pieces:
+            raise wire.ProtocolError(f"piece index {i} out of range 0..{self.num_pieces - 1}")
+        return i
+
+    def _on_control(self, peer: _Peer, msg: wire.Message) -> None:
+        now = trio.current_time()
+        if isinstance(msg, wire.Have):
+            i = self._index(msg.index)
+            if i not in peer.have:
+                peer.have.add(i)
+                self.picker.peer_has((i,))
+                if not peer.am_interested:
+                    self._update_interest(peer)
+                self._fill_requests(peer)
+        elif isinstance(msg, wire.Request):
+            i = self._index(msg.index)
+            if not peer.slot.unchoked or i not in self.have or not self.may_upload:
+                peer.post(wire.Reject(i))
+            elif len(peer.uploads) >= self.config.max_queued_requests:
+                raise wire.ProtocolError("too many queued requests")
+            elif i not in peer.uploads:
+                peer.uploads.append(i)
+                peer.wake.set()
+        elif isinstance(msg, wire.Cancel):
+            i = self._index(msg.index)
+            try:
+                peer.uploads.remove(i)
+            except ValueError:
+                pass
+        elif isinstance(msg, wire.Interested):
+            if not peer.slot.interested:
+                peer.slot.interested = True
+                peer.slot.since = now
+                self._fill_slots()
+        elif isinstance(msg, wire.NotInterested):
+            peer.slot.interested = False
+            if peer.slot.unchoked:
+                self._set_choked(peer, True, now)
+                self._fill_slots()
+        elif isinstance(msg, wire.Choke):
+            peer.peer_choking = True
+            for i in list(peer.requests):
+                self._end_request(peer, i)
+            self._fill_all()
+        elif isinstance(msg, wire.Unchoke):
+            peer.peer_choking = False
+            self._fill_requests(peer)
+        elif isinstance(msg, wire.Reject):
+            i = self._index(msg.index)
+            if i in peer.requests:
+                self._end_request(peer, i)
+                self._fill_all(skip=peer)
+        elif isinstance(msg, wire.Error):
+            raise _Drop(f"peer said: {msg.reason}")
+        else:
+            raise wire.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
+
+    async def _on_piece(self, peer: _Peer, msg: wire.PieceData) -> None:
+        i = self._index(msg.index)
+        n = len(msg.data)
+        if i not in peer.requests:
+            if i in peer.cancelled:  # a late copy after endgame cancel or timeout: harmless
+                peer.cancelled.discard(i)
+            peer.wasted += n
+            if peer.wasted > self.config.max_wasted_bytes:
+                raise wire.ProtocolError("too many unrequested piece bytes")
+            return
+        self._end_request(peer, i)
+        peer.timeouts = 0
+        if n != self._lengths[i]:
+            self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
+        if i in self.have or i in self._writing:
+            peer.wasted += n
+            self._fill_requests(peer)
+            return
+        self._writing.add(i)
+        try:
+            await self.run_blocking(self.store.write_piece, i, msg.data)
+        except PieceHashMismatch:
+            self._ban(peer, f"piece {i} failed blake3")
+        finally:
+            self._writing.discard(i)
+        st = self.stats[peer.id]
+        st.bytes_down += n
+        st.pieces_down += 1
+        peer.window_bytes += n
+        self.bytes_down += n
+        self._got(i)
+        self._fill_requests(peer)
+
+    def _ban(self, peer: _Peer, why: str) -> None:
+        st = self.stats[peer.id]
+        st.bad_pieces += 1
+        st.banned = True
+        self.banned.add(peer.id)
+        log.warning("banning %s for manifest %s: %s", peer.id, self.manifest.hash_str[:20], why)
+        raise _Drop(f"banned: {why}")
+
+    def _got(self, i: int) -> None:
+        self.have.add(i)
+        self.picker.got(i)
+        for p in self.peers.values():
+            if i in p.requests:  # endgame duplicate: cancel it
+                del p.requests[i]
+                self.picker.request_ended(i)
+                p.cancelled.add(i)
+                p.post(wire.Cancel(i))
+            if i not in p.have:
+                p.post(wire.Have(i))
+        if self.on_piece is not None:
+            self.on_piece(i, self._lengths[i])
+        self._check_done()
+        if self.picker.done:
+            for p in self.peers.values():
+                self._update_interest(p)
+        else:
+            self._fill_all()
+
+    def _check_done(self) -> None:
+        if self.picker.priority_done and not self.configs_ready.is_set():
+            self.configs_ready.set()
+        if self.picker.done and not self.completed.is_set():
+            self.completed.set()
+
+    # ------------------------------------------------------------------ decisions
+
+    def _update_interest(self, peer: _Peer) -> None:
+        want = not self.picker.done and self.picker.interesting(peer.have)
+        if want != peer.am_interested:
+            peer.am_interested = want
+            peer.post(wire.Interested() if want else wire.NotInterested())
+        if want:
+            self._fill_requests(peer)
+
+    def _timeout_for(self, i: int) -> float:
+        return self.config.request_timeout + self._lengths[i] / self.config.min_rate
+
+    def _fill_requests(self, peer: _Peer) -> None:
+        if peer.peer_choking or not peer.am_interested or peer.closed:
+            return
+        depth = 1 if peer.timeouts >= self.config.max_timeouts else self.config.pipeline_depth
+        room = depth - len(peer.requests)
+        if room <= 0:
+            return
+        now = trio.current_time()
+        for i in self.picker.pick(peer.have, peer.requests.keys(), room):
+            peer.requests[i] = now + self._timeout_for(i)
+            peer.cancelled.discard(i)
+            self.picker.requested(i)
+            peer.post(wire.Request(i))
+
+    def _fill_all(self, skip: _Peer | None = None) -> None:
+        for p in self.peers.values():
+            if p is not skip:
+                self._fill_requests(p)
+
+    def _end_request(self, peer: _Peer, i: int) -> None:
+        if peer.requests.pop(i, None) is not None:
+            self.picker.request_ended(i)
+
+    def _expire_requests(self, now: float) -> None:
+        expired = False
+        for p in self.peers.values():
+            late = [i for i, deadline in p.requests.items() if deadline <= now]
+            for i in late:
+                self._end_request(p, i)
+                p.cancelled.add(i)
+                p.post(wire.Cancel(i))
+                p.timeouts += 1
+                expired = True
+        if expired:
+            self._fill_all()
+
+    def _set_choked(self, peer: _Peer, choked: bool, now: float) -> None:
+        peer.slot.unchoked = not choked
+        peer.slot.since = now
+        peer.post(wire.Choke() if choked else wire.Unchoke())
+
+    def _fill_slots(self) -> None:
+        if not self.may_upload:
+            return
+        now = trio.current_time()
+        for s in self.choker.fill([p.slot for p in self.peers.values()], now):
+            self._set_choked(self.peers[s.peer_id], False, now)
+
+    def _rechoke(self, now: float) -> None:
+        interval = self.config.rechoke_interval
+        for p in self.peers.values():
+            p.slot.down_rate = p.window_bytes / interval
+            p.window_bytes = 0
+        if not self.may_upload:
+            return
+        unchoke, choke = self.choker.rechoke([p.slot for p in self.peers.values()], now,
+                                             seeding=self.picker.done)
+        for s in choke:
+            self._set_choked(self.peers[s.peer_id], True, now)
+        for s in unchoke:
+            self._set_choked(self.peers[s.peer_id], False, now)
+
+    # ------------------------------------------------------------------ teardown
+
+    def _forget(self, peer: _Peer) -> None:
+        peer.closed = True
+        if self.peers.get(peer.id) is not peer:
+            return
+        del self.peers[peer.id]
+        self.picker.peer_gone(peer.have)
+        for i in list(peer.requests):
+            self._end_request(peer, i)
+        if peer.slot.unchoked:
+            peer.slot.unchoked = False
+            self._fill_slots()
+        self._fill_all()
+
+    async def _close_link(self, link: PeerLink, reason: str) -> None:
+        with trio.move_on_after(2):
+            try:
+                if reason not in ("closed",):
+                    await link.send(wire.Error(reason[: wire.MAX_REASON_BYTES]))
+            except Exception:  # the link may already be gone; nothing more to tell it
+                pass
+            try:
+                await link.aclose()
+            except Exception:
+                log.debug("closing link to %s failed", link.peer_id, exc_info=True)

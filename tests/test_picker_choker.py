@@ -1,0 +1,137 @@
+"""Picker and choker: properties as the spec."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm.choker import Choker, PeerSlot
+from swarm.picker import ENDGAME_MAX_DUPLICATES, Picker
+
+
+@st.composite
+def swarms(draw):
+    n = draw(st.integers(1, 60))
+    wanted = draw(st.sets(st.integers(0, n - 1), min_size=1))
+    priority = draw(st.sets(st.sampled_from(sorted(wanted))))
+    npeers = draw(st.integers(1, 6))
+    peers = [draw(st.sets(st.integers(0, n - 1))) for _ in range(npeers)]
+    seed = draw(st.integers(0, 2**32))
+    return n, wanted, priority, peers, seed
+
+
+@settings(max_examples=300, deadline=None)
+@given(swarms(), st.data())
+def test_picker_never_asks_for_what_the_peer_lacks_or_we_have_and_terminates(sw, data):
+    n, wanted, priority, peers, seed = sw
+    rng = random.Random(seed)
+    p = Picker(n, wanted, priority, rng=rng)
+    for h in peers:
+        p.peer_has(h)
+    outstanding: list[set[int]] = [set() for _ in peers]
+    obtainable = wanted & set().union(*peers)
+    steps = 0
+    while not (obtainable <= p.have):
+        steps += 1
+        assert steps < 10 * (n + 1) * len(peers) + 100, "picker did not terminate"
+        k = data.draw(st.integers(0, len(peers) - 1))
+        if outstanding[k] and data.draw(st.booleans()):
+            # complete one outstanding request
+            i = min(outstanding[k])
+            outstanding[k].discard(i)
+            p.request_ended(i)
+            p.got(i)
+            for o in outstanding:  # endgame copies elsewhere are cancelled
+                if i in o:
+                    o.discard(i)
+                    p.request_ended(i)
+            continue
+        picks = p.pick(peers[k], outstanding[k], data.draw(st.integers(1, 4)))
+        endgame = p.in_endgame()
+        for i in picks:
+            assert i in peers[k], "asked a peer for a piece it lacks"
+            assert i not in p.have, "asked for a piece we have"
+            assert i in wanted
+            assert i not in outstanding[k], "asked one peer twice for a piece"
+            if not endgame:
+                assert i not in p.in_flight, "duplicate request outside endgame"
+            if i not in priority and priority & obtainable - p.have:
+                raise AssertionError("weight piece asked before configs were done")
+            p.requested(i)
+            assert p.in_flight[i] <= ENDGAME_MAX_DUPLICATES
+            outstanding[k].add(i)
+        if not picks and not any(outstanding) and not any(
+                p.pick(h, set(), 1) for h in peers):
+            # Nothing requestable from anyone and nothing pending: only unobtainable pieces may
+            # remain in the current class.
+            assert not (p.missing & set().union(*peers))
+            break
+
+
+def test_random_first_then_rarest():
+    p = Picker(100, range(100), rng=random.Random(1))
+    p.peer_has(range(100))
+    p.peer_has(range(50))  # pieces 50..99 are rarer
+    for i in range(4):
+        p.got(i)
+    picks = p.pick(set(range(100)), set(), 10)
+    assert all(i >= 50 for i in picks)
+
+
+def slots(ids, **kw):
+    return [PeerSlot(i, **kw) for i in ids]
+
+
+@given(st.integers(1, 8), st.lists(st.tuples(st.booleans(), st.booleans(),
+                                              st.floats(0, 100), st.floats(0, 1e6)),
+                                   max_size=20),
+       st.booleans(), st.floats(0, 200))
+def test_choker_never_exceeds_slots_and_only_unchokes_interested(nslots, specs, seeding, now):
+    ch = Choker(nslots, hold=2.0)
+    peers = [PeerSlot(f"p{k}", interested=i, unchoked=u, since=s, down_rate=r)
+             for k, (i, u, s, r) in enumerate(specs)]
+    unchoke, choke = ch.rechoke(peers, now, seeding=seeding)
+    ids_c = {p.peer_id for p in choke}
+    for p in unchoke:
+        assert p.interested and not p.unchoked
+    for p in choke:
+        assert p.unchoked
+    after = {p.peer_id for p in peers if p.unchoked and p.peer_id not in ids_c} | {
+        p.peer_id for p in unchoke}
+    assert len(after) <= max(nslots, sum(1 for p in peers if p.unchoked and p.interested))
+    assert all(p.interested for p in peers if p.peer_id in after)
+    fill = ch.fill(peers, now)
+    assert sum(1 for p in peers if p.unchoked) + len(fill) <= max(
+        nslots, sum(1 for p in peers if p.unchoked))
+
+
+def test_seeding_rotation_serves_everyone_in_turn():
+    ch = Choker(2, hold=1.0)
+    peers = slots([f"p{i}" for i in range(6)], interested=True)
+    served = set()
+    now = 0.0
+    for s in ch.fill(peers, now):
+        s.unchoked, s.since = True, now
+    for _ in range(10):
+        now += 1.0
+        unchoke, choke = ch.rechoke(peers, now, seeding=True)
+        for s in choke:
+            s.unchoked, s.since = False, now
+        for s in unchoke:
+            s.unchoked, s.since = True, now
+        served |= {p.peer_id for p in peers if p.unchoked}
+        assert sum(p.unchoked for p in peers) == 2
+    assert served == {p.peer_id for p in peers}
+
+
+def test_downloading_reciprocates_best_senders():
+    ch = Choker(3, hold=1.0)
+    peers = [PeerSlot("fast", interested=True, unchoked=True, down_rate=100.0),
+             PeerSlot("mid", interested=True, unchoked=False, down_rate=50.0),
+             PeerSlot("zero1", interested=True, unchoked=True, down_rate=0.0, since=0.0),
+             PeerSlot("zero2", interested=True, unchoked=False, down_rate=0.0, since=0.0)]
+    unchoke, choke = ch.rechoke(peers, 10.0, seeding=False)
+    result = {p.peer_id for p in peers if p.unchoked} - {p.peer_id for p in choke}
+    result |= {p.peer_id for p in unchoke}
+    assert {"fast", "mid"} <= result
+    assert len(result) == 3
