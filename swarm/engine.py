@@ -116,6 +116,8 @@ class _Peer:
         self.wasted = 0
         self.window_bytes = 0
         self.closed = False
+        self.close_reason = ""
+        self.tell = False  # send the reason in an Error frame (we are dropping them for cause)
 
     def post(self, msg: wire.Message) -> None:
         self.control.append(msg)
@@ -173,6 +175,7 @@ class Transfer:
         self._writing: set[int] = set()
         self.bytes_up = 0
         self.bytes_down = 0
+        self.internal_errors = 0
         self.completed = trio.Event()
         self.configs_ready = trio.Event()
         self._check_done()
@@ -234,25 +237,36 @@ class Transfer:
         self.peers[pid] = peer
         self.stats.setdefault(pid, PeerStats())
         self.picker.peer_has(peer.have)
-        reason = "closed"
         try:
             self._update_interest(peer)
             self._fill_slots()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, peer, nursery.cancel_scope)
-                await self._reader(peer)
-                nursery.cancel_scope.cancel()
-        except _Drop as e:
-            reason = str(e)
-        except wire.ProtocolError as e:
-            reason = f"protocol error: {e}"
-        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            reason = f"link lost: {e!r}"
+                nursery.start_soon(self._guard, peer, self._writer, nursery.cancel_scope)
+                await self._guard(peer, self._reader, nursery.cancel_scope)
+        except Exception:  # a bug of ours: log it loudly, but one link never takes the node down
+            self.internal_errors += 1
+            log.exception("engine error on link to %s", pid)
+            peer.close_reason = peer.close_reason or "internal error"
         finally:
             self._forget(peer)
             with trio.CancelScope(shield=True):
-                await self._close_link(link, reason)
-        log.debug("link to %s ended: %s", pid, reason)
+                await self._close_link(link, peer.close_reason if peer.tell else None)
+        log.debug("link to %s ended: %s", pid, peer.close_reason)
+
+    async def _guard(self, peer: _Peer, task: Callable[[_Peer], Awaitable[None]],
+                     scope: trio.CancelScope) -> None:
+        """Run a link task; a peer's fault ends the link (both tasks) with a reason, not an error."""
+        try:
+            await task(peer)
+        except _Drop as e:
+            peer.close_reason, peer.tell = peer.close_reason or str(e), True
+        except wire.ProtocolError as e:
+            peer.close_reason, peer.tell = peer.close_reason or f"protocol error: {e}", True
+        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            peer.close_reason = peer.close_reason or f"link lost: {e!r}"
+        finally:
+            peer.closed = True
+            scope.cancel()
 
     # ------------------------------------------------------------------ link tasks
 
@@ -261,38 +275,34 @@ class Transfer:
             try:
                 msg = await peer.link.receive()
             except LinkClosed:
+                peer.close_reason = peer.close_reason or "closed by peer"
                 return
             if isinstance(msg, wire.PieceData):
                 await self._on_piece(peer, msg)
             else:
                 self._on_control(peer, msg)
 
-    async def _writer(self, peer: _Peer, scope: trio.CancelScope) -> None:
-        try:
-            while True:
-                while peer.control:
-                    await peer.link.send(peer.control.popleft())
-                if peer.uploads and not peer.slot.unchoked:
-                    # Choked since they asked: Reject everything queued (they will ask others).
-                    while peer.uploads:
-                        peer.control.append(wire.Reject(peer.uploads.popleft()))
-                    continue
-                if peer.uploads:
-                    index = peer.uploads.popleft()
-                    data = await self.run_blocking(self.store.read_piece, index)
-                    await peer.link.send(wire.PieceData(index, data))
-                    n = len(data)
-                    st = self.stats[peer.id]
-                    st.bytes_up += n
-                    st.pieces_up += 1
-                    self.bytes_up += n
-                    continue
-                peer.wake = trio.Event()
-                await peer.wake.wait()
-        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            log.debug("writer to %s: %r", peer.id, e)
-            peer.closed = True
-            scope.cancel()
+    async def _writer(self, peer: _Peer) -> None:
+        while True:
+            while peer.control:
+                await peer.link.send(peer.control.popleft())
+            if peer.uploads and not peer.slot.unchoked:
+                # Choked since they asked: Reject everything queued (they will ask others).
+                while peer.uploads:
+                    peer.control.append(wire.Reject(peer.uploads.popleft()))
+                continue
+            if peer.uploads:
+                index = peer.uploads.popleft()
+                data = await self.run_blocking(self.store.read_piece, index)
+                await peer.link.send(wire.PieceData(index, data))
+                n = len(data)
+                st = self.stats[peer.id]
+                st.bytes_up += n
+                st.pieces_up += 1
+                self.bytes_up += n
+                continue
+            peer.wake = trio.Event()
+            await peer.wake.wait()
 
     # ------------------------------------------------------------------ message handling
 
@@ -519,10 +529,11 @@ class Transfer:
             self._fill_slots()
         self._fill_all()
 
-    async def _close_link(self, link: PeerLink, reason: str) -> None:
+    async def _close_link(self, link: PeerLink, reason: str | None) -> None:
+        """Close ``link``, first telling the peer ``reason`` if there is one."""
         with trio.move_on_after(2):
             try:
-                if reason not in ("closed",):
+                if reason:
                     await link.send(wire.Error(reason[: wire.MAX_REASON_BYTES]))
             except Exception:  # the link may already be gone; nothing more to tell it
                 pass
