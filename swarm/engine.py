@@ -205,6 +205,15 @@ class Transfer:
                 self._rechoke(now)
                 next_rechoke = now + self.config.rechoke_interval
 
+    async def close_links(self) -> None:
+        """Close every link of this transfer (their ``serve_link`` calls then return)."""
+        for p in list(self.peers.values()):
+            with trio.move_on_after(2):
+                try:
+                    await p.link.aclose()
+                except Exception:
+                    log.debug("closing link to %s failed", p.id, exc_info=True)
+
     async def serve_link(self, link: PeerLink, hello: wire.Hello | None = None) -> None:
         """Trade over ``link`` until either side closes it. Never raises for a peer's fault: the
         link is closed and the peer scored. ``hello`` is the peer's Hello if the caller already

@@ -276,7 +276,7 @@ async def test_protocol_violation_drops_only_that_link(model):
 
 
 async def test_wrong_manifest_hello_is_refused(model):
-    m, pieces = model
+    m, _ = model
     leech = Transfer(m, DictStore(m), config=cfg(), run_blocking=direct)
     la, lb = link_pair("other", "leech")
     async with trio.open_nursery() as n:
