@@ -1,11 +1,11 @@
 """The manifest: a content-addressed description of one model snapshot.
 
-A :class:`Manifest` names a model (``org/name``), a revision (a Hub commit sha or a local label) and,
-for every file of the snapshot, its POSIX relative path, size, whole-file blake3 (the string
-``blake3:<64 lowercase hex>``, the form NVIDIA Dynamo's ``CheckedFile`` uses), its piece size and the
-blake3 (32 raw bytes) of each piece.  ``manifest_hash`` -- the blake3 of the canonical encoding --
-names the snapshot in the DHT and on the wire.  This module is pure: it imports only the standard
-library, ``attrs`` and ``blake3``.
+A :class:`Manifest` names a model (``org/name``), a revision (a Hub commit sha or a local label)
+and, for every file of the snapshot, its POSIX relative path, size, whole-file blake3 (the string
+``blake3:<64 lowercase hex>``, the form NVIDIA Dynamo's ``CheckedFile`` uses), its piece size and
+the blake3 (32 raw bytes) of each piece.  ``manifest_hash`` -- the blake3 of the canonical
+encoding -- names the snapshot in the DHT and on the wire.  This module is pure: it imports only the
+standard library, ``attrs`` and ``blake3``.
 
 Pieces
 ------
@@ -45,6 +45,7 @@ are therefore two different manifests with two different hashes.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import functools
 import os
@@ -56,7 +57,6 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from pathlib import Path
 
 import attrs
 import blake3
@@ -101,7 +101,7 @@ MIN_PIECE_SIZE = 16 * KiB
 SINGLE_PIECE_MAX = 4 * MiB
 # Multi-piece files never use pieces smaller than this, so a request moves a useful amount of data.
 MIN_MULTI_PIECE_SIZE = 4 * MiB
-# Largest piece: bounds the memory a peer holds to verify one piece and the work lost to a bad piece.
+# Largest piece: bounds the memory a peer holds to verify a piece and the work lost to a bad one.
 MAX_PIECE_SIZE = 64 * MiB
 # Aim for about this many pieces per file (fine-grained enough to spread a file over many peers).
 TARGET_PIECES_PER_FILE = 1024
@@ -124,7 +124,7 @@ CONFIG_MAX_BYTES = 64 * MiB
 
 # --- build I/O ---------------------------------------------------------------------------------
 # Read size while hashing: large enough that blake3 can spread one update over several cores.
-_CHUNK = 16 * MiB
+_CHUNK = 4 * MiB
 # Below this a hasher runs single-threaded (spreading small inputs over threads costs more).
 _PARALLEL_MIN = 1 * MiB
 
@@ -132,10 +132,12 @@ _NAME_PART_MAX = 96
 _REVISION_MAX = 128
 _SAFE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _HASH_RE = re.compile(r"blake3:[0-9a-f]{64}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 _FILE_FIXED = struct.Struct(">Q32sBI")  # size, digest, log2(piece_size), piece count
 
 
@@ -143,7 +145,8 @@ class ManifestError(ValueError):
     """An invalid manifest, field or build input.
 
     ``str(err)`` is ``"<field>: <reason>"``, for example
-    ``"files[3].path: '..' component not allowed"``; ``err.field`` and ``err.reason`` hold the parts.
+    ``"files[3].path: '..' component not allowed"``; ``err.field`` and ``err.reason`` hold the
+    two parts.
     """
 
     def __init__(self, field: str, reason: str | None = None) -> None:
@@ -170,6 +173,16 @@ def _next_pow2(n: int) -> int:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(s: object, limit: int = 80) -> str:
+    """repr() of a possibly long string, shortened for error messages."""
+    r = repr(s)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+def _repr_digests(hashes: tuple[bytes, ...]) -> str:
+    return f"<{len(hashes)} digests>"
 
 
 def _fmt_size(n: int) -> str:
@@ -199,18 +212,20 @@ def validate_model_name(name: object) -> str:
         raise ManifestError("model", f"must be a string, got {type(name).__name__}")
     parts = name.split("/")
     if len(parts) != 2:
-        raise ManifestError("model", f"{name!r} is not of the form 'org/name'")
+        raise ManifestError("model", f"{_show(name)} is not of the form 'org/name'")
     for part in parts:
         if not part:
-            raise ManifestError("model", f"{name!r} has an empty part")
+            raise ManifestError("model", f"{_show(name)} has an empty part")
         if len(part) > _NAME_PART_MAX:
             raise ManifestError("model", f"part {part[:20]!r}... longer than {_NAME_PART_MAX}")
         if not _SAFE_RE.fullmatch(part):
-            raise ManifestError("model", f"{name!r}: only letters, digits, '.', '_', '-' allowed")
+            raise ManifestError(
+                "model", f"{_show(name)}: only letters, digits, '.', '_', '-' allowed"
+            )
         if part[0] in ".-":
-            raise ManifestError("model", f"{name!r}: a part may not start with {part[0]!r}")
+            raise ManifestError("model", f"{_show(name)}: a part may not start with {part[0]!r}")
         if ".." in part:
-            raise ManifestError("model", f"{name!r}: '..' not allowed")
+            raise ManifestError("model", f"{_show(name)}: '..' not allowed")
     return name
 
 
@@ -223,9 +238,11 @@ def validate_revision(rev: object) -> str:
     if len(rev) > _REVISION_MAX:
         raise ManifestError("revision", f"longer than {_REVISION_MAX} characters")
     if not _SAFE_RE.fullmatch(rev):
-        raise ManifestError("revision", f"{rev!r}: only letters, digits, '.', '_', '-' allowed")
+        raise ManifestError(
+            "revision", f"{_show(rev)}: only letters, digits, '.', '_', '-' allowed"
+        )
     if rev in (".", ".."):
-        raise ManifestError("revision", f"{rev!r} not allowed")
+        raise ManifestError("revision", f"{_show(rev)} not allowed")
     return rev
 
 
@@ -238,23 +255,29 @@ def validate_path(path: object) -> str:
     try:
         raw = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise ManifestError("path", f"{path!r} is not valid Unicode (lone surrogate)") from None
+        raise ManifestError(
+            "path", f"{_show(path)} is not valid Unicode (lone surrogate)"
+        ) from None
     if len(raw) > MAX_PATH_BYTES:
         raise ManifestError("path", f"{len(raw)} bytes, over MAX_PATH_BYTES ({MAX_PATH_BYTES})")
-    for ch in path:
-        if ch < " " or "\x7f" <= ch <= "\x9f":
-            raise ManifestError("path", f"{path!r}: control character U+{ord(ch):04X} not allowed")
+    ctrl = _CONTROL_RE.search(path)
+    if ctrl:
+        raise ManifestError(
+            "path", f"{_show(path)}: control character U+{ord(ctrl[0]):04X} not allowed"
+        )
     if "\\" in path:
-        raise ManifestError("path", f"{path!r}: backslash not allowed")
+        raise ManifestError("path", f"{_show(path)}: backslash not allowed")
     if path.startswith("/"):
-        raise ManifestError("path", f"{path!r}: absolute path not allowed")
+        raise ManifestError("path", f"{_show(path)}: absolute path not allowed")
     for comp in path.split("/"):
         if not comp:
-            raise ManifestError("path", f"{path!r}: empty component not allowed")
+            raise ManifestError("path", f"{_show(path)}: empty component not allowed")
         if comp in (".", ".."):
-            raise ManifestError("path", f"{path!r}: {comp!r} component not allowed")
+            raise ManifestError("path", f"{_show(path)}: {comp!r} component not allowed")
         if len(comp.encode("utf-8")) > MAX_COMPONENT_BYTES:
-            raise ManifestError("path", f"{path!r}: component over {MAX_COMPONENT_BYTES} bytes")
+            raise ManifestError(
+                "path", f"{_show(path)}: component over {MAX_COMPONENT_BYTES} bytes"
+            )
     return path
 
 
@@ -311,9 +334,9 @@ _LEFTOVER_SUFFIXES = (".lock", ".incomplete")
 def classify(path: str, size: int | None = None) -> str:
     """``"config"`` or ``"weight"``, by basename (extensions compare case-insensitively).
 
-    Known config files (``config.json``, tokenizer files, ``*.index.json``, ...) are configs; weight
-    extensions (``*.safetensors``, ``*.bin``, ``*.gguf``, ...) are weights; any other file is a config
-    unless ``size`` is given and exceeds ``CONFIG_MAX_BYTES``.
+    Known config files (``config.json``, tokenizer files, ``*.index.json``, ...) are configs;
+    weight extensions (``*.safetensors``, ``*.bin``, ``*.gguf``, ...) are weights; any other file
+    is a config unless ``size`` is given and exceeds ``CONFIG_MAX_BYTES``.
     """
     name = path.rsplit("/", 1)[-1]
     lower = name.lower()
@@ -368,14 +391,14 @@ def _check_file_set(model: str, revision: str, paths: list[str], sizes: list[int
     for i in range(1, len(paths)):
         if paths[i] <= paths[i - 1]:
             what = "duplicate of" if paths[i] == paths[i - 1] else "not sorted after"
-            raise ManifestError(f"files[{i}].path", f"{paths[i]!r} {what} files[{i - 1}].path")
+            raise ManifestError(f"files[{i}].path", f"{_show(paths[i])} {what} files[{i - 1}].path")
     folded: dict[str, int] = {}
     for i, path in enumerate(paths):
         j = folded.setdefault(_fold(path), i)
         if j != i:
             raise ManifestError(
                 f"files[{i}].path",
-                f"{path!r} collides with files[{j}].path {paths[j]!r} (case-insensitively)",
+                f"{_show(path)} collides with files[{j}].path {_show(paths[j])} (ignoring case)",
             )
     for i, path in enumerate(paths):
         key = _fold(path)
@@ -384,13 +407,15 @@ def _check_file_set(model: str, revision: str, paths: list[str], sizes: list[int
             j = folded.get(key[:pos])
             if j is not None:
                 raise ManifestError(
-                    f"files[{i}].path", f"{path!r} is under files[{j}].path {paths[j]!r}, a file"
+                    f"files[{i}].path",
+                    f"{_show(path)} is under files[{j}].path {_show(paths[j])}, a file",
                 )
             pos = key.find("/", pos + 1)
     total = sum(sizes)
     if total > MAX_TOTAL_BYTES:
         raise ManifestError(
-            "files", f"total size {_fmt_size(total)} over MAX_TOTAL_BYTES ({_fmt_size(MAX_TOTAL_BYTES)})"
+            "files",
+            f"total size {_fmt_size(total)} over MAX_TOTAL_BYTES ({_fmt_size(MAX_TOTAL_BYTES)})",
         )
     counts = [_num_pieces(s, piece_size_for(s)) for s in sizes]
     pieces = sum(counts)
@@ -399,7 +424,8 @@ def _check_file_set(model: str, revision: str, paths: list[str], sizes: list[int
     encoded = _encoded_size(model, revision, paths, counts)
     if encoded > MAX_MANIFEST_BYTES:
         raise ManifestError(
-            "manifest", f"encodes to {encoded} bytes, over MAX_MANIFEST_BYTES ({MAX_MANIFEST_BYTES})"
+            "manifest",
+            f"encodes to {encoded} bytes, over MAX_MANIFEST_BYTES ({MAX_MANIFEST_BYTES})",
         )
 
 
@@ -422,7 +448,7 @@ class FileEntry:
     size: int
     blake3: str
     piece_size: int
-    piece_hashes: tuple[bytes, ...] = attrs.field(converter=tuple)
+    piece_hashes: tuple[bytes, ...] = attrs.field(converter=tuple, repr=_repr_digests)
 
     def __attrs_post_init__(self) -> None:
         validate_path(self.path)
@@ -432,14 +458,14 @@ class FileEntry:
         if size > MAX_TOTAL_BYTES:
             raise ManifestError("size", f"{_fmt_size(size)} over MAX_TOTAL_BYTES")
         if not isinstance(self.blake3, str) or not _HASH_RE.fullmatch(self.blake3):
-            raise ManifestError("blake3", f"{self.blake3!r} is not 'blake3:<64 lowercase hex>'")
+            raise ManifestError(
+                "blake3", f"{_show(self.blake3)} is not 'blake3:<64 lowercase hex>'"
+            )
         ps = self.piece_size
         if not _is_int(ps) or ps <= 0 or ps & (ps - 1):
             raise ManifestError("piece_size", f"{ps!r} is not a power of two")
         if not MIN_PIECE_SIZE <= ps <= MAX_PIECE_SIZE:
-            raise ManifestError(
-                "piece_size", f"{ps} outside [{MIN_PIECE_SIZE}, {MAX_PIECE_SIZE}]"
-            )
+            raise ManifestError("piece_size", f"{ps} outside [{MIN_PIECE_SIZE}, {MAX_PIECE_SIZE}]")
         want = piece_size_for(size)
         if ps != want:
             raise ManifestError("piece_size", f"{ps} but a {size}-byte file uses {want}")
@@ -455,7 +481,9 @@ class FileEntry:
         if count == 0 and self.digest != EMPTY_DIGEST:
             raise ManifestError("blake3", "an empty file must have the digest of b''")
         if count == 1 and hashes[0] != self.digest:
-            raise ManifestError("piece_hashes[0]", "a single-piece file's piece digest must equal blake3")
+            raise ManifestError(
+                "piece_hashes[0]", "a single-piece file's piece digest must equal blake3"
+            )
 
     @property
     def num_pieces(self) -> int:
@@ -535,11 +563,10 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Manifest:
         """Parse and validate canonical bytes; raises :class:`ManifestError` on anything else."""
-        if not isinstance(data, bytes):
-            try:
-                data = bytes(data)
-            except TypeError:
-                raise ManifestError("manifest", f"not bytes: {type(data).__name__}") from None
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        elif not isinstance(data, bytes):
+            raise ManifestError("manifest", f"not bytes: {type(data).__name__}")
         if len(data) > MAX_MANIFEST_BYTES:
             raise ManifestError(
                 "manifest", f"{len(data)} bytes, over MAX_MANIFEST_BYTES ({MAX_MANIFEST_BYTES})"
@@ -561,7 +588,10 @@ class Manifest:
         for i in range(count):
             where = f"files[{i}]"
             path = r.text(f"{where}.path")
-            size, digest, log2, npieces = r.unpack(_FILE_FIXED, f"{where}.size")
+            size = r.unpack(_U64, f"{where}.size")[0]
+            digest = r.take(DIGEST_SIZE, f"{where}.blake3")
+            log2 = r.unpack(_U8, f"{where}.piece_size")[0]
+            npieces = r.unpack(_U32, f"{where}.piece_hashes")[0]
             if not 14 <= log2 <= 26:  # 16 KiB .. 64 MiB
                 raise ManifestError(
                     f"{where}.piece_size",
@@ -582,7 +612,8 @@ class Manifest:
         if r.remaining:
             raise ManifestError("manifest", f"{r.remaining} trailing bytes after the last file")
         m = cls(model, revision, tuple(files))
-        if m.encode() != data:  # cannot happen if the checks above are complete; keep it cheap insurance
+        # Cannot fail if the checks above are complete; cheap insurance that decode is canonical.
+        if m.encode() != data:
             raise ManifestError("manifest", "not in canonical form")
         return m
 
@@ -636,8 +667,6 @@ class Manifest:
 
     def file_of_piece(self, index: int) -> int:
         """Index of the file holding global piece ``index``."""
-        import bisect
-
         if not 0 <= index < self.num_pieces:
             raise IndexError(f"piece {index} out of range ({self.num_pieces} pieces)")
         return bisect.bisect_right(self._file_starts, index) - 1
@@ -813,9 +842,10 @@ def _chunks(fh, size: int, chunk: int, cancel: threading.Event, where: str):
     def reader() -> None:
         try:
             remaining = size
-            while remaining and not cancel.is_set():
+            while remaining:
                 b = free.get()
-                if b is None:
+                if b is None or cancel.is_set():  # consumer gone, or the build was cancelled
+                    full.put((None, _Cancelled()))
                     return
                 want = min(chunk, remaining)
                 n = _read_exact(fh, memoryview(b)[:want])
@@ -871,24 +901,30 @@ def _hash_file(
         single = size <= ps  # one piece: its digest is the whole-file digest
         piece = None if single else blake3.blake3(max_threads=threads)
         filled = 0  # bytes in the current piece
-        for data in _chunks(fh, size, chunk, cancel, where):
-            whole.update(data)
-            n = len(data)
-            if piece is not None:
-                off = 0
-                while off < n:
-                    take = min(ps - filled, n - off)
-                    if filled == 0 and take == ps:
-                        hashes.append(blake3.blake3(data[off : off + ps], max_threads=threads).digest())
-                    else:
-                        piece.update(data[off : off + take])
-                        filled += take
-                        if filled == ps:
-                            hashes.append(piece.digest())
-                            piece = blake3.blake3(max_threads=threads)
-                            filled = 0
-                    off += take
-            report(n)
+        chunks = _chunks(fh, size, chunk, cancel, where)
+        try:
+            for data in chunks:
+                whole.update(data)
+                n = len(data)
+                if piece is not None:
+                    off = 0
+                    while off < n:
+                        take = min(ps - filled, n - off)
+                        if filled == 0 and take == ps:
+                            hashes.append(
+                                blake3.blake3(data[off : off + ps], max_threads=threads).digest()
+                            )
+                        else:
+                            piece.update(data[off : off + take])
+                            filled += take
+                            if filled == ps:
+                                hashes.append(piece.digest())
+                                piece = blake3.blake3(max_threads=threads)
+                                filled = 0
+                        off += take
+                report(n)
+        finally:
+            chunks.close()  # stops and joins the reader thread even when we leave early
         if fh.read(1):
             raise ManifestError(where, "file grew while hashing")
     digest = whole.digest()
@@ -909,12 +945,12 @@ def build_manifest(
 ) -> Manifest:
     """Hash the files under ``root`` into a manifest.
 
-    Walks ``root`` (skipping :func:`should_skip` files and hidden directories, following symlinks to
-    files -- Hub snapshots link into ``../../blobs`` -- but not symlinks to directories), then streams
-    every file once, feeding each chunk to both a whole-file and a per-piece hasher, with ``threads``
-    files in flight (default ``min(4, os.cpu_count())``).  ``progress(n)`` is called on the calling
-    thread with the number of bytes hashed since the previous call.  Limits are checked before any
-    hashing.  Raises :class:`ManifestError`.
+    Walks ``root`` (skipping :func:`should_skip` files and hidden directories, following symlinks
+    to files -- Hub snapshots link into ``../../blobs`` -- but not symlinks to directories), then
+    streams every file once, feeding each chunk to both a whole-file and a per-piece hasher, with
+    ``threads`` files in flight (default ``min(4, os.cpu_count())``).  ``progress(n)`` is called
+    on the calling thread with the number of bytes hashed since the previous call.  Limits are
+    checked before any hashing.  Raises :class:`ManifestError`.
     """
     validate_model_name(model)
     validate_revision(revision)
@@ -969,8 +1005,3 @@ def build_manifest(
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
     return Manifest(model, revision, tuple(e for e in entries if e is not None))
-
-
-def load_manifest_path(path: str | os.PathLike) -> Manifest:
-    """Decode a manifest stored in a file."""
-    return Manifest.decode(Path(path).read_bytes())
