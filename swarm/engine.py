@@ -26,7 +26,7 @@ from swarm import wire
 from swarm.choker import Choker, PeerSlot
 from swarm.manifest import Manifest
 from swarm.picker import Picker
-from swarm.store import PieceHashMismatch
+from swarm.store import PieceHashMismatch, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,12 @@ class Transfer:
                 continue
             if peer.uploads:
                 index = peer.uploads.popleft()
-                data = await self.run_blocking(self.store.read_piece, index)
+                try:
+                    data = await self.run_blocking(self.store.read_piece, index)
+                except StoreError as e:  # damaged on disk or gone: they must ask elsewhere
+                    log.warning("cannot serve piece %d of %s: %s", index, self.manifest.model, e)
+                    peer.control.append(wire.Reject(index))
+                    continue
                 await peer.link.send(wire.PieceData(index, data))
                 n = len(data)
                 st = self.stats[peer.id]

@@ -1,0 +1,1394 @@
+"""Bytes on disk: verified piece writes, atomic completion, resume and locks in the Hub cache layout.
+
+Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` find the result with
+``local_files_only=True`` / ``HF_HUB_OFFLINE=1``)::
+
+    <cache>/models--<org>--<name>/
+        blobs/<blake3 hex>                 a complete, verified file (named by its blake3; we do not
+                                           know the Hub's etags)
+        blobs/<blake3 hex>.incomplete      a file being fetched (preallocated to its full size)
+        snapshots/<revision>/<path>        relative symlink -> ../../blobs/<hex> (one more ../ per
+                                           directory level of <path>)
+        refs/<ref>                         the revision (no newline), written atomically
+        .swarm/manifests/<hash hex>.mf     manifests seen (canonical bytes), so a restart needn't re-hash
+        .swarm/revisions/<revision>        "<manifest hash hex>": which manifest a revision came from
+        .swarm/partial/<blake3 hex>.pieces resume state of the matching ``.incomplete`` (see below)
+        .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download
+        .swarm/tmp/                        staging for everything that is later renamed into place
+
+Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its whole-file blake3
+was checked by re-reading it from disk; symlinks under ``snapshots/`` and files under ``refs/`` appear
+only by atomic rename (a fresh snapshot directory is built in ``.swarm/tmp`` and renamed into place
+in one step), so nothing partial or unverified is ever visible there.
+
+Resume state
+------------
+Each ``.incomplete`` file has a state file ``.swarm/partial/<hex>.pieces``: a magic line, a JSON
+header (blob hex, size, piece size, piece count, and the device/inode of the ``.incomplete`` it
+describes), a bitmap of the file's pieces that are on disk, and a trailing blake3 of all of it.
+It is rewritten atomically (tmp + fsync + rename) in batches -- every ``FLUSH_BYTES`` written or
+``FLUSH_INTERVAL`` seconds, on :meth:`Download.flush` and on :meth:`Download.close` -- and always
+*after* ``fdatasync`` of the data file, so every bit set on disk names a piece whose verified bytes
+were durably written before the bit was.  A crash loses at most the unflushed pieces.
+
+On reopen the bits are trusted when the header matches the ``.incomplete`` on disk (same blob,
+size, piece size, device and inode); if only the device/inode differ (the file was copied or
+replaced), each set bit is re-verified against its piece digest before it is trusted.  Restored
+pieces are additionally checked lazily: the first :meth:`Download.read_piece` of a restored piece
+re-hashes it (a mismatch drops it from ``have`` and raises :class:`PieceNotAvailable`), and a file
+is always re-hashed in full before it becomes final; if that check fails, the pieces of the file
+that no longer verify are dropped from ``have`` (they become ``missing`` again) instead of the file
+being published.
+
+Concurrency: one :class:`Download` per (model, manifest hash) at a time, across threads and
+processes (a ``threading.Lock`` in-process plus a ``filelock`` ``flock`` across processes; a waiter
+blocks, or gets :class:`LockTimeout` after ``lock_timeout``).  Downloads of *different* manifests
+that share a blob may write the same ``.incomplete`` at once; that is safe because both only write
+verified, identical bytes at identical offsets, the state file is only ever a subset of the truth,
+and whoever completes the file second finds it already final.
+
+Notes for callers: ``have`` only shrinks when restored bytes turn out damaged on disk (see above);
+a file completes inside the ``write_piece`` call that delivers its last piece (fsync + full re-read,
+so that call takes longer); empty files are published at open; each file's fd is opened once and
+kept until ``close()``, except that single-piece files are closed once final and read through
+short-lived fds afterwards (a repo of thousands of small files does not exhaust fds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import blake3
+import filelock
+
+from swarm.manifest import (
+    EMPTY_DIGEST,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    validate_model_name,
+    validate_path,
+    validate_revision,
+)
+
+__all__ = [
+    "DiskFull",
+    "Download",
+    "LockTimeout",
+    "PieceHashMismatch",
+    "PieceNotAvailable",
+    "SnapshotReader",
+    "Store",
+    "StoreError",
+    "StorePermissionError",
+    "private_revision",
+    "repo_folder_name",
+]
+
+log = logging.getLogger(__name__)
+
+# Rewrite resume state after this many bytes written since the last flush ...
+FLUSH_BYTES = 256 << 20
+# ... or this many seconds, whichever comes first.
+FLUSH_INTERVAL = 2.0
+# Read size when re-hashing a whole file (large enough for blake3 to use several cores).
+HASH_CHUNK = 16 << 20
+# Leftovers in .swarm/tmp older than this are from dead processes and are removed.
+TMP_MAX_AGE = 24 * 3600.0
+
+_STATE_MAGIC = b"SWARM-PIECES 1\n"
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HASH_HEX = re.compile(r"(?:blake3:)?([0-9a-f]{64})")
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """A store failure; ``path`` (when known) names the file or directory involved."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+
+class DiskFull(StoreError):
+    """No space left (ENOSPC / EDQUOT) while writing ``path``."""
+
+
+class StorePermissionError(StoreError):
+    """Permission denied or read-only filesystem (EACCES / EPERM / EROFS) at ``path``."""
+
+
+class LockTimeout(StoreError):
+    """Another process (or thread) holds the download lock of this manifest past ``lock_timeout``."""
+
+
+class PieceHashMismatch(StoreError):
+    """Data offered for piece ``index`` has the wrong length or blake3; nothing was written."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class PieceNotAvailable(StoreError):
+    """Piece ``index`` is not (or no longer) held: not in ``have``, or it failed re-verification."""
+
+    def __init__(self, index: int, message: str, *, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message, path=path)
+        self.index = index
+
+
+def _wrap(exc: OSError, action: str, path: str | os.PathLike | None) -> StoreError:
+    where = os.fspath(path) if path is not None else exc.filename
+    code = exc.errno
+    reason = exc.strerror or str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        err: StoreError = DiskFull(f"disk full while {action} {where}: {reason}", path=where)
+    elif code == errno.EROFS:
+        err = StorePermissionError(f"read-only filesystem while {action} {where}", path=where)
+    elif code in (errno.EACCES, errno.EPERM):
+        err = StorePermissionError(f"permission denied while {action} {where}: {reason}", path=where)
+    else:
+        err = StoreError(f"I/O error while {action} {where}: {reason}", path=where)
+    err.errno = code  # type: ignore[attr-defined]
+    return err
+
+
+@contextlib.contextmanager
+def _io(action: str, path: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn OSError into the matching StoreError subclass."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as exc:
+        raise _wrap(exc, action, path) from exc
+
+
+# --- names -------------------------------------------------------------------------------------
+
+
+def _valid(fn, value: object, what: str) -> str:
+    try:
+        return fn(value)
+    except ManifestError as exc:
+        raise StoreError(f"invalid {what}: {exc.reason}") from None
+
+
+def repo_folder_name(model: str) -> str:
+    """``org/name`` -> ``models--org--name`` (the Hub cache's repo directory name)."""
+    _valid(validate_model_name, model, "model name")
+    return "models--" + model.replace("/", "--")
+
+
+def private_revision(manifest_hash: bytes | str) -> str:
+    """A 40-hex revision for a model without a Hub commit: the first 40 hex of its manifest hash.
+
+    Accepts the 32-byte hash, its hex, or ``blake3:<hex>``.  Looks like a git sha, so
+    ``huggingface_hub`` uses it directly as a snapshot directory name.
+    """
+    if isinstance(manifest_hash, bytes | bytearray | memoryview):
+        raw = bytes(manifest_hash)
+        if len(raw) != 32:
+            raise ValueError(f"manifest hash must be 32 bytes, got {len(raw)}")
+        return raw.hex()[:40]
+    m = _HASH_HEX.fullmatch(manifest_hash)
+    if m is None:
+        raise ValueError(f"not a manifest hash: {manifest_hash!r}")
+    return m.group(1)[:40]
+
+
+def _check_ref(ref: str) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise StoreError(f"invalid ref {ref!r}")
+    for part in ref.split("/"):
+        _valid(validate_revision, part, f"ref {ref!r}")
+    return ref
+
+
+def _link_target(path: str, blob_hex: str) -> str:
+    """Relative symlink target from ``snapshots/<rev>/<path>`` to ``blobs/<hex>``."""
+    return "../" * (2 + path.count("/")) + "blobs/" + blob_hex
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``offset``; returns bytes read (less only at end of file)."""
+    got = 0
+    total = len(buf)
+    while got < total:
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _pread_bytes(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes from ``offset`` (fewer only at end of file), in one copy when possible."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _hash_fd(fd: int, size: int) -> bytes | None:
+    """blake3 of the first ``size`` bytes of ``fd``; None if the file is shorter."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (1 << 20) else 1)
+    buf = bytearray(min(HASH_CHUNK, max(size, 1)))
+    mv = memoryview(buf)
+    offset = 0
+    while offset < size:
+        want = min(len(buf), size - offset)
+        n = _pread_into(fd, mv[:want], offset)
+        if n != want:
+            return None
+        hasher.update(mv[:n])
+        offset += n
+    return hasher.digest()
+
+
+def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _unlink_quiet(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# --- locks -------------------------------------------------------------------------------------
+
+_PROC_LOCKS: dict[str, threading.Lock] = {}
+_PROC_LOCKS_GUARD = threading.Lock()
+
+
+class _DownloadLock:
+    """In-process lock (threads wait) + ``filelock`` flock (processes wait); freed by the kernel if
+    the holder dies."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what
+        with _PROC_LOCKS_GUARD:
+            self._thread_lock = _PROC_LOCKS.setdefault(os.path.realpath(path), threading.Lock())
+        self._file_lock: filelock.BaseFileLock | None = None
+
+    def acquire(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        if not self._thread_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise LockTimeout(
+                f"{self.what} is being downloaded by another thread of this process "
+                f"(waited {timeout:g} s)",
+                path=self.path,
+            )
+        try:
+            remaining = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+            fl = filelock.FileLock(self.path, timeout=remaining, thread_local=False)
+            try:
+                fl.acquire()
+            except filelock.Timeout:  # (a TimeoutError, hence an OSError: test it first)
+                raise LockTimeout(
+                    f"{self.what} is being downloaded by another process "
+                    f"(lock {self.path} still held after {timeout:g} s)",
+                    path=self.path,
+                ) from None
+            except OSError as exc:
+                raise _wrap(exc, "taking the download lock", self.path) from exc
+            self._file_lock = fl
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def release(self) -> None:
+        fl, self._file_lock = self._file_lock, None
+        if fl is None:
+            return
+        try:
+            fl.release()
+        finally:
+            self._thread_lock.release()
+
+
+# --- state file --------------------------------------------------------------------------------
+
+
+def _encode_state(header: dict, bits: bytearray) -> bytes:
+    body = _STATE_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + bytes(bits)
+    return body + blake3.blake3(body).digest()
+
+
+def _decode_state(raw: bytes) -> tuple[dict, bytes] | None:
+    if len(raw) < len(_STATE_MAGIC) + 32 or not raw.startswith(_STATE_MAGIC):
+        return None
+    body, check = raw[:-32], raw[-32:]
+    if blake3.blake3(body).digest() != check:
+        return None
+    nl = body.find(b"\n", len(_STATE_MAGIC))
+    if nl < 0:
+        return None
+    try:
+        header = json.loads(body[len(_STATE_MAGIC) : nl])
+    except ValueError:
+        return None
+    if not isinstance(header, dict):
+        return None
+    return header, body[nl + 1 :]
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class Store:
+    """A Hugging Face hub cache directory that swarm writes into (created if needed)."""
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir).expanduser().absolute()
+        with _io("creating the cache directory", self.cache_dir):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.cache_dir)!r})"
+
+    # -- paths --
+
+    def repo_dir(self, model: str) -> Path:
+        return self.cache_dir / repo_folder_name(model)
+
+    def snapshot_dir(self, model: str, revision: str) -> Path:
+        _valid(validate_revision, revision, "revision")
+        return self.repo_dir(model) / "snapshots" / revision
+
+    def _meta(self, model: str) -> Path:
+        return self.repo_dir(model) / ".swarm"
+
+    def _tmp_dir(self, model: str) -> Path:
+        d = self._meta(model) / "tmp"
+        with _io("creating", d):
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _atomic_write(self, model: str, dest: Path, data: bytes) -> None:
+        """Write ``dest`` via a tmp file in ``.swarm/tmp`` + fsync + rename (same filesystem)."""
+        tmp = self._tmp_dir(model) / f"w-{os.getpid()}-{secrets.token_hex(6)}"
+        with _io("writing", dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    _pwrite_all(fd, memoryview(data), 0)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, dest)
+            except BaseException:
+                _unlink_quiet(tmp)
+                raise
+            _fsync_dir(dest.parent)
+
+    def _cleanup_tmp(self, model: str) -> None:
+        d = self._meta(model) / "tmp"
+        now = time.time()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime < TMP_MAX_AGE:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+
+    # -- manifests --
+
+    def save_manifest(self, manifest: Manifest) -> Path:
+        """Keep ``manifest`` beside its snapshot; ``load_manifest(model, revision)`` finds it."""
+        hex_ = manifest.manifest_hash.hex()
+        meta = self._meta(manifest.model)
+        path = meta / "manifests" / f"{hex_}.mf"
+        data = manifest.encode()
+        try:
+            have = path.read_bytes() == data
+        except OSError:
+            have = False
+        if not have:
+            self._atomic_write(manifest.model, path, data)
+        index = meta / "revisions" / _valid(validate_revision, manifest.revision, "revision")
+        try:
+            same = index.read_text().strip() == hex_
+        except OSError:
+            same = False
+        if not same:
+            self._atomic_write(manifest.model, index, hex_.encode())
+        return path
+
+    def load_manifest_by_hash(self, model: str, manifest_hash: bytes | str) -> Manifest | None:
+        """The stored manifest with this hash (32 bytes, hex or ``blake3:<hex>``), or None."""
+        if isinstance(manifest_hash, bytes | bytearray):
+            hex_ = bytes(manifest_hash).hex()
+        else:
+            m = _HASH_HEX.fullmatch(manifest_hash)
+            if m is None:
+                return None
+            hex_ = m.group(1)
+        path = self._meta(model) / "manifests" / f"{hex_}.mf"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _wrap(exc, "reading", path) from exc
+        try:
+            mf = Manifest.decode(data)
+        except ManifestError as exc:
+            log.warning("ignoring corrupt stored manifest %s: %s", path, exc)
+            return None
+        if mf.manifest_hash.hex() != hex_ or mf.model != model:
+            log.warning("ignoring stored manifest %s: it does not match its name", path)
+            return None
+        return mf
+
+    def load_manifest(self, model: str, revision: str) -> Manifest | None:
+        """The manifest last saved for ``(model, revision)``, or None."""
+        index = self._meta(model) / "revisions" / _valid(validate_revision, revision, "revision")
+        try:
+            hex_ = index.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _wrap(exc, "reading", index) from exc
+        mf = self.load_manifest_by_hash(model, hex_)
+        if mf is not None and mf.revision != revision:
+            return None
+        return mf
+
+    # -- lookups --
+
+    def read_ref(self, model: str, ref: str = "main") -> str | None:
+        path = self.repo_dir(model) / "refs" / _check_ref(ref)
+        try:
+            rev = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _wrap(exc, "reading", path) from exc
+        return rev or None
+
+    def find_complete(
+        self,
+        model: str,
+        revision: str | None = None,
+        *,
+        verify: bool = False,
+        paths: Iterable[str] | None = None,
+    ) -> Path | None:
+        """The snapshot directory of ``(model, revision)`` if it is complete, else None.
+
+        ``revision`` None means ``refs/main``.  With a stored manifest, complete means every file
+        of the manifest (or only ``paths``, if given) is present with its size; ``verify=True``
+        also re-hashes each of them in full.  Without a stored manifest (a snapshot the Hub client
+        made), complete means the directory is non-empty, no symlink in it is broken and every one
+        of ``paths`` is present; ``verify=True`` then returns None (nothing to verify against).
+        """
+        if revision is None:
+            revision = self.read_ref(model, "main")
+            if revision is None:
+                return None
+        try:
+            snap = self.snapshot_dir(model, revision)
+        except StoreError:
+            return None
+        if not snap.is_dir():
+            return None
+        mf = self.load_manifest(model, revision)
+        want = None if paths is None else list(paths)
+        if mf is None:
+            if verify:
+                return None
+            if want is not None:
+                return snap if all((snap / p).is_file() for p in want) else None
+            found = False
+            for dirpath, _dirs, files in os.walk(snap):
+                for name in files:
+                    if not os.path.isfile(os.path.join(dirpath, name)):
+                        return None  # broken symlink
+                    found = True
+            return snap if found else None
+        if want is None:
+            entries: list[FileEntry] = list(mf.files)
+        else:
+            try:
+                entries = [mf.files[mf.file_index(p)] for p in want]
+            except KeyError:
+                return None
+        for fe in entries:
+            p = snap / fe.path
+            try:
+                st = os.stat(p)
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode) or st.st_size != fe.size:
+                return None
+            if verify:
+                try:
+                    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return None
+                try:
+                    if _hash_fd(fd, fe.size) != fe.digest:
+                        return None
+                finally:
+                    os.close(fd)
+        return snap
+
+    # -- downloads --
+
+    def open_download(
+        self,
+        manifest: Manifest,
+        files: Iterable[int] | None = None,
+        *,
+        lock_timeout: float | None = None,
+    ) -> Download:
+        """Start or resume fetching ``files`` (file indices; None = all) of ``manifest``.
+
+        Blocks while another thread or process has a Download of the same manifest open, or raises
+        :class:`LockTimeout` after ``lock_timeout`` seconds.
+        """
+        repo = self.repo_dir(manifest.model)
+        _valid(validate_revision, manifest.revision, "revision")
+        n = len(manifest.files)
+        if files is None:
+            wanted = frozenset(range(n))
+        else:
+            wanted = frozenset(files)
+            bad = [i for i in wanted if not isinstance(i, int) or not 0 <= i < n]
+            if bad:
+                raise StoreError(f"file indices out of range (manifest has {n} files): {bad[:5]}")
+        meta = repo / ".swarm"
+        for d in (repo / "blobs", repo / "snapshots", repo / "refs", meta / "locks",
+                  meta / "partial", meta / "tmp"):
+            with _io("creating", d):
+                d.mkdir(parents=True, exist_ok=True)
+        hex_ = manifest.manifest_hash.hex()
+        lock = _DownloadLock(meta / "locks" / f"{hex_}.lock", f"{manifest.model}@{manifest.revision}")
+        lock.acquire(lock_timeout)
+        try:
+            self._cleanup_tmp(manifest.model)
+            self.save_manifest(manifest)
+            return Download(self, manifest, wanted, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _link_snapshot(self, manifest: Manifest, links: list[tuple[str, str]]) -> Path:
+        """Make ``snapshots/<revision>/<path>`` -> blob links for ``links`` [(path, blob hex)]."""
+        model = manifest.model
+        snap = self.snapshot_dir(model, manifest.revision)
+        tmp = self._tmp_dir(model)
+        snaps = snap.parent
+        with _io("creating", snaps):
+            snaps.mkdir(parents=True, exist_ok=True)
+        if not snap.exists():
+            # Fresh snapshot: build it whole in .swarm/tmp, then one rename makes it visible.
+            stage = tmp / f"stage-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                with _io("staging the snapshot", stage):
+                    stage.mkdir()
+                    for path, hex_ in links:
+                        p = stage / path
+                        p.parent.mkdir(parents=True, exist_ok=True)
+                        os.symlink(_link_target(path, hex_), p)
+                try:
+                    os.rename(stage, snap)
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise _wrap(exc, "publishing the snapshot", snap) from exc
+                    # Someone else published this revision meanwhile: merge below.
+                else:
+                    _fsync_dir(snaps)
+                    return snap
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        # The revision directory exists (an earlier partial fetch, or the Hub client's own):
+        # replace each link atomically.
+        touched: set[Path] = set()
+        for path, hex_ in links:
+            dest = snap / path
+            target = _link_target(path, hex_)
+            try:
+                if os.readlink(dest) == target:
+                    continue
+            except OSError:
+                pass
+            tmp_link = tmp / f"link-{os.getpid()}-{secrets.token_hex(6)}"
+            with _io("linking", dest):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(target, tmp_link)
+                try:
+                    os.replace(tmp_link, dest)
+                except BaseException:
+                    _unlink_quiet(tmp_link)
+                    raise
+            touched.add(dest.parent)
+        for d in touched:
+            _fsync_dir(d)
+        return snap
+
+    def _write_ref(self, model: str, ref: str, revision: str) -> None:
+        path = self.repo_dir(model) / "refs" / _check_ref(ref)
+        try:
+            if path.read_text() == revision:
+                return
+        except OSError:
+            pass
+        self._atomic_write(model, path, revision.encode())
+
+    def _forget_no_exist(self, model: str, revision: str, paths: Iterable[str]) -> None:
+        """Drop the Hub client's cached 'file does not exist' markers for files we now have."""
+        base = self.repo_dir(model) / ".no_exist" / revision
+        if not base.is_dir():
+            return
+        for p in paths:
+            _unlink_quiet(base / p)
+
+
+# --- downloads ---------------------------------------------------------------------------------
+
+
+class _File:
+    """Per-file state of a Download."""
+
+    __slots__ = (
+        "close_when_idle", "count", "dev", "dirty", "entry", "fd", "final", "final_path", "first",
+        "hex", "index", "ino", "lock", "part_path", "state_path", "users", "wanted",
+    )
+
+    def __init__(self, index: int, entry: FileEntry, first: int, repo: Path, wanted: bool) -> None:
+        self.index = index
+        self.entry = entry
+        self.first = first  # global index of the file's first piece
+        self.hex = entry.blake3.split(":", 1)[1]
+        self.final_path = repo / "blobs" / self.hex
+        self.part_path = repo / "blobs" / f"{self.hex}.incomplete"
+        self.state_path = repo / ".swarm" / "partial" / f"{self.hex}.pieces"
+        self.wanted = wanted
+        self.final = False  # the verified blob is at final_path
+        self.count = 0  # pieces of this file in have
+        self.dirty = False  # have changed since the state file was written
+        self.fd: int | None = None  # opened once, closed by Download.close (see _use_fd)
+        self.users = 0  # calls using fd outside lock right now
+        self.close_when_idle = False
+        self.dev = self.ino = -1  # of the fd's file
+        self.lock = threading.Lock()  # guards fd, users, final and the state file
+
+    @property
+    def pieces(self) -> range:
+        return range(self.first, self.first + self.entry.num_pieces)
+
+
+class Download:
+    """Pieces of one manifest being fetched into a :class:`Store`.  Use :meth:`Store.open_download`.
+
+    Thread-safe: ``write_piece`` / ``read_piece`` may run concurrently from worker threads.
+    ``close()`` (or leaving the ``with`` block) flushes the resume state, closes the files and
+    releases the lock; it waits for calls in flight, and later calls raise :class:`StoreError`.
+    """
+
+    def __init__(self, store: Store, manifest: Manifest, wanted: frozenset[int],
+                 lock: _DownloadLock) -> None:
+        self.manifest = manifest
+        self._store = store
+        self._lock_handle = lock
+        self._repo = store.repo_dir(manifest.model)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._flush_lock = threading.Lock()
+        self._inflight = 0
+        self._closed = False
+        self._have: set[int] = set()
+        self._unconfirmed: set[int] = set()  # restored from a state file, not re-hashed yet
+        self._have_cache: frozenset[int] | None = None
+        self._unflushed = 0
+        self._last_flush = time.monotonic()
+        self.wanted_files = wanted
+        self._files: list[_File] = []
+        first = 0
+        for i, fe in enumerate(manifest.files):
+            self._files.append(_File(i, fe, first, self._repo, i in wanted))
+            first += fe.num_pieces
+        self.wanted_pieces = manifest.pieces_of(wanted)
+        try:
+            for f in self._files:
+                self._init_file(f)
+            for f in self._files:
+                if f.wanted and not f.final and f.count == f.entry.num_pieces:
+                    self._complete_file(f)  # everything restored: crashed just before completing
+        except BaseException:
+            self._closed = True  # open_download releases the lock
+            self._close_fds()
+            raise
+
+    # -- setup --
+
+    def _init_file(self, f: _File) -> None:
+        fe = f.entry
+        try:
+            st = os.stat(f.final_path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _wrap(exc, "checking", f.final_path) from exc
+        if st is not None:
+            if stat.S_ISREG(st.st_mode) and st.st_size == fe.size:
+                self._mark_final(f)
+                _unlink_quiet(f.state_path)
+                return
+            if f.wanted:  # not ours (only verified files are renamed there): remove it
+                log.warning("removing %s: %d bytes, manifest says %d", f.final_path,
+                            st.st_size, fe.size)
+                with _io("removing a bad blob", f.final_path):
+                    os.unlink(f.final_path)
+        if not f.wanted:
+            return
+        if fe.size == 0:
+            self._publish_empty(f)
+            return
+        self._restore(f)
+
+    def _mark_final(self, f: _File) -> None:
+        f.final = True
+        with self._lock:
+            self._have.update(f.pieces)
+            self._unconfirmed.difference_update(f.pieces)
+            f.count = f.entry.num_pieces
+            self._have_cache = None
+
+    def _publish_empty(self, f: _File) -> None:
+        if f.entry.digest != EMPTY_DIGEST:  # Manifest validation forbids this; stay safe
+            raise StoreError(f"{f.entry.path}: empty file with a non-empty digest in the manifest")
+        tmp = self._store._tmp_dir(self.manifest.model) / f"e-{os.getpid()}-{secrets.token_hex(6)}"
+        with _io("creating", f.final_path):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, f.final_path)
+            except BaseException:
+                _unlink_quiet(tmp)
+                raise
+        _fsync_dir(f.final_path.parent)
+        self._mark_final(f)
+
+    def _restore(self, f: _File) -> None:
+        """Load the resume state of ``f`` (see the module docstring for when bits are trusted)."""
+        fe = f.entry
+        try:
+            raw = f.state_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _wrap(exc, "reading", f.state_path) from exc
+        decoded = _decode_state(raw)
+        try:
+            st = os.stat(f.part_path)
+        except OSError:
+            st = None
+        n = fe.num_pieces
+        ok = (
+            decoded is not None
+            and st is not None
+            and stat.S_ISREG(st.st_mode)
+            and st.st_size == fe.size
+            and decoded[0].get("blob") == f.hex
+            and decoded[0].get("size") == fe.size
+            and decoded[0].get("piece_size") == fe.piece_size
+            and decoded[0].get("num_pieces") == n
+            and len(decoded[1]) == (n + 7) // 8
+        )
+        if not ok:
+            log.info("discarding resume state %s (does not match %s)", f.state_path, f.part_path)
+            _unlink_quiet(f.state_path)
+            return
+        assert decoded is not None and st is not None
+        header, bits = decoded
+        local = [k for k in range(n) if bits[k >> 3] & (1 << (k & 7))]
+        if not local:
+            return
+        same_file = header.get("dev") == st.st_dev and header.get("ino") == st.st_ino
+        if not same_file:
+            # The .incomplete is not the file the bits were written for: trust only what re-hashes.
+            fd = self._open_part(f)
+            good = []
+            buf = bytearray(fe.piece_size)
+            for k in local:
+                p = self.manifest.pieces[f.first + k]
+                mv = memoryview(buf)[: p.length]
+                with _io("reading", f.part_path):
+                    got = _pread_into(fd, mv, p.offset)
+                if got == p.length and blake3.blake3(mv).digest() == p.digest:
+                    good.append(k)
+            log.info("%s: re-verified %d/%d restored pieces", f.part_path, len(good), len(local))
+            local = good
+            f.dirty = True
+        with self._lock:
+            for k in local:
+                self._have.add(f.first + k)
+                if same_file:
+                    self._unconfirmed.add(f.first + k)
+            f.count = len(local)
+            self._have_cache = None
+
+    def _open_part(self, f: _File) -> int:
+        with f.lock:
+            return self._open_part_locked(f)
+
+    def _open_part_locked(self, f: _File) -> int:
+        """The fd of ``f`` (caller holds ``f.lock``): the final blob read-only if ``f`` is final,
+        else its ``.incomplete``, created and preallocated if needed."""
+        if f.fd is not None:
+            return f.fd
+        if f.final:
+            with _io("opening", f.final_path):
+                f.fd = os.open(f.final_path, os.O_RDONLY | os.O_CLOEXEC)
+            return f.fd
+        size = f.entry.size
+        path = f.part_path
+        with _io("opening", path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fresh = False
+        try:
+            with _io("preparing", path):
+                st = os.fstat(fd)
+                fresh = st.st_size == 0 and f.count == 0
+                if st.st_size > size:
+                    os.ftruncate(fd, size)
+                try:
+                    # Reserve the space now: a full disk fails here, before any transfer, and
+                    # large files are laid out contiguously despite random-order writes.
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        if fresh:
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(fd, 0)
+                        raise
+                    if st.st_size < size:
+                        os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            if fresh:
+                _unlink_quiet(path)
+            raise
+        f.fd = fd
+        f.dev, f.ino = st.st_dev, st.st_ino
+        return fd
+
+    @contextlib.contextmanager
+    def _use_fd(self, f: _File) -> Iterator[int]:
+        """An fd of ``f`` that stays open while in use (fds are only closed under ``f.lock`` with
+        no users).  Small final files are read through a short-lived fd, so a model of thousands
+        of small files does not hold thousands of fds."""
+        with f.lock:
+            if f.fd is None and f.final and f.entry.num_pieces <= 1:
+                temp = True
+                with _io("opening", f.final_path):
+                    fd = os.open(f.final_path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                temp = False
+                fd = self._open_part_locked(f)
+                f.users += 1
+        try:
+            yield fd
+        finally:
+            if temp:
+                os.close(fd)
+            else:
+                with f.lock:
+                    f.users -= 1
+                    if f.users == 0 and f.close_when_idle:
+                        self._close_fd_locked(f)
+
+    def _close_fd_locked(self, f: _File) -> None:
+        f.close_when_idle = False
+        if f.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+            f.fd = None
+
+    # -- in-flight tracking --
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"download of {self.manifest.model} is closed")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+
+    # -- state --
+
+    @property
+    def have(self) -> frozenset[int]:
+        """Global indices of pieces held (verified, or restored; see the module docstring)."""
+        with self._lock:
+            if self._have_cache is None:
+                self._have_cache = frozenset(self._have)
+            return self._have_cache
+
+    @property
+    def missing(self) -> frozenset[int]:
+        return self.wanted_pieces - self.have
+
+    @property
+    def complete(self) -> bool:
+        with self._lock:
+            return self.wanted_pieces <= self._have
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return (f"<Download {self.manifest.model}@{self.manifest.revision} "
+                f"{len(self.wanted_pieces & self.have)}/{len(self.wanted_pieces)} pieces>")
+
+    def _piece(self, index: int):
+        if not isinstance(index, int) or not 0 <= index < self.manifest.num_pieces:
+            raise StoreError(f"piece {index!r} out of range ({self.manifest.num_pieces} pieces)")
+        return self.manifest.pieces[index]
+
+    # -- writing --
+
+    def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """Verify ``data`` against piece ``index`` and store it; False if it was already held.
+
+        Raises :class:`PieceHashMismatch` (wrong length or blake3; nothing written),
+        :class:`DiskFull` / :class:`StorePermissionError` / :class:`StoreError`.  When the piece
+        completes its file, the file is fsynced, re-hashed from disk and renamed into ``blobs/``.
+        """
+        piece = self._piece(index)
+        if index not in self.wanted_pieces:
+            raise StoreError(f"piece {index} belongs to a file this download does not want")
+        mv = _as_bytes_view(data)
+        if mv.nbytes != piece.length:
+            raise PieceHashMismatch(index, f"piece {index}: {mv.nbytes} bytes, expected {piece.length}")
+        threads = blake3.blake3.AUTO if piece.length >= (4 << 20) else 1
+        if blake3.blake3(mv, max_threads=threads).digest() != piece.digest:
+            raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch")
+        with self._op():
+            f = self._files[piece.file_index]
+            with self._lock:
+                if index in self._have:
+                    return False
+            with self._use_fd(f) as fd, _io(f"writing piece {index} to", f.part_path):
+                _pwrite_all(fd, mv, piece.offset)
+            with self._lock:
+                if index in self._have:  # a concurrent duplicate got there first (same bytes)
+                    return False
+                self._have.add(index)
+                self._have_cache = None
+                f.count += 1
+                f.dirty = True
+                self._unflushed += piece.length
+                file_done = f.count == f.entry.num_pieces
+                due = (self._unflushed >= FLUSH_BYTES
+                       or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
+            if file_done:
+                self._complete_file(f)
+            elif due and self._flush_lock.acquire(blocking=False):
+                try:
+                    self._flush_locked()
+                finally:
+                    self._flush_lock.release()
+            return True
+
+    def _drop(self, f: _File, indices: Iterable[int]) -> None:
+        with self._lock:
+            for i in indices:
+                if i in self._have:
+                    self._have.discard(i)
+                    f.count -= 1
+                self._unconfirmed.discard(i)
+            f.dirty = True
+            self._have_cache = None
+
+    def _complete_file(self, f: _File) -> None:
+        """All pieces of ``f`` are held: fsync, re-hash from disk, rename into ``blobs/``."""
+        fe = f.entry
+        with f.lock:
+            if f.final:
+                return
+            fd = self._open_part_locked(f)
+            with _io("syncing", f.part_path):
+                os.fsync(fd)
+                digest = _hash_fd(fd, fe.size)
+            if digest != fe.digest:
+                bad = []
+                buf = bytearray(fe.piece_size)
+                for i in f.pieces:
+                    p = self.manifest.pieces[i]
+                    mv = memoryview(buf)[: p.length]
+                    with _io("reading", f.part_path):
+                        got = _pread_into(fd, mv, p.offset)
+                    if got != p.length or blake3.blake3(mv).digest() != p.digest:
+                        bad.append(i)
+                if not bad:
+                    raise StoreError(
+                        f"{fe.path}: every piece verifies but the whole-file blake3 does not; "
+                        "the manifest is inconsistent",
+                        path=f.part_path,
+                    )
+                log.warning("%s: %d pieces failed re-verification on disk; fetching them again",
+                            fe.path, len(bad))
+                self._drop(f, bad)
+                self._write_state(f)
+                return
+            try:
+                os.rename(f.part_path, f.final_path)
+            except FileNotFoundError:
+                # Another download (a different manifest sharing this blob) published it first.
+                try:
+                    st = os.stat(f.final_path)
+                except OSError:
+                    st = None
+                if st is None or st.st_size != fe.size:
+                    # Deleted under us (e.g. a cache cleaner removing "orphaned" .incomplete
+                    # files): start the file over instead of failing forever.
+                    self._drop(f, f.pieces)
+                    _unlink_quiet(f.state_path)
+                    if f.users == 0:
+                        self._close_fd_locked(f)
+                    else:
+                        f.close_when_idle = True
+                    raise StoreError(f"{f.part_path} was deleted while being completed; "
+                                     f"its {fe.num_pieces} pieces must be fetched again",
+                                     path=f.part_path) from None
+            except OSError as exc:
+                raise _wrap(exc, "publishing", f.final_path) from exc
+            _fsync_dir(f.final_path.parent)
+            f.final = True
+            _unlink_quiet(f.state_path)
+            if fe.num_pieces <= 1:  # small file: later reads use short-lived fds (see _use_fd)
+                if f.users == 0:
+                    self._close_fd_locked(f)
+                else:
+                    f.close_when_idle = True
+            with self._lock:
+                self._unconfirmed.difference_update(f.pieces)
+                f.dirty = False
+
+    # -- resume state --
+
+    def _write_state(self, f: _File) -> None:
+        """Persist ``f``'s bitmap; caller holds ``f.lock`` and has synced the data file."""
+        n = f.entry.num_pieces
+        bits = bytearray((n + 7) // 8)
+        with self._lock:
+            for k, i in enumerate(f.pieces):
+                if i in self._have:
+                    bits[k >> 3] |= 1 << (k & 7)
+            f.dirty = False
+        header = {"blob": f.hex, "size": f.entry.size, "piece_size": f.entry.piece_size,
+                  "num_pieces": n, "dev": f.dev, "ino": f.ino}
+        try:
+            self._store._atomic_write(self.manifest.model, f.state_path, _encode_state(header, bits))
+        except BaseException:
+            with self._lock:
+                f.dirty = True
+            raise
+
+    def flush(self) -> None:
+        """Make every piece written so far survive a crash (fdatasync + state files)."""
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        with self._lock:
+            dirty = [f for f in self._files if f.dirty]
+            self._unflushed = 0
+            self._last_flush = time.monotonic()
+        for f in dirty:
+            with f.lock:
+                if f.final or f.fd is None or not f.dirty:
+                    continue
+                with _io("syncing", f.part_path):
+                    os.fdatasync(f.fd)
+                self._write_state(f)
+
+    # -- reading --
+
+    def read_piece(self, index: int) -> bytes:
+        """The bytes of held piece ``index``; :class:`PieceNotAvailable` if not held."""
+        data = self._read(self._piece(index), None)
+        assert data is not None
+        return data
+
+    def read_piece_into(self, index: int, buf: memoryview) -> int:
+        """Read held piece ``index`` into the start of ``buf``; returns its length."""
+        piece = self._piece(index)
+        mv = _as_bytes_view(buf)
+        if mv.nbytes < piece.length:
+            raise StoreError(f"buffer of {mv.nbytes} bytes too small for piece {index} "
+                             f"({piece.length} bytes)")
+        self._read(piece, mv[: piece.length])
+        return piece.length
+
+    def _read(self, piece, mv: memoryview | None) -> bytes | None:
+        """Read ``piece`` into ``mv``, or return it as bytes if ``mv`` is None."""
+        index = piece.index
+        with self._op():
+            f = self._files[piece.file_index]
+            with self._lock:
+                if index not in self._have:
+                    raise PieceNotAvailable(index, f"piece {index} is not held")
+                unconfirmed = index in self._unconfirmed
+            path = f.final_path if f.final else f.part_path
+            data = None
+            with self._use_fd(f) as fd, _io(f"reading piece {index} from", path):
+                if mv is None:
+                    data = _pread_bytes(fd, piece.length, piece.offset)
+                    got = len(data)
+                else:
+                    got = _pread_into(fd, mv, piece.offset)
+            if got != piece.length:
+                raise StoreError(f"{path} is shorter than the manifest says", path=path)
+            if unconfirmed:
+                if blake3.blake3(mv if data is None else data).digest() != piece.digest:
+                    log.warning("restored piece %d of %s failed verification; dropping it",
+                                index, f.entry.path)
+                    self._drop(f, [index])
+                    raise PieceNotAvailable(index, f"piece {index} failed re-verification",
+                                            path=path)
+                with self._lock:
+                    self._unconfirmed.discard(index)
+            return data
+
+    # -- the end --
+
+    def finalize(self, ref: str | None = "main") -> Path:
+        """Publish the wanted files under ``snapshots/<revision>/`` (requires :attr:`complete`),
+        point ``refs/<ref>`` at the revision (unless ``ref`` is None), save the manifest and
+        return the snapshot directory.  Files not wanted are absent from the snapshot."""
+        if ref is not None:
+            _check_ref(ref)
+        with self._op():
+            missing = self.missing
+            if missing:
+                raise StoreError(f"cannot finalize {self.manifest.model}@{self.manifest.revision}: "
+                                 f"{len(missing)} pieces missing")
+            for f in self._files:
+                if f.wanted and not f.final:
+                    self._complete_file(f)
+            if self.missing:
+                raise StoreError(f"cannot finalize {self.manifest.model}: pieces failed "
+                                 "re-verification and must be fetched again")
+            self.flush()
+            wanted = [f for f in self._files if f.wanted]
+            store = self._store
+            store.save_manifest(self.manifest)
+            snap = store._link_snapshot(self.manifest, [(f.entry.path, f.hex) for f in wanted])
+            store._forget_no_exist(self.manifest.model, self.manifest.revision,
+                                   [f.entry.path for f in wanted])
+            if ref is not None:
+                store._write_ref(self.manifest.model, ref, self.manifest.revision)
+            return snap
+
+    def _close_fds(self) -> None:
+        for f in self._files:
+            with f.lock:
+                self._close_fd_locked(f)
+
+    def close(self) -> None:
+        """Flush resume state, close files, release the lock.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._inflight:
+                self._idle.wait()
+        try:
+            self.flush()
+        finally:
+            self._close_fds()
+            self._lock_handle.release()
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # do not hide the error that is already propagating
+            self.close()
+        except StoreError as close_exc:
+            log.warning("closing %r after an error: %s", self, close_exc)
+
+    def __del__(self) -> None:
+        # A Download dropped without close() must not keep its lock (a later open_download of
+        # the same manifest in this process would wait forever).
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+
+# --- serving a complete directory --------------------------------------------------------------
+
+
+class SnapshotReader:
+    """Serve pieces of ``manifest`` from a directory holding its files (an HF snapshot with
+    symlinks into ``blobs/``, or a private ``--serve`` directory).
+
+    ``have`` is every piece of every file present with the manifest's size (all pieces for a
+    complete directory).  With ``verify=True`` each read is checked against its digest and a
+    mismatch raises :class:`PieceNotAvailable` (the file changed after the manifest was built).
+    Thread-safe.
+    """
+
+    def __init__(self, root: str | os.PathLike, manifest: Manifest, *, verify: bool = False) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.verify = verify
+        self._lock = threading.Lock()
+        self._fds: list[int | None] = [None] * len(manifest.files)
+        self._closed = False
+        have: set[int] = set()
+        for i, fe in enumerate(manifest.files):
+            _valid(validate_path, fe.path, "path")
+            try:
+                st = os.stat(self.root / fe.path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size == fe.size:
+                have.update(manifest.file_piece_range(i))
+        self._have = frozenset(have)
+
+    @property
+    def have(self) -> frozenset[int]:
+        return self._have
+
+    def _fd(self, file_index: int) -> int:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"SnapshotReader of {self.root} is closed")
+            fd = self._fds[file_index]
+            if fd is None:
+                path = self.root / self.manifest.files[file_index].path
+                with _io("opening", path):
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._fds[file_index] = fd
+            return fd
+
+    def read_piece(self, index: int) -> bytes:
+        if not isinstance(index, int) or not 0 <= index < self.manifest.num_pieces:
+            raise StoreError(f"piece {index!r} out of range ({self.manifest.num_pieces} pieces)")
+        piece = self.manifest.pieces[index]
+        if index not in self._have:
+            raise PieceNotAvailable(index, f"piece {index} is not in {self.root}")
+        fd = self._fd(piece.file_index)
+        path = self.root / self.manifest.files[piece.file_index].path
+        with _io(f"reading piece {index} from", path):
+            data = _pread_bytes(fd, piece.length, piece.offset)
+        self._check(piece, data, path)
+        return data
+
+    def read_piece_into(self, index: int, buf: memoryview) -> int:
+        if not isinstance(index, int) or not 0 <= index < self.manifest.num_pieces:
+            raise StoreError(f"piece {index!r} out of range ({self.manifest.num_pieces} pieces)")
+        if index not in self._have:
+            raise PieceNotAvailable(index, f"piece {index} is not in {self.root}")
+        piece = self.manifest.pieces[index]
+        mv = _as_bytes_view(buf)
+        if mv.nbytes < piece.length:
+            raise StoreError(f"buffer of {mv.nbytes} bytes too small for piece {index}")
+        mv = mv[: piece.length]
+        fd = self._fd(piece.file_index)
+        path = self.root / self.manifest.files[piece.file_index].path
+        with _io(f"reading piece {index} from", path):
+            got = _pread_into(fd, mv, piece.offset)
+        self._check(piece, mv[:got], path)
+        return piece.length
+
+    def _check(self, piece, data: bytes | memoryview, path: Path) -> None:
+        if len(data) != piece.length:
+            raise PieceNotAvailable(piece.index, f"{path} is shorter than the manifest says",
+                                    path=path)
+        if self.verify and blake3.blake3(data).digest() != piece.digest:
+            raise PieceNotAvailable(
+                piece.index, f"piece {piece.index} of {path} does not match the manifest", path=path
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, [None] * len(self._fds)
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
