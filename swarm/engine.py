@@ -177,6 +177,8 @@ class Transfer:
         self.bytes_down = 0
         self.internal_errors = 0
         self.completed = trio.Event()
+        self.failed = trio.Event()  # set with ``error`` when the local store cannot go on
+        self.error: Exception | None = None
         self.configs_ready = trio.Event()
         self._check_done()
 
@@ -409,6 +411,9 @@ class Transfer:
             await self.run_blocking(self.store.write_piece, i, msg.data)
         except PieceHashMismatch:
             self._ban(peer, f"piece {i} failed blake3")
+        except StoreError as e:  # disk full, permissions: this transfer cannot go on
+            self._fail(e)
+            raise _Drop(f"local store error: {e}") from e
         finally:
             self._writing.discard(i)
         st = self.stats[peer.id]
@@ -446,6 +451,12 @@ class Transfer:
                 self._update_interest(p)
         else:
             self._fill_all()
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+            log.error("transfer of %s failed: %s", self.manifest.model, error)
+            self.failed.set()
 
     def _check_done(self) -> None:
         if self.picker.priority_done and not self.configs_ready.is_set():
