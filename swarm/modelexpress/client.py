@@ -1,0 +1,563 @@
+"""Blocking client for ModelExpress's ``ModelService``; writes what it streams in the HF cache layout.
+
+The flow of :meth:`ModelExpressClient.download_snapshot` (the server only, no hidden Hub fallback):
+
+1. ``EnsureModelDownloaded``: ask the server to hold the model and wait for ``DOWNLOADED`` (``ERROR``
+   or an early end of the status stream fails).
+2. ``ListModelFiles``: the files (relative paths, sizes) of the server's snapshot; the caller's
+   ``want(path, size)`` picks the ones to fetch.  A server without this RPC (``UNIMPLEMENTED``) is
+   streamed in full and filtered as chunks arrive.
+3. ``StreamModelFiles`` with a ``ModelFileSelector`` naming the wanted files (a server that ignores the
+   selector sends more; extra files are dropped).  Each file is written to a unique
+   ``blobs/<uuid>.modelexpress.incomplete`` temp file, checked (contiguous offsets, size equal to the
+   announced ``total_size`` and to the listing), hashed with blake3 on the way, then renamed to
+   ``blobs/<blake3 hex>`` -- the store's blob naming (swarm/store.py), since ModelExpress does not
+   tell us the Hub's etags.  ``snapshots/<revision>/<path>`` become relative symlinks into ``blobs/``
+   (each made under a temp name and renamed over), and ``refs/<ref>`` is written last, atomically.
+
+The revision is the ``commit_hash`` the server sends in the first chunk; when it sends none (older
+servers), the requested commit if one was given, else 40 hex of a blake3 over the received
+(path, size, blake3) list, so the same content always lands in the same snapshot directory.
+
+The proto has no way to tell whether the server's storage is shared with ours (the reference client
+has a ``shared_storage`` setting); the caller checks its cache after step 1 and skips streaming when
+the snapshot is already there.
+
+Everything here blocks; :meth:`ModelExpressClient.cancel` (thread-safe) aborts the calls in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+import blake3
+import grpc
+
+from swarm.manifest import ManifestError, validate_model_name, validate_path, validate_revision
+from swarm.modelexpress import model_pb2, model_pb2_grpc
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ModelExpressClient",
+    "ModelExpressError",
+    "ModelExpressNotFound",
+    "ModelExpressProtocolError",
+    "ModelExpressUnavailable",
+    "RemoteFile",
+    "parse_url",
+]
+
+# Bytes per FileChunk we ask for: big enough to amortise per-message cost, well under gRPC's 4 MiB
+# default message limit.
+DEFAULT_CHUNK_SIZE = 1 << 20
+# Largest message we accept, in case a server ignores chunk_size and uses a bigger default.
+MAX_MESSAGE_BYTES = 64 << 20
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+# Words in an ERROR status message that mean "the model does not exist upstream".
+_NOT_FOUND_RE = re.compile(r"not[ _-]?found|\b404\b|does not exist|no such", re.IGNORECASE)
+
+Event = dict
+WantFn = Callable[[str, int], bool]
+
+
+class ModelExpressError(Exception):
+    """Any failure talking to ModelExpress."""
+
+
+class ModelExpressUnavailable(ModelExpressError):
+    """The server cannot be reached (down, refused, DNS)."""
+
+
+class ModelExpressNotFound(ModelExpressError):
+    """The server does not have (and cannot get) the model, the revision or the requested files."""
+
+
+class ModelExpressProtocolError(ModelExpressError):
+    """The server sent something invalid: an unsafe path, wrong offsets or sizes, unexpected files."""
+
+
+@attrs.frozen
+class RemoteFile:
+    path: str
+    size: int
+
+
+def parse_url(url: str) -> tuple[str, bool]:
+    """``MODEL_EXPRESS_URL`` -> (gRPC target ``host:port``, use TLS).
+
+    Accepts ``host:port``, ``http://host:port``, ``grpc://host:port`` (plaintext) and ``https://`` /
+    ``grpcs://`` (TLS); a path after the authority is ignored.  Raises ValueError.
+    """
+    raw = url.strip()
+    if not raw:
+        raise ValueError("empty ModelExpress URL")
+    if "://" not in raw:
+        raw = "grpc://" + raw
+    parts = urlsplit(raw)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "grpc"):
+        secure = False
+    elif scheme in ("https", "grpcs"):
+        secure = True
+    else:
+        raise ValueError(f"unsupported scheme {parts.scheme!r} in ModelExpress URL {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in ModelExpress URL {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in ModelExpress URL {url!r}")
+    if port is None:
+        port = 443 if secure else 8001  # ModelExpress's default gRPC port is 8001
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{port}", secure
+
+
+def _repo_folder_name(model: str) -> str:
+    return "models--" + model.replace("/", "--")
+
+
+class _Deadline:
+    def __init__(self, timeout: float | None) -> None:
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise ModelExpressError("timed out")
+        return left
+
+
+class ModelExpressClient:
+    """One channel to one ModelExpress server.  Blocking; use from a worker thread.
+
+    ``timeout`` bounds each :meth:`download_snapshot` (and each single call) as a whole.
+    """
+
+    def __init__(self, url: str, *, timeout: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.url = url
+        self.target, secure = parse_url(url)
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if secure:
+            self._channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        self._stub = model_pb2_grpc.ModelServiceStub(self._channel)
+        self._lock = threading.Lock()
+        self._calls: set = set()
+        self._cancelled = threading.Event()
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ModelExpressClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cancel(self) -> None:
+        """Abort every call in flight and refuse new ones (thread-safe)."""
+        self._cancelled.set()
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    @contextlib.contextmanager
+    def _track(self, call):
+        with self._lock:
+            self._calls.add(call)
+        try:
+            if self._cancelled.is_set():
+                call.cancel()
+            yield call
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+    def _error(self, exc: grpc.RpcError, what: str, model: str) -> ModelExpressError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+        where = f"ModelExpress at {self.target}"
+        if self._cancelled.is_set() or code == grpc.StatusCode.CANCELLED:
+            return ModelExpressError(f"{what} cancelled")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ModelExpressUnavailable(f"cannot reach {where}: {details}")
+        if code == grpc.StatusCode.NOT_FOUND:
+            return ModelExpressNotFound(f"{where} does not have {model}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ModelExpressError(f"{what} on {where} timed out")
+        name = code.name if code is not None else "error"
+        return ModelExpressError(f"{what} on {where} failed: {name}: {details}")
+
+    # -- the three RPCs --
+
+    def ensure_downloaded(
+        self,
+        model: str,
+        *,
+        ignore_weights: bool = False,
+        on_event: Callable[[Event], None] | None = None,
+        deadline: _Deadline | None = None,
+    ) -> None:
+        """``EnsureModelDownloaded``: return once the server reports ``DOWNLOADED``."""
+        deadline = deadline or _Deadline(self.timeout)
+        req = model_pb2.ModelDownloadRequest(
+            model_name=model, provider=model_pb2.HUGGING_FACE, ignore_weights=ignore_weights
+        )
+        call = self._stub.EnsureModelDownloaded(req, timeout=deadline.remaining())
+        last = None
+        with self._track(call):
+            try:
+                for update in call:
+                    message = update.message if update.HasField("message") else ""
+                    try:
+                        status = model_pb2.ModelStatus.Name(update.status)
+                    except ValueError:
+                        status = str(update.status)
+                    last = message or status
+                    if on_event is not None:
+                        on_event({"event": "modelexpress_status", "status": status, "message": message})
+                    if update.status == model_pb2.DOWNLOADED:
+                        call.cancel()  # done; the server may keep the stream open
+                        return
+                    if update.status == model_pb2.ERROR:
+                        text = f"ModelExpress at {self.target} failed to get {model}: {message or 'ERROR'}"
+                        if _NOT_FOUND_RE.search(message):
+                            raise ModelExpressNotFound(text)
+                        raise ModelExpressError(text)
+                    if update.status != model_pb2.DOWNLOADING:
+                        raise ModelExpressProtocolError(
+                            f"unknown model status {update.status} from {self.target}"
+                        )
+            except grpc.RpcError as exc:
+                raise self._error(exc, "EnsureModelDownloaded", model) from None
+        suffix = f" (last status: {last})" if last else ""
+        raise ModelExpressError(
+            f"ModelExpress at {self.target}: status stream for {model} ended before DOWNLOADED{suffix}"
+        )
+
+    def list_files(self, model: str, *, deadline: _Deadline | None = None) -> list[RemoteFile] | None:
+        """``ListModelFiles``; None when the server does not implement it."""
+        deadline = deadline or _Deadline(self.timeout)
+        req = model_pb2.ModelFilesRequest(model_name=model, provider=model_pb2.HUGGING_FACE)
+        fut = self._stub.ListModelFiles.future(req, timeout=deadline.remaining())
+        with self._track(fut):
+            try:
+                reply = fut.result()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise self._error(exc, "ListModelFiles", model) from None
+        out: list[RemoteFile] = []
+        seen: set[str] = set()
+        for f in reply.files:
+            path = _safe_path(f.relative_path, self.target)
+            if path in seen:
+                raise ModelExpressProtocolError(f"ModelExpress at {self.target} listed {path!r} twice")
+            seen.add(path)
+            out.append(RemoteFile(path, int(f.size)))
+        return out
+
+    def stream_files(self, model: str, paths: Iterable[str] | None, *, deadline: _Deadline | None = None):
+        """``StreamModelFiles``: yields ``FileChunk`` messages (``paths`` None = every file)."""
+        deadline = deadline or _Deadline(self.timeout)
+        req = model_pb2.ModelFilesRequest(
+            model_name=model, provider=model_pb2.HUGGING_FACE, chunk_size=self.chunk_size
+        )
+        if paths is not None:
+            req.file_selector.paths.extend(paths)
+        call = self._stub.StreamModelFiles(req, timeout=deadline.remaining())
+        with self._track(call):
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                raise self._error(exc, "StreamModelFiles", model) from None
+            finally:
+                call.cancel()
+
+    # -- the whole flow --
+
+    def download_snapshot(
+        self,
+        model: str,
+        cache_dir: str | os.PathLike,
+        *,
+        want: WantFn | None = None,
+        revision: str | None = None,
+        ref: str | None = "main",
+        ignore_weights: bool = False,
+        skip_stream: Callable[[], Path | None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Path:
+        """Fetch ``model`` from the server into the HF cache ``cache_dir``; return the snapshot dir.
+
+        ``want(path, size)`` selects files (default: all).  ``revision``, a 40-hex commit, must match
+        the server's commit.  ``ref`` (default ``main``; None for none) is pointed at the result.
+        ``skip_stream()`` is called after the server reports the model downloaded: a path it returns
+        (the snapshot is already in our cache -- shared storage) is returned without streaming.
+        """
+        validate_model_name(model)
+        if revision is not None and not _COMMIT_RE.fullmatch(revision):
+            raise ModelExpressNotFound(
+                f"ModelExpress serves the default branch only; revision {revision!r} is not a commit"
+            )
+        emit = on_event or (lambda e: None)
+        deadline = _Deadline(self.timeout)
+        self.ensure_downloaded(model, ignore_weights=ignore_weights, on_event=emit, deadline=deadline)
+        if skip_stream is not None:
+            found = skip_stream()
+            if found is not None:
+                emit({"event": "modelexpress_shared", "path": str(found)})
+                return found
+        listing = self.list_files(model, deadline=deadline)
+        expected: dict[str, int] | None = None
+        selector: list[str] | None = None
+        if listing is not None:
+            chosen = [f for f in listing if want is None or want(f.path, f.size)]
+            if not chosen:
+                what = "files" if not listing else "files matching the request"
+                raise ModelExpressNotFound(f"ModelExpress at {self.target} has no {what} for {model}")
+            expected = {f.path: f.size for f in chosen}
+            if len(chosen) != len(listing):
+                selector = sorted(expected)
+        writer = _SnapshotWriter(Path(cache_dir) / _repo_folder_name(model), self.target, expected, want)
+        try:
+            commit = None
+            first = True
+            for chunk in self.stream_files(model, selector, deadline=deadline):
+                if first:
+                    first = False
+                    if chunk.HasField("commit_hash") and chunk.commit_hash:
+                        commit = chunk.commit_hash
+                        try:
+                            validate_revision(commit)
+                        except ManifestError as exc:
+                            raise ModelExpressProtocolError(
+                                f"ModelExpress at {self.target} sent a bad commit hash: {exc}"
+                            ) from None
+                        if revision is not None and commit != revision:
+                            raise ModelExpressNotFound(
+                                f"ModelExpress at {self.target} has {model} at commit {commit}, "
+                                f"not the requested {revision}"
+                            )
+                done = writer.feed(chunk)
+                if done is not None:
+                    emit({"event": "modelexpress_file", "path": done.path, "size": done.size})
+                if chunk.is_last_file and chunk.is_last_chunk:
+                    break
+            files = writer.finish()
+            if commit is None:
+                commit = revision or _content_revision(files)
+            snapshot = writer.link(commit, files)
+            if ref is not None:
+                writer.write_ref(ref, commit)
+            return snapshot
+        finally:
+            writer.cleanup()
+
+
+def _safe_path(path: str, target: str) -> str:
+    try:
+        return validate_path(path)
+    except ManifestError as exc:
+        raise ModelExpressProtocolError(
+            f"ModelExpress at {target} sent an unsafe file name {path!r}: {exc.reason}"
+        ) from None
+
+
+def _content_revision(files: dict[str, tuple[str, int]]) -> str:
+    h = blake3.blake3(b"swarm-modelexpress-revision\n")
+    for path in sorted(files):
+        blob, size = files[path]
+        h.update(f"{path}\0{size}\0{blob}\n".encode())
+    return h.hexdigest()[:40]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _SnapshotWriter:
+    """Receives FileChunks of one model and lays the files out in the HF cache layout."""
+
+    def __init__(self, repo: Path, target: str, expected: dict[str, int] | None, want: WantFn | None):
+        self.repo = repo
+        self.blobs = repo / "blobs"
+        self.target = target
+        self.expected = expected
+        self.want = want
+        self.files: dict[str, tuple[str, int]] = {}  # path -> (blob hex, size)
+        self.temps: set[Path] = set()
+        self._cur: tuple[str, int, Path, object, object] | None = None  # path, size, tmp, fh, hasher
+        self._written = 0
+        self._skipping: str | None = None  # path of a file we drop (not wanted)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+
+    def _bad(self, msg: str) -> ModelExpressProtocolError:
+        return ModelExpressProtocolError(f"ModelExpress at {self.target}: {msg}")
+
+    def feed(self, chunk) -> RemoteFile | None:
+        """Take one chunk; returns the file it completed, if any."""
+        path = _safe_path(chunk.relative_path, self.target)
+        total = int(chunk.total_size)
+        offset = int(chunk.offset)
+        data = chunk.data
+        if self._cur is None:
+            if path == self._skipping:
+                if chunk.is_last_chunk:
+                    self._skipping = None
+                return None
+            self._skipping = None
+            if path in self.files:
+                raise self._bad(f"sent {path!r} twice")
+            if self.expected is not None:
+                if path not in self.expected:
+                    self._skipping = None if chunk.is_last_chunk else path
+                    return None  # a server that ignores the file selector: drop the extra file
+                if total != self.expected[path]:
+                    listed = self.expected[path]
+                    raise self._bad(f"{path!r} is {total} bytes in the stream but {listed} in the listing")
+            elif self.want is not None and not self.want(path, total):
+                self._skipping = None if chunk.is_last_chunk else path
+                return None
+            if offset != 0:
+                raise self._bad(f"{path!r} starts at offset {offset}, not 0")
+            tmp = self.blobs / f"{uuid.uuid4().hex}.modelexpress.incomplete"
+            fh = open(tmp, "wb")  # noqa: SIM115 (closed in _close_current / cleanup)
+            self.temps.add(tmp)
+            self._cur = (path, total, tmp, fh, blake3.blake3())
+            self._written = 0
+        cur_path, cur_total, tmp, fh, hasher = self._cur
+        if path != cur_path:
+            raise self._bad(f"{cur_path!r} ended after {self._written} of {cur_total} bytes ({path!r} began)")
+        if total != cur_total:
+            raise self._bad(f"total_size of {path!r} changed from {cur_total} to {total}")
+        if offset != self._written:
+            raise self._bad(f"chunk of {path!r} at offset {offset}, expected {self._written}")
+        if self._written + len(data) > cur_total:
+            raise self._bad(f"{path!r} is longer than its total_size {cur_total}")
+        fh.write(data)
+        hasher.update(data)
+        self._written += len(data)
+        if not chunk.is_last_chunk:
+            return None
+        if self._written != cur_total:
+            raise self._bad(f"{path!r} ended after {self._written} of {cur_total} bytes")
+        self._publish(cur_path, cur_total, tmp, fh, hasher)
+        self._cur = None
+        return RemoteFile(cur_path, cur_total)
+
+    def _publish(self, path: str, size: int, tmp: Path, fh, hasher) -> None:
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        blob = hasher.hexdigest()
+        dest = self.blobs / blob
+        os.chmod(tmp, 0o644)
+        if dest.exists() and dest.stat().st_size == size:
+            tmp.unlink()  # content-addressed: an identical blob is already there
+        else:
+            os.replace(tmp, dest)
+        self.temps.discard(tmp)
+        self.files[path] = (blob, size)
+
+    def finish(self) -> dict[str, tuple[str, int]]:
+        if self._cur is not None:
+            path, total = self._cur[0], self._cur[1]
+            raise self._bad(f"stream ended inside {path!r} ({self._written} of {total} bytes)")
+        if self.expected is not None:
+            for path, size in self.expected.items():
+                if path in self.files:
+                    continue
+                if size == 0:  # the server sends no chunk at all for an empty file
+                    tmp = self.blobs / f"{uuid.uuid4().hex}.modelexpress.incomplete"
+                    fh = open(tmp, "wb")  # noqa: SIM115
+                    self.temps.add(tmp)
+                    self._publish(path, 0, tmp, fh, blake3.blake3())
+                    continue
+                raise self._bad(f"stream ended without {path!r}")
+        if not self.files:
+            raise ModelExpressNotFound(f"ModelExpress at {self.target} streamed no files")
+        _fsync_dir(self.blobs)
+        return self.files
+
+    def link(self, revision: str, files: dict[str, tuple[str, int]]) -> Path:
+        snapshot = self.repo / "snapshots" / revision
+        snapshot.mkdir(parents=True, exist_ok=True)
+        real_snapshot = os.path.realpath(snapshot)
+        for path, (blob, _size) in sorted(files.items()):
+            link = snapshot / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            real_parent = os.path.realpath(link.parent)
+            if real_parent != real_snapshot and not real_parent.startswith(real_snapshot + os.sep):
+                raise self._bad(f"{path!r} resolves outside the snapshot directory")
+            target = "../" * (2 + path.count("/")) + "blobs/" + blob
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            if link.is_dir() and not link.is_symlink():
+                raise self._bad(f"{path!r} is a directory in {snapshot}")
+            tmp = link.parent / f".{link.name}.{uuid.uuid4().hex[:12]}.tmp"
+            os.symlink(target, tmp)
+            try:
+                os.replace(tmp, link)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+        _fsync_dir(snapshot)
+        return snapshot
+
+    def write_ref(self, ref: str, revision: str) -> None:
+        refs = self.repo / "refs"
+        dest = refs / ref
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if dest.read_text() == revision:
+                return
+        except OSError:
+            pass
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+        tmp.write_text(revision)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+
+    def cleanup(self) -> None:
+        if self._cur is not None:
+            with contextlib.suppress(OSError):
+                self._cur[3].close()
+            self._cur = None
+        for tmp in list(self.temps):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self.temps.clear()

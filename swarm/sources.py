@@ -1,0 +1,808 @@
+"""The fallback chain behind ``swarm.fetch``: local HF cache -> ModelExpress -> swarm -> Hugging Face Hub.
+
+:func:`fetch_chain` tries each source in turn and returns the first verified snapshot directory (HF
+cache layout: ``<cache>/models--org--name/snapshots/<revision>/``).  Every source leaves an
+:class:`Attempt` -- taken or skipped, and why -- and when all fail the error is typed:
+
+* :class:`VerificationFailed` if any source produced data that failed verification;
+* :class:`ModelNotFound` if every source was skipped or reported that it does not have the model;
+* :class:`FetchTimeout` if ``FetchRequest.timeout`` expired (the source in progress is cancelled);
+* :class:`FetchError` otherwise (a source failed for another reason, e.g. a server was down).
+
+The message of each lists every source with its outcome and reason.
+
+1. **local-cache** (:func:`local_snapshot`): resolve the revision the way ``huggingface_hub`` does
+   offline (``refs/<name>`` for a branch or tag, ``snapshots/<sha>`` for a commit) and check that the
+   snapshot holds every requested file.  The list of files a commit should have comes from
+   ``huggingface_hub``'s tree cache (``trees/<commit>.json``, written by its ``snapshot_download``) or
+   else from a swarm manifest stored beside the snapshot (swarm/store.py); sizes are checked against
+   it, and blake3 digests too when ``FetchRequest.verify`` is set (which needs a stored manifest).
+   A dangling symlink or a link to an ``*.incomplete`` blob means incomplete.  Without a tree cache,
+   a request for the whole model also needs at least one weight file and every shard named by an
+   ``*.index.json`` (so a configs-only snapshot never passes for a full one), and without any file
+   list a leftover ``blobs/*.incomplete`` (an interrupted download) means incomplete.
+2. **modelexpress** (:func:`from_modelexpress`), only when ``MODEL_EXPRESS_URL`` is set: see
+   :mod:`swarm.modelexpress.client`.  ModelExpress serves a model's default branch, so a branch or tag
+   other than ``main`` skips it; a commit must equal the server's.
+3. **swarm**: the callable the node passes in.  It should raise :class:`ModelNotFound` when no peer
+   has the model (e.g. no providers in the DHT), :class:`VerificationFailed` when peers only sent bad
+   data, or :class:`SourceSkipped` to record a skip; any other exception is recorded as a failure.
+4. **hub** (:func:`from_hub`): ``huggingface_hub.snapshot_download`` in a worker thread; skipped when
+   ``HF_HUB_OFFLINE`` is set.  ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are read at call
+   time (``huggingface_hub`` reads some at import time; see :func:`_sync_hub_environment`).
+
+Steps 2 and 4 leave their result in the HF cache layout under ``FetchRequest.cache_dir``; building a
+manifest and seeding it is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import attrs
+import blake3
+import trio
+
+from swarm.manifest import (
+    CONFIG_NAMES,
+    CONFIG_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    ManifestError,
+    classify,
+    should_skip,
+    validate_model_name,
+    validate_revision,
+)
+
+__all__ = [
+    "CONFIG_GLOBS",
+    "SOURCES",
+    "WEIGHT_GLOBS",
+    "Attempt",
+    "FetchError",
+    "FetchRequest",
+    "FetchResult",
+    "FetchTimeout",
+    "ModelNotFound",
+    "SourceSkipped",
+    "VerificationFailed",
+    "default_cache_dir",
+    "fetch_chain",
+    "from_hub",
+    "from_modelexpress",
+    "hub_endpoint",
+    "hub_offline",
+    "local_snapshot",
+]
+
+SOURCES = ("local-cache", "modelexpress", "swarm", "hub")
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+
+# Allow patterns (huggingface_hub fnmatch semantics: case-sensitive, "*" crosses "/") for a
+# configs-only download, mirroring swarm.manifest.classify: its known config names at any depth and
+# its config suffixes, plus the kinds of small files classify() counts as configs by default
+# (JSON, templates, vocabularies, sentencepiece models, remote code, YAML).  WEIGHT_GLOBS are ignored
+# at the same time, so nothing classify() calls a weight by name is ever fetched.
+CONFIG_GLOBS: tuple[str, ...] = tuple(
+    sorted(
+        {
+            *CONFIG_NAMES,
+            *(f"*/{name}" for name in CONFIG_NAMES),
+            *(f"*{suffix}" for suffix in CONFIG_SUFFIXES),
+            "*.json",
+            "*.jinja",
+            "*.txt",
+            "*.model",
+            "*.py",
+            "*.yaml",
+            "*.yml",
+        }
+    )
+)
+WEIGHT_GLOBS: tuple[str, ...] = tuple(
+    sorted({f"*{s}" for s in WEIGHT_SUFFIXES} | {f"*{s.upper()}" for s in WEIGHT_SUFFIXES})
+)
+
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_HASH_CHUNK = 16 << 20
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """The HF hub cache dir from the environment *now* (``HF_HUB_CACHE``, ``HF_HOME``, XDG, ~)."""
+    env = os.environ
+    raw = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not raw:
+        home = env.get("HF_HOME") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+        )
+        raw = os.path.join(home, "hub")
+    return _abspath(os.path.expandvars(raw))
+
+
+def _abspath(value: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
+
+
+def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    out = tuple(value)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"patterns must be strings, got {p!r}")
+    return out
+
+
+def _check_revision(_inst: object, _attr: object, value: str | None) -> None:
+    if value is None:
+        return
+    # A branch, a tag or a commit; HF refs may contain "/" (refs/pr/1), each part a safe name.
+    for part in str(value).split("/"):
+        validate_revision(part)
+
+
+def _check_repo(_inst: object, _attr: object, value: str) -> None:
+    validate_model_name(value)
+
+
+@attrs.frozen
+class FetchRequest:
+    """What to fetch.  ``revision`` None means the default branch (``main``)."""
+
+    repo_id: str = attrs.field(validator=_check_repo)
+    revision: str | None = attrs.field(default=None, validator=_check_revision)
+    allow_patterns: tuple[str, ...] | None = attrs.field(default=None, converter=_patterns)
+    ignore_patterns: tuple[str, ...] | None = attrs.field(default=None, converter=_patterns)
+    configs_only: bool = False
+    cache_dir: Path = attrs.field(factory=default_cache_dir, converter=_abspath)
+    timeout: float | None = None
+    verify: bool = False
+    """Also re-hash the local snapshot against its stored swarm manifest (blake3) in step 1."""
+
+    @property
+    def ref(self) -> str:
+        return self.revision or "main"
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
+
+
+@attrs.frozen
+class Attempt:
+    source: str  # "local-cache" | "modelexpress" | "swarm" | "hub"
+    outcome: str  # "ok" | "skipped" | "failed"
+    reason: str
+
+
+@attrs.frozen
+class FetchResult:
+    path: Path  # the snapshot directory
+    source: str
+    revision: str
+    attempts: tuple[Attempt, ...]
+
+
+class FetchError(Exception):
+    """A fetch failed.  ``attempts`` holds what each source did (empty when raised by one source)."""
+
+    def __init__(self, message: str, attempts: Iterable[Attempt] = ()) -> None:
+        super().__init__(message)
+        self.attempts: tuple[Attempt, ...] = tuple(attempts)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.attempts))
+
+
+class ModelNotFound(FetchError):
+    """No source has the model (or the revision, or any file matching the request)."""
+
+
+class VerificationFailed(FetchError):
+    """Data from some source failed verification (sizes, digests, unsafe or inconsistent files)."""
+
+
+class FetchTimeout(FetchError):
+    """``FetchRequest.timeout`` expired."""
+
+
+class SourceSkipped(Exception):
+    """Raised by a source that does not apply; its message is the recorded reason."""
+
+
+# --- step 1: the local cache -------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Local:
+    path: Path | None
+    reason: str
+    kind: str  # "ok" | "not_found" | "verification"
+    bad: Path | None = None  # the snapshot entry that failed verification
+
+
+def local_snapshot(req: FetchRequest) -> Path | None:
+    """The snapshot dir of ``req`` in ``req.cache_dir`` if it is complete (see the module doc)."""
+    return _inspect_local(req).path
+
+
+def _selected(req: FetchRequest, paths: Iterable[str], sizes: dict[str, int]) -> list[str]:
+    """The paths ``req`` asks for, as every source selects them: huggingface_hub's pattern semantics
+    over the request's patterns (:data:`CONFIG_GLOBS` / :data:`WEIGHT_GLOBS` added for
+    ``configs_only``, exactly as passed to the Hub), then, for ``configs_only``, ``classify() ==
+    "config"`` (sizes from ``sizes`` where known)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    allow, ignore = _hub_patterns(req)
+    chosen = list(filter_repo_objects(items=list(paths), allow_patterns=allow, ignore_patterns=ignore))
+    if req.configs_only:
+        chosen = [p for p in chosen if classify(p, sizes.get(p)) == "config"]
+    return chosen
+
+
+def _is_ignored(req: FetchRequest, path: str) -> bool:
+    from huggingface_hub.utils import filter_repo_objects
+
+    if req.ignore_patterns is None:
+        return False
+    return not list(filter_repo_objects(items=[path], ignore_patterns=list(req.ignore_patterns)))
+
+
+def _scan_snapshot(snap: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Files under ``snap`` (following file symlinks) -> size, and broken entries -> what is wrong
+    (a dangling symlink, a link to an ``*.incomplete`` blob, an unreadable entry)."""
+    present: dict[str, int] = {}
+    broken: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(snap):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, snap).replace(os.sep, "/")
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                broken[rel] = f"dangling symlink {rel} -> {os.readlink(full)}"
+                continue
+            except OSError as exc:
+                broken[rel] = f"cannot stat {rel}: {exc}"
+                continue
+            if os.path.islink(full) and os.path.realpath(full).endswith(".incomplete"):
+                broken[rel] = f"{rel} links to an incomplete blob"
+                continue
+            present[rel] = st.st_size
+    return present, broken
+
+
+def _read_tree_cache(repo: Path, commit: str) -> dict[str, int] | None:
+    """huggingface_hub's cached tree listing of ``commit`` (path -> size), if any."""
+    try:
+        with open(repo / "trees" / f"{commit}.json", encoding="utf-8") as fh:
+            data = json.load(fh)
+        if data.get("format_version") != 1:
+            return None
+        return {str(p): int(info["size"]) for p, info in data["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _load_manifest(req: FetchRequest, commit: str):
+    try:
+        from swarm.store import Store
+
+        return Store(req.cache_dir).load_manifest(req.repo_id, commit)
+    except Exception:  # no usable manifest: fall back to the other checks
+        return None
+
+
+def _blake3_file(path: Path) -> bytes:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+def _index_shards(snap: Path, index_rel: str) -> set[str]:
+    """Shard files an ``*.index.json`` names (its ``weight_map`` values), relative to ``snap``."""
+    try:
+        with open(snap / index_rel, encoding="utf-8") as fh:
+            data = json.load(fh)
+        values = data.get("weight_map", {}).values()
+    except (OSError, ValueError, AttributeError):
+        return set()
+    base = index_rel.rsplit("/", 1)[0] + "/" if "/" in index_rel else ""
+    return {base + v for v in values if isinstance(v, str) and v and ".." not in v.split("/")}
+
+
+def _sample(items: list[str], n: int = 3) -> str:
+    s = ", ".join(items[:n])
+    return s + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _inspect_local(req: FetchRequest) -> _Local:
+    repo = req.repo_dir
+
+    def miss(reason: str) -> _Local:
+        return _Local(None, reason, "not_found")
+
+    if not repo.is_dir():
+        return miss(f"no snapshot of {req.repo_id} in {req.cache_dir}")
+    rev = req.ref
+    if _COMMIT_RE.fullmatch(rev):
+        commit = rev
+    else:
+        ref = repo / "refs" / rev
+        try:
+            commit = ref.read_text().strip()
+        except FileNotFoundError:
+            return miss(f"no complete snapshot in {repo} (no refs/{rev})")
+        except OSError as exc:
+            return miss(f"cannot read {ref}: {exc}")
+        try:
+            validate_revision(commit)
+        except ManifestError:
+            return miss(f"{ref} holds an invalid revision {commit[:60]!r}")
+    snap = repo / "snapshots" / commit
+    if not snap.is_dir():
+        return miss(f"no complete snapshot in {snap} (missing)")
+    present, broken = _scan_snapshot(snap)
+    if not present and not broken:
+        return miss(f"no complete snapshot in {snap} (empty)")
+
+    tree = _read_tree_cache(repo, commit)
+    manifest = _load_manifest(req, commit)
+    expected: dict[str, int] | None = None
+    listing = ""
+    if tree is not None:
+        # Files swarm never carries (README.md, .gitattributes, ...) are not required.
+        expected = {p: tree[p] for p in _selected(req, tree, tree) if not should_skip(p)}
+        listing = "the Hub's tree listing"
+    elif manifest is not None:
+        idx = manifest.select(
+            configs_only=req.configs_only,
+            allow_patterns=req.allow_patterns,
+            ignore_patterns=req.ignore_patterns,
+        )
+        expected = {manifest.files[i].path: manifest.files[i].size for i in sorted(idx)}
+        listing = "the stored swarm manifest"
+
+    if expected is not None:
+        if not expected:
+            return miss(f"no file of {req.repo_id}@{commit} matches the request ({listing})")
+        missing = sorted(p for p in expected if p not in present)
+        for p in missing:
+            if p in broken:
+                return miss(f"no complete snapshot in {snap}: {broken[p]}")
+        if missing:
+            return miss(
+                f"no complete snapshot in {snap}: {len(missing)} of {len(expected)} requested files "
+                f"missing ({_sample(missing)})"
+            )
+        for p, size in expected.items():
+            if present[p] != size:
+                bad = f"{snap / p}: {present[p]} bytes on disk, {size} in {listing}"
+                return _Local(None, bad, "verification", snap / p)
+        chosen = sorted(expected)
+    else:
+        blobs = repo / "blobs"
+        with contextlib.suppress(OSError):
+            leftovers = sorted(e.name for e in os.scandir(blobs) if e.name.endswith(".incomplete"))
+            if leftovers:
+                return miss(f"no complete snapshot in {snap}: interrupted download ({_sample(leftovers, 1)})")
+        chosen = sorted(_selected(req, [*present, *broken], present))
+        for p in chosen:
+            if p in broken:
+                return miss(f"no complete snapshot in {snap}: {broken[p]}")
+        if not chosen:
+            return miss(f"no file in {snap} matches the request")
+        for pat in req.allow_patterns or ():
+            literal = not _GLOB_CHARS.search(pat) and not pat.endswith("/")
+            if literal and pat not in present and not _is_ignored(req, pat):
+                return miss(f"no complete snapshot in {snap}: {pat} missing")
+
+    if tree is None:
+        # Sanity checks where the file list is unknown or may have been built from a partial snapshot.
+        whole = not req.configs_only and req.allow_patterns is None
+        if whole and not any(classify(p, present[p]) == "weight" for p in chosen):
+            return miss(f"no complete snapshot in {snap}: no weight files (a configs-only download?)")
+        for p in sorted(present):  # every index in the snapshot, selected or not
+            if p.endswith(".index.json"):
+                shards = _index_shards(snap, p)
+                need = shards if whole else set(_selected(req, shards, {}))
+                absent = sorted(need - present.keys())
+                if absent:
+                    return miss(f"no complete snapshot in {snap}: {_sample(absent)} named by {p} missing")
+
+    if req.verify:
+        if manifest is None:
+            return miss(f"verification asked but no swarm manifest is stored for {req.repo_id}@{commit}")
+        for i in manifest.select(
+            configs_only=req.configs_only,
+            allow_patterns=req.allow_patterns,
+            ignore_patterns=req.ignore_patterns,
+        ):
+            fe = manifest.files[i]
+            if fe.path not in present:
+                return miss(f"no complete snapshot in {snap}: {fe.path} missing")
+            try:
+                digest = _blake3_file(snap / fe.path)
+            except OSError as exc:
+                return miss(f"cannot read {snap / fe.path}: {exc}")
+            if digest != fe.digest:
+                bad = f"{snap / fe.path}: blake3 does not match the stored manifest"
+                return _Local(None, bad, "verification", snap / fe.path)
+    return _Local(snap, f"complete snapshot in {snap}", "ok")
+
+
+def _evict(repo: Path, entry: Path) -> str:
+    """Remove a snapshot entry that failed verification, and the blob it links to (the Hub client
+    would otherwise re-link the same bad blob); the next source fetches the file again."""
+    try:
+        target = Path(os.path.realpath(entry)) if entry.is_symlink() else None
+        entry.unlink()
+        blobs = os.path.realpath(repo / "blobs")
+        if target is not None and os.path.dirname(target) == blobs:
+            target.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"; could not remove it: {exc}"
+    return "; removed it"
+
+
+# --- step 2: ModelExpress ----------------------------------------------------------------------
+
+
+def _thread_emitter(emit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """An event sink for a trio worker thread: runs ``emit`` on the trio thread, best effort."""
+
+    def from_thread(event: dict) -> None:
+        with contextlib.suppress(Exception, trio.Cancelled):
+            trio.from_thread.run_sync(emit, event)
+
+    return from_thread
+
+
+def _remaining() -> float | None:
+    left = trio.current_effective_deadline() - trio.current_time()
+    return None if math.isinf(left) else max(left, 0.001)
+
+
+async def from_modelexpress(
+    req: FetchRequest, url: str, *, on_event: Callable[[dict], None] | None = None
+) -> Path:
+    """Fetch ``req`` from the ModelExpress server at ``url`` into ``req.cache_dir``; the snapshot dir.
+
+    Raises :class:`ModelNotFound` (the server lacks the model, the commit or matching files),
+    :class:`VerificationFailed` (the server sent bad data: unsafe paths, wrong sizes or offsets),
+    :class:`FetchError` (unreachable, server error, timeout) or :class:`SourceSkipped` (a branch or
+    tag other than ``main`` was asked for: ModelExpress only serves the default branch).
+    """
+    from swarm.modelexpress.client import (
+        ModelExpressClient,
+        ModelExpressError,
+        ModelExpressNotFound,
+        ModelExpressProtocolError,
+    )
+
+    rev = req.revision
+    if rev is not None and rev != "main" and not _COMMIT_RE.fullmatch(rev):
+        raise SourceSkipped(f"ModelExpress serves the default branch only (revision {rev!r} requested)")
+    left = _remaining()
+    try:
+        # The chain's deadline rules (cancelling the calls below); the gRPC deadline, a little later,
+        # only guarantees that an abandoned worker thread ends.
+        client = ModelExpressClient(url, timeout=None if left is None else left + 2.0)
+    except ValueError as exc:
+        raise FetchError(f"invalid MODEL_EXPRESS_URL {url!r}: {exc}") from None
+    emit = on_event or (lambda e: None)
+
+    def want(path: str, size: int) -> bool:
+        return bool(_selected(req, [path], {path: size}))
+
+    def run() -> Path:
+        with client:
+            return client.download_snapshot(
+                req.repo_id,
+                req.cache_dir,
+                want=want,
+                revision=rev if rev is not None and _COMMIT_RE.fullmatch(rev) else None,
+                ref=None if rev is not None and _COMMIT_RE.fullmatch(rev) else "main",
+                ignore_weights=req.configs_only,
+                skip_stream=lambda: local_snapshot(req),
+                on_event=_thread_emitter(emit),
+            )
+
+    try:
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except ModelExpressNotFound as exc:
+        raise ModelNotFound(str(exc)) from None
+    except ModelExpressProtocolError as exc:
+        raise VerificationFailed(str(exc)) from None
+    except ModelExpressError as exc:
+        raise FetchError(str(exc)) from None
+    except OSError as exc:
+        raise FetchError(f"writing ModelExpress files into {req.cache_dir}: {exc}") from None
+    except BaseException:
+        client.cancel()  # cancelled (timeout): stop the calls in the abandoned thread
+        raise
+
+
+# --- step 4: the Hub ---------------------------------------------------------------------------
+
+
+def _env_true(name: str) -> bool:
+    return (os.environ.get(name) or "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now, with huggingface_hub's truth values."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/")
+
+
+def _sync_hub_environment() -> str:
+    """Make ``huggingface_hub`` follow ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` as set *now*.
+
+    ``huggingface_hub.constants`` reads ``HF_ENDPOINT`` (``ENDPOINT`` and the resolve-URL template)
+    and ``HF_HUB_OFFLINE`` once, at import.  We pass ``endpoint=`` explicitly to ``snapshot_download``,
+    but some requests still use the import-time constant -- notably the user-agent's agent-registry
+    lookup (``{constants.ENDPOINT}/api/agent-harnesses``), which would otherwise reach
+    huggingface.co even with ``HF_ENDPOINT`` pointing at a mirror -- and the offline flag gates every
+    request.  So the constants are set to the current environment before each download.
+    """
+    from huggingface_hub import constants
+
+    endpoint = hub_endpoint()
+    if endpoint != constants.ENDPOINT:
+        constants.ENDPOINT = endpoint
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    offline = hub_offline()
+    if offline != constants.HF_HUB_OFFLINE:
+        constants.HF_HUB_OFFLINE = offline
+    return endpoint
+
+
+def _hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def _hub_patterns(req: FetchRequest) -> tuple[list[str] | None, list[str] | None]:
+    allow = list(req.allow_patterns) if req.allow_patterns is not None else None
+    ignore = list(req.ignore_patterns) if req.ignore_patterns is not None else None
+    if req.configs_only:
+        if allow is None:
+            allow = list(CONFIG_GLOBS)
+        ignore = [*(ignore or []), *WEIGHT_GLOBS]
+    return allow, ignore
+
+
+def _quiet_tqdm():
+    from tqdm.auto import tqdm
+
+    class QuietTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            kwargs.pop("name", None)
+            super().__init__(*args, **kwargs)
+
+    return QuietTqdm
+
+
+def _hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchError:
+    from huggingface_hub import errors
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    http = f"HTTP {status} from {endpoint}" if status is not None else f"from {endpoint}"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    gated = getattr(errors, "GatedRepoError", ())
+    disabled = getattr(errors, "DisabledRepoError", ())
+    if gated and isinstance(exc, gated):
+        return FetchError(f"{http}: {req.repo_id} is gated; set HF_TOKEN to a token with access")
+    if disabled and isinstance(exc, disabled):
+        return ModelNotFound(f"{http}: {req.repo_id} is disabled")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ModelNotFound(
+            f"{http}: repository {req.repo_id} not found (or private without a valid HF_TOKEN)"
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelNotFound(f"{http}: revision {req.ref!r} of {req.repo_id} not found")
+    if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        return FetchError(f"cannot reach {endpoint}: {first_line}")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return ModelNotFound(f"{http}: a file of {req.repo_id} was not found: {first_line}")
+    if isinstance(exc, errors.HfHubHTTPError):
+        return FetchError(f"{http}: {first_line}")
+    if "Consistency check failed" in str(exc):
+        return VerificationFailed(f"download from {endpoint} failed its size check: {first_line}")
+    transport = type(exc).__module__.startswith(("httpx", "httpcore"))
+    if transport or isinstance(exc, ConnectionError | TimeoutError):
+        return FetchError(f"cannot reach {endpoint}: {type(exc).__name__}: {first_line}")
+    return FetchError(f"{type(exc).__name__} from {endpoint}: {first_line}")
+
+
+async def from_hub(req: FetchRequest) -> Path:
+    """``huggingface_hub.snapshot_download`` of ``req`` into ``req.cache_dir``; the snapshot dir.
+
+    Skipped (:class:`SourceSkipped`) when ``HF_HUB_OFFLINE`` is set.  ``configs_only`` becomes
+    :data:`CONFIG_GLOBS` as allow patterns (unless the request has its own) plus :data:`WEIGHT_GLOBS`
+    as ignore patterns.  The endpoint and token are taken from ``HF_ENDPOINT`` and ``HF_TOKEN`` as
+    set now.  Raises :class:`ModelNotFound`, :class:`VerificationFailed` or :class:`FetchError`.
+    """
+    if hub_offline():
+        raise SourceSkipped("HF_HUB_OFFLINE is set")
+    from huggingface_hub import snapshot_download
+
+    allow, ignore = _hub_patterns(req)
+    tqdm_class = _quiet_tqdm()
+
+    def run() -> str:
+        endpoint = _sync_hub_environment()
+        return snapshot_download(
+            req.repo_id,
+            revision=req.revision,
+            cache_dir=str(req.cache_dir),
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+            endpoint=endpoint,
+            token=_hub_token(),
+            tqdm_class=tqdm_class,
+        )
+
+    endpoint = hub_endpoint()
+    try:
+        path = Path(await trio.to_thread.run_sync(run, abandon_on_cancel=True))
+    except Exception as exc:
+        raise _hub_error(exc, req, endpoint) from None
+    if not path.is_dir() or not any(path.iterdir()):
+        raise ModelNotFound(f"no file of {req.repo_id}@{req.ref} on {endpoint} matches the request")
+    return path
+
+
+# --- the chain ---------------------------------------------------------------------------------
+
+
+class _FromEnv:
+    def __repr__(self) -> str:
+        return "os.environ['MODEL_EXPRESS_URL']"
+
+
+_FROM_ENV: str | None = _FromEnv()  # type: ignore[assignment]
+
+
+def _safe_emit(on_event: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    if on_event is None:
+        return lambda event: None
+
+    def emit(event: dict) -> None:
+        try:
+            on_event(event)
+        except Exception:  # an observer must not break a fetch
+            import logging
+
+            logging.getLogger(__name__).exception("on_event callback failed")
+
+    return emit
+
+
+def _format_failure(req: FetchRequest, headline: str, attempts: list[Attempt]) -> str:
+    lines = [f"cannot fetch {req.repo_id}@{req.ref}: {headline}"]
+    lines += [f"  {a.source}: {a.outcome}: {a.reason}" for a in attempts]
+    return "\n".join(lines)
+
+
+async def fetch_chain(
+    req: FetchRequest,
+    *,
+    swarm: Callable[[FetchRequest], Awaitable[Path]] | None,
+    modelexpress_url: str | None = _FROM_ENV,
+    on_event: Callable[[dict], None] | None = None,
+) -> FetchResult:
+    """Try local cache -> ModelExpress -> swarm -> Hub; return the first success (see module doc).
+
+    ``modelexpress_url`` defaults to ``MODEL_EXPRESS_URL`` as set at call time; None or "" skips
+    ModelExpress.  ``swarm`` None skips the swarm.  ``on_event(dict)`` gets ``{"event": "source",
+    "source": ...}`` when a source starts, ``{"event": "attempt", "source", "outcome", "reason",
+    "seconds"}`` when it ends, source-specific progress events, and ``{"event": "fetched", ...}``.
+    """
+    if modelexpress_url is _FROM_ENV:
+        modelexpress_url = os.environ.get("MODEL_EXPRESS_URL") or None
+    emit = _safe_emit(on_event)
+
+    async def local() -> Path:
+        found = await trio.to_thread.run_sync(_inspect_local, req, abandon_on_cancel=True)
+        if found.path is not None:
+            return found.path
+        if found.kind != "verification":
+            raise ModelNotFound(found.reason)
+        note = "" if found.bad is None else await trio.to_thread.run_sync(_evict, req.repo_dir, found.bad)
+        raise VerificationFailed(found.reason + note)
+
+    async def modelexpress() -> Path:
+        if not modelexpress_url:
+            raise SourceSkipped("MODEL_EXPRESS_URL not set")
+        return await from_modelexpress(req, modelexpress_url, on_event=emit)
+
+    async def via_swarm() -> Path:
+        if swarm is None:
+            raise SourceSkipped("no swarm node to ask")
+        return Path(await swarm(req))
+
+    async def hub() -> Path:
+        return await from_hub(req)
+
+    steps: list[tuple[str, Callable[[], Awaitable[Path]]]] = [
+        ("local-cache", local),
+        ("modelexpress", modelexpress),
+        ("swarm", via_swarm),
+        ("hub", hub),
+    ]
+    attempts: list[Attempt] = []
+    kinds: list[str] = []
+
+    def record(source: str, outcome: str, reason: str, kind: str, started: float) -> None:
+        attempts.append(Attempt(source, outcome, reason))
+        kinds.append(kind)
+        emit(
+            {
+                "event": "attempt",
+                "source": source,
+                "outcome": outcome,
+                "reason": reason,
+                "seconds": round(trio.current_time() - started, 3),
+            }
+        )
+
+    timeout = req.timeout
+    deadline = math.inf if timeout is None else trio.current_time() + timeout
+    current: str | None = None
+    started = trio.current_time()
+    with trio.CancelScope(deadline=deadline) as scope:
+        for name, step in steps:
+            current = name
+            started = trio.current_time()
+            emit({"event": "source", "source": name})
+            try:
+                path = await step()
+            except SourceSkipped as exc:
+                record(name, "skipped", str(exc) or "skipped", "skipped", started)
+            except ModelNotFound as exc:
+                record(name, "failed", str(exc) or "not found", "not_found", started)
+            except VerificationFailed as exc:
+                record(name, "failed", str(exc) or "verification failed", "verification", started)
+            except Exception as exc:
+                record(name, "failed", str(exc) or type(exc).__name__, "error", started)
+            else:
+                path = Path(path)
+                if not path.is_dir():
+                    record(name, "failed", f"returned {path}, which is not a directory", "error", started)
+                    continue
+                record(name, "ok", f"snapshot at {path}", "ok", started)
+                emit({"event": "fetched", "source": name, "path": str(path), "revision": path.name})
+                return FetchResult(path, name, path.name, tuple(attempts))
+        current = None
+
+    if scope.cancelled_caught and current is not None:
+        record(current, "failed", f"timed out (fetch timeout {timeout:g} s)", "timeout", started)
+        names = [n for n, _ in steps]
+        for name in names[names.index(current) + 1 :]:
+            attempts.append(Attempt(name, "skipped", "not tried: the fetch timed out"))
+            kinds.append("skipped")
+        raise FetchTimeout(_format_failure(req, f"timed out after {timeout:g} s", attempts), attempts)
+    if "verification" in kinds:
+        raise VerificationFailed(_format_failure(req, "verification failed", attempts), attempts)
+    if all(k in ("skipped", "not_found") for k in kinds):
+        raise ModelNotFound(_format_failure(req, "no source has it", attempts), attempts)
+    raise FetchError(_format_failure(req, "every source failed", attempts), attempts)
