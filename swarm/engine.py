@@ -147,6 +147,7 @@ class Transfer:
                  rng: random.Random | None = None,
                  run_blocking: Callable[..., Awaitable[Any]] | None = None,
                  may_upload: bool = True,
+                 local_id: str = "",
                  on_piece: Callable[[int, int], None] | None = None):
         self.manifest = manifest
         self.hash = manifest.manifest_hash
@@ -156,6 +157,7 @@ class Transfer:
         self.rng = rng or random.Random()
         self.run_blocking = run_blocking or _run_in_thread
         self.may_upload = may_upload
+        self.local_id = local_id
         self.on_piece = on_piece
         files = range(len(manifest.files)) if wanted_files is None else wanted_files
         wanted: set[int] = set()
@@ -221,9 +223,10 @@ class Transfer:
         link is closed and the peer scored. ``hello`` is the peer's Hello if the caller already
         read it (to route the stream to this transfer)."""
         pid = link.peer_id
-        if pid in self.banned or pid in self.peers or len(self.peers) >= self.config.max_peers:
-            why = "banned" if pid in self.banned else "duplicate link" if pid in self.peers \
-                else "too many peers"
+        why = ("banned" if pid in self.banned
+               else "duplicate link" if pid in self.peers and not self._replaces(link)
+               else "too many peers" if len(self.peers) >= self.config.max_peers else "")
+        if why:
             await self._close_link(link, why)
             return
         peer = _Peer(link, trio.current_time())
@@ -242,9 +245,13 @@ class Transfer:
             log.info("handshake with %s failed: %s", pid, e)
             await self._close_link(link, f"handshake: {e}")
             return
-        if pid in self.peers:  # lost a race with a second link from the same peer
-            await self._close_link(link, "duplicate link")
-            return
+        if pid in self.peers:  # both sides opened a link at once: keep exactly one
+            if not self._replaces(link):
+                await self._close_link(link, "duplicate link")
+                return
+            old = self.peers[pid]
+            self._forget(old)
+            await self._close_link(old.link, None)
         self.peers[pid] = peer
         self.stats.setdefault(pid, PeerStats())
         self.picker.peer_has(peer.have)
@@ -278,6 +285,16 @@ class Transfer:
         finally:
             peer.closed = True
             scope.cancel()
+
+    def _replaces(self, link: PeerLink) -> bool:
+        """When two links to one peer race, both sides keep the one opened by the smaller peer id
+        (links that cannot tell who opened them: the first one stays)."""
+        new_out = getattr(link, "outbound", None)
+        old = self.peers.get(link.peer_id)
+        if new_out is None or old is None or not self.local_id:
+            return False
+        canonical_out = self.local_id < link.peer_id  # we open the canonical link
+        return new_out == canonical_out and getattr(old.link, "outbound", None) != canonical_out
 
     # ------------------------------------------------------------------ link tasks
 
