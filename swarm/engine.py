@@ -117,6 +117,9 @@ class _Peer:
         self.window_bytes = 0
         self.closed = False
         self.close_reason = ""
+        # Optional fast path of a link (the data lane): send piece ``index`` straight from the
+        # store, returning the bytes sent; raises StoreError if the piece cannot be read.
+        self.send_piece = getattr(link, "send_piece", None)
         self.tell = False  # send the reason in an Error frame (we are dropping them for cause)
 
     def post(self, msg: wire.Message) -> None:
@@ -126,6 +129,13 @@ class _Peer:
 
 class _Drop(Exception):
     """Close this link (reason in args)."""
+
+
+def _release(data: Any) -> None:
+    """Hand a pooled receive buffer back to its link (a link may lend one per PieceData)."""
+    release = getattr(data, "release", None)
+    if release is not None:
+        release()
 
 
 async def _run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -322,13 +332,16 @@ class Transfer:
             if peer.uploads:
                 index = peer.uploads.popleft()
                 try:
-                    data = await self.run_blocking(self.store.read_piece, index)
+                    if peer.send_piece is not None:
+                        n = await peer.send_piece(index, self.store)
+                    else:
+                        data = await self.run_blocking(self.store.read_piece, index)
+                        await peer.link.send(wire.PieceData(index, data))
+                        n = len(data)
                 except StoreError as e:  # damaged on disk or gone: they must ask elsewhere
                     log.warning("cannot serve piece %d of %s: %s", index, self.manifest.model, e)
                     peer.control.append(wire.Reject(index))
                     continue
-                await peer.link.send(wire.PieceData(index, data))
-                n = len(data)
                 st = self.stats[peer.id]
                 st.bytes_up += n
                 st.pieces_up += 1
@@ -406,6 +419,12 @@ class Transfer:
             raise wire.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
 
     async def _on_piece(self, peer: _Peer, msg: wire.PieceData) -> None:
+        try:
+            await self._take_piece(peer, msg)
+        finally:
+            _release(msg.data)
+
+    async def _take_piece(self, peer: _Peer, msg: wire.PieceData) -> None:
         i = self._index(msg.index)
         n = len(msg.data)
         if i not in peer.requests:
