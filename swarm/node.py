@@ -36,6 +36,7 @@ from swarm.sources import (
     fetch_chain,
 )
 from swarm.store import Download, SnapshotReader, Store
+from swarm.trust import TrustError, TrustPolicy, sign_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class NodeConfig:
     psk: str | None = None
     engine: EngineConfig = attrs.Factory(EngineConfig)
     lookup_timeout: float = 5.0
+    trust: TrustPolicy = attrs.Factory(TrustPolicy)
 
 
 @attrs.define
@@ -87,13 +89,14 @@ class Node:
         self.home = Path(config.home)
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(config.cache_dir)
-        key = load_or_create_identity(self.home / "identity.key")
+        self.keypair = key = load_or_create_identity(self.home / "identity.key")
         self.host = SwarmHost(key, listen=list(config.listen), bootstrap=list(config.bootstrap),
                               psk=config.psk)
         self.shared: dict[bytes, Shared] = {}
         self.rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self._manifest_cache = _ManifestCache(self.home / "manifests")
+        self._signatures = self.home / "signatures"
         self._fetch_locks: dict[bytes, trio.Lock] = {}
 
     # ------------------------------------------------------------------ lifetime
@@ -162,13 +165,29 @@ class Node:
                     log.warning("not serving %s: %s", snap, e)
         return out
 
+    def _signature_for(self, manifest_hash: bytes) -> bytes:
+        """The publisher's signature we accepted when we fetched this manifest, else our own (we
+        are the publisher of what we built)."""
+        try:
+            return (self._signatures / f"{manifest_hash.hex()}.sig").read_bytes()
+        except OSError:
+            return sign_manifest(self.keypair, manifest_hash)
+
+    def _keep_signature(self, manifest_hash: bytes, signature: bytes) -> None:
+        if not signature:
+            return
+        self._signatures.mkdir(parents=True, exist_ok=True)
+        tmp = self._signatures / f"{manifest_hash.hex()}.tmp"
+        tmp.write_bytes(signature)
+        os.replace(tmp, self._signatures / f"{manifest_hash.hex()}.sig")
+
     async def _share_complete(self, manifest: Manifest, path: Path) -> Shared:
         h = manifest.manifest_hash
         if h in self.shared:
             return self.shared[h]
         reader = SnapshotReader(path, manifest)
         t = self._new_transfer(manifest, reader)
-        sh = Shared(manifest, t, reader, path=path)
+        sh = Shared(manifest, t, reader, path=path, signature=self._signature_for(h))
         sh.ready.set()
         self.shared[h] = sh
         self._start(t)
@@ -238,7 +257,7 @@ class Node:
         Raises ModelNotFound when no provider or no acceptable manifest is found,
         VerificationFailed when the download cannot be finished from honest peers."""
         emit = on_event or (lambda e: None)
-        manifest, providers = await self._resolve(req, manifest_hash)
+        manifest, signature, providers = await self._resolve(req, manifest_hash)
         emit({"event": "manifest", "model": manifest.model, "revision": manifest.revision,
               "manifest": manifest.hash_str, "files": len(manifest.files),
               "bytes": manifest.total_size, "providers": len(providers)})
@@ -264,7 +283,7 @@ class Node:
                 # transfer replaces this one, whose links must close first or our peers refuse the
                 # new links as duplicates.
                 await existing.transfer.close_links()
-            return await self._download(manifest, frozenset(files), providers,
+            return await self._download(manifest, signature, frozenset(files), providers,
                                         ref=self._ref_for(req), emit=emit)
 
     @staticmethod
@@ -277,7 +296,7 @@ class Node:
         return rev
 
     async def _resolve(self, req: FetchRequest, manifest_hash: bytes | None
-                       ) -> tuple[Manifest, list[PeerAddr]]:
+                       ) -> tuple[Manifest, bytes, list[PeerAddr]]:
         """Find providers and agree on one manifest."""
         key = manifest_key(manifest_hash) if manifest_hash else model_key(req.repo_id)
         deadline = trio.current_time() + self.config.lookup_timeout
@@ -299,6 +318,7 @@ class Node:
         votes: Counter[bytes] = Counter()
         manifests: dict[bytes, Manifest] = {}
         holders: dict[bytes, list[PeerAddr]] = {}
+        signatures: dict[bytes, bytes] = {}
         reasons: list[str] = []
 
         async def ask(p: PeerAddr) -> None:
@@ -317,6 +337,13 @@ class Node:
                     reasons.append(f"{p.peer_id[:12]} sent a manifest for {m.model}@{m.revision}")
                     continue
                 h = m.manifest_hash
+                try:
+                    publisher = self.config.trust.check(h, r.signature)
+                except TrustError as e:
+                    reasons.append(f"{p.peer_id[:12]}: manifest {m.hash_str[:20]} refused: {e}")
+                    continue
+                if publisher is not None or h not in signatures:
+                    signatures[h] = r.signature if publisher is not None else b""
                 manifests[h] = m
                 votes[h] += 1
                 holders.setdefault(h, []).append(p)
@@ -329,10 +356,12 @@ class Node:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
         best, count = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
-        if len(votes) > 1:
-            log.warning("providers disagree on %s: %d manifests; taking %s (announced by %d)",
-                        req.repo_id, len(votes), manifests[best].hash_str[:20], count)
-        return manifests[best], holders[best] + [p for p in providers if p not in holders[best]]
+        log_ = log.warning if len(votes) > 1 else log.info
+        log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
+             "%d distinct manifests offered", req.repo_id, manifests[best].hash_str[:20],
+             manifests[best].revision, count, min(len(providers), MANIFEST_ASK_FANOUT), len(votes))
+        return (manifests[best], signatures.get(best, b""),
+                holders[best] + [p for p in providers if p not in holders[best]])
 
     @staticmethod
     def _acceptable(m: Manifest, req: FetchRequest, manifest_hash: bytes | None) -> bool:
@@ -342,14 +371,14 @@ class Node:
             return False
         return not req.revision or m.revision == req.revision
 
-    async def _download(self, manifest: Manifest, files: frozenset[int],
+    async def _download(self, manifest: Manifest, signature: bytes, files: frozenset[int],
                         providers: list[PeerAddr], *, ref: str | None,
                         emit: Callable[[dict], None]) -> Path:
         dl: Download = await trio.to_thread.run_sync(
             lambda: self.store.open_download(manifest, files))
         h = manifest.manifest_hash
         t = self._new_transfer(manifest, dl, wanted_files=files)
-        sh = Shared(manifest, t, dl)
+        sh = Shared(manifest, t, dl, signature=signature)
         self.shared[h] = sh
         total = t.wanted_bytes
         progress = {"have": t.have_bytes}
@@ -392,6 +421,7 @@ class Node:
         t.store = reader
         sh.source = reader
         sh.path = path
+        await trio.to_thread.run_sync(self._keep_signature, h, signature)
         await trio.to_thread.run_sync(dl.close)
         sh.ready.set()
         self._start(t)  # timers of the seeding transfer now live with the node

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from modelgen import make_model_dir
+
 from swarm.engine import EngineConfig
 from swarm.node import Node, NodeConfig
 from swarm.sources import FetchRequest, ModelNotFound
@@ -85,3 +85,24 @@ async def test_no_provider_fails_clearly_within_timeout(tmp_path):
         with pytest.raises(ModelNotFound, match="no providers"):
             await b.fetch(FetchRequest("org/nobody-has-this", cache_dir=b.config.cache_dir))
         assert trio.current_time() - t0 < 10
+
+
+@pytest.mark.timeout(60)
+async def test_trusted_publishers_policy(tmp_path, model_dir):
+    from swarm.trust import TrustPolicy
+
+    async with AsyncExitStack() as stack:
+        worker = await start(stack, tmp_path, "w", serve=(("org/private", model_dir),))
+        boot = tuple(worker.host.addrs[:1])
+        trusting = await start(stack, tmp_path, "t", bootstrap=boot, trust=TrustPolicy(
+            "trusted-publishers", frozenset({worker.peer_id})))
+        other = await start(stack, tmp_path, "o", bootstrap=boot, trust=TrustPolicy(
+            "trusted-publishers", frozenset({trusting.peer_id})))
+        with trio.fail_after(30):
+            snap = await trusting.fetch(FetchRequest("org/private", configs_only=True,
+                                                     cache_dir=trusting.config.cache_dir))
+        assert (snap / "config.json").is_file()
+        with pytest.raises(ModelNotFound, match="not trusted"):
+            await other.fetch(FetchRequest("org/private", configs_only=True,
+                                           cache_dir=other.config.cache_dir))
+        assert not list(Path(other.config.cache_dir).rglob("config.json"))
