@@ -4,7 +4,10 @@ A node serves at most ``slots`` peers at once (an "unchoked" peer may send reque
 Reject). Serving few peers fast beats serving all slowly: a peer with whole pieces can pass them on.
 
 - A free slot goes at once to the interested peer that has waited longest (no waiting for a timer,
-  so a config fetch is not delayed by choking).
+  so a config fetch is not delayed by choking). "Longest" is measured with a random jitter of up to
+  one ``hold`` (``PeerSlot.order``, drawn by the engine): without it every seed of a swarm sees the
+  same wait order and serves the same few peers at once while the rest starve (measured in the
+  simulator: 3.94x the lower bound instead of 1.49x with heterogeneous peers).
 - Every ``rechoke`` the slots are re-dealt:
   * seeding: fair rotation. A peer that has held a slot for ``hold`` seconds gives it up to the peer
     that has waited longest, so every interested peer gets served in turn;
@@ -32,6 +35,7 @@ class PeerSlot:
     interested: bool = False
     unchoked: bool = False
     since: float = 0.0  # when it was last choked/unchoked
+    order: float = 0.0  # wait-order key: ``since`` plus a random jitter (see Choker)
     down_rate: float = 0.0  # bytes/s we received from it lately
 
 
@@ -47,7 +51,7 @@ class Choker:
         peers = list(peers)
         used = sum(1 for p in peers if p.unchoked)
         waiting = sorted((p for p in peers if p.interested and not p.unchoked),
-                         key=lambda p: (p.since, p.peer_id))
+                         key=lambda p: (p.order, p.peer_id))
         return waiting[: max(0, self.slots - used)]
 
     def rechoke(self, peers: Iterable[PeerSlot], now: float, *, seeding: bool
@@ -58,7 +62,7 @@ class Choker:
         keep = [p for p in peers if p.unchoked and p.interested]
         drop = [p for p in peers if p.unchoked and not p.interested]
         waiting = sorted((p for p in peers if p.interested and not p.unchoked),
-                         key=lambda p: (p.since, p.peer_id))
+                         key=lambda p: (p.order, p.peer_id))
         if seeding:
             # Longest-held first out, but only after `hold`, and only if someone is waiting.
             keep.sort(key=lambda p: (p.since, p.peer_id))

@@ -87,6 +87,13 @@ class EngineConfig:
     """Consecutive timed-out requests after which a peer counts as snubbed (one request at a time)."""
     max_peers: int = 64
     """Links per transfer."""
+    first_copy_window: float = 3.0
+    """A seeder serving several peers sends each piece once before it sends any piece twice, unless
+    the first copy is older than this (seconds): peers get the rest from each other."""
+    reject_backoff: float = 1.0
+    """Seconds we do not re-ask a peer for a piece it rejected."""
+    idle_close: float = 10.0
+    """Seconds a link of a complete transfer may carry nothing either way before we close it."""
 
 
 @attrs.define
@@ -106,10 +113,12 @@ class _Peer:
         self.have: set[int] = set()
         self.am_interested = False
         self.peer_choking = True
-        self.slot = PeerSlot(self.id, since=now)
+        self.slot = PeerSlot(self.id, since=now, order=now)
         self.requests: dict[int, float] = {}  # index -> deadline
         self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
         self.uploads: deque[int] = deque()
+        self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
+        self.idle_since: float | None = None  # both sides uninterested since (we complete)
         self.control: deque[wire.Message] = deque()
         self.wake = trio.Event()
         self.timeouts = 0
@@ -185,6 +194,8 @@ class Transfer:
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
         self._writing: set[int] = set()
+        self._handshakes = 0  # links still in their handshake (they count against max_peers)
+        self._sent_at: dict[int, float] = {}  # piece -> when we last uploaded it (seeding policy)
         self.bytes_up = 0
         self.bytes_down = 0
         self.internal_errors = 0
@@ -204,6 +215,11 @@ class Transfer:
     def have_bytes(self) -> int:
         return sum(self._lengths[i] for i in self.have if i in self.picker.wanted)
 
+    @property
+    def useful_links(self) -> int:
+        """Links to peers holding something we still want."""
+        return sum(1 for p in self.peers.values() if self.picker.interesting(p.have))
+
     def peer_stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
 
@@ -218,6 +234,28 @@ class Transfer:
             if now >= next_rechoke:
                 self._rechoke(now)
                 next_rechoke = now + self.config.rechoke_interval
+                for p in self._idle_links(now):
+                    p.close_reason = p.close_reason or "idle: nothing to trade"
+                    with trio.move_on_after(2):
+                        try:
+                            await p.link.aclose()
+                        except Exception:
+                            log.debug("closing idle link to %s failed", p.id, exc_info=True)
+
+    def _idle_links(self, now: float) -> list[_Peer]:
+        """Links that carried nothing either way for ``idle_close`` seconds while we are complete:
+        a finished pair keeps nothing to trade, and the link budget (``max_peers``) is better
+        spent on peers still fetching."""
+        out = []
+        for p in self.peers.values():
+            if self.picker.done and not p.slot.interested and not p.am_interested:
+                if p.idle_since is None:
+                    p.idle_since = now
+                elif now - p.idle_since >= self.config.idle_close:
+                    out.append(p)
+            else:
+                p.idle_since = None
+        return out
 
     async def close_links(self) -> None:
         """Close every link of this transfer (their ``serve_link`` calls then return)."""
@@ -235,10 +273,22 @@ class Transfer:
         pid = link.peer_id
         why = ("banned" if pid in self.banned
                else "duplicate link" if pid in self.peers and not self._replaces(link)
-               else "too many peers" if len(self.peers) >= self.config.max_peers else "")
+               else "too many peers" if len(self.peers) + self._handshakes >= self.config.max_peers
+               else "")
         if why:
             await self._close_link(link, why)
             return
+        self._handshakes += 1  # counted against max_peers until registered or gone
+        in_handshake = [True]
+        try:
+            await self._serve_link(link, hello, in_handshake)
+        finally:
+            if in_handshake[0]:
+                self._handshakes -= 1
+
+    async def _serve_link(self, link: PeerLink, hello: wire.Hello | None,
+                          in_handshake: list[bool]) -> None:
+        pid = link.peer_id
         peer = _Peer(link, trio.current_time())
         try:
             with trio.fail_after(self.config.handshake_timeout):
@@ -263,6 +313,8 @@ class Transfer:
             self._forget(old)
             await self._close_link(old.link, None)
         self.peers[pid] = peer
+        self._handshakes -= 1
+        in_handshake[0] = False
         self.stats.setdefault(pid, PeerStats())
         self.picker.peer_has(peer.have)
         try:
@@ -332,6 +384,7 @@ class Transfer:
             if peer.uploads:
                 index = peer.uploads.popleft()
                 try:
+                    self._sent_at[index] = trio.current_time()
                     if peer.send_piece is not None:
                         n = await peer.send_piece(index, self.store)
                     else:
@@ -377,7 +430,8 @@ class Transfer:
                 self._fill_requests(peer)
         elif isinstance(msg, wire.Request):
             i = self._index(msg.index)
-            if not peer.slot.unchoked or i not in self.have or not self.may_upload:
+            if (not peer.slot.unchoked or i not in self.have or not self.may_upload
+                    or self._hold_back(i, now)):
                 peer.post(wire.Reject(i))
             elif len(peer.uploads) >= self.config.max_queued_requests:
                 raise wire.ProtocolError("too many queued requests")
@@ -394,6 +448,7 @@ class Transfer:
             if not peer.slot.interested:
                 peer.slot.interested = True
                 peer.slot.since = now
+                peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
                 self._fill_slots()
         elif isinstance(msg, wire.NotInterested):
             peer.slot.interested = False
@@ -410,6 +465,7 @@ class Transfer:
             self._fill_requests(peer)
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
+            peer.refused[i] = now + self.config.reject_backoff
             if i in peer.requests:
                 self._end_request(peer, i)
                 self._fill_all(skip=peer)
@@ -510,6 +566,17 @@ class Transfer:
         if want:
             self._fill_requests(peer)
 
+    def _hold_back(self, i: int, now: float) -> bool:
+        """First-copy-once seeding: while some piece has never been sent, a seeder with several
+        interested peers refuses to send a piece again soon after sending it, so its upload goes to
+        new pieces and the peers trade the copies (BitTorrent's super-seeding, in spirit)."""
+        if not self.picker.done or len(self._sent_at) >= self.num_pieces:
+            return False
+        sent = self._sent_at.get(i)
+        if sent is None or now - sent >= self.config.first_copy_window:
+            return False
+        return sum(1 for p in self.peers.values() if p.slot.interested) > 1
+
     def _timeout_for(self, i: int) -> float:
         return self.config.request_timeout + self._lengths[i] / self.config.min_rate
 
@@ -521,7 +588,10 @@ class Transfer:
         if room <= 0:
             return
         now = trio.current_time()
-        for i in self.picker.pick(peer.have, peer.requests.keys(), room):
+        if peer.refused:
+            for i in [i for i, until in peer.refused.items() if until <= now]:
+                del peer.refused[i]
+        for i in self.picker.pick(peer.have, peer.requests.keys(), room, peer.refused):
             peer.requests[i] = now + self._timeout_for(i)
             peer.cancelled.discard(i)
             self.picker.requested(i)
@@ -552,6 +622,7 @@ class Transfer:
     def _set_choked(self, peer: _Peer, choked: bool, now: float) -> None:
         peer.slot.unchoked = not choked
         peer.slot.since = now
+        peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
         peer.post(wire.Choke() if choked else wire.Unchoke())
 
     def _fill_slots(self) -> None:

@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
+from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
 from swarm.sources import (
     FetchRequest,
     FetchResult,
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_ASK_FANOUT = 8
 """Providers asked for manifests at once; more adds load without changing the vote much."""
+LOOKUP_FIRST = 0.3
+"""Seconds between the first DHT lookups of a fetch, while fellow fetchers are announcing."""
 LOOKUP_RETRY = 1.0
 """Seconds between DHT lookups while a fetch has too few peers."""
 MAX_LINKS_PER_FETCH = 16
@@ -61,6 +65,13 @@ class NodeConfig:
     psk: str | None = None
     engine: EngineConfig = attrs.Factory(EngineConfig)
     lookup_timeout: float = 5.0
+    lane: str = attrs.field(default="encrypted", validator=attrs.validators.in_(LANE_MODES))
+    """Piece bytes over a direct TCP data lane (swarm/net/lane.py): "encrypted" (AES-256-GCM),
+    "plaintext" (trusted networks only: used with peers also set to plaintext; blake3 still
+    verifies every piece) or "off" (libp2p streams only). Links fall back to libp2p streams
+    whenever a lane cannot be opened."""
+    direct_io: bool = True
+    """Write whole aligned pieces received over the lane with O_DIRECT (see swarm/store.py)."""
     trust: TrustPolicy = attrs.Factory(TrustPolicy)
 
 
@@ -88,7 +99,7 @@ class Node:
         self.config = config
         self.home = Path(config.home)
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(config.cache_dir)
+        self.store = Store(config.cache_dir, direct_io=config.direct_io)
         self.keypair = key = load_or_create_identity(self.home / "identity.key")
         self.host = SwarmHost(key, listen=list(config.listen), bootstrap=list(config.bootstrap),
                               psk=config.psk)
@@ -98,6 +109,11 @@ class Node:
         self._manifest_cache = _ManifestCache(self.home / "manifests")
         self._signatures = self.home / "signatures"
         self._fetch_locks: dict[bytes, trio.Lock] = {}
+        self.lane: LaneService | None = None
+        if config.lane != "off":
+            self.lane = LaneService(config.lane, self.host.peer_id,
+                                    bind_host=bind_host_of(config.listen),
+                                    on_link=self._on_pieces_link)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -111,6 +127,9 @@ class Node:
             self._nursery = nursery
             self.host.set_manifest_handler(self._answer_manifests)
             self.host.set_pieces_handler(self._on_pieces_link)
+            if self.lane is not None:
+                await nursery.start(self.lane.run)
+                self.host.set_lane_handler(self.lane.accept_stream)
             for model, path in self.config.serve:
                 await self.serve_directory(model, Path(path))
             if self.config.serve_hf_cache:
@@ -386,21 +405,17 @@ class Node:
         def on_piece(index: int, length: int) -> None:
             progress["have"] += length
             emit({"event": "progress", "have": progress["have"], "total": total})
-            if not sh.announced_manifest:
-                first_piece.set()
 
         t.on_piece = on_piece
-        first_piece = trio.Event()
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(t.run)
                 n.start_soon(self._connect_loop, sh, providers)
-
-                async def announce_when_partial() -> None:
-                    await first_piece.wait()
-                    await self._announce(sh, model=False)
-
-                n.start_soon(announce_when_partial)
+                # Announce under the manifest key at once, before holding anything: fetchers of a
+                # flash crowd find each other while the first pieces are still in flight, so they
+                # trade from the start instead of all pulling from the workers (measured: announcing
+                # after the first piece left the worker uploading 4x the model to 4 frontends).
+                n.start_soon(partial(self._announce, sh, model=False))
                 n.start_soon(_raise_on_failure, t)
                 await t.configs_ready.wait()
                 emit({"event": "configs_ready"})
@@ -408,6 +423,7 @@ class Node:
                 path = await trio.to_thread.run_sync(dl.finalize, ref)
                 n.cancel_scope.cancel()
         except BaseException as e:
+            e = _single(e)
             if not t.completed.is_set():
                 self.shared.pop(h, None)
                 sh.error = f"{manifest.model}: download did not finish: {e!r}"
@@ -415,7 +431,7 @@ class Node:
                 with trio.CancelScope(shield=True):
                     await t.close_links()
                     await trio.to_thread.run_sync(dl.close)
-            raise
+            raise e from None
         # Complete: serve from the snapshot, release the download lock, keep seeding.
         reader = SnapshotReader(path, manifest)
         t.store = reader
@@ -435,17 +451,24 @@ class Node:
         tried: set[str] = set()
         key = manifest_key(sh.manifest.manifest_hash)
         pending = list(providers)
+        lookups = 0
         while not t.completed.is_set():
             for p in pending:
                 if p.peer_id in tried or p.peer_id == self.peer_id or p.peer_id in t.banned:
                     continue
-                if len(t.peers) >= MAX_LINKS_PER_FETCH:
+                # Links to peers with nothing we lack (finished or empty) don't count, so a late
+                # fetcher keeps looking for the fetchers it can trade with.
+                if t.useful_links >= MAX_LINKS_PER_FETCH or len(t.peers) >= t.config.max_peers:
                     break
                 tried.add(p.peer_id)
                 # Links outlive the fetch (we seed over them), so they belong to the node.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._link_to, t, p)
-            with trio.move_on_after(LOOKUP_RETRY if len(t.peers) < 2 else 5 * LOOKUP_RETRY):
+            # Look again soon at the start (fellow fetchers announce as they begin), then less often.
+            lookups += 1
+            delay = (LOOKUP_FIRST if lookups <= 4 else LOOKUP_RETRY if len(t.peers) < 4
+                     else 5 * LOOKUP_RETRY)
+            with trio.move_on_after(delay):
                 await t.completed.wait()
             if t.completed.is_set():
                 break
@@ -459,11 +482,18 @@ class Node:
                 tried -= {pid for pid in tried if pid not in t.peers}
 
     async def _link_to(self, t: Transfer, p: PeerAddr) -> None:
-        try:
-            link = await self.host.open_pieces_link(p)
-        except Exception as e:
-            log.info("cannot open pieces link to %s: %s", p.peer_id[:12], e)
-            return
+        link: Any = None
+        if self.lane is not None:  # the data lane first; a libp2p pieces stream if it fails
+            try:
+                link = await self.lane.dial(lambda: self.host.open_lane_stream(p))
+            except LaneUnavailable as e:
+                log.info("no data lane to %s (%s): using a libp2p stream", p.peer_id[:12], e)
+        if link is None:
+            try:
+                link = await self.host.open_pieces_link(p)
+            except Exception as e:
+                log.info("cannot open pieces link to %s: %s", p.peer_id[:12], e)
+                return
         await t.serve_link(link)
 
     async def serve_snapshot(self, model: str, snapshot: Path) -> Manifest:
@@ -511,6 +541,13 @@ class Node:
         return {"peer_id": self.peer_id, "addrs": self.host.addrs,
                 "peers": self.host.connected_peers(), "models": models,
                 "bytes_up": up, "bytes_down": down}
+
+
+def _single(e: BaseException) -> BaseException:
+    """The one real error inside nested trio exception groups (callers want the cause)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
 
 
 async def _raise_on_failure(t: Transfer) -> None:

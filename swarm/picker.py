@@ -15,7 +15,7 @@ Rules (BitTorrent's, with one addition for model files):
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 RANDOM_FIRST = 4
 """Pieces fetched at random before switching to rarest-first (BitTorrent uses 4)."""
@@ -94,14 +94,15 @@ class Picker:
         """Does the peer hold any piece we still want (in any class)?"""
         return any(not c.isdisjoint(peer_have) for c in self._classes)
 
-    def pick(self, peer_have: set[int] | frozenset[int], asked_of_peer: set[int] | frozenset[int],
-             count: int) -> list[int]:
+    def pick(self, peer_have: set[int] | frozenset[int], asked_of_peer: Collection[int],
+             count: int, avoid: Collection[int] = ()) -> list[int]:
         """Up to ``count`` pieces to request from a peer that has ``peer_have``; ``asked_of_peer``
-        are the requests already outstanding on that peer."""
+        are the requests already outstanding on that peer, ``avoid`` pieces it recently refused."""
         if count <= 0:
             return []
         missing = self.missing
-        candidates = [i for i in missing if i in peer_have and i not in self.in_flight]
+        candidates = [i for i in missing if i in peer_have and i not in self.in_flight
+                      and i not in avoid]
         if candidates:
             if len(self.have) < RANDOM_FIRST:
                 self._rng.shuffle(candidates)
@@ -112,7 +113,7 @@ class Picker:
             return candidates[:count]
         if not self.in_endgame():
             return []
-        dup = [i for i in missing if i in peer_have and i not in asked_of_peer
+        dup = [i for i in missing if i in peer_have and i not in asked_of_peer and i not in avoid
                and self.in_flight.get(i, 0) < ENDGAME_MAX_DUPLICATES]
         self._rng.shuffle(dup)
         return dup[:count]

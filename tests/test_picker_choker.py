@@ -110,15 +110,16 @@ def test_seeding_rotation_serves_everyone_in_turn():
     peers = slots([f"p{i}" for i in range(6)], interested=True)
     served = set()
     now = 0.0
+    rng = random.Random(5)
     for s in ch.fill(peers, now):
-        s.unchoked, s.since = True, now
+        s.unchoked, s.since, s.order = True, now, now + rng.uniform(0, 1)
     for _ in range(10):
         now += 1.0
         unchoke, choke = ch.rechoke(peers, now, seeding=True)
-        for s in choke:
-            s.unchoked, s.since = False, now
+        for s in choke:  # as the engine does: wait order = since + jitter of up to one hold
+            s.unchoked, s.since, s.order = False, now, now + rng.uniform(0, 1)
         for s in unchoke:
-            s.unchoked, s.since = True, now
+            s.unchoked, s.since, s.order = True, now, now + rng.uniform(0, 1)
         served |= {p.peer_id for p in peers if p.unchoked}
         assert sum(p.unchoked for p in peers) == 2
     assert served == {p.peer_id for p in peers}

@@ -254,6 +254,7 @@ class SwarmHost:
         self._dht = KadDHT(self._host, DHTMode.SERVER)
         self._manifest_handler: Callable[[wire.ManifestRequest], Any] | None = None
         self._pieces_handler: Callable[[StreamLink, wire.Hello], Awaitable[None]] | None = None
+        self._lane_handler: Callable[[Any], Awaitable[None]] | None = None
         self._dial_locks: dict[ID, trio.Lock] = {}
         self._running = False
         self._ran = False
@@ -707,6 +708,35 @@ class SwarmHost:
             log.exception("pieces handler failed for a stream from %s", peer)
         finally:
             await _close(link, stream)
+
+    # ------------------------------------------------------------------ data lane setup
+
+    def set_lane_handler(self, fn: Callable[[Any], Awaitable[None]] | None) -> None:
+        """Serve LANE_PROTOCOL with ``await fn(stream)`` (``swarm.net.lane.LaneService.
+        accept_stream``, which owns and closes the raw stream). Errors are contained and logged.
+        None stops serving (peers then fall back to pieces streams)."""
+        self._lane_handler = fn
+        if fn is None:
+            self._host.remove_stream_handler(TProtocol(wire.LANE_PROTOCOL))
+        else:
+            self._host.set_stream_handler(TProtocol(wire.LANE_PROTOCOL), self._on_lane_stream)
+
+    async def _on_lane_stream(self, stream) -> None:
+        fn = self._lane_handler
+        try:
+            if fn is None:
+                await _close(None, stream)
+                return
+            await fn(stream)
+        except Exception:
+            log.exception("lane handler failed for a stream from %s", _stream_peer(stream))
+            await _close(None, stream)
+
+    async def open_lane_stream(self, peer: str | PeerAddr, *, timeout: float | None = None):
+        """A raw LANE_PROTOCOL stream to ``peer`` (connecting first if needed), for
+        ``LaneService.dial``. NetError if unreachable or the peer does not serve the lane."""
+        return await self._open_stream(peer, wire.LANE_PROTOCOL,
+                                       timeout if timeout is not None else self.connect_timeout)
 
     async def open_pieces_link(self, peer: str | PeerAddr, *,
                                timeout: float | None = None) -> StreamLink:

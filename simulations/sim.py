@@ -1,0 +1,638 @@
+"""One simulation run: a scenario, one seed, the real engine, virtual time.
+
+Every node runs an unmodified ``swarm.engine.Transfer`` over ``SimLink`` objects, inside
+``trio.run(..., clock=MockClock(autojump_threshold=0))``: time only moves when every task waits, and
+then jumps to the next deadline. Nothing here reads the wall clock, opens a socket or starts a thread.
+
+Everything that is not the engine is driven by one scheduler task over a heap of timed actions
+(arrivals, departures, DHT lookups, dials, scheduled events, samples), so churn and discovery cost no
+task per node. Per node there is the engine's own ``run()`` timer task, and per link end the
+``serve_link`` task (the engine's reader) plus the engine's writer task.
+
+Determinism: one root seed. Node ``x`` draws engine choices from ``Random(f"{seed}/{x}/{session}")``
+and its own discovery choices from ``Random(f"{seed}/{x}/sim")``; the network (jitter, loss) has
+``Random(f"{seed}/net")``; trio's scheduler is made deterministic (``_ALLOW_DETERMINISTIC_SCHEDULING``
+and its private ``_r`` seeded; private API of trio 0.35, see ``_deterministic_trio``). Nothing iterates
+a set of objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from simulations._engine import PieceHashMismatch, Transfer
+from simulations.network import Network, Port, SimLink, Timeline
+from simulations.scenario import Group, Scenario
+
+INF = math.inf
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Blob:
+    """A piece payload stand-in: only its length exists (the engine only calls ``len``)."""
+
+    __slots__ = ("bad", "n")
+
+    def __init__(self, n: int, bad: bool = False):
+        self.n = n
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SimStore:
+    """engine.PieceStore over lengths: verified pieces are a set of indices."""
+
+    __slots__ = ("_bad", "_blobs", "_have", "corrupt", "lengths", "rng")
+
+    def __init__(self, lengths: list[int], have: bool = False, corrupt: float = 0.0,
+                 rng: random.Random | None = None):
+        self.lengths = lengths
+        self._have: set[int] = set(range(len(lengths))) if have else set()
+        cache: dict[int, Blob] = {}
+        self._blobs = [cache.setdefault(n, Blob(n)) for n in lengths]
+        self._bad = [Blob(n, bad=True) for n in lengths] if corrupt else []
+        self.corrupt = corrupt  # probability that a piece we serve fails verification
+        self.rng = rng
+
+    @property
+    def have(self) -> frozenset[int]:
+        return frozenset(self._have)
+
+    def read_piece(self, index: int) -> Blob:
+        if self.corrupt and self.rng is not None and self.rng.random() < self.corrupt:
+            return self._bad[index]
+        return self._blobs[index]
+
+    def write_piece(self, index: int, data: Any) -> bool:
+        if len(data) != self.lengths[index] or getattr(data, "bad", False):
+            raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch (simulated)")
+        self._have.add(index)
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return len(self._have) == len(self.lengths)
+
+
+def _run_blocking_for(hash_rate: float) -> Callable[..., Any]:
+    """The engine's ``run_blocking``: calls directly (no thread); verifying a received piece costs
+    ``len / hash_rate`` seconds of virtual time if ``hash_rate`` is set."""
+    if not hash_rate:
+        async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+            return fn(*args)
+    else:
+        async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+            if getattr(fn, "__name__", "") == "write_piece":
+                await trio.sleep(len(args[1]) / hash_rate)
+            return fn(*args)
+    return run_blocking
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class Node:
+    def __init__(self, nid: str, group: Group, index: int, port: Port, store: SimStore, seed: int):
+        self.id = nid
+        self.group = group
+        self.index = index
+        self.port = port
+        self.store = store
+        self.rng = random.Random(f"{seed}/{nid}/sim")
+        self.session = 0
+        self.online = False
+        self.gone = False  # left for good without the model
+        self.scope: trio.CancelScope | None = None
+        self.nursery: trio.Nursery | None = None
+        self.pending: list[SimLink] = []
+        self.transfer: Transfer | None = None
+        self.links: dict[str, SimLink] = {}
+        self.dialing: dict[str, None] = {}
+        self.tried: dict[str, None] = {}
+        self.first_arrival: float | None = None
+        self.completed_at: float | None = None
+        self.configs_at: float | None = None
+        self.first_piece_at: float | None = None
+        self.last_piece_at = 0.0
+        self.announced_at: float | None = None  # start of this session's announcing
+        self.record_until = -INF  # provider record validity after leaving
+        self.departures = 0
+        self.lookups = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.run_blocking = _run_blocking_for(group.hash_rate)
+
+    @property
+    def fetches(self) -> bool:
+        return self.group.role == "fetch"
+
+
+@attrs.frozen
+class NodeResult:
+    id: str
+    group: str
+    role: str
+    first_arrival: float | None
+    completed_at: float | None
+    configs_at: float | None
+    departures: int
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def completion_time(self) -> float | None:
+        if self.completed_at is None or self.first_arrival is None:
+            return None
+        return self.completed_at - self.first_arrival
+
+
+@attrs.frozen
+class SimResult:
+    scenario: str
+    seed: int
+    end_time: float
+    stopped_by: str  # "done" (every fetching node finished or left for good) or "stop_at"
+    nodes: tuple[NodeResult, ...]
+    events: list[tuple]
+    samples: list[tuple]  # (t, completed, {group: uploaded bytes})
+    stats: dict[str, Any]
+
+    def completion_times(self, group: str | None = None) -> list[float]:
+        return sorted(n.completion_time for n in self.nodes
+                      if n.role == "fetch" and n.completion_time is not None
+                      and (group is None or n.group == group))
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+@contextlib.contextmanager
+def _deterministic_trio(seed: int) -> Iterator[None]:
+    """Make trio's run-queue order a function of ``seed``.
+
+    trio shuffles each batch of runnable tasks (``trio._core._run``, checked against trio 0.35).
+    With ``_ALLOW_DETERMINISTIC_SCHEDULING`` it sorts the batch by task creation counter and then
+    shuffles with its module-level ``_r``, which we seed. Both are private; if they disappear, runs
+    are still correct but no longer bit-for-bit repeatable.
+    """
+    from trio._core import _run as trio_run
+
+    has = hasattr(trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING") and hasattr(trio_run, "_r")
+    if not has:  # pragma: no cover - a trio that moved its internals
+        yield
+        return
+    old_flag = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
+    old_state = trio_run._r.getstate()
+    trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
+    trio_run._r.seed(seed)
+    try:
+        yield
+    finally:
+        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = old_flag  # type: ignore[misc]
+        trio_run._r.setstate(old_state)
+
+
+@contextlib.contextmanager
+def _quiet_gc() -> Iterator[None]:
+    """No cyclic GC passes during a run: with ~10^4 live tasks every full pass walks them all.
+    Garbage is collected once at the end."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+class Simulation:
+    """Runs ``scenario`` with root ``seed``; ``run()`` returns a :class:`SimResult`."""
+
+    def __init__(self, scenario: Scenario, seed: int = 0, *,
+                 progress: Callable[[float, int, int], None] | None = None,
+                 log_pieces: bool | None = None):
+        self.sc = scenario
+        self.seed = seed
+        self.progress = progress
+        self.log_pieces = scenario.log_pieces if log_pieces is None else log_pieces
+        self.manifest = scenario.manifest
+        lengths = [p.length for p in self.manifest.pieces]
+        self.clock = trio.testing.MockClock(autojump_threshold=0)
+        self.tl = Timeline(self.clock)
+        self.net = Network(self.tl, random.Random(f"{seed}/net"), jitter=scenario.network.jitter,
+                           loss=scenario.network.loss, mss=scenario.network.mss,
+                           min_rto=scenario.network.min_rto, window=scenario.network.window,
+                           grid=scenario.network.time_grid)
+        self.nodes: list[Node] = []
+        self.by_id: dict[str, Node] = {}
+        self.configs = {g.name: scenario.engine_config(g) for g in scenario.groups}
+        for g in scenario.groups:
+            for i in range(g.count):
+                nid = f"{g.name}-{i:04d}"
+                store = SimStore(lengths, have=g.role == "seed", corrupt=g.corrupt,
+                                 rng=random.Random(f"{seed}/{nid}/corrupt"))
+                node = Node(nid, g, i, Port(nid, g.upload, g.download, g.latency), store, seed)
+                self.nodes.append(node)
+                self.by_id[nid] = node
+        self.fetchers = sum(1 for n in self.nodes if n.fetches)
+        self.finished = 0
+        self.gone = 0
+        self.online = 0
+        self.providers: list[Node] = []  # every node that ever announced, in order
+        self._valid_cache: tuple[float, list[Node]] | None = None
+        self.mean_latency = (sum(n.port.latency for n in self.nodes) / len(self.nodes)
+                             if self.nodes else 0.0)
+        self.events: list[tuple] = []
+        self.samples: list[tuple] = []
+        self._nursery: trio.Nursery | None = None
+        self.stopped_by = "stop_at"
+        self.end_time = 0.0
+        self._stopping = False
+        self._next_progress = 0.1
+        self.dials = 0
+        self.dial_failures = 0
+        self.engine_errors = 0  # Transfer.internal_errors: bugs the engine caught and logged
+        self.engine_failures = 0  # transfers that failed on a store error
+        self.bans = 0  # peers banned (sessions x peers)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> SimResult:
+        with _deterministic_trio(self.seed), _quiet_gc():
+            trio.run(self._main, clock=self.clock)
+        return self._result()
+
+    async def _main(self) -> None:
+        sc = self.sc
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for g in sc.groups:
+                members = [n for n in self.nodes if n.group is g]
+                times = g.arrival.times_for(len(members), random.Random(f"{self.seed}/arrivals/{g.name}"))
+                for node, t in zip(members, times, strict=True):
+                    self.at(t, self._arrive, node)
+            for i, ev in enumerate(sc.events):
+                self.at(ev.at, self._event, i)
+            self.at(sc.stop_at, self._stop, "stop_at")
+            self.at(0.0, self._sample)
+            if self.fetchers == 0:
+                self.at(0.0, self._stop, "done")
+            nursery.start_soon(self.tl.run)
+
+    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        self.tl.at(t, fn, *args)
+
+    def _stop(self, why: str) -> None:
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            return
+        now = self.tl.now()
+        self.stopped_by = why
+        self.end_time = now
+        self._stopping = True
+        self._sample(reschedule=False)
+        self.log(now, "stop", "", "", why)
+        for node in self.nodes:
+            if node.online and node.transfer is not None:
+                self._retire(node, node.transfer)
+                node.transfer = None
+        self._nursery.cancel_scope.cancel()
+
+    def _retire(self, node: Node, tr: Transfer) -> None:
+        """Fold a finished session's counters into the node's."""
+        node.bytes_up += tr.bytes_up
+        node.bytes_down += tr.bytes_down
+        self.engine_errors += getattr(tr, "internal_errors", 0)
+        self.bans += len(tr.banned)
+        if getattr(tr, "error", None) is not None:
+            self.engine_failures += 1
+
+    def log(self, t: float, event: str, node: str, peer: str = "", value: Any = "") -> None:
+        self.events.append((t, event, node, peer, value))
+
+    # ------------------------------------------------------------------ sessions
+
+    def _arrive(self, node: Node) -> None:
+        if node.online or node.gone:
+            return
+        now = self.tl.now()
+        g = node.group
+        node.online = True
+        self.online += 1
+        node.session += 1
+        sess = node.session
+        if node.first_arrival is None:
+            node.first_arrival = now
+        self.log(now, "arrive", node.id, "", sess)
+        tr = Transfer(self.manifest, node.store, config=self.configs[g.name],
+                      rng=random.Random(f"{self.seed}/{node.id}/{sess}"),
+                      run_blocking=node.run_blocking, may_upload=g.serve,
+                      on_piece=lambda i, n, node=node: self._on_piece(node, i, n))
+        node.transfer = tr
+        node.scope = trio.CancelScope()
+        node.announced_at = None
+        assert self._nursery is not None
+        self._nursery.start_soon(self._session, node, tr)
+        if g.announce == "start" or (g.announce == "first_piece" and node.store._have) \
+                or (g.announce == "complete" and tr.done):
+            self._announce(node, now)
+        if node.fetches and tr.done and node.completed_at is None:
+            self._complete(node, now)
+        dur = g.session.sample(node.rng)
+        if dur < INF:
+            self.at(now + dur, self._depart, node, "session", sess)
+        if node.fetches and not tr.done:
+            node.tried = {}
+            self._lookup(node, now, first=True)
+
+    async def _session(self, node: Node, tr: Transfer) -> None:
+        assert node.scope is not None
+        with node.scope:
+            async with trio.open_nursery() as n:
+                node.nursery = n
+                n.start_soon(tr.run)
+                pending, node.pending = node.pending, []
+                for link in pending:
+                    n.start_soon(self._serve, node, tr, link)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    if node.nursery is n:  # a new session may already have started
+                        node.nursery = None
+
+    def _depart(self, node: Node, why: str, sess: int | None = None,
+                rejoin_after: float | None = None) -> None:
+        if not node.online or (sess is not None and sess != node.session):
+            return
+        now = self.tl.now()
+        node.online = False
+        self.online -= 1
+        node.departures += 1
+        tr = node.transfer
+        if tr is not None:
+            self._retire(node, tr)
+        node.transfer = None
+        if node.announced_at is not None:
+            r = self.sc.dht.republish
+            last = node.announced_at + (math.floor((now - node.announced_at) / r) * r if r > 0 else 0)
+            node.record_until = last + self.sc.dht.record_ttl
+            node.announced_at = None
+            self._valid_cache = None
+        for link in list(node.links.values()):
+            link.close()
+        for link in node.pending:
+            link.close()
+        node.pending = []
+        node.links.clear()
+        node.dialing.clear()
+        if node.scope is not None:
+            node.scope.cancel()
+        self.log(now, "depart", node.id, "", why)
+        if rejoin_after is None and why == "session" and node.group.rejoin is not None:
+            rejoin_after = node.group.rejoin.sample(node.rng)
+        if rejoin_after is not None and rejoin_after < INF:
+            self.at(now + rejoin_after, self._arrive, node)
+        elif node.fetches and node.completed_at is None:
+            node.gone = True
+            self.gone += 1
+            self._check_end(now)
+
+    def _on_piece(self, node: Node, index: int, length: int) -> None:
+        now = self.tl.now()
+        if self.log_pieces:
+            self.log(now, "piece", node.id, "", index)
+        node.last_piece_at = now
+        if node.first_piece_at is None:
+            node.first_piece_at = now
+        g = node.group
+        if g.announce == "first_piece" and node.announced_at is None:
+            self._announce(node, now)
+        tr = node.transfer
+        if tr is None:
+            return
+        if node.configs_at is None and tr.picker.priority_done:
+            node.configs_at = now
+            self.log(now, "configs_ready", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
+        if tr.picker.done and node.completed_at is None and node.fetches:
+            self._complete(node, now)
+
+    def _complete(self, node: Node, now: float) -> None:
+        node.completed_at = now
+        if node.configs_at is None:
+            node.configs_at = now
+        self.log(now, "complete", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
+        g = node.group
+        if g.announce == "complete" and node.announced_at is None:
+            self._announce(node, now)
+        if g.after_finish is not None:
+            self.at(now + g.after_finish.sample(node.rng), self._depart, node, "finished",
+                    node.session)
+        self.finished += 1
+        if self.progress is not None and self.finished >= self._next_progress * self.fetchers:
+            while self._next_progress * self.fetchers <= self.finished:
+                self._next_progress += 0.1
+            self.progress(now, self.finished, self.fetchers)
+        self._check_end(now)
+
+    def _check_end(self, now: float) -> None:
+        if self.finished + self.gone >= self.fetchers:
+            self.at(now, self._stop, "done")
+
+    # ------------------------------------------------------------------ discovery
+
+    def _announce(self, node: Node, now: float) -> None:
+        if not node.group.serve or node.announced_at is not None:
+            return
+        if node.record_until == -INF:
+            self.providers.append(node)
+        node.announced_at = now
+        self._valid_cache = None
+        self.log(now, "announce", node.id)
+
+    def _valid_providers(self, now: float) -> list[Node]:
+        """Nodes whose provider record a lookup can find now: online announcers, and departed ones
+        until their last record expires. Cached until the set can change."""
+        if self._valid_cache is None or now >= self._valid_cache[0]:
+            valid, until = [], INF
+            for p in self.providers:
+                if p.announced_at is not None:
+                    valid.append(p)
+                elif p.record_until > now:
+                    valid.append(p)
+                    until = min(until, p.record_until)
+            self._valid_cache = (until, valid)
+        return self._valid_cache[1]
+
+    # Discovery mirrors swarm/node.py's fetch: resolve (a DHT lookup, then the manifest from a
+    # provider), then a connect loop that dials every provider not yet tried while the transfer has
+    # fewer than ``peers`` links, and looks up again after 1 s (fewer than 2 links) or 5 s.
+
+    def _lookup_delay(self, node: Node) -> float:
+        """ceil(log2(online nodes) / bits_per_hop) hops of one round trip each."""
+        hops = max(1, math.ceil(math.log2(max(2, self.online)) / self.sc.dht.bits_per_hop))
+        return hops * 2 * (node.port.latency + self.mean_latency)
+
+    def _lookup(self, node: Node, now: float, first: bool = False) -> None:
+        node.lookups += 1
+        delay = self._lookup_delay(node)
+        if first:  # ask a provider for the manifest: a connection and one more round trip
+            delay += (self.sc.network.connect_rtts + 1) * 2 * (node.port.latency + self.mean_latency)
+        self.at(now + delay, self._lookup_done, node, node.session)
+
+    def _lookup_done(self, node: Node, sess: int) -> None:
+        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+            return
+        now = self.tl.now()
+        valid = [p for p in self._valid_providers(now) if p is not node]
+        k = self.sc.dht.max_providers
+        found = node.rng.sample(valid, k) if len(valid) > k else valid
+        self.log(now, "lookup", node.id, "", len(found))
+        tried = node.tried
+        if found and all(p.id in tried for p in found):
+            # "A peer we lost may be back (or was only busy): retry once the list has none new."
+            node.tried = tried = {pid: None for pid in tried if pid in node.links}
+        for p in found:
+            if len(node.links) >= node.group.peers:
+                break
+            if p.id in tried or p.id in node.links:
+                continue
+            tried[p.id] = None
+            self._dial(node, p, now)
+        dht = self.sc.dht
+        wait = dht.lookup_retry if len(node.links) < dht.min_links else dht.lookup_retry_linked
+        self.at(now + wait, self._relookup, node, sess)
+
+    def _relookup(self, node: Node, sess: int) -> None:
+        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+            return
+        self._lookup(node, self.tl.now())
+
+    def _dial(self, node: Node, peer: Node, now: float) -> None:
+        node.dialing[peer.id] = None
+        self.dials += 1
+        self.log(now, "dial", node.id, peer.id)
+        if not peer.online:
+            self.at(now + self.sc.network.dial_timeout, self._dial_done, node, peer, node.session)
+            return
+        rtt = 2 * Network.delay(node.port, peer.port)
+        self.at(now + self.sc.network.connect_rtts * rtt, self._dial_done, node, peer, node.session)
+
+    def _dial_done(self, node: Node, peer: Node, sess: int) -> None:
+        if not node.online or sess != node.session:
+            return
+        node.dialing.pop(peer.id, None)
+        now = self.tl.now()
+        if not peer.online:
+            self.dial_failures += 1
+            self.log(now, "dial_failed", node.id, peer.id)
+            return
+        if peer.id in node.links or node.id in peer.links:
+            return
+        a, b = self.net.connect(node.port, node.id, peer.port, peer.id)
+        self.log(now, "connect", node.id, peer.id)
+        self._attach(node, a)
+        self._attach(peer, b)
+
+    def _attach(self, node: Node, link: SimLink) -> None:
+        node.links[link.peer_id] = link
+        if node.nursery is None or node.transfer is None:
+            node.pending.append(link)
+        else:
+            node.nursery.start_soon(self._serve, node, node.transfer, link)
+
+    async def _serve(self, node: Node, tr: Transfer, link: SimLink) -> None:
+        try:
+            await tr.serve_link(link)
+        finally:
+            link.close()
+            if node.links.get(link.peer_id) is link:
+                del node.links[link.peer_id]
+                if node.online and not self._stopping:
+                    self.log(self.tl.now(), "disconnect", node.id, link.peer_id)
+
+    # ------------------------------------------------------------------ events, samples
+
+    def _event(self, i: int) -> None:
+        ev = self.sc.events[i]
+        now = self.tl.now()
+        rng = random.Random(f"{self.seed}/events/{i}")
+        members = [n for n in self.nodes if n.group.name == ev.group]
+        if ev.action == "leave":
+            pool = [n for n in members if n.online]
+        else:
+            pool = [n for n in members if not n.online and not n.gone and n.first_arrival is not None]
+        if ev.count is not None:
+            k = min(ev.count, len(pool))
+        elif ev.fraction is not None:
+            k = round(ev.fraction * len(pool))
+        else:
+            k = len(pool)
+        chosen = rng.sample(pool, k) if k < len(pool) else pool
+        self.log(now, f"event_{ev.action}", ev.group, "", k)
+        for n in chosen:
+            if ev.action == "leave":
+                after = ev.rejoin_after.sample(rng) if ev.rejoin_after is not None else INF
+                self._depart(n, "event", rejoin_after=after)
+            else:
+                self._arrive(n)
+
+    def _sample(self, reschedule: bool = True) -> None:
+        now = self.tl.now()
+        up: dict[str, float] = {g.name: 0.0 for g in self.sc.groups}
+        for n in self.nodes:
+            up[n.group.name] += self.net.sent(n.port, now)
+        self.samples.append((now, self.finished, up))
+        if reschedule:
+            self.at(now + self.sc.sample_interval, self._sample)
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self) -> SimResult:
+        nodes = tuple(NodeResult(n.id, n.group.name, n.group.role, n.first_arrival, n.completed_at,
+                                 n.configs_at, n.departures, n.bytes_up, n.bytes_down)
+                      for n in self.nodes)
+        net = self.net
+        stats = {
+            "messages": net.messages,
+            "messages_by_type": {t.__name__: n for t, n in sorted(net.msg_counts.items(),
+                                                                 key=lambda kv: -kv[1])},
+            "flows": net.flows_done,
+            "flows_aborted": net.flows_aborted,
+            "peak_flows": net.peak_flows,
+            "level_steps": net.level_steps,
+            "level_overruns": net.level_overruns,
+            "dials": self.dials,
+            "dial_failures": self.dial_failures,
+            "lookups": sum(n.lookups for n in self.nodes),
+            "engine_internal_errors": self.engine_errors,
+            "engine_failures": self.engine_failures,
+            "bans": self.bans,
+            "fetchers": self.fetchers,
+            "finished": self.finished,
+            "gone": self.gone,
+            "bytes_up": sum(n.bytes_up for n in self.nodes),
+            "bytes_down": sum(n.bytes_down for n in self.nodes),
+        }
+        return SimResult(self.sc.name, self.seed, self.end_time, self.stopped_by, nodes,
+                         self.events, self.samples, stats)
+
+
+def simulate(scenario: Scenario, seed: int = 0, **kw: Any) -> SimResult:
+    return Simulation(scenario, seed, **kw).run()

@@ -1,0 +1,357 @@
+"""``swarm-node``: run a node, fetch through it, ask its status, or run the local demo swarm.
+
+    swarm-node run [--home DIR] [--listen MA]... [--bootstrap MA/p2p/ID]... [--serve ORG/NAME=DIR]...
+                   [--cache-dir DIR] [--no-serve-hf-cache] [--config FILE]
+    swarm-node fetch ORG/NAME [--revision R] [--configs-only] [--include GLOB]... [--exclude GLOB]...
+                   [--cache-dir DIR] [--local-dir DIR] [--timeout S] [--json] [--home DIR]
+    swarm-node status [--json] [--home DIR]
+    swarm-node demo [--size-mb 300] [--frontends 3] [--timeout 300]
+
+Every failure prints one line ``error: ...`` on stderr and exits non-zero (1; 2 for bad usage or
+configuration; 130 when interrupted). ``fetch`` and ``status`` never import libp2p when a node runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import swarm
+
+__all__ = ["build_parser", "format_status", "main"]
+
+log = logging.getLogger("swarm.cli")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (multi-line messages, e.g. a fetch's attempts, joined by '; ')."""
+    exc = _leaf(exc)
+    text = str(exc).strip() or type(exc).__name__
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    return "; ".join(parts)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _watch_signals(receiver: Any, scope: Any) -> None:
+    import signal
+
+    async for signum in receiver:
+        if scope.cancel_called:
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(EXIT_INTERRUPTED)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        scope.cancel()
+
+
+async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
+    import signal
+
+    import trio
+
+    from swarm.control import ControlServer
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        async with trio.open_nursery() as outer:
+            work = trio.CancelScope()
+            outer.start_soon(_watch_signals, receiver, work)
+            with work:
+                async with trio.open_nursery() as nursery:
+                    server = ControlServer(settings.home, modelexpress_url=modelexpress_url)
+                    await nursery.start(server.run)  # up first: fetches wait while we start
+                    from swarm.net import quiet_libp2p_logs
+                    from swarm.node import Node
+
+                    quiet_libp2p_logs()
+                    node = Node(settings.node_config())
+                    async with node.running():
+                        st = node.status()
+                        if not st["addrs"]:
+                            raise RuntimeError("not listening on any address (check --listen: "
+                                               f"{', '.join(settings.listen)})")
+                        server.attach(node)
+                        log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
+                                 "control socket %s", node.peer_id, ", ".join(st["addrs"]),
+                                 len(st["models"]), server.path)
+                        await trio.sleep_forever()
+            outer.cancel_scope.cancel()
+    log.info("swarm-node stopped")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swarm.config import ConfigError, resolve_run
+
+    try:
+        settings = resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
+                               serve=args.serve, cache_dir=args.cache_dir,
+                               no_serve_hf_cache=args.no_serve_hf_cache, config=args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    import trio
+
+    from swarm.control import HomeBusy, HomeLock
+
+    try:
+        lock = HomeLock(settings.home).acquire()
+    except HomeBusy as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot use home {settings.home}: {e}")
+    try:
+        trio.run(_run_node, settings, os.environ.get("MODEL_EXPRESS_URL") or None)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # one line for anything that stops the node
+        leaf = _leaf(e)
+        if isinstance(leaf, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        log.debug("node failed", exc_info=True)
+        return _fail(_one_line(leaf))
+    finally:
+        lock.release()
+    return 0
+
+
+# --- fetch -------------------------------------------------------------------------------------
+
+
+def _result_json(result: Any) -> dict:
+    return {"path": str(result.path), "source": result.source, "revision": result.revision,
+            "attempts": [{"source": a.source, "outcome": a.outcome, "reason": a.reason}
+                         for a in result.attempts]}
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from swarm import client
+    from swarm.config import ConfigError, resolve_home
+
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        result = client.fetch_result(
+            args.repo_id, args.revision, allow_patterns=args.include or None,
+            ignore_patterns=args.exclude or None, configs_only=args.configs_only,
+            cache_dir=args.cache_dir, local_dir=args.local_dir, timeout=args.timeout, home=home)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as e:
+        from swarm.sources import FetchError
+
+        leaf = _leaf(e)
+        if args.json:
+            print(json.dumps({"error": type(leaf).__name__, "message": str(leaf),
+                              "attempts": [{"source": a.source, "outcome": a.outcome,
+                                            "reason": a.reason}
+                                           for a in getattr(leaf, "attempts", ())]}), flush=True)
+        code = EXIT_USAGE if isinstance(leaf, ValueError) and not isinstance(leaf, FetchError) \
+            else EXIT_FAILURE
+        return _fail(_one_line(leaf), code)
+    if args.json:
+        print(json.dumps(_result_json(result)), flush=True)
+    else:
+        print(result.path, flush=True)
+    return 0
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(st: dict) -> str:
+    lines = [f"peer id:    {st.get('peer_id')}",
+             f"home:       {st.get('home')}",
+             f"cache dir:  {st.get('cache_dir')}"]
+    addrs = st.get("addrs") or []
+    lines.append("listening:  " + (addrs[0] if addrs else "-"))
+    lines += [f"            {a}" for a in addrs[1:]]
+    peers = st.get("peers") or []
+    lines.append(f"peers:      {len(peers)} connected")
+    lines += [f"            {p}" for p in peers]
+    lines.append(f"bytes:      {_size(st.get('bytes_up'))} up, {_size(st.get('bytes_down'))} down")
+    models = st.get("models") or []
+    lines.append(f"models:     {len(models)}")
+    for m in models:
+        state = "complete" if m.get("complete") else \
+            f"{_size(m.get('have_bytes'))} of {_size(m.get('bytes'))}"
+        lines.append(f"  {m.get('model')}@{str(m.get('revision'))[:12]}  {state}  "
+                     f"up {_size(m.get('bytes_up'))}  down {_size(m.get('bytes_down'))}  "
+                     f"{len(m.get('peers') or [])} peer(s)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from swarm import client
+    from swarm.config import ConfigError, resolve_home
+
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        st = client.status(home)
+    except client.NodeUnavailable as e:
+        return _fail(str(e))
+    print(json.dumps(st, indent=2) if args.json else format_status(st), flush=True)
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from swarm import demo
+
+    try:
+        return demo.run(size_mb=args.size_mb, frontends=args.frontends, timeout=args.timeout,
+                        keep=args.keep)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except demo.DemoError as e:
+        return _fail(str(e))
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return v
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
+    return v
+
+
+def _add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", metavar="DIR",
+                   help="node state directory: identity, piece state, control socket "
+                        "(env SWARM_HOME; default: the user cache dir)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-node", description="Peer-to-peer delivery of ML model files.")
+    parser.add_argument("--version", action="version", version=f"swarm {swarm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the long-lived node",
+                         description="Run the node until SIGINT/SIGTERM. Every option can also be "
+                                     "set as a SWARM_* variable or in the --config TOML file.")
+    _add_home(run)
+    run.add_argument("--listen", action="append", metavar="MULTIADDR",
+                     help="address to listen on, repeatable (env SWARM_LISTEN, comma-separated; "
+                          "default /ip4/0.0.0.0/tcp/0)")
+    run.add_argument("--bootstrap", action="append", metavar="MULTIADDR/p2p/ID",
+                     help="peer to join through, repeatable (env SWARM_BOOTSTRAP)")
+    run.add_argument("--serve", action="append", metavar="ORG/NAME=DIR",
+                     help="serve a private model directory, repeatable (env SWARM_SERVE)")
+    run.add_argument("--cache-dir", metavar="DIR",
+                     help="where fetched models go, HF cache layout (env SWARM_CACHE_DIR; "
+                          "default HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
+    run.add_argument("--no-serve-hf-cache", action="store_true", default=None,
+                     help="do not serve the complete snapshots of the local HF cache "
+                          "(env SWARM_NO_SERVE_HF_CACHE=1)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_run)
+
+    fetch = sub.add_parser("fetch", help="fetch a model; prints its local path",
+                           description="Fetch through the running node (or an embedded one) and "
+                                       "print the snapshot path last.")
+    fetch.add_argument("repo_id", metavar="ORG/NAME")
+    fetch.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
+    fetch.add_argument("--configs-only", action="store_true",
+                       help="only config and tokenizer files")
+    fetch.add_argument("--include", action="append", metavar="GLOB",
+                       help="only files matching GLOB (repeatable; huggingface_hub allow_patterns)")
+    fetch.add_argument("--exclude", action="append", metavar="GLOB",
+                       help="skip files matching GLOB (repeatable; ignore_patterns)")
+    fetch.add_argument("--cache-dir", metavar="DIR", help="hub cache to return the snapshot in")
+    fetch.add_argument("--local-dir", metavar="DIR", help="also copy the files into DIR")
+    fetch.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this")
+    fetch.add_argument("--json", action="store_true",
+                       help="print {path, source, revision, attempts} as JSON")
+    _add_home(fetch)
+    fetch.set_defaults(func=cmd_fetch)
+
+    status = sub.add_parser("status", help="the running node's peer id, addresses, peers, models")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_home(status)
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="a local swarm on 127.0.0.1: one worker, N frontends",
+                          description="Start one worker serving a generated model and N frontends "
+                                      "that fetch it concurrently; print times and bytes.")
+    demo.add_argument("--size-mb", type=_positive_int, default=300, help="weights size (MB)")
+    demo.add_argument("--frontends", type=_positive_int, default=3, help="number of frontends")
+    demo.add_argument("--timeout", type=_positive, default=300.0,
+                      help="give up after this many seconds")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,667 @@
+"""``swarm.fetch``: a model snapshot as a local path, shaped like ``huggingface_hub.snapshot_download``.
+
+The path of one call:
+
+1. the local HF cache already holds a complete snapshot for the request -> return it (no network,
+   no node);
+2. a node answers on ``<home>/control.sock`` (home: ``home=`` > ``SWARM_HOME`` > the default) ->
+   ask it over the control API (see :mod:`swarm.control`); it runs the whole fallback chain (its
+   cache, ModelExpress, the swarm, the Hub), seeds what it got, and joins identical concurrent
+   requests into one download;
+3. otherwise -> run an embedded node for the duration of the call (this imports libp2p, ~1 s).
+
+Steps 1 and 2 never import libp2p (nor the node). Errors are the typed ones of
+:mod:`swarm.sources` (``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout``, ``FetchError``),
+carrying ``attempts``: which sources were tried and why each failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from swarm.config import resolve_home, socket_path
+
+__all__ = [
+    "NodeUnavailable",
+    "ProgressPrinter",
+    "afetch",
+    "afetch_result",
+    "fetch",
+    "fetch_result",
+    "models",
+    "node_running",
+    "peers",
+    "status",
+    "unix_socket_path",
+]
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to connect to the local control socket (it is local: a live node answers at once)."""
+QUERY_TIMEOUT = 30.0
+"""Seconds for a status / peers / models answer."""
+READ_MARGIN = 30.0
+"""Extra seconds the client waits past a fetch ``timeout`` for the node's own timeout answer."""
+_SOCKET_PATH_MAX = 100
+"""sun_path holds 108 bytes on Linux; longer socket paths are reached through /proc/self/fd."""
+
+
+class NodeUnavailable(ConnectionError):
+    """No swarm-node answers on the control socket of this home."""
+
+
+# --- the socket --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unix_socket_path(path: os.PathLike | str) -> Iterator[str]:
+    """A path to ``bind``/``connect`` to for the socket at ``path``: itself, or, when it is too long
+    for ``sun_path``, ``/proc/self/fd/<dir fd>/<name>`` (valid while the context is open)."""
+    s = os.fspath(path)
+    if len(s.encode()) < _SOCKET_PATH_MAX:
+        yield s
+        return
+    fd = os.open(os.path.dirname(s) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(s)}"
+    finally:
+        os.close(fd)
+
+
+def _home(home: os.PathLike | str | None) -> Path:
+    return resolve_home(home)
+
+
+def _timeout(read: float | None):
+    import httpx
+
+    return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=30.0, pool=CONNECT_TIMEOUT)
+
+
+def _unavailable(home: Path, exc: BaseException) -> NodeUnavailable:
+    return NodeUnavailable(f"no swarm-node answers on {socket_path(home)} ({exc})")
+
+
+def _connect(home: Path, read_timeout: float | None) -> Any:
+    """An ``http.client`` connection to the node's socket (the sync client uses the standard
+    library: it imports in ~20 ms where httpx takes ~100 ms). NodeUnavailable if none answers."""
+    import http.client
+    import socket
+
+    sock_path = socket_path(home)
+    if not sock_path.exists():
+        raise NodeUnavailable(f"no swarm-node is running with home {home} (no {sock_path})")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(CONNECT_TIMEOUT)
+    try:
+        with unix_socket_path(sock_path) as p:
+            s.connect(p)
+    except OSError as e:
+        s.close()
+        raise _unavailable(home, e) from None
+    s.settimeout(read_timeout)
+    conn = http.client.HTTPConnection("swarm-node")
+    conn.sock = s
+    return conn
+
+
+def _get(route: str, home: os.PathLike | str | None) -> dict:
+    import http.client
+
+    h = _home(home)
+    conn = _connect(h, QUERY_TIMEOUT)
+    try:
+        conn.request("GET", route)
+        r = conn.getresponse()
+        raw = r.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer {route}: {e}") from None
+    finally:
+        conn.close()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    if r.status != 200:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: "
+                              f"{body.get('error', '') if isinstance(body, dict) else body}")
+    return body
+
+
+def status(home: os.PathLike | str | None = None) -> dict:
+    """The running node's status (``GET /v1/status``); NodeUnavailable if none answers."""
+    return _get("/v1/status", home)
+
+
+def peers(home: os.PathLike | str | None = None) -> list:
+    return _get("/v1/peers", home)["peers"]
+
+
+def models(home: os.PathLike | str | None = None) -> list:
+    return _get("/v1/models", home)["models"]
+
+
+def node_running(home: os.PathLike | str | None = None) -> bool:
+    try:
+        status(home)
+    except NodeUnavailable:
+        return False
+    return True
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def progress_wanted() -> bool:
+    """Progress bars on a terminal unless HF_HUB_DISABLE_PROGRESS_BARS is set (as huggingface_hub)."""
+    if (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") or "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class ProgressPrinter:
+    """Turns fetch events into a tqdm bar on stderr (bytes of the requested files)."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress" and isinstance(event.get("total"), int):
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=event["total"], desc=self.desc, unit="B", unit_scale=True,
+                                unit_divisor=1024, file=sys.stderr, leave=True)
+            have = event.get("have")
+            if isinstance(have, int):
+                self.bar.update(max(0, have - self.bar.n))
+        elif kind in ("done", "fetched") and self.bar is not None:
+            self.bar.update(max(0, self.bar.total - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _observer(on_event: Callable[[dict], None] | None, progress: bool | None, desc: str
+              ) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    printer = ProgressPrinter(desc) if (progress if progress is not None else progress_wanted()) else None
+
+    def emit(event: dict) -> None:
+        if printer is not None:
+            try:
+                printer(event)
+            except Exception:
+                pass
+        if on_event is not None:
+            on_event(event)
+
+    return emit, (printer.close if printer is not None else (lambda: None))
+
+
+# --- selection and copies ----------------------------------------------------------------------
+
+
+def _norm_patterns(p: str | Iterable[str] | None) -> list[str] | None:
+    if p is None:
+        return None
+    items = [p] if isinstance(p, str) else list(p)
+    return [x + "*" if x.endswith("/") else x for x in items]
+
+
+def _selected_files(snapshot: Path, req: Any) -> list[str]:
+    """Files of ``snapshot`` (relative POSIX paths) that the request asks for."""
+    from swarm.manifest import classify
+
+    allow = _norm_patterns(req.allow_patterns)
+    ignore = _norm_patterns(req.ignore_patterns)
+    out = []
+    for dirpath, dirs, files in os.walk(snapshot):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, snapshot).replace(os.sep, "/")
+            if allow is not None and not any(fnmatch.fnmatchcase(rel, p) for p in allow):
+                continue
+            if ignore is not None and any(fnmatch.fnmatchcase(rel, p) for p in ignore):
+                continue
+            if req.configs_only:
+                try:
+                    size = os.path.getsize(full)
+                except OSError:
+                    continue
+                if classify(rel, size) != "config":
+                    continue
+            out.append(rel)
+    return out
+
+
+LINK_MIN_BYTES = 64 << 20
+"""Files this large are hard-linked into ``local_dir`` when possible (weights: a copy costs time and
+disk); smaller ones (configs, which people edit in place) are copied, so an edit never reaches the
+verified blob the node serves to its peers."""
+
+
+def _place(src: Path, dest: Path, *, link: bool = True) -> None:
+    """Make ``dest`` a copy of the file ``src`` (a hard link when ``link`` and possible), atomically."""
+    src = src.resolve()
+    with contextlib.suppress(OSError):
+        if not dest.is_symlink() and dest.exists():
+            if os.path.samefile(src, dest):
+                return
+            a, b = src.stat(), dest.stat()
+            if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+                return  # our earlier copy (copy2 keeps the mtime) of an immutable blob
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.swarm-{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        try:
+            if not link:
+                raise OSError("copy")
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _to_local_dir(snapshot: Path, local_dir: Path, req: Any) -> Path:
+    local_dir = Path(local_dir).expanduser().absolute()
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for rel in _selected_files(snapshot, req):
+        src = snapshot / rel
+        _place(src, local_dir / rel, link=src.stat().st_size >= LINK_MIN_BYTES)
+    return local_dir
+
+
+def _blob_name(src: Path) -> str:
+    """The blob name of a file in the node's cache (its name under ``blobs/``), else its blake3."""
+    if src.parent.name == "blobs":
+        return src.name
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(src, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_cache(snapshot: Path, cache_dir: Path, req: Any, revision: str) -> Path:
+    """Lay the requested files of ``snapshot`` out in the hub cache ``cache_dir`` (blobs linked or
+    copied, snapshot symlinks, ``refs/<branch>``); the new snapshot directory."""
+    repo = Path(cache_dir).expanduser().absolute() / ("models--" + req.repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / revision
+    for rel in _selected_files(snapshot, req):
+        src = (snapshot / rel).resolve()
+        blob = repo / "blobs" / _blob_name(src)
+        _place(src, blob)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(blob, link.parent)
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == target:
+                continue
+        tmp = link.parent / f".{link.name}.swarm-{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    ref = req.revision or "main"
+    if ref != revision:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        tmp = repo / "refs" / f".{os.getpid()}.tmp"
+        tmp.write_text(revision)
+        dest = repo / "refs" / ref
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    return snap
+
+
+def _deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLike | str | None) -> Any:
+    """Apply ``cache_dir`` / ``local_dir`` to a result whose snapshot may live in the node's cache."""
+    import attrs
+
+    path = Path(result.path)
+    if cache_dir_given:
+        want = Path(req.cache_dir).expanduser().absolute()
+        try:
+            inside = path.resolve().is_relative_to(want.resolve())
+        except OSError:
+            inside = False
+        if not inside:
+            path = _to_cache(path, want, req, result.revision)
+    if local_dir is not None:
+        path = _to_local_dir(path, Path(local_dir), req)
+    return attrs.evolve(result, path=path)
+
+
+# --- fetch -------------------------------------------------------------------------------------
+
+
+def _request(repo_id: str, revision: str | None, allow_patterns: Any, ignore_patterns: Any,
+             configs_only: bool, cache_dir: os.PathLike | str | None, timeout: float | None) -> Any:
+    from swarm.sources import FetchRequest
+
+    kw: dict[str, Any] = {}
+    if cache_dir is not None:
+        kw["cache_dir"] = Path(cache_dir).expanduser()
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return FetchRequest(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns,
+                        ignore_patterns=ignore_patterns, configs_only=bool(configs_only),
+                        timeout=timeout, **kw)
+
+
+def _fast_path(req: Any) -> Any | None:
+    """A complete local snapshot, as a FetchResult, or None."""
+    from swarm.sources import Attempt, FetchResult, local_snapshot
+
+    try:
+        path = local_snapshot(req)
+    except Exception:
+        return None
+    if path is None:
+        return None
+    return FetchResult(path, "local-cache", path.name,
+                       (Attempt("local-cache", "ok", f"snapshot at {path}"),))
+
+
+def _body(req: Any) -> dict:
+    return {"repo_id": req.repo_id, "revision": req.revision,
+            "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
+            "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
+            "configs_only": req.configs_only, "timeout": req.timeout}
+
+
+def _raise_error(event: dict) -> None:
+    from swarm import sources
+
+    attempts = tuple(sources.Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")),
+                                     str(a.get("reason", ""))) for a in event.get("attempts") or ()
+                     if isinstance(a, dict))
+    cls = {"ModelNotFound": sources.ModelNotFound,
+           "VerificationFailed": sources.VerificationFailed,
+           "FetchTimeout": sources.FetchTimeout}.get(event.get("type"), sources.FetchError)
+    raise cls(str(event.get("message") or "fetch failed"), attempts)
+
+
+def _result(event: dict) -> Any:
+    from swarm.sources import Attempt, FetchResult
+
+    attempts = tuple(Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")),
+                             str(a.get("reason", ""))) for a in event.get("attempts") or ()
+                     if isinstance(a, dict))
+    return FetchResult(Path(event["path"]), str(event.get("source") or "?"),
+                       str(event.get("revision") or Path(event["path"]).name), attempts)
+
+
+def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
+    """One NDJSON line: the FetchResult if final, raises if it is an error, else None."""
+    from swarm.sources import FetchError
+
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise FetchError(f"the node sent a bad event line: {line[:200]!r}") from None
+    if not isinstance(event, dict):
+        return None
+    kind = event.get("event")
+    if kind == "result":
+        return _result(event)
+    if kind == "error":
+        _raise_error(event)
+    with contextlib.suppress(Exception):
+        emit(event)
+    return None
+
+
+def _bad_status(r: Any, sock: Path) -> Exception:
+    from swarm.sources import FetchError
+
+    try:
+        msg = r.json().get("error", "")
+    except Exception:
+        msg = r.text.strip()[:200]
+    return FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status_code}: {msg}")
+
+
+def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
+    """Fetch through the running node; NodeUnavailable when none answers."""
+    import http.client
+
+    from swarm.sources import FetchError, FetchTimeout
+
+    sock = socket_path(home)
+    read = None if req.timeout is None else req.timeout + READ_MARGIN
+    conn = _connect(home, read)
+    try:
+        body = json.dumps(_body(req)).encode()
+        conn.request("POST", "/v1/fetch", body=body,
+                     headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raw = r.read()
+            try:
+                msg = json.loads(raw).get("error", "")
+            except (ValueError, AttributeError):
+                msg = raw.decode("utf-8", "replace").strip()[:200]
+            raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
+        while line := r.readline():
+            result = _handle_line(line.decode("utf-8", "replace"), emit)
+            if result is not None:
+                return result
+    except TimeoutError:
+        raise FetchTimeout(f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer "
+                           f"within {req.timeout:g} s") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
+    finally:
+        conn.close()
+    raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
+
+
+async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
+    import httpx
+
+    from swarm.sources import FetchError
+
+    sock = socket_path(home)
+    if not sock.exists():
+        raise NodeUnavailable(f"no {sock}")
+    read = None if req.timeout is None else req.timeout + READ_MARGIN
+    sent = False
+    try:
+        with unix_socket_path(sock) as p:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=p),
+                                         base_url="http://swarm-node", timeout=_timeout(read)) as c, \
+                    c.stream("POST", "/v1/fetch", json=_body(req)) as r:
+                sent = True
+                if r.status_code != 200:
+                    await r.aread()
+                    raise _bad_status(r, sock)
+                async for line in r.aiter_lines():
+                    result = _handle_line(line, emit)
+                    if result is not None:
+                        return result
+    except httpx.ConnectError as e:
+        if not sent:
+            raise _unavailable(home, e) from None
+        raise FetchError(f"lost the swarm-node on {sock}: {e}") from None
+    except httpx.TimeoutException:
+        from swarm.sources import FetchTimeout
+
+        raise FetchTimeout(f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer "
+                           f"within {req.timeout:g} s") from None
+    except httpx.HTTPError as e:
+        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e}") from None
+    raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
+
+
+async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
+    """Run a node for the duration of this fetch (imports libp2p)."""
+    import trio
+
+    from swarm.config import DEFAULT_LISTEN, resolve_run
+    from swarm.control import HomeBusy, HomeLock
+    from swarm.node import Node
+    from swarm.sources import FetchTimeout
+
+    settings = resolve_run(home=home, serve=None, no_serve_hf_cache=True)
+    # A node that lives for one fetch dials out; it listens on loopback only unless told otherwise.
+    listen = settings.listen if settings.listen != DEFAULT_LISTEN else ("/ip4/127.0.0.1/tcp/0",)
+    with contextlib.ExitStack() as stack:
+        node_home = home
+        try:
+            stack.enter_context(HomeLock(home))
+        except (HomeBusy, OSError):
+            node_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-embedded-")))
+        cfg = settings.node_config(home=node_home, cache_dir=Path(req.cache_dir), serve=(),
+                                   serve_hf_cache=False, listen=listen)
+        node = Node(cfg)
+        deadline = float("inf") if req.timeout is None else trio.current_time() + req.timeout
+        with trio.move_on_at(deadline) as scope:
+            async with node.running():
+                return await node.fetch_with_fallback(req, on_event=emit)
+        if scope.cancelled_caught:
+            raise FetchTimeout(f"cannot fetch {req.repo_id}@{req.ref}: timed out after "
+                               f"{req.timeout:g} s while starting an embedded node")
+    raise AssertionError("unreachable")
+
+
+def fetch_result(repo_id: str, revision: str | None = None, *,
+                 allow_patterns: str | Iterable[str] | None = None,
+                 ignore_patterns: str | Iterable[str] | None = None,
+                 configs_only: bool = False,
+                 cache_dir: os.PathLike | str | None = None,
+                 local_dir: os.PathLike | str | None = None,
+                 timeout: float | None = None,
+                 home: os.PathLike | str | None = None,
+                 on_event: Callable[[dict], None] | None = None,
+                 progress: bool | None = None) -> Any:
+    """Like :func:`fetch`, returning the whole ``swarm.sources.FetchResult`` (path, source,
+    revision, attempts)."""
+    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir,
+                   timeout)
+    local = _fast_path(req)
+    if local is not None:
+        return _deliver(local, req, False, local_dir)
+    h = _home(home)
+    emit, close = _observer(on_event, progress, repo_id)
+    try:
+        try:
+            result = _via_node_sync(req, h, emit)
+        except NodeUnavailable:
+            import trio
+
+            try:
+                trio.lowlevel.current_task()
+            except RuntimeError:
+                pass
+            else:
+                raise RuntimeError("swarm.fetch() called from trio code with no node running: "
+                                   "use `await swarm.afetch(...)`") from None
+            result = trio.run(_embedded, req, h, emit)
+    finally:
+        close()
+    return _deliver(result, req, cache_dir is not None, local_dir)
+
+
+async def afetch_result(repo_id: str, revision: str | None = None, *,
+                        allow_patterns: str | Iterable[str] | None = None,
+                        ignore_patterns: str | Iterable[str] | None = None,
+                        configs_only: bool = False,
+                        cache_dir: os.PathLike | str | None = None,
+                        local_dir: os.PathLike | str | None = None,
+                        timeout: float | None = None,
+                        home: os.PathLike | str | None = None,
+                        on_event: Callable[[dict], None] | None = None,
+                        progress: bool | None = None) -> Any:
+    """The trio variant of :func:`fetch_result`."""
+    import trio
+
+    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir,
+                   timeout)
+    local = await trio.to_thread.run_sync(_fast_path, req)
+    if local is not None:
+        return await trio.to_thread.run_sync(_deliver, local, req, False, local_dir)
+    h = _home(home)
+    emit, close = _observer(on_event, progress, repo_id)
+    try:
+        try:
+            result = await _via_node_async(req, h, emit)
+        except NodeUnavailable:
+            result = await _embedded(req, h, emit)
+    finally:
+        close()
+    return await trio.to_thread.run_sync(_deliver, result, req, cache_dir is not None, local_dir)
+
+
+def fetch(repo_id: str, revision: str | None = None, *,
+          allow_patterns: str | Iterable[str] | None = None,
+          ignore_patterns: str | Iterable[str] | None = None,
+          configs_only: bool = False,
+          cache_dir: os.PathLike | str | None = None,
+          local_dir: os.PathLike | str | None = None,
+          timeout: float | None = None,
+          home: os.PathLike | str | None = None,
+          on_event: Callable[[dict], None] | None = None,
+          progress: bool | None = None) -> Path:
+    """Fetch a model snapshot and return its local path (``huggingface_hub.snapshot_download``'s
+    shape: the snapshot directory in the HF cache layout, or ``local_dir`` when given).
+
+    ``revision``: a branch, tag or commit (default ``main``). ``allow_patterns`` /
+    ``ignore_patterns``: huggingface_hub globs. ``configs_only``: config and tokenizer files only.
+    ``cache_dir``: the hub cache to return a snapshot in (default: the node's, or HF_HUB_CACHE /
+    HF_HOME). ``local_dir``: also copy (hard-link when possible) the files there and return it.
+    ``timeout``: seconds for the whole call (FetchTimeout). ``home``: the node's home (default
+    ``SWARM_HOME``, else the platform cache dir). ``on_event``: called with each progress event
+    (dicts). ``progress``: tqdm bars on stderr (default: when stderr is a terminal).
+
+    Raises ``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout`` or ``FetchError`` (from
+    ``swarm.sources``), whose ``attempts`` say which sources were tried and why each failed.
+    """
+    return fetch_result(repo_id, revision, allow_patterns=allow_patterns,
+                        ignore_patterns=ignore_patterns, configs_only=configs_only,
+                        cache_dir=cache_dir, local_dir=local_dir, timeout=timeout, home=home,
+                        on_event=on_event, progress=progress).path
+
+
+async def afetch(repo_id: str, revision: str | None = None, *,
+                 allow_patterns: str | Iterable[str] | None = None,
+                 ignore_patterns: str | Iterable[str] | None = None,
+                 configs_only: bool = False,
+                 cache_dir: os.PathLike | str | None = None,
+                 local_dir: os.PathLike | str | None = None,
+                 timeout: float | None = None,
+                 home: os.PathLike | str | None = None,
+                 on_event: Callable[[dict], None] | None = None,
+                 progress: bool | None = None) -> Path:
+    """:func:`fetch` for trio code (``await swarm.afetch("org/name")``)."""
+    result = await afetch_result(repo_id, revision, allow_patterns=allow_patterns,
+                                 ignore_patterns=ignore_patterns, configs_only=configs_only,
+                                 cache_dir=cache_dir, local_dir=local_dir, timeout=timeout,
+                                 home=home, on_event=on_event, progress=progress)
+    return result.path

@@ -1,0 +1,353 @@
+"""Option resolution for ``swarm-node`` and ``swarm.fetch``.
+
+Every option of ``swarm-node run`` comes, in this order of precedence, from
+
+1. the command line (``--home``, ``--listen`` ...),
+2. a ``SWARM_*`` environment variable,
+3. a TOML config file (``--config FILE`` or ``SWARM_CONFIG``),
+4. a default.
+
+A list option (``listen``, ``bootstrap``, ``serve``) is taken whole from the first place that sets
+it; lists from different places are not merged.
+
+Environment variables: ``SWARM_HOME``, ``SWARM_LISTEN``, ``SWARM_BOOTSTRAP`` and ``SWARM_SERVE``
+(comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/
+``on`` or ``0``/``false``/``no``/``off``), ``SWARM_PSK``, ``SWARM_CONFIG``.
+
+TOML keys (all optional; any other key is an error naming it)::
+
+    home = "/var/lib/swarm"
+    listen = ["/ip4/0.0.0.0/tcp/4001"]
+    bootstrap = ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."]
+    cache_dir = "/data/hf/hub"
+    serve_hf_cache = true
+    psk = "..."                      # optional private-network key, passed to the host as is
+    [serve]
+    "acme/private-model" = "/models/private-model"
+
+Relative paths in a config file are relative to the file's directory.
+
+This module is imported by the client path (``swarm.fetch``): it imports only the standard library
+and ``platformdirs``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SOCKET_NAME",
+    "ConfigError",
+    "RunSettings",
+    "default_cache_dir",
+    "default_home",
+    "load_toml",
+    "parse_serve",
+    "resolve_home",
+    "resolve_run",
+    "socket_path",
+]
+
+SOCKET_NAME = "control.sock"
+"""The control socket's file name inside the home directory."""
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+"""``run`` listens on every interface, on a port the OS picks, unless told otherwise."""
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+_TOML_KEYS = ("home", "listen", "bootstrap", "serve", "cache_dir", "serve_hf_cache", "psk")
+
+
+class ConfigError(ValueError):
+    """An option has an unusable value; the message names the option and where it came from."""
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def default_home() -> Path:
+    """The node's state directory when neither ``--home`` nor ``SWARM_HOME`` is given."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("swarm"))
+
+
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The Hugging Face hub cache, found the way ``huggingface_hub`` finds it: ``HF_HUB_CACHE``
+    (or the older ``HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    env = os.environ if env is None else env
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(env[var]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def socket_path(home: Path | str) -> Path:
+    return Path(home) / SOCKET_NAME
+
+
+# --- parsing helpers ---------------------------------------------------------------------------
+
+
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parse_bool(value: str, where: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{where}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
+def _check_multiaddr(addr: str, where: str, *, need_peer_id: bool) -> str:
+    """A light syntax check (the host parses multiaddrs for real; this module imports no libp2p)."""
+    if not isinstance(addr, str) or not addr.startswith("/") or len(addr.split("/")) < 3:
+        raise ConfigError(f"{where}: {addr!r} is not a multiaddr (like /ip4/0.0.0.0/tcp/4001)")
+    if any(c.isspace() for c in addr):
+        raise ConfigError(f"{where}: {addr!r} contains white space")
+    parts = addr.split("/")
+    if need_peer_id and ("p2p" not in parts or not parts[-1] or parts[-2] != "p2p"):
+        raise ConfigError(f"{where}: {addr!r} must end in /p2p/<peer id>")
+    return addr
+
+
+def parse_serve(item: str, where: str = "--serve") -> tuple[str, Path]:
+    """``ORG/NAME=DIR`` -> ``("ORG/NAME", Path(DIR))`` (the name is validated, DIR must exist)."""
+    model, sep, directory = item.partition("=")
+    if not sep or not model.strip() or not directory.strip():
+        raise ConfigError(f"{where}: expected ORG/NAME=DIR, got {item!r}")
+    return _serve_entry(model.strip(), directory.strip(), where, base=None)
+
+
+def _serve_entry(model: str, directory: str, where: str, base: Path | None) -> tuple[str, Path]:
+    from swarm.manifest import ManifestError, validate_model_name
+
+    try:
+        validate_model_name(model)
+    except ManifestError as e:
+        raise ConfigError(f"{where}: bad model name {model!r}: {e}") from None
+    path = Path(directory).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    path = path.absolute()
+    if not path.is_dir():
+        raise ConfigError(f"{where}: {model}={directory}: {path} is not a directory")
+    return model, path
+
+
+def load_toml(path: Path | str) -> dict[str, Any]:
+    """Read and check a config file: known keys only, each of the right type. Paths are made
+    absolute relative to the file's directory."""
+    path = Path(path).expanduser()
+    where = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {where} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {where}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {where} is not valid TOML: {e}") from None
+    base = path.absolute().parent
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        at = f"{where}: {key}"
+        if key not in _TOML_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(_TOML_KEYS)})")
+        if key in ("home", "cache_dir"):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{at}: expected a path string")
+            p = Path(value).expanduser()
+            out[key] = p if p.is_absolute() else base / p
+        elif key in ("listen", "bootstrap"):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{at}: expected a list of multiaddr strings")
+            out[key] = tuple(_check_multiaddr(v, at, need_peer_id=key == "bootstrap") for v in value)
+        elif key == "serve":
+            out[key] = _toml_serve(value, at, base)
+        elif key == "serve_hf_cache":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{at}: expected true or false")
+            out[key] = value
+        elif key == "psk":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{at}: expected a non-empty string")
+            out[key] = value
+    return out
+
+
+def _toml_serve(value: Any, where: str, base: Path) -> tuple[tuple[str, Path], ...]:
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for v in value:
+            if not isinstance(v, str) or "=" not in v:
+                raise ConfigError(f"{where}: expected ORG/NAME=DIR strings, got {v!r}")
+            m, _, d = v.partition("=")
+            items.append((m.strip(), d.strip()))
+    else:
+        raise ConfigError(f"{where}: expected a table of \"ORG/NAME\" = \"DIR\"")
+    out = []
+    for model, directory in items:
+        if not isinstance(directory, str) or not directory:
+            raise ConfigError(f"{where}: {model}: expected a directory path string")
+        out.append(_serve_entry(model, directory, where, base))
+    return _unique_serve(out, where)
+
+
+def _unique_serve(entries: Sequence[tuple[str, Path]], where: str) -> tuple[tuple[str, Path], ...]:
+    seen: dict[str, Path] = {}
+    for model, path in entries:
+        if model in seen and seen[model] != path:
+            raise ConfigError(f"{where}: {model} is served from two directories: {seen[model]} "
+                              f"and {path}")
+        seen[model] = path
+    return tuple(seen.items())
+
+
+# --- resolution --------------------------------------------------------------------------------
+
+
+def _config_file(cli_config: str | os.PathLike | None, env: Mapping[str, str]) -> dict[str, Any]:
+    path = cli_config or env.get("SWARM_CONFIG") or None
+    return load_toml(path) if path else {}
+
+
+def resolve_home(cli_home: str | os.PathLike | None = None, *,
+                 cli_config: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None) -> Path:
+    """The home directory a command talks to: ``--home`` > ``SWARM_HOME`` > the config file's
+    ``home`` > the default. ``fetch``, ``status`` and ``swarm.fetch`` find the running node here."""
+    env = os.environ if env is None else env
+    if cli_home:
+        return Path(cli_home).expanduser().absolute()
+    if env.get("SWARM_HOME"):
+        return Path(env["SWARM_HOME"]).expanduser().absolute()
+    toml = _config_file(cli_config, env)
+    if "home" in toml:
+        return Path(toml["home"]).absolute()
+    return default_home()
+
+
+class RunSettings:
+    """The resolved options of ``swarm-node run`` (and of an embedded node)."""
+
+    __slots__ = ("bootstrap", "cache_dir", "home", "listen", "psk", "serve", "serve_hf_cache")
+
+    def __init__(self, *, home: Path, cache_dir: Path, listen: tuple[str, ...],
+                 bootstrap: tuple[str, ...], serve: tuple[tuple[str, Path], ...],
+                 serve_hf_cache: bool, psk: str | None) -> None:
+        self.home = home
+        self.cache_dir = cache_dir
+        self.listen = listen
+        self.bootstrap = bootstrap
+        self.serve = serve
+        self.serve_hf_cache = serve_hf_cache
+        self.psk = psk
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "psk")
+        return f"RunSettings({fields})"
+
+    def node_config(self, **overrides: Any):
+        """A ``swarm.node.NodeConfig`` (imports the node, hence libp2p)."""
+        from swarm.node import NodeConfig
+
+        kw: dict[str, Any] = dict(home=self.home, cache_dir=self.cache_dir, listen=self.listen,
+                                  bootstrap=self.bootstrap, serve=self.serve,
+                                  serve_hf_cache=self.serve_hf_cache, psk=self.psk)
+        kw.update(overrides)
+        return NodeConfig(**kw)
+
+
+def resolve_run(*, home: str | os.PathLike | None = None,
+                listen: Sequence[str] | None = None,
+                bootstrap: Sequence[str] | None = None,
+                serve: Sequence[str] | None = None,
+                cache_dir: str | os.PathLike | None = None,
+                no_serve_hf_cache: bool | None = None,
+                config: str | os.PathLike | None = None,
+                env: Mapping[str, str] | None = None) -> RunSettings:
+    """Resolve every option of ``run``: arguments (None / empty = not given on the command line)
+    > ``SWARM_*`` variables > the TOML file > defaults. Raises ConfigError."""
+    env = os.environ if env is None else env
+    toml = _config_file(config, env)
+
+    # home
+    if home:
+        home_p = Path(home).expanduser()
+    elif env.get("SWARM_HOME"):
+        home_p = Path(env["SWARM_HOME"]).expanduser()
+    else:
+        home_p = Path(toml.get("home") or default_home())
+    if home_p.exists() and not home_p.is_dir():
+        raise ConfigError(f"home {home_p} exists and is not a directory")
+
+    # cache dir
+    if cache_dir:
+        cache_p = Path(cache_dir).expanduser()
+    elif env.get("SWARM_CACHE_DIR"):
+        cache_p = Path(env["SWARM_CACHE_DIR"]).expanduser()
+    else:
+        cache_p = Path(toml.get("cache_dir") or default_cache_dir(env))
+    if cache_p.exists() and not cache_p.is_dir():
+        raise ConfigError(f"cache dir {cache_p} exists and is not a directory")
+
+    # listen / bootstrap
+    def addrs(cli: Sequence[str] | None, var: str, key: str, need_peer_id: bool,
+              default: tuple[str, ...]) -> tuple[str, ...]:
+        if cli:
+            return tuple(_check_multiaddr(a, f"--{key}", need_peer_id=need_peer_id) for a in cli)
+        if env.get(var, "").strip():
+            return tuple(_check_multiaddr(a, var, need_peer_id=need_peer_id)
+                         for a in _split_list(env[var]))
+        return tuple(toml.get(key, default))
+
+    listen_t = addrs(listen, "SWARM_LISTEN", "listen", False, DEFAULT_LISTEN)
+    bootstrap_t = addrs(bootstrap, "SWARM_BOOTSTRAP", "bootstrap", True, ())
+
+    # serve
+    if serve:
+        serve_t = _unique_serve([parse_serve(s, "--serve") for s in serve], "--serve")
+    elif env.get("SWARM_SERVE", "").strip():
+        serve_t = _unique_serve([parse_serve(s, "SWARM_SERVE") for s in _split_list(env["SWARM_SERVE"])],
+                                "SWARM_SERVE")
+    else:
+        serve_t = toml.get("serve", ())
+
+    # serve the HF cache
+    if no_serve_hf_cache:
+        serve_hf = False
+    elif "SWARM_NO_SERVE_HF_CACHE" in env:
+        serve_hf = not _parse_bool(env["SWARM_NO_SERVE_HF_CACHE"], "SWARM_NO_SERVE_HF_CACHE")
+    else:
+        serve_hf = toml.get("serve_hf_cache", True)
+
+    psk = env.get("SWARM_PSK") or toml.get("psk") or None
+
+    return RunSettings(home=home_p.absolute(), cache_dir=cache_p.absolute(), listen=listen_t,
+                       bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk)
+
+
+def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``SWARM_BOOTSTRAP`` (comma-separated), checked; used by the embedded node of swarm.fetch."""
+    env = os.environ if env is None else env
+    return tuple(_check_multiaddr(a, "SWARM_BOOTSTRAP", need_peer_id=True)
+                 for a in _split_list(env.get("SWARM_BOOTSTRAP", "")))

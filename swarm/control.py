@@ -1,0 +1,655 @@
+"""The node's control API: HTTP/1.1 over a Unix socket in the home directory, for processes on
+the same host (``swarm-node fetch``/``status`` and ``swarm.fetch``).
+
+The socket is ``<home>/control.sock``, mode 0600 (only the node's user may talk to it). One request
+per connection (``Connection: close``). Routes:
+
+``GET /v1/status``
+    ``node.status()`` plus ``home``, ``cache_dir``, ``pid`` and ``version``:
+    ``{"peer_id", "addrs": [".../p2p/<id>"], "peers": [...], "models": [...], "bytes_up",
+    "bytes_down", ...}``. 503 ``{"error": ...}`` while the node is still starting.
+``GET /v1/peers``
+    ``{"peers": [...]}``.
+``GET /v1/models``
+    ``{"models": [...]}``; each model also has ``peer_stats``: bytes and pieces per peer.
+``POST /v1/fetch``
+    Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
+    "ignore_patterns": null, "configs_only": false, "timeout": null}`` (only ``repo_id`` is
+    required; unknown keys are refused). The response is chunked NDJSON: the fetch's events as they
+    happen (``source``, ``attempt``, ``manifest``, ``progress``, ``configs_ready``, ``done``, ...;
+    consecutive ``progress`` events are coalesced for a slow reader), then exactly one of
+    ``{"event": "result", "path", "source", "revision", "attempts": [...]}`` or
+    ``{"event": "error", "type": "ModelNotFound"|"VerificationFailed"|"FetchTimeout"|"FetchError",
+    "message", "attempts": [...]}``; each attempt is ``{"source", "outcome", "reason"}``.
+
+Fetches run in the server's nursery, not in the connection's task: identical concurrent requests
+join one job (one download), a client that goes away does not cancel a download others wait for,
+and a request's ``timeout`` ends only that request's wait (the download goes on and a retry joins
+it). A bad request gets a 4xx answer and never reaches the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+import swarm
+from swarm.client import unix_socket_path
+from swarm.config import socket_path
+from swarm.sources import (
+    Attempt,
+    FetchError,
+    FetchRequest,
+    FetchTimeout,
+    ModelNotFound,
+    VerificationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ControlServer", "HomeBusy", "HomeLock", "error_event", "result_event"]
+
+MAX_HEADER_BYTES = 16 * 1024
+"""Request line plus headers. Our clients send < 1 KiB; this is h11's default and well above it."""
+MAX_BODY_BYTES = 64 * 1024
+"""A fetch request is a name, a revision and two pattern lists: a few hundred bytes in practice."""
+MAX_PATTERNS = 1000
+"""Patterns per list; huggingface_hub users pass a handful."""
+MAX_PATTERN_CHARS = 1024
+"""Length of one pattern (a relative path glob; paths are at most 1024 bytes in a manifest)."""
+REQUEST_READ_TIMEOUT = 10.0
+"""Seconds a client has to send its whole request; a stuck or idle connection is dropped after it."""
+RESPONSE_SEND_TIMEOUT = 30.0
+"""Seconds one write to a client may block (a client that stops reading is dropped)."""
+MAX_CONNECTIONS = 512
+"""Open control connections at once; more are answered 503 at once (each costs a task and a fd)."""
+MAX_QUEUED_EVENTS = 256
+"""Events waiting for one slow reader; progress events coalesce, so only bursts of others count."""
+LIVE_PROBE_TIMEOUT = 2.0
+"""Seconds to wait for a connection to an existing socket file before calling it stale."""
+
+_REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+_FETCH_KEYS = {"repo_id", "revision", "allow_patterns", "ignore_patterns", "configs_only", "timeout"}
+_ERROR_TYPES = ("ModelNotFound", "VerificationFailed", "FetchTimeout", "FetchError")
+
+
+class HomeBusy(RuntimeError):
+    """Another swarm-node runs with this home (two nodes on one home would fight over its state)."""
+
+
+# --- the home lock -----------------------------------------------------------------------------
+
+
+class HomeLock:
+    """An exclusive ``flock`` on ``<home>/node.lock`` held for a node's lifetime."""
+
+    def __init__(self, home: Path | str):
+        self.path = Path(home) / "node.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> HomeLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(self.path.read_text().strip())})"
+            raise HomeBusy(f"another swarm-node is running with home {self.path.parent}{holder}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> HomeLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Attempt):
+        return {"source": value.source, "outcome": value.outcome, "reason": value.reason}
+    return str(value)
+
+
+def _attempts(attempts: Any) -> list[dict]:
+    return [_jsonable(a) for a in (attempts or ())]
+
+
+def result_event(result: Any) -> dict:
+    return {"event": "result", "path": str(result.path), "source": result.source,
+            "revision": result.revision, "attempts": _attempts(result.attempts)}
+
+
+def error_event(exc: BaseException) -> dict:
+    kind = "FetchError"
+    for cls in (ModelNotFound, VerificationFailed, FetchTimeout):
+        if isinstance(exc, cls):
+            kind = cls.__name__
+    return {"event": "error", "type": kind, "message": str(exc),
+            "attempts": _attempts(getattr(exc, "attempts", ()))}
+
+
+class _Subscriber:
+    """One waiting connection's queue of events (progress coalesced, bounded)."""
+
+    def __init__(self) -> None:
+        self.events: deque[dict] = deque()
+        self._wake = trio.Event()
+
+    def put(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress" and self.events and self.events[-1].get("event") == "progress":
+            self.events[-1] = event
+        else:
+            if len(self.events) >= MAX_QUEUED_EVENTS:
+                # Drop the oldest informational event; final events are put last and never dropped.
+                self.events.popleft()
+            self.events.append(event)
+        self._wake.set()
+
+    async def get(self) -> dict:
+        while not self.events:
+            self._wake = trio.Event()
+            await self._wake.wait()
+        return self.events.popleft()
+
+
+class _Job:
+    """One fetch running on the node, watched by any number of connections."""
+
+    REPLAYED = ("source", "attempt", "manifest", "progress", "configs_ready")
+
+    def __init__(self, key: tuple, req: FetchRequest) -> None:
+        self.key = key
+        self.req = req
+        self.subscribers: set[_Subscriber] = set()
+        self.history: list[dict] = []  # what a late joiner is told first (progress kept last only)
+        self.attempts: list[dict] = []
+        self.current_source: str | None = None
+        self.final: dict | None = None
+        self.done = trio.Event()
+
+    def emit(self, event: dict) -> None:
+        try:
+            event = _jsonable(dict(event))
+        except Exception:  # an odd event must not break the fetch
+            return
+        kind = event.get("event")
+        if kind == "source":
+            self.current_source = event.get("source")
+        elif kind == "attempt":
+            self.attempts.append({k: event.get(k) for k in ("source", "outcome", "reason")})
+        if kind in self.REPLAYED:
+            if kind == "progress" and self.history and self.history[-1].get("event") == "progress":
+                self.history[-1] = event
+            elif len(self.history) < MAX_QUEUED_EVENTS:
+                self.history.append(event)
+        for s in self.subscribers:
+            s.put(event)
+
+    def subscribe(self) -> _Subscriber:
+        s = _Subscriber()
+        for e in self.history:
+            s.put(e)
+        if self.final is not None:
+            s.put(self.final)
+        else:
+            self.subscribers.add(s)
+        return s
+
+    def finish(self, final: dict) -> None:
+        self.final = final
+        for s in self.subscribers:
+            s.put(final)
+        self.subscribers.clear()
+        self.done.set()
+
+    def timeout_event(self, timeout: float) -> dict:
+        attempts = list(self.attempts)
+        if self.current_source is not None:
+            attempts.append({"source": self.current_source, "outcome": "failed",
+                             "reason": f"still running after {timeout:g} s (the node goes on with it)"})
+        lines = [f"cannot fetch {self.req.repo_id}@{self.req.ref}: timed out after {timeout:g} s"]
+        lines += [f"  {a['source']}: {a['outcome']}: {a['reason']}" for a in attempts]
+        return {"event": "error", "type": "FetchTimeout", "message": "\n".join(lines),
+                "attempts": attempts}
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves the control API for ``node`` (attach it with :meth:`attach` once it is running; until
+    then requests get 503, fetches wait).
+
+    ``async with trio.open_nursery() as n: await n.start(server.run)`` binds the socket (removing a
+    stale one, refusing to start when a live node answers on it) and serves until cancelled; the
+    socket file is removed on the way out.
+    """
+
+    def __init__(self, home: Path | str, node: Any = None, *,
+                 modelexpress_url: str | None = None,
+                 fetcher: Callable[..., Any] | None = None) -> None:
+        self.home = Path(home)
+        self.path = socket_path(self.home)
+        self.node = node
+        self.modelexpress_url = modelexpress_url
+        self._fetcher = fetcher
+        self._ready = trio.Event()
+        if node is not None:
+            self._ready.set()
+        self._jobs: dict[tuple, _Job] = {}
+        self._connections = 0
+        self._nursery: trio.Nursery | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def attach(self, node: Any) -> None:
+        self.node = node
+        self._ready.set()
+
+    # -- socket lifetime --
+
+    def _probe_live(self) -> bool:
+        """True if something accepts connections on the socket file."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(LIVE_PROBE_TIMEOUT)
+        try:
+            with unix_socket_path(self.path) as p:
+                s.connect(p)
+            return True
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except TimeoutError:
+            return True  # it exists and is busy: someone is there
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+        finally:
+            s.close()
+
+    def _bind(self) -> socket.socket:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise HomeBusy(f"{self.path} exists and is not a socket; remove it")
+            if self._probe_live():
+                raise HomeBusy(f"a swarm-node already answers on {self.path}")
+            log.info("removing stale control socket %s", self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o177)  # the socket is created 0600: no window with looser permissions
+            try:
+                with unix_socket_path(self.path) as p:
+                    sock.bind(p)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            sock.listen(128)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise HomeBusy(f"a swarm-node already listens on {self.path}") from None
+            raise
+        return sock
+
+    def _unlink(self) -> None:
+        """Remove the socket file if it is still ours."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        raw = self._bind()
+        sock = trio.socket.from_stdlib_socket(raw)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                log.info("control API on %s", self.path)
+                task_status.started(self.path)
+                while True:
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.warning("control socket accept failed: %s", e)
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    nursery.start_soon(self._connection, trio.SocketStream(conn))
+        finally:
+            sock.close()
+            self._unlink()
+
+    # -- one connection --
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self._connections += 1
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        try:
+            if self._connections > MAX_CONNECTIONS:
+                await self._send_error(stream, 503, "too many control connections")
+                return
+            try:
+                with trio.fail_after(REQUEST_READ_TIMEOUT):
+                    request, body = await self._read_request(stream, conn)
+            except trio.TooSlowError:
+                await self._send_error(stream, 408, "request not received in time")
+                return
+            except _BadRequest as e:
+                await self._send_error(stream, e.status, str(e))
+                return
+            if request is None:
+                return  # the client closed before sending anything
+            await self._route(stream, conn, request, body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass  # the client went away or stopped reading
+        except Exception:
+            log.exception("control connection failed")
+        finally:
+            self._connections -= 1
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _read_request(self, stream: trio.SocketStream, conn: h11.Connection
+                            ) -> tuple[h11.Request | None, bytes]:
+        request: h11.Request | None = None
+        body = bytearray()
+        received = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _BadRequest(e.error_status_hint or 400, f"bad HTTP request: {e}") from None
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(64 * 1024)
+                received += len(data)
+                conn.receive_data(data)  # b"" marks EOF
+                continue
+            if isinstance(event, h11.Request):
+                # h11 bounds only an *incomplete* head; a complete one that came in one read
+                # is measured here.
+                if received - len(conn.trailing_data[0]) > MAX_HEADER_BYTES:
+                    raise _BadRequest(431, f"request head over {MAX_HEADER_BYTES} bytes")
+                request = event
+                for name, value in event.headers:
+                    if name == b"content-length":
+                        try:
+                            n = int(value)
+                        except ValueError:
+                            raise _BadRequest(400, "bad Content-Length") from None
+                        if n > MAX_BODY_BYTES:
+                            raise _BadRequest(413, f"request body over {MAX_BODY_BYTES} bytes")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    raise _BadRequest(413, f"request body over {MAX_BODY_BYTES} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                if request is None:
+                    return None, b""
+                raise _BadRequest(400, "connection closed mid-request")
+
+    async def _send_error(self, stream: trio.SocketStream, status: int, message: str) -> None:
+        """An error answer written directly (h11 refuses to answer a request it could not parse or
+        has not seen); the connection is closed after it."""
+        body = (json.dumps({"error": message}) + "\n").encode()
+        reason = _REASONS.get(status, "Error")
+        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 trio.TooSlowError, OSError):
+            with trio.fail_after(RESPONSE_SEND_TIMEOUT):
+                await stream.send_all(head + body)
+
+    async def _send(self, stream: trio.SocketStream, conn: h11.Connection, event: Any) -> None:
+        data = conn.send(event)
+        if data:
+            with trio.fail_after(RESPONSE_SEND_TIMEOUT):
+                await stream.send_all(data)
+
+    def _headers(self, content_type: str, length: int | None = None) -> list[tuple[str, str]]:
+        h = [("content-type", content_type), ("connection", "close"),
+             ("server", f"swarm-node/{swarm.__version__}")]
+        if length is not None:
+            h.append(("content-length", str(length)))
+        return h
+
+    async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
+                         obj: Any) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        data = (json.dumps(obj) + "\n").encode()
+        await self._send(stream, conn, h11.Response(
+            status_code=status, headers=self._headers("application/json", len(data))))
+        await self._send(stream, conn, h11.Data(data=data))
+        await self._send(stream, conn, h11.EndOfMessage())
+
+    async def _route(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request,
+                     body: bytes) -> None:
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace").split("?", 1)[0]
+        routes = {
+            "/v1/status": ("GET", self._status),
+            "/v1/peers": ("GET", self._peers),
+            "/v1/models": ("GET", self._models),
+            "/v1/fetch": ("POST", None),
+        }
+        if target not in routes:
+            await self._send_json(stream, conn, 404, {"error": f"no route {target}"})
+            return
+        want, handler = routes[target]
+        if method != want:
+            await self._send_json(stream, conn, 405, {"error": f"{target} takes {want}"})
+            return
+        if handler is not None:
+            if not self._ready.is_set():
+                await self._send_json(stream, conn, 503, {"error": "the node is starting"})
+                return
+            await self._send_json(stream, conn, 200, handler())
+            return
+        try:
+            req, timeout = self._parse_fetch(body)
+        except _BadRequest as e:
+            await self._send_json(stream, conn, e.status, {"error": str(e)})
+            return
+        await self._fetch(stream, conn, req, timeout)
+
+    # -- GET routes --
+
+    def _status(self) -> dict:
+        st = dict(self.node.status())
+        st.update(home=str(self.home), cache_dir=str(self.node.config.cache_dir), pid=os.getpid(),
+                  version=swarm.__version__, control_socket=str(self.path))
+        return st
+
+    def _peers(self) -> dict:
+        return {"peers": self.node.status().get("peers", [])}
+
+    def _models(self) -> dict:
+        models = self.node.status().get("models", [])
+        shared = getattr(self.node, "shared", {}) or {}
+        by_manifest = {}
+        for sh in list(shared.values()):
+            with contextlib.suppress(Exception):
+                stats = sh.transfer.stats
+                by_manifest[sh.manifest.hash_str] = {
+                    pid: {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+                          "pieces_up": s.pieces_up, "pieces_down": s.pieces_down,
+                          "bad_pieces": s.bad_pieces, "banned": s.banned}
+                    for pid, s in stats.items()}
+        out = []
+        for m in models:
+            m = dict(m)
+            m["peer_stats"] = by_manifest.get(m.get("manifest"), {})
+            out.append(m)
+        return {"models": out}
+
+    # -- fetch --
+
+    def _parse_fetch(self, body: bytes) -> tuple[FetchRequest, float | None]:
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _BadRequest(400, f"body is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _BadRequest(400, "body must be a JSON object")
+        unknown = sorted(set(obj) - _FETCH_KEYS)
+        if unknown:
+            raise _BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
+        repo_id = obj.get("repo_id")
+        if not isinstance(repo_id, str) or not repo_id:
+            raise _BadRequest(400, "repo_id must be a non-empty string")
+        revision = obj.get("revision")
+        if revision is not None and not isinstance(revision, str):
+            raise _BadRequest(400, "revision must be a string or null")
+        configs_only = obj.get("configs_only", False)
+        if not isinstance(configs_only, bool):
+            raise _BadRequest(400, "configs_only must be true or false")
+        timeout = obj.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not 0 < timeout < 1e9):
+            raise _BadRequest(400, "timeout must be a positive number of seconds or null")
+        pats = {}
+        for name in ("allow_patterns", "ignore_patterns"):
+            v = obj.get(name)
+            if isinstance(v, str):
+                v = [v]
+            if v is not None:
+                if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+                    raise _BadRequest(400, f"{name} must be a string, a list of strings or null")
+                if len(v) > MAX_PATTERNS or any(len(p) > MAX_PATTERN_CHARS for p in v):
+                    raise _BadRequest(400, f"{name}: at most {MAX_PATTERNS} patterns of at most "
+                                           f"{MAX_PATTERN_CHARS} characters")
+            pats[name] = v
+        try:
+            req = FetchRequest(repo_id=repo_id, revision=revision, configs_only=configs_only,
+                               allow_patterns=pats["allow_patterns"],
+                               ignore_patterns=pats["ignore_patterns"],
+                               cache_dir=self._cache_dir())
+        except (ValueError, TypeError) as e:
+            raise _BadRequest(400, f"bad fetch request: {e}") from None
+        return req, (float(timeout) if timeout is not None else None)
+
+    def _cache_dir(self) -> Path:
+        if self.node is not None:
+            return Path(self.node.config.cache_dir)
+        from swarm.config import default_cache_dir
+
+        return default_cache_dir()
+
+    def _job_for(self, req: FetchRequest) -> _Job:
+        key = (req.repo_id, req.revision, req.configs_only, req.allow_patterns, req.ignore_patterns)
+        job = self._jobs.get(key)
+        if job is None:
+            job = _Job(key, req)
+            self._jobs[key] = job
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_job, job)
+        return job
+
+    async def _run_job(self, job: _Job) -> None:
+        final: dict | None = None
+        try:
+            await self._ready.wait()
+            # The cache dir may have been a default before the node was attached.
+            req = attrs.evolve(job.req, cache_dir=Path(self.node.config.cache_dir))
+            fetch = self._fetcher or self._default_fetch
+            result = await fetch(req, on_event=job.emit)
+            final = result_event(result)
+        except FetchError as e:
+            final = error_event(e)
+        except Exception as e:
+            log.exception("fetch of %s failed", job.req.repo_id)
+            final = {"event": "error", "type": "FetchError",
+                     "message": f"cannot fetch {job.req.repo_id}: internal error: {e!r}",
+                     "attempts": list(job.attempts)}
+        finally:
+            if self._jobs.get(job.key) is job:
+                del self._jobs[job.key]
+            job.finish(final or {"event": "error", "type": "FetchError",
+                                 "message": "the node is shutting down", "attempts": job.attempts})
+
+    async def _default_fetch(self, req: FetchRequest, *, on_event: Callable[[dict], None]) -> Any:
+        kw = {} if self.modelexpress_url is None else {"modelexpress_url": self.modelexpress_url}
+        return await self.node.fetch_with_fallback(req, on_event=on_event, **kw)
+
+    async def _fetch(self, stream: trio.SocketStream, conn: h11.Connection, req: FetchRequest,
+                     timeout: float | None) -> None:
+        job = self._job_for(req)
+        sub = job.subscribe()
+        try:
+            await self._send(stream, conn, h11.Response(
+                status_code=200, headers=self._headers("application/x-ndjson")))
+            deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+            while True:
+                event = None
+                with trio.move_on_at(deadline):
+                    event = await sub.get()
+                if event is None:
+                    event = job.timeout_event(timeout or 0.0)
+                await self._send(stream, conn, h11.Data(data=(json.dumps(event) + "\n").encode()))
+                if event.get("event") in ("result", "error"):
+                    break
+            await self._send(stream, conn, h11.EndOfMessage())
+        finally:
+            job.subscribers.discard(sub)

@@ -1,0 +1,264 @@
+"""``swarm-node`` end to end, in subprocesses on 127.0.0.1: ``run``, ``fetch``, ``status``; plus the
+option resolution of swarm/config.py.
+
+Every subprocess gets HF_HUB_OFFLINE=1 and an HF_ENDPOINT on a closed 127.0.0.1 port (see
+tests/procs.py), so nothing ever reaches the Internet: a model arrives through the swarm or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+from modelgen import carried_files, make_model_dir
+from procs import PRIVATE, NodeProc, base_env, same_files, swarm_node
+
+from swarm import client
+from swarm.config import ConfigError, default_cache_dir, load_toml, resolve_home, resolve_run
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def private_dir(tmp) -> Path:
+    return make_model_dir(tmp / "private-src", weights_bytes=12 << 20, n_weight_files=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def swarm2(tmp, private_dir):
+    """A worker serving PRIVATE and a frontend bootstrapped to it (both running)."""
+    worker = NodeProc(tmp, "worker", "--serve", f"{PRIVATE}={private_dir}").start()
+    front = None
+    try:
+        worker.wait_ready()
+        front = NodeProc(tmp, "front", "--bootstrap", worker.addr).start()
+        front.wait_ready()
+        yield worker, front
+    finally:
+        for n in (front, worker):
+            if n is not None:
+                n.stop()
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_status_json_of_a_worker(swarm2, tmp, private_dir):
+    worker, _front = swarm2
+    r = swarm_node("status", "--json", "--home", str(worker.home), env=base_env(tmp))
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    pid = st["peer_id"]
+    assert pid.startswith("12D3KooW")
+    assert st["addrs"] and all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{pid}")
+                               for a in st["addrs"])
+    [m] = [m for m in st["models"] if m["model"] == PRIVATE]
+    assert m["complete"] and m["path"] == str(private_dir)
+    assert {"peers", "bytes_up", "bytes_down"} <= set(st)
+    # The control socket is for this user only.
+    sock = worker.home / "control.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    # The human form names the same things; SWARM_HOME finds the node like --home does.
+    r = swarm_node("status", env=dict(base_env(tmp), SWARM_HOME=str(worker.home)))
+    assert r.returncode == 0, r.stderr
+    assert pid in r.stdout and PRIVATE in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_private_model_fetched_through_the_swarm_only(swarm2, tmp, private_dir):
+    worker, front = swarm2
+    env = base_env(tmp)
+    r = swarm_node("fetch", PRIVATE, "--home", str(front.home), env=env)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])  # the path is printed last
+    assert path.is_dir() and path.is_relative_to(front.cache)
+    assert sorted(p.name for p in path.iterdir()) == sorted(carried_files(2))
+    same_files(private_dir, path, carried_files(2))
+    # --json says where it came from; the Hub was never asked (offline).
+    r = swarm_node("fetch", PRIVATE, "--home", str(front.home), "--json",
+                   "--cache-dir", str(front.cache), env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["path"] == str(path)
+    assert out["source"] in ("swarm", "local-cache")
+    # The frontend now holds and seeds it; the worker sent it.
+    st = json.loads(swarm_node("status", "--json", "--home", str(front.home), env=env).stdout)
+    assert worker.status["peer_id"] in st["peers"]
+    [m] = [m for m in st["models"] if m["model"] == PRIVATE]
+    assert m["complete"] and st["bytes_down"] >= m["bytes"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_configs_only_then_the_rest(swarm2, tmp, private_dir):
+    worker, _front = swarm2
+    # A second frontend: configs first, then the weights (the same manifest, fetched twice).
+    front2 = NodeProc(tmp, "front2", "--bootstrap", worker.addr).start()
+    try:
+        front2.wait_ready()
+        env = base_env(tmp)
+        r = swarm_node("fetch", PRIVATE, "--configs-only", "--json", "--home", str(front2.home),
+                       env=env)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["source"] == "swarm"
+        path = Path(out["path"])
+        names = sorted(p.name for p in path.iterdir())
+        assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
+        r = swarm_node("fetch", PRIVATE, "--include", "*.safetensors", "--home", str(front2.home),
+                       "--timeout", "30", env=env)
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip().splitlines()[-1]) == path
+        same_files(private_dir, path, carried_files(2))
+    finally:
+        front2.stop()
+
+
+@pytest.mark.timeout(60)
+def test_second_node_on_one_home_is_refused(swarm2, tmp):
+    worker, _front = swarm2
+    r = swarm_node("run", "--home", str(worker.home), "--listen", "/ip4/127.0.0.1/tcp/0",
+                   "--no-serve-hf-cache", env=base_env(tmp), timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: another swarm-node is running")
+    assert client.status(worker.home)["peer_id"] == worker.status["peer_id"]  # still fine
+
+
+@pytest.mark.timeout(60)
+def test_offline_with_no_peers_is_a_clear_error(tmp):
+    # No node runs on this home: fetch runs an embedded node, which has no peers; the Hub is off.
+    env = base_env(tmp)
+    home = tmp / "lonely" / "home"
+    r = swarm_node("fetch", "acme/nowhere", "--home", str(home), "--cache-dir", str(tmp / "lonely"),
+                   env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    line = lines[0]
+    assert line.startswith("error: cannot fetch acme/nowhere@main: no source has it")
+    assert "swarm: failed: no providers" in line
+    assert "hub: skipped: HF_HUB_OFFLINE is set" in line
+    assert r.stdout == ""
+    # With no node running, status says so.
+    r = swarm_node("status", "--json", "--home", str(home), env=env)
+    assert r.returncode == 1 and r.stderr.startswith("error: no swarm-node is running")
+
+
+@pytest.mark.timeout(60)
+def test_usage_errors(tmp):
+    env = base_env(tmp)
+    r = swarm_node("fetch", "not a model", "--home", str(tmp / "x"), env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
+    r = swarm_node("run", "--home", str(tmp / "x"), "--serve", "acme/m=/does/not/exist", env=env)
+    assert r.returncode == 2 and "--serve" in r.stderr and "not a directory" in r.stderr
+    r = swarm_node("run", "--home", str(tmp / "x"), "--bootstrap", "/ip4/1.2.3.4/tcp/1", env=env)
+    assert r.returncode == 2 and "/p2p/" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_then_restart_serves_again_without_rehashing(tmp, private_dir):
+    env = base_env(tmp)
+    node = NodeProc(tmp, "restart", "--serve", f"{PRIVATE}={private_dir}", env=env).start()
+    try:
+        st1 = node.wait_ready()
+        cache_files = sorted((node.home / "manifests").glob("*.json"))
+        assert cache_files
+        mtimes = [p.stat().st_mtime_ns for p in cache_files]
+        assert node.stop(signal.SIGTERM) == 0
+        assert not (node.home / "control.sock").exists()
+        node.start()
+        st2 = node.wait_ready()
+        assert st2["peer_id"] == st1["peer_id"]  # identity kept
+        assert [m["manifest"] for m in st2["models"]] == [m["manifest"] for m in st1["models"]]
+        assert [p.stat().st_mtime_ns for p in cache_files] == mtimes  # not rebuilt
+        assert node.stop(signal.SIGINT) == 0
+        assert not (node.home / "control.sock").exists()
+    finally:
+        node.stop(signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_stale_socket_is_replaced(tmp, private_dir):
+    env = base_env(tmp)
+    node = NodeProc(tmp, "stale", env=env).start()
+    try:
+        node.wait_ready()
+        node.stop(signal.SIGKILL)  # leaves control.sock behind, nobody listening
+        assert (node.home / "control.sock").exists()
+        node.start()
+        node.wait_ready()
+    finally:
+        node.stop()
+
+
+# --- option resolution -------------------------------------------------------------------------
+
+
+def test_config_precedence_cli_env_toml_default(tmp_path):
+    served = tmp_path / "m"
+    served.mkdir()
+    cfg = tmp_path / "swarm.toml"
+    cfg.write_text(
+        'home = "h-from-toml"\n'
+        'listen = ["/ip4/0.0.0.0/tcp/4001"]\n'
+        'bootstrap = ["/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWabc"]\n'
+        'cache_dir = "/data/hub"\n'
+        'serve_hf_cache = false\n'
+        '[serve]\n"acme/m" = "m"\n')
+    s = resolve_run(config=cfg, env={})
+    assert s.home == tmp_path / "h-from-toml"  # relative to the file
+    assert s.listen == ("/ip4/0.0.0.0/tcp/4001",)
+    assert s.bootstrap == ("/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWabc",)
+    assert s.cache_dir == Path("/data/hub") and s.serve_hf_cache is False
+    assert s.serve == (("acme/m", served),)
+    env = {"SWARM_CONFIG": str(cfg), "SWARM_HOME": "/env/home",
+           "SWARM_LISTEN": "/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2",
+           "SWARM_NO_SERVE_HF_CACHE": "0", "SWARM_CACHE_DIR": "/env/hub"}
+    s = resolve_run(env=env)
+    assert s.home == Path("/env/home") and s.cache_dir == Path("/env/hub")
+    assert s.listen == ("/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2")
+    assert s.serve_hf_cache is True
+    s = resolve_run(home="/cli/home", listen=["/ip4/127.0.0.1/tcp/3"], no_serve_hf_cache=True,
+                    env=env)
+    assert s.home == Path("/cli/home") and s.listen == ("/ip4/127.0.0.1/tcp/3",)
+    assert s.serve_hf_cache is False
+    assert resolve_home(env=env) == Path("/env/home")
+    assert resolve_home(cli_config=cfg, env={}) == tmp_path / "h-from-toml"
+    s = resolve_run(env={})
+    assert s.listen == ("/ip4/0.0.0.0/tcp/0",) and s.bootstrap == () and s.serve_hf_cache
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('hom = "/x"\n')
+    with pytest.raises(ConfigError, match="unknown key 'hom'"):
+        load_toml(cfg)
+    cfg.write_text("listen = 5\n")
+    with pytest.raises(ConfigError, match="listen"):
+        load_toml(cfg)
+    cfg.write_text("listen = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="SWARM_NO_SERVE_HF_CACHE"):
+        resolve_run(env={"SWARM_NO_SERVE_HF_CACHE": "maybe"})
+    with pytest.raises(ConfigError, match="ORG/NAME=DIR"):
+        resolve_run(serve=["acme/m"], env={})
+    with pytest.raises(ConfigError, match="SWARM_BOOTSTRAP"):
+        resolve_run(env={"SWARM_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1"})
+
+
+def test_default_cache_dir_follows_huggingface_hub():
+    assert default_cache_dir({"HF_HUB_CACHE": "/a", "HF_HOME": "/b"}) == Path("/a")
+    assert default_cache_dir({"HF_HOME": "/b"}) == Path("/b/hub")
+    assert default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/huggingface/hub")
+    assert default_cache_dir({}) == Path.home() / ".cache" / "huggingface" / "hub"
