@@ -228,7 +228,7 @@ def _parse_group(name: str, v: object) -> Group:
     serve = d.get("serve", True)
     if not isinstance(serve, bool):
         raise ScenarioError(f"{where}.serve: must be true or false")
-    announce = d.get("announce", ("start" if role == "seed" else "first_piece") if serve else "never")
+    announce = d.get("announce", "start" if serve else "never")  # node.py announces at fetch start
     if announce not in ANNOUNCE:
         raise ScenarioError(f"{where}.announce: must be one of {ANNOUNCE}")
     if not serve:

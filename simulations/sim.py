@@ -482,7 +482,7 @@ class Simulation:
 
     # Discovery mirrors swarm/node.py's fetch: resolve (a DHT lookup, then the manifest from a
     # provider), then a connect loop that dials every provider not yet tried while the transfer has
-    # fewer than ``peers`` links, and looks up again after 1 s (fewer than 2 links) or 5 s.
+    # fewer than ``peers`` useful links, and looks up again after 1 s (fewer than 2 links) or 5 s.
 
     def _lookup_delay(self, node: Node) -> float:
         """ceil(log2(online nodes) / bits_per_hop) hops of one round trip each."""
@@ -509,7 +509,8 @@ class Simulation:
             # "A peer we lost may be back (or was only busy): retry once the list has none new."
             node.tried = tried = {pid: None for pid in tried if pid in node.links}
         for p in found:
-            if len(node.links) >= node.group.peers:
+            # node.py counts only links to peers holding something we lack (useful_links).
+            if node.transfer.useful_links >= node.group.peers:
                 break
             if p.id in tried or p.id in node.links:
                 continue

@@ -1,11 +1,13 @@
 """``swarm-node``: run a node, fetch through it, ask its status, or run the local demo swarm.
 
     swarm-node run [--home DIR] [--listen MA]... [--bootstrap MA/p2p/ID]... [--serve ORG/NAME=DIR]...
-                   [--cache-dir DIR] [--no-serve-hf-cache] [--config FILE]
+                   [--cache-dir DIR] [--no-serve-hf-cache] [--config FILE] [--psk KEY|FILE]
+                   [--trust open|trusted-publishers] [--trusted-publisher PEER_ID]...
     swarm-node fetch ORG/NAME [--revision R] [--configs-only] [--include GLOB]... [--exclude GLOB]...
                    [--cache-dir DIR] [--local-dir DIR] [--timeout S] [--json] [--home DIR]
     swarm-node status [--json] [--home DIR]
     swarm-node demo [--size-mb 300] [--frontends 3] [--timeout 300]
+    swarm-node keygen [--out FILE]
 
 Every failure prints one line ``error: ...`` on stderr and exits non-zero (1; 2 for bad usage or
 configuration; 130 when interrupted). ``fetch`` and ``status`` never import libp2p when a node runs.
@@ -97,8 +99,12 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
                                                f"{', '.join(settings.listen)})")
                         server.attach(node)
                         log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
-                                 "control socket %s", node.peer_id, ", ".join(st["addrs"]),
-                                 len(st["models"]), server.path)
+                                 "control socket %s; trust %s%s%s", node.peer_id,
+                                 ", ".join(st["addrs"]), len(st["models"]), server.path,
+                                 settings.trust,
+                                 f" ({len(settings.trusted_publishers)} publisher(s))"
+                                 if settings.trusted_publishers else "",
+                                 "; private swarm (psk)" if settings.psk else "")
                         await trio.sleep_forever()
             outer.cancel_scope.cancel()
     log.info("swarm-node stopped")
@@ -110,7 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
                                serve=args.serve, cache_dir=args.cache_dir,
-                               no_serve_hf_cache=args.no_serve_hf_cache, config=args.config)
+                               no_serve_hf_cache=args.no_serve_hf_cache, config=args.config,
+                               psk=args.psk, trust=args.trust,
+                               trusted_publishers=args.trusted_publisher)
     except ConfigError as e:
         return _fail(str(e), EXIT_USAGE)
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
@@ -248,6 +256,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+# --- keygen ------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new random swarm key (private network PSK): 64 hex digits on stdout, or a go-style
+    ``swarm.key`` file (mode 0600, never overwritten) with ``--out``."""
+    import secrets
+
+    key = secrets.token_hex(32)
+    if not args.out:
+        print(key, flush=True)
+        return 0
+    text = f"/key/swarm/psk/1.0.0/\n/base16/\n{key}\n"
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _fail(f"{args.out} exists; not overwriting a swarm key")
+    except OSError as e:
+        return _fail(f"cannot create {args.out}: {e.strerror or e}")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    print(f"wrote a new swarm key to {args.out}; give this file to every node of the swarm "
+          f"(swarm-node run --psk {args.out})", file=sys.stderr, flush=True)
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -302,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-serve-hf-cache", action="store_true", default=None,
                      help="do not serve the complete snapshots of the local HF cache "
                           "(env SWARM_NO_SERVE_HF_CACHE=1)")
+    run.add_argument("--psk", metavar="KEY|FILE",
+                     help="private swarm key: 64 hex digits, or a swarm.key file (see `swarm-node "
+                          "keygen`); nodes without the same key cannot connect (env SWARM_PSK)")
+    run.add_argument("--trust", choices=("open", "trusted-publishers"),
+                     help="which manifests to accept: 'open' (any; a fetch by name takes the one "
+                          "most providers announce) or 'trusted-publishers' (only those signed by "
+                          "a --trusted-publisher) (env SWARM_TRUST; default open)")
+    run.add_argument("--trusted-publisher", action="append", metavar="PEER_ID",
+                     help="peer id whose signed manifests are accepted, repeatable "
+                          "(env SWARM_TRUSTED_PUBLISHERS, comma-separated)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 
@@ -338,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up after this many seconds")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     demo.set_defaults(func=cmd_demo)
+
+    keygen = sub.add_parser("keygen", help="print a new random swarm key (private network PSK)",
+                            description="Print a new random 32-byte swarm key as 64 hex digits, or "
+                                        "write it as a go-style swarm.key file (mode 0600).")
+    keygen.add_argument("--out", metavar="FILE", help="write a swarm.key file (never overwritten)")
+    keygen.set_defaults(func=cmd_keygen)
     return parser
 
 

@@ -12,7 +12,8 @@ it; lists from different places are not merged.
 
 Environment variables: ``SWARM_HOME``, ``SWARM_LISTEN``, ``SWARM_BOOTSTRAP`` and ``SWARM_SERVE``
 (comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/
-``on`` or ``0``/``false``/``no``/``off``), ``SWARM_PSK``, ``SWARM_CONFIG``.
+``on`` or ``0``/``false``/``no``/``off``), ``SWARM_PSK``, ``SWARM_TRUST``, ``SWARM_TRUSTED_PUBLISHERS``
+(comma-separated peer ids), ``SWARM_CONFIG``.
 
 TOML keys (all optional; any other key is an error naming it)::
 
@@ -21,7 +22,10 @@ TOML keys (all optional; any other key is an error naming it)::
     bootstrap = ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."]
     cache_dir = "/data/hf/hub"
     serve_hf_cache = true
-    psk = "..."                      # optional private-network key, passed to the host as is
+    psk = "swarm.key"                # optional private-network key: 64 hex digits, the text of a
+                                     # go-style swarm.key file, or the path of a file holding either
+    trust = "trusted-publishers"     # "open" (default) or "trusted-publishers"
+    trusted_publishers = ["12D3KooW..."]   # publisher peer ids (Ed25519); needs the policy above
     [serve]
     "acme/private-model" = "/models/private-model"
 
@@ -34,6 +38,7 @@ and ``platformdirs``.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,11 +46,14 @@ from typing import Any
 
 __all__ = [
     "SOCKET_NAME",
+    "TRUST_POLICIES",
     "ConfigError",
     "RunSettings",
+    "check_publisher_id",
     "default_cache_dir",
     "default_home",
     "load_toml",
+    "parse_psk_option",
     "parse_serve",
     "resolve_home",
     "resolve_run",
@@ -61,7 +69,11 @@ DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
-_TOML_KEYS = ("home", "listen", "bootstrap", "serve", "cache_dir", "serve_hf_cache", "psk")
+_TOML_KEYS = ("home", "listen", "bootstrap", "serve", "cache_dir", "serve_hf_cache", "psk", "trust",
+              "trusted_publishers")
+
+TRUST_POLICIES = ("open", "trusted-publishers")
+"""Same as ``swarm.trust.POLICIES`` (not imported: this module stays light for the client path)."""
 
 
 class ConfigError(ValueError):
@@ -122,6 +134,88 @@ def _check_multiaddr(addr: str, where: str, *, need_peer_id: bool) -> str:
     if need_peer_id and ("p2p" not in parts or not parts[-1] or parts[-2] != "p2p"):
         raise ConfigError(f"{where}: {addr!r} must end in /p2p/<peer id>")
     return addr
+
+
+_PSK_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_SWARM_KEY = re.compile(r"/key/swarm/psk/1\.0\.0/\s*/base16/\s*([0-9a-fA-F]{64})\s*")
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _psk_text(text: str) -> str | None:
+    """64 lowercase hex digits from a bare key or a go-style swarm.key file's text; else None."""
+    s = text.strip()
+    m = _SWARM_KEY.fullmatch(s)
+    if m:
+        s = m.group(1)
+    return s.lower() if _PSK_HEX.fullmatch(s) else None
+
+
+def parse_psk_option(value: str, where: str, base: Path | None = None) -> str:
+    """A swarm key (private network pre-shared key) as 64 lowercase hex digits, from 64 hex digits,
+    the text of a go-style ``swarm.key`` (``/key/swarm/psk/1.0.0/``, ``/base16/``, the key) or the
+    path of a file holding either (relative to ``base``, the config file's directory, if given)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected a swarm key or the path of a swarm key file")
+    key = _psk_text(value)
+    if key is not None:
+        return key
+    path = Path(value.strip()).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: not a 64-hex-digit swarm key, and no file {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read swarm key file {path}: {e.strerror or e}") from None
+    key = _psk_text(text)
+    if key is None:
+        raise ConfigError(f"{where}: {path} holds no swarm key (expected 64 hex digits or a "
+                          f"swarm.key file: /key/swarm/psk/1.0.0/, /base16/, 64 hex digits)")
+    return key
+
+
+def _b58decode(s: str) -> bytes | None:
+    n = 0
+    for c in s:
+        i = _B58.find(c)
+        if i < 0:
+            return None
+        n = n * 58 + i
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return b"\0" * (len(s) - len(s.lstrip("1"))) + raw
+
+
+def check_publisher_id(peer_id: str, where: str) -> str:
+    """A trusted publisher: the peer id of an Ed25519 libp2p key (``12D3KooW...``, as ``swarm-node
+    status`` prints it); manifests are signed with such keys only."""
+    if not isinstance(peer_id, str) or not peer_id.strip():
+        raise ConfigError(f"{where}: expected a peer id (12D3KooW...), got {peer_id!r}")
+    pid = peer_id.strip()
+    raw = _b58decode(pid)
+    # identity multihash (0x00, length 36) of a protobuf PublicKey {Type: Ed25519, Data: 32 bytes}
+    if raw is None or len(raw) != 38 or raw[:6] != b"\x00\x24\x08\x01\x12\x20":
+        raise ConfigError(f"{where}: {pid!r} is not the peer id of an Ed25519 libp2p key "
+                          f"(like 12D3KooW...; see `swarm-node status` on the publisher)")
+    return pid
+
+
+def check_trust(mode: str, publishers: Sequence[str], mode_at: str, publishers_at: str
+                ) -> tuple[str, tuple[str, ...]]:
+    """The trust policy and its publishers, checked together (``*_at`` name where each came
+    from)."""
+    if mode not in TRUST_POLICIES:
+        raise ConfigError(f"{mode_at}: trust policy must be one of {', '.join(TRUST_POLICIES)}, "
+                          f"not {mode!r}")
+    if mode == "trusted-publishers" and not publishers:
+        raise ConfigError(f"{mode_at}: trust policy 'trusted-publishers' needs at least one "
+                          f"trusted publisher (--trusted-publisher PEER_ID, "
+                          f"SWARM_TRUSTED_PUBLISHERS or trusted_publishers in the config file)")
+    if mode == "open" and publishers:
+        raise ConfigError(f"{publishers_at}: trusted publishers are listed but the trust policy is 'open' "
+                          f"(which accepts any manifest): set --trust trusted-publishers "
+                          f"(SWARM_TRUST, or trust in the config file)")
+    return mode, tuple(dict.fromkeys(publishers))
 
 
 def parse_serve(item: str, where: str = "--serve") -> tuple[str, Path]:
@@ -186,9 +280,17 @@ def load_toml(path: Path | str) -> dict[str, Any]:
                 raise ConfigError(f"{at}: expected true or false")
             out[key] = value
         elif key == "psk":
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{at}: expected a non-empty string")
+            out[key] = parse_psk_option(value, at, base)
+        elif key == "trust":
+            if not isinstance(value, str) or value not in TRUST_POLICIES:
+                raise ConfigError(f"{at}: expected one of {', '.join(TRUST_POLICIES)}, got {value!r}")
             out[key] = value
+        elif key == "trusted_publishers":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{at}: expected a list of peer id strings")
+            out[key] = tuple(check_publisher_id(v, at) for v in value)
     return out
 
 
@@ -249,11 +351,13 @@ def resolve_home(cli_home: str | os.PathLike | None = None, *,
 class RunSettings:
     """The resolved options of ``swarm-node run`` (and of an embedded node)."""
 
-    __slots__ = ("bootstrap", "cache_dir", "home", "listen", "psk", "serve", "serve_hf_cache")
+    __slots__ = ("bootstrap", "cache_dir", "home", "listen", "psk", "serve", "serve_hf_cache",
+                 "trust", "trusted_publishers")
 
     def __init__(self, *, home: Path, cache_dir: Path, listen: tuple[str, ...],
                  bootstrap: tuple[str, ...], serve: tuple[tuple[str, Path], ...],
-                 serve_hf_cache: bool, psk: str | None) -> None:
+                 serve_hf_cache: bool, psk: str | None, trust: str = "open",
+                 trusted_publishers: tuple[str, ...] = ()) -> None:
         self.home = home
         self.cache_dir = cache_dir
         self.listen = listen
@@ -261,6 +365,8 @@ class RunSettings:
         self.serve = serve
         self.serve_hf_cache = serve_hf_cache
         self.psk = psk
+        self.trust = trust
+        self.trusted_publishers = trusted_publishers
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "psk")
@@ -269,10 +375,12 @@ class RunSettings:
     def node_config(self, **overrides: Any):
         """A ``swarm.node.NodeConfig`` (imports the node, hence libp2p)."""
         from swarm.node import NodeConfig
+        from swarm.trust import TrustPolicy
 
         kw: dict[str, Any] = dict(home=self.home, cache_dir=self.cache_dir, listen=self.listen,
                                   bootstrap=self.bootstrap, serve=self.serve,
-                                  serve_hf_cache=self.serve_hf_cache, psk=self.psk)
+                                  serve_hf_cache=self.serve_hf_cache, psk=self.psk,
+                                  trust=TrustPolicy(self.trust, frozenset(self.trusted_publishers)))
         kw.update(overrides)
         return NodeConfig(**kw)
 
@@ -284,6 +392,9 @@ def resolve_run(*, home: str | os.PathLike | None = None,
                 cache_dir: str | os.PathLike | None = None,
                 no_serve_hf_cache: bool | None = None,
                 config: str | os.PathLike | None = None,
+                psk: str | None = None,
+                trust: str | None = None,
+                trusted_publishers: Sequence[str] | None = None,
                 env: Mapping[str, str] | None = None) -> RunSettings:
     """Resolve every option of ``run``: arguments (None / empty = not given on the command line)
     > ``SWARM_*`` variables > the TOML file > defaults. Raises ConfigError."""
@@ -340,10 +451,35 @@ def resolve_run(*, home: str | os.PathLike | None = None,
     else:
         serve_hf = toml.get("serve_hf_cache", True)
 
-    psk = env.get("SWARM_PSK") or toml.get("psk") or None
+    # private network key
+    if psk:
+        psk_v: str | None = parse_psk_option(psk, "--psk")
+    elif env.get("SWARM_PSK", "").strip():
+        psk_v = parse_psk_option(env["SWARM_PSK"], "SWARM_PSK")
+    else:
+        psk_v = toml.get("psk")
+
+    # trust policy and its publishers (each from the first place that sets it)
+    if trust:
+        mode, mode_at = trust, "--trust"
+    elif env.get("SWARM_TRUST", "").strip():
+        mode, mode_at = env["SWARM_TRUST"].strip(), "SWARM_TRUST"
+    else:
+        mode, mode_at = toml.get("trust", "open"), "trust (config file)"
+    if trusted_publishers:
+        pubs = tuple(check_publisher_id(p, "--trusted-publisher") for p in trusted_publishers)
+        pubs_at = "--trusted-publisher"
+    elif env.get("SWARM_TRUSTED_PUBLISHERS", "").strip():
+        pubs = tuple(check_publisher_id(p, "SWARM_TRUSTED_PUBLISHERS")
+                     for p in _split_list(env["SWARM_TRUSTED_PUBLISHERS"]))
+        pubs_at = "SWARM_TRUSTED_PUBLISHERS"
+    else:
+        pubs, pubs_at = toml.get("trusted_publishers", ()), "trusted_publishers (config file)"
+    trust_mode, publishers = check_trust(mode, pubs, mode_at, pubs_at)
 
     return RunSettings(home=home_p.absolute(), cache_dir=cache_p.absolute(), listen=listen_t,
-                       bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk)
+                       bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk_v,
+                       trust=trust_mode, trusted_publishers=publishers)
 
 
 def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:

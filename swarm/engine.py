@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -119,6 +119,8 @@ class _Peer:
         self.uploads: deque[int] = deque()
         self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
         self.idle_since: float | None = None  # both sides uninterested since (we complete)
+        self.held_back: set[int] = set()  # pieces we refused them once by the seeding policy
+        self.serves = True  # from their Hello: they upload to peers
         self.control: deque[wire.Message] = deque()
         self.wake = trio.Event()
         self.timeouts = 0
@@ -195,10 +197,16 @@ class Transfer:
         self.banned: set[str] = set()
         self._writing: set[int] = set()
         self._handshakes = 0  # links still in their handshake (they count against max_peers)
-        self._sent_at: dict[int, float] = {}  # piece -> when we last uploaded it (seeding policy)
+        # Seeding policy (see _hold_back): when we last sent each piece, how many copies we sent,
+        # and how many pieces have each copy count (so the least-sent count is O(1) to find).
+        self._sent_at: dict[int, float] = {}
+        self._copies = [0] * self.num_pieces
+        self._copies_hist: Counter[int] = Counter({0: self.num_pieces})
         self.bytes_up = 0
         self.bytes_down = 0
         self.internal_errors = 0
+        self.wasted_bytes = 0  # piece bytes received that we no longer needed (late or duplicate)
+        self.timeouts = 0  # requests that timed out
         self.completed = trio.Event()
         self.failed = trio.Event()  # set with ``error`` when the local store cannot go on
         self.error: Exception | None = None
@@ -292,11 +300,12 @@ class Transfer:
         peer = _Peer(link, trio.current_time())
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                await link.send(wire.Hello(self.hash, self.num_pieces))
+                await link.send(wire.Hello(self.hash, self.num_pieces, self.may_upload))
                 await link.send(wire.Bitfield(wire.pack_bitfield(self.have, self.num_pieces)))
                 if hello is None:
                     hello = await link.receive()
                 self._check_hello(hello)
+                peer.serves = hello.serves
                 bf = await link.receive()
                 if not isinstance(bf, wire.Bitfield):
                     raise wire.ProtocolError(f"expected Bitfield, got {type(bf).__name__}")
@@ -384,7 +393,7 @@ class Transfer:
             if peer.uploads:
                 index = peer.uploads.popleft()
                 try:
-                    self._sent_at[index] = trio.current_time()
+                    self._count_copy(index)
                     if peer.send_piece is not None:
                         n = await peer.send_piece(index, self.store)
                     else:
@@ -431,7 +440,7 @@ class Transfer:
         elif isinstance(msg, wire.Request):
             i = self._index(msg.index)
             if (not peer.slot.unchoked or i not in self.have or not self.may_upload
-                    or self._hold_back(i, now)):
+                    or self._hold_back(peer, i, now)):
                 peer.post(wire.Reject(i))
             elif len(peer.uploads) >= self.config.max_queued_requests:
                 raise wire.ProtocolError("too many queued requests")
@@ -487,27 +496,35 @@ class Transfer:
             if i in peer.cancelled:  # a late copy after endgame cancel or timeout: harmless
                 peer.cancelled.discard(i)
             peer.wasted += n
+            self.wasted_bytes += n
             if peer.wasted > self.config.max_wasted_bytes:
                 raise wire.ProtocolError("too many unrequested piece bytes")
             return
-        self._end_request(peer, i)
+        # No longer outstanding on this peer, but still in flight for the picker until it is
+        # written: verifying and writing take a while (a file's last piece re-hashes the whole
+        # file), and re-requesting it meanwhile wasted a third of a model per frontend (measured).
+        del peer.requests[i]
         peer.timeouts = 0
-        if n != self._lengths[i]:
-            self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
-        if i in self.have or i in self._writing:
-            peer.wasted += n
-            self._fill_requests(peer)
-            return
-        self._writing.add(i)
         try:
-            await self.run_blocking(self.store.write_piece, i, msg.data)
-        except PieceHashMismatch:
-            self._ban(peer, f"piece {i} failed blake3")
-        except StoreError as e:  # disk full, permissions: this transfer cannot go on
-            self._fail(e)
-            raise _Drop(f"local store error: {e}") from e
+            if n != self._lengths[i]:
+                self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
+            if i in self.have or i in self._writing:
+                peer.wasted += n
+                self.wasted_bytes += n
+                self._fill_requests(peer)
+                return
+            self._writing.add(i)
+            try:
+                await self.run_blocking(self.store.write_piece, i, msg.data)
+            except PieceHashMismatch:
+                self._ban(peer, f"piece {i} failed blake3")
+            except StoreError as e:  # disk full, permissions: this transfer cannot go on
+                self._fail(e)
+                raise _Drop(f"local store error: {e}") from e
+            finally:
+                self._writing.discard(i)
         finally:
-            self._writing.discard(i)
+            self.picker.request_ended(i)
         st = self.stats[peer.id]
         st.bytes_down += n
         st.pieces_down += 1
@@ -566,16 +583,34 @@ class Transfer:
         if want:
             self._fill_requests(peer)
 
-    def _hold_back(self, i: int, now: float) -> bool:
-        """First-copy-once seeding: while some piece has never been sent, a seeder with several
-        interested peers refuses to send a piece again soon after sending it, so its upload goes to
-        new pieces and the peers trade the copies (BitTorrent's super-seeding, in spirit)."""
-        if not self.picker.done or len(self._sent_at) >= self.num_pieces:
+    def _count_copy(self, i: int) -> None:
+        self._sent_at[i] = trio.current_time()
+        c = self._copies[i]
+        self._copies[i] = c + 1
+        self._copies_hist[c] -= 1
+        if not self._copies_hist[c]:
+            del self._copies_hist[c]
+        self._copies_hist[c + 1] += 1
+
+    def _hold_back(self, peer: _Peer, i: int, now: float) -> bool:
+        """Least-copied-first seeding: a seeder with several interested peers sends a piece again
+        only once every piece has been sent as often (or the last copy is ``first_copy_window``
+        old), so its upload goes to pieces the swarm lacks and the peers trade the copies among
+        themselves (BitTorrent's super-seeding, in spirit). Measured with four frontends on one
+        worker: worker upload 4.2x the model without it.
+
+        Only while at least two interested peers serve others (their Hello says so), and a peer is
+        refused a piece at most once: if it asks again (after its back-off), nobody else could give
+        it to them (a sparse mesh), so we send it. Without these two rules a client-server swarm
+        (frontends that never serve) stalled in the simulator."""
+        if not self.picker.done or self._copies[i] <= min(self._copies_hist):
             return False
-        sent = self._sent_at.get(i)
-        if sent is None or now - sent >= self.config.first_copy_window:
+        if now - self._sent_at[i] >= self.config.first_copy_window or i in peer.held_back:
             return False
-        return sum(1 for p in self.peers.values() if p.slot.interested) > 1
+        if sum(1 for p in self.peers.values() if p.slot.interested and p.serves) < 2:
+            return False
+        peer.held_back.add(i)
+        return True
 
     def _timeout_for(self, i: int) -> float:
         return self.config.request_timeout + self._lengths[i] / self.config.min_rate
@@ -615,6 +650,7 @@ class Transfer:
                 p.cancelled.add(i)
                 p.post(wire.Cancel(i))
                 p.timeouts += 1
+                self.timeouts += 1
                 expired = True
         if expired:
             self._fill_all()

@@ -31,6 +31,7 @@ from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_ke
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
 from swarm.sources import (
+    FetchError,
     FetchRequest,
     FetchResult,
     ModelNotFound,
@@ -73,6 +74,11 @@ class NodeConfig:
     direct_io: bool = True
     """Write whole aligned pieces received over the lane with O_DIRECT (see swarm/store.py)."""
     trust: TrustPolicy = attrs.Factory(TrustPolicy)
+    stall_timeout: float | None = 60.0
+    """Seconds a download may go without a verified piece while no linked peer can still send one
+    (none holds a missing piece, or each that does let ``max_timeouts`` requests in a row time
+    out) before the fetch fails: VerificationFailed if peers were banned for bad data, FetchError
+    otherwise. None waits for new providers forever."""
 
 
 @attrs.define
@@ -417,6 +423,7 @@ class Node:
                 # after the first piece left the worker uploading 4x the model to 4 frontends).
                 n.start_soon(partial(self._announce, sh, model=False))
                 n.start_soon(_raise_on_failure, t)
+                n.start_soon(self._watch_stall, t)
                 await t.configs_ready.wait()
                 emit({"event": "configs_ready"})
                 await t.completed.wait()
@@ -444,6 +451,35 @@ class Node:
         await self._announce(sh, model=True)
         emit({"event": "done", "path": str(path)})
         return path
+
+    async def _watch_stall(self, t: Transfer) -> None:
+        """Fail a download that cannot go on (see ``NodeConfig.stall_timeout``). Without this, a
+        fetch whose providers all sent bad pieces (and were banned), all vanished or all stopped
+        answering waited forever, and the fallback chain never got to try the Hub."""
+        limit = self.config.stall_timeout
+        if limit is None:
+            return
+        have, since = len(t.have), trio.current_time()
+        while True:
+            await trio.sleep(min(1.0, limit / 4))
+            now = trio.current_time()
+            able = [p for p in t.peers.values()
+                    if p.timeouts < t.config.max_timeouts and t.picker.interesting(p.have)]
+            if len(t.have) != have or able or t._handshakes:
+                have, since = len(t.have), now
+                continue
+            if now - since < limit:
+                continue
+            what = (f"{t.manifest.model}: no verified piece for {now - since:.0f} s and no peer "
+                    f"left that can send one")
+            if t.banned:
+                ids = ", ".join(sorted(pid[:16] for pid in t.banned))
+                raise VerificationFailed(f"{what}; {len(t.banned)} peer(s) banned for sending bad "
+                                         f"data: {ids}", ())
+            silent = sum(1 for p in t.peers.values() if t.picker.interesting(p.have))
+            raise FetchError(f"{what} ({silent} linked peer(s) with missing pieces stopped "
+                             f"answering; the others are gone)" if silent else
+                             f"{what} (every provider of the missing pieces is gone)")
 
     async def _connect_loop(self, sh: Shared, providers: list[PeerAddr]) -> None:
         """Open links to providers until the transfer is complete, looking up more as needed."""
@@ -535,6 +571,7 @@ class Node:
                 "path": str(sh.path) if sh.path else None,
                 "bytes": t.wanted_bytes, "have_bytes": t.have_bytes,
                 "bytes_up": t.bytes_up, "bytes_down": t.bytes_down,
+                "wasted_bytes": t.wasted_bytes, "timeouts": t.timeouts,
                 "peers": sorted(t.peers),
                 "banned": sorted(t.banned),
             })

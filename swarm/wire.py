@@ -39,6 +39,9 @@ MAX_SIGNATURE_BYTES = 1024
 MAX_MANIFESTS_PER_REPLY = 16
 """A peer may hold several revisions of one model; more than this is noise or abuse."""
 
+HELLO_SERVES = 0x01
+"""Hello flag: the sender serves pieces to peers."""
+
 _HDR = struct.Struct(">IB")
 _U32 = struct.Struct(">I")
 _HASH_LEN = 32
@@ -58,6 +61,9 @@ class Hello:
     TYPE: ClassVar[int] = 1
     manifest_hash: bytes
     num_pieces: int
+    serves: bool = True
+    """The sender uploads to peers (False: a fetch-only node). Seeders use it to decide whether
+    peers can pass pieces on to each other."""
 
 
 @attrs.frozen
@@ -198,7 +204,8 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         if len(msg.manifest_hash) != _HASH_LEN:
             raise ValueError("Hello.manifest_hash must be 32 bytes")
-        return _frame(t, msg.manifest_hash + _U32.pack(msg.num_pieces))
+        flags = HELLO_SERVES if msg.serves else 0
+        return _frame(t, msg.manifest_hash + _U32.pack(msg.num_pieces) + bytes([flags]))
     if isinstance(msg, Bitfield):
         return _frame(t, bytes(msg.bits))
     if isinstance(msg, PieceData):
@@ -280,9 +287,10 @@ def decode_body(type_: int, body: memoryview) -> Message:
         return PieceData(_U32.unpack(body[:4])[0], bytes(body[4:]))
     if type_ == Hello.TYPE:
         r = _Reader(body, "Hello")
-        h = Hello(r.take(_HASH_LEN), r.u32())
+        mh, n = r.take(_HASH_LEN), r.u32()
+        flags = r.u8()  # unknown bits are ignored: later versions may add flags
         r.end()
-        return h
+        return Hello(mh, n, bool(flags & HELLO_SERVES))
     if type_ == Bitfield.TYPE:
         return Bitfield(bytes(body))
     if type_ == Error.TYPE:

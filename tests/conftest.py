@@ -11,10 +11,11 @@ _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # make ``import modelgen`` work under any import mode
     sys.path.insert(0, str(_TESTS))
 
-from modelgen import make_model_dir  # noqa: E402
-
-MODEL_NAME = "test-org/tiny-llama"
-MODEL_REVISION = "0123456789abcdef0123456789abcdef01234567"
+from modelgen import (  # noqa: E402
+    MODEL_NAME,
+    MODEL_REVISION,
+    make_model_dir,
+)
 
 
 @pytest.fixture(scope="session")

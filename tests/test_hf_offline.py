@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_NAME, MODEL_REVISION
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+from modelgen import MODEL_NAME, MODEL_REVISION
 
 from swarm.manifest import Manifest, build_manifest
 from swarm.store import SnapshotReader, Store, private_revision
