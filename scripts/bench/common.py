@@ -3,10 +3,12 @@ the machine description."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -102,7 +104,13 @@ class Child:
         assert self.p.stdout is not None
         r, _, _ = select.select([self.p.stdout], [], [], timeout)
         if not r:
-            raise TimeoutError(f"no answer from {self.p.args[1:3]} within {timeout:g} s")
+            self.stuck = True
+            if self.p.poll() is None:  # node_proc.py dumps its trio tasks into its log
+                with contextlib.suppress(OSError):
+                    self.p.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)
+            raise TimeoutError(f"no answer from {self.p.args[1:3]} within {timeout:g} s "
+                               f"(see {self.log.name})")
         line = self.p.stdout.readline()
         if not line:
             raise RuntimeError(f"child {self.p.args[1:3]} exited (rc={self.p.poll()}); see {self.log.name}")
@@ -117,6 +125,8 @@ class Child:
 
     def close(self) -> dict | None:
         out = None
+        if getattr(self, "stuck", False) and self.p.poll() is None:
+            self.p.kill()
         if self.p.poll() is None:
             try:
                 out = self.call(cmd="quit", timeout=20)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,35 @@ def _rss() -> dict:
     return out
 
 
+def dump_tasks() -> None:
+    """Every trio task and where it waits, to stderr (SIGUSR1: run.py sends it on a timeout)."""
+    out = [f"--- trio tasks of pid {os.getpid()} at {time.strftime('%X')}"]
+
+    def walk(task, depth: int) -> None:
+        out.append("  " * depth + task.name)
+        coro = task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is None:
+                break
+            out.append("  " * depth + f"    {frame.f_code.co_filename}:{frame.f_lineno} "
+                       f"{frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    sys.stderr.write("\n".join(out) + "\n")
+    sys.stderr.flush()
+
+
+async def dump_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            dump_tasks()
+
+
 def reply(**kw) -> None:
     kw.update(_rss())
     sys.stdout.write(json.dumps(kw) + "\n")
@@ -51,6 +81,7 @@ async def main() -> None:
         ready = trio.Event()
         stop = trio.Event()
         holder: dict = {}
+        nursery.start_soon(dump_on_signal)
 
         async def run_node(cfg: NodeConfig) -> None:
             n = Node(cfg)

@@ -1,0 +1,368 @@
+"""Faults with real processes (``swarm-node run`` subprocesses, tests/procs.py): seeders SIGKILLed
+mid-transfer; the fetcher SIGKILLed mid-transfer and restarted (how much it fetches again); 16
+frontends on one worker (the worker's file descriptors and memory afterwards)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+from advkit import (
+    MODEL,
+    FinalPathWatcher,
+    HostilePeer,
+    assert_honest_alive,
+    record,
+    start_node,
+    wait_until,
+)
+from modelgen import carried_files, make_model_dir
+from procs import NodeProc, base_env, same_files
+
+from swarm import client
+from swarm.manifest import Manifest
+from swarm.sources import FetchError, FetchRequest, VerificationFailed
+from swarm.store import FLUSH_INTERVAL, _decode_state
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """96 MiB of weights in 2 shards: 24 pieces of 4 MiB, plus the config set."""
+    return make_model_dir(tmp_path_factory.mktemp("big-src"), weights_bytes=96 << 20,
+                          n_weight_files=2, seed=21)
+
+
+def model_status(home: Path) -> dict:
+    st = client.status(home)
+    (m,) = [m for m in st["models"] if m["model"] == MODEL]
+    return m
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_fd_kinds(pid: int) -> dict[str, int]:
+    """Open descriptors of ``pid`` by kind: sockets, regular files, other (pipes, epoll...)."""
+    out = {"sockets": 0, "files": 0, "other": 0}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        out["sockets" if target.startswith("socket:") else
+            "files" if target.startswith("/") else "other"] += 1
+    return out
+
+
+def proc_mem(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(rest.split()[0]) << 10
+    return out
+
+
+def stop_all(nodes) -> None:
+    for n in nodes:
+        if n is not None:
+            n.stop()
+
+
+# --------------------------------------------------------------------------- seeders killed
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_two_of_three_seeders_mid_transfer(tmp_path, big_model):
+    env = base_env(tmp_path)
+    seeders = [NodeProc(tmp_path, f"s{i}", "--serve", f"{MODEL}={big_model}", env=env)
+               for i in range(3)]
+    front = None
+    try:
+        seeders[0].start().wait_ready()
+        for s in seeders[1:]:
+            s.cmd += ["--bootstrap", seeders[0].addr]
+            s.start()
+        for s in seeders[1:]:
+            s.wait_ready()
+        front = NodeProc(tmp_path, "front", "--bootstrap", seeders[0].addr, env=env).start()
+        front.wait_ready()
+        size = sum((big_model / f).stat().st_size for f in carried_files(2))
+        killed_at: list[int] = []
+
+        def on_event(ev: dict) -> None:
+            if ev.get("event") == "progress" and not killed_at and ev["have"] > 0.3 * size:
+                killed_at.append(ev["have"])
+                for s in seeders[:2]:  # the bootstrap node among them
+                    os.kill(s.popen.pid, signal.SIGKILL)
+
+        t0 = time.monotonic()
+        with FinalPathWatcher(front.cache) as watch:
+            path = client.fetch(MODEL, home=front.home, timeout=120, progress=False,
+                                on_event=on_event)
+        elapsed = time.monotonic() - t0
+        watch.assert_clean()
+        assert killed_at, "the transfer finished before the kill"
+        for s in seeders[:2]:
+            assert s.popen.wait(5) == -signal.SIGKILL
+        same_files(big_model, path, carried_files(2))
+        m = model_status(front.home)
+        assert m["complete"]
+        assert seeders[2].popen.poll() is None
+        assert model_status(seeders[2].home)["complete"]
+        record("processes: SIGKILL 2 of 3 seeders at 30%", seeders_killed=2,
+               killed_at_fraction=round(killed_at[0] / size, 2), fetch_s=round(elapsed, 1),
+               bytes_down=m["bytes_down"], model_bytes=size,
+               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
+               bytes_lost=0, outcome="complete")
+    finally:
+        stop_all([front, *seeders])
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, big_model,
+                                                                     error_log):
+    """The only seeder dies at 30%: the fetch fails with a clear error once no peer can send
+    anything (stall_timeout 3 s here, 60 s by default); nothing reaches a final path that should
+    not; the seeder restarted, the same node fetches the rest (resume state kept)."""
+    env = base_env(tmp_path)
+    seeder = NodeProc(tmp_path, "seeder", "--serve", f"{MODEL}={big_model}", env=env)
+    try:
+        await trio.to_thread.run_sync(lambda: seeder.start().wait_ready())
+        size = sum((big_model / f).stat().st_size for f in carried_files(2))
+        async with AsyncExitStack() as stack:
+            front = await start_node(stack, tmp_path, "front", bootstrap=(seeder.addr,),
+                                     stall_timeout=3.0)
+            killed_at: list[int] = []
+
+            def on_event(ev: dict) -> None:
+                if ev.get("event") == "progress" and not killed_at and ev["have"] > 0.3 * size:
+                    killed_at.append(ev["have"])
+                    os.kill(seeder.popen.pid, signal.SIGKILL)
+
+            t0 = trio.current_time()
+            with FinalPathWatcher(front.config.cache_dir) as watch:
+                with trio.fail_after(60), pytest.raises(FetchError) as ei:
+                    await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir),
+                                      on_event=on_event)
+                failed_after = trio.current_time() - t0
+                assert killed_at, "the transfer finished before the kill"
+                assert not isinstance(ei.value, VerificationFailed)
+                assert "gone" in str(ei.value) or "stopped answering" in str(ei.value), ei.value
+                assert not list(Path(front.config.cache_dir).rglob("snapshots/*"))
+                # the seeder comes back: the same node resumes and completes
+                seeder.popen = None
+                await trio.to_thread.run_sync(lambda: seeder.start().wait_ready())
+                await front.host.connect(seeder.addr)  # it listens on a new port
+                with trio.fail_after(60):
+                    snap = await front.fetch(FetchRequest(MODEL,
+                                                          cache_dir=front.config.cache_dir))
+            watch.assert_clean()
+            same_files(big_model, snap, carried_files(2))
+            (t,) = [sh.transfer for sh in front.shared.values()]
+            refetched = t.bytes_down
+            # a clean failure flushes the resume state: nothing verified is fetched twice
+            assert refetched <= size - killed_at[0], (refetched, size, killed_at)
+            assert_honest_alive([front])
+            assert not error_log, [r.getMessage() for r in error_log]
+        record("processes: SIGKILL of the only seeder at 30%, then it restarts",
+               killed_at_fraction=round(killed_at[0] / size, 2),
+               fails_after_s=round(failed_after, 1), error=str(ei.value)[:120],
+               bytes_fetched_after_restart=refetched, model_bytes=size,
+               bad_files_at_final_path=len(watch.violations),
+               outcome="FetchError, then resumed and complete")
+    finally:
+        seeder.stop()
+
+
+# --------------------------------------------------------------------------- fetcher killed
+
+
+def persisted_bytes(cache: Path, m: Manifest) -> tuple[int, int]:
+    """(bytes of complete blobs, bytes of pieces marked in resume state files) on disk."""
+    repo = next(Path(cache).glob("models--*"))
+    by_hex = {f.digest.hex(): f for f in m.files}
+    complete = sum(by_hex[b.name].size for b in (repo / "blobs").glob("*") if b.name in by_hex)
+    marked = 0
+    for state in (repo / ".swarm" / "partial").glob("*.pieces"):
+        decoded = _decode_state(state.read_bytes())
+        if decoded is None:
+            continue
+        header, bits = decoded
+        fe = by_hex[header["blob"]]
+        for k in range(fe.num_pieces):
+            if bits[k >> 3] & (1 << (k & 7)):
+                marked += fe.piece_span(k)[1]
+    return complete, marked
+
+
+@pytest.mark.timeout(150)
+async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_log):
+    """A fetcher process is SIGKILLed at 70% of a download from a seeder that sends 8 MiB/s (an
+    in-process peer with honest bytes, slowed so the store's 2 s resume-state flush happens during
+    the transfer). Restarted on the same home and cache, it fetches exactly what its resume state
+    did not record: the pieces in flight plus those verified since the last flush (at most
+    FLUSH_INTERVAL = 2 s of transfer, or FLUSH_BYTES = 256 MiB)."""
+    src, m, pieces = adv_model
+    size = m.total_size
+    env = base_env(tmp_path)
+    async with AsyncExitStack() as stack:
+        seeder = HostilePeer(tmp_path, "slow-seeder", manifest=m, pieces=pieces,
+                             pieces_mode="slow", slow_rate=8 * MiB)
+        await stack.enter_async_context(seeder.running())
+        front = NodeProc(tmp_path, "front", "--bootstrap", seeder.host.addrs[0], env=env)
+        try:
+            await trio.to_thread.run_sync(lambda: front.start().wait_ready())
+            events: list[tuple[float, int]] = []
+            killed = threading.Event()
+
+            def on_event(ev: dict) -> None:
+                if ev.get("event") == "progress":
+                    events.append((time.monotonic(), ev["have"]))
+                    if not killed.is_set() and ev["have"] > 0.7 * size:
+                        killed.set()
+                        os.kill(front.popen.pid, signal.SIGKILL)
+
+            def first_fetch() -> BaseException | None:
+                try:
+                    client.fetch(MODEL, home=front.home, timeout=60, progress=False,
+                                 on_event=on_event)
+                except BaseException as e:
+                    return e
+                return None
+
+            with FinalPathWatcher(front.cache, [m]) as watch:
+                err = await trio.to_thread.run_sync(first_fetch)
+                assert killed.is_set(), f"the fetch ended before the kill: {err!r}"
+                t_kill, have_at_kill = events[-1]
+                await trio.to_thread.run_sync(front.popen.wait)
+                complete, marked = persisted_bytes(front.cache, m)
+                persisted = complete + marked
+                served_before = seeder.stats["slow_bytes"]
+                # What the store could have lost: pieces verified in the last flush interval.
+                window = have_at_kill - max([h for t, h in events if t <= t_kill - FLUSH_INTERVAL]
+                                            or [0])
+                front.popen = None
+                await trio.to_thread.run_sync(lambda: front.start().wait_ready())
+                path = await trio.to_thread.run_sync(
+                    lambda: client.fetch(MODEL, home=front.home, timeout=60, progress=False))
+                after = await trio.to_thread.run_sync(lambda: model_status(front.home))
+            watch.assert_clean()
+            same_files(src, path, [f.path for f in m.files])
+            refetched = after["bytes_down"]
+            lost = have_at_kill - persisted
+            # Exactly what was not recorded on disk is fetched again; nothing recorded is.
+            assert refetched == size - persisted, (refetched, size, persisted)
+            assert persisted > 0, "no resume state was flushed before the kill"
+            assert lost <= window + 2 * (4 * MiB), (lost, window)
+            assert not error_log, [r.getMessage() for r in error_log]
+            record("processes: SIGKILL of the fetcher at 70%, restart", model_bytes=size,
+                   have_at_kill=have_at_kill, persisted_on_disk=persisted,
+                   complete_blobs=complete, resume_state_pieces=marked,
+                   verified_but_unflushed=lost, flush_window_bytes=window,
+                   refetched_after_restart=refetched, seeder_bytes_before_kill=served_before,
+                   bad_files_at_final_path=len(watch.violations),
+                   outcome="complete; refetch == model - persisted")
+        finally:
+            front.stop()
+
+
+# --------------------------------------------------------------------------- 16 frontends
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from swarm.manifest import build_manifest
+
+    src = make_model_dir(tmp_path_factory.mktemp("small-src"), weights_bytes=8 << 20,
+                         n_weight_files=2, seed=5)
+    return src, build_manifest(src, MODEL, "local")
+
+
+@pytest.mark.timeout(150)
+async def test_sixteen_frontends_on_one_worker(tmp_path, small_model, error_log):
+    """A worker process serves 16 frontends (nodes in this process) fetching at once. After they
+    finish and stop, the worker holds no more sockets than before (within a small constant; the
+    only new descriptors are the served snapshot's files, opened once each and kept) and its
+    memory stayed bounded."""
+    src, m = small_model
+    env = base_env(tmp_path)
+    worker = NodeProc(tmp_path, "worker", "--serve", f"{MODEL}={src}", env=env)
+    try:
+        await trio.to_thread.run_sync(lambda: worker.start().wait_ready())
+        pid = worker.popen.pid
+        await trio.sleep(0.5)
+        fds_before = proc_fds(pid)
+        kinds_before = proc_fd_kinds(pid)
+        mem_before = proc_mem(pid)
+        paths: dict[int, Path] = {}
+        t0 = trio.current_time()
+        peak_fds = fds_before
+        async with AsyncExitStack() as stack:
+            fronts = [await start_node(stack, tmp_path, f"f{k}", bootstrap=(worker.addr,),
+                                       lookup_timeout=20.0)
+                      for k in range(16)]
+
+            t_started = trio.current_time()
+            times: dict[int, float] = {}
+
+            async def fetch(k: int) -> None:
+                f = fronts[k]
+                t1 = trio.current_time()
+                paths[k] = await f.fetch(FetchRequest(MODEL, cache_dir=f.config.cache_dir))
+                times[k] = trio.current_time() - t1
+
+            async def watch_fds() -> None:
+                nonlocal peak_fds
+                while True:
+                    peak_fds = max(peak_fds, proc_fds(pid))
+                    await trio.sleep(0.05)
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as n:
+                    n.start_soon(watch_fds)
+                    async with trio.open_nursery() as fetches:
+                        for k in range(16):
+                            fetches.start_soon(fetch, k)
+                    n.cancel_scope.cancel()
+            elapsed = trio.current_time() - t_started
+            print("START", t_started - t0, "TIMES", sorted(times.values()))
+            assert_honest_alive(fronts)
+            t_stop = trio.current_time()
+        print("STOP", trio.current_time() - t_stop)
+        # frontends stopped: their connections and links to the worker are gone
+        n_files = len(m.files)
+        await trio.to_thread.run_sync(lambda: wait_until(
+            lambda: proc_fd_kinds(pid)["sockets"] <= kinds_before["sockets"] + 2, 20))
+        kinds_after = proc_fd_kinds(pid)
+        fds_after = proc_fds(pid)
+        mem_after = proc_mem(pid)
+        for p in paths.values():
+            same_files(src, p, [f.path for f in m.files])
+        st = await trio.to_thread.run_sync(lambda: model_status(worker.home))
+        assert worker.popen.poll() is None
+        assert not error_log, [r.getMessage() for r in error_log]
+        record("processes: 16 frontends on 1 worker", frontends=16, fetch_all_s=round(elapsed, 1),
+               worker_upload_x_model=round(st["bytes_up"] / m.total_size, 2),
+               worker_fds_before=fds_before, worker_fds_peak=peak_fds, worker_fds_after=fds_after,
+               worker_fd_kinds_before=kinds_before, worker_fd_kinds_after=kinds_after,
+               snapshot_files=n_files,
+               worker_rss_before_mib=mem_before["VmRSS"] >> 20,
+               worker_rss_after_mib=mem_after["VmRSS"] >> 20,
+               worker_hwm_mib=mem_after["VmHWM"] >> 20, outcome="complete")
+        assert len(paths) == 16
+        assert kinds_after["sockets"] <= kinds_before["sockets"] + 2, (kinds_before, kinds_after)
+        assert kinds_after["files"] <= kinds_before["files"] + n_files, (kinds_before, kinds_after)
+        assert kinds_after["other"] <= kinds_before["other"] + 2, (kinds_before, kinds_after)
+        assert mem_after["VmHWM"] < mem_before["VmRSS"] + 400 * MiB, (mem_before, mem_after)
+    finally:
+        worker.stop()
