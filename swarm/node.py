@@ -413,6 +413,7 @@ class Node:
             emit({"event": "progress", "have": progress["have"], "total": total})
 
         t.on_piece = on_piece
+        path: Path | None = None
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(t.run)
@@ -431,7 +432,11 @@ class Node:
                 n.cancel_scope.cancel()
         except BaseException as e:
             e = _single(e)
-            if not t.completed.is_set():
+            # Not finalized: the transfer failed or was cancelled, or every piece is in but
+            # finalize failed (disk full while linking the snapshot or writing the ref). Checking
+            # ``t.completed`` here left that last case holding the download lock with ``ready``
+            # never set, so every later fetch of the manifest waited forever.
+            if path is None:
                 self.shared.pop(h, None)
                 sh.error = f"{manifest.model}: download did not finish: {e!r}"
                 sh.ready.set()

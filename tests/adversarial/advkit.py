@@ -72,8 +72,8 @@ def weight_pieces(manifest: Manifest) -> list[int]:
 async def start_node(stack: AsyncExitStack, tmp: Path, name: str, **kw: Any) -> Node:
     kw.setdefault("engine", ENGINE)
     kw.setdefault("lookup_timeout", 3.0)
-    node = Node(NodeConfig(home=tmp / name / "home", cache_dir=tmp / name / "cache",
-                           serve_hf_cache=False, **kw))
+    kw.setdefault("cache_dir", tmp / name / "cache")
+    node = Node(NodeConfig(home=tmp / name / "home", serve_hf_cache=False, **kw))
     await stack.enter_async_context(node.running())
     return node
 

@@ -305,7 +305,6 @@ async def test_sixteen_frontends_on_one_worker(tmp_path, small_model, error_log)
         kinds_before = proc_fd_kinds(pid)
         mem_before = proc_mem(pid)
         paths: dict[int, Path] = {}
-        t0 = trio.current_time()
         peak_fds = fds_before
         async with AsyncExitStack() as stack:
             fronts = [await start_node(stack, tmp_path, f"f{k}", bootstrap=(worker.addr,),
@@ -313,13 +312,10 @@ async def test_sixteen_frontends_on_one_worker(tmp_path, small_model, error_log)
                       for k in range(16)]
 
             t_started = trio.current_time()
-            times: dict[int, float] = {}
 
             async def fetch(k: int) -> None:
                 f = fronts[k]
-                t1 = trio.current_time()
                 paths[k] = await f.fetch(FetchRequest(MODEL, cache_dir=f.config.cache_dir))
-                times[k] = trio.current_time() - t1
 
             async def watch_fds() -> None:
                 nonlocal peak_fds
@@ -335,10 +331,7 @@ async def test_sixteen_frontends_on_one_worker(tmp_path, small_model, error_log)
                             fetches.start_soon(fetch, k)
                     n.cancel_scope.cancel()
             elapsed = trio.current_time() - t_started
-            print("START", t_started - t0, "TIMES", sorted(times.values()))
             assert_honest_alive(fronts)
-            t_stop = trio.current_time()
-        print("STOP", trio.current_time() - t_stop)
         # frontends stopped: their connections and links to the worker are gone
         n_files = len(m.files)
         await trio.to_thread.run_sync(lambda: wait_until(
