@@ -10,7 +10,8 @@ Live: one node serving a model, in a trio loop of its own (so hypothesis' sync e
 it), and four attacker hosts connected to it. Each example sends a batch of inputs at once, each on
 its own fresh stream: /swarm/pieces/1.0.0 (raw bytes, frames of any type, and mutated sessions
 that start with a real handshake and go on with requests, pieces, bad indices...),
-/swarm/manifest/1.0.0, /swarm/lane/1.0.0 offers, and raw bytes on the lane's TCP port. After each
+/swarm/manifest/1.0.0, /swarm/lane/1.0.0 offers, raw bytes on the lane's TCP port, and the DHT's
+/ipfs/kad/1.0.0 (py-libp2p's handler: the node must survive it too). After each
 input the attacker half-closes and waits for the node to close the stream; a node that kept a
 stream open after that (or crashed, or logged an internal error) fails the test. Afterwards the
 node must still serve an honest fetch. The counts go to docs/reliability.md.
@@ -459,6 +460,41 @@ def test_live_lane_setup(live):
     assert live.outcomes["lane tcp left open"] == 0, live.outcomes
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+# The DHT's /ipfs/kad/1.0.0 (py-libp2p's handler, on the same connection): varint-length-prefixed
+# protobuf-ish messages (field tags and lengths from hypothesis), raw bytes, absurd lengths.
+kad_inputs = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda body: _varint(len(body)) + body, st.binary(max_size=300)),
+    st.builds(lambda n, body: _varint(n) + body, st.integers(0, 2**40), st.binary(max_size=64)),
+    st.builds(lambda fields: (lambda b: _varint(len(b)) + b)(b"".join(
+        _varint(tag) + _varint(len(v)) + v for tag, v in fields)),
+        st.lists(st.tuples(st.integers(0, 120), st.binary(max_size=40)), max_size=6)),
+)
+KAD_PROTOCOL = "/ipfs/kad/1.0.0"
+
+
+@pytest.mark.timeout(120)
+def test_live_dht_protocol(live):
+    @settings(FAST, max_examples=40)
+    @given(st.lists(kad_inputs, min_size=BATCH, max_size=BATCH))
+    def run(inputs):
+        TRIED["live /ipfs/kad/1.0.0"] += len(inputs)
+        live.runner.call(live.batch, KAD_PROTOCOL, inputs)
+
+    run()
+    assert live.outcomes["stream left open by the node"] == 0, live.outcomes
+
+
 @pytest.mark.timeout(120)
 def test_live_node_still_serves_and_holds_nothing(live, adv_model):
     """After the fuzzing: no internal error, the node still serves an honest fetch, it holds no
@@ -481,7 +517,7 @@ def test_live_node_still_serves_and_holds_nothing(live, adv_model):
     assert not live.errors, [r.getMessage() for r in live.errors][:5]
     fds_after = len(os.listdir("/proc/self/fd"))
     live_total = sum(v for k, v in TRIED.items() if k.startswith("live"))
-    record("fuzz: live node (pieces, manifest, lane offers, lane TCP)", inputs=live_total,
+    record("fuzz: live node (pieces, manifest, lane offers, lane TCP, DHT)", inputs=live_total,
            **{k.replace("live ", ""): v for k, v in TRIED.items() if k.startswith("live")},
            outcomes=dict(live.outcomes), slowest_stream_s=round(live.slowest, 2),
            node_internal_errors=t.internal_errors, node_error_logs=len(live.errors),
