@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -73,6 +74,9 @@ ADDR_TTL = 24 * 3600
 BOOTSTRAP_RETRY = 30.0
 """Seconds between attempts to reach the bootstrap peers while we have no connection at all."""
 SELF_LOOKUP_TIMEOUT = 30.0
+GET_PROVIDERS_ATTEMPTS = 4
+"""Tries of a GET_PROVIDERS that comes back empty (a busy DHT peer resets requests beyond 12 at
+once; measured: 16 frontends looking up one worker together, 3-5 of them got nothing for 5 s)."""
 
 _SHA2_256 = 0x12
 _BLAKE3 = 0x1E
@@ -603,14 +607,25 @@ class SwarmHost:
         async with trio.open_nursery() as nursery:
 
             async def ask(peer: ID) -> None:
-                async with sem:
-                    try:
-                        # A private helper of py-libp2p 0.8.1's ProviderStore (its public
-                        # find_providers stops at the local cache); returns ([], []) on failure.
-                        provs, more = await ps._get_providers_from_peer_with_closers(peer, key)
-                    except Exception as e:
-                        log.debug("GET_PROVIDERS to %s failed: %r", peer, e)
-                        return
+                provs: list[PeerInfo] = []
+                more: list[ID] = []
+                for attempt in range(GET_PROVIDERS_ATTEMPTS):
+                    if attempt:
+                        await trio.sleep(random.uniform(0.05, 0.25) * attempt)
+                    async with sem:
+                        try:
+                            # A private helper of py-libp2p 0.8.1's ProviderStore (its public
+                            # find_providers stops at the local cache); returns ([], []) on
+                            # failure.
+                            provs, more = await ps._get_providers_from_peer_with_closers(peer, key)
+                        except Exception as e:
+                            log.debug("GET_PROVIDERS to %s failed: %r", peer, e)
+                            return
+                    if provs or more:
+                        break
+                    # Neither providers nor closer peers: most likely refused. py-libp2p's DHT
+                    # resets every request beyond 12 it is handling (a flash crowd of fetchers
+                    # asking one worker at once), and the helper reports that as an empty answer.
                 add(provs)
                 closer.extend(more)
                 if len(found) >= limit:

@@ -422,7 +422,7 @@ BATCH = 8
 def test_live_pieces_protocol(live, adv_model):
     m = adv_model[1]
 
-    @settings(FAST, max_examples=260)
+    @settings(FAST, max_examples=200)
     @given(st.lists(pieces_inputs(m), min_size=BATCH, max_size=BATCH))
     def run(inputs):
         TRIED["live /swarm/pieces/1.0.0"] += len(inputs)
