@@ -16,8 +16,15 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
         .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download
         .swarm/tmp/                        staging for everything that is later renamed into place
 
-Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its whole-file blake3
-was checked by re-reading it from disk; symlinks under ``snapshots/`` and files under ``refs/`` appear
+Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its data was fsynced
+and its whole-file blake3 checked. That check hashes, in file order, the verified bytes of each
+piece as they were handed to ``pwrite`` while the pieces that arrive in file order are written (so
+a file fetched in order is never read back), and reads back from disk everything after the first
+piece that came out of order (or was restored from a resume state). A single-piece file needs no
+second hash: its verified piece digest is its file digest. The check catches a manifest whose file
+digest disagrees with its pieces and any piece we failed to write; it does not re-read bytes the
+disk acknowledged (nor did the earlier full re-read, which mostly came from the page cache).
+Symlinks under ``snapshots/`` and files under ``refs/`` appear
 only by atomic rename (a fresh snapshot directory is built in ``.swarm/tmp`` and renamed into place
 in one step), so nothing partial or unverified is ever visible there.
 
@@ -35,9 +42,9 @@ On reopen the bits are trusted when the header matches the ``.incomplete`` on di
 size, piece size, device and inode); if only the device/inode differ (the file was copied or
 replaced), each set bit is re-verified against its piece digest before it is trusted.  Restored
 pieces are additionally checked lazily: the first :meth:`Download.read_piece` of a restored piece
-re-hashes it (a mismatch drops it from ``have`` and raises :class:`PieceNotAvailable`), and a file
-is always re-hashed in full before it becomes final; if that check fails, the pieces of the file
-that no longer verify are dropped from ``have`` (they become ``missing`` again) instead of the file
+re-hashes it (a mismatch drops it from ``have`` and raises :class:`PieceNotAvailable`), and the
+whole-file check always reads restored pieces back from disk; if that check fails, the pieces of
+the file that no longer verify are dropped from ``have`` (they become ``missing`` again) instead of the file
 being published.
 
 Concurrency: one :class:`Download` per (model, manifest hash) at a time, across threads and
@@ -48,8 +55,8 @@ verified, identical bytes at identical offsets, the state file is only ever a su
 and whoever completes the file second finds it already final.
 
 Notes for callers: ``have`` only shrinks when restored bytes turn out damaged on disk (see above);
-a file completes inside the ``write_piece`` call that delivers its last piece (fsync + full re-read,
-so that call takes longer); empty files are published at open; each file's fd is opened once and
+a file completes inside the ``write_piece`` call that delivers its last piece (fsync + re-reading
+what arrived out of order, so that call can take longer); empty files are published at open; each file's fd is opened once and
 kept until ``close()``, except that single-piece files are closed once final and read through
 short-lived fds afterwards (a repo of thousands of small files does not exhaust fds).
 """
@@ -277,12 +284,14 @@ def _pread_bytes(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _hash_fd(fd: int, size: int) -> bytes | None:
-    """blake3 of the first ``size`` bytes of ``fd``; None if the file is shorter."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (1 << 20) else 1)
-    buf = bytearray(min(HASH_CHUNK, max(size, 1)))
+def _hash_fd(fd: int, size: int, hasher: blake3.blake3 | None = None, start: int = 0) -> bytes | None:
+    """blake3 of the first ``size`` bytes of ``fd``; None if the file is shorter. With ``hasher``
+    (already fed the first ``start`` bytes), only bytes ``start..size`` are read."""
+    if hasher is None:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (1 << 20) else 1)
+    buf = bytearray(min(HASH_CHUNK, max(size - start, 1)))
     mv = memoryview(buf)
-    offset = 0
+    offset = start
     while offset < size:
         want = min(len(buf), size - offset)
         n = _pread_into(fd, mv[:want], offset)
@@ -326,13 +335,16 @@ def _open_direct(path: str | os.PathLike, flags: int) -> int | None:
         raise
 
 
-def _hash_fd_direct(fd: int, size: int) -> bytes | None:
+def _hash_fd_direct(fd: int, size: int, hasher: blake3.blake3 | None = None,
+                    start: int = 0) -> bytes | None:
     """``_hash_fd`` through an O_DIRECT fd: page-aligned buffers and offsets (the tail read comes
     back short), DIRECT_READAHEAD reads in flight while the finished chunks are hashed in order
-    (one read at a time leaves a virtio disk half idle: ~1.0 GB/s here, ~1.5-2 GB/s with two)."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (1 << 20) else 1)
-    chunk = min(DIRECT_CHUNK, -(-max(size, 1) // DIRECT_ALIGN) * DIRECT_ALIGN)
-    offsets = range(0, size, chunk)
+    (one read at a time leaves a virtio disk half idle: ~1.0 GB/s here, ~1.5-2 GB/s with two).
+    ``start`` must be a multiple of DIRECT_ALIGN (piece boundaries of multi-piece files are)."""
+    if hasher is None:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (1 << 20) else 1)
+    chunk = min(DIRECT_CHUNK, -(-max(size - start, 1) // DIRECT_ALIGN) * DIRECT_ALIGN)
+    offsets = range(start, size, chunk)
     bufs = [mmap.mmap(-1, chunk) for _ in range(min(DIRECT_READAHEAD + 1, len(offsets)))]
 
     def read(k: int) -> int:
@@ -781,7 +793,8 @@ class _File:
 
     __slots__ = (
         "close_when_idle", "count", "dev", "dfd", "dirty", "entry", "fd", "final", "final_path",
-        "first", "hex", "index", "ino", "lock", "part_path", "state_path", "users", "wanted",
+        "first", "hash_lock", "hashed", "hasher", "hex", "index", "ino", "lock", "part_path",
+        "state_path", "users", "wanted",
     )
 
     def __init__(self, index: int, entry: FileEntry, first: int, repo: Path, wanted: bool) -> None:
@@ -802,6 +815,11 @@ class _File:
         self.close_when_idle = False
         self.dev = self.ino = -1  # of the fd's file
         self.lock = threading.Lock()  # guards fd, users, final and the state file
+        # The whole-file hash, fed in file order while pieces arrive (see _hash_in_order):
+        # ``hashed`` leading pieces of the file are in ``hasher``. Guarded by hash_lock.
+        self.hasher = blake3.blake3()
+        self.hashed = 0
+        self.hash_lock = threading.Lock()
 
     @property
     def pieces(self) -> range:
@@ -1144,6 +1162,7 @@ class Download:
                 file_done = f.count == f.entry.num_pieces
                 due = (self._unflushed >= FLUSH_BYTES
                        or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
+            self._hash_in_order(f, index - f.first, mv)
             if file_done:
                 self._complete_file(f)
             elif due and self._flush_lock.acquire(blocking=False):
@@ -1153,7 +1172,41 @@ class Download:
                     self._flush_lock.release()
             return True
 
+    def _hash_in_order(self, f: _File, k: int, mv: memoryview) -> None:
+        """Feed piece ``k`` of ``f`` (just verified and written) to the file's whole-file hasher
+        if it is the next one in file order, so completing a file that arrived in order re-reads
+        nothing. Pieces that arrive out of order, or are restored from a resume state, are read
+        back from disk when the file completes (``_finish_hash``). Never waits: if another thread
+        holds the hasher, this piece is left for the completion read."""
+        if k != f.hashed or not f.hash_lock.acquire(blocking=False):
+            return
+        try:
+            if k == f.hashed and not f.final:
+                if f.entry.num_pieces > 1:
+                    # One thread, as for the piece digest (the other core moves bytes).
+                    f.hasher.update(mv)
+                # A single-piece file needs no second hash: its piece digest, just verified, is
+                # its whole-file digest (Manifest validation requires that).
+                f.hashed = k + 1
+        finally:
+            f.hash_lock.release()
+
+    def _finish_hash(self, f: _File, fd: int) -> bytes | None:
+        """The whole-file blake3 of ``f``: the in-order hasher plus the rest read from disk
+        (through O_DIRECT where pieces were written so). Caller holds ``f.lock``."""
+        fe = f.entry
+        with f.hash_lock:
+            if f.hashed == fe.num_pieces and fe.num_pieces == 1:
+                return fe.digest
+            start = min(f.hashed * fe.piece_size, fe.size)
+            hasher, f.hasher, f.hashed = f.hasher, blake3.blake3(), 0  # used once
+        if f.dfd is None:
+            return _hash_fd(fd, fe.size, hasher, start)
+        return _hash_fd_direct(f.dfd, fe.size, hasher, start)
+
     def _drop(self, f: _File, indices: Iterable[int]) -> None:
+        with f.hash_lock:  # the dropped pieces may be in the hasher: start it over
+            f.hasher, f.hashed = blake3.blake3(), 0
         with self._lock:
             for i in indices:
                 if i in self._have:
@@ -1172,10 +1225,7 @@ class Download:
             fd = self._open_part_locked(f)
             with _io("syncing", f.part_path):
                 os.fsync(fd)
-                # Pieces written with direct I/O are not in the page cache: re-read them the same
-                # way (reading them through the cache would cost what direct writes saved).
-                digest = (_hash_fd(fd, fe.size) if f.dfd is None
-                          else _hash_fd_direct(f.dfd, fe.size))
+                digest = self._finish_hash(f, fd)
             if digest != fe.digest:
                 bad = []
                 buf = bytearray(fe.piece_size)

@@ -925,3 +925,100 @@ def test_snapshot_reader(tmp_path: Path, small_model) -> None:
     r.close()
     with pytest.raises(StoreError):
         r.read_piece(0)
+
+
+# --- the whole-file check ----------------------------------------------------------------------
+
+
+def _record_rereads(monkeypatch) -> list[tuple[int, int]]:
+    """(file size, first byte re-read from disk) of every whole-file check."""
+    seen: list[tuple[int, int]] = []
+    for name in ("_hash_fd", "_hash_fd_direct"):
+        real = getattr(store_mod, name)
+
+        def wrapped(fd, size, hasher=None, start=0, _real=real):
+            seen.append((size, start))
+            return _real(fd, size, hasher, start)
+
+        monkeypatch.setattr(store_mod, name, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed"])
+def test_whole_file_check_rereads_only_what_arrived_out_of_order(
+        tmp_path: Path, small_model, monkeypatch, order: str) -> None:
+    src, m = small_model
+    seen = _record_rereads(monkeypatch)
+    store = Store(tmp_path / "cache")
+    reader = SnapshotReader(src, m)
+    pieces = list(range(m.num_pieces))
+    if order == "reversed":
+        pieces.reverse()
+    with store.open_download(m) as dl:
+        fill(dl, reader, pieces)
+        snap = dl.finalize()
+    assert_snapshot_matches(snap, src, m, set(range(len(m.files))))
+    multi = sorted(fe.size for fe in m.files if fe.num_pieces > 1)
+    # Single-piece files are never re-read: their verified piece digest is the file digest.
+    assert sorted(size for size, _ in seen) == multi
+    for fe in m.files:
+        if fe.num_pieces > 1:
+            start = next(s for size, s in seen if size == fe.size)
+            # In order: nothing is re-read. Reversed: the first piece arrives last and is hashed
+            # from memory; every other piece is read back.
+            assert start == (fe.size if order == "in-order" else fe.piece_size)
+
+
+def test_threads_writing_in_random_order_publish_correct_files(tmp_path: Path, small_model) -> None:
+    src, m = small_model
+    store = Store(tmp_path / "cache")
+    reader = SnapshotReader(src, m)
+    data = {i: reader.read_piece(i) for i in range(m.num_pieces)}
+    work: queue.Queue[int] = queue.Queue()
+    order = list(range(m.num_pieces))
+    random.Random(5).shuffle(order)
+    for i in order:
+        work.put(i)
+    with store.open_download(m) as dl:
+        def worker() -> None:
+            while True:
+                try:
+                    i = work.get_nowait()
+                except queue.Empty:
+                    return
+                dl.write_piece(i, data[i])
+                dl.write_piece(i, data[i])  # a duplicate changes nothing
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        snap = dl.finalize()
+    assert_snapshot_matches(snap, src, m, set(range(len(m.files))))
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed"])
+def test_manifest_whose_file_digest_disagrees_with_its_pieces_is_refused(
+        tmp_path: Path, small_model, order: str) -> None:
+    """A (hostile) manifest can list a whole-file digest its pieces do not produce: every piece
+    verifies, but the file must not be published under that digest."""
+    import attrs
+
+    src, m = small_model
+    k = next(i for i, fe in enumerate(m.files) if fe.num_pieces > 1)
+    files = list(m.files)
+    files[k] = attrs.evolve(files[k], blake3="blake3:" + "ab" * 32)
+    liar = attrs.evolve(m, files=tuple(files))
+    store = Store(tmp_path / "cache")
+    reader = SnapshotReader(src, m)
+    pieces = sorted(liar.pieces_of([k]))
+    if order == "reversed":
+        pieces.reverse()
+    with store.open_download(liar, [k]) as dl:
+        with pytest.raises(StoreError, match="manifest is inconsistent"):
+            fill(dl, reader, pieces)
+        assert not final_blob(store, MODEL, liar.files[k]).exists()
+        with pytest.raises(StoreError):
+            dl.finalize()
+    assert snapshot_entries(store, MODEL) == []
