@@ -3,10 +3,11 @@
     swarm-node run [--home DIR] [--listen MA]... [--bootstrap MA/p2p/ID]... [--serve ORG/NAME=DIR]...
                    [--cache-dir DIR] [--no-serve-hf-cache] [--config FILE] [--psk KEY|FILE]
                    [--trust open|trusted-publishers] [--trusted-publisher PEER_ID]...
+                   [--lane encrypted|plaintext|off] [--no-direct-io]
     swarm-node fetch ORG/NAME [--revision R] [--configs-only] [--include GLOB]... [--exclude GLOB]...
                    [--cache-dir DIR] [--local-dir DIR] [--timeout S] [--json] [--home DIR]
     swarm-node status [--json] [--home DIR]
-    swarm-node demo [--size-mb 300] [--frontends 3] [--timeout 300]
+    swarm-node demo [--size-mb 300] [--frontends 3] [--timeout 300] [--lane MODE]
     swarm-node keygen [--out FILE]
 
 Every failure prints one line ``error: ...`` on stderr and exits non-zero (1; 2 for bad usage or
@@ -24,7 +25,7 @@ from typing import Any
 
 import swarm
 
-__all__ = ["build_parser", "format_status", "main"]
+__all__ = ["build_parser", "format_status", "main", "run_settings"]
 
 log = logging.getLogger("swarm.cli")
 
@@ -99,26 +100,36 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
                                                f"{', '.join(settings.listen)})")
                         server.attach(node)
                         log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
-                                 "control socket %s; trust %s%s%s", node.peer_id,
+                                 "control socket %s; trust %s%s; lane %s%s", node.peer_id,
                                  ", ".join(st["addrs"]), len(st["models"]), server.path,
                                  settings.trust,
                                  f" ({len(settings.trusted_publishers)} publisher(s))"
                                  if settings.trusted_publishers else "",
+                                 settings.lane,
                                  "; private swarm (psk)" if settings.psk else "")
                         await trio.sleep_forever()
             outer.cancel_scope.cancel()
     log.info("swarm-node stopped")
 
 
+def run_settings(args: argparse.Namespace) -> Any:
+    """``swarm.config.RunSettings`` from parsed ``run`` arguments (> SWARM_* > --config > the
+    defaults). Raises ConfigError."""
+    from swarm.config import resolve_run
+
+    return resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
+                       serve=args.serve, cache_dir=args.cache_dir,
+                       no_serve_hf_cache=args.no_serve_hf_cache, config=args.config,
+                       psk=args.psk, trust=args.trust,
+                       trusted_publishers=args.trusted_publisher, lane=args.lane,
+                       no_direct_io=args.no_direct_io)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from swarm.config import ConfigError, resolve_run
+    from swarm.config import ConfigError
 
     try:
-        settings = resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
-                               serve=args.serve, cache_dir=args.cache_dir,
-                               no_serve_hf_cache=args.no_serve_hf_cache, config=args.config,
-                               psk=args.psk, trust=args.trust,
-                               trusted_publishers=args.trusted_publisher)
+        settings = run_settings(args)
     except ConfigError as e:
         return _fail(str(e), EXIT_USAGE)
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
@@ -211,6 +222,8 @@ def format_status(st: dict) -> str:
     lines.append("listening:  " + (addrs[0] if addrs else "-"))
     lines += [f"            {a}" for a in addrs[1:]]
     peers = st.get("peers") or []
+    if st.get("lane"):
+        lines.append(f"data lane:  {st['lane']}")
     lines.append(f"peers:      {len(peers)} connected")
     lines += [f"            {p}" for p in peers]
     lines.append(f"bytes:      {_size(st.get('bytes_up'))} up, {_size(st.get('bytes_down'))} down")
@@ -249,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         return demo.run(size_mb=args.size_mb, frontends=args.frontends, timeout=args.timeout,
-                        keep=args.keep)
+                        keep=args.keep, lane=args.lane)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except demo.DemoError as e:
@@ -312,6 +325,23 @@ def _add_home(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
 
 
+LANE_HELP = (
+    "how piece bytes travel: over a direct TCP data lane set up through the authenticated libp2p "
+    "connection, 'encrypted' (AES-256-GCM, the default) or 'plaintext' (piece bytes unencrypted "
+    "on the wire: for trusted networks only; used only when both ends are set to plaintext, an "
+    "encrypted peer never accepts it; control messages stay encrypted and every piece is still "
+    "verified with blake3); or 'off' (libp2p streams only). A link falls back to a libp2p stream "
+    "whenever the lane cannot be opened")
+
+
+def _add_lane(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    from swarm.config import LANE_MODES
+
+    where = (f"default {default}" if default is not None
+             else "env SWARM_LANE, config key lane; default encrypted")
+    p.add_argument("--lane", choices=LANE_MODES, default=default, help=f"{LANE_HELP} ({where})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm-node", description="Peer-to-peer delivery of ML model files.")
@@ -346,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trusted-publisher", action="append", metavar="PEER_ID",
                      help="peer id whose signed manifests are accepted, repeatable "
                           "(env SWARM_TRUSTED_PUBLISHERS, comma-separated)")
+    _add_lane(run)
+    run.add_argument("--no-direct-io", action="store_true", default=None,
+                     help="write pieces received over the data lane through the page cache, not "
+                          "with O_DIRECT (env SWARM_NO_DIRECT_IO=1)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 
@@ -381,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=_positive, default=300.0,
                       help="give up after this many seconds")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    _add_lane(demo, default="encrypted")
     demo.set_defaults(func=cmd_demo)
 
     keygen = sub.add_parser("keygen", help="print a new random swarm key (private network PSK)",

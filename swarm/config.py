@@ -13,7 +13,8 @@ it; lists from different places are not merged.
 Environment variables: ``SWARM_HOME``, ``SWARM_LISTEN``, ``SWARM_BOOTSTRAP`` and ``SWARM_SERVE``
 (comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/
 ``on`` or ``0``/``false``/``no``/``off``), ``SWARM_PSK``, ``SWARM_TRUST``, ``SWARM_TRUSTED_PUBLISHERS``
-(comma-separated peer ids), ``SWARM_CONFIG``.
+(comma-separated peer ids), ``SWARM_LANE`` (``encrypted``, ``plaintext`` or ``off``),
+``SWARM_NO_DIRECT_IO`` (a boolean, like ``SWARM_NO_SERVE_HF_CACHE``), ``SWARM_CONFIG``.
 
 TOML keys (all optional; any other key is an error naming it)::
 
@@ -26,6 +27,10 @@ TOML keys (all optional; any other key is an error naming it)::
                                      # go-style swarm.key file, or the path of a file holding either
     trust = "trusted-publishers"     # "open" (default) or "trusted-publishers"
     trusted_publishers = ["12D3KooW..."]   # publisher peer ids (Ed25519); needs the policy above
+    lane = "encrypted"               # the direct TCP data lane for piece bytes: "encrypted"
+                                     # (default), "plaintext" (trusted networks only; used only
+                                     # with peers also set to plaintext) or "off" (libp2p only)
+    direct_io = true                 # O_DIRECT writes of whole aligned pieces from the lane
     [serve]
     "acme/private-model" = "/models/private-model"
 
@@ -45,10 +50,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LANE_MODES",
     "SOCKET_NAME",
     "TRUST_POLICIES",
     "ConfigError",
     "RunSettings",
+    "check_lane",
     "check_publisher_id",
     "default_cache_dir",
     "default_home",
@@ -70,10 +77,15 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
 _TOML_KEYS = ("home", "listen", "bootstrap", "serve", "cache_dir", "serve_hf_cache", "psk", "trust",
-              "trusted_publishers")
+              "trusted_publishers", "lane", "direct_io")
 
 TRUST_POLICIES = ("open", "trusted-publishers")
 """Same as ``swarm.trust.POLICIES`` (not imported: this module stays light for the client path)."""
+
+LANE_MODES = ("encrypted", "plaintext", "off")
+"""Same as ``swarm.net.lane.LANE_MODES`` (not imported: that would import libp2p). "plaintext" is
+for trusted networks only and is used only when both ends are set to it."""
+DEFAULT_LANE = "encrypted"
 
 
 class ConfigError(ValueError):
@@ -218,6 +230,14 @@ def check_trust(mode: str, publishers: Sequence[str], mode_at: str, publishers_a
     return mode, tuple(dict.fromkeys(publishers))
 
 
+def check_lane(mode: Any, where: str) -> str:
+    """A data lane mode: one of LANE_MODES (``where`` names the option and where it came from)."""
+    if not isinstance(mode, str) or mode.strip().lower() not in LANE_MODES:
+        raise ConfigError(f"{where}: lane mode must be one of {', '.join(LANE_MODES)}, "
+                          f"not {mode!r}")
+    return mode.strip().lower()
+
+
 def parse_serve(item: str, where: str = "--serve") -> tuple[str, Path]:
     """``ORG/NAME=DIR`` -> ``("ORG/NAME", Path(DIR))`` (the name is validated, DIR must exist)."""
     model, sep, directory = item.partition("=")
@@ -275,7 +295,7 @@ def load_toml(path: Path | str) -> dict[str, Any]:
             out[key] = tuple(_check_multiaddr(v, at, need_peer_id=key == "bootstrap") for v in value)
         elif key == "serve":
             out[key] = _toml_serve(value, at, base)
-        elif key == "serve_hf_cache":
+        elif key in ("serve_hf_cache", "direct_io"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{at}: expected true or false")
             out[key] = value
@@ -285,6 +305,8 @@ def load_toml(path: Path | str) -> dict[str, Any]:
             if not isinstance(value, str) or value not in TRUST_POLICIES:
                 raise ConfigError(f"{at}: expected one of {', '.join(TRUST_POLICIES)}, got {value!r}")
             out[key] = value
+        elif key == "lane":
+            out[key] = check_lane(value, at)
         elif key == "trusted_publishers":
             if isinstance(value, str):
                 value = [value]
@@ -351,13 +373,14 @@ def resolve_home(cli_home: str | os.PathLike | None = None, *,
 class RunSettings:
     """The resolved options of ``swarm-node run`` (and of an embedded node)."""
 
-    __slots__ = ("bootstrap", "cache_dir", "home", "listen", "psk", "serve", "serve_hf_cache",
-                 "trust", "trusted_publishers")
+    __slots__ = ("bootstrap", "cache_dir", "direct_io", "home", "lane", "listen", "psk", "serve",
+                 "serve_hf_cache", "trust", "trusted_publishers")
 
     def __init__(self, *, home: Path, cache_dir: Path, listen: tuple[str, ...],
                  bootstrap: tuple[str, ...], serve: tuple[tuple[str, Path], ...],
                  serve_hf_cache: bool, psk: str | None, trust: str = "open",
-                 trusted_publishers: tuple[str, ...] = ()) -> None:
+                 trusted_publishers: tuple[str, ...] = (), lane: str = DEFAULT_LANE,
+                 direct_io: bool = True) -> None:
         self.home = home
         self.cache_dir = cache_dir
         self.listen = listen
@@ -367,6 +390,8 @@ class RunSettings:
         self.psk = psk
         self.trust = trust
         self.trusted_publishers = trusted_publishers
+        self.lane = lane
+        self.direct_io = direct_io
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "psk")
@@ -380,7 +405,8 @@ class RunSettings:
         kw: dict[str, Any] = dict(home=self.home, cache_dir=self.cache_dir, listen=self.listen,
                                   bootstrap=self.bootstrap, serve=self.serve,
                                   serve_hf_cache=self.serve_hf_cache, psk=self.psk,
-                                  trust=TrustPolicy(self.trust, frozenset(self.trusted_publishers)))
+                                  trust=TrustPolicy(self.trust, frozenset(self.trusted_publishers)),
+                                  lane=self.lane, direct_io=self.direct_io)
         kw.update(overrides)
         return NodeConfig(**kw)
 
@@ -395,6 +421,8 @@ def resolve_run(*, home: str | os.PathLike | None = None,
                 psk: str | None = None,
                 trust: str | None = None,
                 trusted_publishers: Sequence[str] | None = None,
+                lane: str | None = None,
+                no_direct_io: bool | None = None,
                 env: Mapping[str, str] | None = None) -> RunSettings:
     """Resolve every option of ``run``: arguments (None / empty = not given on the command line)
     > ``SWARM_*`` variables > the TOML file > defaults. Raises ConfigError."""
@@ -477,9 +505,26 @@ def resolve_run(*, home: str | os.PathLike | None = None,
         pubs, pubs_at = toml.get("trusted_publishers", ()), "trusted_publishers (config file)"
     trust_mode, publishers = check_trust(mode, pubs, mode_at, pubs_at)
 
+    # data lane mode (the file's value was checked by load_toml)
+    if lane:
+        lane_v = check_lane(lane, "--lane")
+    elif env.get("SWARM_LANE", "").strip():
+        lane_v = check_lane(env["SWARM_LANE"], "SWARM_LANE")
+    else:
+        lane_v = toml.get("lane", DEFAULT_LANE)
+
+    # O_DIRECT writes of lane pieces
+    if no_direct_io:
+        direct_io = False
+    elif "SWARM_NO_DIRECT_IO" in env:
+        direct_io = not _parse_bool(env["SWARM_NO_DIRECT_IO"], "SWARM_NO_DIRECT_IO")
+    else:
+        direct_io = toml.get("direct_io", True)
+
     return RunSettings(home=home_p.absolute(), cache_dir=cache_p.absolute(), listen=listen_t,
                        bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk_v,
-                       trust=trust_mode, trusted_publishers=publishers)
+                       trust=trust_mode, trusted_publishers=publishers, lane=lane_v,
+                       direct_io=direct_io)
 
 
 def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:

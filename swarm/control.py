@@ -5,7 +5,8 @@ The socket is ``<home>/control.sock``, mode 0600 (only the node's user may talk 
 per connection (``Connection: close``). Routes:
 
 ``GET /v1/status``
-    ``node.status()`` plus ``home``, ``cache_dir``, ``pid`` and ``version``:
+    ``node.status()`` plus ``home``, ``cache_dir``, ``pid``, ``version``, ``control_socket``,
+    ``lane`` (the data lane mode: "encrypted", "plaintext" or "off") and ``direct_io``:
     ``{"peer_id", "addrs": [".../p2p/<id>"], "peers": [...], "models": [...], "bytes_up",
     "bytes_down", ...}``. 503 ``{"error": ...}`` while the node is still starting.
 ``GET /v1/peers``
@@ -518,8 +519,10 @@ class ControlServer:
 
     def _status(self) -> dict:
         st = dict(self.node.status())
-        st.update(home=str(self.home), cache_dir=str(self.node.config.cache_dir), pid=os.getpid(),
-                  version=swarm.__version__, control_socket=str(self.path))
+        config = self.node.config
+        st.update(home=str(self.home), cache_dir=str(config.cache_dir), pid=os.getpid(),
+                  version=swarm.__version__, control_socket=str(self.path),
+                  lane=getattr(config, "lane", None), direct_io=getattr(config, "direct_io", None))
         return st
 
     def _peers(self) -> dict:

@@ -72,18 +72,22 @@ class _Proc:
 
 
 class Demo:
-    def __init__(self, size_mb: int, frontends: int, timeout: float, keep: bool) -> None:
+    def __init__(self, size_mb: int, frontends: int, timeout: float, keep: bool,
+                 lane: str = "encrypted") -> None:
         self.size_mb = size_mb
         self.n_frontends = frontends
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.keep = keep
+        self.lane = lane
         self.tmp = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
         self.procs: list[_Proc] = []
         self.sources: dict[str, int] = {}
         self.env = dict(os.environ)
         for var in ("SWARM_HOME", "SWARM_CONFIG", "SWARM_LISTEN", "SWARM_BOOTSTRAP", "SWARM_SERVE",
-                    "SWARM_CACHE_DIR", "SWARM_NO_SERVE_HF_CACHE", "SWARM_PSK", "MODEL_EXPRESS_URL"):
+                    "SWARM_CACHE_DIR", "SWARM_NO_SERVE_HF_CACHE", "SWARM_PSK", "SWARM_TRUST",
+                    "SWARM_TRUSTED_PUBLISHERS", "SWARM_LANE", "SWARM_NO_DIRECT_IO",
+                    "MODEL_EXPRESS_URL"):
             self.env.pop(var, None)
         self.env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
                         HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
@@ -103,7 +107,8 @@ class Demo:
         home.parent.mkdir(parents=True)
         env = dict(self.env, HF_HUB_CACHE=str(cache))
         cmd = [sys.executable, "-m", "swarm.cli", "run", "--home", str(home), "--cache-dir",
-               str(cache), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache", *extra]
+               str(cache), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache",
+               "--lane", self.lane, *extra]
         with open(log, "wb") as out:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                      start_new_session=True)
@@ -279,7 +284,7 @@ class Demo:
         t0 = time.monotonic()
         model_dir = self.generate()
         self.remaining()
-        _say("starting the worker ...")
+        _say(f"starting the worker (data lane: {self.lane}) ...")
         worker = self.start_node("worker", "worker", ["--serve", f"{MODEL}={model_dir}"])
         self.wait_ready(worker, serving=True)
         addr = next((a for a in worker.addrs if "/127.0.0.1/" in a), worker.addrs[0])
@@ -303,11 +308,17 @@ class Demo:
         return 0
 
 
-def run(*, size_mb: int = 300, frontends: int = 3, timeout: float = 300.0, keep: bool = False) -> int:
-    """Run the demo; its exit code. Raises DemoError (one-line reason) on failure."""
+def run(*, size_mb: int = 300, frontends: int = 3, timeout: float = 300.0, keep: bool = False,
+        lane: str = "encrypted") -> int:
+    """Run the demo; its exit code. Raises DemoError (one-line reason) on failure. ``lane``: the
+    data lane mode of every node (``swarm-node run --lane``)."""
     if size_mb < 1 or frontends < 1:
         raise DemoError("--size-mb and --frontends must be at least 1")
-    demo = Demo(size_mb, frontends, timeout, keep)
+    from swarm.config import LANE_MODES
+
+    if lane not in LANE_MODES:
+        raise DemoError(f"--lane must be one of {', '.join(LANE_MODES)}, not {lane!r}")
+    demo = Demo(size_mb, frontends, timeout, keep, lane)
     # SIGTERM ends the demo like Ctrl-C does, through the cleanup below.
     old = signal.getsignal(signal.SIGTERM)
 

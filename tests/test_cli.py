@@ -8,6 +8,7 @@ tests/procs.py), so nothing ever reaches the Internet: a model arrives through t
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 from pathlib import Path
@@ -17,7 +18,14 @@ from modelgen import carried_files, make_model_dir
 from procs import PRIVATE, NodeProc, base_env, same_files, swarm_node
 
 from swarm import client
-from swarm.config import ConfigError, default_cache_dir, load_toml, resolve_home, resolve_run
+from swarm.config import (
+    LANE_MODES,
+    ConfigError,
+    default_cache_dir,
+    load_toml,
+    resolve_home,
+    resolve_run,
+)
 
 # --- fixtures ----------------------------------------------------------------------------------
 
@@ -64,6 +72,7 @@ def test_status_json_of_a_worker(swarm2, tmp, private_dir):
     [m] = [m for m in st["models"] if m["model"] == PRIVATE]
     assert m["complete"] and m["path"] == str(private_dir)
     assert {"peers", "bytes_up", "bytes_down"} <= set(st)
+    assert st["lane"] == "encrypted" and st["direct_io"] is True  # the defaults
     # The control socket is for this user only.
     sock = worker.home / "control.sock"
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
@@ -71,6 +80,23 @@ def test_status_json_of_a_worker(swarm2, tmp, private_dir):
     r = swarm_node("status", env=dict(base_env(tmp), SWARM_HOME=str(worker.home)))
     assert r.returncode == 0, r.stderr
     assert pid in r.stdout and PRIVATE in r.stdout
+    assert "data lane:  encrypted" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_run_with_lane_plaintext_reports_it(tmp):
+    """``run --lane plaintext --no-direct-io``: the node runs with both, and status says so."""
+    node = NodeProc(tmp, "plain", "--lane", "plaintext", "--no-direct-io").start()
+    try:
+        st = node.wait_ready()
+        assert st["lane"] == "plaintext" and st["direct_io"] is False
+        r = swarm_node("status", "--home", str(node.home), env=base_env(tmp))
+        assert r.returncode == 0, r.stderr
+        assert "data lane:  plaintext" in r.stdout
+        assert node.stop(signal.SIGTERM) == 0
+        assert "lane plaintext" in node.log.read_text(errors="replace")  # the ready line
+    finally:
+        node.stop(signal.SIGKILL)
 
 
 @pytest.mark.timeout(60)
@@ -255,6 +281,85 @@ def test_config_errors_name_the_problem(tmp_path):
         resolve_run(serve=["acme/m"], env={})
     with pytest.raises(ConfigError, match="SWARM_BOOTSTRAP"):
         resolve_run(env={"SWARM_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1"})
+
+
+def test_lane_modes_match_the_lane_module():
+    # swarm.config keeps its own copy (it must not import swarm.net, hence libp2p).
+    from swarm.net.lane import LANE_MODES as NET_LANE_MODES
+
+    assert LANE_MODES == NET_LANE_MODES
+
+
+def test_lane_and_direct_io_precedence_cli_env_toml_default(tmp_path):
+    s = resolve_run(env={})
+    assert s.lane == "encrypted" and s.direct_io is True
+    cfg = tmp_path / "swarm.toml"
+    cfg.write_text('lane = "off"\ndirect_io = false\n')
+    assert load_toml(cfg) == {"lane": "off", "direct_io": False}
+    s = resolve_run(config=cfg, env={})
+    assert s.lane == "off" and s.direct_io is False
+    # An empty variable counts as unset, like the others.
+    s = resolve_run(env={"SWARM_CONFIG": str(cfg), "SWARM_LANE": " "})
+    assert s.lane == "off"
+    env = {"SWARM_CONFIG": str(cfg), "SWARM_LANE": "plaintext", "SWARM_NO_DIRECT_IO": "0"}
+    s = resolve_run(env=env)
+    assert s.lane == "plaintext" and s.direct_io is True
+    s = resolve_run(lane="encrypted", no_direct_io=True, env=env)
+    assert s.lane == "encrypted" and s.direct_io is False
+    assert resolve_run(env={"SWARM_NO_DIRECT_IO": "yes"}).direct_io is False
+    assert "lane='encrypted'" in repr(s)
+
+
+def test_lane_bad_values_name_the_option(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match=r"^--lane: lane mode must be one of encrypted, "
+                                          r"plaintext, off, not 'fast'$"):
+        resolve_run(lane="fast", env={})
+    with pytest.raises(ConfigError, match=r"^SWARM_LANE: .*not 'tls'"):
+        resolve_run(env={"SWARM_LANE": "tls"})
+    cfg = tmp_path / "c.toml"
+    for text in ('lane = "none"\n', "lane = 1\n", 'lane = ["plaintext"]\n'):
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match="lane mode must be one of") as e:
+            resolve_run(config=cfg, env={})
+        assert str(e.value).startswith(f"{cfg}: lane: ")
+    cfg.write_text('direct_io = "no"\n')
+    with pytest.raises(ConfigError, match="direct_io: expected true or false"):
+        load_toml(cfg)
+    with pytest.raises(ConfigError, match="SWARM_NO_DIRECT_IO"):
+        resolve_run(env={"SWARM_NO_DIRECT_IO": "maybe"})
+    # From the CLI: argparse refuses an unknown --lane; a bad SWARM_LANE is one line, exit 2.
+    from swarm import cli
+
+    with pytest.raises(SystemExit) as ex:
+        cli.main(["run", "--home", str(tmp_path / "h"), "--lane", "fast"])
+    assert ex.value.code == 2 and "--lane" in capsys.readouterr().err
+    for var in [v for v in os.environ if v.startswith("SWARM_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SWARM_LANE", "fast")
+    assert cli.main(["run", "--home", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SWARM_LANE: lane mode must be one of") and len(err.splitlines()) == 1
+
+
+def test_run_cli_path_gives_the_node_its_lane_mode(tmp_path):
+    """``swarm-node run --lane off|plaintext``, parsed and resolved as ``run`` does, builds a Node
+    with that mode (constructed only: nothing listens)."""
+    from swarm.cli import build_parser, run_settings
+    from swarm.node import Node
+
+    def node_for(*extra: str) -> Node:
+        args = build_parser().parse_args(
+            ["run", "--home", str(tmp_path / "home"), "--cache-dir", str(tmp_path / "cache"),
+             "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache", *extra])
+        return Node(run_settings(args).node_config())
+
+    node = node_for("--lane", "off")
+    assert node.config.lane == "off" and node.lane is None and node.store.direct_io is True
+    node = node_for("--lane", "plaintext", "--no-direct-io")
+    assert node.config.lane == "plaintext" and node.lane is not None
+    assert node.lane.mode == "plaintext" and node.store.direct_io is False
+    node = node_for()
+    assert node.config.lane == "encrypted" and node.lane.mode == "encrypted"
 
 
 def test_default_cache_dir_follows_huggingface_hub():
