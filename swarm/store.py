@@ -36,7 +36,9 @@ describes), a bitmap of the file's pieces that are on disk, and a trailing blake
 It is rewritten atomically (tmp + fsync + rename) in batches -- every ``FLUSH_BYTES`` written or
 ``FLUSH_INTERVAL`` seconds, on :meth:`Download.flush` and on :meth:`Download.close` -- and always
 *after* ``fdatasync`` of the data file, so every bit set on disk names a piece whose verified bytes
-were durably written before the bit was.  A crash loses at most the unflushed pieces.
+were durably written before the bit was.  A crash loses no piece that was written whole: on
+reopen the pieces the state does not record are re-hashed from the ``.incomplete`` (holes
+skipped) and kept if they verify (``Download._recover``).
 
 On reopen the bits are trusted when the header matches the ``.incomplete`` on disk (same blob,
 size, piece size, device and inode); if only the device/inode differ (the file was copied or
@@ -56,9 +58,10 @@ and whoever completes the file second finds it already final.
 
 Notes for callers: ``have`` only shrinks when restored bytes turn out damaged on disk (see above);
 a file completes inside the ``write_piece`` call that delivers its last piece (fsync + re-reading
-what arrived out of order, so that call can take longer); empty files are published at open; each file's fd is opened once and
-kept until ``close()``, except that single-piece files are closed once final and read through
-short-lived fds afterwards (a repo of thousands of small files does not exhaust fds).
+what arrived out of order, so that call can take longer); empty files are published at open; each
+file's fd is opened once and kept until ``close()``, except that single-piece files are closed
+once final and read through short-lived fds afterwards (a repo of thousands of small files does
+not exhaust fds).
 """
 
 from __future__ import annotations
@@ -366,6 +369,35 @@ def _hash_fd_direct(fd: int, size: int, hasher: blake3.blake3 | None = None,
         for b in bufs:
             b.close()
     return hasher.digest()
+
+
+class _SideHash:
+    """A writer's claim on a file's next piece in file order (see ``Download._begin_in_order``):
+    a copy of the whole-file hasher being fed that piece on the hash thread."""
+
+    __slots__ = ("future", "gen", "hasher", "k")
+
+    def __init__(self, k: int, gen: int) -> None:
+        self.k = k  # the piece's index within its file
+        self.gen = gen  # the file's hash_gen when claimed
+        self.hasher: blake3.blake3 | None = None  # None: single-piece file, nothing to feed
+        self.future: concurrent.futures.Future | None = None
+
+
+_HASH_THREADS = 2
+"""Threads feeding whole-file hashers in parallel with piece verification (one per link writing
+at once is plenty on the 2-4 core hosts measured)."""
+_hash_pool_lock = threading.Lock()
+_hash_pool_ref: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _hash_pool_ref
+    with _hash_pool_lock:
+        if _hash_pool_ref is None:
+            _hash_pool_ref = concurrent.futures.ThreadPoolExecutor(
+                _HASH_THREADS, thread_name_prefix="swarm-file-hash")
+        return _hash_pool_ref
 
 
 def _as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -793,8 +825,8 @@ class _File:
 
     __slots__ = (
         "close_when_idle", "count", "dev", "dfd", "dirty", "entry", "fd", "final", "final_path",
-        "first", "hash_lock", "hashed", "hasher", "hex", "index", "ino", "lock", "part_path",
-        "state_path", "users", "wanted",
+        "first", "hash_claim", "hash_gen", "hash_lock", "hashed", "hasher", "hex", "index", "ino",
+        "lock", "part_path", "state_path", "users", "wanted",
     )
 
     def __init__(self, index: int, entry: FileEntry, first: int, repo: Path, wanted: bool) -> None:
@@ -815,10 +847,15 @@ class _File:
         self.close_when_idle = False
         self.dev = self.ino = -1  # of the fd's file
         self.lock = threading.Lock()  # guards fd, users, final and the state file
-        # The whole-file hash, fed in file order while pieces arrive (see _hash_in_order):
-        # ``hashed`` leading pieces of the file are in ``hasher``. Guarded by hash_lock.
+        # The whole-file hash, fed in file order while pieces arrive (see _begin_in_order):
+        # ``hashed`` leading pieces of the file are in ``hasher``; ``hash_claim`` is the piece a
+        # writer is feeding to a copy of it; ``hash_gen`` changes whenever the hasher is reset or
+        # taken, so a stale claim is never adopted. hash_lock guards these and is a leaf lock:
+        # it is only held briefly and no other lock is taken while holding it.
         self.hasher = blake3.blake3()
         self.hashed = 0
+        self.hash_claim: int | None = None
+        self.hash_gen = 0
         self.hash_lock = threading.Lock()
 
     @property
@@ -850,6 +887,8 @@ class Download:
         self._have_cache: frozenset[int] | None = None
         self._unflushed = 0
         self._last_flush = time.monotonic()
+        self.recovered_pieces = 0  # verified on disk at open though not in the resume state
+        self.recovered_bytes = 0
         self.wanted_files = wanted
         self._files: list[_File] = []
         first = 0
@@ -922,25 +961,35 @@ class Download:
         self._mark_final(f)
 
     def _restore(self, f: _File) -> None:
-        """Load the resume state of ``f`` (see the module docstring for when bits are trusted)."""
-        fe = f.entry
-        try:
-            raw = f.state_path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise _wrap(exc, "reading", f.state_path) from exc
-        decoded = _decode_state(raw)
+        """Resume ``f`` from its ``.incomplete``: take the pieces its resume state records (when
+        the state matches the file on disk; re-verified first if the file was replaced), then
+        re-hash the pieces the state does not record and keep those that verify (``_recover``)."""
         try:
             st = os.stat(f.part_path)
         except OSError:
             st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) and st.st_size == f.entry.size):
+            st = None  # no usable .incomplete: nothing to restore or recover
+        judged = self._restore_state(f, st)
+        if st is not None:
+            self._recover(f, judged)
+
+    def _restore_state(self, f: _File, st: os.stat_result | None) -> set[int]:
+        """Load the bits of ``f``'s state file (``st``: its ``.incomplete``, None if missing or
+        of the wrong size). Returns the file's piece numbers already judged (set bits, trusted or
+        re-hashed), which ``_recover`` need not read again."""
+        fe = f.entry
+        try:
+            raw = f.state_path.read_bytes()
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise _wrap(exc, "reading", f.state_path) from exc
+        decoded = _decode_state(raw)
         n = fe.num_pieces
         ok = (
             decoded is not None
             and st is not None
-            and stat.S_ISREG(st.st_mode)
-            and st.st_size == fe.size
             and decoded[0].get("blob") == f.hex
             and decoded[0].get("size") == fe.size
             and decoded[0].get("piece_size") == fe.piece_size
@@ -950,12 +999,13 @@ class Download:
         if not ok:
             log.info("discarding resume state %s (does not match %s)", f.state_path, f.part_path)
             _unlink_quiet(f.state_path)
-            return
+            return set()
         assert decoded is not None and st is not None
         header, bits = decoded
         local = [k for k in range(n) if bits[k >> 3] & (1 << (k & 7))]
         if not local:
-            return
+            return set()
+        judged = set(local)
         same_file = header.get("dev") == st.st_dev and header.get("ino") == st.st_ino
         if not same_file:
             # The .incomplete is not the file the bits were written for: trust only what re-hashes.
@@ -979,6 +1029,91 @@ class Download:
                     self._unconfirmed.add(f.first + k)
             f.count = len(local)
             self._have_cache = None
+        return judged
+
+    def _recover(self, f: _File, judged: set[int]) -> None:
+        """Re-hash the pieces of ``f``'s ``.incomplete`` (of the right size) that are not in
+        ``judged`` and keep those that match the manifest's piece digests.
+
+        After a crash these are the pieces verified and written since the last resume-state flush
+        (at most FLUSH_INTERVAL s or FLUSH_BYTES of them), or every piece on disk when the state
+        file is missing or unusable: a restart fetches again only what was never written whole
+        (the pieces in flight). Cost: one read and hash of the bytes written but not recorded,
+        through one reusable piece buffer; ranges the filesystem reports as holes (SEEK_DATA:
+        preallocated, never written) are not read. Whatever else is there (zeros of a never-written
+        region where SEEK_DATA cannot tell, a torn or damaged piece) fails to verify and stays
+        missing. A plain pread is right for pieces written with O_DIRECT too: the kernel keeps the
+        page cache coherent with direct writes, and after a crash it reads what is on disk.
+        Recovered pieces were just hashed, so they are not "unconfirmed"; the file is marked dirty
+        so the next flush records them (after fdatasync, as for any write)."""
+        fe = f.entry
+        todo = [k for k in range(fe.num_pieces) if k not in judged]
+        if not todo:
+            return
+        t0 = time.monotonic()
+        fd = self._open_part(f)
+        extents = self._data_extents(fd, fe.size)
+        buf = memoryview(bytearray(fe.piece_size))
+        zero_digests: dict[int, bytes] = {}
+        good: list[int] = []
+        nread = e = 0
+        for k in todo:  # in file order, as the extents
+            p = self.manifest.pieces[f.first + k]
+            if extents is not None:
+                while e < len(extents) and extents[e][1] <= p.offset:
+                    e += 1
+                if e == len(extents) or extents[e][0] >= p.offset + p.length:  # all hole
+                    if p.length not in zero_digests:
+                        zero_digests[p.length] = blake3.blake3(bytes(p.length)).digest()
+                    if p.digest != zero_digests[p.length]:
+                        continue  # reads as zeros: cannot verify
+            mv = buf[: p.length]
+            try:
+                got = _pread_into(fd, mv, p.offset)
+            except OSError as exc:  # best effort: what cannot be read is fetched again
+                log.warning("%s: recovery stopped at piece %d: %s", f.part_path, k, exc)
+                break
+            nread += got
+            if got == p.length and blake3.blake3(mv).digest() == p.digest:
+                good.append(f.first + k)
+        if good:
+            with self._lock:
+                for i in good:
+                    self._have.add(i)
+                    self._unconfirmed.discard(i)
+                f.count += len(good)
+                f.dirty = True
+                self._have_cache = None
+            self.recovered_pieces += len(good)
+            self.recovered_bytes += sum(self.manifest.pieces[i].length for i in good)
+        log.log(logging.INFO if good or nread else logging.DEBUG,
+                "%s: recovered %d of %d unrecorded pieces from disk (%.1f MiB read, %.2f s)",
+                f.part_path, len(good), len(todo), nread / (1 << 20), time.monotonic() - t0)
+
+    @staticmethod
+    def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+        """The ranges of ``fd``'s first ``size`` bytes that hold data, in file order (SEEK_DATA /
+        SEEK_HOLE; a preallocated, never-written range is a hole); None where the filesystem
+        cannot tell. Moves the fd's offset: every other use of it is pread / pwrite."""
+        if not hasattr(os, "SEEK_DATA"):
+            return None
+        out: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data past pos
+                        break
+                    raise
+                if start >= size:
+                    break
+                pos = os.lseek(fd, start, os.SEEK_HOLE)
+                out.append((start, min(pos, size)))
+        except OSError:  # EINVAL: not supported here
+            return None
+        return out
 
     def _open_part(self, f: _File) -> int:
         with f.lock:
@@ -1125,7 +1260,8 @@ class Download:
 
         Raises :class:`PieceHashMismatch` (wrong length or blake3; nothing written),
         :class:`DiskFull` / :class:`StorePermissionError` / :class:`StoreError`.  When the piece
-        completes its file, the file is fsynced, re-hashed from disk and renamed into ``blobs/``.
+        completes its file, the file is fsynced, its whole-file digest checked (re-reading what
+        arrived out of order) and it is renamed into ``blobs/``.
         """
         piece = self._piece(index)
         if index not in self.wanted_pieces:
@@ -1133,63 +1269,96 @@ class Download:
         mv = _as_bytes_view(data)
         if mv.nbytes != piece.length:
             raise PieceHashMismatch(index, f"piece {index}: {mv.nbytes} bytes, expected {piece.length}")
-        # One thread: pieces are verified while the network and disk threads want the other cores
-        # (AUTO measured 1.7-2x slower per piece than one thread during a 2-core transfer).
-        if blake3.blake3(mv).digest() != piece.digest:
-            raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch")
-        with self._op():
-            f = self._files[piece.file_index]
-            with self._lock:
-                if index in self._have:
-                    return False
-            with self._use_fd(f) as fd, _io(f"writing piece {index} to", f.part_path):
-                dfd = (self._direct_fd(f, create=True)
-                       if _direct_ok(mv, piece.offset, piece.length) else None)
-                try:
-                    _pwrite_all(fd if dfd is None else dfd, mv, piece.offset)
-                except OSError as exc:
-                    if dfd is None or exc.errno != errno.EINVAL:
-                        raise
-                    _pwrite_all(fd, mv, piece.offset)  # alignment the device refused
-            with self._lock:
-                if index in self._have:  # a concurrent duplicate got there first (same bytes)
-                    return False
-                self._have.add(index)
-                self._have_cache = None
-                f.count += 1
-                f.dirty = True
-                self._unflushed += piece.length
-                file_done = f.count == f.entry.num_pieces
-                due = (self._unflushed >= FLUSH_BYTES
-                       or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
-            self._hash_in_order(f, index - f.first, mv)
-            if file_done:
-                self._complete_file(f)
-            elif due and self._flush_lock.acquire(blocking=False):
-                try:
-                    self._flush_locked()
-                finally:
-                    self._flush_lock.release()
-            return True
-
-    def _hash_in_order(self, f: _File, k: int, mv: memoryview) -> None:
-        """Feed piece ``k`` of ``f`` (just verified and written) to the file's whole-file hasher
-        if it is the next one in file order, so completing a file that arrived in order re-reads
-        nothing. Pieces that arrive out of order, or are restored from a resume state, are read
-        back from disk when the file completes (``_finish_hash``). Never waits: if another thread
-        holds the hasher, this piece is left for the completion read."""
-        if k != f.hashed or not f.hash_lock.acquire(blocking=False):
-            return
+        f = self._files[piece.file_index]
+        side = self._begin_in_order(f, index - f.first, mv)
         try:
-            if k == f.hashed and not f.final:
-                if f.entry.num_pieces > 1:
-                    # One thread, as for the piece digest (the other core moves bytes).
-                    f.hasher.update(mv)
-                # A single-piece file needs no second hash: its piece digest, just verified, is
-                # its whole-file digest (Manifest validation requires that).
-                f.hashed = k + 1
+            # One thread: pieces are verified while the network and disk threads want the other
+            # cores (AUTO measured 1.7-2x slower per piece than one thread during a 2-core
+            # transfer). The whole-file hasher, if this piece is next in file order, runs on the
+            # hash thread meanwhile.
+            ok = blake3.blake3(mv).digest() == piece.digest
+            if side is not None and side.future is not None:
+                side.future.result()
+            if not ok:
+                raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch")
+            with self._op():
+                with self._lock:
+                    if index in self._have:
+                        return False
+                with self._use_fd(f) as fd, _io(f"writing piece {index} to", f.part_path):
+                    dfd = (self._direct_fd(f, create=True)
+                           if _direct_ok(mv, piece.offset, piece.length) else None)
+                    try:
+                        _pwrite_all(fd if dfd is None else dfd, mv, piece.offset)
+                    except OSError as exc:
+                        if dfd is None or exc.errno != errno.EINVAL:
+                            raise
+                        _pwrite_all(fd, mv, piece.offset)  # alignment the device refused
+                with self._lock:
+                    if index in self._have:  # a concurrent duplicate got there first (same bytes)
+                        return False
+                    self._have.add(index)
+                    self._have_cache = None
+                    f.count += 1
+                    f.dirty = True
+                    self._unflushed += piece.length
+                    file_done = f.count == f.entry.num_pieces
+                    due = (self._unflushed >= FLUSH_BYTES
+                           or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
+                if side is not None:  # written: the file hash may now cover this piece
+                    self._end_in_order(f, side, adopt=True)
+                    side = None
+                if file_done:
+                    self._complete_file(f)
+                elif due and self._flush_lock.acquire(blocking=False):
+                    try:
+                        self._flush_locked()
+                    finally:
+                        self._flush_lock.release()
+                return True
         finally:
-            f.hash_lock.release()
+            if side is not None:
+                if side.future is not None:  # never hand the buffer back while it is being read
+                    concurrent.futures.wait([side.future])
+                self._end_in_order(f, side, adopt=False)
+
+    def _begin_in_order(self, f: _File, k: int, mv: memoryview) -> _SideHash | None:
+        """If piece ``k`` of ``f`` is the next one in file order, claim it and start feeding a
+        copy of the file's whole-file hasher with ``mv`` on the hash thread; the caller adopts
+        the copy once the piece is verified and written (``_end_in_order``), so a file that
+        arrives in order is never read back. Pieces that arrive out of order, or are restored
+        from a resume state, are read back from disk when the file completes (``_finish_hash``).
+        Never waits: if another writer holds the claim, this piece is left for that read."""
+        if k != f.hashed or f.final or f.hash_claim is not None:  # unlocked fast path
+            return None
+        with f.hash_lock:
+            if k != f.hashed or f.final or f.hash_claim is not None:
+                return None
+            f.hash_claim = k
+            side = _SideHash(k, f.hash_gen)
+            # A single-piece file needs no second hash: its piece digest is its whole-file
+            # digest (Manifest validation requires that).
+            if f.entry.num_pieces > 1:
+                side.hasher = f.hasher.copy()
+        if side.hasher is not None:
+            try:
+                side.future = _hash_pool().submit(side.hasher.update, mv)
+            except BaseException:
+                self._end_in_order(f, side, adopt=False)
+                raise
+        return side
+
+    def _end_in_order(self, f: _File, side: _SideHash, *, adopt: bool) -> None:
+        """Release a claim; with ``adopt`` (the piece is verified and on disk) the hasher copy
+        becomes the file's hasher, unless the hasher was reset or taken meanwhile."""
+        with f.hash_lock:
+            if f.hash_gen != side.gen or f.hash_claim != side.k:
+                return
+            f.hash_claim = None
+            if adopt and f.hashed == side.k:
+                if side.hasher is not None:
+                    f.hasher = side.hasher
+                f.hashed = side.k + 1
 
     def _finish_hash(self, f: _File, fd: int) -> bytes | None:
         """The whole-file blake3 of ``f``: the in-order hasher plus the rest read from disk
@@ -1199,14 +1368,25 @@ class Download:
             if f.hashed == fe.num_pieces and fe.num_pieces == 1:
                 return fe.digest
             start = min(f.hashed * fe.piece_size, fe.size)
-            hasher, f.hasher, f.hashed = f.hasher, blake3.blake3(), 0  # used once
+            # Take the hasher (used once); a writer still feeding a copy is ignored: its piece
+            # is on disk (the file is complete), so it is read back below.
+            hasher = f.hasher
+            self._reset_hash(f)
         if f.dfd is None:
             return _hash_fd(fd, fe.size, hasher, start)
         return _hash_fd_direct(f.dfd, fe.size, hasher, start)
 
+    @staticmethod
+    def _reset_hash(f: _File) -> None:
+        """Start ``f``'s whole-file hasher over (caller holds ``f.hash_lock``)."""
+        f.hasher = blake3.blake3()
+        f.hashed = 0
+        f.hash_claim = None
+        f.hash_gen += 1
+
     def _drop(self, f: _File, indices: Iterable[int]) -> None:
         with f.hash_lock:  # the dropped pieces may be in the hasher: start it over
-            f.hasher, f.hashed = blake3.blake3(), 0
+            self._reset_hash(f)
         with self._lock:
             for i in indices:
                 if i in self._have:

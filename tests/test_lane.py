@@ -151,7 +151,10 @@ async def open_lane(hosts, lanes, inbound, manifest_hash=b"h" * 32, num_pieces=4
 @pytest.mark.parametrize(("mode_a", "mode_b", "expect"), [
     ("encrypted", "encrypted", lc.MODE_ENCRYPTED),
     ("plaintext", "plaintext", lc.MODE_PLAINTEXT),
-    ("plaintext", "encrypted", lc.MODE_ENCRYPTED),  # plaintext only if both sides want it
+    # Plaintext only if both sides are configured for it: an encrypted node neither offers it
+    # nor accepts it.
+    ("plaintext", "encrypted", lc.MODE_ENCRYPTED),
+    ("encrypted", "plaintext", lc.MODE_ENCRYPTED),
 ])
 async def test_lane_moves_pieces_that_verify(tmp_path, lane_model, mode_a, mode_b, expect):
     root, m = lane_model
@@ -221,7 +224,11 @@ async def test_wrong_proof_is_closed_before_any_record(tmp_path):
                 await s.connect(("127.0.0.1", acceptor.port))
                 # The proof, then a whole fake record: the listener must not read past the proof.
                 record = lc.HEADER.pack(lc.KIND_FRAME, 0, 5) + b"\0" * 21
-                await lane_mod._send_all(s, first_bytes + record)
+                try:
+                    await lane_mod._send_all(s, first_bytes + record)
+                except (ConnectionResetError, BrokenPipeError):  # closed before we sent
+                    s.close()
+                    return b""
                 data = b""
                 with trio.fail_after(5):
                     while True:
@@ -239,12 +246,21 @@ async def test_wrong_proof_is_closed_before_any_record(tmp_path):
             stream, keys, _port = await offer()
             assert await attempt(keys.lane_id + lc.make_proof(keys, False)) == b""
             assert acceptor.proofs_rejected == 1
-            # The lane id is spent: even the right proof is now refused.
+            # The lane id is spent: even the right proof is now refused (another offer is
+            # pending meanwhile, so the listener reads the connection's 48 bytes).
+            stream2, keys2, _port = await offer()
             assert await attempt(keys.lane_id + lc.make_proof(keys, True)) == b""
-            await stream.close()
             # An unknown lane id.
             assert await attempt(b"\0" * 48) == b""
             assert acceptor.proofs_rejected == 3
+            # The second offer voided by a wrong proof: no offer pending any more, so a new
+            # connection is closed before a byte of it is read.
+            assert await attempt(keys2.lane_id + lc.make_proof(keys2, False)) == b""
+            assert acceptor.proofs_rejected == 4 and not acceptor._pending
+            assert await attempt(keys2.lane_id + lc.make_proof(keys2, True)) == b""
+            assert acceptor.proofs_rejected == 4 and acceptor.connections_refused == 1
+            await stream.close()
+            await stream2.close()
             assert inbound.statistics().current_buffer_used == 0
             assert acceptor.lanes_accepted == 0
             # The right secret still works afterwards.
@@ -253,6 +269,64 @@ async def test_wrong_proof_is_closed_before_any_record(tmp_path):
             await a.aclose()
             await b.aclose()
             b.done.set()
+
+
+async def test_idle_connection_flood_evicts_oldest_and_honest_lane_opens(tmp_path, monkeypatch):
+    """Idle TCP connections to the lane port: closed at once while no offer is pending; beyond
+    MAX_HANDSHAKES the oldest is evicted, so an honest dialer still gets its lane. Offers: at most
+    MAX_PENDING_PER_PEER per peer, and a full table voids the oldest of the busiest peer."""
+    with trio.fail_after(20):
+        async with lane_pair(tmp_path) as (hosts, lanes, inbound):
+            acceptor = lanes[1]
+            idle = []
+            for _ in range(8):  # nothing pending: closed before anything is read
+                s = trio.socket.socket()
+                await s.connect(("127.0.0.1", acceptor.port))
+                idle.append(s)
+            await trio.sleep(0.1)
+            assert acceptor.connections_refused == 8 and acceptor._handshakes == 0
+
+            async def offer():
+                stream = await hosts[0].open_lane_stream(hosts[1].peer_id)
+                await stream.write(lane_mod.OFFER.pack(lane_mod.MAGIC, lc.MODE_ENCRYPTED,
+                                                       b"n" * 32))
+                raw = await lane_mod._read_exactly(stream, lane_mod.ACCEPT.size)
+                return stream, lane_mod.ACCEPT.unpack(raw)[1]
+
+            # An offer kept pending (never connected), then 2 x MAX_HANDSHAKES idle connections.
+            held, status = await offer()
+            assert status == lane_mod.STATUS_OK
+            for _ in range(2 * lane_mod.MAX_HANDSHAKES):
+                s = trio.socket.socket()
+                await s.connect(("127.0.0.1", acceptor.port))
+                idle.append(s)
+            with trio.fail_after(5):
+                while acceptor.connections_evicted < lane_mod.MAX_HANDSHAKES:
+                    await trio.sleep(0.02)
+            assert acceptor._handshakes == lane_mod.MAX_HANDSHAKES
+            # The honest dial (a new offer, its connection, its proof) evicts an idle one.
+            a, b = await open_lane(hosts, lanes, inbound)
+            assert acceptor.lanes_accepted == 1 and lanes[0].lanes_opened == 1
+            assert acceptor.connections_evicted == lane_mod.MAX_HANDSHAKES + 1
+            await a.aclose()
+            await b.aclose()
+            b.done.set()
+            # Offers: the first one is still pending; 3 more are taken, a 5th is refused.
+            extra = [await offer() for _ in range(lane_mod.MAX_PENDING_PER_PEER)]
+            assert [st for _, st in extra] == [lane_mod.STATUS_OK] * 3 + [lane_mod.STATUS_REFUSED]
+            # A full table (MAX_PENDING = 4 here) voids the oldest offer to admit a new one.
+            monkeypatch.setattr(lane_mod, "MAX_PENDING_PER_PEER", 8)
+            monkeypatch.setattr(lane_mod, "MAX_PENDING", 4)
+            extra.append(await offer())
+            assert extra[-1][1] == lane_mod.STATUS_OK and acceptor.offers_evicted == 1
+            assert len(acceptor._pending) == 4
+            for stream, _st in [(held, 0), *extra]:
+                await stream.close()
+            for s in idle:
+                s.close()
+            with trio.fail_after(5):
+                while acceptor._handshakes:
+                    await trio.sleep(0.02)
 
 
 async def test_dial_refused_or_unreachable_raises_lane_unavailable(tmp_path):

@@ -391,7 +391,10 @@ def test_resume_garbage_state_is_ignored(tmp_path: Path, small_model) -> None:
     raw[-40] ^= 0xFF
     state.write_bytes(bytes(raw))
     with store.open_download(m) as dl:
-        assert not dl.have & set(pieces)
+        # The state is discarded, but the piece on disk is re-hashed and recovered (trusted: it
+        # was just hashed); the never-written pieces are not.
+        assert dl.have & set(pieces) == {pieces[0]}
+        assert dl.recovered_pieces == 1 and not dl._unconfirmed & set(pieces)
         fill(dl, reader, dl.missing)
         assert_snapshot_matches(dl.finalize(), src, m, set(range(len(m.files))))
 
@@ -566,7 +569,7 @@ def test_resume_after_sigkill(tmp_path: Path, small_model) -> None:
         assert_snapshot_matches(dl.finalize(), src, m, set(range(len(m.files))))
 
 
-def test_sigkill_loses_only_unflushed_pieces(tmp_path: Path, small_model) -> None:
+def test_sigkill_unflushed_piece_is_recovered_from_disk(tmp_path: Path, small_model) -> None:
     src, m = small_model
     cache = tmp_path / "cache"
     fi = m.file_index("model-2.safetensors")
@@ -584,9 +587,67 @@ def test_sigkill_loses_only_unflushed_pieces(tmp_path: Path, small_model) -> Non
         child.kill()
     store = Store(cache)
     with store.open_download(m, lock_timeout=10) as dl:
-        assert dl.have == {big[0]}  # the unflushed piece is not claimed
+        # big[0] from the state file (re-hashed on first read), big[1] (written after the last
+        # flush) re-hashed from disk at open; the never-written big[2] is not claimed.
+        assert dl.have == {big[0], big[1]}
+        assert dl._unconfirmed == {big[0]}
+        assert dl.recovered_pieces == 1 and dl.recovered_bytes == m.pieces[big[1]].length
         reader = SnapshotReader(src, m)
         assert dl.read_piece(big[0]) == reader.read_piece(big[0])
+        assert dl.read_piece(big[1]) == reader.read_piece(big[1])
+
+
+def test_crash_before_any_flush_recovers_written_pieces(tmp_path: Path, small_model,
+                                                        monkeypatch) -> None:
+    """Killed before any resume state was written: the verified pieces on disk are re-hashed and
+    kept at reopen (not fetched again), a piece damaged on disk afterwards is not, nor are the
+    never-written ones (holes: not even read where the filesystem reports them)."""
+    src, m = small_model
+    cache = tmp_path / "cache"
+    big = list(m.file_piece_range(m.file_index("model-2.safetensors")))  # 3 pieces
+    one = list(m.file_piece_range(m.file_index("model-1.safetensors")))  # 2 pieces
+    written = [big[0], big[2], one[1]]
+    child = Child(child_plan(tmp_path, m, src, cache,
+                             [["write", written], ["say", "ready"], ["hang"]],
+                             flush_interval=3600))
+    try:
+        child.expect("ready")
+    finally:
+        child.kill()
+    assert child.proc.returncode == -signal.SIGKILL
+    store = Store(cache)
+    repo = store.repo_dir(MODEL)
+    assert not list((repo / ".swarm" / "partial").glob("*.pieces"))  # nothing was recorded
+    part = repo / "blobs" / (m.files[m.file_index("model-2.safetensors")].blake3[7:] + ".incomplete")
+    with open(part, "r+b") as fh:  # damage big[2] on disk: torn write, bit rot
+        fh.seek(m.pieces[big[2]].offset + 1000)
+        fh.write(b"\xde\xad")
+    reads = []
+    real_pread_into = store_mod._pread_into
+
+    def counting_pread_into(fd, buf, offset):
+        reads.append(offset)
+        return real_pread_into(fd, buf, offset)
+
+    monkeypatch.setattr(store_mod, "_pread_into", counting_pread_into)
+    reader = SnapshotReader(src, m)
+    with store.open_download(m, lock_timeout=10) as dl:
+        monkeypatch.setattr(store_mod, "_pread_into", real_pread_into)
+        assert dl.have == {big[0], one[1]}
+        assert dl.recovered_pieces == 2 and not dl._unconfirmed
+        with os.fdopen(os.open(part, os.O_RDONLY), "rb") as fh:
+            holes_known = store_mod.Download._data_extents(fh.fileno(), part.stat().st_size) is not None
+        # Only the three written pieces were read, not the holes around them.
+        assert len(reads) == len(written) if holes_known else len(reads) <= 5, reads
+        assert dl.read_piece(big[0]) == reader.read_piece(big[0])
+        # Not fetched again: writing a recovered piece is a no-op.
+        assert not dl.write_piece(one[1], reader.read_piece(one[1]))
+        assert big[2] in dl.missing and big[1] in dl.missing and one[0] in dl.missing
+    # close() flushed: the next open trusts the state file and recovers nothing more.
+    with store.open_download(m, lock_timeout=10) as dl:
+        assert dl.have == {big[0], one[1]} and dl.recovered_pieces == 0
+        fill(dl, reader, dl.missing)
+        assert_snapshot_matches(dl.finalize(), src, m, set(range(len(m.files))))
 
 
 @pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.5])

@@ -19,7 +19,9 @@ Both random contributions travel only inside the Noise channel; keys, lane id an
 them through HKDF bound to both peer ids, the mode and the port (``lane_crypto.derive_keys``).
 The listener reads exactly 48 bytes from an unauthenticated connection, within PROOF_TIMEOUT, and
 closes it on an unknown lane id or a wrong proof: no other byte is ever read from it. A lane id
-is good for one attempt. Plaintext is used only when *both* sides are configured for it.
+is good for one attempt. Connections arriving while no offer is pending are closed unread, and a
+flood of idle ones evicts the oldest rather than locking honest dialers out (MAX_HANDSHAKES).
+Plaintext is used only when *both* sides are configured for it.
 
 Once up, every pieces-protocol message travels on the TCP connection (so pieces and the Choke
 after them stay in order); the libp2p stream is closed. Per link:
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import mmap
 import os
@@ -96,9 +99,23 @@ POOL_BUFFERS = 3
 CHANNEL_DEPTH = 32
 """Messages queued from the receiver thread to the engine (the pool bounds the pieces among them)."""
 MAX_PENDING = 64
-"""Accepted offers waiting for their TCP connection."""
+"""Accepted offers waiting for their TCP connection, in all (each holds a few hundred bytes of keys
+for up to PROOF_TIMEOUT). At the limit a new offer voids the oldest one of the peer holding the
+most: an honest dialer connects within a round trip of our answer, so an old offer is the least
+likely to be used, and peers flooding offers void their own first."""
+MAX_PENDING_PER_PEER = 4
+"""Accepted offers waiting per peer: an honest peer sets up one lane per link, a few at most at
+once; further offers are refused (that peer falls back to a libp2p stream), so one peer cannot
+take the whole MAX_PENDING."""
 MAX_HANDSHAKES = 32
-"""Unauthenticated TCP connections held at once; more are closed at once."""
+"""Unauthenticated TCP connections held at once (each is an fd and a task for up to
+PROOF_TIMEOUT). At the limit a new connection evicts the oldest one from the source address
+holding the most: an honest dialer sends its 48 proof bytes as soon as it is connected, so a
+connection still silent while this many newer ones arrived is the likeliest to be hostile. Idle
+connections therefore cannot lock honest dialers out (refusing new connections at the limit let
+32 idle ones push every peer onto libp2p streams), and a host flooding from one address evicts
+its own connections before anyone else's. Connections arriving while no offer is pending are
+closed at once: nobody can hold a valid lane id then."""
 SOCKET_BUFFER = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of lane sockets (the kernel doubles it)."""
 _PAGE = mmap.PAGESIZE
@@ -107,6 +124,35 @@ _MIB = 1 << 20
 
 class LaneUnavailable(Exception):
     """The lane could not be set up with this peer: use a plain libp2p stream."""
+
+
+def _source_of(addr: Any) -> str:
+    """Whose connection it is, for MAX_HANDSHAKES eviction: the IPv4 address, or the /64 of an
+    IPv6 one (a single host commonly holds a whole /64)."""
+    ip = str(addr[0] if isinstance(addr, tuple) and addr else addr)
+    if ":" in ip:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.IPv6Network(f"{ip.split('%')[0]}/64", strict=False))
+    return ip
+
+
+class _Handshake:
+    """An unauthenticated lane connection (see MAX_HANDSHAKES): closed by cancelling ``scope``."""
+
+    __slots__ = ("scope", "source")
+
+    def __init__(self, source: str):
+        self.source = source
+        self.scope = trio.CancelScope()
+
+
+def _busiest_oldest(items: Any, source: Callable[[Any], str]) -> Any:
+    """The first (oldest) of ``items`` (in insertion order) whose source holds the most items."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[source(it)] = counts.get(source(it), 0) + 1
+    most = max(counts.values())
+    return next(it for it in items if counts[source(it)] == most)
 
 
 class _Stop(Exception):
@@ -705,9 +751,17 @@ class LaneService:
         self.lanes_opened = 0
         self.lanes_accepted = 0
         self.proofs_rejected = 0
+        self.connections_refused = 0  # closed unread: no offer was pending
+        self.connections_evicted = 0  # closed unread to admit a newer one (MAX_HANDSHAKES)
+        self.offers_evicted = 0  # voided to admit a newer one (MAX_PENDING)
         self._listener: trio.socket.SocketType | None = None
-        self._pending: dict[bytes, _Pending] = {}
-        self._handshakes = 0
+        self._pending: dict[bytes, _Pending] = {}  # by lane id, oldest first
+        self._unproven: dict[_Handshake, None] = {}  # unauthenticated connections, oldest first
+
+    @property
+    def _handshakes(self) -> int:
+        """Unauthenticated connections held now."""
+        return len(self._unproven)
 
     @property
     def _wanted_mode(self) -> int:
@@ -733,17 +787,25 @@ class LaneService:
             async with trio.open_nursery() as nursery:
                 while True:
                     try:
-                        conn, _addr = await listener.accept()
+                        conn, addr = await listener.accept()
                     except (OSError, trio.ClosedResourceError) as e:
                         if self._listener is None:  # close_listener()
                             return
                         log.warning("lane listener: %r", e)
                         await trio.sleep(0.1)
                         continue
-                    if self._handshakes >= MAX_HANDSHAKES:
+                    if not self._pending:  # nobody can hold a valid lane id now
+                        self.connections_refused += 1
                         conn.close()
                         continue
-                    nursery.start_soon(self._check_proof, conn)
+                    if len(self._unproven) >= MAX_HANDSHAKES:
+                        old = _busiest_oldest(self._unproven, lambda h: h.source)
+                        del self._unproven[old]
+                        old.scope.cancel()  # its task closes the connection
+                        self.connections_evicted += 1
+                    hs = _Handshake(_source_of(addr))
+                    self._unproven[hs] = None
+                    nursery.start_soon(self._check_proof, conn, hs)
         finally:
             self._listener = None
             self.port = None
@@ -756,13 +818,14 @@ class LaneService:
         if listener is not None:
             listener.close()
 
-    async def _check_proof(self, conn: trio.socket.SocketType) -> None:
-        """An unauthenticated TCP connection: exactly 48 bytes (lane id + proof) or closed."""
-        self._handshakes += 1
+    async def _check_proof(self, conn: trio.socket.SocketType, hs: _Handshake) -> None:
+        """An unauthenticated TCP connection: exactly 48 bytes (lane id + proof) or closed; also
+        closed, unread, when evicted (``hs.scope`` cancelled, see MAX_HANDSHAKES)."""
         handed = False
         try:
-            with trio.move_on_after(PROOF_TIMEOUT):
+            with hs.scope, trio.move_on_after(PROOF_TIMEOUT):
                 raw = await _recv_exactly(conn, lc.LANE_ID_BYTES + lc.PROOF_BYTES)
+                self._unproven.pop(hs, None)  # no longer idle: never evicted from here on
                 slot = self._pending.pop(raw[: lc.LANE_ID_BYTES], None)  # one attempt per id
                 if slot is None or slot.ready.is_set():
                     self.proofs_rejected += 1
@@ -780,7 +843,7 @@ class LaneService:
         except (OSError, LaneUnavailable) as e:
             log.debug("lane connection failed during proof: %r", e)
         finally:
-            self._handshakes -= 1
+            self._unproven.pop(hs, None)
             if not handed:
                 conn.close()
 
@@ -797,9 +860,14 @@ class LaneService:
             port = self.port
             if (magic != MAGIC or wanted not in lc.MODE_NAMES or self.mode == "off"
                     or port is None or self.on_link is None
-                    or len(self._pending) >= MAX_PENDING):
+                    or sum(s.peer_id == peer for s in self._pending.values())
+                    >= MAX_PENDING_PER_PEER):
                 await stream.write(ACCEPT.pack(MAGIC, STATUS_REFUSED, 0, 0, bytes(32)))
                 return
+            if len(self._pending) >= MAX_PENDING:
+                old_id = _busiest_oldest(self._pending, lambda i: self._pending[i].peer_id)
+                self._pending.pop(old_id).ready.set()  # void: its acceptor gives up
+                self.offers_evicted += 1
             mode = (lc.MODE_PLAINTEXT if wanted == lc.MODE_PLAINTEXT and self.mode == "plaintext"
                     else lc.MODE_ENCRYPTED)
             nonce_a = secrets.token_bytes(lc.NONCE_BYTES)

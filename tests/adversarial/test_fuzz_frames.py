@@ -10,8 +10,9 @@ Live: one node serving a model, in a trio loop of its own (so hypothesis' sync e
 it), and four attacker hosts connected to it. Each example sends a batch of inputs at once, each on
 its own fresh stream: /swarm/pieces/1.0.0 (raw bytes, frames of any type, and mutated sessions
 that start with a real handshake and go on with requests, pieces, bad indices...),
-/swarm/manifest/1.0.0, /swarm/lane/1.0.0 offers, raw bytes on the lane's TCP port, and the DHT's
-/ipfs/kad/1.0.0 (py-libp2p's handler: the node must survive it too). After each
+/swarm/manifest/1.0.0, /swarm/lane/1.0.0 offers, raw bytes on the lane's TCP port, the DHT's
+/ipfs/kad/1.0.0 and py-libp2p's other handlers (identify, identify push, ping: the node must
+survive them too), and raw bytes on the libp2p TCP port before noise. After each
 input the attacker half-closes and waits for the node to close the stream; a node that kept a
 stream open after that (or crashed, or logged an internal error) fails the test. Afterwards the
 node must still serve an honest fetch. The counts go to docs/reliability.md.
@@ -288,10 +289,12 @@ class Live:
                     pass
         self.slowest = max(self.slowest, trio.current_time() - t0)
 
-    async def tcp_batch(self, inputs: list[bytes]) -> None:
+    async def tcp_batch(self, inputs: list[bytes], port: int | None = None,
+                        label: str = "lane tcp") -> None:
+        """Each input on its own TCP connection to ``port`` (the lane's by default)."""
         async def one(data: bytes) -> None:
             with trio.move_on_after(self.STREAM_TIMEOUT) as scope:
-                s = await trio.open_tcp_stream("127.0.0.1", self.node.lane.port)
+                s = await trio.open_tcp_stream("127.0.0.1", port or self.node.lane.port)
                 async with s:
                     try:
                         await s.send_all(data)
@@ -300,7 +303,7 @@ class Live:
                             pass
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-            self.outcomes["lane tcp left open" if scope.cancelled_caught else "lane tcp closed"] += 1
+            self.outcomes[f"{label} left open" if scope.cancelled_caught else f"{label} closed"] += 1
 
         async with trio.open_nursery() as n:
             for data in inputs:
@@ -495,6 +498,48 @@ def test_live_dht_protocol(live):
     assert live.outcomes["stream left open by the node"] == 0, live.outcomes
 
 
+def _ms(proto: bytes) -> bytes:
+    """One multistream-select message (varint length, protocol, newline)."""
+    return _varint(len(proto) + 1) + proto + b"\n"
+
+
+MS = _ms(b"/multistream/1.0.0")
+# The libp2p TCP port before any security: raw bytes, multistream-select with any protocol, and
+# noise handshake messages of any announced length (the swarm key, when set, comes first).
+libp2p_port_inputs = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda rest: MS + rest, st.binary(max_size=200)),
+    st.builds(lambda proto, rest: MS + _ms(proto) + rest,
+              st.one_of(st.sampled_from([b"/noise", b"/plaintext/2.0.0", b"/tls/1.0.0",
+                                         b"/yamux/1.0.0"]), st.binary(max_size=40)),
+              st.binary(max_size=200)),
+    st.builds(lambda n, body: MS + _ms(b"/noise") + struct.pack(">H", n) + body,
+              st.integers(0, 65535), st.binary(max_size=200)),
+)
+LIBP2P_BUILTINS = ("/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0")
+"""py-libp2p's own handlers on every host (besides the DHT's)."""
+
+
+@pytest.mark.timeout(120)
+def test_live_libp2p_builtins_and_port(live):
+    """The rest of what a node answers: py-libp2p's identify, identify push and ping handlers
+    (varint-framed protobuf-ish messages, raw bytes) and its libp2p TCP port before noise."""
+    port = int(live.node.host.addrs[0].split("/")[4])
+
+    @settings(FAST, max_examples=40)
+    @given(st.sampled_from(LIBP2P_BUILTINS), st.lists(kad_inputs, min_size=BATCH, max_size=BATCH),
+           st.lists(libp2p_port_inputs, min_size=BATCH, max_size=BATCH))
+    def run(proto, inputs, raw):
+        TRIED[f"live {proto}"] += len(inputs)
+        TRIED["live libp2p TCP port"] += len(raw)
+        live.runner.call(live.batch, proto, inputs)
+        live.runner.call(live.tcp_batch, raw, port, "libp2p tcp")
+
+    run()
+    assert live.outcomes["stream left open by the node"] == 0, live.outcomes
+    assert live.outcomes["libp2p tcp left open"] == 0, live.outcomes
+
+
 @pytest.mark.timeout(120)
 def test_live_node_still_serves_and_holds_nothing(live, adv_model):
     """After the fuzzing: no internal error, the node still serves an honest fetch, it holds no
@@ -517,7 +562,8 @@ def test_live_node_still_serves_and_holds_nothing(live, adv_model):
     assert not live.errors, [r.getMessage() for r in live.errors][:5]
     fds_after = len(os.listdir("/proc/self/fd"))
     live_total = sum(v for k, v in TRIED.items() if k.startswith("live"))
-    record("fuzz: live node (pieces, manifest, lane offers, lane TCP, DHT)", inputs=live_total,
+    record("fuzz: live node (pieces, manifest, lane offers, lane TCP, DHT, identify, ping, "
+           "libp2p TCP)", inputs=live_total,
            **{k.replace("live ", ""): v for k, v in TRIED.items() if k.startswith("live")},
            outcomes=dict(live.outcomes), slowest_stream_s=round(live.slowest, 2),
            node_internal_errors=t.internal_errors, node_error_logs=len(live.errors),

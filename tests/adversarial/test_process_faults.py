@@ -5,12 +5,14 @@ frontends on one worker (the worker's file descriptors and memory afterwards).""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import blake3
 import pytest
 import trio
 from advkit import (
@@ -28,7 +30,7 @@ from procs import NodeProc, base_env, same_files
 from swarm import client
 from swarm.manifest import Manifest
 from swarm.sources import FetchError, FetchRequest, VerificationFailed
-from swarm.store import FLUSH_INTERVAL, _decode_state
+from swarm.store import _decode_state
 
 MiB = 1 << 20
 
@@ -189,10 +191,19 @@ async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, b
 
 def persisted_bytes(cache: Path, m: Manifest) -> tuple[int, int]:
     """(bytes of complete blobs, bytes of pieces marked in resume state files) on disk."""
+    complete, marked, _verified = disk_pieces(cache, m, verify=False)
+    return complete, sum(marked.values())
+
+
+def disk_pieces(cache: Path, m: Manifest, verify: bool = True
+                ) -> tuple[int, dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """What a killed fetcher left on disk, judged by the test itself (not by the store):
+    (bytes of complete blobs, {(blob hex, piece k): bytes} marked in resume state files,
+    {(blob hex, piece k): bytes} of ``*.incomplete`` pieces whose blake3 matches the manifest)."""
     repo = next(Path(cache).glob("models--*"))
     by_hex = {f.digest.hex(): f for f in m.files}
     complete = sum(by_hex[b.name].size for b in (repo / "blobs").glob("*") if b.name in by_hex)
-    marked = 0
+    marked: dict[tuple[str, int], int] = {}
     for state in (repo / ".swarm" / "partial").glob("*.pieces"):
         decoded = _decode_state(state.read_bytes())
         if decoded is None:
@@ -201,19 +212,37 @@ def persisted_bytes(cache: Path, m: Manifest) -> tuple[int, int]:
         fe = by_hex[header["blob"]]
         for k in range(fe.num_pieces):
             if bits[k >> 3] & (1 << (k & 7)):
-                marked += fe.piece_span(k)[1]
-    return complete, marked
+                marked[(fe.digest.hex(), k)] = fe.piece_span(k)[1]
+    verified: dict[tuple[str, int], int] = {}
+    if verify:
+        pieces = {(fe.digest.hex(), k): m.pieces[i] for fi, fe in enumerate(m.files)
+                  for k, i in enumerate(m.file_piece_range(fi))}
+        for part in (repo / "blobs").glob("*.incomplete"):
+            hex_ = part.name.removesuffix(".incomplete")
+            with open(part, "rb") as fh:
+                for k in range(by_hex[hex_].num_pieces):
+                    p = pieces[(hex_, k)]
+                    fh.seek(p.offset)
+                    if blake3.blake3(fh.read(p.length)).digest() == p.digest:
+                        verified[(hex_, k)] = p.length
+    return complete, marked, verified
+
+
+_RECOVERED = re.compile(r"recovered (\d+) of (\d+) unrecorded pieces from disk")
 
 
 @pytest.mark.timeout(150)
 async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_log):
-    """A fetcher process is SIGKILLed at 70% of a download from a seeder that sends 8 MiB/s (an
+    """A fetcher process is SIGKILLed past 60% of a download from a seeder that sends 8 MiB/s (an
     in-process peer with honest bytes, slowed so the store's 2 s resume-state flush happens during
-    the transfer). Restarted on the same home and cache, it fetches exactly what its resume state
-    did not record: the pieces in flight plus those verified since the last flush (at most
-    FLUSH_INTERVAL = 2 s of transfer, or FLUSH_BYTES = 256 MiB)."""
+    the transfer), at a moment when it holds verified pieces its resume state does not record yet.
+    Restarted on the same home and cache, it re-hashes what is on disk and fetches exactly the
+    pieces that were not written whole at the kill: the pieces in flight (and those never asked
+    for). Nothing verified is lost or fetched twice; what was on the wire at the kill is at most
+    the piece being sent plus one received but not yet written."""
     src, m, pieces = adv_model
     size = m.total_size
+    piece_size = max(p.length for p in m.pieces)
     env = base_env(tmp_path)
     async with AsyncExitStack() as stack:
         seeder = HostilePeer(tmp_path, "slow-seeder", manifest=m, pieces=pieces,
@@ -222,15 +251,22 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
         front = NodeProc(tmp_path, "front", "--bootstrap", seeder.host.addrs[0], env=env)
         try:
             await trio.to_thread.run_sync(lambda: front.start().wait_ready())
-            events: list[tuple[float, int]] = []
-            killed = threading.Event()
+            events: list[int] = []  # "have" of each progress event
+            killed: list[str] = []
 
             def on_event(ev: dict) -> None:
-                if ev.get("event") == "progress":
-                    events.append((time.monotonic(), ev["have"]))
-                    if not killed.is_set() and ev["have"] > 0.7 * size:
-                        killed.set()
-                        os.kill(front.popen.pid, signal.SIGKILL)
+                if ev.get("event") != "progress" or killed:
+                    return
+                have = ev["have"]
+                events.append(have)
+                if have <= 0.6 * size:
+                    return
+                # Kill while some verified piece is not in the resume state yet (the case the
+                # restart must not refetch), or, failing that, past 85%.
+                recorded = sum(persisted_bytes(front.cache, m))
+                if have > recorded or have > 0.85 * size:
+                    killed.append("unrecorded pieces" if have > recorded else "85%")
+                    os.kill(front.popen.pid, signal.SIGKILL)
 
             def first_fetch() -> BaseException | None:
                 try:
@@ -242,15 +278,17 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
 
             with FinalPathWatcher(front.cache, [m]) as watch:
                 err = await trio.to_thread.run_sync(first_fetch)
-                assert killed.is_set(), f"the fetch ended before the kill: {err!r}"
-                t_kill, have_at_kill = events[-1]
+                assert killed, f"the fetch ended before the kill: {err!r}"
+                have_at_kill = events[-1]
                 await trio.to_thread.run_sync(front.popen.wait)
-                complete, marked = persisted_bytes(front.cache, m)
-                persisted = complete + marked
                 served_before = seeder.stats["slow_bytes"]
-                # What the store could have lost: pieces verified in the last flush interval.
-                window = have_at_kill - max([h for t, h in events if t <= t_kill - FLUSH_INTERVAL]
-                                            or [0])
+                complete, marked, verified = await trio.to_thread.run_sync(
+                    lambda: disk_pieces(front.cache, m))
+                assert set(marked) <= set(verified), "the resume state claims a bad piece"
+                on_disk = complete + sum(verified.values())
+                recorded = complete + sum(marked.values())
+                unrecorded = {k: n for k, n in verified.items() if k not in marked}
+                log_before = front.log.read_text(errors="replace")
                 front.popen = None
                 await trio.to_thread.run_sync(lambda: front.start().wait_ready())
                 path = await trio.to_thread.run_sync(
@@ -259,19 +297,27 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
             watch.assert_clean()
             same_files(src, path, [f.path for f in m.files])
             refetched = after["bytes_down"]
-            lost = have_at_kill - persisted
-            # Exactly what was not recorded on disk is fetched again; nothing recorded is.
-            assert refetched == size - persisted, (refetched, size, persisted)
-            assert persisted > 0, "no resume state was flushed before the kill"
-            assert lost <= window + 2 * (4 * MiB), (lost, window)
+            restart_log = front.log.read_text(errors="replace")[len(log_before):]
+            recovered = sum(int(n) for n, _ in _RECOVERED.findall(restart_log))
+            in_flight = served_before - on_disk  # sent by the seeder, not on disk at the kill
+            # Nothing verified is lost: every piece reported written before the kill is on disk.
+            assert on_disk >= have_at_kill, (on_disk, have_at_kill)
+            # The restart re-hashed and kept every verified piece the resume state missed ...
+            assert recovered == len(unrecorded), (recovered, unrecorded, restart_log[-2000:])
+            # ... and fetches exactly what was not on disk whole: nothing verified twice.
+            assert refetched == size - on_disk, (refetched, size, on_disk, recorded)
+            # What was sent before the kill and fetched again: the pieces in flight at the kill.
+            assert 0 <= in_flight <= 2 * piece_size, (in_flight, served_before, on_disk)
             assert not error_log, [r.getMessage() for r in error_log]
-            record("processes: SIGKILL of the fetcher at 70%, restart", model_bytes=size,
-                   have_at_kill=have_at_kill, persisted_on_disk=persisted,
-                   complete_blobs=complete, resume_state_pieces=marked,
-                   verified_but_unflushed=lost, flush_window_bytes=window,
-                   refetched_after_restart=refetched, seeder_bytes_before_kill=served_before,
+            record("processes: SIGKILL of the fetcher, restart", model_bytes=size,
+                   killed_when=killed[0], have_at_kill=have_at_kill,
+                   seeder_bytes_before_kill=served_before, verified_on_disk=on_disk,
+                   complete_blobs=complete, resume_state_bytes=recorded - complete,
+                   recovered_pieces=recovered, recovered_bytes=sum(unrecorded.values()),
+                   in_flight_bytes=in_flight, refetched_after_restart=refetched,
+                   fetched_twice=served_before + refetched - size, lost_bytes=0,
                    bad_files_at_final_path=len(watch.violations),
-                   outcome="complete; refetch == model - persisted")
+                   outcome="complete; refetch == model - verified on disk")
         finally:
             front.stop()
 

@@ -4,6 +4,7 @@ with a clear error; the honest nodes stay up and give back what the idle connect
 
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import AsyncExitStack
 
@@ -19,9 +20,11 @@ from advkit import (
 )
 
 from swarm import wire
+from swarm.net import lane as lane_mod
+from swarm.net import lane_crypto as lc
 from swarm.net.host import PeerAddr, SwarmHost
 from swarm.net.identity import load_or_create_identity
-from swarm.net.lane import LaneService
+from swarm.net.lane import ACCEPT, MAGIC, OFFER, LaneLink, LaneService, _read_exactly
 from swarm.sources import FetchError, FetchRequest, VerificationFailed
 
 
@@ -163,7 +166,9 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
                 while len(lanes_up) < 2:
                     await trio.sleep(0.02)
             # Then the idle TCP connections (more than the lane's MAX_HANDSHAKES = 32
-            # unauthenticated connections it holds at once: new lanes are refused meanwhile).
+            # unauthenticated connections it holds at once; with no lane offer pending they are
+            # closed at once, and test_lane_port_flood_does_not_lock_honest_peers_out holds them
+            # open while offers are pending).
             await _idle_tcp("127.0.0.1", int(boot[0].split("/")[4]), 40, tcp)
             await _idle_tcp("127.0.0.1", seeder.lane.port, 40, tcp)
             await trio.sleep(0.5)  # let the never-readers take upload slots first
@@ -194,6 +199,7 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
                 await trio.sleep(0.1)
         assert set(t.peers) <= {front.peer_id}, t.peers
         assert seeder.lane._handshakes == 0
+        assert front_lanes >= 1, "idle connections to the lane port pushed the fetcher off it"
         fds_after = open_fds()
         assert fds_after <= fds_before + 16, (fds_before, fds_attack, fds_gone, fds_after)
         assert_honest_alive([seeder, front])
@@ -202,5 +208,91 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
                fetch_s=round(elapsed, 2), fds_before=fds_before, fds_during_attack=fds_attack,
                fds_when_attackers_left=fds_gone, fds_after=fds_after,
                fetcher_lanes=front_lanes, lane_proofs_rejected=seeder.lane.proofs_rejected,
+               lane_connections_refused=seeder.lane.connections_refused,
                files_hashed=watch.checked,
                bad_files_at_final_path=len(watch.violations), outcome="complete")
+
+
+@pytest.mark.timeout(90)
+async def test_lane_port_flood_does_not_lock_honest_peers_out(tmp_path, adv_model, error_log):
+    """64 idle TCP connections held open on a seeder's data-lane port (each re-opened 0.1 s after
+    the seeder closes it), while an attacker peer keeps lane offers pending (so the listener must
+    take connections: someone could hold a valid lane id). An honest node still opens a data lane
+    to the seeder and fetches the model over it: idle connections are evicted oldest first,
+    honest dialers send their proof at once (lane.MAX_HANDSHAKES)."""
+    src, manifest, _pieces = adv_model
+    n_idle = 64
+    async with AsyncExitStack() as stack:
+        seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),))
+        assert seeder.lane is not None and seeder.lane.port
+        boot = tuple(seeder.host.addrs[:1])
+        target = PeerAddr(seeder.peer_id, (boot[0].rsplit("/p2p/", 1)[0],))
+        attacker = SwarmHost(load_or_create_identity(tmp_path / "lane-flooder.key"))
+        await stack.enter_async_context(attacker.run())
+        await attacker.connect(target)
+        front = await start_node(stack, tmp_path, "front", bootstrap=boot)  # fetches later
+        stats = {"connects": 0, "offers_taken": 0, "offers_refused": 0}
+
+        async def keep_offers_pending() -> None:
+            while True:  # an offer is good for PROOF_TIMEOUT: keep some always pending
+                with contextlib.suppress(Exception):
+                    s = await attacker.open_lane_stream(target)
+                    await s.write(OFFER.pack(MAGIC, lc.MODE_ENCRYPTED, os.urandom(32)))
+                    status = ACCEPT.unpack(await _read_exactly(s, ACCEPT.size))[1]
+                    stats["offers_taken" if status == 0 else "offers_refused"] += 1
+                await trio.sleep(0.5)
+
+        async def hold_idle_connection() -> None:
+            while True:
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    conn = await trio.open_tcp_stream("127.0.0.1", seeder.lane.port)
+                    stats["connects"] += 1
+                    async with conn:  # never sends a byte; waits until the seeder closes it
+                        while await conn.receive_some(1024):
+                            pass
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as attack:
+            attack.start_soon(keep_offers_pending)
+            with trio.fail_after(10):
+                while not seeder.lane._pending:
+                    await trio.sleep(0.02)
+            for _ in range(n_idle):
+                attack.start_soon(hold_idle_connection)
+            with trio.fail_after(10):
+                while seeder.lane._handshakes < lane_mod.MAX_HANDSHAKES:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.5)
+            held = seeder.lane._handshakes
+            evicted_before = seeder.lane.connections_evicted
+            t0 = trio.current_time()
+            with FinalPathWatcher(front.config.cache_dir, [manifest]) as watch:
+                with trio.fail_after(45):
+                    snap = await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
+            elapsed = trio.current_time() - t0
+            t = front.shared[manifest.manifest_hash].transfer
+            lane_links = [p for p in t.peers.values() if isinstance(p.link, LaneLink)]
+            during = dict(stats, held=seeder.lane._handshakes,
+                          evicted=seeder.lane.connections_evicted - evicted_before)
+            attack.cancel_scope.cancel()
+        watch.assert_clean()
+        for fe in manifest.files:
+            assert (snap / fe.path).read_bytes() == (src / fe.path).read_bytes(), fe.path
+        assert held == lane_mod.MAX_HANDSHAKES
+        assert front.lane.lanes_opened >= 1, "the honest node fell back to libp2p streams"
+        assert seeder.lane.lanes_accepted >= 1
+        assert lane_links and t.bytes_down == manifest.total_size
+        with trio.move_on_after(10):
+            while seeder.lane._handshakes:
+                await trio.sleep(0.1)
+        assert seeder.lane._handshakes == 0
+        assert_honest_alive([seeder, front])
+        assert not error_log, [r.getMessage() for r in error_log]
+        record("slow: 64 idle TCP on the lane port (re-opened when closed) + pending offers",
+               idle_connections=n_idle, held_by_seeder=held,
+               attacker_connects=during["connects"], evicted_during_fetch=during["evicted"],
+               attacker_offers_taken=during["offers_taken"],
+               attacker_offers_refused=during["offers_refused"],
+               fetcher_lanes_opened=front.lane.lanes_opened,
+               seeder_lanes_accepted=seeder.lane.lanes_accepted, fetch_s=round(elapsed, 2),
+               bad_files_at_final_path=len(watch.violations), outcome="complete over the lane")
