@@ -94,6 +94,10 @@ class EngineConfig:
     """Seconds we do not re-ask a peer for a piece it rejected."""
     idle_close: float = 10.0
     """Seconds a link of a complete transfer may carry nothing either way before we close it."""
+    writes_per_link: int = 2
+    """Received pieces of one link being verified and written at once: with two, piece k+1 is
+    hashed while piece k is on its way to disk (one at a time left the data lane's receiver
+    waiting for the disk; the lane lends at most three buffers per link, so memory stays bounded)."""
 
 
 @attrs.define
@@ -132,6 +136,7 @@ class _Peer:
         # store, returning the bytes sent; raises StoreError if the piece cannot be read.
         self.send_piece = getattr(link, "send_piece", None)
         self.tell = False  # send the reason in an Error frame (we are dropping them for cause)
+        self.write_slots: trio.Semaphore | None = None  # set by the reader (writes_per_link)
 
     def post(self, msg: wire.Message) -> None:
         self.control.append(msg)
@@ -370,16 +375,54 @@ class Transfer:
     # ------------------------------------------------------------------ link tasks
 
     async def _reader(self, peer: _Peer) -> None:
-        while True:
+        """Messages in arrival order; a piece's bookkeeping happens here, in order, and its
+        verify + write runs as a child task (at most ``writes_per_link`` at once). A peer's fault
+        found by a write ends the link like one found here."""
+        slots = peer.write_slots = trio.Semaphore(max(1, self.config.writes_per_link))
+        fault: list[BaseException] = []
+        async with trio.open_nursery() as writes:
+
+            async def store(i: int, msg: wire.PieceData) -> None:
+                try:
+                    await self._store_piece(peer, i, msg)
+                except (_Drop, wire.ProtocolError) as e:
+                    fault.append(e)
+                    writes.cancel_scope.cancel()
+                finally:
+                    _release(msg.data)
+                    slots.release()
+
             try:
-                msg = await peer.link.receive()
-            except LinkClosed:
-                peer.close_reason = peer.close_reason or "closed by peer"
-                return
-            if isinstance(msg, wire.PieceData):
-                await self._on_piece(peer, msg)
-            else:
-                self._on_control(peer, msg)
+                while not fault:
+                    try:
+                        msg = await peer.link.receive()
+                    except LinkClosed:
+                        peer.close_reason = peer.close_reason or "closed by peer"
+                        break
+                    if isinstance(msg, wire.PieceData):
+                        try:
+                            i = self._accept_piece(peer, msg)
+                        except BaseException:
+                            _release(msg.data)
+                            raise
+                        if i is None:
+                            _release(msg.data)
+                            continue
+                        try:
+                            await slots.acquire()
+                        except BaseException:
+                            self._writing.discard(i)
+                            self.picker.request_ended(i)
+                            _release(msg.data)
+                            raise
+                        writes.start_soon(store, i, msg)
+                    else:
+                        self._on_control(peer, msg)
+            except Exception as e:  # re-raised below, outside the nursery (no ExceptionGroup)
+                fault.append(e)
+                writes.cancel_scope.cancel()
+        if fault:
+            raise fault[0]
 
     async def _writer(self, peer: _Peer) -> None:
         while True:
@@ -483,13 +526,9 @@ class Transfer:
         else:
             raise wire.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
 
-    async def _on_piece(self, peer: _Peer, msg: wire.PieceData) -> None:
-        try:
-            await self._take_piece(peer, msg)
-        finally:
-            _release(msg.data)
-
-    async def _take_piece(self, peer: _Peer, msg: wire.PieceData) -> None:
+    def _accept_piece(self, peer: _Peer, msg: wire.PieceData) -> int | None:
+        """A piece arrived (called by the reader, in arrival order): the index to verify and
+        write, or None if it is not wanted any more (counted as waste). Raises on a fault."""
         i = self._index(msg.index)
         n = len(msg.data)
         if i not in peer.requests:
@@ -499,21 +538,29 @@ class Transfer:
             self.wasted_bytes += n
             if peer.wasted > self.config.max_wasted_bytes:
                 raise wire.ProtocolError("too many unrequested piece bytes")
-            return
+            return None
         # No longer outstanding on this peer, but still in flight for the picker until it is
-        # written: verifying and writing take a while (a file's last piece re-hashes the whole
-        # file), and re-requesting it meanwhile wasted a third of a model per frontend (measured).
+        # written: verifying and writing take a while (a file's last piece may re-read part of
+        # the file), and re-requesting it meanwhile wasted a third of a model per frontend
+        # (measured).
         del peer.requests[i]
         peer.timeouts = 0
+        if n != self._lengths[i]:
+            self.picker.request_ended(i)
+            self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
+        if i in self.have or i in self._writing:
+            self.picker.request_ended(i)
+            peer.wasted += n
+            self.wasted_bytes += n
+            self._fill_requests(peer)
+            return None
+        self._writing.add(i)
+        return i
+
+    async def _store_piece(self, peer: _Peer, i: int, msg: wire.PieceData) -> None:
+        """Verify and write an accepted piece (``_accept_piece``), then announce it."""
+        n = len(msg.data)
         try:
-            if n != self._lengths[i]:
-                self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
-            if i in self.have or i in self._writing:
-                peer.wasted += n
-                self.wasted_bytes += n
-                self._fill_requests(peer)
-                return
-            self._writing.add(i)
             try:
                 await self.run_blocking(self.store.write_piece, i, msg.data)
             except PieceHashMismatch:
@@ -531,7 +578,8 @@ class Transfer:
         peer.window_bytes += n
         self.bytes_down += n
         self._got(i)
-        self._fill_requests(peer)
+        if not peer.closed:
+            self._fill_requests(peer)
 
     def _ban(self, peer: _Peer, why: str) -> None:
         st = self.stats[peer.id]
@@ -626,7 +674,9 @@ class Transfer:
         if peer.refused:
             for i in [i for i, until in peer.refused.items() if until <= now]:
                 del peer.refused[i]
-        for i in self.picker.pick(peer.have, peer.requests.keys(), room, peer.refused):
+        # Never a piece being verified and written (it may still fail, then it is asked again).
+        avoid = peer.refused.keys() | self._writing if self._writing else peer.refused
+        for i in self.picker.pick(peer.have, peer.requests.keys(), room, avoid):
             peer.requests[i] = now + self._timeout_for(i)
             peer.cancelled.discard(i)
             self.picker.requested(i)

@@ -5,7 +5,13 @@ Rules (BitTorrent's, with one addition for model files):
   "configs ready" early. A class is only opened once the one before it is fully verified.
 - Random first pieces: until we hold ``RANDOM_FIRST`` pieces we pick at random among those the peer
   has, so a flash crowd does not all chase the same rarest piece and we get something to trade fast.
-- Rarest first afterwards: lowest availability among connected peers, ties broken at random.
+- Rarest first afterwards: lowest availability among connected peers, ties broken by file order
+  (lowest index first). A file that arrives in order is hashed as it arrives and never read back
+  before it is published (swarm/store.py); diversity in a crowd comes from rarity, the random
+  first pieces and the seeder's least-copied-first policy (engine), not from random ties. Measured
+  in the simulator's flash crowd (100 frontends, 2 seeds each): median completion 1.044 x T_min
+  with ordered ties vs 1.058 with random ties; benchmark (b): seeder upload 1.1-1.2x the model
+  vs 1.4-1.7x.
 - Never a piece the peer lacks, never one we have, never one already in flight, except in endgame.
 - Endgame: once at most ``ENDGAME_PIECES`` wanted pieces are missing and all of them are in flight,
   a piece may be asked of a second peer (at most ``ENDGAME_MAX_DUPLICATES`` requests per piece);
@@ -111,9 +117,8 @@ class Picker:
             if len(self.have) < RANDOM_FIRST:
                 self._rng.shuffle(candidates)
             else:
-                # Sort by (availability, random tiebreak); sample keys once.
-                rnd = self._rng.random
-                candidates.sort(key=lambda i: (self.availability[i], rnd()))
+                avail = self.availability
+                candidates.sort(key=lambda i: (avail[i], i))
             return candidates[:count]
         if not self.in_endgame():
             return []

@@ -313,6 +313,10 @@ DIRECT_ALIGN = 4096
 DIRECT_MIN = 1 << 20  # smaller pieces are not worth a second fd
 DIRECT_CHUNK = 4 << 20  # read size when re-hashing a file written with direct I/O ...
 DIRECT_READAHEAD = 3  # ... and reads in flight meanwhile
+CATCH_UP_PIECES = 8
+"""A piece up to this many places after a file's hash frontier, all of them on disk, moves the
+frontier by reading them back (the picker's few random first pieces would otherwise stall it for
+the whole file); a longer gap waits for the read at completion."""
 
 
 def _direct_ok(mv: memoryview, offset: int, length: int) -> bool:
@@ -371,22 +375,68 @@ def _hash_fd_direct(fd: int, size: int, hasher: blake3.blake3 | None = None,
     return hasher.digest()
 
 
-class _SideHash:
-    """A writer's claim on a file's next piece in file order (see ``Download._begin_in_order``):
-    a copy of the whole-file hasher being fed that piece on the hash thread."""
+_DONE = threading.Event()
+_DONE.set()
 
-    __slots__ = ("future", "gen", "hasher", "k")
 
-    def __init__(self, k: int, gen: int) -> None:
-        self.k = k  # the piece's index within its file
-        self.gen = gen  # the file's hash_gen when claimed
-        self.hasher: blake3.blake3 | None = None  # None: single-piece file, nothing to feed
-        self.future: concurrent.futures.Future | None = None
+class _Feed:
+    """One step of a file's whole-file hash chain, run on the hash thread: wait for the step
+    before it, read back ``gap`` (file offset, length) from disk if any (pieces that arrived
+    before their turn), then hash ``data``. A failed read marks the chain ``broken`` (the whole
+    file is then read back at completion)."""
+
+    __slots__ = ("after", "broken", "data", "done", "gap", "hasher", "path")
+
+    def __init__(self, hasher: blake3.blake3, data: memoryview, after: threading.Event,
+                 broken: list[bool], path: Path, gap: tuple[int, int] | None) -> None:
+        self.hasher, self.data, self.after, self.broken = hasher, data, after, broken
+        self.path, self.gap = path, gap
+        self.done = threading.Event()
+
+    def __call__(self) -> None:
+        try:
+            self.after.wait()
+            if self.gap is not None and not self.broken[0]:
+                offset, length = self.gap
+                if _hash_range(self.path, self.hasher, offset, length) != length:
+                    self.broken[0] = True
+            self.hasher.update(self.data)
+        except BaseException:
+            self.broken[0] = True
+            raise
+        finally:
+            self.done.set()
+
+
+def _hash_range(path: Path, hasher: blake3.blake3, offset: int, length: int) -> int:
+    """Feed ``length`` bytes of ``path`` at ``offset`` (page-aligned) to ``hasher``, read around
+    the page cache where possible (the bytes were written with O_DIRECT); bytes fed."""
+    fd = _open_direct(path, os.O_RDONLY)
+    direct = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    buf = mmap.mmap(-1, min(length, DIRECT_CHUNK))
+    try:
+        done = 0
+        while done < length:
+            want = min(len(buf), length - done)
+            with memoryview(buf) as mv:
+                n = os.preadv(fd, [mv[: -(-want // DIRECT_ALIGN) * DIRECT_ALIGN if direct
+                                      else want]], offset + done)
+                n = min(n, want)
+                if n <= 0:
+                    return done
+                hasher.update(mv[:n])
+            done += n
+        return done
+    finally:
+        buf.close()
+        os.close(fd)
 
 
 _HASH_THREADS = 2
-"""Threads feeding whole-file hashers in parallel with piece verification (one per link writing
-at once is plenty on the 2-4 core hosts measured)."""
+"""Threads feeding whole-file hashers while pieces are written (a feed waits only for feeds
+submitted before it, so the FIFO pool cannot deadlock with any number of threads)."""
 _hash_pool_lock = threading.Lock()
 _hash_pool_ref: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -824,8 +874,8 @@ class _File:
     """Per-file state of a Download."""
 
     __slots__ = (
-        "close_when_idle", "count", "dev", "dfd", "dirty", "entry", "fd", "final", "final_path",
-        "first", "hash_claim", "hash_gen", "hash_lock", "hashed", "hasher", "hex", "index", "ino",
+        "close_when_idle", "count", "dev", "dfd", "dirty", "entry", "fd", "fed", "fed_broken",
+        "fed_event", "final", "final_path", "first", "hash_lock", "hasher", "hex", "index", "ino",
         "lock", "part_path", "state_path", "users", "wanted",
     )
 
@@ -847,15 +897,14 @@ class _File:
         self.close_when_idle = False
         self.dev = self.ino = -1  # of the fd's file
         self.lock = threading.Lock()  # guards fd, users, final and the state file
-        # The whole-file hash, fed in file order while pieces arrive (see _begin_in_order):
-        # ``hashed`` leading pieces of the file are in ``hasher``; ``hash_claim`` is the piece a
-        # writer is feeding to a copy of it; ``hash_gen`` changes whenever the hasher is reset or
-        # taken, so a stale claim is never adopted. hash_lock guards these and is a leaf lock:
-        # it is only held briefly and no other lock is taken while holding it.
+        # The whole-file hash, fed in file order with verified piece bytes as they arrive (see
+        # _feed_in_order): the first ``fed`` pieces are submitted to ``hasher``; ``fed_event`` is
+        # set once the last submitted one is hashed. hash_lock guards these; it is held briefly
+        # and only Download._lock is ever taken while holding it.
         self.hasher = blake3.blake3()
-        self.hashed = 0
-        self.hash_claim: int | None = None
-        self.hash_gen = 0
+        self.fed = 0
+        self.fed_event = _DONE
+        self.fed_broken = [False]  # set by a feed whose read-back failed
         self.hash_lock = threading.Lock()
 
     @property
@@ -1269,22 +1318,18 @@ class Download:
         mv = _as_bytes_view(data)
         if mv.nbytes != piece.length:
             raise PieceHashMismatch(index, f"piece {index}: {mv.nbytes} bytes, expected {piece.length}")
+        # One thread: pieces are verified while the network and disk threads want the other cores
+        # (AUTO measured 1.7-2x slower per piece than one thread during a 2-core transfer).
+        if blake3.blake3(mv).digest() != piece.digest:
+            raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch")
         f = self._files[piece.file_index]
-        side = self._begin_in_order(f, index - f.first, mv)
+        fed: threading.Event | None = None
         try:
-            # One thread: pieces are verified while the network and disk threads want the other
-            # cores (AUTO measured 1.7-2x slower per piece than one thread during a 2-core
-            # transfer). The whole-file hasher, if this piece is next in file order, runs on the
-            # hash thread meanwhile.
-            ok = blake3.blake3(mv).digest() == piece.digest
-            if side is not None and side.future is not None:
-                side.future.result()
-            if not ok:
-                raise PieceHashMismatch(index, f"piece {index}: blake3 mismatch")
             with self._op():
                 with self._lock:
                     if index in self._have:
                         return False
+                fed = self._feed_in_order(f, index - f.first, mv)
                 with self._use_fd(f) as fd, _io(f"writing piece {index} to", f.part_path):
                     dfd = (self._direct_fd(f, create=True)
                            if _direct_ok(mv, piece.offset, piece.length) else None)
@@ -1294,6 +1339,8 @@ class Download:
                         if dfd is None or exc.errno != errno.EINVAL:
                             raise
                         _pwrite_all(fd, mv, piece.offset)  # alignment the device refused
+                if fed is not None:
+                    fed.wait()
                 with self._lock:
                     if index in self._have:  # a concurrent duplicate got there first (same bytes)
                         return False
@@ -1305,9 +1352,6 @@ class Download:
                     file_done = f.count == f.entry.num_pieces
                     due = (self._unflushed >= FLUSH_BYTES
                            or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
-                if side is not None:  # written: the file hash may now cover this piece
-                    self._end_in_order(f, side, adopt=True)
-                    side = None
                 if file_done:
                     self._complete_file(f)
                 elif due and self._flush_lock.acquire(blocking=False):
@@ -1317,61 +1361,54 @@ class Download:
                         self._flush_lock.release()
                 return True
         finally:
-            if side is not None:
-                if side.future is not None:  # never hand the buffer back while it is being read
-                    concurrent.futures.wait([side.future])
-                self._end_in_order(f, side, adopt=False)
+            if fed is not None:  # never hand the buffer back while the hash thread reads it
+                fed.wait()
 
-    def _begin_in_order(self, f: _File, k: int, mv: memoryview) -> _SideHash | None:
-        """If piece ``k`` of ``f`` is the next one in file order, claim it and start feeding a
-        copy of the file's whole-file hasher with ``mv`` on the hash thread; the caller adopts
-        the copy once the piece is verified and written (``_end_in_order``), so a file that
-        arrives in order is never read back. Pieces that arrive out of order, or are restored
-        from a resume state, are read back from disk when the file completes (``_finish_hash``).
-        Never waits: if another writer holds the claim, this piece is left for that read."""
-        if k != f.hashed or f.final or f.hash_claim is not None:  # unlocked fast path
+    def _feed_in_order(self, f: _File, k: int, mv: memoryview) -> threading.Event | None:
+        """If verified piece ``k`` of ``f`` is the next one in file order, hand it to the file's
+        whole-file hasher on the hash thread (while the caller writes it) and return the event
+        set once it is hashed; the caller keeps ``mv`` alive until then. A file that arrives in
+        order is then never read back. The hasher covers verified bytes whether or not they
+        reach the disk (a failed write leaves the piece missing; whoever writes it later writes
+        the same bytes). Pieces that arrive out of order, or are restored from a resume state,
+        are read back from disk when the file completes (``_finish_hash``)."""
+        if not f.fed <= k <= f.fed + CATCH_UP_PIECES or f.final:  # unlocked fast path
             return None
         with f.hash_lock:
-            if k != f.hashed or f.final or f.hash_claim is not None:
+            if not f.fed <= k <= f.fed + CATCH_UP_PIECES or f.final:
                 return None
-            f.hash_claim = k
-            side = _SideHash(k, f.hash_gen)
-            # A single-piece file needs no second hash: its piece digest is its whole-file
-            # digest (Manifest validation requires that).
-            if f.entry.num_pieces > 1:
-                side.hasher = f.hasher.copy()
-        if side.hasher is not None:
-            try:
-                side.future = _hash_pool().submit(side.hasher.update, mv)
-            except BaseException:
-                self._end_in_order(f, side, adopt=False)
-                raise
-        return side
-
-    def _end_in_order(self, f: _File, side: _SideHash, *, adopt: bool) -> None:
-        """Release a claim; with ``adopt`` (the piece is verified and on disk) the hasher copy
-        becomes the file's hasher, unless the hasher was reset or taken meanwhile."""
-        with f.hash_lock:
-            if f.hash_gen != side.gen or f.hash_claim != side.k:
-                return
-            f.hash_claim = None
-            if adopt and f.hashed == side.k:
-                if side.hasher is not None:
-                    f.hasher = side.hasher
-                f.hashed = side.k + 1
+            gap = None
+            if k > f.fed:
+                # A few pieces before this one arrived early (the picker's random first pieces)
+                # and are on disk: read them back on the hash thread rather than stall the file.
+                with self._lock:
+                    if any(f.first + j not in self._have for j in range(f.fed, k)):
+                        return None
+                gap = (f.fed * f.entry.piece_size, (k - f.fed) * f.entry.piece_size)
+            f.fed = k + 1
+            if f.entry.num_pieces == 1:
+                # No second hash: a single-piece file's piece digest is its whole-file digest
+                # (Manifest validation requires that).
+                return None
+            feed = _Feed(f.hasher, mv, f.fed_event, f.fed_broken, f.part_path, gap)
+            f.fed_event = feed.done
+            # Submitted under hash_lock, so the FIFO pool runs feeds in file order.
+            _hash_pool().submit(feed)
+        return feed.done
 
     def _finish_hash(self, f: _File, fd: int) -> bytes | None:
         """The whole-file blake3 of ``f``: the in-order hasher plus the rest read from disk
         (through O_DIRECT where pieces were written so). Caller holds ``f.lock``."""
         fe = f.entry
         with f.hash_lock:
-            if f.hashed == fe.num_pieces and fe.num_pieces == 1:
+            if f.fed == fe.num_pieces and fe.num_pieces == 1:
                 return fe.digest
-            start = min(f.hashed * fe.piece_size, fe.size)
-            # Take the hasher (used once); a writer still feeding a copy is ignored: its piece
-            # is on disk (the file is complete), so it is read back below.
-            hasher = f.hasher
+            start = min(f.fed * fe.piece_size, fe.size)
+            hasher, last, broken = f.hasher, f.fed_event, f.fed_broken  # taken (used once)
             self._reset_hash(f)
+        last.wait()  # feeds take no locks: this cannot deadlock
+        if broken[0]:
+            hasher, start = None, 0
         if f.dfd is None:
             return _hash_fd(fd, fe.size, hasher, start)
         return _hash_fd_direct(f.dfd, fe.size, hasher, start)
@@ -1380,9 +1417,9 @@ class Download:
     def _reset_hash(f: _File) -> None:
         """Start ``f``'s whole-file hasher over (caller holds ``f.hash_lock``)."""
         f.hasher = blake3.blake3()
-        f.hashed = 0
-        f.hash_claim = None
-        f.hash_gen += 1
+        f.fed = 0
+        f.fed_event = _DONE
+        f.fed_broken = [False]
 
     def _drop(self, f: _File, indices: Iterable[int]) -> None:
         with f.hash_lock:  # the dropped pieces may be in the hasher: start it over

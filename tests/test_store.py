@@ -1005,7 +1005,7 @@ def _record_rereads(monkeypatch) -> list[tuple[int, int]]:
     return seen
 
 
-@pytest.mark.parametrize("order", ["in-order", "reversed"])
+@pytest.mark.parametrize("order", ["in-order", "reversed", "one-early"])
 def test_whole_file_check_rereads_only_what_arrived_out_of_order(
         tmp_path: Path, small_model, monkeypatch, order: str) -> None:
     src, m = small_model
@@ -1015,6 +1015,11 @@ def test_whole_file_check_rereads_only_what_arrived_out_of_order(
     pieces = list(range(m.num_pieces))
     if order == "reversed":
         pieces.reverse()
+    elif order == "one-early":  # each file's second piece first (as a random first pick)
+        pieces = []
+        for fi in range(len(m.files)):
+            own = sorted(m.pieces_of([fi]))
+            pieces += own[1:2] + own[:1] + own[2:]
     with store.open_download(m) as dl:
         fill(dl, reader, pieces)
         snap = dl.finalize()
@@ -1025,9 +1030,15 @@ def test_whole_file_check_rereads_only_what_arrived_out_of_order(
     for fe in m.files:
         if fe.num_pieces > 1:
             start = next(s for size, s in seen if size == fe.size)
-            # In order: nothing is re-read. Reversed: the first piece arrives last and is hashed
-            # from memory; every other piece is read back.
-            assert start == (fe.size if order == "in-order" else fe.piece_size)
+            # In order: nothing is re-read at completion. One early: the early piece is read back
+            # by the hash thread when its successor arrives (CATCH_UP_PIECES), not at completion.
+            # Reversed: the first piece arrives last and is hashed from memory; every other
+            # piece is read back.
+            # (A two-piece file has no successor to trigger that: read at completion.)
+            reread_from = fe.size
+            if order == "reversed" or (order == "one-early" and fe.num_pieces == 2):
+                reread_from = fe.piece_size
+            assert start == reread_from
 
 
 def test_threads_writing_in_random_order_publish_correct_files(tmp_path: Path, small_model) -> None:
