@@ -518,6 +518,7 @@ class Transfer:
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
             peer.refused[i] = now + self.config.reject_backoff
+            self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
                 self._end_request(peer, i)
                 self._fill_all(skip=peer)

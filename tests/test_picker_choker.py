@@ -136,3 +136,18 @@ def test_downloading_reciprocates_best_senders():
     result |= {p.peer_id for p in unchoke}
     assert {"fast", "mid"} <= result
     assert len(result) == 3
+
+
+def test_equal_rarity_in_file_order_until_contended():
+    p = Picker(64, range(64), rng=random.Random(1))
+    p.peer_has(range(64))
+    for i in (40, 41, 42, 43):  # past the random first pieces
+        p.got(i)
+    everything = set(range(64))
+    assert p.pick(everything, (), 6) == [0, 1, 2, 3, 4, 5]
+    p.peer_has(range(3))  # pieces 0-2 are now less rare: the rarest come first, still in order
+    assert p.pick(everything, (), 3) == [3, 4, 5]
+    p.contended = True  # a peer rejected us: ties at random, so fetchers spread out
+    picks = [tuple(p.pick(everything, (), 4)) for _ in range(5)]
+    assert len(set(picks)) > 1
+    assert all(not set(x) & {0, 1, 2} for x in picks)  # rarest first still holds

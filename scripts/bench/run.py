@@ -672,25 +672,38 @@ def report(meta: dict, res: dict, mach: dict) -> str:
 
 ANALYSIS = """## What limits us (read with the tables above)
 
-- **The whole-file re-read before a file is published.** `Download` fsyncs each file and re-hashes
-  it from disk before the rename into `blobs/` (the store's invariant: a blob's name is checked
-  against its bytes on disk, so a manifest whose piece hashes disagree with its file hash cannot
-  poison the shared blob store). With direct I/O the bytes are not in the page cache, so this is a
-  device read of the whole file after its last piece: 0.7-1.5 s per GiB on this virtio disk
-  (`_hash_fd_direct` in the profile, three reads in flight), and in (b) four leechers re-read 4 GiB
-  from one disk at the end. One-off experiment (2026-11-27, same machine, a scratch copy with that
-  re-read replaced by the manifest's digest, 2 repeats each): (a) encrypted 2.09-2.24 s vs
-  libtorrent default 4.58-4.86 s (~2.2x), plaintext 2.38-2.57 s; (b) encrypted 5.81-6.44 s,
-  plaintext 5.00-5.87 s vs libtorrent 12.2-15.8 s (~0.45x), seeder upload 1.8-2.2x. libtorrent
-  does neither the fsync nor the re-read.
-- **The receiver's write path, per link, in series.** The engine's reader task handles one
-  `PieceData` at a time: `store.write_piece` (blake3 of the piece, then one O_DIRECT `pwrite`) in a
-  worker thread, then the next. In a 1 GiB run (instrumented copy) blake3 took 0.30-0.56 s and
-  `pwrite` 0.63-0.78 s of device time, one piece after another; meanwhile the lane's receiver
-  thread waits for a free pooled buffer (`Condition.wait`) or for the engine to take the next
-  piece (`_send_message_to_trio`), and the seeder's sending thread is idle most of the time
-  (`WorkerThread._work`). This is why plaintext is not faster than encrypted: the receiver's disk
-  path, not the cipher, sets the pace.
+- **What changed on 2026-11-27 (afternoon)**: the figures above are from a tree with three changes
+  that removed the two limits the morning's run identified. (1) The store no longer re-reads a
+  whole file before publishing it: pieces that arrive in file order are fed, verified, to the
+  file's whole-file hasher on a hash thread while they are written, a few early pieces (the
+  picker's random first ones) are read back to keep that frontier moving, and only what arrived
+  out of order is read back at completion; a single-piece file is never hashed twice (its piece
+  digest is its file digest). The check itself stays: a manifest whose file digest disagrees with
+  its pieces is still refused. (2) The picker breaks ties between equally rare pieces by file
+  order instead of at random, so a single-source transfer arrives in order. (3) The engine verifies
+  and writes two pieces per link at once (piece k+1 is hashed while piece k goes to disk). Same
+  machine, same day, morning tree -> this tree: (a) encrypted 2.13 -> ~1.1-1.3 s, plaintext 1.78 ->
+  ~1.0-1.1 s; (c) 226 -> ~115-170 ms encrypted. Ties in file order also changed (b): 6.8-7.0 s
+  encrypted (0.59x libtorrent), seeder upload 1.4-1.5x the model, but over libp2p streams (lane
+  off) four leechers asking one slow seeder for the same pieces made it upload 3.6x the model
+  (1.45x with random ties). So the picker now takes ties in file order only until a peer rejects a
+  request (contention) and at random after that: the (b) rows above (~0.63x, 1.8x) are with that
+  rule, and the lane-off upload is back to 1.5x. The store alone (scripts-free micro-benchmark: 256
+  pieces of 4 MiB from page-aligned buffers, one writer, in order): 1.36 s -> 0.65-0.73 s per GiB.
+- **(a) now**: the receiver's pipeline (recv into pooled buffers, decrypt, blake3 of the piece,
+  blake3 into the file hash, O_DIRECT pwrite) runs on both cores against the sender's read and
+  encrypt; the TCP ceiling (plain sockets, no hashing, no disk) is the bound. Plaintext saves the
+  encryption on one side and the decryption on the other, which is ~10-20% here, not 3x.
+- **(b) now**: five processes on two cores: every byte a leecher receives is encrypted once,
+  decrypted once, hashed twice and written once, and every byte a leecher serves is read back
+  from its disk (O_DIRECT); pieces from other leechers arrive out of file order, so part of each
+  file is still read back at completion. libtorrent does no hashing of the whole file and no
+  fsync, and its seeder uploads more (1.6-2.0x the model vs 1.3-1.5x here).
+- **(c) now**: latency-bound (20 MB would take ~35 ms over plain TCP): DHT lookup + manifest
+  ~20-35 ms, the lane's setup (libp2p stream, offer/answer, TCP connect, both proofs) 5-10 ms, the
+  engine's handshake, then one round of requests; each file is fsynced before its rename. The
+  run-to-run spread (one plaintext repeat at 400 ms in a trial run) comes from DHT and yamux work
+  on a shared 2-core VM.
 - **Page cache vs direct I/O, measured**: writing fresh file pages through the page cache costs
   ~2.3 CPU-s per GiB on this VM (memory handed back to the host: every new page faults to it;
   first-touching 1 GiB of anonymous memory costs the same), and reading a file that is not cached
@@ -701,17 +714,6 @@ ANALYSIS = """## What limits us (read with the tables above)
 - **Crypto is not the limit**: AES-256-GCM `encrypt_into` ~4.6 GB/s and `decrypt_into` ~10 GB/s
   per core here, in place; blake3 ~5 GB/s on one thread (1.7-2x slower per piece with
   `max_threads=AUTO` while the other core is busy, so piece verification uses one thread).
-- **(c) is latency-bound, not bandwidth-bound** (20 MB would take ~35 ms over plain TCP): DHT
-  lookup + manifest ~20-35 ms; the lane's own setup (libp2p stream, offer/answer, TCP connect,
-  both proofs) 5-10 ms, then the engine's handshake (Hello/Bitfield, Interested/Unchoke,
-  Requests), each message a thread hop on both sides; each config file is one piece whose write
-  fsyncs the file, re-reads it and fsyncs the directory after the rename (1.5-4 ms per fsync on
-  this disk), one file after another; finalize adds a few more. A full run earlier the same day
-  (tree of 12:15, before other sessions' engine and node changes landed) measured 144 ms
-  encrypted / 126 ms plaintext (medians of 3); the final tree measures ~190-230 ms. Not isolated:
-  reverting the node's announce-at-fetch-start and its 0.3 s re-lookups in a scratch copy did not
-  bring it back; a 1 kHz py-spy profile shows DHT lookups and yamux/noise work on both nodes
-  during the fetch.
 - **Memory**: a node imports py-libp2p (~86 MB before any work); a lane holds at most
   `POOL_BUFFERS` = 3 receive buffers and one send buffer of one piece each (4 MiB pieces: ~20 MiB
   per link), allocated on first use and reused (fresh pages are expensive here), so RSS depends on
@@ -755,17 +757,16 @@ ANALYSIS = """## What limits us (read with the tables above)
   engine (trio) still decides what to fetch from whom and gets completion, failure (LinkClosed,
   ProtocolError on a bad tag) and byte counts back through the PeerLink interface.
 
-## What would move the numbers (outside the lane's files)
+## What would move the numbers
 
-1. Store: check the whole-file blake3 without re-reading the file, e.g. from per-piece subtree
-   chaining values (pieces are power-of-two aligned subtrees of blake3's tree), which needs a blake3
-   binding exposing the hazmat API (the Rust crate's `hazmat` module; the Python package 1.0 has
-   none). The experiment above bounds the gain.
-2. Engine: let `_reader` hand a `PieceData` to a per-link writer with two writes in flight (hash
-   piece k+1 while piece k is written), keeping `_take_piece`'s bookkeeping on the event loop; the
-   lane already holds three pieces per link for it.
-3. Store: batch the per-file fsyncs of small files at finalize (or run them in parallel threads)
-   for (c).
+1. Store: check the whole-file blake3 without any read-back, from per-piece subtree chaining values
+   (pieces are power-of-two aligned subtrees of blake3's tree), which needs a blake3 binding
+   exposing the hazmat API (the Rust crate's `hazmat` module; the Python package 1.0 has none).
+   That would make out-of-order arrival free, which matters for (b).
+2. Seeder/leecher: serve pieces a leecher just wrote from the buffers it still holds instead of
+   reading them back with O_DIRECT (b).
+3. (c): fewer round trips before the first request (send Interested with the Bitfield; ask for
+   the manifest and open the lane in parallel).
 """
 
 
