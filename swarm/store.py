@@ -577,8 +577,10 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _atomic_write(self, model: str, dest: Path, data: bytes) -> None:
-        """Write ``dest`` via a tmp file in ``.swarm/tmp`` + fsync + rename (same filesystem)."""
+    def _atomic_write(self, model: str, dest: Path, data: bytes, *, durable: bool = True) -> None:
+        """Write ``dest`` via a tmp file in ``.swarm/tmp`` + fsync + rename (same filesystem).
+        Without ``durable`` the fsyncs are skipped: readers still never see a partial file, but
+        after a power loss it may be missing or torn (only for files validated on read)."""
         tmp = self._tmp_dir(model) / f"w-{os.getpid()}-{secrets.token_hex(6)}"
         with _io("writing", dest):
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -586,14 +588,16 @@ class Store:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
                     _pwrite_all(fd, memoryview(data), 0)
-                    os.fsync(fd)
+                    if durable:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.replace(tmp, dest)
             except BaseException:
                 _unlink_quiet(tmp)
                 raise
-            _fsync_dir(dest.parent)
+            if durable:
+                _fsync_dir(dest.parent)
 
     def _cleanup_tmp(self, model: str) -> None:
         d = self._meta(model) / "tmp"
@@ -616,7 +620,11 @@ class Store:
     # -- manifests --
 
     def save_manifest(self, manifest: Manifest) -> Path:
-        """Keep ``manifest`` beside its snapshot; ``load_manifest(model, revision)`` finds it."""
+        """Keep ``manifest`` beside its snapshot; ``load_manifest(model, revision)`` finds it.
+
+        Not fsynced: a stored manifest is a cache (validated against its name on read; if a crash
+        loses it, it is fetched again or rebuilt from the files), and its two fsyncs were a
+        fifth of a warm config fetch's time here."""
         hex_ = manifest.manifest_hash.hex()
         meta = self._meta(manifest.model)
         path = meta / "manifests" / f"{hex_}.mf"
@@ -626,14 +634,14 @@ class Store:
         except OSError:
             have = False
         if not have:
-            self._atomic_write(manifest.model, path, data)
+            self._atomic_write(manifest.model, path, data, durable=False)
         index = meta / "revisions" / _valid(validate_revision, manifest.revision, "revision")
         try:
             same = index.read_text().strip() == hex_
         except OSError:
             same = False
         if not same:
-            self._atomic_write(manifest.model, index, hex_.encode())
+            self._atomic_write(manifest.model, index, hex_.encode(), durable=False)
         return path
 
     def load_manifest_by_hash(self, model: str, manifest_hash: bytes | str) -> Manifest | None:
@@ -934,6 +942,7 @@ class Download:
         self._have: set[int] = set()
         self._unconfirmed: set[int] = set()  # restored from a state file, not re-hashed yet
         self._have_cache: frozenset[int] | None = None
+        self._blobs_dirty = False  # a file was renamed into blobs/ since the last directory fsync
         self._unflushed = 0
         self._last_flush = time.monotonic()
         self.recovered_pieces = 0  # verified on disk at open though not in the resume state
@@ -1331,14 +1340,22 @@ class Download:
                         return False
                 fed = self._feed_in_order(f, index - f.first, mv)
                 with self._use_fd(f) as fd, _io(f"writing piece {index} to", f.part_path):
+                    # Whole pages with direct I/O, a file's last partial page through the cache
+                    # (a config file of a few MB is mostly pages too).
+                    head = piece.length - piece.length % DIRECT_ALIGN
                     dfd = (self._direct_fd(f, create=True)
-                           if _direct_ok(mv, piece.offset, piece.length) else None)
-                    try:
-                        _pwrite_all(fd if dfd is None else dfd, mv, piece.offset)
-                    except OSError as exc:
-                        if dfd is None or exc.errno != errno.EINVAL:
-                            raise
-                        _pwrite_all(fd, mv, piece.offset)  # alignment the device refused
+                           if _direct_ok(mv[:head], piece.offset, head) else None)
+                    if dfd is None:
+                        _pwrite_all(fd, mv, piece.offset)
+                    else:
+                        try:
+                            _pwrite_all(dfd, mv[:head], piece.offset)
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:
+                                raise
+                            head = 0  # alignment the device refused
+                        if head < piece.length:
+                            _pwrite_all(fd, mv[head:], piece.offset + head)
                 if fed is not None:
                     fed.wait()
                 with self._lock:
@@ -1486,7 +1503,9 @@ class Download:
                                      path=f.part_path) from None
             except OSError as exc:
                 raise _wrap(exc, "publishing", f.final_path) from exc
-            _fsync_dir(f.final_path.parent)
+            # The blobs directory is fsynced once, by finalize or close, not per file: a rename
+            # a crash undoes leaves the .incomplete, whose pieces are then recovered (_recover).
+            self._blobs_dirty = True
             f.final = True
             _unlink_quiet(f.state_path)
             if fe.num_pieces <= 1:  # small file: later reads use short-lived fds (see _use_fd)
@@ -1612,6 +1631,7 @@ class Download:
                 raise StoreError(f"cannot finalize {self.manifest.model}: pieces failed "
                                  "re-verification and must be fetched again")
             self.flush()
+            self._sync_blobs_dir()
             wanted = [f for f in self._files if f.wanted]
             store = self._store
             store.save_manifest(self.manifest)
@@ -1621,6 +1641,12 @@ class Download:
             if ref is not None:
                 store._write_ref(self.manifest.model, ref, self.manifest.revision)
             return snap
+
+    def _sync_blobs_dir(self) -> None:
+        """Make the renames into blobs/ durable (before the snapshot links that point at them)."""
+        if self._blobs_dirty:
+            self._blobs_dirty = False
+            _fsync_dir(self._repo / "blobs")
 
     def _close_fds(self) -> None:
         for f in self._files:
@@ -1637,6 +1663,7 @@ class Download:
                 self._idle.wait()
         try:
             self.flush()
+            self._sync_blobs_dir()
         finally:
             self._close_fds()
             self._lock_handle.release()
