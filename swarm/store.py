@@ -11,6 +11,7 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
                                            directory level of <path>)
         refs/<ref>                         the revision (no newline), written atomically
         .swarm/manifests/<hash hex>.mf     manifests seen (canonical bytes), so a restart needn't re-hash
+                                           (a cache: renamed into place, not fsynced; checked on read)
         .swarm/revisions/<revision>        "<manifest hash hex>": which manifest a revision came from
         .swarm/partial/<blake3 hex>.pieces resume state of the matching ``.incomplete`` (see below)
         .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download

@@ -15,7 +15,8 @@ libtorrent with its default settings and with ``high_performance_seed`` (the ``b
 skipped if not installed), and a plain Python TCP transfer (the ceiling). Every leecher writes fresh
 files. Each (variant, scenario) runs ``--repeat`` times: median and min-max are reported, with
 ratios against libtorrent's default settings, and the peak RSS of every node process (VmHWM).
-With py-spy installed, one extra run of (a) encrypted is profiled (``--no-profile`` to skip).
+With py-spy installed, one extra run each of (a) and (b) encrypted is profiled (``--no-profile``
+to skip).
 
 Usage: ``.venv/bin/python scripts/bench/run.py [--quick] [--size 1G] [--repeat 3]``.
 """
@@ -355,36 +356,43 @@ class Bench:
 
     # -- profile --
 
-    def run_profile(self) -> None:
+    def run_profile(self, leechers: int = 1) -> None:
+        """(a) with one leecher, or (b) with four (the seeder and the first leecher profiled)."""
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(spy).exists():
             print("py-spy not installed: no profile", flush=True)
             return
+        key = "profile" if leechers == 1 else "profile_b"
         self.fresh()
         procs, spies = [], []
         try:
             seed = self.node("p-seed", "encrypted", serve=[(WEIGHTS_MODEL, self.weights)],
                              home=self.work / "seed-home")
-            leech = self.node("p-leech", "encrypted", bootstrap=seed.started["addrs"][:1])
-            procs = [seed, leech]
+            ls = [self.node(f"p-leech{i}", "encrypted", bootstrap=seed.started["addrs"][:1])
+                  for i in range(leechers)]
+            procs = [seed, *ls]
             outs = {}
-            for name, c in (("seeder", seed), ("leecher", leech)):
-                outs[name] = self.work / f"profile-{name}.txt"
+            for name, c in (("seeder", seed), ("leecher", ls[0])):
+                outs[name] = self.work / f"{key}-{name}.txt"
                 spies.append(subprocess.Popen(
                     [spy, "record", "-p", str(c.p.pid), "-o", str(outs[name]), "-f", "raw",
                      "--threads", "--idle", "-r", "200"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1.0)
-            d = leech.call(cmd="fetch", model=WEIGHTS_MODEL)
+            at = time.time() + 0.2
+            for c in ls:
+                c.send(cmd="fetch", model=WEIGHTS_MODEL, at=at)
+            done = [c.recv(self.args.fetch_timeout) for c in ls]
+            d = done[0]
             for s in spies:
                 s.send_signal(2)
             for s in spies:
                 s.wait(30)
             spies = []
-            self.results["profile"] = {"seconds": d["seconds"], "events": d["events"],
-                                       **{k: summarize_profile(v) for k, v in outs.items()}}
+            self.results[key] = {"seconds": max(x["seconds"] for x in done), "events": d["events"],
+                                 **{k: summarize_profile(v) for k, v in outs.items()}}
         except Exception as e:
-            self.results["errors"].append(f"profile: {e!r}")
+            self.results["errors"].append(f"{key}: {e!r}")
             traceback.print_exc()
         finally:
             for s in spies:
@@ -414,6 +422,9 @@ class Bench:
         if "p" in only and self.args.profile:
             print("== profile of (a) ours-enc", flush=True)
             self.run_profile()
+        if "pb" in only and self.args.profile:
+            print("== profile of (b) ours-enc", flush=True)
+            self.run_profile(leechers=4)
         return self.results
 
 
@@ -643,9 +654,13 @@ def report(meta: dict, res: dict, mach: dict) -> str:
               growth, growth < 32, f"leecher peak varies by {growth:.0f} MiB")
     w("")
 
-    prof = res.get("profile")
-    if prof:
-        w("## Profile: (a) ours, encrypted, one extra run under py-spy")
+    for key, title in (("profile", "(a) ours, encrypted, one extra run under py-spy"),
+                       ("profile_b", "(b) ours, encrypted, one extra run under py-spy (the seeder "
+                                     "and the first of the four leechers)")):
+        prof = res.get(key)
+        if not prof:
+            continue
+        w(f"## Profile: {title}")
         w("")
         w(f"py-spy at 200 Hz, all threads, idle included (so waiting shows), over the whole process "
           f"lifetime of the run ({prof['seconds']:.2f} s fetch). Seconds by thread kind, then the "
@@ -673,8 +688,8 @@ def report(meta: dict, res: dict, mach: dict) -> str:
 
 ANALYSIS = """## What limits us (read with the tables above)
 
-- **What changed on 2026-11-27 (afternoon)**: the figures above are from a tree with three changes
-  that removed the two limits the morning's run identified. (1) The store no longer re-reads a
+- **What changed on 2026-11-27 (afternoon)**: the figures above are from a tree with changes that
+  removed the two limits the morning's run identified. (1) The store no longer re-reads a
   whole file before publishing it: pieces that arrive in file order are fed, verified, to the
   file's whole-file hasher on a hash thread while they are written, a few early pieces (the
   picker's random first ones) are read back to keep that frontier moving, and only what arrived
@@ -682,7 +697,11 @@ ANALYSIS = """## What limits us (read with the tables above)
   digest is its file digest). The check itself stays: a manifest whose file digest disagrees with
   its pieces is still refused. (2) The picker breaks ties between equally rare pieces by file
   order instead of at random, so a single-source transfer arrives in order. (3) The engine verifies
-  and writes two pieces per link at once (piece k+1 is hashed while piece k goes to disk). Same
+  and writes two pieces per link at once (piece k+1 is hashed while piece k goes to disk). (4) For
+  (c): stored manifests are no longer fsynced (a validated cache), the blobs/ directory is fsynced
+  once per download instead of once per file, and the whole pages of a file's last piece go to
+  disk with O_DIRECT (only the partial page through the page cache); the store's part of a 20 MB
+  config fetch went from ~30 to ~21 ms (of which ~11 ms are the per-file fsyncs, kept). Same
   machine, same day, morning tree -> this tree: (a) encrypted 2.13 -> ~1.1-1.3 s, plaintext 1.78 ->
   ~1.0-1.1 s; (c) 226 -> ~115-170 ms encrypted. Ties in file order also changed (b): 6.8-7.0 s
   encrypted (0.59x libtorrent), seeder upload 1.4-1.5x the model, but over libp2p streams (lane
@@ -702,9 +721,11 @@ ANALYSIS = """## What limits us (read with the tables above)
   fsync, and its seeder uploads more (1.6-2.0x the model vs 1.3-1.5x here).
 - **(c) now**: latency-bound (20 MB would take ~35 ms over plain TCP): DHT lookup + manifest
   ~20-35 ms, the lane's setup (libp2p stream, offer/answer, TCP connect, both proofs) 5-10 ms, the
-  engine's handshake, then one round of requests; each file is fsynced before its rename. The
-  run-to-run spread (one plaintext repeat at 400 ms in a trial run) comes from DHT and yamux work
-  on a shared 2-core VM.
+  engine's handshake (Hello/Bitfield, Interested/Unchoke: two round trips, each a thread hop on
+  both sides), then one round of requests; each file is fsynced before its rename. The run-to-run
+  spread (repeats from 75 to 190 ms in one run; one plaintext repeat at 400 ms in a trial run)
+  comes from DHT and yamux work on a shared 2-core VM: a repeat whose DHT lookup + manifest took
+  65-95 ms instead of ~20 ms lands above 150 ms.
 - **Page cache vs direct I/O, measured**: writing fresh file pages through the page cache costs
   ~2.3 CPU-s per GiB on this VM (memory handed back to the host: every new page faults to it;
   first-touching 1 GiB of anonymous memory costs the same), and reading a file that is not cached
@@ -778,7 +799,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 64 MiB model, 2 MiB config sets, 1 repeat, no profile")
-    ap.add_argument("--only", default="a,b,c,r,p", help="scenarios (a,b,c,r,p=profile)")
+    ap.add_argument("--only", default="a,b,c,r,p,pb",
+                    help="scenarios (a,b,c,r, p/pb = profile of (a)/(b))")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workdir", default="/tmp/swarm-bench")
     ap.add_argument("--out", default=None,
@@ -823,7 +845,7 @@ def main() -> int:
         old, meta0 = saved["results"], saved["meta"]
         for scen in ("a", "b", "c"):
             old[scen].update(res[scen])
-        for key in ("r", "profile"):
+        for key in ("r", "profile", "profile_b"):
             if res.get(key):
                 old[key] = res[key]
         old["errors"] = old.get("errors", []) + [f"(merged run) {e}" for e in res["errors"]]
