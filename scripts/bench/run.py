@@ -714,11 +714,17 @@ ANALYSIS = """## What limits us (read with the tables above)
   blake3 into the file hash, O_DIRECT pwrite) runs on both cores against the sender's read and
   encrypt; the TCP ceiling (plain sockets, no hashing, no disk) is the bound. Plaintext saves the
   encryption on one side and the decryption on the other, which is ~10-20% here, not 3x.
-- **(b) now**: five processes on two cores: every byte a leecher receives is encrypted once,
-  decrypted once, hashed twice and written once, and every byte a leecher serves is read back
-  from its disk (O_DIRECT); pieces from other leechers arrive out of file order, so part of each
-  file is still read back at completion. libtorrent does no hashing of the whole file and no
-  fsync, and its seeder uploads more (1.6-2.0x the model vs 1.3-1.5x here).
+- **(b) now (missed by 0.02-0.08x)**: five processes on two cores: every byte a leecher receives
+  is encrypted once, decrypted once, hashed twice and written once, and every byte a leecher
+  serves is read back from its disk (O_DIRECT); pieces from other leechers arrive out of file
+  order, so part of each file is still read back at completion (`_hash_fd_direct` and its reads,
+  ~2.2 s of the profiled leecher's thread time above, against 1.5 s in `pwrite`). libtorrent does
+  no whole-file hashing and no fsync. The tie-break rule was measured three ways in (b), same day,
+  3 repeats each (run-to-run noise in (b) is ~10%, libtorrent itself ranged 10.0-12.8 s):
+  file order always: 6.8-7.0 s encrypted (0.59x), seeder upload 1.4-1.5x, but 3.6-3.8x over
+  libp2p streams; random as soon as a second fetcher links: 7.2-7.9 s (0.70x), 1.9x; file order
+  until a peer rejects a request (kept): 7.0-7.7 s (0.66-0.68x), 1.8x, 1.5x over libp2p streams.
+  The kept rule trades a few percent of (b) for a bounded seeder upload on every path.
 - **(c) now**: latency-bound (20 MB would take ~35 ms over plain TCP): DHT lookup + manifest
   ~20-35 ms, the lane's setup (libp2p stream, offer/answer, TCP connect, both proofs) 5-10 ms, the
   engine's handshake (Hello/Bitfield, Interested/Unchoke: two round trips, each a thread hop on
