@@ -136,6 +136,17 @@ def _parse_bool(value: str, where: str) -> bool:
     raise ConfigError(f"{where}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
+def _on_unless(off_flag: bool, env: Mapping[str, str], var: str, toml: Mapping[str, Any],
+               key: str) -> bool:
+    """A switch that is on by default: off with its ``--no-...`` flag, else from its
+    ``SWARM_NO_...`` variable (a boolean), else from the file's ``key``."""
+    if off_flag:
+        return False
+    if var in env:
+        return not _parse_bool(env[var], var)
+    return toml.get(key, True)
+
+
 def _check_multiaddr(addr: str, where: str, *, need_peer_id: bool) -> str:
     """A light syntax check (the host parses multiaddrs for real; this module imports no libp2p)."""
     if not isinstance(addr, str) or not addr.startswith("/") or len(addr.split("/")) < 3:
@@ -471,13 +482,7 @@ def resolve_run(*, home: str | os.PathLike | None = None,
     else:
         serve_t = toml.get("serve", ())
 
-    # serve the HF cache
-    if no_serve_hf_cache:
-        serve_hf = False
-    elif "SWARM_NO_SERVE_HF_CACHE" in env:
-        serve_hf = not _parse_bool(env["SWARM_NO_SERVE_HF_CACHE"], "SWARM_NO_SERVE_HF_CACHE")
-    else:
-        serve_hf = toml.get("serve_hf_cache", True)
+    serve_hf = _on_unless(no_serve_hf_cache, env, "SWARM_NO_SERVE_HF_CACHE", toml, "serve_hf_cache")
 
     # private network key
     if psk:
@@ -513,13 +518,7 @@ def resolve_run(*, home: str | os.PathLike | None = None,
     else:
         lane_v = toml.get("lane", DEFAULT_LANE)
 
-    # O_DIRECT writes of lane pieces
-    if no_direct_io:
-        direct_io = False
-    elif "SWARM_NO_DIRECT_IO" in env:
-        direct_io = not _parse_bool(env["SWARM_NO_DIRECT_IO"], "SWARM_NO_DIRECT_IO")
-    else:
-        direct_io = toml.get("direct_io", True)
+    direct_io = _on_unless(no_direct_io, env, "SWARM_NO_DIRECT_IO", toml, "direct_io")
 
     return RunSettings(home=home_p.absolute(), cache_dir=cache_p.absolute(), listen=listen_t,
                        bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk_v,
