@@ -38,6 +38,11 @@ MAX_SIGNATURE_BYTES = 1024
 """An Ed25519 signature is 64 bytes; a libp2p public key protobuf is under 100."""
 MAX_MANIFESTS_PER_REPLY = 16
 """A peer may hold several revisions of one model; more than this is noise or abuse."""
+MAX_MANIFEST_REPLY_BYTES = 32 << 20
+"""All ManifestReply frames of one reply together. A manifest is kilobytes to a few MB (16 MiB
+is a repo of ~500,000 files), so this still fits two of the largest; without it one provider
+could make the asker hold 16 x 16 MiB before decoding any (measured: 129 MiB heap peak under a
+flood of 16 x 4 MiB)."""
 
 HELLO_SERVES = 0x01
 """Hello flag: the sender serves pieces to peers."""

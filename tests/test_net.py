@@ -625,3 +625,31 @@ async def test_engine_downloads_over_libp2p(tmp_path, model_dir, model_manifest)
     assert store.pieces == pieces
     assert leech.bytes_down == m.total_size
     print(f"{m.total_size / MiB:.1f} MiB over libp2p in {elapsed:.2f} s")
+
+
+class _ScriptedLink:
+    """Answers a manifest request with the given messages (for the asker's limits)."""
+
+    peer_id = "12D3KooWScripted"
+
+    def __init__(self, answers: list[wire.Message]) -> None:
+        self.answers = list(answers)
+
+    async def send(self, msg: wire.Message) -> None:
+        pass
+
+    async def receive(self) -> wire.Message:
+        return self.answers.pop(0)
+
+
+async def test_manifest_reply_budget_is_enforced():
+    big = wire.ManifestReply(b"x" * (12 << 20))
+    request = wire.ManifestRequest("org/model")
+    ok = await SwarmHost._manifest_exchange(_ScriptedLink([big, big, wire.ManifestEnd(2)]), request)
+    assert len(ok) == 2  # 24 MiB: within MAX_MANIFEST_REPLY_BYTES
+    with pytest.raises(wire.ProtocolError, match="manifest reply over"):
+        await SwarmHost._manifest_exchange(
+            _ScriptedLink([big, big, big, wire.ManifestEnd(3)]), request)
+    with pytest.raises(wire.ProtocolError, match="too many"):
+        await SwarmHost._manifest_exchange(
+            _ScriptedLink([wire.ManifestReply(b"m")] * (wire.MAX_MANIFESTS_PER_REPLY + 1)), request)

@@ -737,11 +737,16 @@ class SwarmHost:
                                  ) -> list[wire.ManifestReply]:
         await link.send(request)
         replies: list[wire.ManifestReply] = []
+        held = 0
         while True:
             msg = await link.receive()
             if isinstance(msg, wire.ManifestReply):
                 if len(replies) >= wire.MAX_MANIFESTS_PER_REPLY:
                     raise wire.ProtocolError("too many ManifestReply frames")
+                held += len(msg.manifest) + len(msg.signature)
+                if held > wire.MAX_MANIFEST_REPLY_BYTES:
+                    raise wire.ProtocolError(f"manifest reply over {wire.MAX_MANIFEST_REPLY_BYTES} "
+                                             "bytes")
                 replies.append(msg)
             elif isinstance(msg, wire.ManifestEnd):
                 if msg.count != len(replies):

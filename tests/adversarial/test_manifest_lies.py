@@ -337,9 +337,9 @@ async def test_only_bad_manifests_fail_clearly(tmp_path, adv_model, error_log):
 @pytest.mark.timeout(90)
 async def test_manifest_flood(tmp_path, adv_model, error_log):
     """A peer answers every manifest request with 16 replies of 4 MiB of garbage each (64 MiB per
-    request, under the 16 x 16 MiB a reply may carry). The fetch still takes the honest manifest;
-    the peak of Python allocations of the whole process (flooder included) is measured: the asker
-    holds every reply of a provider before decoding any (docs/reliability.md)."""
+    request, over the MAX_MANIFEST_REPLY_BYTES = 32 MiB a reply may carry: the asker drops it as a
+    protocol error once it holds more). The fetch still takes the honest manifest; the peak of
+    Python allocations of the whole process (flooder included) is measured (docs/reliability.md)."""
     src, m, _pieces = adv_model
     junk = [(b"SWMF\x01" + bytes(4 << 20), b"") for _ in range(16)]
     async with AsyncExitStack() as stack:
