@@ -136,7 +136,6 @@ class _Peer:
         # store, returning the bytes sent; raises StoreError if the piece cannot be read.
         self.send_piece = getattr(link, "send_piece", None)
         self.tell = False  # send the reason in an Error frame (we are dropping them for cause)
-        self.write_slots: trio.Semaphore | None = None  # set by the reader (writes_per_link)
 
     def post(self, msg: wire.Message) -> None:
         self.control.append(msg)
@@ -378,7 +377,7 @@ class Transfer:
         """Messages in arrival order; a piece's bookkeeping happens here, in order, and its
         verify + write runs as a child task (at most ``writes_per_link`` at once). A peer's fault
         found by a write ends the link like one found here."""
-        slots = peer.write_slots = trio.Semaphore(max(1, self.config.writes_per_link))
+        slots = trio.Semaphore(max(1, self.config.writes_per_link))
         fault: list[BaseException] = []
         async with trio.open_nursery() as writes:
 

@@ -20,8 +20,9 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
 Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its data was fsynced
 and its whole-file blake3 checked. That check hashes, in file order, the verified bytes of each
 piece as they were handed to ``pwrite`` while the pieces that arrive in file order are written (so
-a file fetched in order is never read back), and reads back from disk everything after the first
-piece that came out of order (or was restored from a resume state). A single-piece file needs no
+a file fetched in order is never read back), and reads back from disk what came out of order or
+was restored from a resume state (a short gap just behind the frontier on the hash thread, so the
+frontier moves on; the rest when the file completes). A single-piece file needs no
 second hash: its verified piece digest is its file digest. The check catches a manifest whose file
 digest disagrees with its pieces and any piece we failed to write; it does not re-read bytes the
 disk acknowledged (nor did the earlier full re-read, which mostly came from the page cache).

@@ -29,6 +29,7 @@ from swarm.manifest import Manifest
 from swarm.net.host import SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.node import Node, NodeConfig
+from swarm.store import SnapshotReader
 
 MiB = 1 << 20
 MODEL = "acme/adversarial"
@@ -53,12 +54,8 @@ def record(scenario: str, **measured: Any) -> None:
 
 def read_pieces(manifest: Manifest, root: Path) -> dict[int, bytes]:
     """Every piece of ``manifest`` read from the directory it was built from."""
-    out = {}
-    for p in manifest.pieces:
-        with open(root / manifest.files[p.file_index].path, "rb") as f:
-            f.seek(p.offset)
-            out[p.index] = f.read(p.length)
-    return out
+    with SnapshotReader(root, manifest) as reader:
+        return {p.index: reader.read_piece(p.index) for p in manifest.pieces}
 
 
 def weight_pieces(manifest: Manifest) -> list[int]:
