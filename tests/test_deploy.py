@@ -77,7 +77,7 @@ def test_fleet_config_loads(tmp_path: Path) -> None:
 def test_fleet_config_without_key_is_a_clear_error(tmp_path: Path) -> None:
     toml = tmp_path / "swarm-node.toml"
     shutil.copy(FLEET_TOML, toml)
-    with pytest.raises(config.ConfigError, match="swarm.key"):
+    with pytest.raises(config.ConfigError, match=r"swarm\.key"):
         config.load_toml(toml)
 
 
