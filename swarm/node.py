@@ -470,18 +470,18 @@ class Node:
         model = req.repo_id
         if self.config.trust.mode == "trusted-publishers":
             if not req.revision:
-                fresh = []
+                fresh, stale = [], []
                 for h in cands:
                     r = releases[h]
                     try:
                         refuse_stale(r, self._provenance.floor(r.publisher, model))
                     except TrustError as e:
-                        reasons.append(f"manifest {manifests[h].hash_str[:20]} refused: {e}")
+                        stale.append(f"manifest {manifests[h].hash_str[:20]}: {e}")
                         continue
                     fresh.append(h)
                 if not fresh:
                     raise ModelNotFound(f"{req.repo_id}: every release offered is older than one "
-                                        f"seen before: {'; '.join(reasons[-4:])}", ())
+                                        f"seen before: {'; '.join(stale[:4])}", ())
                 self._provenance.raise_floors(model, releases.values())
                 cands = fresh
             top = max(releases[h].seq for h in cands)
