@@ -443,7 +443,9 @@ class Node:
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
-        best = self._choose(req, manifest_hash, votes, manifests, releases, reasons)
+        # (in a thread: the rollback floors are read and durably raised on disk)
+        best = await trio.to_thread.run_sync(self._choose, req, manifest_hash, votes, manifests,
+                                             releases)
         count = votes[best]
         log_ = log.warning if len(votes) > 1 else log.info
         log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
@@ -453,8 +455,7 @@ class Node:
                 holders[best] + [p for p in providers if p not in holders[best]])
 
     def _choose(self, req: FetchRequest, pinned: bytes | None, votes: Counter[bytes],
-                manifests: dict[bytes, Manifest], releases: dict[bytes, Release],
-                reasons: list[str]) -> bytes:
+                manifests: dict[bytes, Manifest], releases: dict[bytes, Release]) -> bytes:
         """The manifest to fetch among those offered (all acceptable under the policy).
 
         ``trusted-publishers``, fetch by name: the release with the highest seq; with no revision

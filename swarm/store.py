@@ -39,8 +39,9 @@ the manifest whose download created it (``.swarm/snapshots/<revision>``); any ot
 client's snapshot of a real commit above all, which a manifest naming that commit must not alter
 -- makes ``open_download`` raise :class:`SnapshotConflict` before anything is written. A blob
 already at ``blobs/<hex>`` is adopted without reading it only if swarm verified it there itself
-(``.swarm/verified/<hex>`` matches its inode, size and mtime); otherwise it is hashed, adopted if
-it matches and refused (:class:`ForeignBlob`, never deleted) if it does not. A download that needs
+(``.swarm/verified/<hex>`` matches its inode, size and mtime); otherwise, if the download wants
+that file, it is hashed once, adopted if it matches and refused (:class:`ForeignBlob`, never
+deleted) if it does not. A download that needs
 more bytes than the filesystem has free is refused at open (:class:`DiskFull`), before a byte is
 preallocated.
 
