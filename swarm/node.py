@@ -489,7 +489,7 @@ class Node:
             cands = [h for h in cands if releases[h].seq == top]
         most = max(votes[h] for h in cands)
         cands = [h for h in cands if votes[h] == most]
-        for prefer in (self._holds_complete, lambda h: h in releases):
+        for prefer in (lambda h: self._holds_complete(manifests[h]), lambda h: h in releases):
             if len(cands) > 1:
                 cands = [h for h in cands if prefer(h)] or cands
         if len(cands) > 1:
@@ -499,9 +499,18 @@ class Node:
                                 f"{offered}, each announced by {most} provider(s); taking none", ())
         return cands[0]
 
-    def _holds_complete(self, h: bytes) -> bool:
-        sh = self.shared.get(h)
-        return sh is not None and sh.complete
+    def _holds_complete(self, m: Manifest) -> bool:
+        """Whether ``m`` is complete here: shared, or a finished snapshot of it in the store."""
+        sh = self.shared.get(m.manifest_hash)
+        if sh is not None:
+            return sh.complete
+        try:
+            stored = self.store.load_manifest(m.model, m.revision)
+            return (stored is not None and stored.manifest_hash == m.manifest_hash
+                    and self.store.find_complete(m.model, m.revision) is not None)
+        except Exception as e:  # a tie-break only: an unreadable store just does not count
+            log.debug("cannot check the store for %s: %s", m.hash_str[:20], e)
+            return False
 
     @staticmethod
     def _acceptable(m: Manifest, req: FetchRequest, manifest_hash: bytes | None) -> bool:
