@@ -297,3 +297,39 @@ def _model_keys() -> list[bytes]:
     from swarm.net.host import model_key
 
     return [model_key(MODEL)]
+
+
+@pytest.mark.timeout(90)
+async def test_expired_release_is_refused_by_name_but_not_when_pinned(tmp_path, adv_model,
+                                                                      error_log):
+    """A relay offers the publisher's genuine manifest with a genuine record that has expired (the
+    publisher is gone): refused by name under ``trusted-publishers``; a fetch pinned to its hash
+    still takes it (the hash is the authority)."""
+    import time
+
+    from swarm.trust import EXPIRY_GRACE, sign_release  # new with release records
+
+    src, m, pieces = adv_model
+    async with AsyncExitStack() as stack:
+        anchor = await start_node(stack, tmp_path, "anchor")
+        boot = tuple(anchor.host.addrs[:1])
+        async with AsyncExitStack() as s:  # the publisher, to get its key and peer id
+            pub = await start_node(s, tmp_path, "publisher", serve=((MODEL, src),),
+                                   bootstrap=boot)
+            key, pub_id = pub.keypair, pub.peer_id
+        old = sign_release(key, m.manifest_hash, 7, int(time.time()) - EXPIRY_GRACE - 60)
+        relay = HostilePeer(tmp_path, "relay", manifest=m, pieces=pieces, bootstrap=boot,
+                            manifest_replies=[(m.encode(), old)])
+        await stack.enter_async_context(relay.running())
+        trust = TrustPolicy("trusted-publishers", frozenset({pub_id}))
+        front = await start_node(stack, tmp_path, "front", bootstrap=boot, trust=trust)
+        req = FetchRequest(MODEL, configs_only=True, cache_dir=front.config.cache_dir)
+        with trio.fail_after(30), pytest.raises(ModelNotFound, match="expired") as ei:
+            await front.fetch(req)
+        with trio.fail_after(30):
+            snap = await front.fetch(req, manifest_hash=m.manifest_hash)
+        assert snap.name == m.revision
+        assert_honest_alive([anchor, front])
+        assert not error_log, [r.getMessage() for r in error_log]
+        record("finding 6: expired genuine release relayed", by_name=str(ei.value)[:90],
+               pinned="taken")
