@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -792,13 +793,15 @@ class _Provenance:
                                          "seen": {publisher: {model: highest seq seen}}}
 
     Every write is atomic and durable (tmp + fsync + rename): losing a record would sign a fetched
-    manifest, or forget a seq and let an old release back in."""
+    manifest, or forget a seq and let an old release back in. Calls come from worker threads; one
+    lock serializes the read-modify-writes (a node home belongs to one node process)."""
 
     _ORIGINS = {b"b": "built", b"f": "fetched"}
 
     def __init__(self, home: Path):
         self.root = home / "provenance"
         self.releases = home / "releases.json"
+        self._lock = threading.Lock()
 
     def get(self, h: bytes) -> tuple[str, bytes] | None:
         try:
@@ -813,7 +816,8 @@ class _Provenance:
 
     def put(self, h: bytes, origin: str, release: bytes) -> None:
         code = next(k for k, v in self._ORIGINS.items() if v == origin)
-        _write_durably(self.root / h.hex(), code + release)
+        with self._lock:
+            _write_durably(self.root / h.hex(), code + release)
 
     def _load(self) -> dict:
         try:
@@ -828,27 +832,30 @@ class _Provenance:
         return {}
 
     def next_seq(self, model: str) -> int:
-        d = self._load()
-        signed = d.setdefault("signed", {})
-        seq = next_seq(int(signed.get(model, 0)))
-        signed[model] = seq
-        _write_durably(self.releases, json.dumps(d).encode())
-        return seq
+        with self._lock:
+            d = self._load()
+            signed = d.setdefault("signed", {})
+            seq = next_seq(int(signed.get(model, 0)))
+            signed[model] = seq
+            _write_durably(self.releases, json.dumps(d).encode())
+            return seq
 
     def floor(self, publisher: str, model: str) -> int:
-        return int(self._load().get("seen", {}).get(publisher, {}).get(model, 0))
+        with self._lock:
+            return int(self._load().get("seen", {}).get(publisher, {}).get(model, 0))
 
     def raise_floors(self, model: str, releases: Any) -> None:
-        d = self._load()
-        seen = d.setdefault("seen", {})
-        changed = False
-        for r in releases:
-            per = seen.setdefault(r.publisher, {})
-            if r.seq > int(per.get(model, 0)):
-                per[model] = r.seq
-                changed = True
-        if changed:
-            _write_durably(self.releases, json.dumps(d).encode())
+        with self._lock:
+            d = self._load()
+            seen = d.setdefault("seen", {})
+            changed = False
+            for r in releases:
+                per = seen.setdefault(r.publisher, {})
+                if r.seq > int(per.get(model, 0)):
+                    per[model] = r.seq
+                    changed = True
+            if changed:
+                _write_durably(self.releases, json.dumps(d).encode())
 
 
 def _write_durably(path: Path, data: bytes) -> None:
