@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import random
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -39,7 +41,16 @@ from swarm.sources import (
     fetch_chain,
 )
 from swarm.store import Download, SnapshotReader, Store
-from swarm.trust import TrustError, TrustPolicy, sign_manifest
+from swarm.trust import (
+    RELEASE_LIFETIME,
+    Release,
+    TrustError,
+    TrustPolicy,
+    next_seq,
+    refuse_stale,
+    sign_release,
+    verify_release,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +100,8 @@ class Shared:
     transfer: Transfer
     source: Any  # Download while fetching, SnapshotReader once complete
     path: Path | None = None  # snapshot / served directory once complete
-    signature: bytes = b""
+    signature: bytes = b""  # the release record we serve it with (b"": unsigned)
+    origin: str = "fetched"  # "built" (we hashed it ourselves and sign it), "fetched", "unknown"
     announced_manifest: bool = False
     announced_model: bool = False
     ready: trio.Event = attrs.Factory(trio.Event)  # finalized (path set) or failed
@@ -113,7 +125,7 @@ class Node:
         self.rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self._manifest_cache = _ManifestCache(self.home / "manifests")
-        self._signatures = self.home / "signatures"
+        self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
         self.lane: LaneService | None = None
         if config.lane != "off":
@@ -159,11 +171,13 @@ class Node:
             raise FileNotFoundError(f"--serve {model}={path}: not a directory")
         manifest = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, path,
                                                  revision)
-        await self._share_complete(manifest, path)
+        await self._share_complete(manifest, path, origin="built")
         return manifest
 
     async def serve_cache(self) -> list[Manifest]:
-        """Serve every complete snapshot in the local HF cache."""
+        """Serve every complete snapshot in the local HF cache (see ``_origin_of_snapshot`` for
+        which ones we sign). Revisions that refs/main names come last, so when we first sign several
+        revisions of a model, the one refs/main names gets the highest release seq."""
         out = []
         root = Path(self.config.cache_dir)
         if not root.is_dir():
@@ -174,7 +188,11 @@ class Node:
                 validate_model_name(model)
             except ManifestError:
                 continue
-            for snap in sorted((repo / "snapshots").glob("*")):
+            try:
+                main = self.store.read_ref(model)
+            except Exception:
+                main = None
+            for snap in sorted((repo / "snapshots").glob("*"), key=lambda p: (p.name == main, p)):
                 try:
                     m = self.store.load_manifest(model, snap.name)
                     if m is None:
@@ -184,35 +202,75 @@ class Node:
                             self._manifest_cache.get_or_build, model, snap, snap.name)
                     elif self.store.find_complete(model, snap.name) is None:
                         continue
-                    await self._share_complete(m, snap)
+                    await self._share_complete(m, snap, origin=self._origin_of_snapshot(m))
                     out.append(m)
                 except Exception as e:  # one broken snapshot must not stop the node
                     log.warning("not serving %s: %s", snap, e)
         return out
 
-    def _signature_for(self, manifest_hash: bytes) -> bytes:
-        """The publisher's signature we accepted when we fetched this manifest, else our own (we
-        are the publisher of what we built)."""
+    def _origin_of_snapshot(self, manifest: Manifest) -> str:
+        """"built" for an HF cache snapshot swarm did not make (the Hub client's, or one the chain
+        got from the Hub or ModelExpress): this node hashed it itself from a source it was set up
+        to trust, so it publishes it under its own key. "unknown" for a snapshot directory a swarm
+        download created (``Store.snapshot_owner``) that this node has no provenance record of
+        (another node sharing the cache fetched it, or the record was lost): served unsigned,
+        never signed by us, whatever its content."""
+        owner = self.store.snapshot_owner(manifest.model, manifest.revision)
+        return "built" if owner is None else "unknown"
+
+    def _release_for(self, manifest: Manifest, origin: str) -> tuple[str, bytes]:
+        """(origin, release record) to serve ``manifest`` with. Only a manifest this node built
+        itself is signed with our key (a new release seq the first time, re-signed with the same
+        seq once half its lifetime is gone). A fetched manifest keeps the provenance recorded when
+        it was fetched -- the publisher's record, or none -- for good: we never sign it, even
+        after a restart. A manifest of unknown origin is served unsigned."""
+        h = manifest.manifest_hash
+        kept = self._provenance.get(h)
+        if kept is not None and kept[0] != "built":
+            return kept
+        if kept is None and origin != "built":
+            return origin, b""
+        now = time.time()
         try:
-            return (self._signatures / f"{manifest_hash.hex()}.sig").read_bytes()
-        except OSError:
-            return sign_manifest(self.keypair, manifest_hash)
+            mine: Release | None = verify_release(kept[1], h) if kept else None
+        except TrustError:
+            mine = None
+        if mine is not None and mine.publisher == self.peer_id:
+            if mine.expires - now > RELEASE_LIFETIME / 2:
+                return "built", mine.blob
+            seq = mine.seq
+        else:
+            seq = self._provenance.next_seq(manifest.model)
+        blob = sign_release(self.keypair, h, seq, int(now) + RELEASE_LIFETIME)
+        self._provenance.put(h, "built", blob)
+        return "built", blob
 
-    def _keep_signature(self, manifest_hash: bytes, signature: bytes) -> None:
-        if not signature:
+    def _note_release(self, manifest: Manifest, blob: bytes) -> None:
+        """Keep the newest valid record of a fetched manifest (a publisher re-signs before its
+        records expire; relays pick the fresh one up when they see it)."""
+        h = manifest.manifest_hash
+        kept = self._provenance.get(h)
+        if kept is None or kept[0] != "fetched" or not blob:
             return
-        self._signatures.mkdir(parents=True, exist_ok=True)
-        tmp = self._signatures / f"{manifest_hash.hex()}.tmp"
-        tmp.write_bytes(signature)
-        os.replace(tmp, self._signatures / f"{manifest_hash.hex()}.sig")
+        try:
+            new = verify_release(blob, h)
+            if kept[1] and verify_release(kept[1], h).rank() >= new.rank():
+                return
+        except TrustError:
+            return
+        self._provenance.put(h, "fetched", blob)
+        sh = self.shared.get(h)
+        if sh is not None:
+            sh.signature = blob
 
-    async def _share_complete(self, manifest: Manifest, path: Path) -> Shared:
+    async def _share_complete(self, manifest: Manifest, path: Path, *, origin: str) -> Shared:
         h = manifest.manifest_hash
         if h in self.shared:
             return self.shared[h]
+        origin, signature = await trio.to_thread.run_sync(self._release_for, manifest, origin)
         reader = SnapshotReader(path, manifest)
         t = self._new_transfer(manifest, reader)
-        sh = Shared(manifest, t, reader, path=path, signature=self._signature_for(h))
+        sh = Shared(manifest, t, reader, path=path, signature=signature, origin=origin)
         sh.ready.set()
         self.shared[h] = sh
         self._start(t)
@@ -242,6 +300,9 @@ class Node:
         while True:
             await trio.sleep(REPROVIDE_INTERVAL)
             for sh in list(self.shared.values()):
+                if sh.origin == "built":  # re-sign our releases before they expire
+                    _o, sh.signature = await trio.to_thread.run_sync(
+                        self._release_for, sh.manifest, "built")
                 sh.announced_manifest = False
                 sh.announced_model = False
                 await self._announce(sh, model=sh.complete)
@@ -283,6 +344,7 @@ class Node:
         VerificationFailed when the download cannot be finished from honest peers."""
         emit = on_event or (lambda e: None)
         manifest, signature, providers = await self._resolve(req, manifest_hash)
+        await trio.to_thread.run_sync(self._note_release, manifest, signature)
         emit({"event": "manifest", "model": manifest.model, "revision": manifest.revision,
               "manifest": manifest.hash_str, "files": len(manifest.files),
               "bytes": manifest.total_size, "providers": len(providers)})
@@ -343,7 +405,7 @@ class Node:
         votes: Counter[bytes] = Counter()
         manifests: dict[bytes, Manifest] = {}
         holders: dict[bytes, list[PeerAddr]] = {}
-        signatures: dict[bytes, bytes] = {}
+        releases: dict[bytes, Release] = {}  # the newest valid record offered for each manifest
         reasons: list[str] = []
 
         async def ask(p: PeerAddr) -> None:
@@ -363,12 +425,14 @@ class Node:
                     continue
                 h = m.manifest_hash
                 try:
-                    publisher = self.config.trust.check(h, r.signature)
+                    release = self.config.trust.check(h, r.signature,
+                                                      fresh=manifest_hash is None)
                 except TrustError as e:
                     reasons.append(f"{p.peer_id[:12]}: manifest {m.hash_str[:20]} refused: {e}")
                     continue
-                if publisher is not None or h not in signatures:
-                    signatures[h] = r.signature if publisher is not None else b""
+                if release is not None and (h not in releases
+                                            or release.rank() > releases[h].rank()):
+                    releases[h] = release
                 manifests[h] = m
                 votes[h] += 1
                 holders.setdefault(h, []).append(p)
@@ -380,13 +444,74 @@ class Node:
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
-        best, count = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
+        # (in a thread: the rollback floors are read and durably raised on disk)
+        best = await trio.to_thread.run_sync(self._choose, req, manifest_hash, votes, manifests,
+                                             releases)
+        count = votes[best]
         log_ = log.warning if len(votes) > 1 else log.info
         log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
              "%d distinct manifests offered", req.repo_id, manifests[best].hash_str[:20],
              manifests[best].revision, count, min(len(providers), MANIFEST_ASK_FANOUT), len(votes))
-        return (manifests[best], signatures.get(best, b""),
+        return (manifests[best], releases[best].blob if best in releases else b"",
                 holders[best] + [p for p in providers if p not in holders[best]])
+
+    def _choose(self, req: FetchRequest, pinned: bytes | None, votes: Counter[bytes],
+                manifests: dict[bytes, Manifest], releases: dict[bytes, Release]) -> bytes:
+        """The manifest to fetch among those offered (all acceptable under the policy).
+
+        ``trusted-publishers``, fetch by name: the release with the highest seq; with no revision
+        asked (the latest), never one older than the highest seq this node has seen from its
+        publisher for the model (persisted), so an old signed release relayed later cannot roll
+        the node back. Then the most votes; a tie goes to the manifest we already hold complete,
+        else to the only signed one; otherwise no manifest is taken: ModelNotFound naming them,
+        so the chain goes on to the Hub. (The tie went to the larger hash, which a liar grinds
+        in a few tries to win one-against-one.)"""
+        cands = list(votes)
+        if pinned is not None or (len(cands) == 1 and self.config.trust.mode == "open"):
+            return cands[0]
+        model = req.repo_id
+        if self.config.trust.mode == "trusted-publishers":
+            if not req.revision:
+                fresh, stale = [], []
+                for h in cands:
+                    r = releases[h]
+                    try:
+                        refuse_stale(r, self._provenance.floor(r.publisher, model))
+                    except TrustError as e:
+                        stale.append(f"manifest {manifests[h].hash_str[:20]}: {e}")
+                        continue
+                    fresh.append(h)
+                if not fresh:
+                    raise ModelNotFound(f"{req.repo_id}: every release offered is older than one "
+                                        f"seen before: {'; '.join(stale[:4])}", ())
+                self._provenance.raise_floors(model, releases.values())
+                cands = fresh
+            top = max(releases[h].seq for h in cands)
+            cands = [h for h in cands if releases[h].seq == top]
+        most = max(votes[h] for h in cands)
+        cands = [h for h in cands if votes[h] == most]
+        for prefer in (lambda h: self._holds_complete(manifests[h]), lambda h: h in releases):
+            if len(cands) > 1:
+                cands = [h for h in cands if prefer(h)] or cands
+        if len(cands) > 1:
+            offered = ", ".join(f"{manifests[h].hash_str[:20]} (revision {manifests[h].revision})"
+                                for h in sorted(cands))
+            raise ModelNotFound(f"{req.repo_id}: no majority among the manifests offered: "
+                                f"{offered}, each announced by {most} provider(s); taking none", ())
+        return cands[0]
+
+    def _holds_complete(self, m: Manifest) -> bool:
+        """Whether ``m`` is complete here: shared, or a finished snapshot of it in the store."""
+        sh = self.shared.get(m.manifest_hash)
+        if sh is not None:
+            return sh.complete
+        try:
+            stored = self.store.load_manifest(m.model, m.revision)
+            return (stored is not None and stored.manifest_hash == m.manifest_hash
+                    and self.store.find_complete(m.model, m.revision) is not None)
+        except Exception as e:  # a tie-break only: an unreadable store just does not count
+            log.debug("cannot check the store for %s: %s", m.hash_str[:20], e)
+            return False
 
     @staticmethod
     def _acceptable(m: Manifest, req: FetchRequest, manifest_hash: bytes | None) -> bool:
@@ -402,8 +527,15 @@ class Node:
         dl: Download = await trio.to_thread.run_sync(
             lambda: self.store.open_download(manifest, files))
         h = manifest.manifest_hash
+        # Provenance first, durably: whatever lands in the store for this manifest came from
+        # peers, and a restart must serve it with this record (or unsigned), never sign it.
+        kept = await trio.to_thread.run_sync(self._provenance.get, h)
+        if kept is None:
+            await trio.to_thread.run_sync(self._provenance.put, h, "fetched", signature)
+        else:
+            signature = kept[1]
         t = self._new_transfer(manifest, dl, wanted_files=files)
-        sh = Shared(manifest, t, dl, signature=signature)
+        sh = Shared(manifest, t, dl, signature=signature, origin=kept[0] if kept else "fetched")
         self.shared[h] = sh
         total = t.wanted_bytes
         progress = {"have": t.have_bytes}
@@ -449,7 +581,6 @@ class Node:
         t.store = reader
         sh.source = reader
         sh.path = path
-        await trio.to_thread.run_sync(self._keep_signature, h, signature)
         await trio.to_thread.run_sync(dl.close)
         sh.ready.set()
         self._start(t)  # timers of the seeding transfer now live with the node
@@ -545,7 +676,7 @@ class Node:
             m = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, snapshot,
                                               snapshot.name)
             self.store.save_manifest(m)
-        await self._share_complete(m, snapshot)
+        await self._share_complete(m, snapshot, origin=self._origin_of_snapshot(m))
         return m
 
     async def fetch_with_fallback(self, req: FetchRequest, *,
@@ -650,3 +781,93 @@ class _ManifestCache:
                                    "manifest": m.encode().hex()}))
         os.replace(tmp, entry)
         return m
+
+
+class _Provenance:
+    """Where each manifest this node serves came from, and the release seqs it signed and saw, kept
+    in the node's home so that a restart never turns a fetched manifest into one of ours::
+
+        <home>/provenance/<hash hex>    u8 origin (b"b" built, b"f" fetched) + the release record
+                                        (empty: fetched unsigned)
+        <home>/releases.json            {"signed": {model: last seq we signed},
+                                         "seen": {publisher: {model: highest seq seen}}}
+
+    Every write is atomic and durable (tmp + fsync + rename): losing a record would sign a fetched
+    manifest, or forget a seq and let an old release back in. Calls come from worker threads; one
+    lock serializes the read-modify-writes (a node home belongs to one node process)."""
+
+    _ORIGINS = {b"b": "built", b"f": "fetched"}
+
+    def __init__(self, home: Path):
+        self.root = home / "provenance"
+        self.releases = home / "releases.json"
+        self._lock = threading.Lock()
+
+    def get(self, h: bytes) -> tuple[str, bytes] | None:
+        try:
+            raw = (self.root / h.hex()).read_bytes()
+        except FileNotFoundError:
+            return None
+        origin = self._ORIGINS.get(raw[:1])
+        if origin is None:  # damaged: trust nothing in it, never sign
+            log.warning("unreadable provenance record of %s; serving it unsigned", h.hex()[:16])
+            return "fetched", b""
+        return origin, raw[1:]
+
+    def put(self, h: bytes, origin: str, release: bytes) -> None:
+        code = next(k for k, v in self._ORIGINS.items() if v == origin)
+        with self._lock:
+            _write_durably(self.root / h.hex(), code + release)
+
+    def _load(self) -> dict:
+        try:
+            d = json.loads(self.releases.read_text())
+            if isinstance(d, dict):
+                return d
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # Refusing to start would be worse: we lose rollback floors, not safety of content.
+            log.warning("unreadable %s (%s): starting it afresh", self.releases, e)
+        return {}
+
+    def next_seq(self, model: str) -> int:
+        with self._lock:
+            d = self._load()
+            signed = d.setdefault("signed", {})
+            seq = next_seq(int(signed.get(model, 0)))
+            signed[model] = seq
+            _write_durably(self.releases, json.dumps(d).encode())
+            return seq
+
+    def floor(self, publisher: str, model: str) -> int:
+        with self._lock:
+            return int(self._load().get("seen", {}).get(publisher, {}).get(model, 0))
+
+    def raise_floors(self, model: str, releases: Any) -> None:
+        with self._lock:
+            d = self._load()
+            seen = d.setdefault("seen", {})
+            changed = False
+            for r in releases:
+                per = seen.setdefault(r.publisher, {})
+                if r.seq > int(per.get(model, 0)):
+                    per[model] = r.seq
+                    changed = True
+            if changed:
+                _write_durably(self.releases, json.dumps(d).encode())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,6 +14,10 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
                                            (a cache: renamed into place, not fsynced; checked on read)
         .swarm/revisions/<revision>        "<manifest hash hex>": which manifest a revision came from
         .swarm/partial/<blake3 hex>.pieces resume state of the matching ``.incomplete`` (see below)
+        .swarm/snapshots/<revision>        "<manifest hex> <dev> <inode>": the download that created
+                                           snapshots/<revision> (the only one that may add to it)
+        .swarm/verified/<blake3 hex>       "<dev> <inode> <size> <mtime ns>" of a blob swarm verified
+                                           and renamed into blobs/ (adopted later without re-hashing)
         .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download
         .swarm/tmp/                        staging for everything that is later renamed into place
 
@@ -29,6 +33,17 @@ disk acknowledged (nor did the earlier full re-read, which mostly came from the 
 Symlinks under ``snapshots/`` and files under ``refs/`` appear
 only by atomic rename (a fresh snapshot directory is built in ``.swarm/tmp`` and renamed into place
 in one step), so nothing partial or unverified is ever visible there.
+
+What swarm did not write, it leaves alone. A snapshot directory is added to only by downloads of
+the manifest whose download created it (``.swarm/snapshots/<revision>``); any other one -- the Hub
+client's snapshot of a real commit above all, which a manifest naming that commit must not alter
+-- makes ``open_download`` raise :class:`SnapshotConflict` before anything is written. A blob
+already at ``blobs/<hex>`` is adopted without reading it only if swarm verified it there itself
+(``.swarm/verified/<hex>`` matches its inode, size and mtime); otherwise, if the download wants
+that file, it is hashed once, adopted if it matches and refused (:class:`ForeignBlob`, never
+deleted) if it does not. A download that needs
+more bytes than the filesystem has free is refused at open (:class:`DiskFull`), before a byte is
+preallocated.
 
 Resume state
 ------------
@@ -102,9 +117,11 @@ from swarm.manifest import (
 __all__ = [
     "DiskFull",
     "Download",
+    "ForeignBlob",
     "LockTimeout",
     "PieceHashMismatch",
     "PieceNotAvailable",
+    "SnapshotConflict",
     "SnapshotReader",
     "Store",
     "StoreError",
@@ -142,6 +159,14 @@ class StoreError(Exception):
 
 class DiskFull(StoreError):
     """No space left (ENOSPC / EDQUOT) while writing ``path``."""
+
+
+class SnapshotConflict(StoreError):
+    """``snapshots/<revision>`` exists and was not created by a download of this manifest."""
+
+
+class ForeignBlob(StoreError):
+    """``blobs/<hex>`` exists, was not verified there by swarm, and does not match the manifest."""
 
 
 class StorePermissionError(StoreError):
@@ -798,6 +823,7 @@ class Store:
         lock = _DownloadLock(meta / "locks" / f"{hex_}.lock", f"{manifest.model}@{manifest.revision}")
         lock.acquire(lock_timeout)
         try:
+            self._check_snapshot_owner(manifest)
             self._cleanup_tmp(manifest.model)
             self.save_manifest(manifest)
             return Download(self, manifest, wanted, lock)
@@ -805,37 +831,91 @@ class Store:
             lock.release()
             raise
 
+    def _owner_path(self, model: str, revision: str) -> Path:
+        return self._meta(model) / "snapshots" / _valid(validate_revision, revision, "revision")
+
+    def snapshot_owner(self, model: str, revision: str) -> str | None:
+        """Hex hash of the manifest whose download created ``snapshots/<revision>`` as it exists
+        now, or None if swarm did not create it (the Hub client did, or it was recreated since)."""
+        snap = self.snapshot_dir(model, revision)
+        path = self._owner_path(model, revision)
+        try:
+            hex_, dev, ino = path.read_text().split()
+            st = os.stat(snap, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("ignoring unreadable %s", path)
+            return None
+        except OSError as exc:
+            raise _wrap(exc, "reading", path) from exc
+        if not stat.S_ISDIR(st.st_mode) or (str(st.st_dev), str(st.st_ino)) != (dev, ino):
+            return None
+        return hex_
+
+    def _check_snapshot_owner(self, manifest: Manifest) -> None:
+        """SnapshotConflict if ``snapshots/<revision>`` exists and another download (or the Hub
+        client) created it: we never add to or relink a snapshot directory we did not create."""
+        snap = self.snapshot_dir(manifest.model, manifest.revision)
+        if not os.path.lexists(snap):
+            return
+        owner = self.snapshot_owner(manifest.model, manifest.revision)
+        if owner != manifest.manifest_hash.hex():
+            by = f"manifest {owner[:16]}" if owner else "something other than swarm (the Hub client?)"
+            raise SnapshotConflict(
+                f"{snap} was created by {by}, not by manifest "
+                f"{manifest.manifest_hash.hex()[:16]}: swarm never adds to or relinks it", path=snap)
+
     def _link_snapshot(self, manifest: Manifest, links: list[tuple[str, str]]) -> Path:
-        """Make ``snapshots/<revision>/<path>`` -> blob links for ``links`` [(path, blob hex)]."""
+        """Make ``snapshots/<revision>/<path>`` -> blob links for ``links`` [(path, blob hex)].
+        A fresh directory is staged whole and renamed into place, its creator recorded first; an
+        existing one is added to only if this manifest's download created it."""
         model = manifest.model
         snap = self.snapshot_dir(model, manifest.revision)
         tmp = self._tmp_dir(model)
         snaps = snap.parent
         with _io("creating", snaps):
             snaps.mkdir(parents=True, exist_ok=True)
-        if not snap.exists():
-            # Fresh snapshot: build it whole in .swarm/tmp, then one rename makes it visible.
-            stage = tmp / f"stage-{os.getpid()}-{secrets.token_hex(6)}"
+        lock = _DownloadLock(self._meta(model) / "locks" / f"snapshot-{manifest.revision}.lock",
+                             f"snapshots/{manifest.revision} of {model}")
+        lock.acquire(None)
+        try:
+            if not os.path.lexists(snap):
+                self._publish_snapshot(manifest, links, snap, tmp)
+                return snap
+            self._check_snapshot_owner(manifest)
+            self._add_links(snap, links, tmp)
+            return snap
+        finally:
+            lock.release()
+
+    def _publish_snapshot(self, manifest: Manifest, links: list[tuple[str, str]], snap: Path,
+                          tmp: Path) -> None:
+        stage = tmp / f"stage-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            with _io("staging the snapshot", stage):
+                stage.mkdir()
+                for path, hex_ in links:
+                    p = stage / path
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(_link_target(path, hex_), p)
+                st = os.stat(stage)  # a rename keeps the inode: the record names the directory
+            self._atomic_write(manifest.model, self._owner_path(manifest.model, manifest.revision),
+                               f"{manifest.manifest_hash.hex()} {st.st_dev} {st.st_ino}".encode())
             try:
-                with _io("staging the snapshot", stage):
-                    stage.mkdir()
-                    for path, hex_ in links:
-                        p = stage / path
-                        p.parent.mkdir(parents=True, exist_ok=True)
-                        os.symlink(_link_target(path, hex_), p)
-                try:
-                    os.rename(stage, snap)
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise _wrap(exc, "publishing the snapshot", snap) from exc
-                    # Someone else published this revision meanwhile: merge below.
-                else:
-                    _fsync_dir(snaps)
-                    return snap
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-        # The revision directory exists (an earlier partial fetch, or the Hub client's own):
-        # replace each link atomically.
+                os.rename(stage, snap)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a writer that is not swarm
+                    raise SnapshotConflict(f"{snap} appeared while swarm was publishing it; "
+                                           "not merging into it", path=snap) from None
+                raise _wrap(exc, "publishing the snapshot", snap) from exc
+            _fsync_dir(snap.parent)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    @staticmethod
+    def _add_links(snap: Path, links: list[tuple[str, str]], tmp: Path) -> None:
+        """More files of the manifest that created ``snap`` (configs first, weights later)."""
         touched: set[Path] = set()
         for path, hex_ in links:
             dest = snap / path
@@ -857,7 +937,6 @@ class Store:
             touched.add(dest.parent)
         for d in touched:
             _fsync_dir(d)
-        return snap
 
     def _write_ref(self, model: str, ref: str, revision: str) -> None:
         path = self.repo_dir(model) / "refs" / _check_ref(ref)
@@ -959,6 +1038,7 @@ class Download:
         try:
             for f in self._files:
                 self._init_file(f)
+            self._check_room()
             for f in self._files:
                 if f.wanted and not f.final and f.count == f.entry.num_pieces:
                     self._complete_file(f)  # everything restored: crashed just before completing
@@ -978,21 +1058,90 @@ class Download:
         except OSError as exc:
             raise _wrap(exc, "checking", f.final_path) from exc
         if st is not None:
-            if stat.S_ISREG(st.st_mode) and st.st_size == fe.size:
+            if (stat.S_ISREG(st.st_mode) and st.st_size == fe.size
+                    and self._adoptable(f, st, rehash=f.wanted)):
                 self._mark_final(f)
                 _unlink_quiet(f.state_path)
                 return
-            if f.wanted:  # not ours (only verified files are renamed there): remove it
-                log.warning("removing %s: %d bytes, manifest says %d", f.final_path,
-                            st.st_size, fe.size)
-                with _io("removing a bad blob", f.final_path):
-                    os.unlink(f.final_path)
+            if f.wanted:  # not a blob swarm verified (a Hub blob has a sha256 name): leave it
+                raise ForeignBlob(
+                    f"{f.final_path} exists ({st.st_size} bytes) but is not {fe.path} of "
+                    f"{self.manifest.model}@{self.manifest.revision} as the manifest describes it "
+                    f"({fe.size} bytes, blake3 {f.hex[:16]}...); it is left alone",
+                    path=f.final_path)
+            return
         if not f.wanted:
             return
         if fe.size == 0:
             self._publish_empty(f)
             return
         self._restore(f)
+
+    def _marker(self, f: _File) -> Path:
+        return self._repo / ".swarm" / "verified" / f.hex
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> str:
+        return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+    def _adoptable(self, f: _File, st: os.stat_result, *, rehash: bool) -> bool:
+        """Whether ``blobs/<hex>`` (of the manifest's size) is the file the manifest describes:
+        swarm verified it there itself (its marker matches), or (``rehash``: a wanted file) it
+        hashes to its name now. Only then is it used; nothing else is read as ours."""
+        if st.st_size == 0:  # a manifest's empty file has the empty digest (validated)
+            return True
+        try:
+            if self._marker(f).read_text() == self._identity(st):
+                return True
+        except (OSError, ValueError):
+            pass
+        if not rehash:
+            return False
+        with _io("checking", f.final_path):
+            fd = os.open(f.final_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ok = _hash_fd(fd, st.st_size) == f.entry.digest
+            finally:
+                os.close(fd)
+        if ok:
+            self._mark_verified(f)
+        else:
+            log.warning("%s does not hash to its name; not using it", f.final_path)
+        return ok
+
+    def _mark_verified(self, f: _File) -> None:
+        """Record that the blob at ``f.final_path`` was verified by us (a cache: losing it costs
+        one re-hash, so it is not fsynced)."""
+        try:
+            st = os.stat(f.final_path)
+            self._store._atomic_write(self.manifest.model, self._marker(f),
+                                      self._identity(st).encode(), durable=False)
+        except (OSError, StoreError) as exc:
+            log.info("cannot record %s as verified: %s", f.final_path, exc)
+
+    def _check_room(self) -> None:
+        """DiskFull, before a byte is preallocated, if the files still to fetch need more space
+        than the filesystem has free (a manifest may name files of up to 4 TiB: refused here rather
+        than reserved, or created sparse where preallocation is not supported)."""
+        need = 0
+        for f in self._files:
+            if not f.wanted or f.final:
+                continue
+            try:
+                held = os.stat(f.part_path).st_blocks * 512
+            except OSError:
+                held = 0
+            need += max(0, f.entry.size - held)
+        if not need:
+            return
+        blobs = self._repo / "blobs"
+        with _io("checking free space in", blobs):
+            vfs = os.statvfs(blobs)
+        free = vfs.f_bavail * vfs.f_frsize
+        if need > free:
+            raise DiskFull(f"disk full: {self.manifest.model}@{self.manifest.revision} needs "
+                           f"{need:,} more bytes, {free:,} free in {blobs} "
+                           f"({os.strerror(errno.ENOSPC)}); nothing was reserved", path=blobs)
 
     def _mark_final(self, f: _File) -> None:
         f.final = True
@@ -1509,6 +1658,7 @@ class Download:
             # a crash undoes leaves the .incomplete, whose pieces are then recovered (_recover).
             self._blobs_dirty = True
             f.final = True
+            self._mark_verified(f)
             _unlink_quiet(f.state_path)
             if fe.num_pieces <= 1:  # small file: later reads use short-lived fds (see _use_fd)
                 if f.users == 0:

@@ -155,7 +155,8 @@ class ManifestRequest:
 
 @attrs.frozen
 class ManifestReply:
-    """One manifest the peer holds (its canonical bytes) and the publisher's signature, if any."""
+    """One manifest the peer holds (its canonical bytes) and its publisher's signed release record
+    (``swarm/trust.py``; empty if the peer has none)."""
 
     TYPE: ClassVar[int] = 21
     manifest: bytes

@@ -215,23 +215,24 @@ def test_selected_files_only(tmp_path: Path, small_model) -> None:
     assert store.find_complete(MODEL, REV, verify=True) == snap
 
 
-def test_finalize_replaces_hub_made_snapshot(tmp_path: Path) -> None:
+def test_download_never_merges_into_a_hub_made_snapshot(tmp_path: Path) -> None:
+    """A manifest naming the revision of a snapshot the Hub client made (even the honest one: the
+    store cannot tell) is refused before anything is written: the Hub's links and blobs stay as
+    they are (issue #18, finding 5: a lie naming a real commit relinked files of that commit)."""
     from modelgen import make_hf_snapshot
+
+    from swarm.store import SnapshotConflict
 
     cache = tmp_path / "cache"
     hub_snap = make_hf_snapshot(cache, MODEL, REV, weights_bytes=1 * MiB, n_weight_files=1)
     m = build_manifest(hub_snap, MODEL, REV)  # follows the Hub's symlinks
     store = Store(cache)
     assert store.find_complete(MODEL, REV) == hub_snap  # no stored manifest: presence only
-    assert store.find_complete(MODEL, REV, verify=True) is None
-    src = write_tree(tmp_path / "copy", {f.path: (hub_snap / f.path).read_bytes() for f in m.files})
-    reader = SnapshotReader(src, m)
-    with store.open_download(m) as dl:
-        fill(dl, reader, dl.missing)
-        snap = dl.finalize()
-    assert snap == hub_snap
-    assert_snapshot_matches(snap, src, m, set(range(len(m.files))))
-    assert (snap / "README.md").exists()  # the Hub's extra file is left alone
+    before = {p: os.readlink(p) for p in hub_snap.rglob("*") if p.is_symlink()}
+    with pytest.raises(SnapshotConflict, match="never adds to or relinks"):
+        store.open_download(m)
+    assert {p: os.readlink(p) for p in hub_snap.rglob("*") if p.is_symlink()} == before
+    assert store.load_manifest(MODEL, REV) is None  # not even recorded
 
 
 def test_private_revision() -> None:
@@ -846,11 +847,12 @@ def test_disk_full(tmp_path: Path) -> None:
     reader = SnapshotReader(src, m)
     with tmpfs(tmp_path / "mnt", "8m") as mnt:
         filler = mnt / "filler"
-        filler.write_bytes(b"\0" * (4 * MiB))
         store = Store(mnt / "cache")
         fi = m.file_index("w.bin")
         wpieces = list(m.file_piece_range(fi))
         with store.open_download(m) as dl:
+            # Taken after the open (which refuses a download that cannot fit: test_store below).
+            filler.write_bytes(b"\0" * (4 * MiB))
             fill(dl, reader, m.file_piece_range(m.file_index("a.json")))
             with pytest.raises(DiskFull) as ei:
                 dl.write_piece(wpieces[0], reader.read_piece(wpieces[0]))
