@@ -8,7 +8,8 @@ per connection (``Connection: close``). Routes:
     ``node.status()`` plus ``home``, ``cache_dir``, ``pid``, ``version``, ``control_socket``,
     ``lane`` (the data lane mode: "encrypted", "plaintext" or "off") and ``direct_io``:
     ``{"peer_id", "addrs": [".../p2p/<id>"], "peers": [...], "models": [...], "bytes_up",
-    "bytes_down", ...}``. 503 ``{"error": ...}`` while the node is still starting.
+    "bytes_down", "serving": {"private_swarm", "hf_cache", "directories", "to"}, ...}``.
+    503 ``{"error": ...}`` while the node is still starting.
 ``GET /v1/peers``
     ``{"peers": [...]}``.
 ``GET /v1/models``
