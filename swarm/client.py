@@ -529,7 +529,7 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
     sock = socket_path(home)
     if not sock.exists():
         raise NodeUnavailable(f"no {sock}")
-    _check_socket_file(sock)
+    _connect(home, CONNECT_TIMEOUT).close()  # who answers there (owner, peer uid); httpx hides it
     read = None if req.timeout is None else req.timeout + READ_MARGIN
     sent = False
     try:

@@ -663,7 +663,7 @@ class _ManifestCache:
         c = confinement_for(path)
         out = []
         for dirpath, dirs, names in os.walk(path, followlinks=False):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # never carried (.git/)
             for name in sorted(names):
                 rel = os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/")
                 try:
