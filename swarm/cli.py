@@ -1,7 +1,7 @@
 """``swarm-node``: run a node, fetch through it, ask its status, or run the local demo swarm.
 
     swarm-node run [--home DIR] [--listen MA]... [--bootstrap MA/p2p/ID]... [--serve ORG/NAME=DIR]...
-                   [--cache-dir DIR] [--no-serve-hf-cache] [--config FILE] [--psk KEY|FILE]
+                   [--cache-dir DIR] [--[no-]serve-hf-cache] [--config FILE] [--psk KEY|FILE]
                    [--trust open|trusted-publishers] [--trusted-publisher PEER_ID]...
                    [--lane encrypted|plaintext|off] [--no-direct-io]
     swarm-node fetch ORG/NAME [--revision R] [--configs-only] [--include GLOB]... [--exclude GLOB]...
@@ -119,7 +119,8 @@ def run_settings(args: argparse.Namespace) -> Any:
 
     return resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
                        serve=args.serve, cache_dir=args.cache_dir,
-                       no_serve_hf_cache=args.no_serve_hf_cache, config=args.config,
+                       no_serve_hf_cache=args.no_serve_hf_cache,
+                       serve_hf_cache=args.serve_hf_cache, config=args.config,
                        psk=args.psk, trust=args.trust,
                        trusted_publishers=args.trusted_publisher, lane=args.lane,
                        no_direct_io=args.no_direct_io)
@@ -363,9 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", metavar="DIR",
                      help="where fetched models go, HF cache layout (env SWARM_CACHE_DIR; "
                           "default HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
+    run.add_argument("--serve-hf-cache", action="store_true", default=None,
+                     help="serve the complete snapshots of the local HF cache and what comes from "
+                          "the Hub or ModelExpress to every peer that can connect (env "
+                          "SWARM_SERVE_HF_CACHE=1; default: on with --psk, off without one)")
     run.add_argument("--no-serve-hf-cache", action="store_true", default=None,
-                     help="do not serve the complete snapshots of the local HF cache "
-                          "(env SWARM_NO_SERVE_HF_CACHE=1)")
+                     help="do not serve them, even with --psk (env SWARM_NO_SERVE_HF_CACHE=1)")
     run.add_argument("--psk", metavar="KEY|FILE",
                      help="private swarm key: 64 hex digits, or a swarm.key file (see `swarm-node "
                           "keygen`); nodes without the same key cannot connect (env SWARM_PSK)")

@@ -76,6 +76,38 @@ def unix_socket_path(path: os.PathLike | str) -> Iterator[str]:
         os.close(fd)
 
 
+_UCRED = "3i"
+"""struct ucred (pid, uid, gid), the answer of SO_PEERCRED."""
+
+
+def peer_uid(sock: Any) -> int:
+    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    import socket
+    import struct
+
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
+    return struct.unpack(_UCRED, creds)[1]
+
+
+def trusted_uid(uid: int) -> bool:
+    """Control connections are made to (and taken from) this user and root only: a node of
+    another user's could answer a fetch with a path of its choosing."""
+    return uid in (os.geteuid(), 0)
+
+
+def _check_socket_file(sock_path: Path) -> None:
+    """Refuse a control socket that is not a socket belonging to this user or root."""
+    import stat
+
+    try:
+        st = os.lstat(sock_path)
+    except OSError as e:
+        raise NodeUnavailable(f"no swarm-node answers on {sock_path} ({e})") from None
+    if not stat.S_ISSOCK(st.st_mode) or not trusted_uid(st.st_uid):
+        raise NodeUnavailable(f"{sock_path} is not a socket of this user's or root's (owner uid "
+                              f"{st.st_uid}): not talking to it")
+
+
 def _home(home: os.PathLike | str | None) -> Path:
     return resolve_home(home)
 
@@ -99,14 +131,20 @@ def _connect(home: Path, read_timeout: float | None) -> Any:
     sock_path = socket_path(home)
     if not sock_path.exists():
         raise NodeUnavailable(f"no swarm-node is running with home {home} (no {sock_path})")
+    _check_socket_file(sock_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(CONNECT_TIMEOUT)
     try:
         with unix_socket_path(sock_path) as p:
             s.connect(p)
+        uid = peer_uid(s)
     except OSError as e:
         s.close()
         raise _unavailable(home, e) from None
+    if not trusted_uid(uid):
+        s.close()
+        raise NodeUnavailable(f"the process on {sock_path} runs as uid {uid}, not as this user "
+                              f"or root: not talking to it")
     s.settimeout(read_timeout)
     conn = http.client.HTTPConnection("swarm-node")
     conn.sock = s
@@ -491,6 +529,7 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
     sock = socket_path(home)
     if not sock.exists():
         raise NodeUnavailable(f"no {sock}")
+    _connect(home, CONNECT_TIMEOUT).close()  # who answers there (owner, peer uid); httpx hides it
     read = None if req.timeout is None else req.timeout + READ_MARGIN
     sent = False
     try:

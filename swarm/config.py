@@ -11,8 +11,9 @@ A list option (``listen``, ``bootstrap``, ``serve``) is taken whole from the fir
 it; lists from different places are not merged.
 
 Environment variables: ``SWARM_HOME``, ``SWARM_LISTEN``, ``SWARM_BOOTSTRAP`` and ``SWARM_SERVE``
-(comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/
-``on`` or ``0``/``false``/``no``/``off``), ``SWARM_PSK``, ``SWARM_TRUST``, ``SWARM_TRUSTED_PUBLISHERS``
+(comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_SERVE_HF_CACHE`` and
+``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``),
+``SWARM_PSK``, ``SWARM_TRUST``, ``SWARM_TRUSTED_PUBLISHERS``
 (comma-separated peer ids), ``SWARM_LANE`` (``encrypted``, ``plaintext`` or ``off``),
 ``SWARM_NO_DIRECT_IO`` (a boolean, like ``SWARM_NO_SERVE_HF_CACHE``), ``SWARM_CONFIG``.
 
@@ -22,7 +23,7 @@ TOML keys (all optional; any other key is an error naming it)::
     listen = ["/ip4/0.0.0.0/tcp/4001"]
     bootstrap = ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."]
     cache_dir = "/data/hf/hub"
-    serve_hf_cache = true
+    serve_hf_cache = true            # default: true with a psk, false without one (see below)
     psk = "swarm.key"                # optional private-network key: 64 hex digits, the text of a
                                      # go-style swarm.key file, or the path of a file holding either
     trust = "trusted-publishers"     # "open" (default) or "trusted-publishers"
@@ -35,6 +36,14 @@ TOML keys (all optional; any other key is an error naming it)::
     "acme/private-model" = "/models/private-model"
 
 Relative paths in a config file are relative to the file's directory.
+
+What a node serves: its ``serve`` directories and what it fetched through the swarm, always; the
+complete snapshots of the local HF cache, and what it fetches from the Hub or ModelExpress (which
+may be gated or private repos pulled with ``HF_TOKEN``), only with ``serve_hf_cache``. That switch
+defaults to on with a private swarm key (``psk``: only nodes holding the key can connect) and to
+off without one (anyone who reaches the port could fetch any such snapshot by name); turn it on
+without a key deliberately with ``--serve-hf-cache`` (``SWARM_SERVE_HF_CACHE=1``,
+``serve_hf_cache = true``).
 
 This module is imported by the client path (``swarm.fetch``): it imports only the standard library
 and ``platformdirs``.
@@ -134,6 +143,26 @@ def _parse_bool(value: str, where: str) -> bool:
     if v in _FALSE:
         return False
     raise ConfigError(f"{where}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
+def _serve_hf_cache(on_flag: bool | None, off_flag: bool | None, env: Mapping[str, str],
+                    toml: Mapping[str, Any], psk: str | None) -> bool:
+    """``--serve-hf-cache`` / ``--no-serve-hf-cache``, else ``SWARM_SERVE_HF_CACHE`` /
+    ``SWARM_NO_SERVE_HF_CACHE``, else the file's ``serve_hf_cache``, else on only with a private
+    swarm key: without one, anyone who can reach the port could fetch the cache by name."""
+    if on_flag and off_flag:
+        raise ConfigError("--serve-hf-cache and --no-serve-hf-cache contradict each other")
+    if on_flag or off_flag:
+        return bool(on_flag)
+    if "SWARM_SERVE_HF_CACHE" in env and "SWARM_NO_SERVE_HF_CACHE" in env:
+        raise ConfigError("set only one of SWARM_SERVE_HF_CACHE and SWARM_NO_SERVE_HF_CACHE")
+    if "SWARM_SERVE_HF_CACHE" in env:
+        return _parse_bool(env["SWARM_SERVE_HF_CACHE"], "SWARM_SERVE_HF_CACHE")
+    if "SWARM_NO_SERVE_HF_CACHE" in env:
+        return not _parse_bool(env["SWARM_NO_SERVE_HF_CACHE"], "SWARM_NO_SERVE_HF_CACHE")
+    if "serve_hf_cache" in toml:
+        return toml["serve_hf_cache"]
+    return psk is not None
 
 
 def _on_unless(off_flag: bool, env: Mapping[str, str], var: str, toml: Mapping[str, Any],
@@ -428,6 +457,7 @@ def resolve_run(*, home: str | os.PathLike | None = None,
                 serve: Sequence[str] | None = None,
                 cache_dir: str | os.PathLike | None = None,
                 no_serve_hf_cache: bool | None = None,
+                serve_hf_cache: bool | None = None,
                 config: str | os.PathLike | None = None,
                 psk: str | None = None,
                 trust: str | None = None,
@@ -482,8 +512,6 @@ def resolve_run(*, home: str | os.PathLike | None = None,
     else:
         serve_t = toml.get("serve", ())
 
-    serve_hf = _on_unless(no_serve_hf_cache, env, "SWARM_NO_SERVE_HF_CACHE", toml, "serve_hf_cache")
-
     # private network key
     if psk:
         psk_v: str | None = parse_psk_option(psk, "--psk")
@@ -491,6 +519,8 @@ def resolve_run(*, home: str | os.PathLike | None = None,
         psk_v = parse_psk_option(env["SWARM_PSK"], "SWARM_PSK")
     else:
         psk_v = toml.get("psk")
+
+    serve_hf = _serve_hf_cache(serve_hf_cache, no_serve_hf_cache, env, toml, psk_v)
 
     # trust policy and its publishers (each from the first place that sets it)
     if trust:

@@ -8,7 +8,8 @@ per connection (``Connection: close``). Routes:
     ``node.status()`` plus ``home``, ``cache_dir``, ``pid``, ``version``, ``control_socket``,
     ``lane`` (the data lane mode: "encrypted", "plaintext" or "off") and ``direct_io``:
     ``{"peer_id", "addrs": [".../p2p/<id>"], "peers": [...], "models": [...], "bytes_up",
-    "bytes_down", ...}``. 503 ``{"error": ...}`` while the node is still starting.
+    "bytes_down", "serving": {"private_swarm", "hf_cache", "directories", "to"}, ...}``.
+    503 ``{"error": ...}`` while the node is still starting.
 ``GET /v1/peers``
     ``{"peers": [...]}``.
 ``GET /v1/models``
@@ -39,6 +40,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +51,7 @@ import h11
 import trio
 
 import swarm
-from swarm.client import unix_socket_path
+from swarm.client import peer_uid, trusted_uid, unix_socket_path
 from swarm.config import socket_path
 from swarm.sources import (
     Attempt,
@@ -62,7 +64,8 @@ from swarm.sources import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlServer", "HomeBusy", "HomeLock", "error_event", "result_event"]
+__all__ = ["ControlServer", "HomeBusy", "HomeLock", "UnsafeHome", "check_home", "error_event",
+           "result_event"]
 
 MAX_HEADER_BYTES = 16 * 1024
 """Request line plus headers. Our clients send < 1 KiB; this is h11's default and well above it."""
@@ -94,11 +97,45 @@ class HomeBusy(RuntimeError):
     """Another swarm-node runs with this home (two nodes on one home would fight over its state)."""
 
 
+class UnsafeHome(PermissionError):
+    """The home directory (or a file the node opens in it) could be changed by another user: it
+    holds the node's identity key and control socket, so the node refuses it."""
+
+
 # --- the home lock -----------------------------------------------------------------------------
 
 
+def check_home(home: Path | str) -> None:
+    """Refuse a home owned by another user or writable by group or others (UnsafeHome): whoever
+    can write there can swap the identity key, the lock or the control socket."""
+    home = Path(home)
+    st = os.stat(home)
+    if st.st_uid != os.geteuid():
+        raise UnsafeHome(f"home {home} belongs to uid {st.st_uid}, not to this user "
+                         f"(uid {os.geteuid()}): use a home of your own")
+    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid)):
+        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+        raise UnsafeHome(f"home {home} is writable by {who} (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}): chmod 700 {home}")
+
+
+def _own_group(gid: int) -> bool:
+    """A user-private group (umask 002 systems): named after this user, no other members."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
 class HomeLock:
-    """An exclusive ``flock`` on ``<home>/node.lock`` held for a node's lifetime."""
+    """An exclusive ``flock`` on ``<home>/node.lock`` held for a node's lifetime. The home must
+    be safe (:func:`check_home`); the lock is opened without following a symlink and must be a
+    plain file of ours (a planted ``node.lock -> ~/.ssh/authorized_keys`` was truncated)."""
 
     def __init__(self, home: Path | str):
         self.path = Path(home) / "node.lock"
@@ -106,7 +143,19 @@ class HomeLock:
 
     def acquire(self) -> HomeLock:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        check_home(self.path.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeHome(f"{self.path} is a symlink; remove it") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafeHome(f"{self.path} is not a plain file of this user's (a hard link, a "
+                             f"device or someone else's); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -331,15 +380,17 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound in a private 0700 directory, made 0600, then renamed into place: no moment with
+        # looser permissions at the public path, and no process-wide umask change (other threads
+        # of this process create files meanwhile).
+        private = tempfile.mkdtemp(prefix=".control-", dir=self.home)
         try:
-            old = os.umask(0o177)  # the socket is created 0600: no window with looser permissions
-            try:
-                with unix_socket_path(self.path) as p:
-                    sock.bind(p)
-            finally:
-                os.umask(old)
-            os.chmod(self.path, 0o600)
+            staged = os.path.join(private, self.path.name)
+            with unix_socket_path(staged) as p:
+                sock.bind(p)
+            os.chmod(staged, 0o600)
             sock.listen(128)
+            os.rename(staged, self.path)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
         except OSError as e:
@@ -347,6 +398,11 @@ class ControlServer:
             if e.errno == errno.EADDRINUSE:
                 raise HomeBusy(f"a swarm-node already listens on {self.path}") from None
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(private, self.path.name))
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
         return sock
 
     def _unlink(self) -> None:
@@ -386,6 +442,11 @@ class ControlServer:
         self._connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
+            uid = peer_uid(stream.socket)
+            if not trusted_uid(uid):  # closed unanswered: nothing is read from or told to it
+                log.warning("refused a control connection from uid %d (only this user's and "
+                            "root's are taken)", uid)
+                return
             if self._connections > MAX_CONNECTIONS:
                 await self._send_error(stream, 503, "too many control connections")
                 return

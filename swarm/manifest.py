@@ -5,7 +5,7 @@ and, for every file of the snapshot, its POSIX relative path, size, whole-file b
 ``blake3:<64 lowercase hex>``, the form NVIDIA Dynamo's ``CheckedFile`` uses), its piece size and
 the blake3 (32 raw bytes) of each piece.  ``manifest_hash`` -- the blake3 of the canonical
 encoding -- names the snapshot in the DHT and on the wire.  This module is pure: it imports only the
-standard library, ``attrs`` and ``blake3``.
+standard library, ``attrs``, ``blake3`` and :mod:`swarm.confine` (safe opening of served files).
 
 Pieces
 ------
@@ -60,6 +60,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import attrs
 import blake3
+
+from swarm import confine
 
 __all__ = [
     "EMPTY_DIGEST",
@@ -769,10 +771,14 @@ class _Job:
     path: str  # relative, POSIX
     abspath: str
     size: int
+    confinement: confine.Confinement
 
 
 def _scan(root: str) -> list[_Job]:
-    """Files under root (sorted by path), following file symlinks but not directory symlinks."""
+    """Files under root (sorted by path), following file symlinks (only where
+    :func:`swarm.confine.confinement_for` allows: a snapshot's links into its repo's ``blobs/``,
+    nothing outside a plain directory) but not directory symlinks."""
+    c = confine.confinement_for(root)
     found: list[tuple[str, str, int]] = []
     stack = [("", root)]
     while stack:
@@ -790,6 +796,10 @@ def _scan(root: str) -> list[_Job]:
                     raise ManifestError(f"files[{rel!r}]", f"broken symlink: {exc}") from None
                 if not stat.S_ISREG(st.st_mode):
                     continue  # symlinked directories are not followed
+                try:
+                    st = confine.stat_file(c, rel)
+                except OSError as exc:
+                    raise ManifestError(f"files[{rel!r}]", f"symlink refused: {exc}") from None
             elif e.is_dir(follow_symlinks=False):
                 stack.append((rel, e.path))
                 continue
@@ -805,7 +815,7 @@ def _scan(root: str) -> list[_Job]:
                 raise exc.within(f"files[{rel!r}]") from None
             found.append((rel, e.path, st.st_size))
     found.sort(key=lambda t: t[0])
-    return [_Job(i, rel, ap, size) for i, (rel, ap, size) in enumerate(found)]
+    return [_Job(i, rel, ap, size, c) for i, (rel, ap, size) in enumerate(found)]
 
 
 class _Cancelled(Exception):
@@ -888,7 +898,9 @@ def _hash_file(
     ps = piece_size_for(size)
     threads = blake3.blake3.AUTO if size >= _PARALLEL_MIN else 1
     try:
-        fh = open(job.abspath, "rb", buffering=0)  # noqa: SIM115 (closed below)
+        # Opened beneath the tree, not by path: a file swapped for a link since the scan must not
+        # put another file's bytes (a private key) into the manifest.
+        fh = os.fdopen(confine.open_file(job.confinement, job.path), "rb", buffering=0)
     except OSError as exc:
         raise ManifestError(where, f"cannot open: {exc}") from None
     with fh:
@@ -946,7 +958,9 @@ def build_manifest(
     """Hash the files under ``root`` into a manifest.
 
     Walks ``root`` (skipping :func:`should_skip` files and hidden directories, following symlinks
-    to files -- Hub snapshots link into ``../../blobs`` -- but not symlinks to directories), then
+    to files that stay inside the tree -- Hub snapshots link into their repo's ``blobs/``, see
+    :func:`swarm.confine.confinement_for`; a link leading elsewhere is an error -- but not symlinks
+    to directories), then
     streams every file once, feeding each chunk to both a whole-file and a per-piece hasher, with
     ``threads`` files in flight (default ``min(4, os.cpu_count())``).  ``progress(n)`` is called
     on the calling thread with the number of bytes hashed since the previous call.  Limits are

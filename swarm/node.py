@@ -27,6 +27,7 @@ import blake3
 import trio
 
 from swarm import wire
+from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
@@ -73,7 +74,11 @@ class NodeConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     serve: tuple[tuple[str, Path], ...] = ()
-    serve_hf_cache: bool = True
+    serve_hf_cache: bool | None = None
+    """Serve the complete snapshots of the local HF cache, and seed what comes from the Hub or
+    ModelExpress (gated or private repos pulled with HF_TOKEN among them). None: only with a
+    private swarm key (``psk``); without one anyone who reaches the port could fetch them by
+    name. ``serve`` directories and what was fetched through the swarm are always served."""
     psk: str | None = None
     engine: EngineConfig = attrs.Factory(EngineConfig)
     lookup_timeout: float = 5.0
@@ -139,6 +144,37 @@ class Node:
     def peer_id(self) -> str:
         return self.host.peer_id
 
+    @property
+    def serves_hf_cache(self) -> bool:
+        """The HF cache (and Hub / ModelExpress downloads) is served: as configured, else only
+        inside a private swarm."""
+        on = self.config.serve_hf_cache
+        return self.config.psk is not None if on is None else on
+
+    def _exposure(self) -> dict:
+        """What this node serves and to whom (the ``serving`` field of ``status``)."""
+        private = self.config.psk is not None
+        return {"private_swarm": private, "hf_cache": self.serves_hf_cache,
+                "directories": [model for model, _ in self.config.serve],
+                "to": "peers holding the swarm key" if private else "anyone who can connect"}
+
+    def _log_exposure(self) -> None:
+        addrs = ", ".join(self.host.addrs) or ", ".join(self.config.listen)
+        e = self._exposure()
+        if e["private_swarm"]:
+            log.info("private swarm (swarm key): serving %s to peers holding the key",
+                     "the HF cache, --serve directories and fetched models" if e["hf_cache"]
+                     else "--serve directories and models fetched through the swarm")
+        elif e["hf_cache"]:
+            log.warning("no swarm key and --serve-hf-cache: every complete snapshot of %s (gated "
+                        "or private ones too) is served to anyone who can reach %s",
+                        self.config.cache_dir, addrs)
+        else:
+            log.info("no swarm key: serving only --serve directories (%d) and models fetched "
+                     "through the swarm, to anyone who can reach %s; the HF cache and Hub "
+                     "downloads are not served (--serve-hf-cache, or a --psk, to change that)",
+                     len(e["directories"]), addrs)
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Node]:
         async with self.host.run(), trio.open_nursery() as nursery:
@@ -150,8 +186,9 @@ class Node:
                 self.host.set_lane_handler(self.lane.accept_stream)
             for model, path in self.config.serve:
                 await self.serve_directory(model, Path(path))
-            if self.config.serve_hf_cache:
+            if self.serves_hf_cache:
                 await self.serve_cache()
+            self._log_exposure()
             nursery.start_soon(self._reprovide_loop)
             try:
                 yield self
@@ -686,7 +723,9 @@ class Node:
         kwargs = {} if modelexpress_url is None else {"modelexpress_url": modelexpress_url}
         result = await fetch_chain(
             req, swarm=lambda r: self.fetch(r, on_event=on_event), on_event=on_event, **kwargs)
-        if result.source in ("modelexpress", "hub"):
+        # What came from the Hub or ModelExpress may be gated or private: seeded only where the
+        # HF cache is served (a private swarm, or --serve-hf-cache).
+        if result.source in ("modelexpress", "hub") and self.serves_hf_cache:
             try:
                 await self.serve_snapshot(req.repo_id, result.path)
             except Exception as e:  # the caller has its files; seeding is a bonus
@@ -713,6 +752,7 @@ class Node:
             })
         return {"peer_id": self.peer_id, "addrs": self.host.addrs,
                 "peers": self.host.connected_peers(), "models": models,
+                "serving": self._exposure(),
                 "bytes_up": up, "bytes_down": down}
 
 
@@ -749,16 +789,22 @@ class _ManifestCache:
 
     @staticmethod
     def _fingerprint(path: Path) -> list:
+        """Size, mtime and inode of every file, each reached the way the reader will reach it
+        (beneath the tree: a link leading out is recorded as refused, and the build refuses it)."""
+        c = confinement_for(path)
         out = []
         for dirpath, dirs, names in os.walk(path, followlinks=False):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # never carried (.git/)
             for name in sorted(names):
-                p = os.path.join(dirpath, name)
+                rel = os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/")
                 try:
-                    st = os.stat(p)
+                    st = stat_file(c, rel)
+                except OutsideTree:
+                    out.append([rel, "refused"])
+                    continue
                 except OSError:
                     continue
-                out.append([os.path.relpath(p, path), st.st_size, st.st_mtime_ns])
+                out.append([rel, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino])
         return out
 
     def get_or_build(self, model: str, path: Path, revision: str | None) -> Manifest:

@@ -259,7 +259,11 @@ def test_config_precedence_cli_env_toml_default(tmp_path):
     assert resolve_home(env=env) == Path("/env/home")
     assert resolve_home(cli_config=cfg, env={}) == tmp_path / "h-from-toml"
     s = resolve_run(env={})
-    assert s.listen == ("/ip4/0.0.0.0/tcp/0",) and s.bootstrap == () and s.serve_hf_cache
+    assert s.listen == ("/ip4/0.0.0.0/tcp/0",) and s.bootstrap == ()
+    # Security issue #18 f10: the HF cache is served by default only inside a private swarm.
+    assert s.serve_hf_cache is False
+    assert resolve_run(psk="a1" * 32, env={}).serve_hf_cache is True
+    assert resolve_run(serve_hf_cache=True, env={}).serve_hf_cache is True
 
 
 def test_config_errors_name_the_problem(tmp_path):

@@ -152,7 +152,10 @@ def test_worker_killed_mid_transfer(tmp, model_dir):
 
 
 @pytest.mark.timeout(180)
-def test_corrupting_worker_is_banned_and_fetch_completes(tmp, model_dir):
+def test_rotten_worker_sends_no_bad_bytes_and_fetch_completes(tmp, model_dir):
+    """A worker whose files rotted on disk after it built its manifest. It used to send the bad
+    bytes (and get banned); since security issue #18 (finding 7) it checks every piece against its
+    manifest before sending, refuses the rotten ones, and the fetch completes from the honest one."""
     env = base_env(tmp)
     liar_dir = tmp / "t4" / "liar-src"
     shutil.copytree(model_dir, liar_dir)
@@ -182,7 +185,9 @@ def test_corrupting_worker_is_banned_and_fetch_completes(tmp, model_dir):
         m = model_stats(front)
         liar_id = client.status(liar.home)["peer_id"]
         print(f"fetched in {time.monotonic() - t0:.1f} s; banned: {m['banned']}")
-        assert liar_id in m["banned"]
+        (stats,) = [x["peer_stats"] for x in client.models(front.home) if x["model"] == MODEL]
+        assert stats.get(liar_id, {}).get("bad_pieces", 0) == 0, stats.get(liar_id)
+        assert liar_id not in m["banned"]
     finally:
         for n in [front, honest, liar]:
             if n is not None:
