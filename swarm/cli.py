@@ -57,9 +57,12 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 # --- run ---------------------------------------------------------------------------------------
 
 
-def _setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: int = logging.INFO, fmt: str = "text") -> None:
+    from swarm.logfmt import formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 async def _watch_signals(receiver: Any, scope: Any) -> None:
@@ -115,15 +118,9 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
 def run_settings(args: argparse.Namespace) -> Any:
     """``swarm.config.RunSettings`` from parsed ``run`` arguments (> SWARM_* > --config > the
     defaults). Raises ConfigError."""
-    from swarm.config import resolve_run
+    from swarm.config import OPTIONS, resolve_run
 
-    return resolve_run(home=args.home, listen=args.listen, bootstrap=args.bootstrap,
-                       serve=args.serve, cache_dir=args.cache_dir,
-                       no_serve_hf_cache=args.no_serve_hf_cache,
-                       serve_hf_cache=args.serve_hf_cache, config=args.config,
-                       psk=args.psk, trust=args.trust,
-                       trusted_publishers=args.trusted_publisher, lane=args.lane,
-                       no_direct_io=args.no_direct_io)
+    return resolve_run(config=args.config, **{o.key: getattr(args, o.key) for o in OPTIONS})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -133,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = run_settings(args)
     except ConfigError as e:
         return _fail(str(e), EXIT_USAGE)
-    _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    _setup_logging(logging.DEBUG if args.verbose else logging.INFO, settings.log_format)
     import trio
 
     from swarm.control import HomeBusy, HomeLock
@@ -353,37 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the long-lived node",
                          description="Run the node until SIGINT/SIGTERM. Every option can also be "
                                      "set as a SWARM_* variable or in the --config TOML file.")
-    _add_home(run)
-    run.add_argument("--listen", action="append", metavar="MULTIADDR",
-                     help="address to listen on, repeatable (env SWARM_LISTEN, comma-separated; "
-                          "default /ip4/0.0.0.0/tcp/0)")
-    run.add_argument("--bootstrap", action="append", metavar="MULTIADDR/p2p/ID",
-                     help="peer to join through, repeatable (env SWARM_BOOTSTRAP)")
-    run.add_argument("--serve", action="append", metavar="ORG/NAME=DIR",
-                     help="serve a private model directory, repeatable (env SWARM_SERVE)")
-    run.add_argument("--cache-dir", metavar="DIR",
-                     help="where fetched models go, HF cache layout (env SWARM_CACHE_DIR; "
-                          "default HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
-    run.add_argument("--serve-hf-cache", action="store_true", default=None,
-                     help="serve the complete snapshots of the local HF cache and what comes from "
-                          "the Hub or ModelExpress to every peer that can connect (env "
-                          "SWARM_SERVE_HF_CACHE=1; default: on with --psk, off without one)")
-    run.add_argument("--no-serve-hf-cache", action="store_true", default=None,
-                     help="do not serve them, even with --psk (env SWARM_NO_SERVE_HF_CACHE=1)")
-    run.add_argument("--psk", metavar="KEY|FILE",
-                     help="private swarm key: 64 hex digits, or a swarm.key file (see `swarm-node "
-                          "keygen`); nodes without the same key cannot connect (env SWARM_PSK)")
-    run.add_argument("--trust", choices=("open", "trusted-publishers"),
-                     help="which manifests to accept: 'open' (any; a fetch by name takes the one "
-                          "most providers announce) or 'trusted-publishers' (only those signed by "
-                          "a --trusted-publisher) (env SWARM_TRUST; default open)")
-    run.add_argument("--trusted-publisher", action="append", metavar="PEER_ID",
-                     help="peer id whose signed manifests are accepted, repeatable "
-                          "(env SWARM_TRUSTED_PUBLISHERS, comma-separated)")
-    _add_lane(run)
-    run.add_argument("--no-direct-io", action="store_true", default=None,
-                     help="write pieces received over the data lane through the page cache, not "
-                          "with O_DIRECT (env SWARM_NO_DIRECT_IO=1)")
+    from swarm.config import add_run_arguments
+
+    add_run_arguments(run)  # every option of the table in swarm/config.py
+    run.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 

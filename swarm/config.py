@@ -1,41 +1,22 @@
-"""Option resolution for ``swarm-node`` and ``swarm.fetch``.
+"""Option resolution for ``swarm-node`` and ``swarm.fetch``: one declarative table, ``OPTIONS``.
 
-Every option of ``swarm-node run`` comes, in this order of precedence, from
+Each entry of ``OPTIONS`` is one setting of ``swarm-node run``. From it come the command-line flag
+(``--listen``), the environment variable (``SWARM_LISTEN``), the TOML key (``listen``), the
+attribute of ``RunSettings``, the ``run --help`` text and the configuration reference in
+``docs/configuration.md`` (``reference_markdown``; a test keeps the file in step). A value comes,
+in this order of precedence, from
 
-1. the command line (``--home``, ``--listen`` ...),
-2. a ``SWARM_*`` environment variable,
-3. a TOML config file (``--config FILE`` or ``SWARM_CONFIG``),
-4. a default.
+1. the command line,
+2. a ``SWARM_*`` environment variable (an empty one counts as unset),
+3. a TOML config file (``--config FILE`` or ``SWARM_CONFIG``; relative paths are relative to the
+   file's directory; any key not in the table is an error naming it),
+4. the default.
 
-A list option (``listen``, ``bootstrap``, ``serve``) is taken whole from the first place that sets
-it; lists from different places are not merged.
-
-Environment variables: ``SWARM_HOME``, ``SWARM_LISTEN``, ``SWARM_BOOTSTRAP`` and ``SWARM_SERVE``
-(comma-separated lists), ``SWARM_CACHE_DIR``, ``SWARM_SERVE_HF_CACHE`` and
-``SWARM_NO_SERVE_HF_CACHE`` (``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``),
-``SWARM_PSK``, ``SWARM_TRUST``, ``SWARM_TRUSTED_PUBLISHERS``
-(comma-separated peer ids), ``SWARM_LANE`` (``encrypted``, ``plaintext`` or ``off``),
-``SWARM_NO_DIRECT_IO`` (a boolean, like ``SWARM_NO_SERVE_HF_CACHE``), ``SWARM_CONFIG``.
-
-TOML keys (all optional; any other key is an error naming it)::
-
-    home = "/var/lib/swarm"
-    listen = ["/ip4/0.0.0.0/tcp/4001"]
-    bootstrap = ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."]
-    cache_dir = "/data/hf/hub"
-    serve_hf_cache = true            # default: true with a psk, false without one (see below)
-    psk = "swarm.key"                # optional private-network key: 64 hex digits, the text of a
-                                     # go-style swarm.key file, or the path of a file holding either
-    trust = "trusted-publishers"     # "open" (default) or "trusted-publishers"
-    trusted_publishers = ["12D3KooW..."]   # publisher peer ids (Ed25519); needs the policy above
-    lane = "encrypted"               # the direct TCP data lane for piece bytes: "encrypted"
-                                     # (default), "plaintext" (trusted networks only; used only
-                                     # with peers also set to plaintext) or "off" (libp2p only)
-    direct_io = true                 # O_DIRECT writes of whole aligned pieces from the lane
-    [serve]
-    "acme/private-model" = "/models/private-model"
-
-Relative paths in a config file are relative to the file's directory.
+A list option (``listen``, ``bootstrap``, ``serve``, ``trusted_publishers``) is taken whole from
+the first place that sets it; lists from different places are not merged. In variables, lists are
+comma-separated. A switch (``serve_hf_cache``, ``direct_io``) has ``--x`` and ``--no-x`` flags and
+``SWARM_X`` / ``SWARM_NO_X`` variables (``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/
+``off``).
 
 What a node serves: its ``serve`` directories and what it fetched through the swarm, always; the
 complete snapshots of the local HF cache, and what it fetches from the Hub or ModelExpress (which
@@ -51,19 +32,25 @@ and ``platformdirs``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "LANE_MODES",
+    "LOG_FORMATS",
+    "OPTIONS",
     "SOCKET_NAME",
     "TRUST_POLICIES",
     "ConfigError",
+    "Option",
     "RunSettings",
+    "add_run_arguments",
     "check_lane",
     "check_publisher_id",
     "default_cache_dir",
@@ -71,6 +58,7 @@ __all__ = [
     "load_toml",
     "parse_psk_option",
     "parse_serve",
+    "reference_markdown",
     "resolve_home",
     "resolve_run",
     "socket_path",
@@ -85,9 +73,6 @@ DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
-_TOML_KEYS = ("home", "listen", "bootstrap", "serve", "cache_dir", "serve_hf_cache", "psk", "trust",
-              "trusted_publishers", "lane", "direct_io")
-
 TRUST_POLICIES = ("open", "trusted-publishers")
 """Same as ``swarm.trust.POLICIES`` (not imported: this module stays light for the client path)."""
 
@@ -95,6 +80,9 @@ LANE_MODES = ("encrypted", "plaintext", "off")
 """Same as ``swarm.net.lane.LANE_MODES`` (not imported: that would import libp2p). "plaintext" is
 for trusted networks only and is used only when both ends are set to it."""
 DEFAULT_LANE = "encrypted"
+
+LOG_FORMATS = ("text", "json")
+"""Same as ``swarm.logfmt.LOG_FORMATS``."""
 
 
 class ConfigError(ValueError):
@@ -143,37 +131,6 @@ def _parse_bool(value: str, where: str) -> bool:
     if v in _FALSE:
         return False
     raise ConfigError(f"{where}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
-
-
-def _serve_hf_cache(on_flag: bool | None, off_flag: bool | None, env: Mapping[str, str],
-                    toml: Mapping[str, Any], psk: str | None) -> bool:
-    """``--serve-hf-cache`` / ``--no-serve-hf-cache``, else ``SWARM_SERVE_HF_CACHE`` /
-    ``SWARM_NO_SERVE_HF_CACHE``, else the file's ``serve_hf_cache``, else on only with a private
-    swarm key: without one, anyone who can reach the port could fetch the cache by name."""
-    if on_flag and off_flag:
-        raise ConfigError("--serve-hf-cache and --no-serve-hf-cache contradict each other")
-    if on_flag or off_flag:
-        return bool(on_flag)
-    if "SWARM_SERVE_HF_CACHE" in env and "SWARM_NO_SERVE_HF_CACHE" in env:
-        raise ConfigError("set only one of SWARM_SERVE_HF_CACHE and SWARM_NO_SERVE_HF_CACHE")
-    if "SWARM_SERVE_HF_CACHE" in env:
-        return _parse_bool(env["SWARM_SERVE_HF_CACHE"], "SWARM_SERVE_HF_CACHE")
-    if "SWARM_NO_SERVE_HF_CACHE" in env:
-        return not _parse_bool(env["SWARM_NO_SERVE_HF_CACHE"], "SWARM_NO_SERVE_HF_CACHE")
-    if "serve_hf_cache" in toml:
-        return toml["serve_hf_cache"]
-    return psk is not None
-
-
-def _on_unless(off_flag: bool, env: Mapping[str, str], var: str, toml: Mapping[str, Any],
-               key: str) -> bool:
-    """A switch that is on by default: off with its ``--no-...`` flag, else from its
-    ``SWARM_NO_...`` variable (a boolean), else from the file's ``key``."""
-    if off_flag:
-        return False
-    if var in env:
-        return not _parse_bool(env[var], var)
-    return toml.get(key, True)
 
 
 def _check_multiaddr(addr: str, where: str, *, need_peer_id: bool) -> str:
@@ -302,60 +259,6 @@ def _serve_entry(model: str, directory: str, where: str, base: Path | None) -> t
     return model, path
 
 
-def load_toml(path: Path | str) -> dict[str, Any]:
-    """Read and check a config file: known keys only, each of the right type. Paths are made
-    absolute relative to the file's directory."""
-    path = Path(path).expanduser()
-    where = str(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {where} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {where}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {where} is not valid TOML: {e}") from None
-    base = path.absolute().parent
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        at = f"{where}: {key}"
-        if key not in _TOML_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(_TOML_KEYS)})")
-        if key in ("home", "cache_dir"):
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{at}: expected a path string")
-            p = Path(value).expanduser()
-            out[key] = p if p.is_absolute() else base / p
-        elif key in ("listen", "bootstrap"):
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{at}: expected a list of multiaddr strings")
-            out[key] = tuple(_check_multiaddr(v, at, need_peer_id=key == "bootstrap") for v in value)
-        elif key == "serve":
-            out[key] = _toml_serve(value, at, base)
-        elif key in ("serve_hf_cache", "direct_io"):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{at}: expected true or false")
-            out[key] = value
-        elif key == "psk":
-            out[key] = parse_psk_option(value, at, base)
-        elif key == "trust":
-            if not isinstance(value, str) or value not in TRUST_POLICIES:
-                raise ConfigError(f"{at}: expected one of {', '.join(TRUST_POLICIES)}, got {value!r}")
-            out[key] = value
-        elif key == "lane":
-            out[key] = check_lane(value, at)
-        elif key == "trusted_publishers":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{at}: expected a list of peer id strings")
-            out[key] = tuple(check_publisher_id(v, at) for v in value)
-    return out
-
-
 def _toml_serve(value: Any, where: str, base: Path) -> tuple[tuple[str, Path], ...]:
     if isinstance(value, dict):
         items = list(value.items())
@@ -386,7 +289,184 @@ def _unique_serve(entries: Sequence[tuple[str, Path]], where: str) -> tuple[tupl
     return tuple(seen.items())
 
 
-# --- resolution --------------------------------------------------------------------------------
+def check_hostport(value: Any, where: str) -> str:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6), as a TCP listener takes it."""
+    text = value.strip() if isinstance(value, str) else ""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT (like 127.0.0.1:9400), got {value!r}")
+    return f"{host}:{int(port)}" if ":" not in host else f"[{host}]:{int(port)}"
+
+
+# --- the option table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of ``swarm-node run``. ``kind`` decides how its values are read:
+
+    - ``path``: a directory path;
+    - ``addrs`` / ``peer_addrs``: multiaddrs (``peer_addrs`` must end in ``/p2p/<peer id>``);
+    - ``serve``: ``ORG/NAME=DIR`` entries (a TOML table ``"ORG/NAME" = "DIR"`` in a file);
+    - ``switch``: a boolean with ``--x`` / ``--no-x``;
+    - ``choice``: one of ``choices``;
+    - ``psk``: a swarm key or the path of a key file;
+    - ``peer_ids``: publisher peer ids;
+    - ``hostport``: a TCP address ``HOST:PORT``.
+    """
+
+    key: str
+    kind: str
+    help: str
+    default: Any = None
+    default_doc: str = "none"
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    flag: str = ""
+    noun: str = ""  # how errors name a bad choice ("lane mode must be one of ...")
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "SWARM_" + self.key.upper()
+
+    @property
+    def is_list(self) -> bool:
+        return self.kind in _LIST_KINDS
+
+
+_LIST_KINDS = ("addrs", "peer_addrs", "serve", "peer_ids")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("home", "path", "node state directory: identity, piece state, control socket",
+           default_doc="the user cache dir (~/.cache/swarm)", metavar="DIR"),
+    Option("listen", "addrs", "address to listen on (repeatable)", default=DEFAULT_LISTEN,
+           default_doc=DEFAULT_LISTEN[0], metavar="MULTIADDR"),
+    Option("bootstrap", "peer_addrs", "peer to join through (repeatable)", default=(),
+           metavar="MULTIADDR/p2p/ID"),
+    Option("serve", "serve", "serve a private model directory (repeatable)", default=(),
+           metavar="ORG/NAME=DIR"),
+    Option("cache_dir", "path", "where fetched models go, in the Hugging Face hub cache layout",
+           default_doc="HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub", metavar="DIR"),
+    Option("serve_hf_cache", "switch", "serve the complete snapshots of the local HF cache and "
+           "what comes from the Hub or ModelExpress to every peer that can connect",
+           default_doc="on with a psk, off without one"),
+    Option("psk", "psk", "private swarm key: 64 hex digits, or a swarm.key file (see "
+           "`swarm-node keygen`); nodes without the same key cannot connect", metavar="KEY|FILE"),
+    Option("trust", "choice", "which manifests to accept: 'open' (any; a fetch by name takes the "
+           "one most providers announce) or 'trusted-publishers' (only those signed by a trusted "
+           "publisher)", default="open", default_doc="open", choices=TRUST_POLICIES,
+           noun="trust policy"),
+    Option("trusted_publishers", "peer_ids", "peer id whose signed manifests are accepted "
+           "(repeatable); needs --trust trusted-publishers", default=(), metavar="PEER_ID",
+           flag="--trusted-publisher"),
+    Option("lane", "choice", "how piece bytes travel: over a direct TCP data lane set up through "
+           "the authenticated libp2p connection, 'encrypted' (AES-256-GCM) or 'plaintext' (piece "
+           "bytes unencrypted on the wire: for trusted networks only; used only when both ends are "
+           "set to plaintext, an encrypted peer never accepts it; control messages stay encrypted "
+           "and every piece is still verified with blake3); or 'off' (libp2p streams only). A link "
+           "falls back to a libp2p stream whenever the lane cannot be opened",
+           default=DEFAULT_LANE, default_doc=DEFAULT_LANE, choices=LANE_MODES, noun="lane mode"),
+    Option("direct_io", "switch", "write whole pieces received over the data lane with O_DIRECT "
+           "(off: through the page cache)", default=True, default_doc="on"),
+    Option("log_format", "choice", "log lines as text, or as one JSON object per line with event "
+           "fields (fetch_start, fetch_end, ban, lane_fallback)", default="text",
+           default_doc="text", choices=LOG_FORMATS, noun="log format"),
+    Option("metrics_listen", "hostport", "serve Prometheus metrics on this TCP address at "
+           "/metrics (they are always on the control socket at /v1/metrics)",
+           metavar="HOST:PORT"),
+)
+_BY_KEY = {o.key: o for o in OPTIONS}
+_NODE_KEYS = ("home", "cache_dir", "listen", "bootstrap", "serve", "serve_hf_cache", "psk", "lane",
+              "direct_io")
+"""Options that go into ``swarm.node.NodeConfig`` as they are (trust is built from two)."""
+
+
+def _from_text(opt: Option, text: str, where: str) -> Any:
+    """One value (one list item for list kinds) from the command line or a variable."""
+    if opt.kind == "path":
+        return Path(text).expanduser()
+    if opt.kind in ("addrs", "peer_addrs"):
+        return _check_multiaddr(text, where, need_peer_id=opt.kind == "peer_addrs")
+    if opt.kind == "serve":
+        return parse_serve(text, where)
+    if opt.kind == "switch":
+        return _parse_bool(text, where)
+    if opt.kind == "choice":
+        return _check_choice(opt, text, where)
+    if opt.kind == "psk":
+        return parse_psk_option(text, where)
+    if opt.kind == "peer_ids":
+        return check_publisher_id(text, where)
+    if opt.kind == "hostport":
+        return check_hostport(text, where)
+    raise AssertionError(opt.kind)
+
+
+def _check_choice(opt: Option, value: Any, where: str) -> str:
+    if opt.key == "lane":
+        return check_lane(value, where)
+    if not isinstance(value, str) or value.strip() not in opt.choices:
+        raise ConfigError(f"{where}: {opt.noun} must be one of {', '.join(opt.choices)}, "
+                          f"not {value!r}")
+    return value.strip()
+
+
+def _from_toml(opt: Option, value: Any, where: str, base: Path) -> Any:
+    """A file's value, checked and converted (paths relative to the file's directory)."""
+    if opt.kind == "path":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if opt.kind == "serve":
+        return _toml_serve(value, where, base)
+    if opt.kind == "switch":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if opt.kind == "psk":
+        return parse_psk_option(value, where, base)
+    if opt.is_list:
+        if isinstance(value, str):
+            value = [value]
+        what = "peer id" if opt.kind == "peer_ids" else "multiaddr"
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of {what} strings")
+        return tuple(_from_text(opt, v, where) for v in value)
+    if opt.kind == "choice":
+        return _check_choice(opt, value, where)
+    return _from_text(opt, value, where) if isinstance(value, str) else \
+        _from_text(opt, repr(value), where)
+
+
+def load_toml(path: Path | str) -> dict[str, Any]:
+    """Read and check a config file: keys of ``OPTIONS`` only, each of the right type. Paths are
+    made absolute relative to the file's directory."""
+    path = Path(path).expanduser()
+    where = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {where} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {where}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {where} is not valid TOML: {e}") from None
+    base = path.absolute().parent
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        opt = _BY_KEY.get(key)
+        if opt is None:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(_BY_KEY)})")
+        out[key] = _from_toml(opt, value, f"{where}: {key}", base)
+    return out
 
 
 def _config_file(cli_config: str | os.PathLike | None, env: Mapping[str, str]) -> dict[str, Any]:
@@ -411,27 +491,16 @@ def resolve_home(cli_home: str | os.PathLike | None = None, *,
 
 
 class RunSettings:
-    """The resolved options of ``swarm-node run`` (and of an embedded node)."""
+    """The resolved options of ``swarm-node run`` (and of an embedded node): one attribute per
+    entry of ``OPTIONS``."""
 
-    __slots__ = ("bootstrap", "cache_dir", "direct_io", "home", "lane", "listen", "psk", "serve",
-                 "serve_hf_cache", "trust", "trusted_publishers")
+    __slots__ = tuple(o.key for o in OPTIONS)
 
-    def __init__(self, *, home: Path, cache_dir: Path, listen: tuple[str, ...],
-                 bootstrap: tuple[str, ...], serve: tuple[tuple[str, Path], ...],
-                 serve_hf_cache: bool, psk: str | None, trust: str = "open",
-                 trusted_publishers: tuple[str, ...] = (), lane: str = DEFAULT_LANE,
-                 direct_io: bool = True) -> None:
-        self.home = home
-        self.cache_dir = cache_dir
-        self.listen = listen
-        self.bootstrap = bootstrap
-        self.serve = serve
-        self.serve_hf_cache = serve_hf_cache
-        self.psk = psk
-        self.trust = trust
-        self.trusted_publishers = trusted_publishers
-        self.lane = lane
-        self.direct_io = direct_io
+    def __init__(self, **values: Any) -> None:
+        for opt in OPTIONS:
+            setattr(self, opt.key, values.pop(opt.key, opt.default))
+        if values:
+            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "psk")
@@ -442,118 +511,86 @@ class RunSettings:
         from swarm.node import NodeConfig
         from swarm.trust import TrustPolicy
 
-        kw: dict[str, Any] = dict(home=self.home, cache_dir=self.cache_dir, listen=self.listen,
-                                  bootstrap=self.bootstrap, serve=self.serve,
-                                  serve_hf_cache=self.serve_hf_cache, psk=self.psk,
-                                  trust=TrustPolicy(self.trust, frozenset(self.trusted_publishers)),
-                                  lane=self.lane, direct_io=self.direct_io)
+        kw: dict[str, Any] = {k: getattr(self, k) for k in _NODE_KEYS}
+        kw["trust"] = TrustPolicy(self.trust, frozenset(self.trusted_publishers))
         kw.update(overrides)
         return NodeConfig(**kw)
 
 
-def resolve_run(*, home: str | os.PathLike | None = None,
-                listen: Sequence[str] | None = None,
-                bootstrap: Sequence[str] | None = None,
-                serve: Sequence[str] | None = None,
-                cache_dir: str | os.PathLike | None = None,
-                no_serve_hf_cache: bool | None = None,
-                serve_hf_cache: bool | None = None,
-                config: str | os.PathLike | None = None,
-                psk: str | None = None,
-                trust: str | None = None,
-                trusted_publishers: Sequence[str] | None = None,
-                lane: str | None = None,
-                no_direct_io: bool | None = None,
-                env: Mapping[str, str] | None = None) -> RunSettings:
-    """Resolve every option of ``run``: arguments (None / empty = not given on the command line)
-    > ``SWARM_*`` variables > the TOML file > defaults. Raises ConfigError."""
-    env = os.environ if env is None else env
-    toml = _config_file(config, env)
+def _given(opt: Option, given: Mapping[str, Any]) -> tuple[Any, bool]:
+    """The command line's value and whether it was given (None or empty is not given; a switch
+    may come as ``key=True/False`` or, as older callers pass it, ``no_key=True``)."""
+    value = given.get(opt.key)
+    if opt.kind == "switch":
+        off = given.get("no_" + opt.key)
+        if value and off:
+            raise ConfigError(f"{opt.cli} and --no-{opt.cli[2:]} contradict each other")
+        if off:
+            return False, True
+        return value, value is not None
+    return value, bool(value)
 
-    # home
-    if home:
-        home_p = Path(home).expanduser()
-    elif env.get("SWARM_HOME"):
-        home_p = Path(env["SWARM_HOME"]).expanduser()
-    else:
-        home_p = Path(toml.get("home") or default_home())
-    if home_p.exists() and not home_p.is_dir():
-        raise ConfigError(f"home {home_p} exists and is not a directory")
 
-    # cache dir
-    if cache_dir:
-        cache_p = Path(cache_dir).expanduser()
-    elif env.get("SWARM_CACHE_DIR"):
-        cache_p = Path(env["SWARM_CACHE_DIR"]).expanduser()
-    else:
-        cache_p = Path(toml.get("cache_dir") or default_cache_dir(env))
-    if cache_p.exists() and not cache_p.is_dir():
-        raise ConfigError(f"cache dir {cache_p} exists and is not a directory")
-
-    # listen / bootstrap
-    def addrs(cli: Sequence[str] | None, var: str, key: str, need_peer_id: bool,
-              default: tuple[str, ...]) -> tuple[str, ...]:
-        if cli:
-            return tuple(_check_multiaddr(a, f"--{key}", need_peer_id=need_peer_id) for a in cli)
+def _pick(opt: Option, given: Mapping[str, Any], env: Mapping[str, str],
+          toml: Mapping[str, Any], toml_where: str) -> tuple[Any, str | None]:
+    """(value, where it came from); where is None for the default."""
+    value, is_given = _given(opt, given)
+    if is_given:
+        if opt.kind == "switch":
+            return bool(value), opt.cli
+        if opt.is_list:
+            items = tuple(_from_text(opt, str(v), opt.cli) for v in value)
+            return (_unique_serve(items, opt.cli) if opt.kind == "serve" else items), opt.cli
+        return _from_text(opt, str(value), opt.cli), opt.cli
+    var, off_var = opt.env, "SWARM_NO_" + opt.key.upper()
+    if opt.kind == "switch" and env.get(off_var, "").strip():
         if env.get(var, "").strip():
-            return tuple(_check_multiaddr(a, var, need_peer_id=need_peer_id)
-                         for a in _split_list(env[var]))
-        return tuple(toml.get(key, default))
+            raise ConfigError(f"set only one of {var} and {off_var}")
+        return not _parse_bool(env[off_var], off_var), off_var
+    text = env.get(var, "").strip()
+    if text:
+        if opt.is_list:
+            items = tuple(_from_text(opt, t, var) for t in _split_list(text))
+            return (_unique_serve(items, var) if opt.kind == "serve" else items), var
+        return _from_text(opt, text, var), var
+    if opt.key in toml:
+        return toml[opt.key], f"{toml_where}: {opt.key}"
+    return opt.default, None
 
-    listen_t = addrs(listen, "SWARM_LISTEN", "listen", False, DEFAULT_LISTEN)
-    bootstrap_t = addrs(bootstrap, "SWARM_BOOTSTRAP", "bootstrap", True, ())
 
-    # serve
-    if serve:
-        serve_t = _unique_serve([parse_serve(s, "--serve") for s in serve], "--serve")
-    elif env.get("SWARM_SERVE", "").strip():
-        serve_t = _unique_serve([parse_serve(s, "SWARM_SERVE") for s in _split_list(env["SWARM_SERVE"])],
-                                "SWARM_SERVE")
-    else:
-        serve_t = toml.get("serve", ())
+def resolve_run(*, config: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                **given: Any) -> RunSettings:
+    """Resolve every option of ``run``: ``given`` (keyword per ``OPTIONS`` key, as parsed from the
+    command line; None or empty = not given) > ``SWARM_*`` variables > the TOML file > defaults.
+    Raises ConfigError."""
+    unknown = set(given) - set(_BY_KEY) - {"no_" + o.key for o in OPTIONS if o.kind == "switch"}
+    if unknown:
+        raise TypeError(f"resolve_run: unknown options {', '.join(sorted(unknown))}")
+    env = os.environ if env is None else env
+    toml_path = config or env.get("SWARM_CONFIG") or None
+    toml = load_toml(toml_path) if toml_path else {}
+    values: dict[str, Any] = {}
+    where: dict[str, str | None] = {}
+    for opt in OPTIONS:
+        values[opt.key], where[opt.key] = _pick(opt, given, env, toml, str(toml_path))
 
-    # private network key
-    if psk:
-        psk_v: str | None = parse_psk_option(psk, "--psk")
-    elif env.get("SWARM_PSK", "").strip():
-        psk_v = parse_psk_option(env["SWARM_PSK"], "SWARM_PSK")
-    else:
-        psk_v = toml.get("psk")
-
-    serve_hf = _serve_hf_cache(serve_hf_cache, no_serve_hf_cache, env, toml, psk_v)
-
-    # trust policy and its publishers (each from the first place that sets it)
-    if trust:
-        mode, mode_at = trust, "--trust"
-    elif env.get("SWARM_TRUST", "").strip():
-        mode, mode_at = env["SWARM_TRUST"].strip(), "SWARM_TRUST"
-    else:
-        mode, mode_at = toml.get("trust", "open"), "trust (config file)"
-    if trusted_publishers:
-        pubs = tuple(check_publisher_id(p, "--trusted-publisher") for p in trusted_publishers)
-        pubs_at = "--trusted-publisher"
-    elif env.get("SWARM_TRUSTED_PUBLISHERS", "").strip():
-        pubs = tuple(check_publisher_id(p, "SWARM_TRUSTED_PUBLISHERS")
-                     for p in _split_list(env["SWARM_TRUSTED_PUBLISHERS"]))
-        pubs_at = "SWARM_TRUSTED_PUBLISHERS"
-    else:
-        pubs, pubs_at = toml.get("trusted_publishers", ()), "trusted_publishers (config file)"
-    trust_mode, publishers = check_trust(mode, pubs, mode_at, pubs_at)
-
-    # data lane mode (the file's value was checked by load_toml)
-    if lane:
-        lane_v = check_lane(lane, "--lane")
-    elif env.get("SWARM_LANE", "").strip():
-        lane_v = check_lane(env["SWARM_LANE"], "SWARM_LANE")
-    else:
-        lane_v = toml.get("lane", DEFAULT_LANE)
-
-    direct_io = _on_unless(no_direct_io, env, "SWARM_NO_DIRECT_IO", toml, "direct_io")
-
-    return RunSettings(home=home_p.absolute(), cache_dir=cache_p.absolute(), listen=listen_t,
-                       bootstrap=bootstrap_t, serve=serve_t, serve_hf_cache=serve_hf, psk=psk_v,
-                       trust=trust_mode, trusted_publishers=publishers, lane=lane_v,
-                       direct_io=direct_io)
+    # Defaults that depend on other settings.
+    if values["home"] is None:
+        values["home"] = default_home()
+    if values["cache_dir"] is None:
+        values["cache_dir"] = default_cache_dir(env)
+    for key, what in (("home", "home"), ("cache_dir", "cache dir")):
+        p = Path(values[key])
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{what} {p} exists and is not a directory")
+        values[key] = p.absolute()
+    if values["serve_hf_cache"] is None:
+        # Without a swarm key anyone who reaches the port could fetch the cache by name.
+        values["serve_hf_cache"] = values["psk"] is not None
+    values["trust"], values["trusted_publishers"] = check_trust(
+        values["trust"], values["trusted_publishers"], where["trust"] or "--trust",
+        where["trusted_publishers"] or "--trusted-publisher")
+    return RunSettings(**values)
 
 
 def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -561,3 +598,83 @@ def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     env = os.environ if env is None else env
     return tuple(_check_multiaddr(a, "SWARM_BOOTSTRAP", need_peer_id=True)
                  for a in _split_list(env.get("SWARM_BOOTSTRAP", "")))
+
+
+# --- generated views of the table --------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``OPTIONS`` as a flag of ``parser`` (``dest`` is the option's key; nothing
+    is defaulted here, so ``resolve_run`` can tell what the command line set)."""
+    for opt in OPTIONS:
+        doc = f"{opt.help} (env {opt.env}; config key {opt.key}; default {opt.default_doc})"
+        doc = doc.replace("%", "%%")
+        kw: dict[str, Any] = {"dest": opt.key, "help": doc, "default": None}
+        if opt.kind == "switch":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["metavar"] = opt.metavar or opt.key.upper()
+            if opt.is_list:
+                kw["action"] = "append"
+            if opt.choices:
+                kw["choices"] = opt.choices
+                kw["metavar"] = "{" + ",".join(opt.choices) + "}"
+        parser.add_argument(opt.cli, **kw)
+
+
+_KIND_DOC = {
+    "path": "path", "addrs": "list of multiaddrs", "peer_addrs": "list of multiaddrs ending in "
+    "/p2p/ID", "serve": "table \"ORG/NAME\" = \"DIR\"", "switch": "true/false",
+    "choice": "string", "psk": "64 hex digits or a key file's path", "peer_ids": "list of peer ids",
+    "hostport": "\"HOST:PORT\"",
+}
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``, generated from ``OPTIONS`` (scripts/gen_config_reference.py)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `swarm/config.py` (`OPTIONS`) by `scripts/gen_config_reference.py`; a test",
+        "fails when this file and the table differ. Every setting of `swarm-node run` comes from, in",
+        "this order: the command line, a `SWARM_*` variable (an empty one counts as unset), the TOML",
+        "file named by `--config` or `SWARM_CONFIG` (relative paths are relative to the file), the",
+        "default. Lists are taken whole from the first place that sets them; in variables they are",
+        "comma-separated. Switches have `--x` / `--no-x` flags and `SWARM_X` / `SWARM_NO_X`",
+        "variables (`1/true/yes/on` or `0/false/no/off`).",
+        "",
+        "| TOML key | flag | variable | TOML type | default | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in OPTIONS:
+        flag = f"`{o.cli}` / `--no-{o.cli[2:]}`" if o.kind == "switch" else f"`{o.cli}`"
+        var = f"`{o.env}` / `SWARM_NO_{o.key.upper()}`" if o.kind == "switch" else f"`{o.env}`"
+        kind = _KIND_DOC[o.kind] + (f": {', '.join(o.choices)}" if o.choices else "")
+        meaning = o.help.replace("|", "\\|")
+        lines.append(f"| `{o.key}` | {flag} | {var} | {kind} | {o.default_doc} | {meaning} |")
+    lines += [
+        "",
+        "Other variables the node and `swarm.fetch` read: `SWARM_CONFIG` (the TOML file),",
+        "`SWARM_HOME` (also where `fetch` and `status` find the node), `MODEL_EXPRESS_URL`,",
+        "`HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_CACHE` / `HF_HOME` (the default cache",
+        "dir).",
+        "",
+        "An example file:",
+        "",
+        "```toml",
+        'home = "/var/lib/swarm"',
+        'listen = ["/ip4/0.0.0.0/tcp/4001"]',
+        'bootstrap = ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."]',
+        'cache_dir = "/data/hf/hub"',
+        'psk = "swarm.key"',
+        'trust = "trusted-publishers"',
+        'trusted_publishers = ["12D3KooW..."]',
+        'lane = "encrypted"',
+        'log_format = "json"',
+        'metrics_listen = "127.0.0.1:9400"',
+        "[serve]",
+        '"acme/private-model" = "/models/private-model"',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -371,3 +371,59 @@ def test_default_cache_dir_follows_huggingface_hub():
     assert default_cache_dir({"HF_HOME": "/b"}) == Path("/b/hub")
     assert default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/huggingface/hub")
     assert default_cache_dir({}) == Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def test_configuration_reference_is_generated_from_the_option_table():
+    from swarm.config import OPTIONS, reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), \
+        "docs/configuration.md is stale: run scripts/gen_config_reference.py"
+    for o in OPTIONS:  # every option reaches argparse, the variables and the file
+        assert f"`{o.key}`" in doc.read_text() and o.env in doc.read_text()
+
+
+def test_every_option_resolves_from_cli_env_and_file(tmp_path):
+    """The table drives all three places: for each option, the file's value is overridden by the
+    variable's, which is overridden by the command line's."""
+    from swarm.cli import build_parser, run_settings
+
+    served = tmp_path / "m"
+    served.mkdir()
+    keyfile = tmp_path / "k"
+    keyfile.write_text("ab" * 32)
+    pub = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('log_format = "json"\nmetrics_listen = "127.0.0.1:9400"\n'
+                   'serve_hf_cache = false\ndirect_io = false\n')
+    s = resolve_run(config=cfg, env={})
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
+        ("json", "127.0.0.1:9400", False, False)
+    env = {"SWARM_CONFIG": str(cfg), "SWARM_LOG_FORMAT": "text", "SWARM_METRICS_LISTEN": "[::1]:80",
+           "SWARM_SERVE_HF_CACHE": "yes", "SWARM_DIRECT_IO": "1"}
+    s = resolve_run(env=env)
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
+        ("text", "[::1]:80", True, True)
+    args = build_parser().parse_args(
+        ["run", "--log-format", "json", "--metrics-listen", "0.0.0.0:1", "--no-serve-hf-cache",
+         "--no-direct-io", "--serve", f"acme/m={served}", "--psk", str(keyfile),
+         "--trust", "trusted-publishers", "--trusted-publisher", pub])
+    old = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        s = run_settings(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
+        ("json", "0.0.0.0:1", False, False)
+    assert s.serve == (("acme/m", served),) and s.psk == "ab" * 32
+    assert s.trusted_publishers == (pub,)
+    for bad, match in [({"SWARM_METRICS_LISTEN": "9400"}, "SWARM_METRICS_LISTEN: expected HOST:PORT"),
+                       ({"SWARM_LOG_FORMAT": "xml"}, "SWARM_LOG_FORMAT: log format must be one of"),
+                       ({"SWARM_DIRECT_IO": "1", "SWARM_NO_DIRECT_IO": "1"}, "only one of")]:
+        with pytest.raises(ConfigError, match=match):
+            resolve_run(env=bad)
+    with pytest.raises(ConfigError, match="contradict"):
+        resolve_run(env={}, serve_hf_cache=True, no_serve_hf_cache=True)
