@@ -65,15 +65,29 @@ def _setup_logging(level: int = logging.INFO, fmt: str = "text") -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-async def _watch_signals(receiver: Any, scope: Any) -> None:
+async def _watch_signals(receiver: Any, scope: Any, running: dict, drain_timeout: float) -> None:
+    """The first SIGINT/SIGTERM drains the node (``Node.drain``) and then stops it; a second one
+    exits at once."""
     import signal
 
-    async for signum in receiver:
-        if scope.cancel_called:
-            log.warning("second %s: exiting at once", signal.Signals(signum).name)
-            os._exit(EXIT_INTERRUPTED)
-        log.info("%s: shutting down", signal.Signals(signum).name)
+    import trio
+
+    async def drain_then_stop() -> None:
+        node = running.get("node")
+        if node is not None and drain_timeout > 0:
+            with trio.move_on_after(drain_timeout + 1):
+                await node.drain(drain_timeout)
         scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        async for signum in receiver:
+            if running.get("stopping"):
+                log.warning("second %s: exiting at once", signal.Signals(signum).name)
+                os._exit(EXIT_INTERRUPTED)
+            running["stopping"] = True
+            log.info("%s: shutting down (draining up to %g s)", signal.Signals(signum).name,
+                     drain_timeout)
+            nursery.start_soon(drain_then_stop)
 
 
 async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
@@ -86,7 +100,8 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
         async with trio.open_nursery() as outer:
             work = trio.CancelScope()
-            outer.start_soon(_watch_signals, receiver, work)
+            running: dict = {}
+            outer.start_soon(_watch_signals, receiver, work, running, settings.drain_timeout)
             with work:
                 async with trio.open_nursery() as nursery:
                     server = ControlServer(settings.home, modelexpress_url=modelexpress_url)
@@ -102,6 +117,9 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
                             raise RuntimeError("not listening on any address (check --listen: "
                                                f"{', '.join(settings.listen)})")
                         server.attach(node)
+                        running["node"] = node
+                        if settings.metrics_listen:
+                            await nursery.start(server.serve_metrics, settings.metrics_listen)
                         log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
                                  "control socket %s; trust %s%s; lane %s%s", node.peer_id,
                                  ", ".join(st["addrs"]), len(st["models"]), server.path,

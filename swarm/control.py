@@ -43,6 +43,7 @@ import stat
 import tempfile
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +316,11 @@ class _BadRequest(Exception):
 # --- the server --------------------------------------------------------------------------------
 
 
+def _sockname(addr: tuple) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ControlServer:
     """Serves the control API for ``node`` (attach it with :meth:`attach` once it is running; until
     then requests get 503, fetches wait).
@@ -438,12 +444,25 @@ class ControlServer:
 
     # -- one connection --
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def serve_metrics(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Prometheus metrics over TCP on ``listen`` (``HOST:PORT``, from ``--metrics-listen``):
+        ``GET /metrics`` only; everything else of the API stays on the Unix socket."""
+        host, _, port = listen.rpartition(":")
+        listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]"))
+        log.info("metrics on http://%s/metrics",
+                 ", ".join(_sockname(lst.socket.getsockname()) for lst in listeners))
+        async with trio.open_nursery() as nursery:
+            task_status.started([lst.socket.getsockname() for lst in listeners])
+            await trio.serve_listeners(partial(self._connection, public=True), listeners,
+                                       handler_nursery=nursery)
+
+    async def _connection(self, stream: trio.SocketStream, *, public: bool = False) -> None:
         self._connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
-            uid = peer_uid(stream.socket)
-            if not trusted_uid(uid):  # closed unanswered: nothing is read from or told to it
+            uid = None if public else peer_uid(stream.socket)
+            if not public and not trusted_uid(uid):  # closed unanswered: nothing is read or told
                 log.warning("refused a control connection from uid %d (only this user's and "
                             "root's are taken)", uid)
                 return
@@ -461,7 +480,7 @@ class ControlServer:
                 return
             if request is None:
                 return  # the client closed before sending anything
-            await self._route(stream, conn, request, body)
+            await self._route(stream, conn, request, body, public=public)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass  # the client went away or stopped reading
         except Exception:
@@ -538,22 +557,27 @@ class ControlServer:
 
     async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
                          obj: Any) -> None:
+        await self._send_body(stream, conn, status, "application/json",
+                              (json.dumps(obj) + "\n").encode())
+
+    async def _send_body(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
+                         content_type: str, data: bytes) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        data = (json.dumps(obj) + "\n").encode()
         await self._send(stream, conn, h11.Response(
-            status_code=status, headers=self._headers("application/json", len(data))))
+            status_code=status, headers=self._headers(content_type, len(data))))
         await self._send(stream, conn, h11.Data(data=data))
         await self._send(stream, conn, h11.EndOfMessage())
 
     async def _route(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request,
-                     body: bytes) -> None:
+                     body: bytes, *, public: bool = False) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace").split("?", 1)[0]
-        routes = {
+        routes: dict[str, tuple[str, Any]] = {"/metrics": ("GET", self._metrics)} if public else {
             "/v1/status": ("GET", self._status),
             "/v1/peers": ("GET", self._peers),
             "/v1/models": ("GET", self._models),
+            "/v1/metrics": ("GET", self._metrics),
             "/v1/fetch": ("POST", None),
         }
         if target not in routes:
@@ -567,7 +591,13 @@ class ControlServer:
             if not self._ready.is_set():
                 await self._send_json(stream, conn, 503, {"error": "the node is starting"})
                 return
-            await self._send_json(stream, conn, 200, handler())
+            answer = handler()
+            if isinstance(answer, bytes):  # the metrics exposition
+                from swarm.metrics import CONTENT_TYPE  # not at import: the client imports us
+
+                await self._send_body(stream, conn, 200, CONTENT_TYPE, answer)
+            else:
+                await self._send_json(stream, conn, 200, answer)
             return
         try:
             req, timeout = self._parse_fetch(body)
@@ -585,6 +615,9 @@ class ControlServer:
                   version=swarm.__version__, control_socket=str(self.path),
                   lane=getattr(config, "lane", None), direct_io=getattr(config, "direct_io", None))
         return st
+
+    def _metrics(self) -> bytes:
+        return self.node.metrics.exposition()
 
     def _peers(self) -> dict:
         return {"peers": self.node.status().get("peers", [])}

@@ -201,6 +201,7 @@ class Transfer:
         self.banned: set[str] = set()
         self._writing: set[int] = set()
         self._handshakes = 0  # links still in their handshake (they count against max_peers)
+        self._sending = 0  # pieces being sent right now (a drain waits for them)
         # Seeding policy (see _hold_back): when we last sent each piece, how many copies we sent,
         # and how many pieces have each copy count (so the least-sent count is O(1) to find).
         self._sent_at: dict[int, float] = {}
@@ -231,6 +232,16 @@ class Transfer:
     def useful_links(self) -> int:
         """Links to peers holding something we still want."""
         return sum(1 for p in self.peers.values() if self.picker.interesting(p.have))
+
+    @property
+    def uploads_pending(self) -> int:
+        """Pieces peers asked of us that are queued or being sent."""
+        return self._sending + sum(len(p.uploads) for p in self.peers.values())
+
+    def stop_uploading(self) -> None:
+        """Take no new requests (they are rejected) and unchoke no one; requests already queued
+        are still served (a draining node finishes what it promised)."""
+        self.may_upload = False
 
     def peer_stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
@@ -434,6 +445,7 @@ class Transfer:
                 continue
             if peer.uploads:
                 index = peer.uploads.popleft()
+                self._sending += 1
                 try:
                     self._count_copy(index)
                     if peer.send_piece is not None:
@@ -446,6 +458,8 @@ class Transfer:
                     log.warning("cannot serve piece %d of %s: %s", index, self.manifest.model, e)
                     peer.control.append(wire.Reject(index))
                     continue
+                finally:
+                    self._sending -= 1
                 st = self.stats[peer.id]
                 st.bytes_up += n
                 st.pieces_up += 1
@@ -586,7 +600,9 @@ class Transfer:
         st.bad_pieces += 1
         st.banned = True
         self.banned.add(peer.id)
-        log.warning("banning %s for manifest %s: %s", peer.id, self.manifest.hash_str[:20], why)
+        log.warning("banning %s for manifest %s: %s", peer.id, self.manifest.hash_str[:20], why,
+                    extra={"event": "ban", "model": self.manifest.model, "peer": peer.id,
+                           "reason": why})
         raise _Drop(f"banned: {why}")
 
     def _got(self, i: int) -> None:

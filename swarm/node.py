@@ -9,6 +9,7 @@ model key once complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from swarm import wire
 from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
+from swarm.metrics import Metrics
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
@@ -63,6 +65,9 @@ LOOKUP_RETRY = 1.0
 """Seconds between DHT lookups while a fetch has too few peers."""
 MAX_LINKS_PER_FETCH = 16
 """Outbound links a fetch opens; inbound ones from other fetchers come on top."""
+DRAIN_POLL = 0.05
+"""Seconds between checks of a draining node's pending uploads (a 4 MiB piece takes ~40 ms at
+100 MB/s: finer polling would only burn the event loop)."""
 REPROVIDE_INTERVAL = 3600.0
 """Provider records live 48 h in py-libp2p's DHT; re-announcing hourly keeps churned nodes found."""
 
@@ -130,6 +135,8 @@ class Node:
         self.rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self._manifest_cache = _ManifestCache(self.home / "manifests")
+        self.metrics = Metrics(self)
+        self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
         self.lane: LaneService | None = None
@@ -323,6 +330,8 @@ class Node:
         self._nursery.start_soon(t.run)
 
     async def _announce(self, sh: Shared, *, model: bool) -> None:
+        if self.draining:
+            return
         try:
             if not sh.announced_manifest:
                 await self.host.provide(manifest_key(sh.manifest.manifest_hash))
@@ -344,9 +353,31 @@ class Node:
                 sh.announced_model = False
                 await self._announce(sh, model=sh.complete)
 
+    async def drain(self, timeout: float) -> None:
+        """Get ready to stop (SIGTERM): stop announcing first (our own provider records go, so
+        our DHT node no longer names us; records other nodes hold expire on their own), refuse
+        new links and manifest requests, reject new piece requests, then give the pieces peers
+        already asked of us up to ``timeout`` seconds to go out."""
+        self.draining = True
+        for sh in list(self.shared.values()):
+            for key in (manifest_key(sh.manifest.manifest_hash), model_key(sh.manifest.model)):
+                with contextlib.suppress(Exception):
+                    self.host.stop_providing(key)
+            sh.transfer.stop_uploading()
+        pending = sum(sh.transfer.uploads_pending for sh in self.shared.values())
+        started = trio.current_time()
+        with trio.move_on_after(timeout):
+            while any(sh.transfer.uploads_pending for sh in list(self.shared.values())):
+                await trio.sleep(DRAIN_POLL)
+        left = sum(sh.transfer.uploads_pending for sh in self.shared.values())
+        log.info("drained in %.2f s: %d piece(s) were pending, %d left unsent",
+                 trio.current_time() - started, pending, left)
+
     # ------------------------------------------------------------------ protocol handlers
 
     def _answer_manifests(self, req: wire.ManifestRequest) -> list[tuple[bytes, bytes]]:
+        if self.draining:  # about to stop: fetchers should pick providers that stay
+            return []
         out = []
         for h, sh in self.shared.items():
             m = sh.manifest
@@ -363,9 +394,10 @@ class Node:
 
     async def _on_pieces_link(self, link: Any, hello: wire.Hello) -> None:
         sh = self.shared.get(hello.manifest_hash)
-        if sh is None:
+        if sh is None or self.draining:
             try:
-                await link.send(wire.Error("unknown manifest"))
+                await link.send(wire.Error("shutting down" if self.draining else
+                                           "unknown manifest"))
             finally:
                 await link.aclose()
             return
@@ -594,7 +626,9 @@ class Node:
                 n.start_soon(partial(self._announce, sh, model=False))
                 n.start_soon(_raise_on_failure, t)
                 n.start_soon(self._watch_stall, t)
+                started = trio.current_time()
                 await t.configs_ready.wait()
+                self.metrics.configs_time.observe(trio.current_time() - started)
                 emit({"event": "configs_ready"})
                 await t.completed.wait()
                 path = await trio.to_thread.run_sync(dl.finalize, ref)
@@ -607,6 +641,7 @@ class Node:
             # never set, so every later fetch of the manifest waited forever.
             if path is None:
                 self.shared.pop(h, None)
+                self.metrics.retire(t)
                 sh.error = f"{manifest.model}: download did not finish: {e!r}"
                 sh.ready.set()
                 with trio.CancelScope(shield=True):
@@ -696,7 +731,9 @@ class Node:
             try:
                 link = await self.lane.dial(lambda: self.host.open_lane_stream(p))
             except LaneUnavailable as e:
-                log.info("no data lane to %s (%s): using a libp2p stream", p.peer_id[:12], e)
+                self.metrics.lane_fallbacks.inc()
+                log.info("no data lane to %s (%s): using a libp2p stream", p.peer_id[:12], e,
+                         extra={"event": "lane_fallback", "peer": p.peer_id, "reason": str(e)})
         if link is None:
             try:
                 link = await self.host.open_pieces_link(p)
@@ -721,8 +758,19 @@ class Node:
                                   modelexpress_url: str | None = None) -> FetchResult:
         """The whole chain: local cache -> ModelExpress -> swarm -> Hub; seeds what it got."""
         kwargs = {} if modelexpress_url is None else {"modelexpress_url": modelexpress_url}
-        result = await fetch_chain(
-            req, swarm=lambda r: self.fetch(r, on_event=on_event), on_event=on_event, **kwargs)
+        started = trio.current_time()
+        log.info("fetch of %s@%s started", req.repo_id, req.ref,
+                 extra={"event": "fetch_start", "model": req.repo_id, "revision": req.ref})
+        try:
+            result = await fetch_chain(
+                req, swarm=lambda r: self.fetch(r, on_event=on_event), on_event=on_event, **kwargs)
+        except BaseException as e:
+            self._fetch_ended(req, started, "none", e)
+            raise
+        self._fetch_ended(req, started, result.source, None)
+        if result.source in ("modelexpress", "hub"):
+            self.metrics.origin_bytes.labels(result.source).inc(
+                await trio.to_thread.run_sync(_snapshot_bytes, result.path))
         # What came from the Hub or ModelExpress may be gated or private: seeded only where the
         # HF cache is served (a private swarm, or --serve-hf-cache).
         if result.source in ("modelexpress", "hub") and self.serves_hf_cache:
@@ -731,6 +779,24 @@ class Node:
             except Exception as e:  # the caller has its files; seeding is a bonus
                 log.warning("cannot seed %s from %s: %s", req.repo_id, result.path, e)
         return result
+
+    def _fetch_ended(self, req: FetchRequest, started: float, source: str,
+                     error: BaseException | None) -> None:
+        seconds = trio.current_time() - started
+        if isinstance(error, trio.Cancelled):
+            result = "cancelled"
+        elif error is None:
+            result = "ok"
+        else:
+            result = {ModelNotFound: "not_found", VerificationFailed: "verification_failed"}.get(
+                type(error), "error")
+        self.metrics.fetch_duration.labels(source, result).observe(seconds)
+        extra = {"event": "fetch_end", "model": req.repo_id, "source": source, "result": result,
+                 "duration_s": round(seconds, 3)}
+        if error is not None:
+            extra["error"] = str(error).splitlines()[0][:300] if str(error) else repr(error)
+        log.info("fetch of %s ended: %s from %s in %.2f s", req.repo_id, result, source, seconds,
+                 extra=extra)
 
     # ------------------------------------------------------------------ status
 
@@ -754,6 +820,16 @@ class Node:
                 "peers": self.host.connected_peers(), "models": models,
                 "serving": self._exposure(),
                 "bytes_up": up, "bytes_down": down}
+
+
+def _snapshot_bytes(path: Path) -> int:
+    """Bytes of the files a snapshot directory links to (what a source delivered)."""
+    total = 0
+    for f in Path(path).rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def _single(e: BaseException) -> BaseException:

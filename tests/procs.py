@@ -26,7 +26,9 @@ def base_env(tmp: Path) -> dict[str, str]:
     env.pop("MODEL_EXPRESS_URL", None)
     env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HOME=str(tmp / "hf-home"), HF_HUB_CACHE=str(tmp / "hf-default-cache"),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1",
+               # Stopping a node mid-transfer waits this long for promised pieces (default 10 s).
+               SWARM_DRAIN_TIMEOUT="2")
     return env
 
 
