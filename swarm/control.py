@@ -86,7 +86,8 @@ LIVE_PROBE_TIMEOUT = 2.0
 _REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-_FETCH_KEYS = {"repo_id", "revision", "allow_patterns", "ignore_patterns", "configs_only", "timeout"}
+_FETCH_KEYS = {"repo_id", "revision", "allow_patterns", "ignore_patterns", "configs_only", "timeout",
+               "expect"}
 _ERROR_TYPES = ("ModelNotFound", "VerificationFailed", "FetchTimeout", "FetchError")
 
 
@@ -584,11 +585,15 @@ class ControlServer:
                     raise _BadRequest(400, f"{name}: at most {MAX_PATTERNS} patterns of at most "
                                            f"{MAX_PATTERN_CHARS} characters")
             pats[name] = v
+        expect = obj.get("expect")
+        if expect is not None and (not isinstance(expect, list) or not all(
+                isinstance(e, list) and len(e) == 3 for e in expect)):
+            raise _BadRequest(400, "expect must be a list of [path, checksum, size] or null")
         try:
             req = FetchRequest(repo_id=repo_id, revision=revision, configs_only=configs_only,
                                allow_patterns=pats["allow_patterns"],
                                ignore_patterns=pats["ignore_patterns"],
-                               cache_dir=self._cache_dir())
+                               expect=expect, cache_dir=self._cache_dir())
         except (ValueError, TypeError) as e:
             raise _BadRequest(400, f"bad fetch request: {e}") from None
         return req, (float(timeout) if timeout is not None else None)
@@ -601,7 +606,8 @@ class ControlServer:
         return default_cache_dir()
 
     def _job_for(self, req: FetchRequest) -> _Job:
-        key = (req.repo_id, req.revision, req.configs_only, req.allow_patterns, req.ignore_patterns)
+        key = (req.repo_id, req.revision, req.configs_only, req.allow_patterns, req.ignore_patterns,
+               req.expect)
         job = self._jobs.get(key)
         if job is None:
             job = _Job(key, req)

@@ -771,8 +771,9 @@ class _Job:
     size: int
 
 
-def _scan(root: str) -> list[_Job]:
-    """Files under root (sorted by path), following file symlinks but not directory symlinks."""
+def _scan(root: str, keep: frozenset[str] = frozenset()) -> list[_Job]:
+    """Files under root (sorted by path), following file symlinks but not directory symlinks;
+    paths in ``keep`` are carried even where :func:`should_skip` would drop them."""
     found: list[tuple[str, str, int]] = []
     stack = [("", root)]
     while stack:
@@ -797,7 +798,7 @@ def _scan(root: str) -> list[_Job]:
                 st = e.stat(follow_symlinks=False)
             else:
                 continue  # sockets, fifos, devices
-            if should_skip(rel):
+            if should_skip(rel) and rel not in keep:
                 continue
             try:
                 validate_path(rel)
@@ -942,8 +943,12 @@ def build_manifest(
     *,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    keep: Iterable[str] = (),
 ) -> Manifest:
     """Hash the files under ``root`` into a manifest.
+
+    ``keep``: relative paths to carry although :func:`should_skip` drops them by default (a
+    ``LICENSE`` or a logo a Dynamo card lists); hidden files are never carried.
 
     Walks ``root`` (skipping :func:`should_skip` files and hidden directories, following symlinks
     to files -- Hub snapshots link into ``../../blobs`` -- but not symlinks to directories), then
@@ -961,7 +966,7 @@ def build_manifest(
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
         raise ManifestError("root", f"{root_s!r} is not a directory")
-    jobs = _scan(root_s)
+    jobs = _scan(root_s, frozenset(keep))
     if not jobs:
         raise ManifestError("files", f"no files to carry under {root_s!r}")
     _check_file_set(model, revision, [j.path for j in jobs], [j.size for j in jobs])
