@@ -393,13 +393,24 @@ def frontend_lists(env: dict, home: Path, log: Path) -> None:
 @pytest.mark.timeout(240)
 def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(
         workers, nodes, tmp, dyn_env):
+    """The sidecar on a frontend host fetches the card's files through the swarm into Dynamo's
+    metadata cache; Dynamo's frontend then loads the model without asking the worker for a file.
+
+    All processes share one machine, so the worker's model directory is visible to the sidecar,
+    which would serve that instead of fetching: the sidecar reads a copy of the discovery
+    directory whose card names a source_path it cannot see, as on a real frontend host."""
     worker, _ = nodes
     card = load_card(workers["card"])
+    kv = tmp / "frontend-kv"
+    (kv / "v1" / "mdc").mkdir(parents=True)
+    record = json.loads(workers["card"].read_bytes())
+    record["card_json"]["source_path"] = "/nonexistent/worker/model"
+    (kv / "v1" / "mdc" / workers["card"].name).write_text(json.dumps(record))
     fhome = tmp / "frontend-home"
     blobs = fhome / ".cache" / "dynamo" / "mdc" / "blobs"
-    watch = NodeProc(tmp, "watch", "--bootstrap", worker.addr, env=dyn_env)
+    watch = NodeProc(tmp, "watch", "--bootstrap", worker.addr, env=base_env(tmp))
     watch.cmd[watch.cmd.index("run")] = "dynamo-watch"
-    watch.cmd += ["--mdc-cache", str(blobs.parent)]
+    watch.cmd += ["--kv", str(kv), "--mdc-cache", str(blobs.parent)]
     watch.start()
     try:
         watch.wait_ready()
@@ -411,14 +422,19 @@ def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(
         watch.stop()
     for f in card.files:
         assert file_digest(blobs / f.hex) == (f.checksum, f.size)
+    assert "ready at" in watch.log.read_text()  # fetched, not served from the worker's directory
 
     proxy = CountingProxy()
     try:
         env = dict(dyn_env, http_proxy=proxy.url, HTTP_PROXY=proxy.url, no_proxy="", NO_PROXY="")
-        # Control: a frontend with an empty cache asks the worker for every file, via the proxy.
+        # Control: a frontend with an empty cache asks the worker for the card's files, via the
+        # proxy (all but those whose bytes it already copied from the other card's file:// paths:
+        # its cache is content-addressed).
         frontend_lists(env, tmp / "empty-home", tmp / "frontend-control.log")
         metadata = [r for r in proxy.requests if "/v1/metadata/" in r]
-        assert len(metadata) == len(card.files), proxy.requests
+        shared = {f.checksum for f in load_card(workers["card_b"]).files}
+        assert {f.url for f in card.files if f.checksum not in shared} <= set(metadata)
+        assert set(metadata) <= {f.url for f in card.files}
         proxy.requests.clear()
         # With the swarm's prefetch: the same frontend loads the model and asks the worker nothing.
         frontend_lists(env, fhome, tmp / "frontend.log")

@@ -166,13 +166,13 @@ class Watcher:
             self.served[key] = name
             log.info("dynamo card %s: serving %s as %s (manifest %s)", key, path, name,
                      m.hash_str[:20])
-            return
         if not self.config.prefetch:
             return
-        path = await self._prefetch(card)
-        differ = await trio.to_thread.run_sync(dir_mismatches, path, card.expect())
-        if differ:
-            raise CardError(f"fetched files differ from the card: {'; '.join(differ[:3])}")
+        if here is None:
+            path = await self._prefetch(card)
+            differ = await trio.to_thread.run_sync(dir_mismatches, path, card.expect())
+            if differ:
+                raise CardError(f"fetched files differ from the card: {'; '.join(differ[:3])}")
         await trio.to_thread.run_sync(install_mdc_cache, path, card, self.config.mdc_root)
         self.prefetched[key] = path
         log.info("dynamo card %s: %s ready at %s and in Dynamo's metadata cache", key,
