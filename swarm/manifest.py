@@ -966,7 +966,8 @@ def build_manifest(
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
         raise ManifestError("root", f"{root_s!r} is not a directory")
-    jobs = _scan(root_s, frozenset(keep))
+    keep = frozenset(keep)
+    jobs = _scan(root_s, keep) if keep else _scan(root_s)
     if not jobs:
         raise ManifestError("files", f"no files to carry under {root_s!r}")
     _check_file_set(model, revision, [j.path for j in jobs], [j.size for j in jobs])
