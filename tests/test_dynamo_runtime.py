@@ -435,10 +435,12 @@ def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(
         shared = {f.checksum for f in load_card(workers["card_b"]).files}
         assert {f.url for f in card.files if f.checksum not in shared} <= set(metadata)
         assert set(metadata) <= {f.url for f in card.files}
+        print(f"frontend without the swarm: {len(metadata)} metadata requests to the worker")
         proxy.requests.clear()
         # With the swarm's prefetch: the same frontend loads the model and asks the worker nothing.
         frontend_lists(env, fhome, tmp / "frontend.log")
         assert [r for r in proxy.requests if "/v1/metadata/" in r] == []
+        print("frontend after the swarm's prefetch: 0 metadata requests to the worker")
     finally:
         proxy.close()
     assert os.path.isdir(fhome / ".cache" / "dynamo" / "mdc" / "by-slug" / NAME)
