@@ -134,8 +134,12 @@ def _watch_config(args: argparse.Namespace) -> Any:
     """What to do with Dynamo's discovery: ``dynamo-watch`` prefetches every card; a plain ``run``
     with Dynamo's file discovery in its environment (DYN_FILE_KV) serves the cards of models this
     host has (a worker host needs nothing else); otherwise None."""
-    kv = getattr(args, "kv", None) or os.environ.get("DYN_FILE_KV")
-    if not kv:
+    kv = getattr(args, "kv", None)
+    etcd = getattr(args, "etcd", None)
+    if not (kv or etcd):
+        kv = os.environ.get("DYN_FILE_KV")
+        etcd = None if kv else os.environ.get("ETCD_ENDPOINTS")
+    if not (kv or etcd):
         return None
     from pathlib import Path
 
@@ -143,7 +147,9 @@ def _watch_config(args: argparse.Namespace) -> Any:
 
     prefetch = args.command == "dynamo-watch"
     mdc = getattr(args, "mdc_cache", None)
-    return WatchConfig(Path(kv).expanduser(), prefetch=prefetch,
+    return WatchConfig(Path(kv).expanduser() if kv else None,
+                       tuple(e.strip() for e in (etcd or "").split(",") if e.strip()),
+                       prefetch=prefetch,
                        weights=prefetch and bool(getattr(args, "weights", False)),
                        mdc_root=Path(mdc).expanduser() if mdc else None)
 
@@ -183,9 +189,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_dynamo_watch(args: argparse.Namespace) -> int:
-    if not (args.kv or os.environ.get("DYN_FILE_KV")):
-        return _fail("dynamo-watch needs Dynamo's discovery directory: --kv DIR or DYN_FILE_KV",
-                     EXIT_USAGE)
+    if args.kv and args.etcd:
+        return _fail("--kv or --etcd, not both", EXIT_USAGE)
+    if not (args.kv or args.etcd or os.environ.get("DYN_FILE_KV")
+            or os.environ.get("ETCD_ENDPOINTS")):
+        return _fail("dynamo-watch needs Dynamo's discovery: --kv DIR (or DYN_FILE_KV) or --etcd "
+                     "URL[,URL...] (or ETCD_ENDPOINTS)", EXIT_USAGE)
     return cmd_run(args)
 
 
@@ -462,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
             watch._add_action(action)
     watch.add_argument("--kv", metavar="DIR",
                        help="Dynamo's file discovery directory (default: env DYN_FILE_KV)")
+    watch.add_argument("--etcd", metavar="URL[,URL...]",
+                       help="Dynamo's etcd discovery instead (default: env ETCD_ENDPOINTS)")
     watch.add_argument("--weights", action="store_true",
                        help="also fetch the weights (a host where workers will start)")
     watch.add_argument("--mdc-cache", metavar="DIR",

@@ -2,13 +2,15 @@
 
 ``python dynamo_worker.py MODEL_PATH NAME NAMESPACE.COMPONENT.ENDPOINT`` registers the model with
 ``dynamo._core.register_model`` (the call every Dynamo backend makes) on the discovery backend the
-environment picks (the tests set ``DYN_DISCOVERY_BACKEND=file`` and ``DYN_FILE_KV``), serves the
+environment picks (``DYN_DISCOVERY_BACKEND``: ``file`` with ``DYN_FILE_KV``, or ``etcd`` with
+``ETCD_ENDPOINTS``), serves the
 endpoint, prints ``REGISTERED`` and runs until its stdin closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from dynamo._core import DistributedRuntime, ModelInput, ModelType, WorkerType, register_model
@@ -16,7 +18,7 @@ from dynamo._core import DistributedRuntime, ModelInput, ModelType, WorkerType, 
 
 async def main(model_path: str, name: str, endpoint: str) -> None:
     loop = asyncio.get_running_loop()
-    runtime = DistributedRuntime(loop, "file", "tcp")
+    runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "file"), "tcp")
     ep = runtime.endpoint(endpoint)
 
     async def generate(request, context=None):

@@ -445,3 +445,80 @@ def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(
         proxy.close()
     assert os.path.isdir(fhome / ".cache" / "dynamo" / "mdc" / "by-slug" / NAME)
     shutil.rmtree(tmp / "empty-home", ignore_errors=True)
+
+
+# --- etcd discovery ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp):
+    """A real etcd server (Debian's etcd-server) on 127.0.0.1."""
+    exe = shutil.which("etcd")
+    if exe is None:
+        pytest.skip("needs etcd (Debian: apt-get install etcd-server; scripts/install --test does)")
+    client_port, peer_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{client_port}"
+    log = tmp / "etcd.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([exe, "--data-dir", str(tmp / "etcd-data"), "--name", "test",
+                              "--listen-client-urls", url, "--advertise-client-urls", url,
+                              "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+                              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+                              "--initial-cluster", f"test=http://127.0.0.1:{peer_port}"],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError, ValueError), urllib.request.build_opener(
+                    urllib.request.ProxyHandler({})).open(f"{url}/health", timeout=2) as r:
+                if json.loads(r.read()).get("health") == "true":
+                    break
+            assert p.poll() is None and time.monotonic() < end, log.read_text()[-2000:]
+            time.sleep(0.1)
+        yield url
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(240)
+def test_etcd_discovery_worker_serves_and_watch_prefetches(tmp, etcd, sources):
+    from swarm.dynamo.watch import read_etcd_records
+
+    env = dict(base_env(tmp), DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=etcd,
+               DYN_TCP_RPC_HOST="127.0.0.1", NO_COLOR="1", DYN_LOG="warn",
+               DYN_SELF_HOST_METADATA="1", DYN_SYSTEM_HOST="127.0.0.1",
+               DYN_SYSTEM_PORT=str(free_port()))
+    dyn = DynamoWorker(env, sources["v2"], "org/etcd-model", "ns3.backend.generate",
+                       tmp / "dynamo-worker-etcd.log")
+    worker = front = None
+    try:
+        records = read_etcd_records((etcd,))
+        assert [k.split("/")[:3] for k, _ in records] == [["ns3", "backend", "generate"]]
+        card = load_card(records[0][1])
+        assert swarm_name(card) == "org/etcd-model" and dir_mismatches(sources["v2"], card.expect()) == []
+        node_env = {k: v for k, v in env.items() if not k.startswith("DYN_")}
+        worker = NodeProc(tmp, "etcd-worker", env=node_env).start()  # ETCD_ENDPOINTS only
+        worker.wait_ready()
+        wait_served(worker, {"org/etcd-model"})
+        front = NodeProc(tmp, "etcd-watch", "--bootstrap", worker.addr, env=base_env(tmp))
+        front.cmd[front.cmd.index("run")] = "dynamo-watch"
+        mdc = tmp / "etcd-mdc"
+        front.cmd += ["--etcd", f"http://127.0.0.1:9,{etcd}", "--mdc-cache", str(mdc)]
+        front.start()
+        front.wait_ready()
+        end = time.monotonic() + NODE_SERVE_TIMEOUT
+        while not all((mdc / "blobs" / f.hex).is_file() for f in card.files):
+            assert time.monotonic() < end, front.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        for f in card.files:
+            assert file_digest(mdc / "blobs" / f.hex) == (f.checksum, f.size)
+    finally:
+        for n in (front, worker):
+            if n is not None:
+                n.stop()
+        dyn.stop()

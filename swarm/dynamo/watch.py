@@ -2,7 +2,8 @@
 
 Dynamo's file discovery backend (``DYN_DISCOVERY_BACKEND=file``, directory ``DYN_FILE_KV``) keeps
 one JSON file per registered model instance under ``<kv>/v1/mdc/``: a record whose ``card_json`` is
-the card. For each card the watcher:
+the card; its etcd backend (``ETCD_ENDPOINTS``) keeps the same records under the keys
+``v1/mdc/<namespace>/<component>/<endpoint>/<instance>``. For each card the watcher:
 
 * serves it when this host has it (worker side): the card's ``source_path`` directory, or the HF
   cache snapshot of a ``source_path`` that is a Hub repo id, whose files match the card's checksums,
@@ -55,7 +56,8 @@ MDC_DIR = ("v1", "mdc")
 
 @attrs.frozen
 class WatchConfig:
-    kv_root: Path
+    kv_root: Path | None = None  # Dynamo's file discovery directory (DYN_FILE_KV), or
+    etcd: tuple[str, ...] = ()  # its etcd endpoints (ETCD_ENDPOINTS)
     prefetch: bool = False  # fetch cards this host does not have (frontends, new workers)
     weights: bool = False  # with prefetch: whole snapshots, not just the card's files
     mdc_root: Path | None = None  # Dynamo's metadata cache (default ~/.cache/dynamo/mdc)
@@ -81,6 +83,47 @@ def read_records(kv_root: Path) -> list[tuple[str, bytes]]:
         except OSError:
             continue  # removed between scandir and open: the worker went away
     return out
+
+
+ETCD_TIMEOUT = 5.0
+"""Seconds for one range read from etcd before the next endpoint is tried (the scan retries later)."""
+_MDC_PREFIX = "/".join(MDC_DIR) + "/"
+
+
+def read_etcd_records(endpoints: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """``(key, raw JSON)`` of each card record under ``v1/mdc/`` in etcd, through etcd's v3 JSON
+    gateway (``POST /v3/kv/range``; etcd >= 3.4), at most MAX_RECORDS of them; the first endpoint
+    that answers is used. Raises OSError when none answers."""
+    import base64
+
+    import httpx
+
+    def b64(s: str) -> str:
+        return base64.b64encode(s.encode()).decode()
+
+    # range_end: the prefix with its last byte + 1 ("/" + 1 == "0"), i.e. every key under it.
+    body = {"key": b64(_MDC_PREFIX), "range_end": b64(_MDC_PREFIX[:-1] + "0"),
+            "limit": MAX_RECORDS, "sort_order": "ASCEND", "sort_target": "KEY"}
+    errors = []
+    for ep in endpoints:
+        try:
+            r = httpx.post(ep.rstrip("/") + "/v3/kv/range", json=body, timeout=ETCD_TIMEOUT)
+            r.raise_for_status()
+            kvs = r.json().get("kvs") or []
+        except (httpx.HTTPError, ValueError) as e:
+            errors.append(f"{ep}: {e}")
+            continue
+        out = []
+        for kv in kvs:
+            try:
+                key = base64.b64decode(kv["key"]).decode()
+                value = base64.b64decode(kv.get("value", ""))
+            except (KeyError, ValueError, TypeError):
+                continue
+            if len(value) <= MAX_CARD_BYTES:
+                out.append((key.removeprefix(_MDC_PREFIX), value))
+        return out
+    raise OSError(f"no etcd endpoint answered: {'; '.join(errors)}")
 
 
 def local_copy(card: Card, cache_dir: Path) -> tuple[Path, str | None] | None:
@@ -128,8 +171,16 @@ class Watcher:
             await trio.sleep(self.config.scan_interval)
 
     async def scan(self) -> None:
-        records = await trio.to_thread.run_sync(read_records, self.config.kv_root)
+        try:
+            records = await trio.to_thread.run_sync(self._read)
+        except OSError as e:
+            log.warning("dynamo discovery: %s", e)
+            return
         now = trio.current_time()
+        present = {key for key, _ in records}
+        for book in (self.handled, self.failed_at):  # instances come and go: forget the gone
+            for key in [k for k in book if k not in present]:
+                del book[key]
         for key, raw in records:
             digest = blake3.blake3(raw).digest()
             if self.handled.get(key) == digest:
@@ -152,6 +203,11 @@ class Watcher:
             self.failed_at.pop(key, None)
             self.handled[key] = digest
         self.scans += 1
+
+    def _read(self) -> list[tuple[str, bytes]]:
+        if self.config.kv_root is not None:
+            return read_records(self.config.kv_root)
+        return read_etcd_records(self.config.etcd)
 
     async def handle(self, key: str, card: Card) -> None:
         name = swarm_name(card)
