@@ -217,3 +217,23 @@ def test_control_api_parses_expect(tmp_path):
                 {"repo_id": "org/m", "expect": [["a", "blake3:zz", 1]]}):
         with pytest.raises(_BadRequest):
             server._parse_fetch(json.dumps(bad).encode())
+
+
+def test_cli_usage_errors(monkeypatch, capsys, tmp_path):
+    from swarm import cli
+
+    monkeypatch.delenv("DYN_FILE_KV", raising=False)
+    monkeypatch.delenv("ETCD_ENDPOINTS", raising=False)
+    assert cli.main(["fetch", "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["fetch", "org/m", "--card", "c.json", "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["fetch", "--card", "c.json", "--configs-only",
+                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["dynamo-watch", "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["dynamo-watch", "--kv", "a", "--etcd", "http://x",
+                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--card" in err and "DYN_FILE_KV" in err
+    # A card that cannot be read is a clear failure, not a traceback.
+    assert cli.main(["fetch", "--card", str(tmp_path / "none.json"),
+                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "cannot read card" in capsys.readouterr().err
