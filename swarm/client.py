@@ -726,6 +726,13 @@ def fetch_card_result(card: Any, *, weights: bool = False,
             except NodeUnavailable:
                 import trio
 
+                try:
+                    trio.lowlevel.current_task()
+                except RuntimeError:
+                    pass
+                else:
+                    raise RuntimeError("swarm.fetch_card() called from trio code with no node "
+                                       "running: run a swarm-node") from None
                 result = trio.run(_embedded, req, h, emit)
         finally:
             close()

@@ -237,3 +237,20 @@ def test_cli_usage_errors(monkeypatch, capsys, tmp_path):
     assert cli.main(["fetch", "--card", str(tmp_path / "none.json"),
                      "--home", str(tmp_path)]) == cli.EXIT_USAGE
     assert "cannot read card" in capsys.readouterr().err
+
+
+def test_local_copy_of_a_hub_repo_card_is_its_hf_cache_snapshot(tmp_path):
+    from modelgen import make_hf_snapshot
+
+    cache = tmp_path / "hub"
+    snap = make_hf_snapshot(cache, "org/hubbed", weights_bytes=1 << 20, n_weight_files=2, seed=9,
+                            extra_files={"LICENSE": b"l\n", "logo.png": b"png"})
+    card = parse_card(card_json(snap, display_name="served-name", slug="served-name",
+                                source_path="org/hubbed",
+                                extra_files=[checked(snap, "LICENSE")]))
+    assert swarm_name(card) == "org/hubbed"
+    assert local_copy(card, cache) == (snap, snap.name)
+    # Other bytes under the same repo id (another version) are not this card's.
+    other = parse_card(card_json(snap, source_path="org/hubbed", model_info={"hf_config_json": dict(
+        checked(snap, "config.json"), checksum="blake3:" + "2" * 64)}))
+    assert local_copy(other, cache) is None
