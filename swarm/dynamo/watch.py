@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +152,9 @@ def kept_files(card: Card) -> frozenset[str]:
 
 
 class Watcher:
-    def __init__(self, node: Any, config: WatchConfig,
-                 fetch: Callable[[Any], Any] | None = None) -> None:
+    def __init__(self, node: Any, config: WatchConfig) -> None:
         self.node = node
         self.config = config
-        self._fetch = fetch
         self.handled: dict[str, bytes] = {}  # record key -> digest of the record handled
         self.failed_at: dict[str, float] = {}
         self.served: dict[str, str] = {}  # record key -> swarm name served
@@ -238,7 +235,5 @@ class Watcher:
         from swarm.client import _card_request
 
         req = _card_request(card, self.config.weights, self.node.config.cache_dir, None)
-        if self._fetch is not None:
-            return Path(await self._fetch(req))
         result = await self.node.fetch_with_fallback(req)
         return Path(result.path)
