@@ -303,12 +303,13 @@ def test_tampered_file_is_refused(workers, nodes, tmp):
 
 @pytest.mark.timeout(240)
 def test_rolling_update_fetch_by_card_gets_the_cards_version(workers, nodes, tmp, sources):
-    """Two providers already announce an updated model under the same name: a fetch by name takes
-    the majority's manifest, a fetch by card the card's."""
+    """Three providers already announce an updated model under the same name, two (the worker and
+    the frontend that fetched it) the card's version: a fetch by name takes the majority's
+    manifest, a fetch by card the card's."""
     worker, _ = nodes
     name = swarm_name(load_card(workers["card"]))
     updated = [NodeProc(tmp, f"updated-{i}", "--bootstrap", worker.addr, "--serve",
-                        f"{name}={sources['v2']}", env=base_env(tmp)).start() for i in range(2)]
+                        f"{name}={sources['v2']}", env=base_env(tmp)).start() for i in range(3)]
     fresh = None
     try:
         for n in updated:
