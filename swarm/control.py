@@ -15,13 +15,16 @@ per connection (``Connection: close``). Routes:
     ``{"models": [...]}``; each model also has ``peer_stats``: bytes and pieces per peer.
 ``POST /v1/fetch``
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
-    "ignore_patterns": null, "configs_only": false, "timeout": null}`` (only ``repo_id`` is
-    required; unknown keys are refused). The response is chunked NDJSON: the fetch's events as they
-    happen (``source``, ``attempt``, ``manifest``, ``progress``, ``configs_ready``, ``done``, ...;
-    consecutive ``progress`` events are coalesced for a slow reader), then exactly one of
-    ``{"event": "result", "path", "source", "revision", "attempts": [...]}`` or
-    ``{"event": "error", "type": "ModelNotFound"|"VerificationFailed"|"FetchTimeout"|"FetchError",
-    "message", "attempts": [...]}``; each attempt is ``{"source", "outcome", "reason"}``.
+    "ignore_patterns": null, "configs_only": false, "timeout": null, "expect": null}`` (only
+    ``repo_id`` is required; unknown keys are refused). ``expect``: ``[[path, "blake3:<hex>",
+    size or null], ...]``, files the result must hold with exactly these bytes (a Dynamo card's,
+    ``swarm.fetch_card``): only manifests that match are taken. The response is chunked NDJSON:
+    the fetch's events as they happen (``source``, ``attempt``, ``manifest``, ``progress``,
+    ``configs_ready``, ``done``, ...; consecutive ``progress`` events are coalesced for a slow
+    reader), then exactly one of ``{"event": "result", "path", "source", "revision", "attempts":
+    [...]}`` or ``{"event": "error", "type": "ModelNotFound"|"VerificationFailed"|"FetchTimeout"|
+    "FetchError", "message", "attempts": [...]}``; each attempt is ``{"source", "outcome",
+    "reason"}``.
 
 Fetches run in the server's nursery, not in the connection's task: identical concurrent requests
 join one job (one download), a client that goes away does not cancel a download others wait for,
