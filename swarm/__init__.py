@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "afetch", "fetch"]
+__all__ = ["__version__", "afetch", "fetch", "fetch_card"]
 
 if TYPE_CHECKING:
-    from swarm.client import afetch, fetch
+    from swarm.client import afetch, fetch, fetch_card
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("fetch", "afetch"):
+    if name in ("fetch", "afetch", "fetch_card"):
         from swarm import client
 
         return getattr(client, name)

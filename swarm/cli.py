@@ -90,7 +90,8 @@ async def _watch_signals(receiver: Any, scope: Any, running: dict, drain_timeout
             nursery.start_soon(drain_then_stop)
 
 
-async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
+async def _run_node(settings: Any, modelexpress_url: str | None,
+                    watch: Any = None) -> None:
     import signal
 
     import trio
@@ -120,6 +121,10 @@ async def _run_node(settings: Any, modelexpress_url: str | None) -> None:
                         running["node"] = node
                         if settings.metrics_listen:
                             await nursery.start(server.serve_metrics, settings.metrics_listen)
+                        if watch is not None:  # Dynamo's discovery (swarm.dynamo.watch)
+                            from swarm.dynamo.watch import Watcher
+
+                            await nursery.start(Watcher(node, watch).run)
                         log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
                                  "control socket %s; trust %s%s; lane %s%s", node.peer_id,
                                  ", ".join(st["addrs"]), len(st["models"]), server.path,
@@ -141,6 +146,30 @@ def run_settings(args: argparse.Namespace) -> Any:
     return resolve_run(config=args.config, **{o.key: getattr(args, o.key) for o in OPTIONS})
 
 
+def _watch_config(args: argparse.Namespace) -> Any:
+    """What to do with Dynamo's discovery: ``dynamo-watch`` prefetches every card; a plain ``run``
+    with Dynamo's file discovery in its environment (DYN_FILE_KV) serves the cards of models this
+    host has (a worker host needs nothing else); otherwise None."""
+    kv = getattr(args, "kv", None)
+    etcd = getattr(args, "etcd", None)
+    if not (kv or etcd):
+        kv = os.environ.get("DYN_FILE_KV")
+        etcd = None if kv else os.environ.get("ETCD_ENDPOINTS")
+    if not (kv or etcd):
+        return None
+    from pathlib import Path
+
+    from swarm.dynamo.watch import WatchConfig
+
+    prefetch = args.command == "dynamo-watch"
+    mdc = getattr(args, "mdc_cache", None)
+    return WatchConfig(Path(kv).expanduser() if kv else None,
+                       tuple(e.strip() for e in (etcd or "").split(",") if e.strip()),
+                       prefetch=prefetch,
+                       weights=prefetch and bool(getattr(args, "weights", False)),
+                       mdc_root=Path(mdc).expanduser() if mdc else None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from swarm.config import ConfigError
 
@@ -160,7 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         return _fail(f"cannot use home {settings.home}: {e}")
     try:
-        trio.run(_run_node, settings, os.environ.get("MODEL_EXPRESS_URL") or None)
+        trio.run(_run_node, settings, os.environ.get("MODEL_EXPRESS_URL") or None,
+                 _watch_config(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as e:  # one line for anything that stops the node
@@ -172,6 +202,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     return 0
+
+
+def cmd_dynamo_watch(args: argparse.Namespace) -> int:
+    if args.kv and args.etcd:
+        return _fail("--kv or --etcd, not both", EXIT_USAGE)
+    if not (args.kv or args.etcd or os.environ.get("DYN_FILE_KV")
+            or os.environ.get("ETCD_ENDPOINTS")):
+        return _fail("dynamo-watch needs Dynamo's discovery: --kv DIR (or DYN_FILE_KV) or --etcd "
+                     "URL[,URL...] (or ETCD_ENDPOINTS)", EXIT_USAGE)
+    return cmd_run(args)
 
 
 # --- fetch -------------------------------------------------------------------------------------
@@ -191,11 +231,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         home = resolve_home(args.home, cli_config=args.config)
     except ConfigError as e:
         return _fail(str(e), EXIT_USAGE)
+    if (args.card is None) == (args.repo_id is None):
+        return _fail("give either ORG/NAME or --card CARD.json", EXIT_USAGE)
     try:
-        result = client.fetch_result(
-            args.repo_id, args.revision, allow_patterns=args.include or None,
-            ignore_patterns=args.exclude or None, configs_only=args.configs_only,
-            cache_dir=args.cache_dir, local_dir=args.local_dir, timeout=args.timeout, home=home)
+        if args.card is not None:
+            if args.revision or args.configs_only or args.include or args.exclude:
+                return _fail("--card fetches the card's files: no --revision, --configs-only, "
+                             "--include or --exclude", EXIT_USAGE)
+            result = client.fetch_card_result(
+                args.card, weights=args.weights, cache_dir=args.cache_dir, local_dir=args.local_dir,
+                mdc_cache=args.mdc_cache or False, timeout=args.timeout, home=home)
+        else:
+            result = client.fetch_result(
+                args.repo_id, args.revision, allow_patterns=args.include or None,
+                ignore_patterns=args.exclude or None, configs_only=args.configs_only,
+                cache_dir=args.cache_dir, local_dir=args.local_dir, timeout=args.timeout, home=home)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:
@@ -378,7 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="fetch a model; prints its local path",
                            description="Fetch through the running node (or an embedded one) and "
                                        "print the snapshot path last.")
-    fetch.add_argument("repo_id", metavar="ORG/NAME")
+    fetch.add_argument("repo_id", metavar="ORG/NAME", nargs="?")
+    fetch.add_argument("--card", metavar="CARD.json",
+                       help="fetch exactly the files of a Dynamo ModelDeploymentCard (or its "
+                            "discovery record), refusing other bytes")
+    fetch.add_argument("--weights", action="store_true",
+                       help="with --card: also the weights of the snapshot the card describes")
+    fetch.add_argument("--mdc-cache", nargs="?", const=True, metavar="DIR",
+                       help="with --card: also put the files into Dynamo's metadata cache "
+                            "(default ~/.cache/dynamo/mdc)")
     fetch.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
     fetch.add_argument("--configs-only", action="store_true",
                        help="only config and tokenizer files")
@@ -393,6 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print {path, source, revision, attempts} as JSON")
     _add_home(fetch)
     fetch.set_defaults(func=cmd_fetch)
+
+    watch = sub.add_parser(
+        "dynamo-watch", help="run the node and prefetch every model Dynamo registers",
+        description="Run the node (all `run` options) and follow Dynamo's file discovery: every "
+                    "registered ModelDeploymentCard's files are fetched through the swarm, checked "
+                    "against the card and put into Dynamo's metadata cache; models this host has "
+                    "are served. See docs/dynamo.md.")
+    for action in run._actions:
+        if action.dest != "help":
+            watch._add_action(action)
+    watch.add_argument("--kv", metavar="DIR",
+                       help="Dynamo's file discovery directory (default: env DYN_FILE_KV)")
+    watch.add_argument("--etcd", metavar="URL[,URL...]",
+                       help="Dynamo's etcd discovery instead (default: env ETCD_ENDPOINTS)")
+    watch.add_argument("--weights", action="store_true",
+                       help="also fetch the weights (a host where workers will start)")
+    watch.add_argument("--mdc-cache", metavar="DIR",
+                       help="Dynamo's metadata cache (default ~/.cache/dynamo/mdc)")
+    watch.set_defaults(func=cmd_dynamo_watch)
 
     status = sub.add_parser("status", help="the running node's peer id, addresses, peers, models")
     status.add_argument("--json", action="store_true", help="machine-readable output")

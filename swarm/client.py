@@ -428,7 +428,8 @@ def _body(req: Any) -> dict:
     return {"repo_id": req.repo_id, "revision": req.revision,
             "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
             "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
-            "configs_only": req.configs_only, "timeout": req.timeout}
+            "configs_only": req.configs_only, "timeout": req.timeout,
+            **({"expect": [list(e) for e in req.expect]} if req.expect else {})}
 
 
 def _raise_error(event: dict) -> None:
@@ -704,3 +705,102 @@ async def afetch(repo_id: str, revision: str | None = None, *,
                                  cache_dir=cache_dir, local_dir=local_dir, timeout=timeout,
                                  home=home, on_event=on_event, progress=progress)
     return result.path
+
+
+# --- fetch by Dynamo card -------------------------------------------------------------------------
+
+
+def _card_request(card: Any, weights: bool, cache_dir: os.PathLike | str | None,
+                  timeout: float | None) -> Any:
+    from swarm.dynamo.card import CardError, fnmatch_exact, swarm_name
+    from swarm.sources import FetchRequest
+
+    if not card.carried:
+        raise CardError(f"the card of {card.display_name} lists no files to fetch")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    kw: dict[str, Any] = {}
+    if cache_dir is not None:
+        kw["cache_dir"] = Path(cache_dir).expanduser()
+    # Without weights: exactly the card's files. With them: the whole snapshot whose manifest
+    # matches the card (the weights of the very version the card describes).
+    allow = None if weights else [fnmatch_exact(f.name) for f in card.carried]
+    return FetchRequest(repo_id=swarm_name(card), allow_patterns=allow, expect=card.expect(),
+                        timeout=timeout, **kw)
+
+
+def _matching_card(result: Any, card: Any) -> Any:
+    from swarm.dynamo.card import dir_mismatches
+    from swarm.sources import VerificationFailed
+
+    differ = dir_mismatches(result.path, card.expect())
+    if differ:
+        raise VerificationFailed(f"{card.display_name}: the files from {result.source} differ from "
+                                 f"the card: {'; '.join(differ[:4])}", result.attempts)
+    return result
+
+
+def fetch_card_result(card: Any, *, weights: bool = False,
+                      cache_dir: os.PathLike | str | None = None,
+                      local_dir: os.PathLike | str | None = None,
+                      mdc_cache: os.PathLike | str | bool = False,
+                      timeout: float | None = None,
+                      home: os.PathLike | str | None = None,
+                      on_event: Callable[[dict], None] | None = None,
+                      progress: bool | None = None) -> Any:
+    """Like :func:`fetch_card`, returning the whole ``FetchResult``."""
+    from swarm.dynamo.card import dir_mismatches, install_mdc_cache, load_card
+
+    card = load_card(card)
+    req = _card_request(card, weights, cache_dir, timeout)
+    local = _fast_path(req)
+    if local is not None and not dir_mismatches(local.path, req.expect):
+        result = local
+    else:
+        h = _home(home)
+        emit, close = _observer(on_event, progress, req.repo_id)
+        try:
+            try:
+                result = _via_node_sync(req, h, emit)
+            except NodeUnavailable:
+                import trio
+
+                try:
+                    trio.lowlevel.current_task()
+                except RuntimeError:
+                    pass
+                else:
+                    raise RuntimeError("swarm.fetch_card() called from trio code with no node "
+                                       "running: run a swarm-node") from None
+                result = trio.run(_embedded, req, h, emit)
+        finally:
+            close()
+    result = _matching_card(result, card)
+    if mdc_cache:
+        install_mdc_cache(result.path, card, None if mdc_cache is True else Path(mdc_cache))
+    return _deliver(result, req, cache_dir is not None, local_dir)
+
+
+def fetch_card(card: Any, *, weights: bool = False,
+               cache_dir: os.PathLike | str | None = None,
+               local_dir: os.PathLike | str | None = None,
+               mdc_cache: os.PathLike | str | bool = False,
+               timeout: float | None = None,
+               home: os.PathLike | str | None = None,
+               on_event: Callable[[dict], None] | None = None,
+               progress: bool | None = None) -> Path:
+    """Fetch exactly the files a Dynamo ModelDeploymentCard lists and return a directory Dynamo
+    takes as a model path (``register_model(model_path=...)``, the frontend's ``--model-path``).
+
+    ``card``: the card (a dict, JSON text, a path to a JSON file, the discovery record that wraps
+    it, or a ``swarm.dynamo.card.Card``). Only a manifest whose entries carry the card's blake3
+    checksums and sizes is taken, and the delivered files are checked against the card again:
+    other bytes (another version during a rolling update, a tampered file) raise
+    ``VerificationFailed``. ``weights``: also fetch the weights of that same snapshot (a new worker
+    on scale-out). ``mdc_cache``: also put the files into Dynamo's metadata cache
+    (``~/.cache/dynamo/mdc/blobs``, or the given root) so a frontend on this host fetches none of
+    them from the worker. Other arguments as in :func:`fetch`.
+    """
+    return fetch_card_result(card, weights=weights, cache_dir=cache_dir, local_dir=local_dir,
+                             mdc_cache=mdc_cache, timeout=timeout, home=home, on_event=on_event,
+                             progress=progress).path

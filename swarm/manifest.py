@@ -774,10 +774,11 @@ class _Job:
     confinement: confine.Confinement
 
 
-def _scan(root: str) -> list[_Job]:
+def _scan(root: str, keep: frozenset[str] = frozenset()) -> list[_Job]:
     """Files under root (sorted by path), following file symlinks (only where
     :func:`swarm.confine.confinement_for` allows: a snapshot's links into its repo's ``blobs/``,
-    nothing outside a plain directory) but not directory symlinks."""
+    nothing outside a plain directory) but not directory symlinks; paths in ``keep`` are carried
+    even where :func:`should_skip` would drop them."""
     c = confine.confinement_for(root)
     found: list[tuple[str, str, int]] = []
     stack = [("", root)]
@@ -807,7 +808,7 @@ def _scan(root: str) -> list[_Job]:
                 st = e.stat(follow_symlinks=False)
             else:
                 continue  # sockets, fifos, devices
-            if should_skip(rel):
+            if should_skip(rel) and rel not in keep:
                 continue
             try:
                 validate_path(rel)
@@ -954,8 +955,12 @@ def build_manifest(
     *,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    keep: Iterable[str] = (),
 ) -> Manifest:
     """Hash the files under ``root`` into a manifest.
+
+    ``keep``: relative paths to carry although :func:`should_skip` drops them by default (a
+    ``LICENSE`` or a logo a Dynamo card lists); hidden files are never carried.
 
     Walks ``root`` (skipping :func:`should_skip` files and hidden directories, following symlinks
     to files that stay inside the tree -- Hub snapshots link into their repo's ``blobs/``, see
@@ -975,7 +980,8 @@ def build_manifest(
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
         raise ManifestError("root", f"{root_s!r} is not a directory")
-    jobs = _scan(root_s)
+    keep = frozenset(keep)
+    jobs = _scan(root_s, keep) if keep else _scan(root_s)
     if not jobs:
         raise ManifestError("files", f"no files to carry under {root_s!r}")
     _check_file_set(model, revision, [j.path for j in jobs], [j.size for j in jobs])

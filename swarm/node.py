@@ -29,6 +29,7 @@ import trio
 
 from swarm import wire
 from swarm.confine import OutsideTree, confinement_for, stat_file
+from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
 from swarm.metrics import Metrics
@@ -206,15 +207,17 @@ class Node:
 
     # ------------------------------------------------------------------ serving
 
-    async def serve_directory(self, model: str, path: Path, revision: str | None = None) -> Manifest:
+    async def serve_directory(self, model: str, path: Path, revision: str | None = None, *,
+                              keep: frozenset[str] = frozenset()) -> Manifest:
         """Serve a private directory as ``model`` (a revision derived from its content unless
-        given). Re-hashes only when a file's size or mtime changed since last time."""
+        given). Re-hashes only when a file's size or mtime changed since last time. ``keep``:
+        files to carry that manifests skip by default (see ``build_manifest``)."""
         validate_model_name(model)
         path = Path(path).resolve()
         if not path.is_dir():
             raise FileNotFoundError(f"--serve {model}={path}: not a directory")
         manifest = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, path,
-                                                 revision)
+                                                 revision, frozenset(keep))
         await self._share_complete(manifest, path, origin="built")
         return manifest
 
@@ -584,6 +587,8 @@ class Node:
 
     @staticmethod
     def _acceptable(m: Manifest, req: FetchRequest, manifest_hash: bytes | None) -> bool:
+        if req.expect and manifest_mismatches(m, req.expect):
+            return False  # e.g. another version than the Dynamo card asks for (a rolling update)
         if manifest_hash is not None:
             return m.manifest_hash == manifest_hash
         if m.model != req.repo_id:
@@ -883,16 +888,18 @@ class _ManifestCache:
                 out.append([rel, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino])
         return out
 
-    def get_or_build(self, model: str, path: Path, revision: str | None) -> Manifest:
+    def get_or_build(self, model: str, path: Path, revision: str | None,
+                     keep: frozenset[str] = frozenset()) -> Manifest:
         entry = self._entry(model, path)
         fp = self._fingerprint(path)
         try:
             cached = json.loads(entry.read_text())
-            if cached["fingerprint"] == fp and cached["revision_arg"] == revision:
+            if (cached["fingerprint"] == fp and cached["revision_arg"] == revision
+                    and sorted(cached.get("keep", [])) == sorted(keep)):
                 return Manifest.decode(bytes.fromhex(cached["manifest"]))
         except (OSError, ValueError, KeyError, ManifestError):
             pass
-        m = build_manifest(path, model, revision or "local")
+        m = build_manifest(path, model, revision or "local", keep=keep)
         if revision is None:
             # Private content: the revision is derived from the content, so the same files give
             # the same snapshot name on every machine.
@@ -900,7 +907,7 @@ class _ManifestCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": fp, "revision_arg": revision,
-                                   "manifest": m.encode().hex()}))
+                                   "keep": sorted(keep), "manifest": m.encode().hex()}))
         os.replace(tmp, entry)
         return m
 

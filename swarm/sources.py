@@ -57,6 +57,7 @@ from swarm.manifest import (
     classify,
     should_skip,
     validate_model_name,
+    validate_path,
     validate_revision,
 )
 
@@ -153,6 +154,28 @@ def _check_revision(_inst: object, _attr: object, value: str | None) -> None:
         validate_revision(part)
 
 
+MAX_EXPECT = 1000
+"""Most expected files one request may carry (a Dynamo card lists tens)."""
+_DIGEST_RE = re.compile(r"blake3:[0-9a-f]{64}")
+
+
+def _expect(value: Iterable | None) -> tuple[tuple[str, str, int | None], ...] | None:
+    if value is None:
+        return None
+    out = []
+    for item in value:
+        path, checksum, size = item
+        validate_path(path)
+        if not isinstance(checksum, str) or not _DIGEST_RE.fullmatch(checksum):
+            raise ValueError(f"expect: {checksum!r} is not 'blake3:<64 lowercase hex>'")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"expect: size {size!r} is not a byte count")
+        out.append((path, checksum, size))
+    if not out or len(out) > MAX_EXPECT:
+        raise ValueError(f"expect: 1 to {MAX_EXPECT} files, got {len(out)}")
+    return tuple(sorted(out))
+
+
 def _check_repo(_inst: object, _attr: object, value: str) -> None:
     validate_model_name(value)
 
@@ -170,6 +193,11 @@ class FetchRequest:
     timeout: float | None = None
     verify: bool = False
     """Also re-hash the local snapshot against its stored swarm manifest (blake3) in step 1."""
+    expect: tuple[tuple[str, str, int | None], ...] | None = attrs.field(default=None,
+                                                                         converter=_expect)
+    """Files the result must hold with exactly these bytes: ``(path, "blake3:<hex>", size or
+    None)``, e.g. a Dynamo card's files. The swarm takes only a manifest whose entries match, and a
+    local snapshot that differs is passed over."""
 
     @property
     def ref(self) -> str:
@@ -223,6 +251,12 @@ class SourceSkipped(Exception):
 
 
 # --- step 1: the local cache -------------------------------------------------------------------
+
+
+def _expect_mismatches(snapshot: Path, expect: Iterable[tuple[str, str, int | None]]) -> list[str]:
+    from swarm.dynamo.card import dir_mismatches
+
+    return dir_mismatches(snapshot, expect)
 
 
 @attrs.frozen
@@ -723,6 +757,12 @@ async def fetch_chain(
 
     async def local() -> Path:
         found = await trio.to_thread.run_sync(_inspect_local, req, abandon_on_cancel=True)
+        if found.path is not None and req.expect:
+            differ = await trio.to_thread.run_sync(_expect_mismatches, found.path, req.expect,
+                                                   abandon_on_cancel=True)
+            if differ:
+                raise ModelNotFound(f"the local snapshot differs from the expected files: "
+                                    f"{'; '.join(differ[:3])}")
         if found.path is not None:
             return found.path
         if found.kind != "verification":
