@@ -315,14 +315,16 @@ async def test_modelexpress_unsafe_path_is_rejected(cache: Path, tmp_path: Path,
 
 
 async def test_modelexpress_ignoring_the_selector_and_sending_no_commit(cache: Path, mx: FakeModelExpress):
-    mx.ignore_selector = True  # an older server: streams everything
+    mx.pre_revisions = True  # a server from before pinned revisions: names no resolved commit,
+    mx.ignore_selector = True  # streams everything
     mx.send_commit = False  # and does not say which commit
     result = await fetch_chain(
-        req(cache, allow_patterns=["*.json"]), swarm=never_swarm, modelexpress_url=mx.url
+        req(cache, allow_patterns=["*.json", "*.txt"]), swarm=never_swarm, modelexpress_url=mx.url
     )
     assert result.source == "modelexpress"
     got = set(files_under(result.path))
-    assert got and all(p.endswith(".json") for p in got)
+    assert got and all(p.endswith((".json", ".txt")) for p in got)
+    assert "empty.txt" in got and (result.path / "empty.txt").stat().st_size == 0  # sent no chunk
     assert len(result.revision) == 40 and result.revision != COMMIT  # derived from the content
     again = await fetch_chain(req(cache / "other"), swarm=never_swarm, modelexpress_url=mx.url)
     assert again.revision != result.revision  # different selection, different content
@@ -337,15 +339,68 @@ async def test_modelexpress_with_shared_storage_does_not_stream(cache: Path, mx:
     assert mx.calls["StreamModelFiles"] == 0
 
 
-async def test_modelexpress_commit_must_match(cache: Path, mx: FakeModelExpress, env):
+async def test_modelexpress_pins_the_revision(cache: Path, served_dir: Path, tmp_path: Path,
+                                              mx: FakeModelExpress, env):
+    """The revision goes to the server; its resolved commit pins the listing and the stream."""
+    v2 = make_model_dir(tmp_path / "v2", weights_bytes=1 << 20, seed=9)
+    mx.add_model(REPO, v2, OTHER_COMMIT, refs=("v2",))
+    env.setenv("HF_HUB_OFFLINE", "1")
+
+    tag = await fetch_chain(req(cache, revision="v2"), swarm=never_swarm, modelexpress_url=mx.url)
+    assert tag.source == "modelexpress" and tag.revision == OTHER_COMMIT
+    assert_same_files(tag.path, v2, files_under(v2))
+    repo = cache / "models--test-org--tiny-llama"
+    assert (repo / "refs" / "v2").read_text() == OTHER_COMMIT
+    assert not (repo / "refs" / "main").exists()  # a pinned fetch leaves the default branch alone
+    sent = {method: r for method, r in mx.requests}
+    assert sent["EnsureModelDownloaded"].revision == "v2"
+    assert sent["ListModelFiles"].revision == OTHER_COMMIT
+    assert sent["StreamModelFiles"].revision == OTHER_COMMIT
+    assert local_snapshot(req(cache, revision="v2")) == tag.path
+
+    commit = await fetch_chain(req(cache, revision=COMMIT), swarm=never_swarm, modelexpress_url=mx.url)
+    assert commit.revision == COMMIT
+    assert_same_files(commit.path, served_dir, files_under(served_dir))
+    assert sorted(os.listdir(repo / "refs")) == ["v2"]  # a commit needs no ref
+
+    default = await fetch_chain(req(cache / "b"), swarm=never_swarm, modelexpress_url=mx.url)
+    assert default.revision == COMMIT
+    assert not mx.requests[-3][1].HasField("revision")  # the default branch: no pin
+    assert mx.requests[-1][1].revision == COMMIT  # ... until the server named its commit
+
+
+async def test_modelexpress_unknown_revision_downloads_nothing(cache: Path, mx: FakeModelExpress, env):
     env.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound) as ei:
         await fetch_chain(req(cache, revision=OTHER_COMMIT), swarm=None, modelexpress_url=mx.url)
-    assert f"not the requested {OTHER_COMMIT}" in ei.value.attempts[1].reason
-    with pytest.raises(ModelNotFound) as ei:
-        await fetch_chain(req(cache, revision="v2"), swarm=None, modelexpress_url=mx.url)
-    assert ei.value.attempts[1].outcome == "skipped"
-    assert "default branch only" in ei.value.attempts[1].reason
+    reason = ei.value.attempts[1].reason
+    assert "Failed to resolve revision" in reason and OTHER_COMMIT in reason
+    assert mx.calls == {"EnsureModelDownloaded": 1}  # refused before any download or stream
+    assert mx.requests[0][1].revision == OTHER_COMMIT
+    with pytest.raises(ModelNotFound):
+        await fetch_chain(req(cache, revision="no-such-branch"), swarm=None, modelexpress_url=mx.url)
+
+
+async def test_modelexpress_server_without_pinned_revisions(cache: Path, mx: FakeModelExpress, env):
+    """A server that ignores the pin holds its default revision: refused, nothing streamed."""
+    mx.pre_revisions = True
+    env.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FetchError) as ei:
+        await fetch_chain(req(cache, revision=COMMIT), swarm=None, modelexpress_url=mx.url)
+    assert "did not confirm revision" in ei.value.attempts[1].reason
+    assert mx.calls == {"EnsureModelDownloaded": 1}
+    # The default branch still works with it.
+    result = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert result.source == "modelexpress" and result.revision == COMMIT
+
+
+async def test_modelexpress_commit_must_resolve_to_itself(cache: Path, mx: FakeModelExpress, env):
+    mx._commit = lambda repo, revision: COMMIT  # a server that answers every pin with its default
+    env.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VerificationFailed) as ei:
+        await fetch_chain(req(cache, revision=OTHER_COMMIT), swarm=None, modelexpress_url=mx.url)
+    assert f"resolved commit {OTHER_COMMIT}" in ei.value.attempts[1].reason
+    assert "StreamModelFiles" not in mx.calls
 
 
 # --- steps 3 and 4: the swarm and the Hub --------------------------------------------------------
