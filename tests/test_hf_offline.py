@@ -184,3 +184,25 @@ def test_the_callers_environment_travels_to_the_node(tmp_path: Path, model_dir: 
         log = node.log.read_text(errors="replace")
         assert f"GET {hub.url}/api/models/{MODEL_NAME}/" in log  # the debug log saw the requests
         assert SECRET not in log
+
+
+def test_the_control_api_checks_the_env_and_never_echoes_it(tmp_path: Path) -> None:
+    from swarm.control import ControlServer, _BadRequest
+
+    server = ControlServer(tmp_path / "h")
+
+    def parse(env: object):
+        return server._parse_fetch(json.dumps({"repo_id": "gpt2", "env": env}).encode())
+
+    req, _timeout = parse({"hf_token": SECRET, "hub_offline": True, "hf_endpoint": "http://m:1",
+                           "modelexpress_url": "mx:8001", "modelexpress_cache": "/srv/mx"})
+    assert req.repo_id == "gpt2" and req.env.hf_token == SECRET and req.env.hub_offline is True
+    assert SECRET not in repr(req)
+    assert parse({})[0].env == parse(None)[0].env
+    for bad in ({"hf_token": SECRET + "\r\nX-Evil: 1"}, {"hf_token": 7}, {"hub_offline": "yes"},
+                {"hf_endpoint": f"file:///{SECRET}"}, {"modelexpress_cache": "relative"},
+                {"hf_token": SECRET * 200}, {"unknown": SECRET}, [SECRET]):
+        with pytest.raises(_BadRequest) as ei:
+            parse(bad)
+        assert ei.value.status == 400 and "env" in str(ei.value)
+        assert SECRET not in str(ei.value)
