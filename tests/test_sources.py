@@ -26,7 +26,7 @@ from fake_modelexpress import MX_WEIGHT_SUFFIXES, FakeModelExpress
 from fakehub import FakeHub
 from modelgen import CARRIED_CONFIGS, make_hf_snapshot, make_model_dir
 
-from swarm.manifest import build_manifest, classify
+from swarm.manifest import build_manifest, classify, should_skip
 from swarm.sources import (
     Attempt,
     FetchError,
@@ -825,3 +825,34 @@ def test_our_stubs_and_the_real_package_load_in_one_process(order: str, protobuf
     r = subprocess.run([sys.executable, "-c", COEXIST, order], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+async def test_single_part_name_through_the_swarm(tmp_path: Path):
+    """A worker serving its HF cache finds models--gpt2 (the manifest, the DHT key and the wire carry
+    the single-part name); a frontend fetches it into models--gpt2."""
+    from contextlib import AsyncExitStack
+
+    from swarm.engine import EngineConfig
+    from swarm.node import Node, NodeConfig
+
+    engine = EngineConfig(tick=0.05, rechoke_interval=0.25)
+    worker_cache = tmp_path / "w" / "cache"
+    snap = make_hf_snapshot(worker_cache, "gpt2", COMMIT, weights_bytes=1 << 20)
+    async with AsyncExitStack() as stack:
+        worker = Node(NodeConfig(home=tmp_path / "w" / "home", cache_dir=worker_cache,
+                                 serve_hf_cache=True, engine=engine, lookup_timeout=3.0))
+        await stack.enter_async_context(worker.running())
+        with trio.fail_after(20):
+            while not worker.shared:
+                await trio.sleep(0.05)
+        front = Node(NodeConfig(home=tmp_path / "f" / "home", cache_dir=tmp_path / "f" / "cache",
+                                serve_hf_cache=False, engine=engine, lookup_timeout=3.0,
+                                bootstrap=tuple(worker.host.addrs[:1])))
+        await stack.enter_async_context(front.running())
+        with trio.fail_after(30):
+            got = await front.fetch(FetchRequest("gpt2", cache_dir=front.config.cache_dir))
+    assert got == tmp_path / "f" / "cache" / "models--gpt2" / "snapshots" / COMMIT
+    carried = [p for p in files_under(snap) if not should_skip(p)]
+    assert files_under(got) == carried
+    assert_same_files(got, snap, carried)
