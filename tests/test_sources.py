@@ -347,6 +347,17 @@ async def test_modelexpress_with_shared_storage_does_not_stream(cache: Path, mx:
     assert mx.calls["StreamModelFiles"] == 0
 
 
+async def test_modelexpress_names_a_commit_we_already_hold(cache: Path, mx: FakeModelExpress):
+    """Held by commit only (no refs/main): the server's resolved commit finds it, nothing is streamed,
+    and refs/main is written so that the next fetch (and huggingface_hub offline) finds it."""
+    snap = make_hf_snapshot(cache, REPO, COMMIT, ref=None, weights_bytes=1 << 20)
+    result = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert result.source == "modelexpress" and result.path == snap
+    assert mx.calls == {"EnsureModelDownloaded": 1}
+    assert (cache / "models--test-org--tiny-llama" / "refs" / "main").read_text() == COMMIT
+    assert (await fetch_chain(req(cache), swarm=never_swarm)).source == "local-cache"
+
+
 async def test_modelexpress_pins_the_revision(cache: Path, served_dir: Path, tmp_path: Path,
                                               mx: FakeModelExpress, env):
     """The revision goes to the server; its resolved commit pins the listing and the stream."""

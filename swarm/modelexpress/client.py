@@ -378,6 +378,10 @@ class ModelExpressClient:
         if skip_stream is not None:
             found = skip_stream(resolved)
             if found is not None:
+                ref = _ref_name(revision)
+                repo = Path(cache_dir) / _repo_folder_name(model)
+                if ref is not None and resolved is not None and found == repo / "snapshots" / resolved:
+                    _write_ref(repo, ref, resolved)  # in our cache, found by commit: name it
                 emit({"event": "modelexpress_shared", "path": str(found)})
                 return found
         # Later calls name the resolved commit, not the branch: a branch that moves in between
@@ -419,7 +423,7 @@ class ModelExpressClient:
             if commit is None:
                 commit = resolved or _as_commit(revision) or _content_revision(files)
             snapshot = writer.link(commit, files)
-            ref = "main" if revision is None else None if _as_commit(revision) else revision
+            ref = _ref_name(revision)
             if ref is not None:
                 writer.write_ref(ref, commit)
             return snapshot
@@ -474,6 +478,29 @@ def _content_revision(files: dict[str, tuple[str, int]]) -> str:
         blob, size = files[path]
         h.update(f"{path}\0{size}\0{blob}\n".encode())
     return h.hexdigest()[:40]
+
+
+def _ref_name(revision: str | None) -> str | None:
+    """The ref a fetch of ``revision`` points at its snapshot, as huggingface_hub does: ``main`` for
+    the default branch, the branch or tag itself, none for a commit."""
+    if revision is None:
+        return "main"
+    return None if _as_commit(revision) else revision
+
+
+def _write_ref(repo: Path, ref: str, revision: str) -> None:
+    """``repo/refs/<ref>`` := ``revision``, atomically (a temp file renamed over)."""
+    dest = repo / "refs" / ref
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if dest.read_text() == revision:
+            return
+    except OSError:
+        pass
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.write_text(revision)
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -620,18 +647,7 @@ class _SnapshotWriter:
         return snapshot
 
     def write_ref(self, ref: str, revision: str) -> None:
-        refs = self.repo / "refs"
-        dest = refs / ref
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if dest.read_text() == revision:
-                return
-        except OSError:
-            pass
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
-        tmp.write_text(revision)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        _write_ref(self.repo, ref, revision)
 
     def cleanup(self) -> None:
         if self._cur is not None:
