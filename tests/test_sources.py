@@ -358,6 +358,22 @@ async def test_modelexpress_names_a_commit_we_already_hold(cache: Path, mx: Fake
     assert (await fetch_chain(req(cache), swarm=never_swarm)).source == "local-cache"
 
 
+def test_modelexpress_client_rpcs_as_the_server_answers(mx: FakeModelExpress):
+    from swarm.modelexpress import ModelExpressClient, ModelExpressNotFound
+
+    with ModelExpressClient(mx.url, timeout=30) as client:
+        assert client.ensure_downloaded(REPO) == COMMIT  # resolved_revision
+        listed = {f.path for f in client.list_files(REPO, revision=COMMIT, ignore_weights=True)}
+        assert listed and not any(p.endswith(MX_WEIGHT_SUFFIXES) for p in listed)
+        chunks = list(client.stream_files(REPO, ["empty.txt"], revision="main"))
+        assert [(c.relative_path, c.data, c.is_last_chunk, c.commit_hash) for c in chunks] == [
+            ("empty.txt", b"", True, COMMIT)]  # an empty file is one empty chunk
+        with pytest.raises(ModelExpressNotFound, match="Selected file not found in model directory"):
+            list(client.stream_files(REPO, ["config.json", "missing.json"]))
+        with pytest.raises(ModelExpressNotFound, match="Failed to resolve revision"):
+            client.ensure_downloaded("test-org/nope")
+
+
 async def test_modelexpress_pins_the_revision(cache: Path, served_dir: Path, tmp_path: Path,
                                               mx: FakeModelExpress, env):
     """The revision goes to the server; its resolved commit pins the listing and the stream."""
