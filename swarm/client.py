@@ -398,7 +398,9 @@ def _deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLik
 
 def _request(repo_id: str, revision: str | None, allow_patterns: Any, ignore_patterns: Any,
              configs_only: bool, cache_dir: os.PathLike | str | None, timeout: float | None) -> Any:
-    from swarm.sources import FetchRequest
+    """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
+    MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
+    from swarm.sources import FetchRequest, SourceEnv
 
     kw: dict[str, Any] = {}
     if cache_dir is not None:
@@ -407,7 +409,7 @@ def _request(repo_id: str, revision: str | None, allow_patterns: Any, ignore_pat
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     return FetchRequest(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns,
                         ignore_patterns=ignore_patterns, configs_only=bool(configs_only),
-                        timeout=timeout, **kw)
+                        timeout=timeout, env=SourceEnv.from_environ(), **kw)
 
 
 def _fast_path(req: Any) -> Any | None:
@@ -428,7 +430,7 @@ def _body(req: Any) -> dict:
     return {"repo_id": req.repo_id, "revision": req.revision,
             "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
             "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
-            "configs_only": req.configs_only, "timeout": req.timeout,
+            "configs_only": req.configs_only, "timeout": req.timeout, "env": req.env.to_json(),
             **({"expect": [list(e) for e in req.expect]} if req.expect else {})}
 
 

@@ -16,16 +16,19 @@ per connection (``Connection: close``). Routes:
     ``{"models": [...]}``; each model also has ``peer_stats``: bytes and pieces per peer.
 ``POST /v1/fetch``
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
-    "ignore_patterns": null, "configs_only": false, "timeout": null, "expect": null}`` (only
-    ``repo_id`` is required; unknown keys are refused). ``expect``: ``[[path, "blake3:<hex>",
-    size or null], ...]``, files the result must hold with exactly these bytes (a Dynamo card's,
-    ``swarm.fetch_card``): only manifests that match are taken. The response is chunked NDJSON:
-    the fetch's events as they happen (``source``, ``attempt``, ``manifest``, ``progress``,
-    ``configs_ready``, ``done``, ...; consecutive ``progress`` events are coalesced for a slow
-    reader), then exactly one of ``{"event": "result", "path", "source", "revision", "attempts":
-    [...]}`` or ``{"event": "error", "type": "ModelNotFound"|"VerificationFailed"|"FetchTimeout"|
-    "FetchError", "message", "attempts": [...]}``; each attempt is ``{"source", "outcome",
-    "reason"}``.
+    "ignore_patterns": null, "configs_only": false, "timeout": null, "env": {}, "expect": null}``
+    (only ``repo_id`` is required; unknown keys are refused).  ``env`` is the caller's environment
+    for the sources (``swarm.sources.SourceEnv``: ``hub_offline``, ``hf_token``, ``hf_endpoint``,
+    ``modelexpress_url``, ``modelexpress_cache``; what the caller has not set is left out and the
+    node's own environment applies); the token is never logged nor echoed.  ``expect``: ``[[path,
+    "blake3:<hex>", size or null], ...]``, files the result must hold with exactly these bytes (a
+    Dynamo card's, ``swarm.fetch_card``): only manifests that match are taken.  The response is
+    chunked NDJSON: the fetch's events as they happen (``source``, ``attempt``, ``manifest``,
+    ``progress``, ``configs_ready``, ``done``, ...; consecutive ``progress`` events are coalesced
+    for a slow reader), then exactly one of
+    ``{"event": "result", "path", "source", "revision", "attempts": [...]}`` or
+    ``{"event": "error", "type": "ModelNotFound"|"VerificationFailed"|"FetchTimeout"|"FetchError",
+    "message", "attempts": [...]}``; each attempt is ``{"source", "outcome", "reason"}``.
 
 Fetches run in the server's nursery, not in the connection's task: identical concurrent requests
 join one job (one download), a client that goes away does not cancel a download others wait for,
@@ -63,6 +66,7 @@ from swarm.sources import (
     FetchRequest,
     FetchTimeout,
     ModelNotFound,
+    SourceEnv,
     VerificationFailed,
 )
 
@@ -94,7 +98,7 @@ _REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _FETCH_KEYS = {"repo_id", "revision", "allow_patterns", "ignore_patterns", "configs_only", "timeout",
-               "expect"}
+               "env", "expect"}
 _ERROR_TYPES = ("ModelNotFound", "VerificationFailed", "FetchTimeout", "FetchError")
 
 
@@ -687,10 +691,14 @@ class ControlServer:
                 isinstance(e, list) and len(e) == 3 for e in expect)):
             raise _BadRequest(400, "expect must be a list of [path, checksum, size] or null")
         try:
+            env = SourceEnv.from_json(obj.get("env"))
+        except (ValueError, TypeError) as e:  # the messages name fields, never values
+            raise _BadRequest(400, f"bad env: {e}") from None
+        try:
             req = FetchRequest(repo_id=repo_id, revision=revision, configs_only=configs_only,
                                allow_patterns=pats["allow_patterns"],
                                ignore_patterns=pats["ignore_patterns"],
-                               expect=expect, cache_dir=self._cache_dir())
+                               expect=expect, cache_dir=self._cache_dir(), env=env)
         except (ValueError, TypeError) as e:
             raise _BadRequest(400, f"bad fetch request: {e}") from None
         return req, (float(timeout) if timeout is not None else None)
@@ -703,8 +711,9 @@ class ControlServer:
         return default_cache_dir()
 
     def _job_for(self, req: FetchRequest) -> _Job:
+        # Callers with another environment (offline, token, endpoint, ModelExpress) get their own job.
         key = (req.repo_id, req.revision, req.configs_only, req.allow_patterns, req.ignore_patterns,
-               req.expect)
+               req.expect, req.env)
         job = self._jobs.get(key)
         if job is None:
             job = _Job(key, req)

@@ -64,6 +64,7 @@ import blake3
 from swarm import confine
 
 __all__ = [
+    "CONFIG_PATTERNS",
     "EMPTY_DIGEST",
     "MAX_FILES",
     "MAX_MANIFEST_BYTES",
@@ -72,12 +73,15 @@ __all__ = [
     "MAX_PIECE_SIZE",
     "MAX_TOTAL_BYTES",
     "MIN_PIECE_SIZE",
+    "TOKENIZER_PATTERNS",
+    "WEIGHT_SUFFIXES",
     "FileEntry",
     "Manifest",
     "ManifestError",
     "Piece",
     "build_manifest",
     "classify",
+    "is_tokenizer_file",
     "piece_size_for",
     "should_skip",
     "validate_model_name",
@@ -209,12 +213,14 @@ def _num_pieces(size: int, piece_size: int) -> int:
 
 
 def validate_model_name(name: object) -> str:
-    """Check ``org/name``: two parts of 1-96 ``[A-Za-z0-9._-]``, not starting with ``.``/``-``."""
+    """Check a Hub repo id: ``name`` (``gpt2``) or ``org/name``, each part 1-96 ``[A-Za-z0-9._-]``,
+    not starting with ``.``/``-`` and without ``--`` or ``..`` (as the Hub rules them out: the cache
+    folder ``models--org--name`` must map back to one name)."""
     if not isinstance(name, str):
         raise ManifestError("model", f"must be a string, got {type(name).__name__}")
     parts = name.split("/")
-    if len(parts) != 2:
-        raise ManifestError("model", f"{_show(name)} is not of the form 'org/name'")
+    if len(parts) > 2:
+        raise ManifestError("model", f"{_show(name)} is not of the form 'name' or 'org/name'")
     for part in parts:
         if not part:
             raise ManifestError("model", f"{_show(name)} has an empty part")
@@ -226,8 +232,9 @@ def validate_model_name(name: object) -> str:
             )
         if part[0] in ".-":
             raise ManifestError("model", f"{_show(name)}: a part may not start with {part[0]!r}")
-        if ".." in part:
-            raise ManifestError("model", f"{_show(name)}: '..' not allowed")
+        for pair in ("..", "--"):
+            if pair in part:
+                raise ManifestError("model", f"{_show(name)}: {pair!r} not allowed")
     return name
 
 
@@ -290,26 +297,38 @@ def _fold(path: str) -> str:
 
 # --- classification and skipping ---------------------------------------------------------------
 
-CONFIG_NAMES = frozenset(
-    {
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "tokenizer.model",
-        "tiktoken.model",
-        "preprocessor_config.json",
-        "params.json",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "added_tokens.json",
-    }
+# The one list of config files, used by every source (the swarm, the local cache, ModelExpress and
+# the Hub all select with classify() over a file listing): basename globs (fnmatch, matched against
+# the lower-cased basename) of files that are configs at any size -- model, generation and processor
+# configs, tokenizers of every common kind, chat templates and shard indexes.
+TOKENIZER_PATTERNS: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer.model.v*",  # Mistral's versioned sentencepiece models
+    "tekken.json",
+    "tiktoken.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "vocab.bpe",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.spm",
 )
-CONFIG_SUFFIXES = (".index.json", ".tiktoken")
+"""Files that hold a tokenizer's vocabulary: a configs set needs one (with ``config.json``)."""
+CONFIG_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "*_config.json",  # tokenizer_, generation_, preprocessor_, processor_, adapter_config.json, ...
+    "params.json",
+    "model_index.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.index.json",
+    *TOKENIZER_PATTERNS,
+)
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -321,6 +340,9 @@ WEIGHT_SUFFIXES = (
     ".h5",
     ".msgpack",
     ".ckpt",
+    ".ckpt.index",  # with .iop and .gas: what ModelExpress's ignore_weights leaves out
+    ".iop",
+    ".gas",
     ".pkl",
     ".npz",
     ".npy",
@@ -333,18 +355,27 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 _LEFTOVER_SUFFIXES = (".lock", ".incomplete")
 
 
-def classify(path: str, size: int | None = None) -> str:
-    """``"config"`` or ``"weight"``, by basename (extensions compare case-insensitively).
+def _matches(patterns: tuple[str, ...], path: str) -> bool:
+    name = path.rsplit("/", 1)[-1].lower()
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    Known config files (``config.json``, tokenizer files, ``*.index.json``, ...) are configs;
-    weight extensions (``*.safetensors``, ``*.bin``, ``*.gguf``, ...) are weights; any other file
-    is a config unless ``size`` is given and exceeds ``CONFIG_MAX_BYTES``.
+
+def is_tokenizer_file(path: str) -> bool:
+    """True if ``path``'s basename matches :data:`TOKENIZER_PATTERNS` (case-insensitively)."""
+    return _matches(TOKENIZER_PATTERNS, path)
+
+
+def classify(path: str, size: int | None = None) -> str:
+    """``"config"`` or ``"weight"``, by basename (compared case-insensitively).
+
+    A file matching :data:`CONFIG_PATTERNS` (``config.json``, tokenizer files, ``*.index.json``,
+    ...) is a config at any size; weight extensions (:data:`WEIGHT_SUFFIXES`: ``*.safetensors``,
+    ``*.bin``, ``*.gguf``, ...) are weights; any other file is a config unless ``size`` is given and
+    exceeds ``CONFIG_MAX_BYTES``.
     """
-    name = path.rsplit("/", 1)[-1]
-    lower = name.lower()
-    if lower in CONFIG_NAMES or lower.endswith(CONFIG_SUFFIXES):
+    if _matches(CONFIG_PATTERNS, path):
         return "config"
-    if lower.endswith(WEIGHT_SUFFIXES):
+    if path.lower().endswith(WEIGHT_SUFFIXES):
         return "weight"
     if size is not None and size > CONFIG_MAX_BYTES:
         return "weight"

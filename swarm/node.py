@@ -229,7 +229,7 @@ class Node:
         root = Path(self.config.cache_dir)
         if not root.is_dir():
             return out
-        for repo in sorted(root.glob("models--*--*")):
+        for repo in sorted(root.glob("models--*")):  # models--org--name and models--name
             model = repo.name[len("models--"):].replace("--", "/", 1)
             try:
                 validate_model_name(model)

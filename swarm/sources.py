@@ -1,8 +1,9 @@
 """The fallback chain behind ``swarm.fetch``: local HF cache -> ModelExpress -> swarm -> Hugging Face Hub.
 
 :func:`fetch_chain` tries each source in turn and returns the first verified snapshot directory (HF
-cache layout: ``<cache>/models--org--name/snapshots/<revision>/``).  Every source leaves an
-:class:`Attempt` -- taken or skipped, and why -- and when all fail the error is typed:
+cache layout: ``<cache>/models--org--name/snapshots/<revision>/``; ``models--name`` for a
+single-part name such as ``gpt2``).  Every source leaves an :class:`Attempt` -- taken or skipped,
+and why -- and when all fail the error is typed:
 
 * :class:`VerificationFailed` if any source produced data that failed verification;
 * :class:`ModelNotFound` if every source was skipped or reported that it does not have the model;
@@ -11,25 +12,39 @@ cache layout: ``<cache>/models--org--name/snapshots/<revision>/``).  Every sourc
 
 The message of each lists every source with its outcome and reason.
 
-1. **local-cache** (:func:`local_snapshot`): resolve the revision the way ``huggingface_hub`` does
-   offline (``refs/<name>`` for a branch or tag, ``snapshots/<sha>`` for a commit) and check that the
-   snapshot holds every requested file.  The list of files a commit should have comes from
-   ``huggingface_hub``'s tree cache (``trees/<commit>.json``, written by its ``snapshot_download``) or
-   else from a swarm manifest stored beside the snapshot (swarm/store.py); sizes are checked against
-   it, and blake3 digests too when ``FetchRequest.verify`` is set (which needs a stored manifest).
-   A dangling symlink or a link to an ``*.incomplete`` blob means incomplete.  Without a tree cache,
-   a request for the whole model also needs at least one weight file and every shard named by an
-   ``*.index.json`` (so a configs-only snapshot never passes for a full one), and without any file
-   list a leftover ``blobs/*.incomplete`` (an interrupted download) means incomplete.
+The environment that steers the sources -- ``HF_HUB_OFFLINE``, ``HF_TOKEN``, ``HF_ENDPOINT``,
+``MODEL_EXPRESS_URL``, ``MODEL_EXPRESS_CACHE_PATH`` -- is the caller's: ``FetchRequest.env``
+(:class:`SourceEnv`) carries what the calling process has set, ``swarm.fetch`` sends it to the node
+with the request, and only what the caller left unset falls back to the node's own environment.
+
+Every source selects files the same way: the request's allow/ignore patterns (huggingface_hub's
+semantics), then for ``configs_only`` :func:`swarm.manifest.classify` over a listing with sizes
+(the manifest, ModelExpress's ``ListModelFiles``, the Hub's tree, the Hub's cached tree).
+
+1. **local-cache** (:func:`local_snapshot`): in ``FetchRequest.cache_dir``, then in the
+   ModelExpress cache root (``MODEL_EXPRESS_CACHE_PATH``, or ModelExpress's current name
+   ``MODEL_EXPRESS_CACHE_DIRECTORY``; a cache shared with a ModelExpress server, read only), resolve
+   the revision the way ``huggingface_hub`` does offline (``refs/<name>`` for a branch or tag,
+   ``snapshots/<sha>`` for a commit) and check that the snapshot holds every requested file.  The
+   list of files a commit should have comes from ``huggingface_hub``'s tree cache
+   (``trees/<commit>.json``, written by its ``snapshot_download``) or else from a swarm manifest
+   stored beside the snapshot (swarm/store.py); sizes are checked against it, and blake3 digests too
+   when ``FetchRequest.verify`` is set (which needs a stored manifest).  A dangling symlink or a link
+   to an ``*.incomplete`` blob means incomplete.  Without a file list, a snapshot counts as a configs
+   set only with ``config.json`` and a tokenizer file (:data:`swarm.manifest.TOKENIZER_PATTERNS`:
+   ``AutoConfig`` alone leaves just ``config.json`` behind), a request for the whole model also
+   needs at least one weight file and every shard named by an ``*.index.json``, and a leftover
+   ``blobs/*.incomplete`` (an interrupted download) means incomplete.
 2. **modelexpress** (:func:`from_modelexpress`), only when ``MODEL_EXPRESS_URL`` is set: see
-   :mod:`swarm.modelexpress.client`.  ModelExpress serves a model's default branch, so a branch or tag
-   other than ``main`` skips it; a commit must equal the server's.
+   :mod:`swarm.modelexpress.client`.  The revision is sent to the server (a branch, tag or commit;
+   none for the default branch) and the server's resolved commit is checked; ``configs_only`` asks
+   it for ``ignore_weights``.
 3. **swarm**: the callable the node passes in.  It should raise :class:`ModelNotFound` when no peer
    has the model (e.g. no providers in the DHT), :class:`VerificationFailed` when peers only sent bad
    data, or :class:`SourceSkipped` to record a skip; any other exception is recorded as a failure.
 4. **hub** (:func:`from_hub`): ``huggingface_hub.snapshot_download`` in a worker thread; skipped when
-   ``HF_HUB_OFFLINE`` is set.  ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are read at call
-   time (``huggingface_hub`` reads some at import time; see :func:`_sync_hub_environment`).
+   ``HF_HUB_OFFLINE`` is set.  ``configs_only`` lists the repo's tree first and downloads exactly the
+   files ``classify()`` calls configs.
 
 Steps 2 and 4 leave their result in the HF cache layout under ``FetchRequest.cache_dir``; building a
 manifest and seeding it is the caller's job.
@@ -42,7 +57,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import attrs
@@ -50,11 +65,9 @@ import blake3
 import trio
 
 from swarm.manifest import (
-    CONFIG_NAMES,
-    CONFIG_SUFFIXES,
-    WEIGHT_SUFFIXES,
     ManifestError,
     classify,
+    is_tokenizer_file,
     should_skip,
     validate_model_name,
     validate_path,
@@ -62,57 +75,145 @@ from swarm.manifest import (
 )
 
 __all__ = [
-    "CONFIG_GLOBS",
     "SOURCES",
-    "WEIGHT_GLOBS",
     "Attempt",
     "FetchError",
     "FetchRequest",
     "FetchResult",
     "FetchTimeout",
     "ModelNotFound",
+    "SourceEnv",
     "SourceSkipped",
     "VerificationFailed",
     "default_cache_dir",
     "fetch_chain",
     "from_hub",
     "from_modelexpress",
-    "hub_endpoint",
-    "hub_offline",
     "local_snapshot",
 ]
 
 SOURCES = ("local-cache", "modelexpress", "swarm", "hub")
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 
-# Allow patterns (huggingface_hub fnmatch semantics: case-sensitive, "*" crosses "/") for a
-# configs-only download, mirroring swarm.manifest.classify: its known config names at any depth and
-# its config suffixes, plus the kinds of small files classify() counts as configs by default
-# (JSON, templates, vocabularies, sentencepiece models, remote code, YAML).  WEIGHT_GLOBS are ignored
-# at the same time, so nothing classify() calls a weight by name is ever fetched.
-CONFIG_GLOBS: tuple[str, ...] = tuple(
-    sorted(
-        {
-            *CONFIG_NAMES,
-            *(f"*/{name}" for name in CONFIG_NAMES),
-            *(f"*{suffix}" for suffix in CONFIG_SUFFIXES),
-            "*.json",
-            "*.jinja",
-            "*.txt",
-            "*.model",
-            "*.py",
-            "*.yaml",
-            "*.yml",
-        }
-    )
-)
-WEIGHT_GLOBS: tuple[str, ...] = tuple(
-    sorted({f"*{s}" for s in WEIGHT_SUFFIXES} | {f"*{s.upper()}" for s in WEIGHT_SUFFIXES})
-)
+# A value of SourceEnv sent over the control socket: tokens are ~40 characters, URLs and paths a few
+# hundred at most; this bounds what a request may make the node hold.
+MAX_ENV_VALUE_CHARS = 4096
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _HASH_CHUNK = 16 << 20
+
+
+# --- the caller's environment ------------------------------------------------------------------
+
+_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+
+
+def _set(environ: Mapping[str, str], *names: str) -> str | None:
+    """The first of ``names`` set to a non-empty value (empty counts as unset, as in huggingface_hub)."""
+    for name in names:
+        value = environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _check_env_text(_inst: object, attr: attrs.Attribute, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{attr.name} must be a string or None")
+    if not value or len(value) > MAX_ENV_VALUE_CHARS or _CONTROL_CHARS.search(value):
+        raise ValueError(f"{attr.name}: 1-{MAX_ENV_VALUE_CHARS} characters, no control characters")
+
+
+def _check_endpoint(inst: object, attr: attrs.Attribute, value: str | None) -> None:
+    _check_env_text(inst, attr, value)
+    if value is not None and not value.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{attr.name} must be an http:// or https:// URL")
+
+
+def _check_cache_root(inst: object, attr: attrs.Attribute, value: str | None) -> None:
+    _check_env_text(inst, attr, value)
+    if value is not None and not os.path.isabs(os.path.expanduser(value)):
+        raise ValueError(f"{attr.name} must be an absolute path")
+
+
+def _check_offline(_inst: object, attr: attrs.Attribute, value: bool | None) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{attr.name} must be true, false or None")
+
+
+def _hide(value: str | None) -> str:
+    return "None" if value is None else "'***'"
+
+
+@attrs.frozen
+class SourceEnv:
+    """The environment variables that steer the sources, as one process has them; None = not set.
+
+    ``swarm.fetch`` takes the calling process's (:meth:`from_environ`) and sends it to the node with
+    the request, so the caller decides; what the caller left unset falls back to the node's own
+    environment (:meth:`over`).  The token is never shown (``repr``) nor logged.
+    """
+
+    hub_offline: bool | None = attrs.field(default=None, validator=_check_offline)
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` (huggingface_hub's truth values)."""
+    hf_token: str | None = attrs.field(default=None, validator=_check_env_text, repr=_hide)
+    """``HF_TOKEN`` (or the older ``HUGGING_FACE_HUB_TOKEN``)."""
+    hf_endpoint: str | None = attrs.field(default=None, validator=_check_endpoint)
+    """``HF_ENDPOINT``."""
+    modelexpress_url: str | None = attrs.field(default=None, validator=_check_env_text)
+    """``MODEL_EXPRESS_URL``."""
+    modelexpress_cache: str | None = attrs.field(default=None, validator=_check_cache_root)
+    """``MODEL_EXPRESS_CACHE_PATH`` (or ModelExpress's current name ``MODEL_EXPRESS_CACHE_DIRECTORY``)."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SourceEnv:
+        env = os.environ if environ is None else environ
+        offline = [env.get(n) for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if env.get(n)]
+        cache = _set(env, "MODEL_EXPRESS_CACHE_PATH", "MODEL_EXPRESS_CACHE_DIRECTORY")
+        return cls(
+            hub_offline=any(v.upper() in _TRUE for v in offline) if offline else None,
+            hf_token=_set(env, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+            hf_endpoint=_set(env, "HF_ENDPOINT"),
+            modelexpress_url=_set(env, "MODEL_EXPRESS_URL"),
+            modelexpress_cache=None if cache is None else str(_abspath(cache)),
+        )
+
+    def over(self, fallback: SourceEnv) -> SourceEnv:
+        """This environment, with ``fallback``'s values where this one has none."""
+        return SourceEnv(**{
+            f.name: getattr(fallback, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+            for f in attrs.fields(SourceEnv)
+        })
+
+    def to_json(self) -> dict:
+        """The values that are set (what a fetch request carries to the node)."""
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: object) -> SourceEnv:
+        """The inverse of :meth:`to_json`; ValueError / TypeError on anything else."""
+        if obj is None:
+            return cls()
+        if not isinstance(obj, dict):
+            raise TypeError("env must be an object")
+        names = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise ValueError(f"unknown env field(s): {', '.join(unknown)}")
+        return cls(**obj)
+
+    @property
+    def endpoint(self) -> str:
+        return (self.hf_endpoint or DEFAULT_HUB_ENDPOINT).rstrip("/")
+
+
+def _effective_env(req: FetchRequest) -> SourceEnv:
+    """The request's environment over this process's, read now."""
+    return req.env.over(SourceEnv.from_environ())
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -198,6 +299,9 @@ class FetchRequest:
     """Files the result must hold with exactly these bytes: ``(path, "blake3:<hex>", size or
     None)``, e.g. a Dynamo card's files. The swarm takes only a manifest whose entries match, and a
     local snapshot that differs is passed over."""
+    env: SourceEnv = attrs.field(factory=SourceEnv, validator=attrs.validators.instance_of(SourceEnv))
+    """The caller's environment (``SourceEnv.from_environ()`` in ``swarm.fetch``); unset values fall
+    back to the environment of the process running the chain."""
 
     @property
     def ref(self) -> str:
@@ -265,24 +369,52 @@ class _Local:
     reason: str
     kind: str  # "ok" | "not_found" | "verification"
     bad: Path | None = None  # the snapshot entry that failed verification
+    repo: Path | None = None  # the repo dir holding ``bad``
 
 
 def local_snapshot(req: FetchRequest) -> Path | None:
-    """The snapshot dir of ``req`` in ``req.cache_dir`` if it is complete (see the module doc)."""
+    """The snapshot dir of ``req`` in ``req.cache_dir`` (or the ModelExpress cache root) if it is
+    complete (see the module doc)."""
     return _inspect_local(req).path
+
+
+def _cache_roots(req: FetchRequest) -> list[Path]:
+    """``req.cache_dir``, then the ModelExpress cache root when one is set (and is another dir)."""
+    roots = [req.cache_dir]
+    mx = _effective_env(req).modelexpress_cache
+    if mx is not None and _abspath(mx) != req.cache_dir:
+        roots.append(_abspath(mx))
+    return roots
+
+
+def _inspect_local(req: FetchRequest) -> _Local:
+    """The first complete snapshot among :func:`_cache_roots`.  Only ``req.cache_dir`` can fail
+    verification (and be repaired): the ModelExpress root belongs to its server, and an incomplete
+    or inconsistent snapshot there is simply not used."""
+    roots = _cache_roots(req)
+    found = _inspect_root(req)
+    if found.path is not None or len(roots) == 1:
+        return found
+    shared = _inspect_root(attrs.evolve(req, cache_dir=roots[1]))
+    if shared.path is not None:
+        return shared
+    if found.kind == "verification":
+        return found
+    return _Local(None, f"{found.reason}; ModelExpress cache: {shared.reason}", "not_found")
 
 
 def _selected(req: FetchRequest, paths: Iterable[str], sizes: dict[str, int]) -> list[str]:
     """The paths ``req`` asks for, as every source selects them: huggingface_hub's pattern semantics
-    over the request's patterns (:data:`CONFIG_GLOBS` / :data:`WEIGHT_GLOBS` added for
-    ``configs_only``, exactly as passed to the Hub), then, for ``configs_only``, ``classify() ==
-    "config"`` (sizes from ``sizes`` where known)."""
+    over the request's own patterns, then, for ``configs_only``, ``classify() == "config"`` (sizes
+    from ``sizes`` where known) without the files a snapshot never carries (``should_skip``:
+    README.md, .gitattributes, images, ...), as the swarm's manifests leave them out."""
     from huggingface_hub.utils import filter_repo_objects
 
-    allow, ignore = _hub_patterns(req)
+    allow = list(req.allow_patterns) if req.allow_patterns is not None else None
+    ignore = list(req.ignore_patterns) if req.ignore_patterns is not None else None
     chosen = list(filter_repo_objects(items=list(paths), allow_patterns=allow, ignore_patterns=ignore))
     if req.configs_only:
-        chosen = [p for p in chosen if classify(p, sizes.get(p)) == "config"]
+        chosen = [p for p in chosen if classify(p, sizes.get(p)) == "config" and not should_skip(p)]
     return chosen
 
 
@@ -364,7 +496,7 @@ def _sample(items: list[str], n: int = 3) -> str:
     return s + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _inspect_local(req: FetchRequest) -> _Local:
+def _inspect_root(req: FetchRequest) -> _Local:
     repo = req.repo_dir
 
     def miss(reason: str) -> _Local:
@@ -426,7 +558,7 @@ def _inspect_local(req: FetchRequest) -> _Local:
         for p, size in expected.items():
             if present[p] != size:
                 bad = f"{snap / p}: {present[p]} bytes on disk, {size} in {listing}"
-                return _Local(None, bad, "verification", snap / p)
+                return _Local(None, bad, "verification", snap / p, repo)
         chosen = sorted(expected)
     else:
         blobs = repo / "blobs"
@@ -445,6 +577,12 @@ def _inspect_local(req: FetchRequest) -> _Local:
             if literal and pat not in present and not _is_ignored(req, pat):
                 return miss(f"no complete snapshot in {snap}: {pat} missing")
 
+    if expected is None and req.allow_patterns is None:
+        # No file list: the seed's rule for a configs set (AutoConfig alone leaves config.json).
+        if "config.json" not in present:
+            return miss(f"no complete snapshot in {snap}: no config.json")
+        if not any(is_tokenizer_file(p) for p in present):
+            return miss(f"no complete snapshot in {snap}: no tokenizer file (only configs?)")
     if tree is None:
         # Sanity checks where the file list is unknown or may have been built from a partial snapshot.
         whole = not req.configs_only and req.allow_patterns is None
@@ -475,7 +613,7 @@ def _inspect_local(req: FetchRequest) -> _Local:
                 return miss(f"cannot read {snap / fe.path}: {exc}")
             if digest != fe.digest:
                 bad = f"{snap / fe.path}: blake3 does not match the stored manifest"
-                return _Local(None, bad, "verification", snap / fe.path)
+                return _Local(None, bad, "verification", snap / fe.path, repo)
     return _Local(snap, f"complete snapshot in {snap}", "ok")
 
 
@@ -516,10 +654,16 @@ async def from_modelexpress(
 ) -> Path:
     """Fetch ``req`` from the ModelExpress server at ``url`` into ``req.cache_dir``; the snapshot dir.
 
-    Raises :class:`ModelNotFound` (the server lacks the model, the commit or matching files),
-    :class:`VerificationFailed` (the server sent bad data: unsafe paths, wrong sizes or offsets),
-    :class:`FetchError` (unreachable, server error, timeout) or :class:`SourceSkipped` (a branch or
-    tag other than ``main`` was asked for: ModelExpress only serves the default branch).
+    The revision goes to the server (``main`` and None as the server's default branch, which keeps
+    working with servers from before pinned revisions and through the server's Hub outages); a
+    ``configs_only`` request asks it for ``ignore_weights``.  After the server holds the model, a
+    complete snapshot of the resolved commit already in one of our cache roots (shared storage) is
+    returned without streaming.
+
+    Raises :class:`ModelNotFound` (the server lacks the model, the revision or matching files),
+    :class:`VerificationFailed` (the server sent bad data: unsafe paths, wrong sizes or offsets, a
+    commit that is not the one asked for), or :class:`FetchError` (unreachable, server error, a
+    server that cannot pin revisions, timeout).
     """
     from swarm.modelexpress.client import (
         ModelExpressClient,
@@ -528,9 +672,7 @@ async def from_modelexpress(
         ModelExpressProtocolError,
     )
 
-    rev = req.revision
-    if rev is not None and rev != "main" and not _COMMIT_RE.fullmatch(rev):
-        raise SourceSkipped(f"ModelExpress serves the default branch only (revision {rev!r} requested)")
+    rev = None if req.revision in (None, "main") else req.revision
     left = _remaining()
     try:
         # The chain's deadline rules (cancelling the calls below); the gRPC deadline, a little later,
@@ -543,16 +685,18 @@ async def from_modelexpress(
     def want(path: str, size: int) -> bool:
         return bool(_selected(req, [path], {path: size}))
 
+    def shared(commit: str | None) -> Path | None:
+        return local_snapshot(req if commit is None else attrs.evolve(req, revision=commit))
+
     def run() -> Path:
         with client:
             return client.download_snapshot(
                 req.repo_id,
                 req.cache_dir,
                 want=want,
-                revision=rev if rev is not None and _COMMIT_RE.fullmatch(rev) else None,
-                ref=None if rev is not None and _COMMIT_RE.fullmatch(rev) else "main",
+                revision=rev,
                 ignore_weights=req.configs_only,
-                skip_stream=lambda: local_snapshot(req),
+                skip_stream=shared,
                 on_event=_thread_emitter(emit),
             )
 
@@ -574,53 +718,42 @@ async def from_modelexpress(
 # --- step 4: the Hub ---------------------------------------------------------------------------
 
 
-def _env_true(name: str) -> bool:
-    return (os.environ.get(name) or "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now, with huggingface_hub's truth values."""
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-
-
-def hub_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/")
-
-
-def _sync_hub_environment() -> str:
-    """Make ``huggingface_hub`` follow ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` as set *now*.
+def _sync_hub_constants(endpoint: str) -> None:
+    """Make ``huggingface_hub`` follow this request's endpoint and online mode.
 
     ``huggingface_hub.constants`` reads ``HF_ENDPOINT`` (``ENDPOINT`` and the resolve-URL template)
-    and ``HF_HUB_OFFLINE`` once, at import.  We pass ``endpoint=`` explicitly to ``snapshot_download``,
-    but some requests still use the import-time constant -- notably the user-agent's agent-registry
-    lookup (``{constants.ENDPOINT}/api/agent-harnesses``), which would otherwise reach
-    huggingface.co even with ``HF_ENDPOINT`` pointing at a mirror -- and the offline flag gates every
-    request.  So the constants are set to the current environment before each download.
+    and ``HF_HUB_OFFLINE`` once, at import, in the process running the chain -- the node's, not the
+    caller's.  We pass ``endpoint=`` explicitly, but some requests still use the import-time constant
+    -- notably the user-agent's agent-registry lookup (``{constants.ENDPOINT}/api/agent-harnesses``),
+    which would otherwise reach huggingface.co even with ``HF_ENDPOINT`` pointing at a mirror -- and
+    the offline flag gates every request.  So both are set to the request's values before each
+    download (an offline request never gets here: the Hub step is skipped).
     """
     from huggingface_hub import constants
 
-    endpoint = hub_endpoint()
     if endpoint != constants.ENDPOINT:
         constants.ENDPOINT = endpoint
         constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    offline = hub_offline()
-    if offline != constants.HF_HUB_OFFLINE:
-        constants.HF_HUB_OFFLINE = offline
-    return endpoint
+    if constants.HF_HUB_OFFLINE:
+        constants.HF_HUB_OFFLINE = False
 
 
-def _hub_token() -> str | None:
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+def _glob_literal(path: str) -> str:
+    """A huggingface_hub (fnmatch) pattern matching exactly ``path``."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
-def _hub_patterns(req: FetchRequest) -> tuple[list[str] | None, list[str] | None]:
-    allow = list(req.allow_patterns) if req.allow_patterns is not None else None
-    ignore = list(req.ignore_patterns) if req.ignore_patterns is not None else None
-    if req.configs_only:
-        if allow is None:
-            allow = list(CONFIG_GLOBS)
-        ignore = [*(ignore or []), *WEIGHT_GLOBS]
-    return allow, ignore
+def _hub_configs(req: FetchRequest, endpoint: str, token: str | None) -> list[str]:
+    """The files of the repo a configs-only request wants, chosen by :func:`_selected` (so by
+    ``classify()``, with sizes) over the Hub's tree listing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    tree = HfApi(endpoint=endpoint, token=token).list_repo_tree(
+        req.repo_id, revision=req.revision, recursive=True
+    )
+    sizes = {e.path: int(e.size) for e in tree if isinstance(e, RepoFile)}
+    return _selected(req, sizes, sizes)
 
 
 def _quiet_tqdm():
@@ -670,20 +803,28 @@ def _hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchErr
 async def from_hub(req: FetchRequest) -> Path:
     """``huggingface_hub.snapshot_download`` of ``req`` into ``req.cache_dir``; the snapshot dir.
 
-    Skipped (:class:`SourceSkipped`) when ``HF_HUB_OFFLINE`` is set.  ``configs_only`` becomes
-    :data:`CONFIG_GLOBS` as allow patterns (unless the request has its own) plus :data:`WEIGHT_GLOBS`
-    as ignore patterns.  The endpoint and token are taken from ``HF_ENDPOINT`` and ``HF_TOKEN`` as
-    set now.  Raises :class:`ModelNotFound`, :class:`VerificationFailed` or :class:`FetchError`.
+    Offline mode, endpoint and token are the request's (:class:`SourceEnv`, over this process's
+    environment): skipped (:class:`SourceSkipped`) when offline.  ``configs_only`` lists the repo's
+    tree and downloads exactly the files :func:`_selected` picks.  Raises :class:`ModelNotFound`,
+    :class:`VerificationFailed` or :class:`FetchError`.
     """
-    if hub_offline():
+    env = _effective_env(req)
+    if env.hub_offline:
         raise SourceSkipped("HF_HUB_OFFLINE is set")
     from huggingface_hub import snapshot_download
 
-    allow, ignore = _hub_patterns(req)
+    endpoint = env.endpoint
     tqdm_class = _quiet_tqdm()
 
-    def run() -> str:
-        endpoint = _sync_hub_environment()
+    def run() -> str | None:
+        _sync_hub_constants(endpoint)
+        allow = list(req.allow_patterns) if req.allow_patterns is not None else None
+        ignore = list(req.ignore_patterns) if req.ignore_patterns is not None else None
+        if req.configs_only:
+            names = _hub_configs(req, endpoint, env.hf_token)
+            if not names:
+                return None
+            allow, ignore = [_glob_literal(p) for p in names], None
         return snapshot_download(
             req.repo_id,
             revision=req.revision,
@@ -691,16 +832,16 @@ async def from_hub(req: FetchRequest) -> Path:
             allow_patterns=allow,
             ignore_patterns=ignore,
             endpoint=endpoint,
-            token=_hub_token(),
+            token=env.hf_token,
             tqdm_class=tqdm_class,
         )
 
-    endpoint = hub_endpoint()
     try:
-        path = Path(await trio.to_thread.run_sync(run, abandon_on_cancel=True))
+        got = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
     except Exception as exc:
         raise _hub_error(exc, req, endpoint) from None
-    if not path.is_dir() or not any(path.iterdir()):
+    path = None if got is None else Path(got)
+    if path is None or not path.is_dir() or not any(path.iterdir()):
         raise ModelNotFound(f"no file of {req.repo_id}@{req.ref} on {endpoint} matches the request")
     return path
 
@@ -746,12 +887,16 @@ async def fetch_chain(
 ) -> FetchResult:
     """Try local cache -> ModelExpress -> swarm -> Hub; return the first success (see module doc).
 
-    ``modelexpress_url`` defaults to ``MODEL_EXPRESS_URL`` as set at call time; None or "" skips
-    ModelExpress.  ``swarm`` None skips the swarm.  ``on_event(dict)`` gets ``{"event": "source",
-    "source": ...}`` when a source starts, ``{"event": "attempt", "source", "outcome", "reason",
-    "seconds"}`` when it ends, source-specific progress events, and ``{"event": "fetched", ...}``.
+    The ModelExpress URL is ``req.env.modelexpress_url`` (the caller's) when set, else
+    ``modelexpress_url`` (the node's setting), which defaults to ``MODEL_EXPRESS_URL`` as set at call
+    time; None or "" skips ModelExpress.  ``swarm`` None skips the swarm.  ``on_event(dict)`` gets
+    ``{"event": "source", "source": ...}`` when a source starts, ``{"event": "attempt", "source",
+    "outcome", "reason", "seconds"}`` when it ends, source-specific progress events, and
+    ``{"event": "fetched", ...}``.
     """
-    if modelexpress_url is _FROM_ENV:
+    if req.env.modelexpress_url is not None:  # the caller's setting wins over the node's
+        modelexpress_url = req.env.modelexpress_url
+    elif modelexpress_url is _FROM_ENV:
         modelexpress_url = os.environ.get("MODEL_EXPRESS_URL") or None
     emit = _safe_emit(on_event)
 
@@ -767,7 +912,8 @@ async def fetch_chain(
             return found.path
         if found.kind != "verification":
             raise ModelNotFound(found.reason)
-        note = "" if found.bad is None else await trio.to_thread.run_sync(_evict, req.repo_dir, found.bad)
+        repo = found.repo or req.repo_dir
+        note = "" if found.bad is None else await trio.to_thread.run_sync(_evict, repo, found.bad)
         raise VerificationFailed(found.reason + note)
 
     async def modelexpress() -> Path:

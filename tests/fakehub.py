@@ -241,11 +241,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api(self, rest: str, query: dict[str, list[str]]) -> None:
         parts = rest.split("/")
-        if len(parts) < 2:
+        # org/name, or a single-part name (gpt2) when no org/name repo matches, as the Hub routes
+        two = len(parts) >= 2 and "/".join(parts[:2]) in self.fake.repos
+        if not two and parts[0] not in self.fake.repos and len(parts) < 2:
             self._error(404, None, "not found")
             return
-        repo_id = "/".join(parts[:2])
-        tail = parts[2:]
+        cut = 2 if two or parts[0] not in self.fake.repos else 1
+        repo_id = "/".join(parts[:cut])
+        tail = parts[cut:]
         if tail and tail[0] == "tree" and len(tail) >= 2:
             repo = self._repo(repo_id)
             if repo is None or not self._check_rev(repo, tail[1]):

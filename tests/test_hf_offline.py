@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fake_modelexpress import FakeModelExpress
+from fakehub import FakeHub
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from modelgen import MODEL_NAME, MODEL_REVISION
+from procs import NodeProc, base_env
 
+import swarm
+from swarm import client
 from swarm.manifest import Manifest, build_manifest
+from swarm.sources import Attempt, ModelNotFound
 from swarm.store import SnapshotReader, Store, private_revision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +135,74 @@ def test_filtered_snapshot_offline(tmp_path: Path, model_dir: Path, model_manife
     assert fetch_into(cache, model_dir, model_manifest) == snap
     p = hf_hub_download(MODEL_NAME, weight, cache_dir=cache, local_files_only=True)
     assert Path(p).read_bytes() == (model_dir / weight).read_bytes()
+
+
+SECRET = "hf_caller_token_5e3f9a"
+
+
+def test_the_callers_environment_travels_to_the_node(tmp_path: Path, model_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT and MODEL_EXPRESS_URL are the calling process's, not
+    the node's: a node started online, pointed at a closed port and without ModelExpress, does what
+    each caller's environment says.  The token reaches the Hub and never the node's (debug) log."""
+    with FakeHub(token=SECRET) as hub, FakeModelExpress() as mx:
+        hub.add_repo(MODEL_NAME, model_dir, MODEL_REVISION)
+        mx.add_model("test-org/mx-only", model_dir, MODEL_REVISION)
+        node_env = base_env(tmp_path)
+        del node_env["HF_HUB_OFFLINE"]  # the node is online; its HF_ENDPOINT is a closed port
+        node = NodeProc(tmp_path, "node", "-v", env=node_env).start()
+        try:
+            node.wait_ready()
+            for k in list(os.environ):
+                if k.startswith(("HF_", "HUGGING", "MODEL_EXPRESS", "SWARM_")):
+                    monkeypatch.delenv(k)
+            monkeypatch.setenv("HF_HOME", str(tmp_path / "caller-hf-home"))
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+            with pytest.raises(ModelNotFound) as ei:  # an offline caller: the node skips the Hub
+                swarm.fetch(MODEL_NAME, home=node.home, progress=False, timeout=60)
+            assert ei.value.attempts[-1] == Attempt("hub", "skipped", "HF_HUB_OFFLINE is set")
+            assert hub.model_requests == []
+
+            monkeypatch.delenv("HF_HUB_OFFLINE")
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            monkeypatch.setenv("HF_TOKEN", SECRET)
+            got = client.fetch_result(MODEL_NAME, home=node.home, configs_only=True, progress=False,
+                                      timeout=60)
+            assert got.source == "hub" and got.path.is_relative_to(node.cache)
+            assert (got.path / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+            assert {r.authorization for r in hub.model_requests} == {f"Bearer {SECRET}"}
+
+            monkeypatch.setenv("MODEL_EXPRESS_URL", mx.url)
+            got = client.fetch_result("test-org/mx-only", home=node.home, progress=False, timeout=60)
+            assert got.source == "modelexpress"
+            assert mx.calls["EnsureModelDownloaded"] == 1
+            sock = node.home / "control.sock"
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        finally:
+            node.stop()
+        log = node.log.read_text(errors="replace")
+        assert f"GET {hub.url}/api/models/{MODEL_NAME}/" in log  # the debug log saw the requests
+        assert SECRET not in log
+
+
+def test_the_control_api_checks_the_env_and_never_echoes_it(tmp_path: Path) -> None:
+    from swarm.control import ControlServer, _BadRequest
+
+    server = ControlServer(tmp_path / "h")
+
+    def parse(env: object):
+        return server._parse_fetch(json.dumps({"repo_id": "gpt2", "env": env}).encode())
+
+    req, _timeout = parse({"hf_token": SECRET, "hub_offline": True, "hf_endpoint": "http://m:1",
+                           "modelexpress_url": "mx:8001", "modelexpress_cache": "/srv/mx"})
+    assert req.repo_id == "gpt2" and req.env.hf_token == SECRET and req.env.hub_offline is True
+    assert SECRET not in repr(req)
+    assert parse({})[0].env == parse(None)[0].env
+    for bad in ({"hf_token": SECRET + "\r\nX-Evil: 1"}, {"hf_token": 7}, {"hub_offline": "yes"},
+                {"hf_endpoint": f"file:///{SECRET}"}, {"modelexpress_cache": "relative"},
+                {"hf_token": SECRET * 200}, {"unknown": SECRET}, [SECRET]):
+        with pytest.raises(_BadRequest) as ei:
+            parse(bad)
+        assert ei.value.status == 400 and "env" in str(ei.value)
+        assert SECRET not in str(ei.value)

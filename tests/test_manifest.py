@@ -368,7 +368,7 @@ def test_decode_header_errors() -> None:
     expect_error("version", Manifest.decode, raw_encode("a/b", "r", good, version=2))
     expect_error("version", Manifest.decode, raw_encode("a/b", "r", good, version=0))
     expect_error("model", Manifest.decode, raw_encode(b"a/\xff", "r", good), match="UTF-8")
-    expect_error("model", Manifest.decode, raw_encode("a", "r", good))
+    expect_error("model", Manifest.decode, raw_encode("a/b/c", "r", good))
     expect_error("revision", Manifest.decode, raw_encode("a/b", b"\xc0\x80", good), match="UTF-8")
     expect_error("revision", Manifest.decode, raw_encode("a/b", "..", good))
     expect_error("files", Manifest.decode, raw_encode("a/b", "r", []), match="no files")
@@ -599,6 +599,9 @@ def test_unsorted_rejected() -> None:
         "Qwen/Qwen2.5-0.5B-Instruct",
         "x_1/y.z",
         "o" * 96 + "/" + "n" * 96,
+        "gpt2",  # single-part Hub names (the cache folder is models--gpt2)
+        "bert-base-uncased",
+        "n" * 96,
     ],
 )
 def test_good_model_names(name: str) -> None:
@@ -609,8 +612,10 @@ def test_good_model_names(name: str) -> None:
     "name",
     [
         "",
-        "a",
         "a/b/c",
+        "my--model",  # "--" would make models--my--model read back as my/model
+        "org--x/b",
+        "a/b--c",
         "/b",
         "a/",
         ".a/b",
@@ -834,6 +839,11 @@ def test_limits_checked_before_hashing(tmp_path: Path, monkeypatch: pytest.Monke
         "sub/dir/Config.JSON",
         "notes.txt",
         "modeling_custom.py",
+        "tokenizer.model.v3",
+        "vocab.bpe",
+        "source.spm",
+        "tekken.json",
+        "processor_config.json",
     ],
 )
 def test_classify_config(path: str) -> None:
@@ -859,6 +869,9 @@ def test_classify_config(path: str) -> None:
         "m.tflite",
         "MODEL.SAFETENSORS",
         "dir/W.Bin",
+        "model.ckpt.index",  # .ckpt.index, .iop, .gas: what ModelExpress's ignore_weights drops
+        "x.iop",
+        "x.gas",
     ],
 )
 def test_classify_weight(path: str) -> None:
@@ -869,6 +882,8 @@ def test_classify_by_size() -> None:
     assert classify("blob.dat", 1 * MiB) == "config"
     assert classify("blob.dat", 65 * MiB) == "weight"
     assert classify("tokenizer.json", 100 * MiB) == "config"  # known configs stay configs
+    assert classify("tokenizer.model.v3", 100 * MiB) == "config"
+    assert classify("vocab.bpe", 100 * MiB) == "config"
     assert fake_entry("big.arrow", 1 * GiB).kind == "weight"
 
 
@@ -1168,7 +1183,7 @@ def test_build_empty_and_bad_roots(tmp_path: Path) -> None:
     expect_error("files", build_manifest, tmp_path, "o/m", "r", match="no files")
     expect_error("root", build_manifest, tmp_path / "missing", "o/m", "r")
     expect_error("root", build_manifest, tmp_path / "README.md", "o/m", "r")
-    expect_error("model", build_manifest, tmp_path, "bad", "r")
+    expect_error("model", build_manifest, tmp_path, "bad/na/me", "r")
     expect_error("revision", build_manifest, tmp_path, "o/m", "..")
     (tmp_path / "a.json").write_text("{}")
     expect_error("threads", build_manifest, tmp_path, "o/m", "r", threads=0)

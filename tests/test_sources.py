@@ -7,25 +7,33 @@ talks gRPC to tests/fake_modelexpress.py.  Nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import filecmp
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import blake3
+import grpc
 import pytest
 import trio
-from fake_modelexpress import FakeModelExpress
+from fake_modelexpress import MX_WEIGHT_SUFFIXES, FakeModelExpress
 from fakehub import FakeHub
 from modelgen import CARRIED_CONFIGS, make_hf_snapshot, make_model_dir
 
-from swarm.manifest import build_manifest, classify
+from swarm.manifest import build_manifest, classify, should_skip
 from swarm.sources import (
     Attempt,
     FetchError,
     FetchRequest,
     FetchTimeout,
     ModelNotFound,
+    SourceEnv,
     SourceSkipped,
     VerificationFailed,
     fetch_chain,
@@ -315,14 +323,16 @@ async def test_modelexpress_unsafe_path_is_rejected(cache: Path, tmp_path: Path,
 
 
 async def test_modelexpress_ignoring_the_selector_and_sending_no_commit(cache: Path, mx: FakeModelExpress):
-    mx.ignore_selector = True  # an older server: streams everything
+    mx.pre_revisions = True  # a server from before pinned revisions: names no resolved commit,
+    mx.ignore_selector = True  # streams everything
     mx.send_commit = False  # and does not say which commit
     result = await fetch_chain(
-        req(cache, allow_patterns=["*.json"]), swarm=never_swarm, modelexpress_url=mx.url
+        req(cache, allow_patterns=["*.json", "*.txt"]), swarm=never_swarm, modelexpress_url=mx.url
     )
     assert result.source == "modelexpress"
     got = set(files_under(result.path))
-    assert got and all(p.endswith(".json") for p in got)
+    assert got and all(p.endswith((".json", ".txt")) for p in got)
+    assert "empty.txt" in got and (result.path / "empty.txt").stat().st_size == 0  # sent no chunk
     assert len(result.revision) == 40 and result.revision != COMMIT  # derived from the content
     again = await fetch_chain(req(cache / "other"), swarm=never_swarm, modelexpress_url=mx.url)
     assert again.revision != result.revision  # different selection, different content
@@ -337,15 +347,95 @@ async def test_modelexpress_with_shared_storage_does_not_stream(cache: Path, mx:
     assert mx.calls["StreamModelFiles"] == 0
 
 
-async def test_modelexpress_commit_must_match(cache: Path, mx: FakeModelExpress, env):
+async def test_modelexpress_names_a_commit_we_already_hold(cache: Path, mx: FakeModelExpress):
+    """Held by commit only (no refs/main): the server's resolved commit finds it, nothing is streamed,
+    and refs/main is written so that the next fetch (and huggingface_hub offline) finds it."""
+    snap = make_hf_snapshot(cache, REPO, COMMIT, ref=None, weights_bytes=1 << 20)
+    result = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert result.source == "modelexpress" and result.path == snap
+    assert mx.calls == {"EnsureModelDownloaded": 1}
+    assert (cache / "models--test-org--tiny-llama" / "refs" / "main").read_text() == COMMIT
+    assert (await fetch_chain(req(cache), swarm=never_swarm)).source == "local-cache"
+
+
+def test_modelexpress_client_rpcs_as_the_server_answers(mx: FakeModelExpress):
+    from swarm.modelexpress import ModelExpressClient, ModelExpressNotFound
+
+    with ModelExpressClient(mx.url, timeout=30) as client:
+        assert client.ensure_downloaded(REPO) == COMMIT  # resolved_revision
+        listed = {f.path for f in client.list_files(REPO, revision=COMMIT, ignore_weights=True)}
+        assert listed and not any(p.endswith(MX_WEIGHT_SUFFIXES) for p in listed)
+        chunks = list(client.stream_files(REPO, ["empty.txt"], revision="main"))
+        assert [(c.relative_path, c.data, c.is_last_chunk, c.commit_hash) for c in chunks] == [
+            ("empty.txt", b"", True, COMMIT)]  # an empty file is one empty chunk
+        with pytest.raises(ModelExpressNotFound, match="Selected file not found in model directory"):
+            list(client.stream_files(REPO, ["config.json", "missing.json"]))
+        with pytest.raises(ModelExpressNotFound, match="Failed to resolve revision"):
+            client.ensure_downloaded("test-org/nope")
+
+
+async def test_modelexpress_pins_the_revision(cache: Path, served_dir: Path, tmp_path: Path,
+                                              mx: FakeModelExpress, env):
+    """The revision goes to the server; its resolved commit pins the listing and the stream."""
+    v2 = make_model_dir(tmp_path / "v2", weights_bytes=1 << 20, seed=9)
+    mx.add_model(REPO, v2, OTHER_COMMIT, refs=("v2",))
+    env.setenv("HF_HUB_OFFLINE", "1")
+
+    tag = await fetch_chain(req(cache, revision="v2"), swarm=never_swarm, modelexpress_url=mx.url)
+    assert tag.source == "modelexpress" and tag.revision == OTHER_COMMIT
+    assert_same_files(tag.path, v2, files_under(v2))
+    repo = cache / "models--test-org--tiny-llama"
+    assert (repo / "refs" / "v2").read_text() == OTHER_COMMIT
+    assert not (repo / "refs" / "main").exists()  # a pinned fetch leaves the default branch alone
+    sent = {method: r for method, r in mx.requests}
+    assert sent["EnsureModelDownloaded"].revision == "v2"
+    assert sent["ListModelFiles"].revision == OTHER_COMMIT
+    assert sent["StreamModelFiles"].revision == OTHER_COMMIT
+    assert local_snapshot(req(cache, revision="v2")) == tag.path
+
+    commit = await fetch_chain(req(cache, revision=COMMIT), swarm=never_swarm, modelexpress_url=mx.url)
+    assert commit.revision == COMMIT
+    assert_same_files(commit.path, served_dir, files_under(served_dir))
+    assert sorted(os.listdir(repo / "refs")) == ["v2"]  # a commit needs no ref
+
+    default = await fetch_chain(req(cache / "b"), swarm=never_swarm, modelexpress_url=mx.url)
+    assert default.revision == COMMIT
+    assert not mx.requests[-3][1].HasField("revision")  # the default branch: no pin
+    assert mx.requests[-1][1].revision == COMMIT  # ... until the server named its commit
+
+
+async def test_modelexpress_unknown_revision_downloads_nothing(cache: Path, mx: FakeModelExpress, env):
     env.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound) as ei:
         await fetch_chain(req(cache, revision=OTHER_COMMIT), swarm=None, modelexpress_url=mx.url)
-    assert f"not the requested {OTHER_COMMIT}" in ei.value.attempts[1].reason
-    with pytest.raises(ModelNotFound) as ei:
-        await fetch_chain(req(cache, revision="v2"), swarm=None, modelexpress_url=mx.url)
-    assert ei.value.attempts[1].outcome == "skipped"
-    assert "default branch only" in ei.value.attempts[1].reason
+    reason = ei.value.attempts[1].reason
+    assert "Failed to resolve revision" in reason and OTHER_COMMIT in reason
+    assert mx.calls == {"EnsureModelDownloaded": 1}  # refused before any download or stream
+    assert mx.requests[0][1].revision == OTHER_COMMIT
+    with pytest.raises(ModelNotFound):
+        await fetch_chain(req(cache, revision="no-such-branch"), swarm=None, modelexpress_url=mx.url)
+
+
+async def test_modelexpress_server_without_pinned_revisions(cache: Path, mx: FakeModelExpress, env):
+    """A server that ignores the pin holds its default revision: refused, nothing streamed."""
+    mx.pre_revisions = True
+    env.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FetchError) as ei:
+        await fetch_chain(req(cache, revision=COMMIT), swarm=None, modelexpress_url=mx.url)
+    assert "did not confirm revision" in ei.value.attempts[1].reason
+    assert mx.calls == {"EnsureModelDownloaded": 1}
+    # The default branch still works with it.
+    result = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert result.source == "modelexpress" and result.revision == COMMIT
+
+
+async def test_modelexpress_commit_must_resolve_to_itself(cache: Path, mx: FakeModelExpress, env):
+    mx._commit = lambda repo, revision: COMMIT  # a server that answers every pin with its default
+    env.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VerificationFailed) as ei:
+        await fetch_chain(req(cache, revision=OTHER_COMMIT), swarm=None, modelexpress_url=mx.url)
+    assert f"resolved commit {OTHER_COMMIT}" in ei.value.attempts[1].reason
+    assert "StreamModelFiles" not in mx.calls
 
 
 # --- steps 3 and 4: the swarm and the Hub --------------------------------------------------------
@@ -493,3 +583,303 @@ async def test_timeout_cancels_a_stalled_modelexpress(cache: Path, mx: FakeModel
     assert "timed out" in ei.value.attempts[1].reason
     await trio.to_thread.run_sync(mx.cancelled.wait, 5)
     assert mx.cancelled.is_set()  # the server saw the call go away
+
+
+# --- the local cache's configs rule, config patterns, single-part names, the ModelExpress root ---
+
+
+def keep_only(snap: Path, keep: set[str]) -> None:
+    for p in files_under(snap):
+        if p not in keep:
+            (snap / p).unlink()
+
+
+async def test_config_json_alone_is_not_a_configs_set(cache: Path, hub: FakeHub):
+    """What AutoConfig.from_pretrained leaves behind (config.json, no tree listing) is no configs set:
+    the fetch goes on to a source that has the tokenizer."""
+    snap = make_hf_snapshot(cache, REPO, COMMIT, **SERVED)
+    keep_only(snap, {"config.json"})
+    assert local_snapshot(req(cache, configs_only=True)) is None
+    assert local_snapshot(req(cache, allow_patterns=["config.json"])) == snap  # asked for by name
+    result = await fetch_chain(req(cache, configs_only=True), swarm=None)
+    assert result.source == "hub"
+    assert "no tokenizer file" in result.attempts[0].reason
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files_under(result.path))
+
+    other = make_hf_snapshot(cache / "b", REPO, COMMIT, **SERVED)
+    keep_only(other, {"config.json", "tokenizer.json"})
+    assert local_snapshot(req(cache / "b", configs_only=True)) == other
+    keep_only(other, {"tokenizer.json"})
+    assert local_snapshot(req(cache / "b", configs_only=True)) is None  # no config.json
+
+
+ODD_CONFIGS = {"tokenizer.model.v3": b"\x0a\x05mistral", "vocab.bpe": b"#version: 0.2\nh e\n",
+               "source.spm": b"spm", "model.ckpt.index": b"tf-index"}
+
+
+async def test_every_source_picks_configs_with_classify(cache: Path, tmp_path: Path, env):
+    """tokenizer.model.v3 and vocab.bpe are configs for classify(), so for the Hub and ModelExpress
+    too; model.ckpt.index (what ModelExpress's ignore_weights drops) is a weight everywhere."""
+    served = make_model_dir(tmp_path / "odd", weights_bytes=1 << 20, extra_files=ODD_CONFIGS)
+    expected = sorted(p for p in files_under(served)
+                      if classify(p, (served / p).stat().st_size) == "config"
+                      and p not in (".gitattributes", "README.md"))
+    assert {"tokenizer.model.v3", "vocab.bpe", "source.spm"} <= set(expected)
+    assert "model.ckpt.index" not in expected
+    with FakeHub() as hub, FakeModelExpress() as mx:
+        hub.add_repo(REPO, served, COMMIT)
+        mx.add_model(REPO, served, COMMIT)
+        env.setenv("HF_ENDPOINT", hub.url)
+        from_hub_ = await fetch_chain(req(cache / "hub", configs_only=True), swarm=None)
+        assert from_hub_.source == "hub"
+        assert files_under(from_hub_.path) == expected
+        from_mx = await fetch_chain(req(cache / "mx", configs_only=True), swarm=never_swarm,
+                                    modelexpress_url=mx.url)
+        assert from_mx.source == "modelexpress"
+        assert files_under(from_mx.path) == expected
+        assert mx.requests[-1][1].ignore_weights and mx.requests[1][1].ignore_weights
+    for root in ("hub", "mx"):
+        assert local_snapshot(req(cache / root, configs_only=True)) is not None
+
+
+async def test_single_part_names(tmp_path: Path, served_dir: Path, hub: FakeHub, mx: FakeModelExpress):
+    hub.add_repo("gpt2", served_dir, COMMIT)
+    mx.add_model("gpt2", served_dir, COMMIT)
+    r = FetchRequest("gpt2", cache_dir=tmp_path / "hub", timeout=30)
+    assert r.repo_dir == tmp_path / "hub" / "models--gpt2"
+    result = await fetch_chain(r, swarm=None)
+    assert result.source == "hub"
+    assert result.path == tmp_path / "hub" / "models--gpt2" / "snapshots" / COMMIT
+    assert (await fetch_chain(r, swarm=never_swarm)).source == "local-cache"
+    from huggingface_hub import snapshot_download
+
+    found = await trio.to_thread.run_sync(
+        lambda: snapshot_download("gpt2", cache_dir=str(tmp_path / "hub"), local_files_only=True))
+    assert Path(found) == result.path
+    via_mx = await fetch_chain(FetchRequest("gpt2", cache_dir=tmp_path / "mx", timeout=30),
+                               swarm=never_swarm, modelexpress_url=mx.url)
+    assert via_mx.path == tmp_path / "mx" / "models--gpt2" / "snapshots" / COMMIT
+    assert mx.requests[0][1].model_name == "gpt2"
+
+
+async def test_modelexpress_cache_path_is_a_cache_root(cache: Path, tmp_path: Path,
+                                                      mx: FakeModelExpress, env):
+    shared = tmp_path / "mx-shared"
+    env.setenv("MODEL_EXPRESS_CACHE_PATH", str(shared))
+    env.setenv("HF_HUB_OFFLINE", "1")
+    # The ModelExpress server downloads into the shared root while we wait: nothing is streamed.
+    mx.on_ensure = lambda name: make_hf_snapshot(shared, name, COMMIT, weights_bytes=1 << 20)
+    result = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert result.source == "modelexpress"
+    assert result.path == shared / "models--test-org--tiny-llama" / "snapshots" / COMMIT
+    assert mx.calls["StreamModelFiles"] == 0
+    # Next time the local-cache step finds it there, with no network.
+    again = await fetch_chain(req(cache), swarm=never_swarm, modelexpress_url=mx.url)
+    assert again.source == "local-cache" and again.path == result.path
+    assert mx.calls["EnsureModelDownloaded"] == 1
+    # ModelExpress's current name for it works too; unset, the root is not looked at.
+    env.delenv("MODEL_EXPRESS_CACHE_PATH")
+    assert local_snapshot(req(cache)) is None
+    env.setenv("MODEL_EXPRESS_CACHE_DIRECTORY", str(shared))
+    assert local_snapshot(req(cache)) == result.path
+    # A request carrying the caller's root decides over this process's environment.
+    env.delenv("MODEL_EXPRESS_CACHE_DIRECTORY")
+    assert local_snapshot(req(cache, env=SourceEnv(modelexpress_cache=str(shared)))) == result.path
+
+
+# --- the caller's environment (SourceEnv) ------------------------------------------------------
+
+
+def test_source_env_from_environ_and_over():
+    env = SourceEnv.from_environ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://m/",
+                                  "MODEL_EXPRESS_URL": "mx:8001", "MODEL_EXPRESS_CACHE_PATH": "/c"})
+    assert env == SourceEnv(True, "hf_x", "http://m/", "mx:8001", "/c")
+    assert "hf_x" not in repr(env) and "hf_x" not in repr(FetchRequest(REPO, env=env))
+    assert SourceEnv.from_environ({}) == SourceEnv()
+    assert SourceEnv.from_environ({"HF_HUB_OFFLINE": "0"}).hub_offline is False  # set: online
+    assert SourceEnv.from_environ({"TRANSFORMERS_OFFLINE": "yes"}).hub_offline is True
+    assert SourceEnv.from_environ({"HF_TOKEN": ""}).hf_token is None  # empty is unset
+    node = SourceEnv(hub_offline=True, hf_token="node", modelexpress_url="node:1")
+    assert SourceEnv(hub_offline=False).over(node) == SourceEnv(False, "node", None, "node:1")
+    assert SourceEnv.from_json(env.to_json()) == env
+    assert SourceEnv().to_json() == {}
+    for bad in ({"hf_endpoint": "ftp://x"}, {"hf_token": "a\nb"}, {"hub_offline": "1"},
+                {"modelexpress_cache": "rel/dir"}, {"hf_token": "x" * 5000}, {"other": "x"}, ["x"]):
+        with pytest.raises((TypeError, ValueError)):
+            SourceEnv.from_json(bad)
+
+
+async def test_the_requests_environment_decides(cache: Path, hub: FakeHub, mx: FakeModelExpress, env):
+    """Offline mode, token, endpoint and ModelExpress URL come from FetchRequest.env (the caller's)
+    before this process's environment."""
+    env.setenv("HF_HUB_OFFLINE", "1")  # this process (the node) is offline ...
+    env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # ... and points at nothing
+    hub.token = "hf_caller"
+    caller = SourceEnv(hub_offline=False, hf_token="hf_caller", hf_endpoint=hub.url)
+    result = await fetch_chain(req(cache, env=caller), swarm=None)
+    assert result.source == "hub"
+    assert {r.authorization for r in hub.model_requests} == {"Bearer hf_caller"}
+
+    # The caller offline: the Hub is never asked, whatever this process says.
+    env.delenv("HF_HUB_OFFLINE")
+    env.setenv("HF_ENDPOINT", hub.url)
+    hub.reset()
+    with pytest.raises(ModelNotFound) as ei:
+        await fetch_chain(req(cache / "b", env=SourceEnv(hub_offline=True)), swarm=None)
+    assert ei.value.attempts[-1] == Attempt("hub", "skipped", "HF_HUB_OFFLINE is set")
+    assert hub.model_requests == []
+
+    # The caller's ModelExpress wins over the node's.
+    result = await fetch_chain(req(cache / "c", env=SourceEnv(modelexpress_url=mx.url)),
+                               swarm=never_swarm, modelexpress_url=f"127.0.0.1:{free_port()}")
+    assert result.source == "modelexpress"
+
+
+# --- the real modelexpress client package against the fake server --------------------------------
+
+MODELEXPRESS_VERSION = "0.7.0"
+
+
+def real_model_client():
+    """``modelexpress.model_client`` of the installed ``modelexpress`` package, loaded without the
+    package's ``__init__`` (which imports torch and the GPU transfer stack): a stand-in parent
+    package points at the installed directory, so only the client's own modules load."""
+    if "modelexpress.model_client" in sys.modules:
+        return sys.modules["modelexpress.model_client"]
+    spec = importlib.util.find_spec("modelexpress")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"modelexpress {MODELEXPRESS_VERSION} is not installed (scripts/install --test)")
+    assert importlib.metadata.version("modelexpress") == MODELEXPRESS_VERSION
+    parent = types.ModuleType("modelexpress")
+    parent.__path__ = list(spec.submodule_search_locations)
+    parent.__spec__ = spec
+    sys.modules.setdefault("modelexpress", parent)
+    module = importlib.import_module("modelexpress.model_client")
+    assert "torch" not in sys.modules
+    return module
+
+
+def test_the_real_modelexpress_client_accepts_the_fake(tmp_path: Path, served_dir: Path,
+                                                       mx: FakeModelExpress):
+    """ModelExpress 0.7's own ModelCacheClient installs metadata, weights and a tagged revision from
+    the fake server, and sees NOT_FOUND where the real server answers it."""
+    mc = real_model_client()
+    v2 = make_model_dir(tmp_path / "v2", weights_bytes=1 << 20, seed=9)
+    mx.add_model(REPO, v2, OTHER_COMMIT, refs=("v2",))
+    cache = tmp_path / "mx-client-cache"
+    repo = cache / "models--test-org--tiny-llama"
+    with mc.ModelCacheClient(server_url=f"127.0.0.1:{mx.port}", cache_directory=cache) as client:
+        snap = client.install_metadata_snapshot(REPO)
+        assert snap == repo / "snapshots" / COMMIT
+        metadata = [p for p in files_under(served_dir) if not p.endswith(MX_WEIGHT_SUFFIXES)]
+        assert files_under(snap) == metadata
+        assert (snap / "empty.txt").stat().st_size == 0  # one empty chunk
+        assert (repo / "refs" / "main").read_text() == COMMIT
+        client.install_weight_files(REPO, snap)
+        assert files_under(snap) == files_under(served_dir)
+        assert_same_files(snap, served_dir, files_under(served_dir))
+
+        tag = client.install_metadata_snapshot(REPO, requested_revision="v2")
+        assert tag == repo / "snapshots" / OTHER_COMMIT
+        assert (repo / "refs" / "v2").read_text() == OTHER_COMMIT
+        pinned = client.install_metadata_snapshot(REPO, requested_revision=COMMIT)
+        assert pinned == snap
+
+        for call in (lambda: client.ensure_downloaded("test-org/nope"),
+                     lambda: client.ensure_downloaded(REPO, revision="no-such-tag"),
+                     lambda: client.list_files(REPO, revision=OTHER_COMMIT[::-1])):
+            with pytest.raises(grpc.RpcError) as ei:
+                call()
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        missing = mc.model_pb2.ModelFilesRequest(
+            model_name=REPO, file_selector=mc.model_pb2.ModelFileSelector(paths=["config.json", "nope"]))
+        with pytest.raises(grpc.RpcError) as ei:
+            list(client.stub.StreamModelFiles(missing))
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "Selected file not found in model directory: nope" in ei.value.details()
+
+
+def test_the_real_modelexpress_client_refuses_a_server_from_before_2026(tmp_path: Path,
+                                                                       mx: FakeModelExpress):
+    """``pre_revisions`` plays the server the fake used to be: the real client refuses it as it
+    would the real one (no resolved_revision; no chunk for an empty file)."""
+    mc = real_model_client()
+    mx.pre_revisions = True
+    with mc.ModelCacheClient(server_url=f"127.0.0.1:{mx.port}", cache_directory=tmp_path) as client:
+        with pytest.raises(mc.ModelCacheError, match="did not confirm revision"):
+            client.install_metadata_snapshot(REPO, requested_revision=COMMIT)
+        with pytest.raises(mc.ModelCacheError, match=r"missing files: \['empty.txt'\]"):
+            client.install_metadata_snapshot(REPO)
+
+
+COEXIST = r"""
+import importlib, importlib.util, sys, types
+
+def real():
+    spec = importlib.util.find_spec("modelexpress")
+    parent = types.ModuleType("modelexpress")
+    parent.__path__ = list(spec.submodule_search_locations)
+    sys.modules["modelexpress"] = parent
+    importlib.import_module("modelexpress.model_client")
+    return importlib.import_module("modelexpress.model_pb2")
+
+def ours():
+    import swarm.sources
+    from swarm.modelexpress import client, model_pb2
+    return model_pb2
+
+if sys.argv[1] == "real-first":
+    theirs = real(); mine = ours()
+else:
+    mine = ours(); theirs = real()
+a = mine.ModelFilesRequest(model_name="gpt2", revision="v1", ignore_weights=True)
+b = theirs.ModelFilesRequest.FromString(a.SerializeToString())
+assert (b.model_name, b.revision, b.ignore_weights) == ("gpt2", "v1", True)
+u = theirs.ModelStatusUpdate(status=theirs.DOWNLOADED, resolved_revision="a" * 40)
+assert mine.ModelStatusUpdate.FromString(u.SerializeToString()).resolved_revision == "a" * 40
+assert mine.DESCRIPTOR.pool is not theirs.DESCRIPTOR.pool
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["real-first", "ours-first"])
+@pytest.mark.parametrize("protobuf", ["upb", "python"])
+def test_our_stubs_and_the_real_package_load_in_one_process(order: str, protobuf: str):
+    real_model_client()  # installed?
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    if protobuf == "python":
+        env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
+    r = subprocess.run([sys.executable, "-c", COEXIST, order], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+async def test_single_part_name_through_the_swarm(tmp_path: Path):
+    """A worker serving its HF cache finds models--gpt2 (the manifest, the DHT key and the wire carry
+    the single-part name); a frontend fetches it into models--gpt2."""
+    from contextlib import AsyncExitStack
+
+    from swarm.engine import EngineConfig
+    from swarm.node import Node, NodeConfig
+
+    engine = EngineConfig(tick=0.05, rechoke_interval=0.25)
+    worker_cache = tmp_path / "w" / "cache"
+    snap = make_hf_snapshot(worker_cache, "gpt2", COMMIT, weights_bytes=1 << 20)
+    async with AsyncExitStack() as stack:
+        worker = Node(NodeConfig(home=tmp_path / "w" / "home", cache_dir=worker_cache,
+                                 serve_hf_cache=True, engine=engine, lookup_timeout=3.0))
+        await stack.enter_async_context(worker.running())
+        with trio.fail_after(20):
+            while not worker.shared:
+                await trio.sleep(0.05)
+        front = Node(NodeConfig(home=tmp_path / "f" / "home", cache_dir=tmp_path / "f" / "cache",
+                                serve_hf_cache=False, engine=engine, lookup_timeout=3.0,
+                                bootstrap=tuple(worker.host.addrs[:1])))
+        await stack.enter_async_context(front.running())
+        with trio.fail_after(30):
+            got = await front.fetch(FetchRequest("gpt2", cache_dir=front.config.cache_dir))
+    assert got == tmp_path / "f" / "cache" / "models--gpt2" / "snapshots" / COMMIT
+    carried = [p for p in files_under(snap) if not should_skip(p)]
+    assert files_under(got) == carried
+    assert_same_files(got, snap, carried)

@@ -1,23 +1,34 @@
 """Blocking client for ModelExpress's ``ModelService``; writes what it streams in the HF cache layout.
 
-The flow of :meth:`ModelExpressClient.download_snapshot` (the server only, no hidden Hub fallback):
+It speaks the proto of ModelExpress 0.7 (model.proto here): pinned revisions, ``ignore_weights`` on
+every request, ``resolved_revision`` in the status updates.  The flow of
+:meth:`ModelExpressClient.download_snapshot` (the server only, no hidden Hub fallback):
 
-1. ``EnsureModelDownloaded``: ask the server to hold the model and wait for ``DOWNLOADED`` (``ERROR``
-   or an early end of the status stream fails).
-2. ``ListModelFiles``: the files (relative paths, sizes) of the server's snapshot; the caller's
+1. ``EnsureModelDownloaded`` with the requested ``revision`` (a branch, tag or commit; none for the
+   default branch) and ``ignore_weights`` for a configs-only fetch: wait for ``DOWNLOADED`` (``ERROR``,
+   ``NOT_FOUND`` or an early end of the status stream fails).  The update names the commit the
+   server resolved the request to (``resolved_revision``).  A pinned request the server does not
+   confirm fails (a server from before pinned revisions ignores the pin and holds its default
+   revision instead), and a commit must resolve to itself.
+2. ``ListModelFiles`` pinned to the resolved commit (so the listing and the stream cannot come from
+   two commits if a branch moves): the files (relative paths, sizes); the caller's
    ``want(path, size)`` picks the ones to fetch.  A server without this RPC (``UNIMPLEMENTED``) is
    streamed in full and filtered as chunks arrive.
-3. ``StreamModelFiles`` with a ``ModelFileSelector`` naming the wanted files (a server that ignores the
-   selector sends more; extra files are dropped).  Each file is written to a unique
-   ``blobs/<uuid>.modelexpress.incomplete`` temp file, checked (contiguous offsets, size equal to the
-   announced ``total_size`` and to the listing), hashed with blake3 on the way, then renamed to
+3. ``StreamModelFiles`` pinned the same way, with a ``ModelFileSelector`` naming the wanted files (a
+   server that ignores the selector sends more; extra files are dropped; a selected file the server
+   lacks is ``NOT_FOUND``).  Each file is written to a unique ``blobs/<uuid>.modelexpress.incomplete``
+   temp file, checked (contiguous offsets, size equal to the announced ``total_size`` and to the
+   listing; an empty file is one empty chunk), hashed with blake3 on the way, then renamed to
    ``blobs/<blake3 hex>`` -- the store's blob naming (swarm/store.py), since ModelExpress does not
-   tell us the Hub's etags.  ``snapshots/<revision>/<path>`` become relative symlinks into ``blobs/``
-   (each made under a temp name and renamed over), and ``refs/<ref>`` is written last, atomically.
+   tell us the Hub's etags.  ``snapshots/<commit>/<path>`` become relative symlinks into ``blobs/``
+   (each made under a temp name and renamed over), and the ref is written last, atomically:
+   ``refs/main`` for the default branch, ``refs/<name>`` for a branch or tag, none for a commit (as
+   ``huggingface_hub`` does).
 
-The revision is the ``commit_hash`` the server sends in the first chunk; when it sends none (older
-servers), the requested commit if one was given, else 40 hex of a blake3 over the received
-(path, size, blake3) list, so the same content always lands in the same snapshot directory.
+The snapshot's commit is the ``commit_hash`` of the first chunk, which must equal the resolved
+commit when the server named one; an older server that names neither gets the requested commit,
+else 40 hex of a blake3 over the received (path, size, blake3) list, so the same content always
+lands in the same snapshot directory.
 
 The proto has no way to tell whether the server's storage is shared with ours (the reference client
 has a ``shared_storage`` setting); the caller checks its cache after step 1 and skips streaming when
@@ -52,6 +63,7 @@ __all__ = [
     "ModelExpressNotFound",
     "ModelExpressProtocolError",
     "ModelExpressUnavailable",
+    "ModelExpressUnsupported",
     "RemoteFile",
     "parse_url",
 ]
@@ -79,6 +91,10 @@ class ModelExpressUnavailable(ModelExpressError):
 
 class ModelExpressNotFound(ModelExpressError):
     """The server does not have (and cannot get) the model, the revision or the requested files."""
+
+
+class ModelExpressUnsupported(ModelExpressError):
+    """The server cannot do what was asked (e.g. it predates pinned revisions)."""
 
 
 class ModelExpressProtocolError(ModelExpressError):
@@ -217,15 +233,19 @@ class ModelExpressClient:
         self,
         model: str,
         *,
+        revision: str | None = None,
         ignore_weights: bool = False,
         on_event: Callable[[Event], None] | None = None,
         deadline: _Deadline | None = None,
-    ) -> None:
-        """``EnsureModelDownloaded``: return once the server reports ``DOWNLOADED``."""
+    ) -> str | None:
+        """``EnsureModelDownloaded``: once the server reports ``DOWNLOADED``, the commit it resolved
+        the request to (``resolved_revision``), or None when it named none (an older server)."""
         deadline = deadline or _Deadline(self.timeout)
         req = model_pb2.ModelDownloadRequest(
             model_name=model, provider=model_pb2.HUGGING_FACE, ignore_weights=ignore_weights
         )
+        if revision is not None:
+            req.revision = revision
         call = self._stub.EnsureModelDownloaded(req, timeout=deadline.remaining())
         last = None
         with self._track(call):
@@ -241,7 +261,7 @@ class ModelExpressClient:
                         on_event({"event": "modelexpress_status", "status": status, "message": message})
                     if update.status == model_pb2.DOWNLOADED:
                         call.cancel()  # done; the server may keep the stream open
-                        return
+                        return self._resolved(update)
                     if update.status == model_pb2.ERROR:
                         text = f"ModelExpress at {self.target} failed to get {model}: {message or 'ERROR'}"
                         if _NOT_FOUND_RE.search(message):
@@ -258,10 +278,30 @@ class ModelExpressClient:
             f"ModelExpress at {self.target}: status stream for {model} ended before DOWNLOADED{suffix}"
         )
 
-    def list_files(self, model: str, *, deadline: _Deadline | None = None) -> list[RemoteFile] | None:
+    def _resolved(self, update) -> str | None:
+        if not update.HasField("resolved_revision"):
+            return None
+        return _commit(update.resolved_revision, self.target, "resolved_revision")
+
+    def _files_request(self, model: str, revision: str | None, ignore_weights: bool, **kw):
+        req = model_pb2.ModelFilesRequest(
+            model_name=model, provider=model_pb2.HUGGING_FACE, ignore_weights=ignore_weights, **kw
+        )
+        if revision is not None:
+            req.revision = revision
+        return req
+
+    def list_files(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        ignore_weights: bool = False,
+        deadline: _Deadline | None = None,
+    ) -> list[RemoteFile] | None:
         """``ListModelFiles``; None when the server does not implement it."""
         deadline = deadline or _Deadline(self.timeout)
-        req = model_pb2.ModelFilesRequest(model_name=model, provider=model_pb2.HUGGING_FACE)
+        req = self._files_request(model, revision, ignore_weights)
         fut = self._stub.ListModelFiles.future(req, timeout=deadline.remaining())
         with self._track(fut):
             try:
@@ -280,12 +320,18 @@ class ModelExpressClient:
             out.append(RemoteFile(path, int(f.size)))
         return out
 
-    def stream_files(self, model: str, paths: Iterable[str] | None, *, deadline: _Deadline | None = None):
+    def stream_files(
+        self,
+        model: str,
+        paths: Iterable[str] | None,
+        *,
+        revision: str | None = None,
+        ignore_weights: bool = False,
+        deadline: _Deadline | None = None,
+    ):
         """``StreamModelFiles``: yields ``FileChunk`` messages (``paths`` None = every file)."""
         deadline = deadline or _Deadline(self.timeout)
-        req = model_pb2.ModelFilesRequest(
-            model_name=model, provider=model_pb2.HUGGING_FACE, chunk_size=self.chunk_size
-        )
+        req = self._files_request(model, revision, ignore_weights, chunk_size=self.chunk_size)
         if paths is not None:
             req.file_selector.paths.extend(paths)
         call = self._stub.StreamModelFiles(req, timeout=deadline.remaining())
@@ -306,32 +352,42 @@ class ModelExpressClient:
         *,
         want: WantFn | None = None,
         revision: str | None = None,
-        ref: str | None = "main",
         ignore_weights: bool = False,
-        skip_stream: Callable[[], Path | None] | None = None,
+        skip_stream: Callable[[str | None], Path | None] | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> Path:
         """Fetch ``model`` from the server into the HF cache ``cache_dir``; return the snapshot dir.
 
-        ``want(path, size)`` selects files (default: all).  ``revision``, a 40-hex commit, must match
-        the server's commit.  ``ref`` (default ``main``; None for none) is pointed at the result.
-        ``skip_stream()`` is called after the server reports the model downloaded: a path it returns
-        (the snapshot is already in our cache -- shared storage) is returned without streaming.
+        ``revision``: a branch, tag or commit (None: the server's default branch, pointed at by
+        ``refs/main``).  ``want(path, size)`` selects files (default: all).  ``ignore_weights`` asks
+        the server for a configs-only download and listing.  ``skip_stream(commit)`` is called once
+        the server holds the model (``commit`` as the server resolved it, if it said): a path it
+        returns (the snapshot is already in our cache -- shared storage) is returned without
+        streaming.
         """
         validate_model_name(model)
-        if revision is not None and not _COMMIT_RE.fullmatch(revision):
-            raise ModelExpressNotFound(
-                f"ModelExpress serves the default branch only; revision {revision!r} is not a commit"
-            )
+        if revision is not None:
+            for part in revision.split("/"):
+                validate_revision(part)
         emit = on_event or (lambda e: None)
         deadline = _Deadline(self.timeout)
-        self.ensure_downloaded(model, ignore_weights=ignore_weights, on_event=emit, deadline=deadline)
+        resolved = self.ensure_downloaded(
+            model, revision=revision, ignore_weights=ignore_weights, on_event=emit, deadline=deadline
+        )
+        self._check_resolution(model, revision, resolved)
         if skip_stream is not None:
-            found = skip_stream()
+            found = skip_stream(resolved)
             if found is not None:
+                ref = _ref_name(revision)
+                repo = Path(cache_dir) / _repo_folder_name(model)
+                if ref is not None and resolved is not None and found == repo / "snapshots" / resolved:
+                    _write_ref(repo, ref, resolved)  # in our cache, found by commit: name it
                 emit({"event": "modelexpress_shared", "path": str(found)})
                 return found
-        listing = self.list_files(model, deadline=deadline)
+        # Later calls name the resolved commit, not the branch: a branch that moves in between
+        # would otherwise answer the listing and the stream from two commits.
+        pin = resolved if resolved is not None else revision
+        listing = self.list_files(model, revision=pin, ignore_weights=ignore_weights, deadline=deadline)
         expected: dict[str, int] | None = None
         selector: list[str] | None = None
         if listing is not None:
@@ -340,27 +396,23 @@ class ModelExpressClient:
                 what = "files" if not listing else "files matching the request"
                 raise ModelExpressNotFound(f"ModelExpress at {self.target} has no {what} for {model}")
             expected = {f.path: f.size for f in chosen}
-            if len(chosen) != len(listing):
-                selector = sorted(expected)
+            selector = sorted(expected)  # always: the stream then holds what the listing said
         writer = _SnapshotWriter(Path(cache_dir) / _repo_folder_name(model), self.target, expected, want)
         try:
             commit = None
             first = True
-            for chunk in self.stream_files(model, selector, deadline=deadline):
+            stream = self.stream_files(
+                model, selector, revision=pin, ignore_weights=ignore_weights, deadline=deadline
+            )
+            for chunk in stream:
                 if first:
                     first = False
                     if chunk.HasField("commit_hash") and chunk.commit_hash:
-                        commit = chunk.commit_hash
-                        try:
-                            validate_revision(commit)
-                        except ManifestError as exc:
+                        commit = _commit(chunk.commit_hash, self.target, "commit_hash")
+                        if resolved is not None and commit != resolved:
                             raise ModelExpressProtocolError(
-                                f"ModelExpress at {self.target} sent a bad commit hash: {exc}"
-                            ) from None
-                        if revision is not None and commit != revision:
-                            raise ModelExpressNotFound(
-                                f"ModelExpress at {self.target} has {model} at commit {commit}, "
-                                f"not the requested {revision}"
+                                f"ModelExpress at {self.target} resolved {model} to commit {resolved} "
+                                f"but streamed commit {commit}"
                             )
                 done = writer.feed(chunk)
                 if done is not None:
@@ -369,13 +421,46 @@ class ModelExpressClient:
                     break
             files = writer.finish()
             if commit is None:
-                commit = revision or _content_revision(files)
+                commit = resolved or _as_commit(revision) or _content_revision(files)
             snapshot = writer.link(commit, files)
+            ref = _ref_name(revision)
             if ref is not None:
                 writer.write_ref(ref, commit)
             return snapshot
         finally:
             writer.cleanup()
+
+    def _check_resolution(self, model: str, revision: str | None, resolved: str | None) -> None:
+        """A pinned request must come back confirmed, and a commit must resolve to itself."""
+        if revision is None:
+            return
+        if resolved is None:
+            raise ModelExpressUnsupported(
+                f"ModelExpress at {self.target} did not confirm revision {revision!r} of {model} "
+                "(a server from before pinned revisions serves its default revision instead)"
+            )
+        commit = _as_commit(revision)
+        if commit is not None and commit != resolved:
+            raise ModelExpressProtocolError(
+                f"ModelExpress at {self.target} resolved commit {revision} of {model} to {resolved}"
+            )
+
+
+def _as_commit(revision: str | None) -> str | None:
+    """``revision`` in lower case if it is a 40-hex commit, else None."""
+    if revision is not None and _COMMIT_RE.fullmatch(revision.lower()):
+        return revision.lower()
+    return None
+
+
+def _commit(value: str, target: str, field: str) -> str:
+    """A commit named by the server, checked to be a safe directory name (a 40-hex one lower-cased,
+    as ``huggingface_hub`` only resolves lower-case commits by directory name)."""
+    try:
+        validate_revision(value)
+    except ManifestError as exc:
+        raise ModelExpressProtocolError(f"ModelExpress at {target} sent a bad {field}: {exc}") from None
+    return _as_commit(value) or value
 
 
 def _safe_path(path: str, target: str) -> str:
@@ -393,6 +478,29 @@ def _content_revision(files: dict[str, tuple[str, int]]) -> str:
         blob, size = files[path]
         h.update(f"{path}\0{size}\0{blob}\n".encode())
     return h.hexdigest()[:40]
+
+
+def _ref_name(revision: str | None) -> str | None:
+    """The ref a fetch of ``revision`` points at its snapshot, as huggingface_hub does: ``main`` for
+    the default branch, the branch or tag itself, none for a commit."""
+    if revision is None:
+        return "main"
+    return None if _as_commit(revision) else revision
+
+
+def _write_ref(repo: Path, ref: str, revision: str) -> None:
+    """``repo/refs/<ref>`` := ``revision``, atomically (a temp file renamed over)."""
+    dest = repo / "refs" / ref
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if dest.read_text() == revision:
+            return
+    except OSError:
+        pass
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.write_text(revision)
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -500,7 +608,7 @@ class _SnapshotWriter:
             for path, size in self.expected.items():
                 if path in self.files:
                     continue
-                if size == 0:  # the server sends no chunk at all for an empty file
+                if size == 0:  # a server from before 2026 sends no chunk for an empty file
                     tmp = self.blobs / f"{uuid.uuid4().hex}.modelexpress.incomplete"
                     fh = open(tmp, "wb")  # noqa: SIM115
                     self.temps.add(tmp)
@@ -539,18 +647,7 @@ class _SnapshotWriter:
         return snapshot
 
     def write_ref(self, ref: str, revision: str) -> None:
-        refs = self.repo / "refs"
-        dest = refs / ref
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if dest.read_text() == revision:
-                return
-        except OSError:
-            pass
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
-        tmp.write_text(revision)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        _write_ref(self.repo, ref, revision)
 
     def cleanup(self) -> None:
         if self._cur is not None:

@@ -31,6 +31,11 @@ class ModelServiceStub(object):
                 request_serializer=swarm_dot_modelexpress_dot_model__pb2.ModelFilesRequest.SerializeToString,
                 response_deserializer=swarm_dot_modelexpress_dot_model__pb2.ModelFileList.FromString,
                 )
+        self.DeleteModel = channel.unary_unary(
+                '/model_express.model.ModelService/DeleteModel',
+                request_serializer=swarm_dot_modelexpress_dot_model__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=swarm_dot_modelexpress_dot_model__pb2.DeleteModelResponse.FromString,
+                )
 
 
 class ModelServiceServicer(object):
@@ -58,6 +63,13 @@ class ModelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Delete a model record from the server-side registry (used by `model clear`)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModelFiles,
                     request_deserializer=swarm_dot_modelexpress_dot_model__pb2.ModelFilesRequest.FromString,
                     response_serializer=swarm_dot_modelexpress_dot_model__pb2.ModelFileList.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=swarm_dot_modelexpress_dot_model__pb2.DeleteModelRequest.FromString,
+                    response_serializer=swarm_dot_modelexpress_dot_model__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,5 +152,22 @@ class ModelService(object):
         return grpc.experimental.unary_unary(request, target, '/model_express.model.ModelService/ListModelFiles',
             swarm_dot_modelexpress_dot_model__pb2.ModelFilesRequest.SerializeToString,
             swarm_dot_modelexpress_dot_model__pb2.ModelFileList.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/model_express.model.ModelService/DeleteModel',
+            swarm_dot_modelexpress_dot_model__pb2.DeleteModelRequest.SerializeToString,
+            swarm_dot_modelexpress_dot_model__pb2.DeleteModelResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
