@@ -212,7 +212,9 @@ def swarm_name(card: Card) -> str:
     sp = card.source_path
     if sp and not os.path.isabs(sp) and _valid_name(sp):
         return sp
-    if _valid_name(card.display_name):
+    # A bare display name ("my-model") stays under dynamo/: as a single-part Hub name it could
+    # collide with a real Hub repo (gpt2-style names are valid since single-part names are).
+    if "/" in card.display_name and _valid_name(card.display_name):
         return card.display_name
     slug = _SLUG_BAD.sub("-", card.slug).strip(".-")[:96] or "model"
     return f"{NAME_PREFIX}/{slug}"
