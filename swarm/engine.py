@@ -107,8 +107,9 @@ class EngineConfig:
     the simulator's) are not counted as inbound."""
     choked_timeout: float = 60.0
     """Seconds a peer holding pieces we want may keep us choked while we are interested before it
-    no longer counts as a source (the fetch dials others, the stall watchdog may fire) and its link
-    is closed (it may be dialed again later). A seeder's choker (swarm/choker.py) rotates its
+    no longer counts as a source (the fetch dials others, the stall watchdog may fire); its link is
+    closed unless the peer is interested in us (we may serve it; it may unchoke us in return), and
+    it may be dialed again later. A seeder's choker (swarm/choker.py) rotates its
     ``DEFAULT_SLOTS`` = 4 slots every ``DEFAULT_HOLD`` = 2 s among interested peers, so with a
     full ``max_peers`` = 64 of them our turn comes within 64 / 4 x 2 s = 32 s, plus up to one hold
     of jitter and one ``rechoke_interval``: about 35 s. 60 s leaves that worst case a margin of
@@ -343,10 +344,13 @@ class Transfer:
 
     def _drop_choking_links(self, now: float) -> None:
         """Close the links of peers that kept us choked for ``choked_timeout`` while we wanted
-        their pieces: they take a link the fetch could give to a peer that serves."""
+        their pieces and want nothing from us: they take a link the fetch could give to a peer
+        that serves. (A peer interested in us keeps its link: in a large flash crowd a fellow
+        fetcher may leave us choked for minutes and still take our pieces and pass them on; it
+        just does not count as a source, ``can_send``.)"""
         for p in list(self.peers.values()):
             waited = self.starved_for(p, now)
-            if waited >= self.config.choked_timeout and not p.closed:
+            if waited >= self.config.choked_timeout and not p.slot.interested and not p.closed:
                 self.choked_out[p.id] = now
                 log.info("closing link to %s: kept us choked for %.0f s", p.id, waited)
                 self._drop_link(p, f"kept us choked for {waited:.0f} s while we were interested")

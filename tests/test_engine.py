@@ -473,6 +473,27 @@ async def test_a_peer_that_keeps_us_choked_stops_counting_and_is_closed(model, a
         n.cancel_scope.cancel()
 
 
+async def test_a_choking_peer_interested_in_us_keeps_its_link(model, autojump_clock):
+    """A peer that wants our pieces keeps its link however long it chokes us (we serve it; a
+    fellow fetcher of a large crowd may take minutes to unchoke us), but stops counting as a
+    source after ``choked_timeout``."""
+    m, pieces = model
+    config = cfg()
+    half = {i: pieces[i] for i in range(0, m.num_pieces, 2)}
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m, half), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("choker", "leech")
+        n.start_soon(ChokingPeer(m, la).run)
+        n.start_soon(leech.serve_link, lb)
+        await trio.sleep(0.1)
+        await la.send(wire.Interested())
+        await trio.sleep(config.choked_timeout + 5)
+        assert "choker" in leech.peers and leech.useful_links == 0
+        assert not leech.choked_out
+        n.cancel_scope.cancel()
+
+
 async def test_waiting_our_turn_at_a_busy_seeder_is_not_choking(model, autojump_clock):
     """A seeder with one upload slot, reading a piece in 0.25 s, and 16 leechers: each waits its
     turn (fair rotation every ``slot_hold``, about 30 s of waiting) and is not closed for being

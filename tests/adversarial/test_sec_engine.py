@@ -64,6 +64,7 @@ async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, ad
         (t,) = [sh.transfer for sh in seeder.shared.values()]
         await trio.sleep(0.5)  # every Hello has reached the seeder's engine
         held = t._handshakes
+        by_address = dict(t._hs_addresses)  # the node tells the engine where links come from
         t0 = trio.current_time()
         with FinalPathWatcher(front.config.cache_dir, [manifest]) as watch:
             with trio.fail_after(20):
@@ -71,6 +72,7 @@ async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, ad
         elapsed = trio.current_time() - t0
         watch.assert_clean()
         assert held <= 2, held
+        assert by_address == {"127.0.0.1": held}, by_address
         assert t._handshakes <= 2
         assert front.peer_id in t.peers or t.bytes_up == manifest.total_size
         for s in streams:
