@@ -60,6 +60,9 @@ class PieceStore(Protocol):
 
     def write_piece(self, index: int, data: Any) -> bool: ...
 
+    # optional: take_dropped() -> frozenset[int]: held pieces the store has dropped since the last
+    # call (they failed re-verification on disk); the transfer fetches them again.
+
 
 @attrs.frozen
 class EngineConfig:
@@ -582,6 +585,7 @@ class Transfer:
                 except StoreError as e:  # damaged on disk or gone: they must ask elsewhere
                     log.warning("cannot serve piece %d of %s: %s", index, self.manifest.model, e)
                     peer.control.append(wire.Reject(index))
+                    self._take_back_dropped()
                     continue
                 st = self.stats[peer.id]
                 st.bytes_up += n
@@ -712,6 +716,7 @@ class Transfer:
                 self._writing.discard(i)
         finally:
             self.picker.request_ended(i)
+        self._take_back_dropped()
         st = self.stats[peer.id]
         st.bytes_down += n
         st.pieces_down += 1
@@ -748,6 +753,26 @@ class Transfer:
                 self._update_interest(p)
         else:
             self._fill_all()
+
+    def _take_back_dropped(self) -> None:
+        """Pieces the store dropped after we counted them (a file's whole-file check at completion
+        found them rotten on disk, or a restored piece failed re-verification on a read) are
+        missing again: fetch them again. Without this the transfer counted them as held,
+        ``completed`` fired and ``Download.finalize`` failed ("must be fetched again")."""
+        take = getattr(self.store, "take_dropped", None)
+        if take is None:
+            return
+        lost = take() & self.have
+        if not lost:
+            return
+        log.warning("%s: the store dropped %d piece(s) that failed re-verification; fetching "
+                    "them again", self.manifest.model, len(lost))
+        for i in lost:
+            self.have.discard(i)
+            self.picker.lost(i)
+        for p in self.peers.values():
+            self._update_interest(p)
+        self._fill_all()
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:

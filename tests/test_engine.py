@@ -13,7 +13,7 @@ from swarm import wire
 from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import build_manifest
 from swarm.memlink import link_pair
-from swarm.store import PieceHashMismatch
+from swarm.store import PieceHashMismatch, Store
 
 MiB = 1 << 20
 
@@ -517,3 +517,49 @@ async def test_waiting_our_turn_at_a_busy_seeder_is_not_choking(model, autojump_
                 await t.completed.wait()
         n.cancel_scope.cancel()
     assert all(not t.choked_out for t in leeches)
+
+
+# ---------------------------------------------------------------- the engine over the real store
+
+
+async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):
+    """A piece rots on disk after it was verified and written, before its file completes: the
+    store's whole-file check at completion finds it and drops it (``Download._drop``). The engine
+    did not learn it: it counted the file as complete, ``completed`` fired, and ``finalize``
+    raised "pieces failed re-verification and must be fetched again" instead of the piece being
+    fetched again (issue #13)."""
+    m, pieces = model
+    f = next(k for k, fe in enumerate(m.files) if fe.path.startswith("model-00001"))
+    target = list(m.file_piece_range(f))[3]  # a middle piece: it arrives out of file order
+    first = {i: pieces[i] for i in m.config_piece_indices() | {target}}
+    dl = Store(tmp_path / "cache").open_download(m)
+    try:
+        leech = Transfer(m, dl, config=cfg())  # worker threads, like a node
+        async with trio.open_nursery() as n:
+            net = Net(n)
+            net.add("leech", leech)
+            net.add("first", Transfer(m, DictStore(m, first), config=cfg(), run_blocking=direct))
+            net.connect("first", "leech")
+            with trio.fail_after(20):
+                while target not in dl.have:
+                    await trio.sleep(0.01)
+            part = tmp_path / "cache" / "models--org--tiny" / "blobs" / (
+                m.files[f].blake3.split(":", 1)[1] + ".incomplete")
+            with open(part, "r+b") as fh:  # one byte of the piece rots on disk
+                fh.seek(m.pieces[target].offset + 100)
+                b = fh.read(1)
+                fh.seek(m.pieces[target].offset + 100)
+                fh.write(bytes([b[0] ^ 0xFF]))
+            net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct))
+            net.connect("seed", "leech")
+            with trio.fail_after(30):
+                await leech.completed.wait()
+            n.cancel_scope.cancel()
+        assert dl.complete, f"the store lacks {sorted(dl.missing)}; the engine thought it done"
+        path = await trio.to_thread.run_sync(dl.finalize, "main")
+    finally:
+        dl.close()
+    for k, fe in enumerate(m.files):
+        want = b"".join(pieces[i] for i in m.file_piece_range(k))
+        assert (path / fe.path).read_bytes() == want, fe.path
+    assert leech.peer_stats("seed").pieces_down >= 1
