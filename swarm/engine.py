@@ -109,8 +109,9 @@ class EngineConfig:
     and gives every slot to inbound links. Links that cannot tell who opened them (memory links,
     the simulator's) are not counted as inbound."""
     choked_timeout: float = 60.0
-    """Seconds a peer holding pieces we want may keep us choked while we are interested before it
-    no longer counts as a source (the fetch dials others, the stall watchdog may fire); its link is
+    """Seconds a peer holding pieces we want may keep us choked while we are interested (counted
+    from its last answer to a request of ours, see ``starved_for``) before it no longer counts as
+    a source (the fetch dials others, the stall watchdog may fire); its link is
     closed unless the peer is interested in us (we may serve it; it may unchoke us in return), and
     it may be dialed again later. A seeder's choker (swarm/choker.py) rotates its
     ``DEFAULT_SLOTS`` = 4 slots every ``DEFAULT_HOLD`` = 2 s among interested peers, so with a
@@ -148,8 +149,8 @@ class _Peer:
         self.have: set[int] = set()
         self.am_interested = False
         self.peer_choking = True
-        self.choked_since = now  # when they last choked us (links start choked)
         self.interested_since = now  # when we last became interested in them
+        self.answered_at = now  # when they last answered a request of ours (piece or Reject)
         # Whether they opened the link (``reserved_outbound``); None: the link cannot tell.
         self.inbound = getattr(link, "outbound", None) is False
         self.scope: trio.CancelScope | None = None  # the link's tasks (``_drop_link`` cancels it)
@@ -302,10 +303,14 @@ class Transfer:
 
     @staticmethod
     def starved_for(peer: _Peer, now: float) -> float:
-        """Seconds ``peer`` has kept us choked while we were interested (0 if it does not)."""
+        """Seconds we have wanted ``peer``'s pieces without an answer to a request (a piece or a
+        Reject), if it is choking us now (else 0). Counted from its last answer, not from its last
+        Choke: a peer that unchokes us and chokes us again before answering anything would
+        otherwise never count as choking. (A busy seeder answers during each of our turns, with
+        pieces or with Rejects of its seeding policy.)"""
         if not (peer.peer_choking and peer.am_interested):
             return 0.0
-        return now - max(peer.choked_since, peer.interested_since)
+        return now - max(peer.answered_at, peer.interested_since)
 
     def peer_stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
@@ -648,8 +653,6 @@ class Transfer:
                 self._set_choked(peer, True, now)
                 self._fill_slots()
         elif isinstance(msg, wire.Choke):
-            if not peer.peer_choking:
-                peer.choked_since = now
             peer.peer_choking = True
             for i in list(peer.requests):
                 self._end_request(peer, i)
@@ -660,6 +663,7 @@ class Transfer:
             self._fill_requests(peer)
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
+            peer.answered_at = now
             peer.refused[i] = now + self.config.reject_backoff
             self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
@@ -689,6 +693,7 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
+        peer.answered_at = trio.current_time()
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")

@@ -473,6 +473,34 @@ async def test_a_peer_that_keeps_us_choked_stops_counting_and_is_closed(model, a
         n.cancel_scope.cancel()
 
 
+async def test_a_peer_that_unchokes_and_chokes_again_without_sending_counts_as_choking(
+        model, autojump_clock):
+    """Unchoke, then Choke again before any piece, every 30 s: the wait is counted from the last
+    piece received, not from the last Choke, so this peer too stops counting as a source."""
+    m, _ = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("flapper", "leech")
+        flapper = ChokingPeer(m, la)
+        n.start_soon(flapper.run)
+        n.start_soon(leech.serve_link, lb)
+
+        async def flap():
+            while True:
+                await trio.sleep(30)
+                await la.send(wire.Unchoke())
+                await la.send(wire.Choke())
+
+        n.start_soon(flap)
+        await trio.sleep(57)
+        assert leech.useful_links == 1
+        await trio.sleep(5)
+        assert leech.useful_links == 0 and "flapper" in leech.choked_out
+        n.cancel_scope.cancel()
+
+
 async def test_a_choking_peer_interested_in_us_keeps_its_link(model, autojump_clock):
     """A peer that wants our pieces keeps its link however long it chokes us (we serve it; a
     fellow fetcher of a large crowd may take minutes to unchoke us), but stops counting as a
