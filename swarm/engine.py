@@ -60,6 +60,9 @@ class PieceStore(Protocol):
 
     def write_piece(self, index: int, data: Any) -> bool: ...
 
+    # optional: take_dropped() -> frozenset[int]: held pieces the store has dropped since the last
+    # call (they failed re-verification on disk); the transfer fetches them again.
+
 
 @attrs.frozen
 class EngineConfig:
@@ -86,7 +89,36 @@ class EngineConfig:
     max_timeouts: int = 3
     """Consecutive timed-out requests after which a peer counts as snubbed (one request at a time)."""
     max_peers: int = 64
-    """Links per transfer."""
+    """Links per transfer, handshakes included."""
+    handshakes_per_peer: int = 2
+    """Links of one peer id in their handshake (not yet past the Bitfield exchange) at once. Two:
+    two peers that dial each other at the same moment each hold an inbound and an outbound link
+    of the pair until one wins (``_replaces``). Unbounded, one peer filled ``max_peers`` with 64
+    pieces streams that sent Hello and never a Bitfield, and an honest fetch took 8.5 s instead
+    of 0.1 s (security review, finding 8)."""
+    handshakes_per_address: int = 8
+    """Inbound links from one IP address in their handshake at once (peer ids cost nothing to
+    make, addresses do). An honest handshake lasts one round trip, so eight leave room for a few
+    nodes behind one NAT dialing us at the same moment; only links that tell their address count
+    (``serve_link(address=...)``)."""
+    reserved_outbound: int = 16
+    """Of ``max_peers``, links kept for those we open ourselves (providers we chose) while we
+    still fetch: inbound links take at most ``max_peers - reserved_outbound``, so strangers
+    dialing us cannot fill the budget and keep a fetch from its providers. 16 = the outbound
+    links a node's fetch opens (``node.MAX_LINKS_PER_FETCH``). A complete transfer dials nobody
+    and gives every slot to inbound links. Links that cannot tell who opened them (memory links,
+    the simulator's) are not counted as inbound."""
+    choked_timeout: float = 60.0
+    """Seconds a peer holding pieces we want may keep us choked while we are interested (counted
+    from its last answer to a request of ours, see ``starved_for``) before it no longer counts as
+    a source (the fetch dials others, the stall watchdog may fire); its link is
+    closed unless the peer is interested in us (we may serve it; it may unchoke us in return), and
+    it may be dialed again later. A seeder's choker (swarm/choker.py) rotates its
+    ``DEFAULT_SLOTS`` = 4 slots every ``DEFAULT_HOLD`` = 2 s among interested peers, so with a
+    full ``max_peers`` = 64 of them our turn comes within 64 / 4 x 2 s = 32 s, plus up to one hold
+    of jitter and one ``rechoke_interval``: about 35 s. 60 s leaves that worst case a margin of
+    ~1.7x; a peer that is choking us that long does not serve us. Without it a provider that never
+    unchoked stalled a fetch forever (security review, finding 9)."""
     first_copy_window: float = 3.0
     """A seeder serving several peers sends each piece once before it sends any piece twice, unless
     the first copy is older than this (seconds): peers get the rest from each other."""
@@ -117,6 +149,11 @@ class _Peer:
         self.have: set[int] = set()
         self.am_interested = False
         self.peer_choking = True
+        self.interested_since = now  # when we last became interested in them
+        self.answered_at = now  # when they last answered a request of ours (piece or Reject)
+        # Whether they opened the link (``reserved_outbound``); None: the link cannot tell.
+        self.inbound = getattr(link, "outbound", None) is False
+        self.scope: trio.CancelScope | None = None  # the link's tasks (``_drop_link`` cancels it)
         self.slot = PeerSlot(self.id, since=now, order=now)
         self.requests: dict[int, float] = {}  # index -> deadline
         self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
@@ -140,6 +177,16 @@ class _Peer:
     def post(self, msg: wire.Message) -> None:
         self.control.append(msg)
         self.wake.set()
+
+
+@attrs.define
+class _Handshake:
+    """A link admitted by ``serve_link`` and not yet registered (past the Bitfield exchange)."""
+
+    peer_id: str
+    address: str | None
+    inbound: bool
+    open: bool = True
 
 
 class _Drop(Exception):
@@ -202,6 +249,15 @@ class Transfer:
         self._writing: set[int] = set()
         self._handshakes = 0  # links still in their handshake (they count against max_peers)
         self._sending = 0  # pieces being sent right now (a drain waits for them)
+        # Links still in their handshake: they count against max_peers, and per peer id, per
+        # address and inbound against the limits of EngineConfig (see _refusal).
+        self._handshakes = 0
+        self._hs_peers: Counter[str] = Counter()
+        self._hs_addresses: Counter[str] = Counter()
+        self._hs_inbound = 0
+        # Peers whose link we closed because they kept us choked (``choked_timeout``): peer id ->
+        # when. Linked again, such a peer counts as a source only once it unchokes us.
+        self.choked_out: dict[str, float] = {}
         # Seeding policy (see _hold_back): when we last sent each piece, how many copies we sent,
         # and how many pieces have each copy count (so the least-sent count is O(1) to find).
         self._sent_at: dict[int, float] = {}
@@ -230,8 +286,33 @@ class Transfer:
 
     @property
     def useful_links(self) -> int:
-        """Links to peers holding something we still want."""
-        return sum(1 for p in self.peers.values() if self.picker.interesting(p.have))
+        """Links to peers that can still send us something we want (``can_send``)."""
+        return len(self.able_peers())
+
+    def able_peers(self) -> list[_Peer]:
+        now = trio.current_time()
+        return [p for p in self.peers.values() if self.can_send(p, now)]
+
+    def can_send(self, peer: _Peer, now: float) -> bool:
+        """Can ``peer`` still send us a piece we want: it holds one, has not let ``max_timeouts``
+        requests in a row time out, and has not kept us choked for ``choked_timeout`` (nor, on
+        an earlier link, long enough that we closed it, unless it unchoked us since)."""
+        if not self.picker.interesting(peer.have) or peer.timeouts >= self.config.max_timeouts:
+            return False
+        if peer.peer_choking and peer.id in self.choked_out:
+            return False
+        return self.starved_for(peer, now) < self.config.choked_timeout
+
+    @staticmethod
+    def starved_for(peer: _Peer, now: float) -> float:
+        """Seconds we have wanted ``peer``'s pieces without an answer to a request (a piece or a
+        Reject), if it is choking us now (else 0). Counted from its last answer, not from its last
+        Choke: a peer that unchokes us and chokes us again before answering anything would
+        otherwise never count as choking. (A busy seeder answers during each of our turns, with
+        pieces or with Rejects of its seeding policy.)"""
+        if not (peer.peer_choking and peer.am_interested):
+            return 0.0
+        return now - max(peer.answered_at, peer.interested_since)
 
     @property
     def uploads_pending(self) -> int:
@@ -257,6 +338,7 @@ class Transfer:
             if now >= next_rechoke:
                 self._rechoke(now)
                 next_rechoke = now + self.config.rechoke_interval
+                self._drop_choking_links(now)
                 for p in self._idle_links(now):
                     p.close_reason = p.close_reason or "idle: nothing to trade"
                     with trio.move_on_after(2):
@@ -280,6 +362,26 @@ class Transfer:
                 p.idle_since = None
         return out
 
+    def _drop_choking_links(self, now: float) -> None:
+        """Close the links of peers that kept us choked for ``choked_timeout`` while we wanted
+        their pieces and want nothing from us: they take a link the fetch could give to a peer
+        that serves. (A peer interested in us keeps its link: in a large flash crowd a fellow
+        fetcher may leave us choked for minutes and still take our pieces and pass them on; it
+        just does not count as a source, ``can_send``.)"""
+        for p in list(self.peers.values()):
+            waited = self.starved_for(p, now)
+            if waited >= self.config.choked_timeout and not p.slot.interested and not p.closed:
+                self.choked_out[p.id] = now
+                log.info("closing link to %s: kept us choked for %.0f s", p.id, waited)
+                self._drop_link(p, f"kept us choked for {waited:.0f} s while we were interested")
+
+    def _drop_link(self, peer: _Peer, reason: str) -> None:
+        """End ``peer``'s link from outside its tasks, telling it ``reason``."""
+        peer.close_reason, peer.tell = peer.close_reason or reason, True
+        peer.closed = True
+        if peer.scope is not None:
+            peer.scope.cancel()
+
     async def close_links(self) -> None:
         """Close every link of this transfer (their ``serve_link`` calls then return)."""
         for p in list(self.peers.values()):
@@ -289,28 +391,72 @@ class Transfer:
                 except Exception:
                     log.debug("closing link to %s failed", p.id, exc_info=True)
 
-    async def serve_link(self, link: PeerLink, hello: wire.Hello | None = None) -> None:
+    async def serve_link(self, link: PeerLink, hello: wire.Hello | None = None, *,
+                         address: str | None = None) -> None:
         """Trade over ``link`` until either side closes it. Never raises for a peer's fault: the
         link is closed and the peer scored. ``hello`` is the peer's Hello if the caller already
-        read it (to route the stream to this transfer)."""
-        pid = link.peer_id
-        why = ("banned" if pid in self.banned
-               else "duplicate link" if pid in self.peers and not self._replaces(link)
-               else "too many peers" if len(self.peers) + self._handshakes >= self.config.max_peers
-               else "")
+        read it (to route the stream to this transfer); ``address`` the IP address an inbound
+        link comes from, if known (``handshakes_per_address``)."""
+        why = self._refusal(link, address)
         if why:
+            log.info("refusing a link from %s: %s", link.peer_id, why)
             await self._close_link(link, why)
             return
-        self._handshakes += 1  # counted against max_peers until registered or gone
-        in_handshake = [True]
+        hs = self._admit(link, address)
         try:
-            await self._serve_link(link, hello, in_handshake)
+            await self._serve_link(link, hello, hs)
         finally:
-            if in_handshake[0]:
-                self._handshakes -= 1
+            self._handshake_over(hs)
+
+    def _refusal(self, link: PeerLink, address: str | None) -> str:
+        """Why a new link may not start its handshake ("" if it may)."""
+        pid = link.peer_id
+        cfg = self.config
+        inbound = getattr(link, "outbound", None) is False
+        if pid in self.banned:
+            return "banned"
+        if pid in self.peers and not self._replaces(link):
+            return "duplicate link"
+        if self._hs_peers[pid] >= cfg.handshakes_per_peer:
+            return "too many handshakes from this peer"
+        if inbound and address is not None and \
+                self._hs_addresses[address] >= cfg.handshakes_per_address:
+            return "too many handshakes from this address"
+        if len(self.peers) + self._handshakes >= cfg.max_peers:
+            return "too many peers"
+        if inbound and not self.picker.done:
+            links_in = self._hs_inbound + sum(1 for p in self.peers.values() if p.inbound)
+            if links_in >= cfg.max_peers - cfg.reserved_outbound:
+                return "too many peers"
+        return ""
+
+    def _admit(self, link: PeerLink, address: str | None) -> _Handshake:
+        inbound = getattr(link, "outbound", None) is False
+        hs = _Handshake(link.peer_id, address if inbound else None, inbound)
+        self._handshakes += 1
+        self._hs_peers[hs.peer_id] += 1
+        if hs.address is not None:
+            self._hs_addresses[hs.address] += 1
+        self._hs_inbound += hs.inbound
+        return hs
+
+    def _handshake_over(self, hs: _Handshake) -> None:
+        """The link of ``hs`` is registered or gone: it no longer counts as a handshake."""
+        if not hs.open:
+            return
+        hs.open = False
+        self._handshakes -= 1
+        self._hs_peers[hs.peer_id] -= 1
+        if not self._hs_peers[hs.peer_id]:
+            del self._hs_peers[hs.peer_id]
+        if hs.address is not None:
+            self._hs_addresses[hs.address] -= 1
+            if not self._hs_addresses[hs.address]:
+                del self._hs_addresses[hs.address]
+        self._hs_inbound -= hs.inbound
 
     async def _serve_link(self, link: PeerLink, hello: wire.Hello | None,
-                          in_handshake: list[bool]) -> None:
+                          hs: _Handshake) -> None:
         pid = link.peer_id
         peer = _Peer(link, trio.current_time())
         try:
@@ -337,14 +483,14 @@ class Transfer:
             self._forget(old)
             await self._close_link(old.link, None)
         self.peers[pid] = peer
-        self._handshakes -= 1
-        in_handshake[0] = False
+        self._handshake_over(hs)
         self.stats.setdefault(pid, PeerStats())
         self.picker.peer_has(peer.have)
         try:
             self._update_interest(peer)
             self._fill_slots()
             async with trio.open_nursery() as nursery:
+                peer.scope = nursery.cancel_scope
                 nursery.start_soon(self._guard, peer, self._writer, nursery.cancel_scope)
                 await self._guard(peer, self._reader, nursery.cancel_scope)
         except Exception:  # a bug of ours: log it loudly, but one link never takes the node down
@@ -457,6 +603,7 @@ class Transfer:
                 except StoreError as e:  # damaged on disk or gone: they must ask elsewhere
                     log.warning("cannot serve piece %d of %s: %s", index, self.manifest.model, e)
                     peer.control.append(wire.Reject(index))
+                    self._take_back_dropped()
                     continue
                 finally:
                     self._sending -= 1
@@ -527,9 +674,11 @@ class Transfer:
             self._fill_all()
         elif isinstance(msg, wire.Unchoke):
             peer.peer_choking = False
+            self.choked_out.pop(peer.id, None)
             self._fill_requests(peer)
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
+            peer.answered_at = now
             peer.refused[i] = now + self.config.reject_backoff
             self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
@@ -559,6 +708,7 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
+        peer.answered_at = trio.current_time()
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
@@ -586,6 +736,7 @@ class Transfer:
                 self._writing.discard(i)
         finally:
             self.picker.request_ended(i)
+        self._take_back_dropped()
         st = self.stats[peer.id]
         st.bytes_down += n
         st.pieces_down += 1
@@ -625,6 +776,26 @@ class Transfer:
         else:
             self._fill_all()
 
+    def _take_back_dropped(self) -> None:
+        """Pieces the store dropped after we counted them (a file's whole-file check at completion
+        found them rotten on disk, or a restored piece failed re-verification on a read) are
+        missing again: fetch them again. Without this the transfer counted them as held,
+        ``completed`` fired and ``Download.finalize`` failed ("must be fetched again")."""
+        take = getattr(self.store, "take_dropped", None)
+        if take is None:
+            return
+        lost = take() & self.have
+        if not lost:
+            return
+        log.warning("%s: the store dropped %d piece(s) that failed re-verification; fetching "
+                    "them again", self.manifest.model, len(lost))
+        for i in lost:
+            self.have.discard(i)
+            self.picker.lost(i)
+        for p in self.peers.values():
+            self._update_interest(p)
+        self._fill_all()
+
     def _fail(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
@@ -643,6 +814,8 @@ class Transfer:
         want = not self.picker.done and self.picker.interesting(peer.have)
         if want != peer.am_interested:
             peer.am_interested = want
+            if want:
+                peer.interested_since = trio.current_time()
             peer.post(wire.Interested() if want else wire.NotInterested())
         if want:
             self._fill_requests(peer)

@@ -404,7 +404,7 @@ class Node:
             finally:
                 await link.aclose()
             return
-        await sh.transfer.serve_link(link, hello)
+        await sh.transfer.serve_link(link, hello, address=_remote_host(link))
 
     # ------------------------------------------------------------------ fetching
 
@@ -676,8 +676,9 @@ class Node:
         while True:
             await trio.sleep(min(1.0, limit / 4))
             now = trio.current_time()
-            able = [p for p in t.peers.values()
-                    if p.timeouts < t.config.max_timeouts and t.picker.interesting(p.have)]
+            # A peer that keeps us choked for ``choked_timeout`` is no source (finding 9 of the
+            # security review: counted as one, a provider that never unchoked stalled forever).
+            able = t.able_peers()
             if len(t.have) != have or able or t._handshakes:
                 have, since = len(t.have), now
                 continue
@@ -689,9 +690,18 @@ class Node:
                 ids = ", ".join(sorted(pid[:16] for pid in t.banned))
                 raise VerificationFailed(f"{what}; {len(t.banned)} peer(s) banned for sending bad "
                                          f"data: {ids}", ())
-            silent = sum(1 for p in t.peers.values() if t.picker.interesting(p.have))
-            raise FetchError(f"{what} ({silent} linked peer(s) with missing pieces stopped "
-                             f"answering; the others are gone)" if silent else
+            silent = sum(1 for p in t.peers.values()
+                         if t.picker.interesting(p.have) and not p.peer_choking)
+            choking = len(t.choked_out) + sum(
+                1 for p in t.peers.values() if p.peer_choking and p.id not in t.choked_out
+                and t.picker.interesting(p.have))
+            why = []
+            if silent:
+                why.append(f"{silent} linked peer(s) with missing pieces stopped answering")
+            if choking:
+                why.append(f"{choking} peer(s) with missing pieces kept us choked "
+                           f"(over {t.config.choked_timeout:.0f} s)")
+            raise FetchError(f"{what} ({'; '.join(why)}; the others are gone)" if why else
                              f"{what} (every provider of the missing pieces is gone)")
 
     async def _connect_loop(self, sh: Shared, providers: list[PeerAddr]) -> None:
@@ -706,7 +716,9 @@ class Node:
                 if p.peer_id in tried or p.peer_id == self.peer_id or p.peer_id in t.banned:
                     continue
                 # Links to peers with nothing we lack (finished or empty) don't count, so a late
-                # fetcher keeps looking for the fetchers it can trade with.
+                # fetcher keeps looking for the fetchers it can trade with; nor do peers that
+                # stopped answering or keep us choked (``Transfer.can_send``), so a fetch whose
+                # links all go to such peers still dials the others.
                 if t.useful_links >= MAX_LINKS_PER_FETCH or len(t.peers) >= t.config.max_peers:
                     break
                 tried.add(p.peer_id)
@@ -835,6 +847,24 @@ def _snapshot_bytes(path: Path) -> int:
             if f.is_file():
                 total += f.stat().st_size
     return total
+def _remote_host(link: Any) -> str | None:
+    """The IP address an inbound link comes from (the engine limits handshakes per address), or
+    None if the link cannot tell. The links do not expose it yet, so look inside: the libp2p
+    stream of a ``StreamLink``, the socket of a ``LaneLink``."""
+    host = getattr(link, "remote_host", None)
+    if isinstance(host, str):
+        return host
+    try:
+        stream = getattr(link, "_stream", None)
+        if stream is not None:
+            addr = stream.get_remote_address()
+            return str(addr[0]) if addr else None
+        sock = getattr(link, "_sock", None)
+        if sock is not None:
+            return str(sock.getpeername()[0])
+    except Exception:  # a closed socket or stream: no address, no per-address limit
+        log.debug("no remote address for %r", link, exc_info=True)
+    return None
 
 
 def _single(e: BaseException) -> BaseException:

@@ -48,7 +48,7 @@ class Picker:
         self.in_flight: dict[int, int] = {}
         self._rng = rng or random.Random()
         self.contended = False  # set by the engine on a Reject: break ties at random from then on
-        pri = frozenset(priority) & self.wanted
+        self._priority = pri = frozenset(priority) & self.wanted
         # Missing pieces per priority class, in order. Class 0 = configs, class 1 = the rest.
         self._classes: list[set[int]] = [set(pri), set(self.wanted - pri)]
 
@@ -78,6 +78,12 @@ class Picker:
         self.have.add(index)
         for c in self._classes:
             c.discard(index)
+
+    def lost(self, index: int) -> None:
+        """``index`` was held and is not any more (the store dropped it): wanted again."""
+        self.have.discard(index)
+        if index in self.wanted:
+            self._classes[0 if index in self._priority else 1].add(index)
 
     # -- queries ---------------------------------------------------------------------------
 

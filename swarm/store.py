@@ -1025,6 +1025,7 @@ class Download:
         self._have: set[int] = set()
         self._unconfirmed: set[int] = set()  # restored from a state file, not re-hashed yet
         self._have_cache: frozenset[int] | None = None
+        self._dropped: set[int] = set()  # held pieces dropped since take_dropped() last ran
         self._blobs_dirty = False  # a file was renamed into blobs/ since the last directory fsync
         self._unflushed = 0
         self._last_flush = time.monotonic()
@@ -1446,6 +1447,13 @@ class Download:
     def missing(self) -> frozenset[int]:
         return self.wanted_pieces - self.have
 
+    def take_dropped(self) -> frozenset[int]:
+        """Pieces that were held and have been dropped since the last call (they failed
+        re-verification on disk): whoever fetches must fetch them again."""
+        with self._lock:
+            out, self._dropped = frozenset(self._dropped), set()
+        return out
+
     @property
     def complete(self) -> bool:
         with self._lock:
@@ -1598,6 +1606,7 @@ class Download:
             for i in indices:
                 if i in self._have:
                     self._have.discard(i)
+                    self._dropped.add(i)
                     f.count -= 1
                 self._unconfirmed.discard(i)
             f.dirty = True

@@ -13,7 +13,7 @@ from swarm import wire
 from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import build_manifest
 from swarm.memlink import link_pair
-from swarm.store import PieceHashMismatch
+from swarm.store import PieceHashMismatch, Store
 
 MiB = 1 << 20
 
@@ -291,3 +291,303 @@ async def test_wrong_manifest_hello_is_refused(model):
                 pass
     assert any(isinstance(x, wire.Error) and "different manifest" in x.reason for x in msgs)
     assert not leech.peers
+
+
+# ---------------------------------------------------------------- link budget (review finding 8)
+
+
+async def _hello_only(m, link):
+    """A link that sends Hello and never a Bitfield, reading what it is sent until closed."""
+    await link.send(wire.Hello(m.manifest_hash, m.num_pieces))
+    try:
+        while True:
+            await link.receive()
+    except Exception:
+        pass
+
+
+async def _refusals(link):
+    """The Error reasons a refused link was told before it was closed."""
+    out = []
+    try:
+        while True:
+            msg = await link.receive()
+            if isinstance(msg, wire.Error):
+                out.append(msg.reason)
+    except Exception:
+        pass
+    return out
+
+
+async def test_one_peer_cannot_fill_the_link_budget_with_handshakes(model, autojump_clock):
+    """64 links of one peer that send Hello and never a Bitfield held all of ``max_peers`` for
+    ``handshake_timeout``: an honest seeder linking meanwhile was refused ("too many peers")."""
+    m, pieces = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        store = DictStore(m)
+        leech = Transfer(m, store, config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        for _ in range(config.max_peers):
+            la, lb = link_pair("flooder", "leech")
+            n.start_soon(_hello_only, m, la)
+            n.start_soon(leech.serve_link, lb)
+        await trio.sleep(0.1)
+        seed = Transfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+        n.start_soon(seed.run)
+        la, lb = link_pair("seed", "leech")
+        n.start_soon(seed.serve_link, la)
+        n.start_soon(leech.serve_link, lb)
+        with trio.fail_after(config.handshake_timeout / 2):  # virtual time: exact
+            while "seed" not in leech.peers:
+                await trio.sleep(0.01)
+            await leech.completed.wait()
+        assert leech._handshakes == config.handshakes_per_peer == 2  # the flooder's
+        n.cancel_scope.cancel()
+    assert store.pieces == pieces
+
+
+async def test_inbound_strangers_leave_room_for_links_we_open(model, autojump_clock):
+    """64 strangers (distinct peer ids) dial a fetching transfer and never finish the handshake:
+    they take at most ``max_peers - reserved_outbound`` links, and the provider we dial gets in."""
+    m, pieces = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        store = DictStore(m)
+        leech = Transfer(m, store, config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        told = []
+
+        async def stranger(k):
+            la, lb = link_pair(f"stranger{k}", "leech")
+            lb.outbound = False  # they dialed us
+            n.start_soon(leech.serve_link, lb)
+            await la.send(wire.Hello(m.manifest_hash, m.num_pieces))
+            told.extend(await _refusals(la))
+
+        for k in range(config.max_peers):
+            n.start_soon(stranger, k)
+        await trio.sleep(0.1)
+        held = leech._handshakes
+        seed = Transfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+        n.start_soon(seed.run)
+        la, lb = link_pair("seed", "leech")
+        la.outbound, lb.outbound = False, True  # we dial the provider
+        n.start_soon(seed.serve_link, la)
+        n.start_soon(leech.serve_link, lb)
+        with trio.fail_after(config.handshake_timeout / 2):
+            await leech.completed.wait()
+        n.cancel_scope.cancel()
+    assert store.pieces == pieces
+    assert held == config.max_peers - config.reserved_outbound == 48
+    assert told.count("too many peers") == config.reserved_outbound
+
+
+async def test_handshakes_per_address_are_limited(model, autojump_clock):
+    m, pieces = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        seed = Transfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+        n.start_soon(seed.run)
+        told = []
+
+        async def stranger(k, address):
+            la, lb = link_pair(f"stranger{k}", "seed")
+            lb.outbound = False
+            n.start_soon(partial_serve(seed, lb, address))
+            await la.send(wire.Hello(m.manifest_hash, m.num_pieces))
+            told.extend(await _refusals(la))
+
+        for k in range(20):
+            n.start_soon(stranger, k, "192.0.2.66")
+        await trio.sleep(0.1)
+        assert seed._handshakes == config.handshakes_per_address
+        assert told.count("too many handshakes from this address") == 20 - 8
+        # A seeder (complete) gives inbound links every slot, reserved ones included.
+        for k in range(config.max_peers):
+            n.start_soon(stranger, 100 + k, f"198.51.100.{k}")
+        await trio.sleep(0.1)
+        assert seed._handshakes == config.max_peers
+        n.cancel_scope.cancel()
+
+
+def partial_serve(t, link, address):
+    async def go():
+        await t.serve_link(link, address=address)
+    return go
+
+
+# ---------------------------------------------------------------- choking providers (finding 9)
+
+
+class ChokingPeer:
+    """Handshakes claiming every piece, then never unchokes (reads and ignores everything)."""
+
+    def __init__(self, m, link):
+        self.m, self.link = m, link
+        self.told = []
+
+    async def run(self):
+        await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces),
+                                                              self.m.num_pieces)))
+        try:
+            while True:
+                msg = await self.link.receive()
+                if isinstance(msg, wire.Error):
+                    self.told.append(msg.reason)
+        except Exception:
+            pass
+
+
+async def test_a_peer_that_keeps_us_choked_stops_counting_and_is_closed(model, autojump_clock):
+    """A provider that never unchokes counted as a source forever: ``useful_links`` stayed 1 (the
+    node dialed nobody else) and the stall watchdog never fired."""
+    m, _ = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("choker", "leech")
+        choker = ChokingPeer(m, la)
+        n.start_soon(choker.run)
+        n.start_soon(leech.serve_link, lb)
+        await trio.sleep(1)
+        assert leech.useful_links == 1  # a peer gets time to give us a slot ...
+        await trio.sleep(57)
+        assert leech.useful_links == 1
+        await trio.sleep(3)  # ... up to choked_timeout = 60 s
+        assert leech.useful_links == 0
+        assert config.choked_timeout == 60
+        assert "choker" not in leech.peers and "choker" in leech.choked_out
+        assert any("kept us choked" in r for r in choker.told), choker.told
+        # Linked again, it counts as a source only once it unchokes us.
+        la, lb = link_pair("choker", "leech")
+        n.start_soon(ChokingPeer(m, la).run)
+        n.start_soon(leech.serve_link, lb)
+        await trio.sleep(1)
+        assert "choker" in leech.peers and leech.useful_links == 0
+        await la.send(wire.Unchoke())
+        await trio.sleep(0.1)
+        assert leech.useful_links == 1 and "choker" not in leech.choked_out
+        n.cancel_scope.cancel()
+
+
+async def test_a_peer_that_unchokes_and_chokes_again_without_sending_counts_as_choking(
+        model, autojump_clock):
+    """Unchoke, then Choke again before any piece, every 30 s: the wait is counted from the last
+    piece received, not from the last Choke, so this peer too stops counting as a source."""
+    m, _ = model
+    config = cfg()
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("flapper", "leech")
+        flapper = ChokingPeer(m, la)
+        n.start_soon(flapper.run)
+        n.start_soon(leech.serve_link, lb)
+
+        async def flap():
+            while True:
+                await trio.sleep(30)
+                await la.send(wire.Unchoke())
+                await la.send(wire.Choke())
+
+        n.start_soon(flap)
+        await trio.sleep(57)
+        assert leech.useful_links == 1
+        await trio.sleep(5)
+        assert leech.useful_links == 0 and "flapper" in leech.choked_out
+        n.cancel_scope.cancel()
+
+
+async def test_a_choking_peer_interested_in_us_keeps_its_link(model, autojump_clock):
+    """A peer that wants our pieces keeps its link however long it chokes us (we serve it; a
+    fellow fetcher of a large crowd may take minutes to unchoke us), but stops counting as a
+    source after ``choked_timeout``."""
+    m, pieces = model
+    config = cfg()
+    half = {i: pieces[i] for i in range(0, m.num_pieces, 2)}
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m, half), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("choker", "leech")
+        n.start_soon(ChokingPeer(m, la).run)
+        n.start_soon(leech.serve_link, lb)
+        await trio.sleep(0.1)
+        await la.send(wire.Interested())
+        await trio.sleep(config.choked_timeout + 5)
+        assert "choker" in leech.peers and leech.useful_links == 0
+        assert not leech.choked_out
+        n.cancel_scope.cancel()
+
+
+async def test_waiting_our_turn_at_a_busy_seeder_is_not_choking(model, autojump_clock):
+    """A seeder with one upload slot, reading a piece in 0.25 s, and 16 leechers: each waits its
+    turn (fair rotation every ``slot_hold``, about 30 s of waiting) and is not closed for being
+    kept choked (``choked_timeout``); all complete."""
+    m, pieces = model
+    config = cfg(upload_slots=1, slot_hold=2.0, rechoke_interval=1.0)
+
+    async def slow_disk(fn, *args):
+        await trio.sleep(0.25)
+        return fn(*args)
+
+    async with trio.open_nursery() as n:
+        net = Net(n)
+        net.add("seed", Transfer(m, DictStore(m, pieces), config=config, run_blocking=slow_disk))
+        leeches = [net.add(f"l{k}", Transfer(m, DictStore(m), config=config, run_blocking=direct,
+                                             rng=random.Random(k))) for k in range(16)]
+        for k in range(16):
+            net.connect("seed", f"l{k}")
+        with trio.fail_after(600):
+            for t in leeches:
+                await t.completed.wait()
+        n.cancel_scope.cancel()
+    assert all(not t.choked_out for t in leeches)
+
+
+# ---------------------------------------------------------------- the engine over the real store
+
+
+async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):
+    """A piece rots on disk after it was verified and written, before its file completes: the
+    store's whole-file check at completion finds it and drops it (``Download._drop``). The engine
+    did not learn it: it counted the file as complete, ``completed`` fired, and ``finalize``
+    raised "pieces failed re-verification and must be fetched again" instead of the piece being
+    fetched again (issue #13)."""
+    m, pieces = model
+    f = next(k for k, fe in enumerate(m.files) if fe.path.startswith("model-00001"))
+    target = list(m.file_piece_range(f))[3]  # a middle piece: it arrives out of file order
+    first = {i: pieces[i] for i in m.config_piece_indices() | {target}}
+    dl = Store(tmp_path / "cache").open_download(m)
+    try:
+        leech = Transfer(m, dl, config=cfg())  # worker threads, like a node
+        async with trio.open_nursery() as n:
+            net = Net(n)
+            net.add("leech", leech)
+            net.add("first", Transfer(m, DictStore(m, first), config=cfg(), run_blocking=direct))
+            net.connect("first", "leech")
+            with trio.fail_after(20):
+                while target not in dl.have:
+                    await trio.sleep(0.01)
+            part = tmp_path / "cache" / "models--org--tiny" / "blobs" / (
+                m.files[f].blake3.split(":", 1)[1] + ".incomplete")
+            with open(part, "r+b") as fh:  # one byte of the piece rots on disk
+                fh.seek(m.pieces[target].offset + 100)
+                b = fh.read(1)
+                fh.seek(m.pieces[target].offset + 100)
+                fh.write(bytes([b[0] ^ 0xFF]))
+            net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct))
+            net.connect("seed", "leech")
+            with trio.fail_after(30):
+                await leech.completed.wait()
+            n.cancel_scope.cancel()
+        assert dl.complete, f"the store lacks {sorted(dl.missing)}; the engine thought it done"
+        path = await trio.to_thread.run_sync(dl.finalize, "main")
+    finally:
+        dl.close()
+    for k, fe in enumerate(m.files):
+        want = b"".join(pieces[i] for i in m.file_piece_range(k))
+        assert (path / fe.path).read_bytes() == want, fe.path
+    assert leech.peer_stats("seed").pieces_down >= 1
