@@ -247,7 +247,6 @@ class Transfer:
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
         self._writing: set[int] = set()
-        self._handshakes = 0  # links still in their handshake (they count against max_peers)
         self._sending = 0  # pieces being sent right now (a drain waits for them)
         # Links still in their handshake: they count against max_peers, and per peer id, per
         # address and inbound against the limits of EngineConfig (see _refusal).
