@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,6 +47,17 @@ log = logging.getLogger(__name__)
 
 MANIFEST_ASK_FANOUT = 8
 """Providers asked for manifests at once; more adds load without changing the vote much."""
+MANIFEST_ASK_TIMEOUT = 5.0
+"""Seconds one provider has to answer a manifest request (dial included)."""
+MANIFEST_STRAGGLER_GRACE = 0.25
+"""Seconds the manifest choice waits for providers still out once a usable manifest is in:
+providers that vanished (their records live 48 h in the DHT) would otherwise hold every fetch by
+name for MANIFEST_ASK_TIMEOUT. Connected providers answer in milliseconds."""
+PROVIDER_FAILURE_MEMORY = 600.0
+"""Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
+(made-up provider records, vanished peers, peers that were only busy)."""
+MAX_REMEMBERED_FAILURES = 4096
+"""Providers remembered as failing; the oldest is forgotten first (made-up ids are free)."""
 LOOKUP_FIRST = 0.3
 """Seconds between the first DHT lookups of a fetch, while fellow fetchers are announcing."""
 LOOKUP_RETRY = 1.0
@@ -115,6 +128,7 @@ class Node:
         self._manifest_cache = _ManifestCache(self.home / "manifests")
         self._signatures = self.home / "signatures"
         self._fetch_locks: dict[bytes, trio.Lock] = {}
+        self._unanswered: dict[str, float] = {}  # peer id -> when it last failed us (oldest first)
         self.lane: LaneService | None = None
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
@@ -348,7 +362,7 @@ class Node:
 
         async def ask(p: PeerAddr) -> None:
             try:
-                replies = await self.host.fetch_manifests(p, request, timeout=5.0)
+                replies = await self._fetch_manifests_from(p, request)
             except Exception as e:
                 reasons.append(f"{p.peer_id[:12]}: {e}")
                 return
@@ -373,10 +387,8 @@ class Node:
                 votes[h] += 1
                 holders.setdefault(h, []).append(p)
 
-        self.rng.shuffle(providers)
-        async with trio.open_nursery() as n:
-            for p in providers[:MANIFEST_ASK_FANOUT]:
-                n.start_soon(ask, p)
+        providers = self._order_providers(providers)
+        asked = await self._ask_in_turn(providers, ask, settled=lambda: bool(votes))
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
@@ -384,9 +396,93 @@ class Node:
         log_ = log.warning if len(votes) > 1 else log.info
         log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
              "%d distinct manifests offered", req.repo_id, manifests[best].hash_str[:20],
-             manifests[best].revision, count, min(len(providers), MANIFEST_ASK_FANOUT), len(votes))
+             manifests[best].revision, count, asked, len(votes))
         return (manifests[best], signatures.get(best, b""),
                 holders[best] + [p for p in providers if p not in holders[best]])
+
+    # ------------------------------------------------------------------ provider order and scores
+
+    def _order_providers(self, providers: list[PeerAddr]) -> list[PeerAddr]:
+        """The order to try providers in: those that failed us in the last
+        PROVIDER_FAILURE_MEMORY seconds last, peers we are connected to first, otherwise the
+        lookup's order (first-hand records before hearsay) shuffled within groups of
+        MANIFEST_ASK_FANOUT to spread the load."""
+        connected = set(self.host.connected_peers())
+        keyed = [((self._failed_recently(p.peer_id), p.peer_id not in connected,
+                   i // MANIFEST_ASK_FANOUT, self.rng.random()), p)
+                 for i, p in enumerate(providers)]
+        return [p for _, p in sorted(keyed, key=lambda kp: kp[0])]
+
+    def _failed_recently(self, peer_id: str) -> bool:
+        when = self._unanswered.get(peer_id)
+        if when is None:
+            return False
+        if time.monotonic() - when > PROVIDER_FAILURE_MEMORY:
+            del self._unanswered[peer_id]
+            return False
+        return True
+
+    def _note_failed(self, peer_id: str) -> None:
+        self._unanswered.pop(peer_id, None)
+        self._unanswered[peer_id] = time.monotonic()
+        while len(self._unanswered) > MAX_REMEMBERED_FAILURES:
+            del self._unanswered[next(iter(self._unanswered))]
+
+    async def _fetch_manifests_from(self, p: PeerAddr, request: wire.ManifestRequest
+                                    ) -> list[wire.ManifestReply]:
+        """``host.fetch_manifests``, remembering whether the provider answered."""
+        try:
+            replies = await self.host.fetch_manifests(p, request, timeout=MANIFEST_ASK_TIMEOUT)
+        except Exception:
+            self._note_failed(p.peer_id)
+            raise
+        self._unanswered.pop(p.peer_id, None)
+        return replies
+
+    async def _ask_in_turn(self, providers: list[PeerAddr],
+                           ask: Callable[[PeerAddr], Any], *, settled: Callable[[], bool]) -> int:
+        """Run ``ask`` on providers in order, MANIFEST_ASK_FANOUT at a time; returns how many were
+        asked. While no usable manifest is in (``settled()``), each that finishes makes room for
+        the next, so providers that are made up or gone cannot end a fetch while untried ones
+        remain. Once one is in, no more are asked, and those still out get
+        MANIFEST_STRAGGLER_GRACE seconds before they are cut off (and asked last next time)."""
+        queue = list(providers)
+        out: set[str] = set()
+        finished_send, finished = trio.open_memory_channel[str](math.inf)
+        asked = 0
+
+        async def one(p: PeerAddr) -> None:
+            try:
+                await ask(p)
+            finally:
+                finished_send.send_nowait(p.peer_id)
+
+        async with trio.open_nursery() as n:
+
+            def start_next() -> None:
+                nonlocal asked
+                p = queue.pop(0)
+                out.add(p.peer_id)
+                asked += 1
+                n.start_soon(one, p)
+
+            while queue and len(out) < MANIFEST_ASK_FANOUT:
+                start_next()
+            cutoff = math.inf
+            while out:
+                with trio.move_on_at(cutoff):
+                    out.discard(await finished.receive())
+                    if settled():
+                        cutoff = min(cutoff, trio.current_time() + MANIFEST_STRAGGLER_GRACE)
+                    elif queue:
+                        start_next()
+                    continue
+                break
+            for pid in out:
+                log.info("manifest request to %s cut off after the grace period", pid[:12])
+                self._note_failed(pid)
+            n.cancel_scope.cancel()
+        return asked
 
     @staticmethod
     def _acceptable(m: Manifest, req: FetchRequest, manifest_hash: bytes | None) -> bool:
@@ -494,7 +590,7 @@ class Node:
         pending = list(providers)
         lookups = 0
         while not t.completed.is_set():
-            for p in pending:
+            for p in self._order_providers(pending):
                 if p.peer_id in tried or p.peer_id == self.peer_id or p.peer_id in t.banned:
                     continue
                 # Links to peers with nothing we lack (finished or empty) don't count, so a late
@@ -534,6 +630,7 @@ class Node:
                 link = await self.host.open_pieces_link(p)
             except Exception as e:
                 log.info("cannot open pieces link to %s: %s", p.peer_id[:12], e)
+                self._note_failed(p.peer_id)
                 return
         await t.serve_link(link)
 
