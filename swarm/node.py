@@ -107,10 +107,19 @@ class Shared:
     announced_model: bool = False
     ready: trio.Event = attrs.Factory(trio.Event)  # finalized (path set) or failed
     error: str = ""
+    _encoded: bytes = b""
 
     @property
     def complete(self) -> bool:
         return self.path is not None
+
+    @property
+    def encoded_manifest(self) -> bytes:
+        """The manifest's bytes, encoded once: every manifest reply shares them (a reply used to
+        hold its own copy for as long as a slow reader took)."""
+        if not self._encoded:
+            self._encoded = self.manifest.encode()
+        return self._encoded
 
 
 class Node:
@@ -274,7 +283,7 @@ class Node:
                 continue
             if not (sh.complete or req.manifest_hash):
                 continue  # partial copies are found by hash, not by name
-            out.append((m.encode(), sh.signature))
+            out.append((sh.encoded_manifest, sh.signature))
         return out[: wire.MAX_MANIFESTS_PER_REPLY]
 
     async def _on_pieces_link(self, link: Any, hello: wire.Hello) -> None:

@@ -74,7 +74,16 @@ HELLO_TIMEOUT = 10.0
 MANIFEST_REQUEST_TIMEOUT = 10.0
 """Seconds an inbound manifest stream has to send its request."""
 MANIFEST_REPLY_TIMEOUT = 60.0
-"""Seconds we spend sending one manifest reply (at most 16 manifests of at most 16 MiB)."""
+"""Seconds we spend sending one manifest reply (at most MAX_MANIFEST_REPLY_BYTES)."""
+MAX_MANIFEST_STREAMS_PER_PEER = 4
+"""Inbound manifest requests served at once per peer; more are answered "busy". A fetch by name
+asks each provider once, so a node fetching four models at once still fits. Each stream being
+served holds at most one encoded frame (frames are encoded while sending) for a reader that may
+take MANIFEST_REPLY_TIMEOUT: before these bounds, 30-byte requests that were never read made us
+build and hold a whole reply each (up to 16 x 16 MiB)."""
+MAX_MANIFEST_STREAMS = 64
+"""Inbound manifest requests served at once in all (many peers, or one with many identities); a
+refused asker tries its other providers."""
 PROVIDE_TIMEOUT = 30.0
 ADDR_TTL = 24 * 3600
 """Seconds the peerstore keeps the addresses of a peer we dialled (py-libp2p's connect: 120 s)."""
@@ -396,6 +405,7 @@ class SwarmHost:
         self._pieces_handler: Callable[[StreamLink, wire.Hello], Awaitable[None]] | None = None
         self._lane_handler: Callable[[Any], Awaitable[None]] | None = None
         self._dial_locks: dict[ID, trio.Lock] = {}
+        self._manifest_streams: dict[str, int] = {}  # peer id -> manifest requests being served
         self._running = False
         self._ran = False
 
@@ -830,9 +840,16 @@ class SwarmHost:
                                           self._on_manifest_stream)
 
     async def _on_manifest_stream(self, stream) -> None:
+        peer = _stream_peer(stream, full=True)
         link: StreamLink | None = None
+        admitted = self._admit_manifest_stream(peer)
         try:
             link = StreamLink(stream, frozenset({wire.ManifestRequest.TYPE}))
+            if not admitted:
+                log.info("manifest request from %s refused: busy", peer[:16])
+                with trio.move_on_after(1):
+                    await link.send(wire.Error("busy: too many manifest requests at once"))
+                return
             with trio.fail_after(MANIFEST_REQUEST_TIMEOUT):
                 req = await link.receive()
             if not isinstance(req, wire.ManifestRequest):  # the decoder admits nothing else
@@ -846,26 +863,43 @@ class SwarmHost:
                 items = fn(req)
                 if inspect.isawaitable(items):
                     items = await items
-                # Encode all first: a bad item (ValueError) fails before anything is sent.
-                frames = [wire.encode(wire.ManifestReply(bytes(m), bytes(s)))
-                          for m, s in list(items)[: wire.MAX_MANIFESTS_PER_REPLY]]
+                # Check all first: a bad item (ValueError) fails before anything is sent.
+                replies = _reply_budget(items)
             except Exception:
-                log.exception("manifest handler failed for %r from %s", req, link.peer_id[:16])
+                log.exception("manifest handler failed for %r from %s", req, peer[:16])
                 with trio.move_on_after(2):
                     await link.send(wire.Error("internal error"))
                 return
             with trio.fail_after(MANIFEST_REPLY_TIMEOUT):
-                for f in frames:
-                    await link.send_frame(f)
-                await link.send(wire.ManifestEnd(len(frames)))
+                for r in replies:  # encoded one at a time: a slow reader pins one frame
+                    await link.send(r)
+                await link.send(wire.ManifestEnd(len(replies)))
         except trio.TooSlowError:
-            log.info("manifest stream from %s timed out", _stream_peer(stream))
+            log.info("manifest stream from %s timed out", peer[:16])
         except (LinkClosed, wire.ProtocolError) as e:
-            log.info("manifest stream from %s: %s", _stream_peer(stream), e)
+            log.info("manifest stream from %s: %s", peer[:16], e)
         except Exception:
-            log.exception("manifest stream from %s failed", _stream_peer(stream))
+            log.exception("manifest stream from %s failed", peer[:16])
         finally:
+            if admitted:
+                self._release_manifest_stream(peer)
             await _close(link, stream)
+
+    def _admit_manifest_stream(self, peer: str) -> bool:
+        """Count an inbound manifest stream in, unless MAX_MANIFEST_STREAMS_PER_PEER (or
+        MAX_MANIFEST_STREAMS in all) are being served already."""
+        if (self._manifest_streams.get(peer, 0) >= MAX_MANIFEST_STREAMS_PER_PEER
+                or sum(self._manifest_streams.values()) >= MAX_MANIFEST_STREAMS):
+            return False
+        self._manifest_streams[peer] = self._manifest_streams.get(peer, 0) + 1
+        return True
+
+    def _release_manifest_stream(self, peer: str) -> None:
+        left = self._manifest_streams.get(peer, 1) - 1
+        if left > 0:
+            self._manifest_streams[peer] = left
+        else:
+            self._manifest_streams.pop(peer, None)
 
     async def fetch_manifests(self, peer: str | PeerAddr, request: wire.ManifestRequest, *,
                               timeout: float = 10.0) -> list[wire.ManifestReply]:
@@ -1013,11 +1047,33 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-def _stream_peer(stream) -> str:
+def _stream_peer(stream, *, full: bool = False) -> str:
     try:
-        return stream.muxed_conn.peer_id.to_base58()[:16]
+        pid = stream.muxed_conn.peer_id.to_base58()
     except Exception:
         return "?"
+    return pid if full else pid[:16]
+
+
+def _reply_budget(items: Iterable[tuple[bytes, bytes]]) -> list[wire.ManifestReply]:
+    """The replies to send for a manifest handler's answer: at most MAX_MANIFESTS_PER_REPLY, and
+    only as many as fit MAX_MANIFEST_REPLY_BYTES together (the asker refuses a bigger reply whole).
+    ValueError for an item no peer would accept. Nothing is copied (bytes stay shared)."""
+    out: list[wire.ManifestReply] = []
+    total = 0
+    for m, sig in itertools.islice(items, wire.MAX_MANIFESTS_PER_REPLY):
+        m, sig = bytes(m), bytes(sig)
+        if len(sig) > wire.MAX_SIGNATURE_BYTES:
+            raise ValueError("ManifestReply.signature too long")
+        if len(m) + len(sig) + 16 > wire.MAX_MANIFEST_FRAME:
+            raise ValueError(f"manifest of {len(m)} bytes over MAX_MANIFEST_FRAME")
+        total += len(m) + len(sig)
+        if total > wire.MAX_MANIFEST_REPLY_BYTES:
+            log.warning("manifest reply cut at %d of its manifests (MAX_MANIFEST_REPLY_BYTES)",
+                        len(out))
+            break
+        out.append(wire.ManifestReply(m, sig))
+    return out
 
 
 async def _close(link: StreamLink | None, stream) -> None:
