@@ -568,33 +568,42 @@ class SwarmHost:
                     return
                 known = self._known_addrs(pid)
                 if addrs:
-                    # Dial exactly the addresses given (the caller's, or fresh from a provider
-                    # record). py-libp2p dials one TCP address per peer, the first its peerstore
-                    # holds, and refuses for 60 s a peer whose last dial failed: a peer restarted
-                    # on a new port stayed unreachable behind its stale address (kept ADDR_TTL).
-                    if not set(addrs) <= set(known):
-                        self._host.get_network().unblock_peer(pid)
-                    self._host.get_peerstore().clear_addrs(pid)
-                    try:
-                        await self._dial(PeerInfo(pid, addrs))
-                        return
-                    except NetError:
-                        # The addresses given may be a third party's junk: the ones we knew (from
-                        # an earlier dial) are not given up for them.
-                        known = [a for a in known if a not in addrs]
-                        if not known:
-                            raise
-                        self._host.get_network().unblock_peer(pid)
-                        self._host.get_peerstore().clear_addrs(pid)
-                        log.debug("dialling %s at the addresses we knew before", pid)
-                    addrs = []
-                if not addrs:
-                    addrs = known
-                if not addrs:
-                    addrs = await self._find_addrs(pid)
-                if not addrs:
+                    # The addresses given (the caller's, or a provider record's) first; those we
+                    # knew (from an earlier dial) after them, not given up for them: a record
+                    # may be a third party's junk.
+                    tries = [addrs] + ([rest] if (rest := [a for a in known if a not in addrs])
+                                       else [])
+                else:
+                    tries = [known or await self._find_addrs(pid)]
+                if not tries[0]:
                     raise NetError(f"no address known for {pid.to_base58()}")
-                await self._dial(PeerInfo(pid, addrs))
+                tried: set[multiaddr.Multiaddr] = set()
+                try:
+                    for i, attempt in enumerate(tries):
+                        # Dial exactly these addresses. py-libp2p dials one TCP address per
+                        # peer, the first its peerstore holds, and refuses for 60 s a peer whose
+                        # last dial failed: a peer restarted on a new port stayed unreachable
+                        # behind its stale address (kept ADDR_TTL).
+                        if i or not set(attempt) <= set(known):
+                            self._host.get_network().unblock_peer(pid)
+                        self._host.get_peerstore().clear_addrs(pid)
+                        tried.update(attempt)
+                        try:
+                            await self._dial(PeerInfo(pid, attempt))
+                            return
+                        except NetError:
+                            if i == len(tries) - 1:
+                                raise
+                            log.debug("dialling %s at the addresses we knew before", pid)
+                finally:
+                    if not self._is_connected(pid):
+                        # Leave no address that failed (or whose dial was cut off) in the
+                        # peerstore: py-libp2p's closest-peer lookup falls back to every peer
+                        # there and hung on a silent provider's address (measured: every DHT
+                        # lookup after one took its whole timeout).
+                        self._host.get_peerstore().clear_addrs(pid)
+                        if keep := [a for a in known if a not in tried]:
+                            self._host.get_peerstore().add_addrs(pid, keep, ADDR_TTL)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._dial_locks.pop(pid, None)
@@ -730,7 +739,10 @@ class SwarmHost:
                     if attempt:
                         await trio.sleep(random.uniform(0.05, 0.25) * attempt)
                     async with sem:
-                        provs, more = await self._get_providers_from(peer, key)
+                        answer = await self._get_providers_from(peer, key)
+                    if answer is None:  # unreachable: no point in asking again
+                        return
+                    provs, more = answer
                     if provs or more:
                         break
                     # Neither providers nor closer peers: most likely refused. py-libp2p's DHT
@@ -765,8 +777,11 @@ class SwarmHost:
                     break
                 await ask_all(more)
 
-    async def _get_providers_from(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]]:
-        """One GET_PROVIDERS to ``peer``: (providers, closer peers), ([], []) on any failure.
+    async def _get_providers_from(self, peer: ID, key: bytes
+                                  ) -> tuple[list[PeerInfo], list[ID]] | None:
+        """One GET_PROVIDERS to ``peer``: (providers, closer peers); ([], []) on a failed request,
+        None if no connection could be made (py-libp2p's closest-peer lookup also returns peers
+        it merely has in its peerstore: asking those four times cost ~1 s per lookup).
 
         Our own client of the request rather than py-libp2p 0.8.1's (a private helper of its
         ProviderStore), which turns every address of the answer into a Multiaddr: a 4 MiB answer
@@ -777,6 +792,11 @@ class SwarmHost:
         dropped for the sender's own record, as py-libp2p drops an invalid one)."""
         try:
             stream = await self._host.new_stream(peer, [KAD_PROTOCOL_ID])
+        except Exception as e:
+            # A busy DHT peer resets the stream during negotiation: that one is asked again.
+            log.debug("GET_PROVIDERS to %s: no stream: %r", peer, e)
+            return ([], []) if self._is_connected(peer) else None
+        try:
             try:
                 req = KadMessage()
                 req.type = KadMessage.MessageType.GET_PROVIDERS
