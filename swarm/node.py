@@ -50,9 +50,13 @@ MANIFEST_ASK_FANOUT = 8
 MANIFEST_ASK_TIMEOUT = 5.0
 """Seconds one provider has to answer a manifest request (dial included)."""
 MANIFEST_STRAGGLER_GRACE = 0.25
-"""Seconds the manifest choice waits for providers still out once a usable manifest is in:
-providers that vanished (their records live 48 h in the DHT) would otherwise hold every fetch by
-name for MANIFEST_ASK_TIMEOUT. Connected providers answer in milliseconds."""
+"""Seconds the manifest choice waits for providers still out once a usable manifest is in, when
+one manifest is as good as a majority (pinned hash, trusted publishers): providers that vanished
+(their records live 48 h in the DHT) would otherwise hold the fetch for MANIFEST_ASK_TIMEOUT.
+Connected providers answer in milliseconds."""
+MANIFEST_VOTE_GRACE = 2.0
+"""The same under the "open" policy, where the majority of answers picks the manifest: long enough
+for providers that need a dial across a WAN to answer and vote, short of MANIFEST_ASK_TIMEOUT."""
 PROVIDER_FAILURE_MEMORY = 600.0
 """Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
 (made-up provider records, vanished peers, peers that were only busy)."""
@@ -397,7 +401,12 @@ class Node:
                 holders.setdefault(h, []).append(p)
 
         providers = self._order_providers(providers)
-        asked = await self._ask_in_turn(providers, ask, settled=lambda: bool(votes))
+        # A manifest pinned by hash, or signed by a trusted publisher, is as good from one
+        # provider as from eight; under "open" the votes of providers that answer count.
+        one_suffices = manifest_hash is not None or self.config.trust.mode != "open"
+        asked = await self._ask_in_turn(
+            providers, ask, settled=lambda: bool(votes),
+            grace=MANIFEST_STRAGGLER_GRACE if one_suffices else MANIFEST_VOTE_GRACE)
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
@@ -448,15 +457,17 @@ class Node:
         self._unanswered.pop(p.peer_id, None)
         return replies
 
-    async def _ask_in_turn(self, providers: list[PeerAddr],
-                           ask: Callable[[PeerAddr], Any], *, settled: Callable[[], bool]) -> int:
+    async def _ask_in_turn(self, providers: list[PeerAddr], ask: Callable[[PeerAddr], Any], *,
+                           settled: Callable[[], bool], grace: float) -> int:
         """Run ``ask`` on providers in order, MANIFEST_ASK_FANOUT at a time; returns how many were
         asked. While no usable manifest is in (``settled()``), each that finishes makes room for
         the next, so providers that are made up or gone cannot end a fetch while untried ones
-        remain. Once one is in, no more are asked, and those still out get
-        MANIFEST_STRAGGLER_GRACE seconds before they are cut off (and asked last next time)."""
-        queue = list(providers)
-        out: set[str] = set()
+        remain. Providers that failed us recently are asked only once every other one has
+        finished without a usable manifest. Once one is in, no more are asked, and those still
+        out get ``grace`` seconds before they are cut off (and remembered as failed)."""
+        fresh = [p for p in providers if not self._failed_recently(p.peer_id)]
+        stale = [p for p in providers if self._failed_recently(p.peer_id)]
+        out: dict[str, bool] = {}  # peer id -> is it a fresh one
         finished_send, finished = trio.open_memory_channel[str](math.inf)
         asked = 0
 
@@ -468,23 +479,28 @@ class Node:
 
         async with trio.open_nursery() as n:
 
-            def start_next() -> None:
+            def fill() -> None:
                 nonlocal asked
-                p = queue.pop(0)
-                out.add(p.peer_id)
-                asked += 1
-                n.start_soon(one, p)
+                while len(out) < MANIFEST_ASK_FANOUT and not settled():
+                    if fresh:
+                        p, is_fresh = fresh.pop(0), True
+                    elif stale and not any(out.values()):
+                        p, is_fresh = stale.pop(0), False
+                    else:
+                        return
+                    out[p.peer_id] = is_fresh
+                    asked += 1
+                    n.start_soon(one, p)
 
-            while queue and len(out) < MANIFEST_ASK_FANOUT:
-                start_next()
+            fill()
             cutoff = math.inf
             while out:
                 with trio.move_on_at(cutoff):
-                    out.discard(await finished.receive())
-                    if settled():
-                        cutoff = min(cutoff, trio.current_time() + MANIFEST_STRAGGLER_GRACE)
-                    elif queue:
-                        start_next()
+                    out.pop(await finished.receive(), None)
+                    if not settled():
+                        fill()
+                    else:
+                        cutoff = min(cutoff, trio.current_time() + grace)
                     continue
                 break
             for pid in out:

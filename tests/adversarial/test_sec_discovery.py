@@ -30,7 +30,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from swarm import wire
-from swarm.net.host import PeerAddr, StreamLink, SwarmHost, model_key
+from swarm.net.host import PeerAddr, StreamLink, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.sources import FetchRequest
 
@@ -213,42 +213,45 @@ async def _blackhole(task_status=trio.TASK_STATUS_IGNORED) -> None:
 
 @pytest.mark.timeout(120)
 async def test_vanished_providers_do_not_hold_the_manifest_choice(tmp_path, adv_model):
-    """8 provider records of hosts that no longer answer sit next to the honest provider's. The
-    manifest is chosen once the honest answer is in plus a short grace, not after the silent
-    ones' timeout (MANIFEST_ASK_TIMEOUT); they are remembered and asked last next time. Main before
-    the fix: every resolve took the full timeout (and missed the honest provider one time in 9)."""
+    """Provider records of 8 hosts that no longer answer sit next to the honest provider's, under
+    the manifest key and under the model key. A fetch pinned to the manifest hash takes the
+    honest answer plus a short grace (0.25 s), not the silent ones' timeout (MANIFEST_ASK_TIMEOUT).
+    A fetch by name under the "open" policy gives the votes still out 2 s; the silent ones are
+    then remembered and asked only if nobody else answers (the first fetch asks 8 of the 9, the
+    second the 9th). Main before the fix: every resolve waited the full timeout (and by name
+    missed the honest provider one time in 9)."""
     src, m, _ = adv_model
-    key = model_key(MODEL)
     async with AsyncExitStack() as stack:
         front = await start_node(stack, tmp_path, "front")
         honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),),
                                   bootstrap=tuple(front.host.addrs[:1]))
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
-        ghosts = [made_up_id(tmp_path, f"ghost{k}") for k in range(8)]
-        for g in ghosts:
-            port = await nursery.start(_blackhole)
-            front.host._dht.provider_store.add_provider(
-                key, PeerInfo(g, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
-        with trio.fail_after(20):
-            while honest.peer_id not in {p.peer_id.to_base58() for p in
-                                         front.host._dht.provider_store.get_providers(key)}:
-                await trio.sleep(0.05)
+        store = front.host._dht.provider_store
+        for key, name in ((manifest_key(m.manifest_hash), "pinned"), (model_key(MODEL), "name")):
+            for k in range(8):
+                port = await nursery.start(_blackhole)
+                store.add_provider(key, PeerInfo(made_up_id(tmp_path, f"ghost-{name}{k}"), [
+                    multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
+            with trio.fail_after(20):
+                while honest.peer_id not in {p.peer_id.to_base58()
+                                             for p in store.get_providers(key)}:
+                    await trio.sleep(0.05)
         req = FetchRequest(MODEL, cache_dir=front.config.cache_dir)
-        t0 = trio.current_time()
-        manifest, _sig, _providers = await front._resolve(req, None)
-        first = trio.current_time() - t0
-        assert manifest.manifest_hash == m.manifest_hash
-        t0 = trio.current_time()
-        await front._resolve(req, None)
-        second = trio.current_time() - t0
-    record("issue #12: 8 silent providers next to 1 honest", resolve_s=round(first, 2),
-           resolve_again_s=round(second, 2),
-           outcome="manifest chosen without waiting for the silent ones")
+        took = {}
+        for what, pin in (("pinned", m.manifest_hash), ("by_name_1", None),
+                          ("by_name_2", None), ("by_name_3", None)):
+            t0 = trio.current_time()
+            manifest, _sig, _providers = await front._resolve(req, pin)
+            took[what] = round(trio.current_time() - t0, 2)
+            assert manifest.manifest_hash == m.manifest_hash
+    record("issue #12: 8 silent providers next to 1 honest", **{f"{k}_s": v for k, v in
+                                                               took.items()},
+           outcome="pinned: not waited for; by name (open): 2 s vote grace, then asked last")
     # The bound is the protocol timeout under test, not a speed target: waiting for the silent
     # providers takes at least MANIFEST_ASK_TIMEOUT (5 s); not waiting takes ~0.3 s.
-    assert first < MANIFEST_ASK_TIMEOUT / 2, first
-    assert second < MANIFEST_ASK_TIMEOUT / 2, second
+    assert took["pinned"] < MANIFEST_ASK_TIMEOUT / 2, took
+    assert took["by_name_3"] < MANIFEST_ASK_TIMEOUT / 2, took
 
 
 # --------------------------------------------------------------------------- finding 12
