@@ -50,13 +50,13 @@ MANIFEST_ASK_FANOUT = 8
 MANIFEST_ASK_TIMEOUT = 5.0
 """Seconds one provider has to answer a manifest request (dial included)."""
 MANIFEST_STRAGGLER_GRACE = 0.25
-"""Seconds the manifest choice waits for providers still out once a usable manifest is in, when
-one manifest is as good as a majority (pinned hash, trusted publishers): providers that vanished
-(their records live 48 h in the DHT) would otherwise hold the fetch for MANIFEST_ASK_TIMEOUT.
-Connected providers answer in milliseconds."""
+"""Seconds a fetch pinned to a manifest hash waits for providers still out once the manifest is
+in (any answer is as good as eight): providers that vanished (their records live 48 h in the DHT)
+would otherwise hold the fetch for MANIFEST_ASK_TIMEOUT. Connected providers answer in ms."""
 MANIFEST_VOTE_GRACE = 2.0
-"""The same under the "open" policy, where the majority of answers picks the manifest: long enough
-for providers that need a dial across a WAN to answer and vote, short of MANIFEST_ASK_TIMEOUT."""
+"""The same for a fetch by name, where the other answers count (the majority vote; the newest
+release under trusted-publishers): long enough for providers that need a dial across a WAN to
+answer, short of MANIFEST_ASK_TIMEOUT."""
 PROVIDER_FAILURE_MEMORY = 600.0
 """Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
 (made-up provider records, vanished peers, peers that were only busy)."""
@@ -401,12 +401,11 @@ class Node:
                 holders.setdefault(h, []).append(p)
 
         providers = self._order_providers(providers)
-        # A manifest pinned by hash, or signed by a trusted publisher, is as good from one
-        # provider as from eight; under "open" the votes of providers that answer count.
-        one_suffices = manifest_hash is not None or self.config.trust.mode != "open"
+        # A manifest pinned by hash is as good from one provider as from eight; by name, the
+        # answers of the others count (votes; under trusted-publishers, the newest release).
         asked = await self._ask_in_turn(
             providers, ask, settled=lambda: bool(votes),
-            grace=MANIFEST_STRAGGLER_GRACE if one_suffices else MANIFEST_VOTE_GRACE)
+            grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE)
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())

@@ -216,7 +216,7 @@ async def test_vanished_providers_do_not_hold_the_manifest_choice(tmp_path, adv_
     """Provider records of 8 hosts that no longer answer sit next to the honest provider's, under
     the manifest key and under the model key. A fetch pinned to the manifest hash takes the
     honest answer plus a short grace (0.25 s), not the silent ones' timeout (MANIFEST_ASK_TIMEOUT).
-    A fetch by name under the "open" policy gives the votes still out 2 s; the silent ones are
+    A fetch by name gives the answers still out 2 s (they count in the vote); the silent ones are
     then remembered and asked only if nobody else answers (the first fetch asks 8 of the 9, the
     second the 9th). Main before the fix: every resolve waited the full timeout (and by name
     missed the honest provider one time in 9)."""
@@ -247,7 +247,7 @@ async def test_vanished_providers_do_not_hold_the_manifest_choice(tmp_path, adv_
             assert manifest.manifest_hash == m.manifest_hash
     record("issue #12: 8 silent providers next to 1 honest", **{f"{k}_s": v for k, v in
                                                                took.items()},
-           outcome="pinned: not waited for; by name (open): 2 s vote grace, then asked last")
+           outcome="pinned: not waited for; by name: 2 s vote grace, then asked last")
     # The bound is the protocol timeout under test, not a speed target: waiting for the silent
     # providers takes at least MANIFEST_ASK_TIMEOUT (5 s); not waiting takes ~0.3 s.
     assert took["pinned"] < MANIFEST_ASK_TIMEOUT / 2, took
