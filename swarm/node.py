@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -60,6 +61,21 @@ log = logging.getLogger(__name__)
 
 MANIFEST_ASK_FANOUT = 8
 """Providers asked for manifests at once; more adds load without changing the vote much."""
+MANIFEST_ASK_TIMEOUT = 5.0
+"""Seconds one provider has to answer a manifest request (dial included)."""
+MANIFEST_STRAGGLER_GRACE = 0.25
+"""Seconds a fetch pinned to a manifest hash waits for providers still out once the manifest is
+in (any answer is as good as eight): providers that vanished (their records live 48 h in the DHT)
+would otherwise hold the fetch for MANIFEST_ASK_TIMEOUT. Connected providers answer in ms."""
+MANIFEST_VOTE_GRACE = 2.0
+"""The same for a fetch by name, where the other answers count (the majority vote; the newest
+release under trusted-publishers): long enough for providers that need a dial across a WAN to
+answer, short of MANIFEST_ASK_TIMEOUT."""
+PROVIDER_FAILURE_MEMORY = 600.0
+"""Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
+(made-up provider records, vanished peers, peers that were only busy)."""
+MAX_REMEMBERED_FAILURES = 4096
+"""Providers remembered as failing; the oldest is forgotten first (made-up ids are free)."""
 LOOKUP_FIRST = 0.3
 """Seconds between the first DHT lookups of a fetch, while fellow fetchers are announcing."""
 LOOKUP_RETRY = 1.0
@@ -117,10 +133,19 @@ class Shared:
     announced_model: bool = False
     ready: trio.Event = attrs.Factory(trio.Event)  # finalized (path set) or failed
     error: str = ""
+    _encoded: bytes = b""
 
     @property
     def complete(self) -> bool:
         return self.path is not None
+
+    @property
+    def encoded_manifest(self) -> bytes:
+        """The manifest's bytes, encoded once: every manifest reply shares them (a reply used to
+        hold its own copy for as long as a slow reader took)."""
+        if not self._encoded:
+            self._encoded = self.manifest.encode()
+        return self._encoded
 
 
 class Node:
@@ -140,6 +165,7 @@ class Node:
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
+        self._unanswered: dict[str, float] = {}  # peer id -> when it last failed us (oldest first)
         self.lane: LaneService | None = None
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
@@ -392,7 +418,7 @@ class Node:
                 continue
             if not (sh.complete or req.manifest_hash):
                 continue  # partial copies are found by hash, not by name
-            out.append((m.encode(), sh.signature))
+            out.append((sh.encoded_manifest, sh.signature))
         return out[: wire.MAX_MANIFESTS_PER_REPLY]
 
     async def _on_pieces_link(self, link: Any, hello: wire.Hello) -> None:
@@ -482,7 +508,7 @@ class Node:
 
         async def ask(p: PeerAddr) -> None:
             try:
-                replies = await self.host.fetch_manifests(p, request, timeout=5.0)
+                replies = await self._fetch_manifests_from(p, request)
             except Exception as e:
                 reasons.append(f"{p.peer_id[:12]}: {e}")
                 return
@@ -509,10 +535,12 @@ class Node:
                 votes[h] += 1
                 holders.setdefault(h, []).append(p)
 
-        self.rng.shuffle(providers)
-        async with trio.open_nursery() as n:
-            for p in providers[:MANIFEST_ASK_FANOUT]:
-                n.start_soon(ask, p)
+        providers = self._order_providers(providers)
+        # A manifest pinned by hash is as good from one provider as from eight; by name, the
+        # answers of the others count (votes; under trusted-publishers, the newest release).
+        asked = await self._ask_in_turn(
+            providers, ask, settled=lambda: bool(votes),
+            grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE)
         if not votes:
             raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
                                 f"usable manifest: {'; '.join(reasons[:4])}", ())
@@ -523,9 +551,100 @@ class Node:
         log_ = log.warning if len(votes) > 1 else log.info
         log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
              "%d distinct manifests offered", req.repo_id, manifests[best].hash_str[:20],
-             manifests[best].revision, count, min(len(providers), MANIFEST_ASK_FANOUT), len(votes))
+             manifests[best].revision, count, asked, len(votes))
         return (manifests[best], releases[best].blob if best in releases else b"",
                 holders[best] + [p for p in providers if p not in holders[best]])
+
+    # ------------------------------------------------------------------ provider order and scores
+
+    def _order_providers(self, providers: list[PeerAddr]) -> list[PeerAddr]:
+        """The order to try providers in: those that failed us in the last
+        PROVIDER_FAILURE_MEMORY seconds last, peers we are connected to first, otherwise the
+        lookup's order (first-hand records before hearsay) shuffled within groups of
+        MANIFEST_ASK_FANOUT to spread the load."""
+        connected = set(self.host.connected_peers())
+        keyed = [((self._failed_recently(p.peer_id), p.peer_id not in connected,
+                   i // MANIFEST_ASK_FANOUT, self.rng.random()), p)
+                 for i, p in enumerate(providers)]
+        return [p for _, p in sorted(keyed, key=lambda kp: kp[0])]
+
+    def _failed_recently(self, peer_id: str) -> bool:
+        when = self._unanswered.get(peer_id)
+        if when is None:
+            return False
+        if time.monotonic() - when > PROVIDER_FAILURE_MEMORY:
+            del self._unanswered[peer_id]
+            return False
+        return True
+
+    def _note_failed(self, peer_id: str) -> None:
+        self._unanswered.pop(peer_id, None)
+        self._unanswered[peer_id] = time.monotonic()
+        while len(self._unanswered) > MAX_REMEMBERED_FAILURES:
+            del self._unanswered[next(iter(self._unanswered))]
+
+    async def _fetch_manifests_from(self, p: PeerAddr, request: wire.ManifestRequest
+                                    ) -> list[wire.ManifestReply]:
+        """``host.fetch_manifests``, remembering whether the provider answered."""
+        try:
+            replies = await self.host.fetch_manifests(p, request, timeout=MANIFEST_ASK_TIMEOUT)
+        except Exception:
+            self._note_failed(p.peer_id)
+            raise
+        self._unanswered.pop(p.peer_id, None)
+        return replies
+
+    async def _ask_in_turn(self, providers: list[PeerAddr], ask: Callable[[PeerAddr], Any], *,
+                           settled: Callable[[], bool], grace: float) -> int:
+        """Run ``ask`` on providers in order, MANIFEST_ASK_FANOUT at a time; returns how many were
+        asked. While no usable manifest is in (``settled()``), each that finishes makes room for
+        the next, so providers that are made up or gone cannot end a fetch while untried ones
+        remain. Providers that failed us recently are asked only once every other one has
+        finished without a usable manifest. Once one is in, no more are asked, and those still
+        out get ``grace`` seconds before they are cut off (and remembered as failed)."""
+        fresh = [p for p in providers if not self._failed_recently(p.peer_id)]
+        stale = [p for p in providers if self._failed_recently(p.peer_id)]
+        out: dict[str, bool] = {}  # peer id -> is it a fresh one
+        finished_send, finished = trio.open_memory_channel[str](math.inf)
+        asked = 0
+
+        async def one(p: PeerAddr) -> None:
+            try:
+                await ask(p)
+            finally:
+                finished_send.send_nowait(p.peer_id)
+
+        async with trio.open_nursery() as n:
+
+            def fill() -> None:
+                nonlocal asked
+                while len(out) < MANIFEST_ASK_FANOUT and not settled():
+                    if fresh:
+                        p, is_fresh = fresh.pop(0), True
+                    elif stale and not any(out.values()):
+                        p, is_fresh = stale.pop(0), False
+                    else:
+                        return
+                    out[p.peer_id] = is_fresh
+                    asked += 1
+                    n.start_soon(one, p)
+
+            fill()
+            cutoff = math.inf
+            while out:
+                with trio.move_on_at(cutoff):
+                    out.pop(await finished.receive(), None)
+                    if not settled():
+                        fill()
+                    else:
+                        cutoff = min(cutoff, trio.current_time() + grace)
+                    continue
+                break
+            for pid in out:
+                log.info("manifest request to %s cut off after the grace period", pid[:12])
+                self._note_failed(pid)
+            n.cancel_scope.cancel()
+        return asked
 
     def _choose(self, req: FetchRequest, pinned: bytes | None, votes: Counter[bytes],
                 manifests: dict[bytes, Manifest], releases: dict[bytes, Release]) -> bytes:
@@ -712,7 +831,7 @@ class Node:
         pending = list(providers)
         lookups = 0
         while not t.completed.is_set():
-            for p in pending:
+            for p in self._order_providers(pending):
                 if p.peer_id in tried or p.peer_id == self.peer_id or p.peer_id in t.banned:
                     continue
                 # Links to peers with nothing we lack (finished or empty) don't count, so a late
@@ -756,6 +875,7 @@ class Node:
                 link = await self.host.open_pieces_link(p)
             except Exception as e:
                 log.info("cannot open pieces link to %s: %s", p.peer_id[:12], e)
+                self._note_failed(p.peer_id)
                 return
         await t.serve_link(link)
 

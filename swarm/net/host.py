@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import logging
 import random
 import re
@@ -29,21 +30,27 @@ from typing import Any
 import attrs
 import multiaddr
 import trio
+import varint
 from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import ALPHA
+from libp2p.kad_dht.common import ALPHA, MAX_DHT_MESSAGE_SIZE
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
+from libp2p.kad_dht.utils import maybe_consume_signed_record as _consume_record
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from swarm import wire
 from swarm.engine import LinkClosed
@@ -67,7 +74,16 @@ HELLO_TIMEOUT = 10.0
 MANIFEST_REQUEST_TIMEOUT = 10.0
 """Seconds an inbound manifest stream has to send its request."""
 MANIFEST_REPLY_TIMEOUT = 60.0
-"""Seconds we spend sending one manifest reply (at most 16 manifests of at most 16 MiB)."""
+"""Seconds we spend sending one manifest reply (at most MAX_MANIFEST_REPLY_BYTES)."""
+MAX_MANIFEST_STREAMS_PER_PEER = 4
+"""Inbound manifest requests served at once per peer; more are answered "busy". A fetch by name
+asks each provider once, so a node fetching four models at once still fits. Each stream being
+served holds at most one encoded frame (frames are encoded while sending) for a reader that may
+take MANIFEST_REPLY_TIMEOUT: before these bounds, 30-byte requests that were never read made us
+build and hold a whole reply each (up to 16 x 16 MiB)."""
+MAX_MANIFEST_STREAMS = 64
+"""Inbound manifest requests served at once in all (many peers, or one with many identities); a
+refused asker tries its other providers."""
 PROVIDE_TIMEOUT = 30.0
 ADDR_TTL = 24 * 3600
 """Seconds the peerstore keeps the addresses of a peer we dialled (py-libp2p's connect: 120 s)."""
@@ -77,6 +93,20 @@ SELF_LOOKUP_TIMEOUT = 30.0
 GET_PROVIDERS_ATTEMPTS = 4
 """Tries of a GET_PROVIDERS that comes back empty (a busy DHT peer resets requests beyond 12 at
 once; measured: 16 frontends looking up one worker together, 3-5 of them got nothing for 5 s)."""
+MAX_PROVIDERS_PER_ANSWER = 20
+"""Providers taken from one GET_PROVIDERS answer (Kademlia's k). py-libp2p caps a message at
+4 MiB, room for ~400,000 addresses: one answer could otherwise make us parse and keep them all."""
+MAX_ADDRS_PER_PROVIDER = 16
+"""Addresses kept per provider (a peer listens on a few: ip4/ip6 x interfaces). Measured before this
+bound: one provider record with 30,000 addresses blocked the event loop 5.4 s (a quadratic
+de-duplication)."""
+MAX_CLOSER_PER_ANSWER = 20
+"""Closer peers taken from one answer (k)."""
+MAX_PROVIDERS_FOUND = 200
+"""Distinct providers one lookup keeps; it stops there."""
+MAX_SIGNED_RECORD_BYTES = 4096
+"""A signed peer record (an envelope with a key, a signature and a few addresses) is a few hundred
+bytes; a bigger one is not verified (its addresses would all be parsed into the peerstore)."""
 
 _SHA2_256 = 0x12
 _BLAKE3 = 0x1E
@@ -252,6 +282,78 @@ def _check_key(key: bytes) -> bytes:
         raise ValueError("DHT key must be 2..80 bytes (use model_key / manifest_key)")
     return bytes(key)
 
+class _ProviderBook:
+    """The providers one lookup found, first-hand apart from hearsay, with bounded work per record.
+
+    First-hand: a record whose provider is the peer that gave it (``source`` is its id) or one
+    from our own provider store (``source`` None: ADD_PROVIDERs, which py-libp2p accepts only from
+    the provider itself). Hearsay: what a peer says about others, kept per answering peer so the
+    result can take it in turn from each (one hostile peer's twenty made-up providers do not push
+    out an honest peer's one). Every record adds at most MAX_ADDRS_PER_PROVIDER addresses, with
+    set membership (dict keys), so no record costs more than a few microseconds."""
+
+    def __init__(self, own_id: str):
+        self.own_id = own_id
+        self.first_hand: dict[str, dict[str, None]] = {}
+        self.hearsay: dict[str, dict[str, dict[str, None]]] = {}
+        self._seen: set[str] = set()
+
+    @property
+    def first_hand_count(self) -> int:
+        return len(self.first_hand)
+
+    @property
+    def full(self) -> bool:
+        return len(self._seen) >= MAX_PROVIDERS_FOUND
+
+    def add(self, infos: Iterable[PeerInfo], *, source: str | None) -> None:
+        for info in itertools.islice(infos, MAX_PROVIDERS_FOUND):
+            try:
+                pid = info.peer_id.to_base58()
+            except Exception:
+                continue
+            if pid == self.own_id or (pid not in self._seen and self.full):
+                continue
+            if source is None or source == pid:
+                addrs = self.first_hand.setdefault(pid, {})
+            else:
+                told = self.hearsay.setdefault(source, {})
+                if pid not in told and len(told) >= MAX_PROVIDERS_PER_ANSWER:
+                    continue
+                addrs = told.setdefault(pid, {})
+            self._seen.add(pid)
+            for a in itertools.islice(info.addrs, MAX_ADDRS_PER_PROVIDER):
+                if len(addrs) >= MAX_ADDRS_PER_PROVIDER:
+                    break
+                try:
+                    addrs[str(_strip_p2p(a))] = None
+                except Exception:
+                    continue
+
+    def result(self, limit: int, *,
+               connected_at: Callable[[str], list[str] | None]) -> list[PeerAddr]:
+        """First-hand providers in the order found, then hearsay in turn from each source; at
+        most ``limit``. ``connected_at(pid)``: the addresses of a peer we are connected to (which
+        hearsay does not replace), None for others."""
+        out = [PeerAddr(pid, tuple(addrs))
+               for pid, addrs in itertools.islice(self.first_hand.items(), limit)]
+        taken = set(self.first_hand)
+        rounds = itertools.zip_longest(*(list(told) for told in self.hearsay.values()))
+        for pid in itertools.chain.from_iterable(rounds):
+            if len(out) >= limit:
+                break
+            if pid is None or pid in taken:
+                continue
+            taken.add(pid)
+            lists = [list(told[pid]) for told in self.hearsay.values() if pid in told]
+            addrs = dict.fromkeys(a for a in itertools.chain.from_iterable(  # each source in turn
+                itertools.zip_longest(*lists)) if a is not None)
+            known = connected_at(pid)
+            out.append(PeerAddr(pid, known if known is not None else
+                                tuple(itertools.islice(addrs, MAX_ADDRS_PER_PROVIDER))))
+        return out
+
+
 
 # --------------------------------------------------------------------------- the host
 
@@ -303,6 +405,7 @@ class SwarmHost:
         self._pieces_handler: Callable[[StreamLink, wire.Hello], Awaitable[None]] | None = None
         self._lane_handler: Callable[[Any], Awaitable[None]] | None = None
         self._dial_locks: dict[ID, trio.Lock] = {}
+        self._manifest_streams: dict[str, int] = {}  # peer id -> manifest requests being served
         self._running = False
         self._ran = False
 
@@ -463,21 +566,44 @@ class SwarmHost:
             async with lock:
                 if self._is_connected(pid):
                     return
+                known = self._known_addrs(pid)
                 if addrs:
-                    # Dial exactly the addresses given (the caller's, or fresh from a provider
-                    # record). py-libp2p dials one TCP address per peer, the first its peerstore
-                    # holds, and refuses for 60 s a peer whose last dial failed: a peer restarted
-                    # on a new port stayed unreachable behind its stale address (kept ADDR_TTL).
-                    if not set(addrs) <= set(self._known_addrs(pid)):
-                        self._host.get_network().unblock_peer(pid)
-                    self._host.get_peerstore().clear_addrs(pid)
-                if not addrs:
-                    addrs = self._known_addrs(pid)
-                if not addrs:
-                    addrs = await self._find_addrs(pid)
-                if not addrs:
+                    # The addresses given (the caller's, or a provider record's) first; those we
+                    # knew (from an earlier dial) after them, not given up for them: a record
+                    # may be a third party's junk.
+                    tries = [addrs] + ([rest] if (rest := [a for a in known if a not in addrs])
+                                       else [])
+                else:
+                    tries = [known or await self._find_addrs(pid)]
+                if not tries[0]:
                     raise NetError(f"no address known for {pid.to_base58()}")
-                await self._dial(PeerInfo(pid, addrs))
+                tried: set[multiaddr.Multiaddr] = set()
+                try:
+                    for i, attempt in enumerate(tries):
+                        # Dial exactly these addresses. py-libp2p dials one TCP address per
+                        # peer, the first its peerstore holds, and refuses for 60 s a peer whose
+                        # last dial failed: a peer restarted on a new port stayed unreachable
+                        # behind its stale address (kept ADDR_TTL).
+                        if i or not set(attempt) <= set(known):
+                            self._host.get_network().unblock_peer(pid)
+                        self._host.get_peerstore().clear_addrs(pid)
+                        tried.update(attempt)
+                        try:
+                            await self._dial(PeerInfo(pid, attempt))
+                            return
+                        except NetError:
+                            if i == len(tries) - 1:
+                                raise
+                            log.debug("dialling %s at the addresses we knew before", pid)
+                finally:
+                    if not self._is_connected(pid):
+                        # Leave no address that failed (or whose dial was cut off) in the
+                        # peerstore: py-libp2p's closest-peer lookup falls back to every peer
+                        # there and hung on a silent provider's address (measured: every DHT
+                        # lookup after one took its whole timeout).
+                        self._host.get_peerstore().clear_addrs(pid)
+                        if keep := [a for a in known if a not in tried]:
+                            self._host.get_peerstore().add_addrs(pid, keep, ADDR_TTL)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._dial_locks.pop(pid, None)
@@ -569,37 +695,37 @@ class SwarmHost:
         Always asks the network (py-libp2p's own find_providers returns its local cache alone as
         soon as that has an entry, so a peer that once learnt of one provider would never learn of
         the next): an iterative Kademlia lookup for the closest peers, then GET_PROVIDERS to them
-        (and to closer peers they name), merged with the local records (ADD_PROVIDERs sent to us).
-        Stops at ``limit`` providers or after ``timeout`` seconds, returning what it found."""
+        (and to closer peers they name). Returns what it found after ``timeout`` seconds.
+
+        What a DHT peer says about *other* peers is hearsay: one hostile peer can answer with any
+        number of made-up providers, or with junk addresses for a real one. So the list is
+        ordered by how much we know (see ``_ProviderBook``): first-hand records first (the
+        ADD_PROVIDERs sent to us, whose provider py-libp2p checks is the sender, then peers
+        answering for themselves), then hearsay taken in turn from each answering peer; the
+        lookup stops early only once ``limit`` first-hand providers are in, never at a count that
+        hearsay fills; hearsay never adds to or replaces a peer's first-hand addresses, nor those of
+        a peer we are connected to (nor, at dial time, those we knew). Answers are read with
+        bounds (``_get_providers_from``)."""
         key = _check_key(key)
         self._require_running()
-        found: dict[str, list[str]] = {}
-
-        def add(infos: Iterable[PeerInfo]) -> None:
-            for info in infos:
-                try:
-                    pid = info.peer_id.to_base58()
-                except Exception:
-                    continue
-                if pid == self.peer_id:
-                    continue
-                addrs = found.setdefault(pid, [])
-                for a in info.addrs:
-                    s = str(_strip_p2p(a))
-                    if s not in addrs:
-                        addrs.append(s)
-
+        book = _ProviderBook(self.peer_id)
+        local = self._dht.provider_store.get_providers(key)
+        book.add(itertools.islice(local, MAX_PROVIDERS_FOUND), source=None)
         with trio.move_on_after(timeout):
-            await self._lookup_providers(key, limit, found, add)
-        add(self._dht.provider_store.get_providers(key))
-        return [PeerAddr(pid, tuple(addrs)) for pid, addrs in list(found.items())[:limit]]
+            await self._lookup_providers(key, limit, book)
+        return book.result(limit, connected_at=self._connected_addrs)
 
-    async def _lookup_providers(self, key: bytes, limit: int, found: dict[str, list[str]],
-                                add: Callable[[Iterable[PeerInfo]], None]) -> None:
+    def _connected_addrs(self, peer_id: str) -> list[str] | None:
+        pid = ID.from_base58(peer_id)
+        if not self._is_connected(pid):
+            return None
+        return [str(_strip_p2p(a)) for a in self._known_addrs(pid)[:MAX_ADDRS_PER_PROVIDER]]
+
+    async def _lookup_providers(self, key: bytes, limit: int, book: _ProviderBook) -> None:
         """GET_PROVIDERS to the closest peers we already know (one round trip: enough in a small
         swarm) while the iterative closest-peer lookup runs; then to the peers that lookup finds,
-        and to closer peers named in the answers. Returns early once ``limit`` are found."""
-        ps = self._dht.provider_store
+        and to closer peers named in the answers. Returns early once ``limit`` first-hand
+        providers are found (or MAX_PROVIDERS_FOUND in all)."""
         queried: set[ID] = {self._id}
         sem = trio.Semaphore(ALPHA)
         closer: list[ID] = []
@@ -613,22 +739,18 @@ class SwarmHost:
                     if attempt:
                         await trio.sleep(random.uniform(0.05, 0.25) * attempt)
                     async with sem:
-                        try:
-                            # A private helper of py-libp2p 0.8.1's ProviderStore (its public
-                            # find_providers stops at the local cache); returns ([], []) on
-                            # failure.
-                            provs, more = await ps._get_providers_from_peer_with_closers(peer, key)
-                        except Exception as e:
-                            log.debug("GET_PROVIDERS to %s failed: %r", peer, e)
-                            return
+                        answer = await self._get_providers_from(peer, key)
+                    if answer is None:  # unreachable: no point in asking again
+                        return
+                    provs, more = answer
                     if provs or more:
                         break
                     # Neither providers nor closer peers: most likely refused. py-libp2p's DHT
                     # resets every request beyond 12 it is handling (a flash crowd of fetchers
-                    # asking one worker at once), and the helper reports that as an empty answer.
-                add(provs)
+                    # asking one worker at once).
+                book.add(provs, source=peer.to_base58())
                 closer.extend(more)
-                if len(found) >= limit:
+                if book.first_hand_count >= limit or book.full:
                     nursery.cancel_scope.cancel()
 
             async def ask_all(peers: Iterable[ID]) -> None:
@@ -655,6 +777,73 @@ class SwarmHost:
                     break
                 await ask_all(more)
 
+    async def _get_providers_from(self, peer: ID, key: bytes
+                                  ) -> tuple[list[PeerInfo], list[ID]] | None:
+        """One GET_PROVIDERS to ``peer``: (providers, closer peers); ([], []) on a failed request,
+        None if no connection could be made (py-libp2p's closest-peer lookup also returns peers
+        it merely has in its peerstore: asking those four times cost ~1 s per lookup).
+
+        Our own client of the request rather than py-libp2p 0.8.1's (a private helper of its
+        ProviderStore), which turns every address of the answer into a Multiaddr: a 4 MiB answer
+        may hold ~400,000. Here the answer is parsed by protobuf's C parser (~11 ms for 4 MiB)
+        and only the first MAX_PROVIDERS_PER_ANSWER providers, MAX_ADDRS_PER_PROVIDER addresses
+        each, and MAX_CLOSER_PER_ANSWER closer peers are looked at; a signed peer record over
+        MAX_SIGNED_RECORD_BYTES is not verified (its provider is skipped; the whole answer is
+        dropped for the sender's own record, as py-libp2p drops an invalid one)."""
+        try:
+            stream = await self._host.new_stream(peer, [KAD_PROTOCOL_ID])
+        except Exception as e:
+            # A busy DHT peer resets the stream during negotiation: that one is asked again.
+            log.debug("GET_PROVIDERS to %s: no stream: %r", peer, e)
+            return ([], []) if self._is_connected(peer) else None
+        try:
+            try:
+                req = KadMessage()
+                req.type = KadMessage.MessageType.GET_PROVIDERS
+                req.key = key
+                req.senderRecord, _ = env_to_send_in_RPC(self._host)
+                data = req.SerializeToString()
+                await stream.write(varint.encode(len(data)) + data)
+                raw = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+            resp = KadMessage()
+            resp.ParseFromString(raw)
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            log.debug("GET_PROVIDERS to %s failed: %r", peer, e)
+            return [], []
+        if resp.type != KadMessage.MessageType.GET_PROVIDERS:
+            return [], []
+        if len(resp.senderRecord) > MAX_SIGNED_RECORD_BYTES or not _consume_record(
+                resp, self._host, peer):
+            log.debug("GET_PROVIDERS from %s: bad sender record, answer dropped", peer)
+            return [], []
+        providers: list[PeerInfo] = []
+        for p in resp.providerPeers[:MAX_PROVIDERS_PER_ANSWER]:
+            if len(p.signedRecord) > MAX_SIGNED_RECORD_BYTES or not _consume_record(p, self._host):
+                continue
+            try:
+                pid = ID(p.id)
+            except Exception:
+                continue
+            addrs = []
+            for a in p.addrs[:MAX_ADDRS_PER_PROVIDER]:
+                try:
+                    addrs.append(multiaddr.Multiaddr(a))
+                except Exception:
+                    continue
+            providers.append(PeerInfo(pid, addrs))
+        closer: list[ID] = []
+        for c in resp.closerPeers[:MAX_CLOSER_PER_ANSWER]:
+            try:
+                closer.append(ID(c.id))
+            except Exception:
+                continue
+        return providers, [c for c in closer if c != self._id]
+
     # ------------------------------------------------------------------ manifest protocol
 
     def set_manifest_handler(
@@ -671,9 +860,16 @@ class SwarmHost:
                                           self._on_manifest_stream)
 
     async def _on_manifest_stream(self, stream) -> None:
+        peer = _stream_peer(stream, full=True)
         link: StreamLink | None = None
+        admitted = self._admit_manifest_stream(peer)
         try:
             link = StreamLink(stream, frozenset({wire.ManifestRequest.TYPE}))
+            if not admitted:
+                log.info("manifest request from %s refused: busy", peer[:16])
+                with trio.move_on_after(1):
+                    await link.send(wire.Error("busy: too many manifest requests at once"))
+                return
             with trio.fail_after(MANIFEST_REQUEST_TIMEOUT):
                 req = await link.receive()
             if not isinstance(req, wire.ManifestRequest):  # the decoder admits nothing else
@@ -687,26 +883,43 @@ class SwarmHost:
                 items = fn(req)
                 if inspect.isawaitable(items):
                     items = await items
-                # Encode all first: a bad item (ValueError) fails before anything is sent.
-                frames = [wire.encode(wire.ManifestReply(bytes(m), bytes(s)))
-                          for m, s in list(items)[: wire.MAX_MANIFESTS_PER_REPLY]]
+                # Check all first: a bad item (ValueError) fails before anything is sent.
+                replies = _reply_budget(items)
             except Exception:
-                log.exception("manifest handler failed for %r from %s", req, link.peer_id[:16])
+                log.exception("manifest handler failed for %r from %s", req, peer[:16])
                 with trio.move_on_after(2):
                     await link.send(wire.Error("internal error"))
                 return
             with trio.fail_after(MANIFEST_REPLY_TIMEOUT):
-                for f in frames:
-                    await link.send_frame(f)
-                await link.send(wire.ManifestEnd(len(frames)))
+                for r in replies:  # encoded one at a time: a slow reader pins one frame
+                    await link.send(r)
+                await link.send(wire.ManifestEnd(len(replies)))
         except trio.TooSlowError:
-            log.info("manifest stream from %s timed out", _stream_peer(stream))
+            log.info("manifest stream from %s timed out", peer[:16])
         except (LinkClosed, wire.ProtocolError) as e:
-            log.info("manifest stream from %s: %s", _stream_peer(stream), e)
+            log.info("manifest stream from %s: %s", peer[:16], e)
         except Exception:
-            log.exception("manifest stream from %s failed", _stream_peer(stream))
+            log.exception("manifest stream from %s failed", peer[:16])
         finally:
+            if admitted:
+                self._release_manifest_stream(peer)
             await _close(link, stream)
+
+    def _admit_manifest_stream(self, peer: str) -> bool:
+        """Count an inbound manifest stream in, unless MAX_MANIFEST_STREAMS_PER_PEER (or
+        MAX_MANIFEST_STREAMS in all) are being served already."""
+        if (self._manifest_streams.get(peer, 0) >= MAX_MANIFEST_STREAMS_PER_PEER
+                or sum(self._manifest_streams.values()) >= MAX_MANIFEST_STREAMS):
+            return False
+        self._manifest_streams[peer] = self._manifest_streams.get(peer, 0) + 1
+        return True
+
+    def _release_manifest_stream(self, peer: str) -> None:
+        left = self._manifest_streams.get(peer, 1) - 1
+        if left > 0:
+            self._manifest_streams[peer] = left
+        else:
+            self._manifest_streams.pop(peer, None)
 
     async def fetch_manifests(self, peer: str | PeerAddr, request: wire.ManifestRequest, *,
                               timeout: float = 10.0) -> list[wire.ManifestReply]:
@@ -854,11 +1067,33 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-def _stream_peer(stream) -> str:
+def _stream_peer(stream, *, full: bool = False) -> str:
     try:
-        return stream.muxed_conn.peer_id.to_base58()[:16]
+        pid = stream.muxed_conn.peer_id.to_base58()
     except Exception:
         return "?"
+    return pid if full else pid[:16]
+
+
+def _reply_budget(items: Iterable[tuple[bytes, bytes]]) -> list[wire.ManifestReply]:
+    """The replies to send for a manifest handler's answer: at most MAX_MANIFESTS_PER_REPLY, and
+    only as many as fit MAX_MANIFEST_REPLY_BYTES together (the asker refuses a bigger reply whole).
+    ValueError for an item no peer would accept. Nothing is copied (bytes stay shared)."""
+    out: list[wire.ManifestReply] = []
+    total = 0
+    for m, sig in itertools.islice(items, wire.MAX_MANIFESTS_PER_REPLY):
+        m, sig = bytes(m), bytes(sig)
+        if len(sig) > wire.MAX_SIGNATURE_BYTES:
+            raise ValueError("ManifestReply.signature too long")
+        if len(m) + len(sig) + 16 > wire.MAX_MANIFEST_FRAME:
+            raise ValueError(f"manifest of {len(m)} bytes over MAX_MANIFEST_FRAME")
+        total += len(m) + len(sig)
+        if total > wire.MAX_MANIFEST_REPLY_BYTES:
+            log.warning("manifest reply cut at %d of its manifests (MAX_MANIFEST_REPLY_BYTES)",
+                        len(out))
+            break
+        out.append(wire.ManifestReply(m, sig))
+    return out
 
 
 async def _close(link: StreamLink | None, stream) -> None:
