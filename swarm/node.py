@@ -480,6 +480,14 @@ class Node:
             return None  # a commit: no ref to move
         return rev
 
+    async def _find_providers(self, key: bytes, kind: str, *, timeout: float) -> list[PeerAddr]:
+        """``host.find_providers``, timed into the DHT lookup histogram (``kind``: the key's)."""
+        started = trio.current_time()
+        try:
+            return await self.host.find_providers(key, timeout=timeout)
+        finally:
+            self.metrics.dht_lookup.labels(kind).observe(trio.current_time() - started)
+
     async def _resolve(self, req: FetchRequest, manifest_hash: bytes | None
                        ) -> tuple[Manifest, bytes, list[PeerAddr]]:
         """Find providers and agree on one manifest."""
@@ -488,8 +496,9 @@ class Node:
         providers: list[PeerAddr] = []
         while True:
             try:
-                providers = await self.host.find_providers(
-                    key, timeout=max(0.5, deadline - trio.current_time()))
+                providers = await self._find_providers(
+                    key, "manifest" if manifest_hash else "model",
+                    timeout=max(0.5, deadline - trio.current_time()))
             except NetError as e:
                 log.info("DHT lookup failed: %s", e)
             if providers or trio.current_time() >= deadline:
@@ -853,7 +862,7 @@ class Node:
             if t.completed.is_set():
                 break
             try:
-                pending = await self.host.find_providers(key, timeout=2.0)
+                pending = await self._find_providers(key, "manifest", timeout=2.0)
             except Exception as e:
                 log.debug("re-lookup failed: %s", e)
                 pending = []

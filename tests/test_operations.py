@@ -90,6 +90,7 @@ def test_metrics_and_json_logs_of_a_real_fetch(tmp_path):
             assert m[("swarm_cache_bytes", ())] >= size
             assert m[("swarm_models", (("state", "complete"),))] == 1
             assert m[("swarm_connected_peers", ())] >= 1
+            assert m[("swarm_dht_lookup_seconds_count", (("kind", "model"),))] >= 2
         up = _samples(_socket_metrics(worker.home))
         assert up[("swarm_peer_bytes_total", (("direction", "up"),))] >= size
         assert up[("swarm_pieces_served_total", ())] > 0
