@@ -575,7 +575,7 @@ class LaneLink:
     def _start_receiver(self) -> None:
         if self._closed:
             raise LinkClosed(f"lane to {self.peer_id[:16]} is closed")
-        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{self.peer_id[:8]}",
+        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{self.peer_id[-8:]}",
                                     daemon=True)
         self._ref()
         try:
