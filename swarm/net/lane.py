@@ -580,9 +580,10 @@ class LaneLink:
         self._ref()
         try:
             self._rx.start()
-        except BaseException:  # no thread (RuntimeError: can't start new thread)
+        except RuntimeError as e:  # can't start new thread: this link cannot receive
             self._unref()
-            raise
+            self._end = LinkClosed(f"lane to {self.peer_id[:16]}: no receiver thread ({e})")
+            raise self._copy(self._end) from e
 
     async def _receive_before_hello(self) -> wire.Message:
         """One record on the event loop, before the peer's Hello: a FRAME (the Hello, or an
