@@ -49,6 +49,9 @@ class PeerLink(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # optional: def expect_pieces(lengths) -> None   (called once the peer's Hello checked out:
+    # the link refuses a piece longer than the manifest's before taking memory for it)
+
 
 class PieceStore(Protocol):
     """Where verified pieces live. ``write_piece`` verifies and raises PieceHashMismatch."""
@@ -465,6 +468,9 @@ class Transfer:
                 if hello is None:
                     hello = await link.receive()
                 self._check_hello(hello)
+                expect = getattr(link, "expect_pieces", None)  # optional: refuse oversized pieces
+                if expect is not None:  # from their header, before memory is taken for them
+                    expect(self._lengths)
                 peer.serves = hello.serves
                 bf = await link.receive()
                 if not isinstance(bf, wire.Bitfield):

@@ -170,7 +170,8 @@ class Node:
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
                                     bind_host=bind_host_of(config.listen),
-                                    on_link=self._on_pieces_link)
+                                    on_link=self._on_pieces_link,
+                                    max_setups=config.engine.max_peers)
 
     # ------------------------------------------------------------------ lifetime
 

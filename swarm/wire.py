@@ -13,6 +13,7 @@ the peer. Nothing here can crash a node: every length is checked before it is tr
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
@@ -49,6 +50,8 @@ HELLO_SERVES = 0x01
 
 _HDR = struct.Struct(">IB")
 _U32 = struct.Struct(">I")
+_PIECE_HDR = struct.Struct(">IBI")
+"""A PIECE frame's first 9 bytes: length, type, piece index."""
 _HASH_LEN = 32
 
 
@@ -333,6 +336,18 @@ def decode_body(type_: int, body: memoryview) -> Message:
     raise ProtocolError(f"unknown message type {type_}")
 
 
+def check_piece_fits(lengths: Sequence[int], index: int, n: int) -> None:
+    """ProtocolError unless piece ``index`` is in the manifest (``lengths``: its piece lengths)
+    and ``n`` bytes do not exceed that piece. Checked from a piece's header, before memory is
+    taken for its payload: a longer piece can never verify, so memory per link follows the
+    manifest's piece size, not MAX_PIECE_BYTES. A shorter one is let through (it costs no more
+    than an honest piece) so the engine sees its length and bans the sender."""
+    if not 0 <= index < len(lengths):
+        raise ProtocolError(f"piece index {index} out of range 0..{len(lengths) - 1}")
+    if n > lengths[index]:
+        raise ProtocolError(f"piece {index} of {n} bytes, manifest says {lengths[index]}")
+
+
 def frame_limit(type_: int) -> int:
     """Largest frame (length field value) allowed for this message type."""
     if type_ == PieceData.TYPE:
@@ -344,11 +359,24 @@ def frame_limit(type_: int) -> int:
 
 class FrameDecoder:
     """Feed bytes in, take whole messages out. Buffers at most one frame (checked against its
-    type's limit before any of its body is kept)."""
+    type's limit before any of its body is kept).
 
-    def __init__(self, allowed: frozenset[int] | None = None):
+    ``hello_first``: PIECE frames are refused until a Hello was decoded (the pieces protocol's
+    first frame is a Hello, and until then nobody knows which manifest's piece sizes apply).
+    ``expect_pieces(lengths)``: from then on a PIECE frame is checked against the manifest
+    (``check_piece_fits``) from its first 9 bytes."""
+
+    def __init__(self, allowed: frozenset[int] | None = None, *, hello_first: bool = False):
         self._buf = bytearray()
         self._allowed = allowed
+        self._pieces_ok = not hello_first
+        self._lengths: Sequence[int] | None = None
+
+    def expect_pieces(self, lengths: Sequence[int]) -> None:
+        """Check every PIECE frame from now on against these piece lengths (the manifest's)."""
+        self._lengths = lengths
+        if len(self._buf) >= _HDR.size:
+            self._check_header()
 
     @property
     def buffered(self) -> int:
@@ -375,6 +403,12 @@ class FrameDecoder:
         if length > frame_limit(type_):
             raise ProtocolError(f"frame of {length} bytes exceeds limit {frame_limit(type_)} "
                                 f"for type {type_}")
+        if type_ == PieceData.TYPE:
+            if not self._pieces_ok:
+                raise ProtocolError("PieceData before Hello")
+            if self._lengths is not None and len(self._buf) >= _PIECE_HDR.size:
+                _, _, index = _PIECE_HDR.unpack_from(self._buf)
+                check_piece_fits(self._lengths, index, length - 5)  # less type and index
 
     def next_message(self) -> Message | None:
         """The next whole message, or None until more bytes are fed."""
@@ -387,6 +421,8 @@ class FrameDecoder:
         with memoryview(self._buf) as mv:
             msg = decode_body(type_, mv[_HDR.size : end])
         del self._buf[:end]
+        if type_ == Hello.TYPE:
+            self._pieces_ok = True
         if len(self._buf) >= _HDR.size:
             self._check_header()
         return msg

@@ -145,6 +145,8 @@ async def open_lane(hosts, lanes, inbound, manifest_hash=b"h" * 32, num_pieces=4
     await a.send(wire.Hello(manifest_hash, num_pieces))
     b, hello = await inbound.receive()
     assert hello == wire.Hello(manifest_hash, num_pieces)
+    await b.send(wire.Hello(manifest_hash, num_pieces))  # both sides greet first, as the engine
+    assert await a.receive() == wire.Hello(manifest_hash, num_pieces)
     return a, b
 
 
@@ -274,7 +276,7 @@ async def test_wrong_proof_is_closed_before_any_record(tmp_path):
 async def test_idle_connection_flood_evicts_oldest_and_honest_lane_opens(tmp_path, monkeypatch):
     """Idle TCP connections to the lane port: closed at once while no offer is pending; beyond
     MAX_HANDSHAKES the oldest is evicted, so an honest dialer still gets its lane. Offers: at most
-    MAX_PENDING_PER_PEER per peer, and a full table voids the oldest of the busiest peer."""
+    MAX_SETUPS_PER_PEER per peer, and a full table voids the oldest of the busiest peer."""
     with trio.fail_after(20):
         async with lane_pair(tmp_path) as (hosts, lanes, inbound):
             acceptor = lanes[1]
@@ -312,14 +314,14 @@ async def test_idle_connection_flood_evicts_oldest_and_honest_lane_opens(tmp_pat
             await b.aclose()
             b.done.set()
             # Offers: the first one is still pending; 3 more are taken, a 5th is refused.
-            extra = [await offer() for _ in range(lane_mod.MAX_PENDING_PER_PEER)]
+            extra = [await offer() for _ in range(lane_mod.MAX_SETUPS_PER_PEER)]
             assert [st for _, st in extra] == [lane_mod.STATUS_OK] * 3 + [lane_mod.STATUS_REFUSED]
-            # A full table (MAX_PENDING = 4 here) voids the oldest offer to admit a new one.
-            monkeypatch.setattr(lane_mod, "MAX_PENDING_PER_PEER", 8)
-            monkeypatch.setattr(lane_mod, "MAX_PENDING", 4)
+            # A full table (max_setups = 4 here) voids the oldest offer to admit a new one.
+            monkeypatch.setattr(lane_mod, "MAX_SETUPS_PER_PEER", 8)
+            acceptor.max_setups = 4
             extra.append(await offer())
-            assert extra[-1][1] == lane_mod.STATUS_OK and acceptor.offers_evicted == 1
-            assert len(acceptor._pending) == 4
+            assert extra[-1][1] == lane_mod.STATUS_OK and acceptor.setups_evicted == 1
+            assert len(acceptor._pending) == 4 and acceptor.setups == 4
             for stream, _st in [(held, 0), *extra]:
                 await stream.close()
             for s in idle:

@@ -23,6 +23,13 @@ is good for one attempt. Connections arriving while no offer is pending are clos
 flood of idle ones evicts the oldest rather than locking honest dialers out (MAX_HANDSHAKES).
 Plaintext is used only when *both* sides are configured for it.
 
+A setup is counted from its accepted offer to its Hello, per peer (MAX_SETUPS_PER_PEER) and in all
+(``max_setups``, the engine's ``max_peers`` in a Node); then the link goes to a transfer, which
+counts it in ``max_peers``. Until the peer's Hello a link reads its records on the event loop, one
+FRAME at a time (a PIECE record before the Hello is a protocol error): no thread and no piece
+buffer is spent on a lane before it names its manifest, and the receiver thread starts only when
+the engine asks for the message after the Hello (so a link the engine refuses never has one).
+
 Once up, every pieces-protocol message travels on the TCP connection (so pieces and the Choke
 after them stay in order); the libp2p stream is closed. Per link:
 
@@ -35,8 +42,9 @@ after them stay in order); the libp2p stream is closed. Per link:
   a pooled page-aligned buffer, decrypts it in place and hands ``PieceData(index, buffer)`` to the
   engine through a bounded trio channel; the engine verifies and writes it (worker thread) and
   calls ``release()``. A link holds at most ``pool_buffers`` piece buffers: when all are lent, the
-  thread stops reading and TCP pushes back on the sender. Memory per link is bounded by
-  ``(pool_buffers + 1) x piece size`` whatever the model size.
+  thread stops reading and TCP pushes back on the sender. A PIECE record longer than its piece
+  in the manifest (``expect_pieces``, from the engine) is refused from its header, so memory per
+  link is bounded by ``(pool_buffers + 1) x`` the manifest's piece size whatever the model size.
 
 Sockets stay in blocking mode, bounded by SO_RCVTIMEO (a short tick so the receiver notices a
 close) and SO_SNDTIMEO (STALL_TIMEOUT); ``settimeout()`` would make them non-blocking and break
@@ -56,7 +64,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -98,15 +106,20 @@ POOL_BUFFERS = 3
 """Piece buffers per link: one the engine is writing, one being received, one queued."""
 CHANNEL_DEPTH = 32
 """Messages queued from the receiver thread to the engine (the pool bounds the pieces among them)."""
-MAX_PENDING = 64
-"""Accepted offers waiting for their TCP connection, in all (each holds a few hundred bytes of keys
-for up to PROOF_TIMEOUT). At the limit a new offer voids the oldest one of the peer holding the
-most: an honest dialer connects within a round trip of our answer, so an old offer is the least
-likely to be used, and peers flooding offers void their own first."""
-MAX_PENDING_PER_PEER = 4
-"""Accepted offers waiting per peer: an honest peer sets up one lane per link, a few at most at
-once; further offers are refused (that peer falls back to a libp2p stream), so one peer cannot
-take the whole MAX_PENDING."""
+MAX_SETUPS = 64
+"""Lane setups in progress in all, unless ``LaneService(max_setups=...)`` says otherwise (a Node
+passes its engine's ``max_peers``): accepted offers waiting for their TCP connection (keys, for up
+to PROOF_TIMEOUT) and proven lanes waiting for their Hello (a descriptor, for up to
+HELLO_TIMEOUT). No transfer counts them yet: a lane names its manifest in its Hello, and only then
+goes to the transfer that counts it in ``max_peers``. At the limit a new offer evicts the oldest
+setup of the peer holding the most: an honest dialer connects within a round trip of our answer
+and sends its Hello at once, so an old setup is the least likely to be honest, and peers
+flooding setups evict their own first."""
+MAX_SETUPS_PER_PEER = 4
+"""Lane setups in progress per peer (the libp2p peer id the lane stream authenticated): an honest
+peer sets up one lane per link, a few at most at once; further offers are refused (that peer
+falls back to a libp2p stream), so one peer cannot take the whole MAX_SETUPS. Without it one peer
+held 600 proven lanes that never sent a Hello (601 threads, 615 descriptors) within 2.8 s."""
 MAX_HANDSHAKES = 32
 """Unauthenticated TCP connections held at once (each is an fd and a task for up to
 PROOF_TIMEOUT). At the limit a new connection evicts the oldest one from the source address
@@ -325,9 +338,11 @@ class _End:
 class LaneLink:
     """An ``engine.PeerLink`` over one authenticated TCP connection (see the module docstring).
 
-    Created by ``LaneService`` once both proofs checked out; its receiver thread starts at once.
-    Must be closed with ``aclose`` (the engine does). Counters: ``bytes_sent``,
-    ``bytes_received`` (raw bytes on the wire), ``pieces_sent``, ``pieces_received``.
+    Created by ``LaneService`` once both proofs checked out. Records up to the peer's Hello are
+    read on the event loop (FRAME records only); the receiver thread starts with the first
+    ``receive`` after the Hello. Must be closed with ``aclose`` (the engine does). Counters:
+    ``bytes_sent``, ``bytes_received`` (raw bytes on the wire), ``pieces_sent``,
+    ``pieces_received``.
     """
 
     def __init__(self, sock: socket.socket, keys: lc.LaneKeys, *, dialer: bool, peer_id: str,
@@ -358,10 +373,11 @@ class LaneLink:
         self._reason = ""
         self._refs = 1  # the link itself, the receiver thread, a send thread: the last closes
         self._refs_lock = threading.Lock()
-        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{peer_id[:8]}",
-                                    daemon=True)
-        self._ref()
-        self._rx.start()
+        self._lengths: Sequence[int] | None = None  # the manifest's piece lengths (expect_pieces)
+        self._greeted = False  # the peer's Hello came in: PIECE records may follow
+        self._loop_reading = False  # a receive on the event loop is waiting for the socket
+        self._in_record = False  # ... and has consumed part of a record
+        self._rx: threading.Thread | None = None  # the receiver thread, once started
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -528,11 +544,21 @@ class LaneLink:
 
     # -- receiving --
 
+    def expect_pieces(self, lengths: Sequence[int]) -> None:
+        """The manifest's piece lengths (the engine calls this once the Hello checked out): a
+        PIECE record naming another index or longer than its piece is refused from its header,
+        before a buffer is taken for it."""
+        self._lengths = lengths
+
     async def receive(self) -> wire.Message:
         """The next message. LinkClosed when the lane ends, wire.ProtocolError for a record that
         fails authentication or breaks the protocol (the caller drops the link)."""
         if self._end is not None:
             raise self._copy(self._end)
+        if not self._greeted:
+            return await self._receive_before_hello()
+        if self._rx is None:
+            self._start_receiver()
         try:
             item = await self._from_thread.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -545,6 +571,77 @@ class LaneLink:
     @staticmethod
     def _copy(exc: BaseException) -> BaseException:
         return type(exc)(*exc.args)
+
+    def _start_receiver(self) -> None:
+        if self._closed:
+            raise LinkClosed(f"lane to {self.peer_id[:16]} is closed")
+        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{self.peer_id[-8:]}",
+                                    daemon=True)
+        self._ref()
+        try:
+            self._rx.start()
+        except RuntimeError as e:  # can't start new thread: this link cannot receive
+            self._unref()
+            self._end = LinkClosed(f"lane to {self.peer_id[:16]}: no receiver thread ({e})")
+            raise self._copy(self._end) from e
+
+    async def _receive_before_hello(self) -> wire.Message:
+        """One record on the event loop, before the peer's Hello: a FRAME (the Hello, or an
+        Error) and nothing else, so a lane that has not named its manifest costs no thread and
+        no piece buffer."""
+        if self._closed:
+            raise LinkClosed(f"lane to {self.peer_id[:16]} is closed")
+        self._loop_reading = True
+        try:
+            header = bytes(await self._recv_on_loop(lc.HEADER.size))
+            kind, _index, n = lc.HEADER.unpack(header)
+            if kind != lc.KIND_FRAME:
+                raise wire.ProtocolError(f"lane record of kind {kind} before Hello")
+            if not 5 <= n <= wire.MAX_CONTROL_FRAME + 4:
+                raise wire.ProtocolError(f"lane frame of {n} bytes")
+            sealed = await self._recv_on_loop(n + lc.TAG)
+            self._in_record = False
+            try:
+                msg = _decode_frame(self._opener.open_frame(header, sealed))
+            except lc.InvalidTag:
+                raise wire.ProtocolError("lane record failed authentication") from None
+        except (wire.ProtocolError, LinkClosed, lc.LaneExhausted) as e:
+            self._end = e if not isinstance(e, lc.LaneExhausted) else LinkClosed(str(e))
+            raise self._copy(self._end) from None
+        except BaseException:  # cancelled: inside a record the byte stream is out of step
+            if self._in_record:
+                self._end = LinkClosed("lane receive cancelled inside a record")
+            raise
+        finally:
+            self._loop_reading = False
+        if isinstance(msg, wire.Hello):
+            self._greeted = True
+        return msg
+
+    async def _recv_on_loop(self, n: int) -> bytearray:
+        """Exactly ``n`` bytes from the (blocking) socket without blocking the event loop."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                try:
+                    await trio.lowlevel.wait_readable(self._sock)
+                except (trio.ClosedResourceError, OSError):  # aclose() under us
+                    raise LinkClosed(f"lane to {self.peer_id[:16]} closed") from None
+                continue
+            except OSError as e:
+                raise LinkClosed(f"lane to {self.peer_id[:16]}: {e!r}") from e
+            if k == 0:
+                where = "inside a record" if self._in_record else "by peer"
+                raise LinkClosed(f"lane to {self.peer_id[:16]} closed {where}")
+            got += k
+            self.bytes_received += k
+            self._in_record = True
+        del view
+        return buf
 
     def _deliver(self, item: Any) -> None:
         """Receiver thread: hand ``item`` to the trio side (blocks while the channel is full)."""
@@ -647,6 +744,8 @@ class LaneLink:
             elif kind == lc.KIND_PIECE:
                 if not 0 < n <= wire.MAX_PIECE_BYTES:
                     raise wire.ProtocolError(f"lane piece of {n} bytes")
+                if self._lengths is not None:  # before any byte of it is taken (or a buffer)
+                    wire.check_piece_fits(self._lengths, index, n)
                 if not encrypted:  # authenticate the header before taking a buffer for it
                     self._recv_into(hv[hsize:])
                     self._opener.check_piece_prefix(header, hv[hsize:])
@@ -698,7 +797,26 @@ class LaneLink:
                 self._shutdown(socket.SHUT_WR)
             finally:
                 self._send_lock.release()
+            if self._rx is None:  # no receiver thread to linger or to wake
+                if self._loop_reading:
+                    trio.lowlevel.notify_closing(self._sock)  # the receive ends with LinkClosed
+                else:
+                    await self._linger_on_loop()
         self._unref()
+
+    async def _linger_on_loop(self) -> None:
+        """``_linger`` for a link whose receiver thread never started (closed before or right
+        after the Hello): on the event loop, at most CLOSE_LINGER."""
+        scratch = bytearray(64 << 10)
+        with trio.move_on_after(CLOSE_LINGER):
+            while True:
+                try:
+                    if self._sock.recv_into(scratch, 0, socket.MSG_DONTWAIT) == 0:
+                        return
+                except (BlockingIOError, InterruptedError):
+                    await trio.lowlevel.wait_readable(self._sock)
+                except OSError:
+                    return
 
 
 def _decode_frame(frame: bytes) -> wire.Message:
@@ -718,7 +836,9 @@ def _decode_frame(frame: bytes) -> wire.Message:
 
 
 class _Pending:
-    __slots__ = ("keys", "mode", "peer_id", "ready", "sock")
+    """An accepted offer waiting for its proven TCP connection (``sock``, then ``ready``)."""
+
+    __slots__ = ("abandoned", "keys", "mode", "peer_id", "ready", "sock")
 
     def __init__(self, keys: lc.LaneKeys, peer_id: str, mode: int):
         self.keys = keys
@@ -726,6 +846,19 @@ class _Pending:
         self.mode = mode
         self.ready = trio.Event()
         self.sock: socket.socket | None = None
+        self.abandoned = False  # the acceptor gave up: a connection proven now is closed
+
+
+class _Setup:
+    """One inbound lane from its accepted offer to its Hello (see MAX_SETUPS); evicted by
+    cancelling ``scope``."""
+
+    __slots__ = ("lane_id", "peer_id", "scope")
+
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self.lane_id = b""
+        self.scope = trio.CancelScope()
 
 
 class LaneService:
@@ -734,12 +867,13 @@ class LaneService:
     ``mode`` is "encrypted", "plaintext" (used only with peers also set to plaintext; encrypted
     otherwise) or "off". Run ``await nursery.start(service.run)``; serve ``LANE_PROTOCOL`` with
     ``accept_stream`` (each accepted lane ends in ``await on_link(link, hello)``, like the pieces
-    handler); open lanes with ``dial``.
+    handler); open lanes with ``dial``. ``max_setups``: inbound lanes between offer and Hello
+    held at once (MAX_SETUPS).
     """
 
     def __init__(self, mode: str, local_id: str, *, bind_host: str = "127.0.0.1",
                  on_link: Callable[[LaneLink, wire.Hello], Awaitable[None]] | None = None,
-                 pool_buffers: int = POOL_BUFFERS):
+                 pool_buffers: int = POOL_BUFFERS, max_setups: int = MAX_SETUPS):
         if mode not in LANE_MODES:
             raise ValueError(f"lane mode must be one of {LANE_MODES}, got {mode!r}")
         self.mode = mode
@@ -747,21 +881,33 @@ class LaneService:
         self.bind_host = bind_host
         self.on_link = on_link
         self.pool_buffers = pool_buffers
+        self.max_setups = max(1, max_setups)
         self.port: int | None = None
         self.lanes_opened = 0
         self.lanes_accepted = 0
         self.proofs_rejected = 0
         self.connections_refused = 0  # closed unread: no offer was pending
         self.connections_evicted = 0  # closed unread to admit a newer one (MAX_HANDSHAKES)
-        self.offers_evicted = 0  # voided to admit a newer one (MAX_PENDING)
+        self.setups_refused = 0  # offers refused: the peer holds MAX_SETUPS_PER_PEER
+        self.setups_evicted = 0  # offers voided or lanes closed before Hello (max_setups)
+        self.hellos_missing = 0  # proven lanes closed without a Hello (timeout, bad record)
         self._listener: trio.socket.SocketType | None = None
         self._pending: dict[bytes, _Pending] = {}  # by lane id, oldest first
+        self._setups: dict[_Setup, None] = {}  # offer accepted, no Hello yet; oldest first
         self._unproven: dict[_Handshake, None] = {}  # unauthenticated connections, oldest first
 
     @property
     def _handshakes(self) -> int:
         """Unauthenticated connections held now."""
         return len(self._unproven)
+
+    @property
+    def setups(self) -> int:
+        """Inbound lanes between their accepted offer and their Hello now."""
+        return len(self._setups)
+
+    def setups_of(self, peer_id: str) -> int:
+        return sum(s.peer_id == peer_id for s in self._setups)
 
     @property
     def _wanted_mode(self) -> int:
@@ -837,6 +983,8 @@ class LaneService:
                     slot.ready.set()  # the offer is void
                     return
                 await _send_all(conn, lc.make_proof(slot.keys, False))
+                if slot.abandoned:  # the acceptor gave up (timeout, evicted) meanwhile
+                    return
                 slot.sock = _blocking(conn)
                 handed = True
                 slot.ready.set()
@@ -851,66 +999,114 @@ class LaneService:
 
     async def accept_stream(self, stream: Any) -> None:
         """Handle one inbound LANE_PROTOCOL stream: answer the offer, wait for the proven TCP
-        connection, then run the link (Hello first) through ``on_link`` until it ends."""
+        connection and the Hello (a setup, counted per peer and in all), then run the link
+        through ``on_link`` until it ends."""
         peer = _stream_peer(stream)
-        slot: _Pending | None = None
+        setup = _Setup(peer)
+        link: LaneLink | None = None
+        hello: wire.Hello | None = None
         try:
-            with trio.fail_after(OFFER_TIMEOUT):
-                magic, wanted, nonce_d = OFFER.unpack(await _read_exactly(stream, OFFER.size))
-            port = self.port
-            if (magic != MAGIC or wanted not in lc.MODE_NAMES or self.mode == "off"
-                    or port is None or self.on_link is None
-                    or sum(s.peer_id == peer for s in self._pending.values())
-                    >= MAX_PENDING_PER_PEER):
-                await stream.write(ACCEPT.pack(MAGIC, STATUS_REFUSED, 0, 0, bytes(32)))
-                return
-            if len(self._pending) >= MAX_PENDING:
-                old_id = _busiest_oldest(self._pending, lambda i: self._pending[i].peer_id)
-                self._pending.pop(old_id).ready.set()  # void: its acceptor gives up
-                self.offers_evicted += 1
-            mode = (lc.MODE_PLAINTEXT if wanted == lc.MODE_PLAINTEXT and self.mode == "plaintext"
-                    else lc.MODE_ENCRYPTED)
-            nonce_a = secrets.token_bytes(lc.NONCE_BYTES)
-            keys = lc.derive_keys(nonce_d, nonce_a, peer, self.local_id, mode, port)
-            slot = _Pending(keys, peer, mode)
-            self._pending[keys.lane_id] = slot
-            await stream.write(ACCEPT.pack(MAGIC, STATUS_OK, mode, port, nonce_a))
-            with trio.move_on_after(PROOF_TIMEOUT):
-                await slot.ready.wait()
-        except (trio.TooSlowError, LaneUnavailable, struct.error) as e:
-            log.info("lane offer from %s failed: %r", peer[:16], e)
-            return
-        except Exception as e:  # the stream broke (reset, closed)
-            log.debug("lane offer from %s: %r", peer[:16], e)
-            return
+            with setup.scope:  # cancelled when evicted (max_setups)
+                link = await self._set_up(stream, peer, setup)
+                if link is not None:
+                    hello = await self._first_hello(link, peer)
         finally:
-            if slot is not None:
-                self._pending.pop(slot.keys.lane_id, None)
-            await _close_stream(stream)
-        if slot.sock is None:
-            log.info("lane from %s: no proven connection within %g s", peer[:16], PROOF_TIMEOUT)
-            return
-        link = LaneLink(slot.sock, slot.keys, dialer=False, peer_id=peer, mode=slot.mode,
-                        pool_buffers=self.pool_buffers)
-        self.lanes_accepted += 1
-        try:
             try:
-                with trio.fail_after(HELLO_TIMEOUT):
-                    hello = await link.receive()
-                if not isinstance(hello, wire.Hello):
-                    raise wire.ProtocolError(f"expected Hello, got {type(hello).__name__}")
-            except (trio.TooSlowError, wire.ProtocolError) as e:
-                log.info("lane from %s: %r", peer[:16], e)
-                with trio.move_on_after(1):
-                    with contextlib.suppress(Exception):
-                        await link.send(wire.Error(f"protocol error: {e}"))
-                return
+                if hello is None and link is not None:
+                    self.hellos_missing += 1
+                    await link.aclose()
+            finally:
+                self._setups.pop(setup, None)
+        if link is None or hello is None:
+            return
+        try:
             assert self.on_link is not None
-            await self.on_link(link, hello)
+            await self.on_link(link, hello)  # the transfer counts it in max_peers from here
         except LinkClosed as e:
             log.debug("lane from %s: %s", peer[:16], e)
         finally:
             await link.aclose()
+
+    async def _set_up(self, stream: Any, peer: str, setup: _Setup) -> LaneLink | None:
+        """Answer the offer on ``stream`` and wait for its proven TCP connection: the link (no
+        thread yet), or None (refused, failed; logged)."""
+        slot: _Pending | None = None
+        taken = False
+        try:
+            try:
+                with trio.fail_after(OFFER_TIMEOUT):
+                    magic, wanted, nonce_d = OFFER.unpack(await _read_exactly(stream, OFFER.size))
+                port = self.port
+                refuse = (magic != MAGIC or wanted not in lc.MODE_NAMES or self.mode == "off"
+                          or port is None or self.on_link is None)
+                if not refuse and self.setups_of(peer) >= MAX_SETUPS_PER_PEER:
+                    self.setups_refused += 1
+                    refuse = True
+                if refuse:
+                    await stream.write(ACCEPT.pack(MAGIC, STATUS_REFUSED, 0, 0, bytes(32)))
+                    return None
+                if len(self._setups) >= self.max_setups:
+                    self._evict_setup()
+                mode = (lc.MODE_PLAINTEXT if wanted == lc.MODE_PLAINTEXT
+                        and self.mode == "plaintext" else lc.MODE_ENCRYPTED)
+                nonce_a = secrets.token_bytes(lc.NONCE_BYTES)
+                keys = lc.derive_keys(nonce_d, nonce_a, peer, self.local_id, mode, port)
+                slot = _Pending(keys, peer, mode)
+                setup.lane_id = keys.lane_id
+                self._setups[setup] = None
+                self._pending[keys.lane_id] = slot
+                await stream.write(ACCEPT.pack(MAGIC, STATUS_OK, mode, port, nonce_a))
+                with trio.move_on_after(PROOF_TIMEOUT):
+                    await slot.ready.wait()
+            except (trio.TooSlowError, LaneUnavailable, struct.error) as e:
+                log.info("lane offer from %s failed: %r", peer[:16], e)
+                return None
+            except Exception as e:  # the stream broke (reset, closed)
+                log.debug("lane offer from %s: %r", peer[:16], e)
+                return None
+            finally:
+                if slot is not None:
+                    self._pending.pop(slot.keys.lane_id, None)
+                    slot.abandoned = True  # from here on _check_proof keeps what it proves
+                await _close_stream(stream)
+            if slot.sock is None:
+                log.info("lane from %s: no proven connection within %g s", peer[:16],
+                         PROOF_TIMEOUT)
+                return None
+            link = LaneLink(slot.sock, slot.keys, dialer=False, peer_id=peer, mode=slot.mode,
+                            pool_buffers=self.pool_buffers)
+            taken = True
+            self.lanes_accepted += 1
+            return link
+        finally:
+            if not taken and slot is not None and slot.sock is not None:
+                slot.sock.close()  # proven, then cancelled (evicted, node closing)
+
+    def _evict_setup(self) -> None:
+        """Make room for a new setup (max_setups): void the oldest of the peer holding most."""
+        old = _busiest_oldest(self._setups, lambda s: s.peer_id)
+        del self._setups[old]
+        self._pending.pop(old.lane_id, None)  # an offer: nobody may use its lane id now
+        old.scope.cancel()  # its task closes its stream or its connection
+        self.setups_evicted += 1
+
+    async def _first_hello(self, link: LaneLink, peer: str) -> wire.Hello | None:
+        """The peer's Hello within HELLO_TIMEOUT (read on the event loop: FRAME records only),
+        or None after telling the peer why (logged)."""
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                hello = await link.receive()
+            if not isinstance(hello, wire.Hello):
+                raise wire.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+            return hello
+        except (trio.TooSlowError, wire.ProtocolError) as e:
+            log.info("lane from %s: %r", peer[:16], e)
+            with trio.move_on_after(1):
+                with contextlib.suppress(Exception):
+                    await link.send(wire.Error(f"protocol error: {e}"))
+        except LinkClosed as e:
+            log.debug("lane from %s before its Hello: %s", peer[:16], e)
+        return None
 
     # -- dialer side of setup --
 

@@ -38,6 +38,7 @@ import hmac
 import struct
 
 import attrs
+import cryptography
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -82,6 +83,16 @@ KIND_FRAME = 1
 KIND_PIECE = 2
 
 _SALT = b"swarm-lane/1 hkdf salt"
+
+CRYPTOGRAPHY_MIN = (47, 0)
+"""The first cryptography release with ``AESGCM.encrypt_into`` / ``decrypt_into`` (pieces are
+sealed and opened in place in their page-aligned buffers): 47.0.0 (42.0.8 to 46.0.3 lack them;
+checked in their wheels). pyproject.toml requires at least this."""
+
+if not (hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")):
+    raise ImportError(
+        f"the data lane needs cryptography>={'.'.join(map(str, CRYPTOGRAPHY_MIN))} "
+        f"(AESGCM.encrypt_into/decrypt_into); this is {cryptography.__version__}: upgrade it")
 
 
 class LaneExhausted(Exception):

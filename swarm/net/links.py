@@ -4,11 +4,17 @@ Frames are ``wire`` frames. Reads always pass an explicit size (py-libp2p's unsi
 "until EOF"); sends are serialized with a lock (the engine's writer task and its close path may both
 send); a PIECE goes out as its 9-byte header then a view of the payload, so the piece is never
 concatenated into a second multi-MiB buffer.
+
+Receiving: the first frame must be the Hello (a PIECE before it is a protocol error, refused from
+its header), and once the engine has named the manifest (``expect_pieces``) a PIECE longer than
+its piece is refused from its first 9 bytes; a link buffers at most one piece of that manifest
+plus one read (READ_MAX), not MAX_PIECE_FRAME.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
@@ -44,7 +50,7 @@ class StreamLink:
         self.outbound = outbound
         """True if we opened the stream (a tie-break for two simultaneous links between two
         peers: both sides can agree to keep the one opened by the smaller peer id)."""
-        self._decoder = wire.FrameDecoder(allowed_types)
+        self._decoder = wire.FrameDecoder(allowed_types, hello_first=True)
         self._send_lock = trio.Lock()
         self._closed = False
         self._broken = False  # a send was interrupted mid-frame: the byte stream is unusable
@@ -64,6 +70,11 @@ class StreamLink:
 
     def __repr__(self) -> str:
         return f"<StreamLink {self.peer_id[:16]} {self.protocol}{' closed' if self._closed else ''}>"
+
+    def expect_pieces(self, lengths: Sequence[int]) -> None:
+        """The manifest's piece lengths (the engine calls this once the Hello checked out): a
+        PIECE frame naming another index or longer than its piece is refused from its header."""
+        self._decoder.expect_pieces(lengths)
 
     async def send(self, msg: wire.Message) -> None:
         """Send one message. Raises LinkClosed if the stream is gone (ValueError from
