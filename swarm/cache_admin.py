@@ -57,6 +57,7 @@ __all__ = [
     "parse_size",
     "parse_target",
     "remove",
+    "report",
     "scan",
 ]
 
@@ -276,6 +277,41 @@ def evict(store: Store, limit: int, *, served: frozenset[tuple[str, str]] = froz
         log.warning("cache holds %d bytes, over --max-cache-size %d: the rest is served, in use, "
                     "being downloaded or not fetched by swarm", total, limit)
     return done
+
+
+def downloading(store: Store, model: str) -> bool:
+    """Whether a download of ``model`` is open (in any process)."""
+    try:
+        with store.repo_exclusive(model, timeout=0.0):
+            return False
+    except LockTimeout:
+        return True
+
+
+def report(store: Store, *, served: frozenset[tuple[str, str]] = frozenset(),
+           seeded: frozenset[tuple[str, str]] = frozenset(), limit: int | None = None,
+           window: float = IN_USE_WINDOW) -> dict:
+    """What ``swarm-node models`` shows: ``{"cache_dir", "bytes", "max_bytes", "incomplete_bytes",
+    "snapshots": [...]}``; each snapshot is ``CachedSnapshot.to_json()`` plus ``served``,
+    ``seeded``, ``in_use`` (a reason, or null) and ``evictable``."""
+    now = time.time()
+    snaps = scan(store)
+    busy = {m: downloading(store, m) for m in {s.model for s in snaps}}
+    rows = []
+    for s in sorted(snaps, key=lambda s: (s.model, -s.last_access, s.revision)):
+        why = "a download of this model is in progress" if busy[s.model] else \
+            in_use_reason(s, now, window)
+        row = s.to_json()
+        row.update(served=s.key in served, seeded=s.key in seeded, in_use=why,
+                   evictable=s.fetched and s.key not in served and why is None)
+        rows.append(row)
+    total = cache_bytes(store)
+    linked = 0
+    for m in store.models():
+        sizes = _blob_sizes(store, m)
+        linked += sum(sizes.values())
+    return {"cache_dir": str(store.cache_dir), "bytes": total, "max_bytes": limit,
+            "incomplete_bytes": total - linked, "snapshots": rows}
 
 
 def collect_incomplete(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> list[tuple[Path, int]]:
