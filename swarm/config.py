@@ -382,7 +382,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("direct_io", "switch", "write whole pieces received over the data lane with O_DIRECT "
            "(off: through the page cache)", default=True, default_doc="on"),
     Option("log_format", "choice", "log lines as text, or as one JSON object per line with event "
-           "fields (fetch_start, fetch_end, ban, lane_fallback)", default="text",
+           "fields (fetch_start, fetch_end, ban, lane_fallback, evict, rm, gc_incomplete)", default="text",
            default_doc="text", choices=LOG_FORMATS, noun="log format"),
     Option("drain_timeout", "seconds", "on SIGTERM or SIGINT the node stops announcing and "
            "taking new work, then waits up to this long for pieces peers already asked of it",

@@ -19,6 +19,10 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
         .swarm/verified/<blake3 hex>       "<dev> <inode> <size> <mtime ns>" of a blob swarm verified
                                            and renamed into blobs/ (adopted later without re-hashing)
         .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download
+        .swarm/locks/repo.lock             held shared by every open download of the repo, exclusively
+                                           while snapshots are removed or partial files collected
+        .swarm/access/<revision>           mtime: when the snapshot was last handed to a caller
+                                           (least-recently-used eviction, swarm/cache_admin.py)
         .swarm/tmp/                        staging for everything that is later renamed into place
 
 Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its data was fsynced
