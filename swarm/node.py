@@ -813,8 +813,9 @@ class Node:
                 await self.serve_snapshot(req.repo_id, result.path)
             except Exception as e:  # the caller has its files; seeding is a bonus
                 log.warning("cannot seed %s from %s: %s", req.repo_id, result.path, e)
-        if self.config.max_cache_size is not None:
-            await self.enforce_cache_limit()
+        if self.config.max_cache_size is not None and self._nursery is not None:
+            # In the background: the caller has its files (touched above: in use, never evicted).
+            self._nursery.start_soon(self._enforce_quietly)
         return result
 
     # ------------------------------------------------------------------ cache management
@@ -883,6 +884,12 @@ class Node:
                 self.metrics.cache_evicted_bytes.inc(r.bytes)
                 await self._stop_sharing(r.model, r.revision)
             return done
+
+    async def _enforce_quietly(self) -> None:
+        try:
+            await self.enforce_cache_limit()
+        except Exception:
+            log.exception("eviction failed")
 
     async def collect_incomplete(self) -> None:
         got = await trio.to_thread.run_sync(cache_admin.collect_incomplete, self.store)

@@ -91,15 +91,18 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
         os.utime(access, (OLD, OLD))  # A was last used ten days ago
         path_b = client.fetch(B, home=front.home, timeout=90, progress=False)
 
-        # Two models do not fit in 1.5 models: A (least recently used) went, B (in use) stays.
-        assert not path_a.exists()
+        # Two models do not fit in 1.5 models: A (least recently used) goes, B (in use) stays.
+        _wait_gone(path_a)
+        end = time.monotonic() + 30  # then the node stops seeding it (after counting it)
+        while [m["model"] for m in client.status(front.home)["models"]] != [B]:
+            assert time.monotonic() < end, client.status(front.home)["models"]
+            time.sleep(0.05)
         same_files(srcs[B], path_b, carried_files(2))
         ev = _events(front.log, "evict")
         assert [(e["model"], e["revision"]) for e in ev] == [(A, path_a.name)]
         assert ev[0]["bytes"] == size
         assert _metric(front.home, "swarm_cache_evictions_total") == 1
         assert _metric(front.home, "swarm_cache_evicted_bytes_total") == size
-        assert [m["model"] for m in client.status(front.home)["models"]] == [B]  # A not seeded
 
         r = swarm_node("models", "--json", "--home", str(front.home), env=env)
         assert r.returncode == 0, r.stderr
@@ -122,6 +125,15 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
         assert _events(front.log, "rm")[0]["model"] == B
         r = swarm_node("rm", B, "--home", str(front.home), env=env)
         assert r.returncode == 1 and "not in the cache" in r.stderr
+
+        # The control route checks what it is given before touching the cache.
+        transport = httpx.HTTPTransport(uds=str(socket_path(front.home)))
+        with httpx.Client(transport=transport, timeout=10) as c:
+            for body in ({"target": "../../etc"}, {"target": f"{A}@../../x"},
+                         {"target": A, "force": "yes"}, {"target": A, "path": "/"}, []):
+                r = c.post("http://swarm-node/v1/rm", json=body)
+                assert r.status_code == 400 and r.json()["error"], body
+            assert c.get("http://swarm-node/v1/rm").status_code == 405
 
         r = swarm_node("peers", "--json", "--home", str(front.home), env=env)
         assert r.returncode == 0 and worker.status["peer_id"] in json.loads(r.stdout)["peers"]
