@@ -16,6 +16,10 @@ what may go. Words used here and in ``swarm-node models``:
   seconds ago (``.swarm/access/<revision>``, written by the node and by the client's local-cache
   path, survives restarts). ``rm`` refuses an in-use snapshot unless forced; eviction never takes
   one.
+- **abandoned**: an ``.incomplete`` file no open download holds, untouched for
+  ``INCOMPLETE_MAX_AGE``; likewise a blob swarm verified that no snapshot links (a download given
+  up before it was finalized, or a removal cut short by a crash). Collected at start and every
+  ``GC_INTERVAL``.
 - **last access**: the mtime of ``.swarm/access/<revision>``, else of the snapshot directory
   (file atimes are unreliable under relatime/noatime). Eviction takes the oldest first.
 
@@ -52,6 +56,7 @@ __all__ = [
     "Removal",
     "cache_bytes",
     "collect_incomplete",
+    "collect_orphans",
     "evict",
     "format_size",
     "parse_size",
@@ -327,5 +332,22 @@ def collect_incomplete(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> lis
         for path, size in got:
             log.info("collected abandoned partial file %s (%d bytes)", path, size,
                      extra={"event": "gc_incomplete", "model": model, "bytes": size})
+        out.extend(got)
+    return out
+
+
+def collect_orphans(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> list[tuple[Path, int]]:
+    """Delete blobs swarm verified that no snapshot links (``Store.collect_orphan_blobs``), untouched
+    for ``max_age`` s, in every repo; returns (path, bytes) of each."""
+    out = []
+    for model in store.models():
+        try:
+            got = store.collect_orphan_blobs(model, max_age)
+        except StoreError as e:
+            log.warning("cannot collect unlinked blobs of %s: %s", model, e)
+            continue
+        for path, size in got:
+            log.info("collected unlinked blob %s (%d bytes)", path, size,
+                     extra={"event": "gc_orphan", "model": model, "bytes": size})
         out.extend(got)
     return out

@@ -68,7 +68,8 @@ class Metrics:
         self.cache_removals = Counter(
             "swarm_cache_removals", "Snapshots removed by swarm-node rm", registry=r)
         self.incomplete_collected_bytes = Counter(
-            "swarm_incomplete_collected_bytes", "Bytes of abandoned .incomplete files collected",
+            "swarm_incomplete_collected_bytes", "Bytes of abandoned downloads collected "
+            "(.incomplete files, and finished blobs no snapshot links)",
             registry=r)
         self.retired = {"bytes_up": 0, "bytes_down": 0, "pieces_up": 0, "pieces_down": 0,
                         "bad_pieces": 0, "bans": 0}

@@ -892,7 +892,9 @@ class Node:
             log.exception("eviction failed")
 
     async def collect_incomplete(self) -> None:
+        """Abandoned ``.incomplete`` files and unlinked blobs (see swarm/cache_admin.py)."""
         got = await trio.to_thread.run_sync(cache_admin.collect_incomplete, self.store)
+        got += await trio.to_thread.run_sync(cache_admin.collect_orphans, self.store)
         self.metrics.incomplete_collected_bytes.inc(sum(n for _p, n in got))
 
     async def _cache_loop(self) -> None:

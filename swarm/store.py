@@ -1072,6 +1072,7 @@ class Store:
         ``blobs/`` (any other file is not counted: it is removed with the directory)."""
         snap = self.snapshot_dir(model, revision)
         blobs = os.fspath(self.repo_dir(model) / "blobs")
+        real_blobs = os.path.realpath(blobs)
         out: dict[str, str] = {}
         for dirpath, _dirs, files in os.walk(snap):
             for name in files:
@@ -1081,7 +1082,8 @@ class Store:
                 except OSError:
                     continue
                 resolved = os.path.normpath(os.path.join(dirpath, target))
-                if os.path.dirname(resolved) == blobs:
+                where = os.path.dirname(resolved)  # absolute links too (older Hub clients)
+                if where == blobs or os.path.realpath(where) == real_blobs:
                     out[os.path.relpath(p, snap)] = os.path.basename(resolved)
         return out
 
@@ -1222,6 +1224,43 @@ class Store:
             _unlink_quiet(state)
             out.append((part, st.st_size))
         return out
+
+    def collect_orphan_blobs(self, model: str, max_age: float) -> list[tuple[Path, int]]:
+        """Delete blobs swarm verified (``.swarm/verified/<hex>``) that no snapshot of ``model``
+        links and that are older than ``max_age`` s, with no download of the repo open: what a
+        removal interrupted by a crash leaves, or the finished files of a download abandoned
+        before it was finalized. The Hub client's blobs (named by etag, never marked) are left
+        alone. Returns (path, size) of each blob deleted."""
+        blobs = self.repo_dir(model) / "blobs"
+        marks = self._meta(model) / "verified"
+        if not marks.is_dir():
+            return []
+        try:
+            with self.repo_exclusive(model, timeout=0.0):
+                linked: set[str] = set()
+                for rev in self.revisions(model):
+                    linked.update(self.snapshot_blobs(model, rev).values())
+                now = time.time()
+                out = []
+                for name in sorted(set(os.listdir(marks)) - linked):
+                    try:
+                        st = os.stat(blobs / name, follow_symlinks=False)
+                    except FileNotFoundError:
+                        _unlink_quiet(marks / name)  # a marker whose blob is gone
+                        continue
+                    except OSError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < max_age:
+                        continue
+                    try:
+                        os.unlink(blobs / name)
+                    except OSError:
+                        continue
+                    _unlink_quiet(marks / name)
+                    out.append((blobs / name, st.st_size))
+                return out
+        except LockTimeout:
+            return []
 
     def repo_bytes(self, model: str) -> int:
         """Bytes of the files under ``blobs/`` (complete blobs and ``.incomplete`` files, which are

@@ -277,3 +277,60 @@ def test_max_cache_size_option(tmp_path) -> None:
     assert resolve_run(config=cfg, env={}).max_cache_size == 1000
     with pytest.raises(ConfigError, match="SWARM_MAX_CACHE_SIZE"):
         resolve_run(env={"SWARM_MAX_CACHE_SIZE": "lots"})
+
+
+def test_unlinked_blobs_of_an_abandoned_download_collected_linked_ones_never(two_revisions,
+                                                                           tmp_path) -> None:
+    store, a, b = two_revisions
+    rng = random.Random(11)
+    src = make_dir(tmp_path / "d", {"done.bin": rng.randbytes(MiB), "rest.bin": rng.randbytes(MiB)})
+    d = build_manifest(src, "org/m", "d" * 40)
+    with SnapshotReader(src, d) as reader, store.open_download(d) as dl:  # given up, not finalized
+        for i in d.file_piece_range(d.file_index("done.bin")):
+            dl.write_piece(i, reader.read_piece(i))
+    done = blob(store, d, "done.bin")
+    assert done.exists()
+    assert cache_admin.collect_orphans(store) == []  # fresh: the next fetch resumes from it
+    assert cache_admin.collect_orphans(store, max_age=0) == [(done, MiB)]
+    assert not done.exists()
+    assert not (store.repo_dir("org/m") / ".swarm" / "verified" / done.name).exists()
+    assert store.revisions("org/m") == [a.revision, b.revision]
+    assert_links_resolve(store, "org/m")
+    for m in (a, b):
+        assert store.find_complete("org/m", m.revision, verify=True) is not None
+
+
+CRASH_IN_REMOVAL = """
+import os, signal, sys
+from swarm import store as store_mod
+real_unlink = os.unlink
+def unlink(path, *a, **kw):  # the process dies as it deletes the first blob
+    if "/blobs/" in os.fspath(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_unlink(path, *a, **kw)
+store_mod.os.unlink = unlink
+store = store_mod.Store(sys.argv[1])
+with store.repo_exclusive("org/m"):
+    store.remove_snapshot("org/m", sys.argv[2])
+"""
+
+
+def test_a_crash_during_removal_leaves_no_dangling_link(two_revisions) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    store, a, b = two_revisions
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", CRASH_IN_REMOVAL, str(store.cache_dir), a.revision],
+                       env=env, capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    only_a = blob(store, a, "w.safetensors")
+    assert only_a.exists()  # the crash came before the blob went ...
+    assert store.revisions("org/m") == [b.revision]  # ... and after the snapshot left
+    assert store.read_ref("org/m", "v1") is None
+    assert_links_resolve(store, "org/m")
+    assert store.find_complete("org/m", b.revision, verify=True) is not None
+    # The blob left behind is collected once abandoned.
+    assert cache_admin.collect_orphans(store, max_age=0) == [(only_a, 2 * MiB)]
+    assert_links_resolve(store, "org/m")
