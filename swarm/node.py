@@ -141,11 +141,11 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._manifest_cache = _ManifestCache(self.home / "manifests")
         self.metrics = Metrics(self)
+        self._transfer_scopes: dict[int, trio.CancelScope] = {}  # see _run_transfer
+        self._cache_lock = trio.Lock()  # one removal / eviction pass at a time
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
-        self._transfer_scopes: dict[int, trio.CancelScope] = {}
-        self._cache_lock = trio.Lock()  # one removal / eviction pass at a time
         self.lane: LaneService | None = None
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
