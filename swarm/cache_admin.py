@@ -42,7 +42,6 @@ from pathlib import Path
 
 import attrs
 
-from swarm.config import parse_size
 from swarm.manifest import ManifestError, validate_model_name, validate_revision
 from swarm.store import LockTimeout, Store, StoreError
 
@@ -58,8 +57,6 @@ __all__ = [
     "collect_incomplete",
     "collect_orphans",
     "evict",
-    "format_size",
-    "parse_size",
     "parse_target",
     "remove",
     "report",
@@ -123,17 +120,6 @@ class Removal:
     model: str
     revision: str
     bytes: int  # blobs deleted
-
-
-def format_size(n: int | None) -> str:
-    if n is None:
-        return "unbounded"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError
 
 
 def parse_target(text: str) -> tuple[str, str | None]:
