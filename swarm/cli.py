@@ -7,6 +7,9 @@
     swarm-node fetch ORG/NAME [--revision R] [--configs-only] [--include GLOB]... [--exclude GLOB]...
                    [--cache-dir DIR] [--local-dir DIR] [--timeout S] [--json] [--home DIR]
     swarm-node status [--json] [--home DIR]
+    swarm-node models [--json] [--home DIR] [--cache-dir DIR]
+    swarm-node rm ORG/NAME[@REV] [--force] [--json] [--home DIR] [--cache-dir DIR]
+    swarm-node peers [--json] [--home DIR]
     swarm-node demo [--size-mb 300] [--frontends 3] [--timeout 300] [--lane MODE]
     swarm-node keygen [--out FILE]
 
@@ -25,7 +28,7 @@ from typing import Any
 
 import swarm
 
-__all__ = ["build_parser", "format_status", "main", "run_settings"]
+__all__ = ["build_parser", "format_cache", "format_status", "main", "run_settings"]
 
 log = logging.getLogger("swarm.cli")
 
@@ -320,6 +323,142 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cache: models, rm, peers -------------------------------------------------------------------
+
+
+def _offline_store(args: argparse.Namespace) -> Any:
+    """The cache ``models`` / ``rm`` work on when no node runs: ``--cache-dir``, else the
+    ``cache_dir`` of the config (file or SWARM_CACHE_DIR), else the HF default."""
+    from swarm.config import default_cache_dir, resolve_run
+    from swarm.store import Store
+
+    if args.cache_dir:
+        return Store(args.cache_dir), None
+    settings = resolve_run(config=args.config)
+    return Store(settings.cache_dir or default_cache_dir()), settings.max_cache_size
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+def format_cache(report: dict, *, node: bool = True) -> str:
+    import time
+
+    limit = report.get("max_bytes")
+    lines = [f"cache:      {report.get('cache_dir')}",
+             f"size:       {_size(report.get('bytes'))} of "
+             f"{_size(limit) if limit is not None else 'unbounded'}"
+             f" ({_size(report.get('incomplete_bytes'))} in partial downloads)"]
+    if not node:
+        lines.append("node:       none running (served and seeded are not known)")
+    snaps = report.get("snapshots") or []
+    lines.append(f"snapshots:  {len(snaps)}")
+    now = time.time()
+    for s in snaps:
+        state = []
+        if s.get("served"):
+            state.append("served")
+        elif s.get("seeded"):
+            state.append("seeded")
+        if s.get("in_use"):
+            state.append(f"in use ({s['in_use']})")
+        if not s.get("fetched"):
+            state.append("not fetched by swarm (never evicted)")
+        elif s.get("evictable"):
+            state.append("evictable")
+        refs = f" [{', '.join(s['refs'])}]" if s.get("refs") else ""
+        lines.append(f"  {s.get('model')}@{str(s.get('revision'))[:12]}{refs}  "
+                     f"{_size(s.get('bytes'))} ({_size(s.get('unique_bytes'))} own)  "
+                     f"{s.get('files')} file(s)  used {_age(now - float(s.get('last_access') or 0))}"
+                     f"  {', '.join(state)}")
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from swarm import client
+    from swarm.config import ConfigError, resolve_home
+
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    node = True
+    try:
+        report = client.cache(home) if not args.cache_dir else None
+    except client.NodeUnavailable:
+        report = None
+    if report is None:
+        from swarm import cache_admin
+
+        node = False
+        try:
+            store, limit = _offline_store(args)
+            report = cache_admin.report(store, limit=limit)
+        except (ConfigError, OSError, ValueError) as e:
+            return _fail(_one_line(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILURE)
+    report["node"] = node
+    print(json.dumps(report, indent=2) if args.json else format_cache(report, node=node),
+          flush=True)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from swarm import cache_admin, client
+    from swarm.config import ConfigError, resolve_home
+
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+        model, revision = cache_admin.parse_target(args.target)
+    except (ConfigError, ValueError) as e:
+        return _fail(_one_line(e), EXIT_USAGE)
+    try:
+        if args.cache_dir:
+            raise client.NodeUnavailable("--cache-dir: working on the cache directly")
+        removed = client.remove(args.target, force=args.force, home=home)
+    except client.CacheRefusal as e:
+        return _fail(str(e))
+    except client.NodeUnavailable:
+        try:
+            store, _limit = _offline_store(args)
+            removed = [{"model": r.model, "revision": r.revision, "bytes": r.bytes}
+                       for r in cache_admin.remove(store, model, revision, force=args.force)]
+        except (cache_admin.NotCached, cache_admin.Refused) as e:
+            return _fail(str(e))
+        except (ConfigError, OSError, ValueError) as e:
+            return _fail(_one_line(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILURE)
+    if args.json:
+        print(json.dumps({"removed": removed}, indent=2), flush=True)
+    else:
+        for r in removed:
+            print(f"removed {r['model']}@{r['revision']} ({_size(r['bytes'])} freed)", flush=True)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from swarm import client
+    from swarm.config import ConfigError, resolve_home
+
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        peers = client.peers(home)
+    except client.NodeUnavailable as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps({"peers": peers}, indent=2), flush=True)
+    else:
+        print(f"{len(peers)} connected", flush=True)
+        for p in peers:
+            print(f"  {p}", flush=True)
+    return 0
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 
@@ -475,6 +614,36 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_home(status)
     status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser(
+        "models", help="what the HF cache holds: size, last use, served, in use, evictable",
+        description="List the snapshots of the HF cache, from the running node (or, with none, "
+                    "from the cache itself).")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.add_argument("--cache-dir", metavar="DIR",
+                        help="read this cache directly instead of asking the node")
+    _add_home(models)
+    models.set_defaults(func=cmd_models)
+
+    rm = sub.add_parser(
+        "rm", help="remove a model (or one revision) from the HF cache",
+        description="Remove ORG/NAME (every revision) or ORG/NAME@REVISION: the snapshot, the "
+                    "refs naming it, and the blobs no other snapshot links. Refused while a "
+                    "download of the model runs, and (unless --force) while the snapshot is in "
+                    "use (handed to a caller in the last 10 minutes).")
+    rm.add_argument("target", metavar="ORG/NAME[@REV]")
+    rm.add_argument("--force", action="store_true",
+                    help="remove even if recently handed to a caller (never during a download)")
+    rm.add_argument("--json", action="store_true", help="machine-readable output")
+    rm.add_argument("--cache-dir", metavar="DIR",
+                    help="work on this cache directly instead of through the node")
+    _add_home(rm)
+    rm.set_defaults(func=cmd_rm)
+
+    peers = sub.add_parser("peers", help="the running node's connected peers")
+    peers.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_home(peers)
+    peers.set_defaults(func=cmd_peers)
 
     demo = sub.add_parser("demo", help="a local swarm on 127.0.0.1: one worker, N frontends",
                           description="Start one worker serving a generated model and N frontends "

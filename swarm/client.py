@@ -31,15 +31,18 @@ from typing import Any
 from swarm.config import resolve_home, socket_path
 
 __all__ = [
+    "CacheRefusal",
     "NodeUnavailable",
     "ProgressPrinter",
     "afetch",
     "afetch_result",
+    "cache",
     "fetch",
     "fetch_result",
     "models",
     "node_running",
     "peers",
+    "remove",
     "status",
     "unix_socket_path",
 ]
@@ -151,13 +154,18 @@ def _connect(home: Path, read_timeout: float | None) -> Any:
     return conn
 
 
-def _get(route: str, home: os.PathLike | str | None) -> dict:
+def _ask(method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
+         ) -> tuple[int, dict]:
     import http.client
 
     h = _home(home)
     conn = _connect(h, QUERY_TIMEOUT)
     try:
-        conn.request("GET", route)
+        if body is None:
+            conn.request(method, route)
+        else:
+            conn.request(method, route, body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         raw = r.read()
     except (OSError, http.client.HTTPException) as e:
@@ -165,11 +173,17 @@ def _get(route: str, home: os.PathLike | str | None) -> dict:
     finally:
         conn.close()
     try:
-        body = json.loads(raw)
+        answer = json.loads(raw)
     except ValueError:
-        body = {"error": raw.decode("utf-8", "replace").strip()[:200]}
-    if r.status != 200:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: "
+        answer = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    return r.status, answer
+
+
+def _get(route: str, home: os.PathLike | str | None) -> dict:
+    h = _home(home)
+    code, body = _ask("GET", route, h)
+    if code != 200:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {code}: "
                               f"{body.get('error', '') if isinstance(body, dict) else body}")
     return body
 
@@ -185,6 +199,33 @@ def peers(home: os.PathLike | str | None = None) -> list:
 
 def models(home: os.PathLike | str | None = None) -> list:
     return _get("/v1/models", home)["models"]
+
+
+def cache(home: os.PathLike | str | None = None) -> dict:
+    """The node's view of its HF cache (``GET /v1/cache``, see ``swarm.cache_admin.report``)."""
+    return _get("/v1/cache", home)
+
+
+class CacheRefusal(RuntimeError):
+    """``remove`` refused: not cached (``status`` 404) or in use (409; ``in_use`` says why)."""
+
+    def __init__(self, message: str, status: int, in_use: list[str]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.in_use = in_use
+
+
+def remove(target: str, *, force: bool = False, home: os.PathLike | str | None = None) -> list:
+    """Remove ``org/name[@revision]`` from the running node's cache (``POST /v1/rm``); returns
+    ``[{"model", "revision", "bytes"}]``. :class:`CacheRefusal` when absent or in use."""
+    h = _home(home)
+    code, body = _ask("POST", "/v1/rm", h, {"target": target, "force": force})
+    if code in (404, 409):
+        raise CacheRefusal(str(body.get("error", "")), code, list(body.get("in_use", [])))
+    if code != 200:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {code}: "
+                              f"{body.get('error', '') if isinstance(body, dict) else body}")
+    return body["removed"]
 
 
 def node_running(home: os.PathLike | str | None = None) -> bool:
@@ -422,6 +463,10 @@ def _fast_path(req: Any) -> Any | None:
         return None
     if path is None:
         return None
+    from swarm.store import touch_access
+
+    if path.parent.parent.parent == Path(req.cache_dir):  # ours (not a ModelExpress cache's)
+        touch_access(path)  # in use now, and least-recently-used eviction reads it
     return FetchResult(path, "local-cache", path.name,
                        (Attempt("local-cache", "ok", f"snapshot at {path}"),))
 

@@ -58,6 +58,7 @@ __all__ = [
     "load_toml",
     "parse_psk_option",
     "parse_serve",
+    "parse_size",
     "reference_markdown",
     "resolve_home",
     "resolve_run",
@@ -319,7 +320,8 @@ class Option:
     - ``psk``: a swarm key or the path of a key file;
     - ``peer_ids``: publisher peer ids;
     - ``hostport``: a TCP address ``HOST:PORT``;
-    - ``seconds``: a number of seconds, 0 or more.
+    - ``seconds``: a number of seconds, 0 or more;
+    - ``size``: a number of bytes with a unit (``parse_size``); 0 or ``none`` for unbounded.
     """
 
     key: str
@@ -380,19 +382,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("direct_io", "switch", "write whole pieces received over the data lane with O_DIRECT "
            "(off: through the page cache)", default=True, default_doc="on"),
     Option("log_format", "choice", "log lines as text, or as one JSON object per line with event "
-           "fields (fetch_start, fetch_end, ban, lane_fallback)", default="text",
+           "fields (fetch_start, fetch_end, ban, lane_fallback, evict, rm, gc_incomplete)", default="text",
            default_doc="text", choices=LOG_FORMATS, noun="log format"),
     Option("drain_timeout", "seconds", "on SIGTERM or SIGINT the node stops announcing and "
            "taking new work, then waits up to this long for pieces peers already asked of it",
            default=DEFAULT_DRAIN_TIMEOUT, default_doc=f"{DEFAULT_DRAIN_TIMEOUT:g}",
            metavar="SECONDS"),
+    Option("max_cache_size", "size", "keep the HF cache under this size: after each fetch and "
+           "every 10 minutes, snapshots fetched through the swarm that are neither served nor in "
+           "use are removed, least recently used first. K/M/G/T are powers of 1000, KiB/MiB/GiB/"
+           "TiB powers of 1024; 0 or none: unbounded", default=None, default_doc="none (unbounded)",
+           metavar="SIZE"),
     Option("metrics_listen", "hostport", "serve Prometheus metrics on this TCP address at "
            "/metrics (they are always on the control socket at /v1/metrics)",
            metavar="HOST:PORT"),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 _NODE_KEYS = ("home", "cache_dir", "listen", "bootstrap", "serve", "serve_hf_cache", "psk", "lane",
-              "direct_io")
+              "direct_io", "max_cache_size")
 """Options that go into ``swarm.node.NodeConfig`` as they are (trust is built from two)."""
 
 
@@ -416,6 +423,8 @@ def _from_text(opt: Option, text: str, where: str) -> Any:
         return check_hostport(text, where)
     if opt.kind == "seconds":
         return _seconds(text, where)
+    if opt.kind == "size":
+        return _size(text, where)
     raise AssertionError(opt.kind)
 
 
@@ -427,6 +436,43 @@ def _seconds(value: Any, where: str) -> float:
     if isinstance(value, bool) or not 0 <= v < float("inf"):
         raise ConfigError(f"{where}: expected a number of seconds >= 0, got {value!r}")
     return v
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+              "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+              "TIB": 2**40}
+"""Units of a size, case-insensitive: decimal K/M/G/T (powers of 1000, as disks are sold) and
+binary KiB/MiB/GiB/TiB (powers of 1024); a bare number is bytes."""
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+_UNBOUNDED = {"", "0", "none", "unbounded"}
+
+
+def parse_size(value: Any) -> int | None:
+    """``"500G"`` -> 500 * 10**9, ``"1.5TiB"`` -> 1.5 * 2**40 bytes (rounded down); ``0``, ``"0"``,
+    ``"none"`` or None -> None (unbounded). ValueError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"a size is a number of bytes or text like 500G or 1.5TiB, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative: {value}")
+        return value or None
+    if value.strip().lower() in _UNBOUNDED:
+        return None
+    m = _SIZE.fullmatch(value)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (a number with K, M, G, T (powers of 1000) or "
+                         "KiB, MiB, GiB, TiB (powers of 1024); 0 or none for unbounded)")
+    return int(float(m.group(1)) * SIZE_UNITS[unit]) or None
+
+
+def _size(value: Any, where: str) -> int | None:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_choice(opt: Option, value: Any, where: str) -> str:
@@ -464,6 +510,8 @@ def _from_toml(opt: Option, value: Any, where: str, base: Path) -> Any:
         return _check_choice(opt, value, where)
     if opt.kind == "seconds":
         return _seconds(value, where)
+    if opt.kind == "size":
+        return _size(value, where)
     return _from_text(opt, value, where) if isinstance(value, str) else \
         _from_text(opt, repr(value), where)
 
@@ -650,6 +698,7 @@ _KIND_DOC = {
     "/p2p/ID", "serve": "table \"ORG/NAME\" = \"DIR\"", "switch": "true/false",
     "choice": "string", "psk": "64 hex digits or a key file's path", "peer_ids": "list of peer ids",
     "hostport": "\"HOST:PORT\"", "seconds": "number",
+    "size": "string (\"500G\", \"1.5TiB\") or integer bytes",
 }
 
 
@@ -695,6 +744,7 @@ def reference_markdown() -> str:
         'lane = "encrypted"',
         'log_format = "json"',
         'metrics_listen = "127.0.0.1:9400"',
+        'max_cache_size = "500G"',
         "[serve]",
         '"acme/private-model" = "/models/private-model"',
         "```",

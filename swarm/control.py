@@ -14,6 +14,14 @@ per connection (``Connection: close``). Routes:
     ``{"peers": [...]}``.
 ``GET /v1/models``
     ``{"models": [...]}``; each model also has ``peer_stats``: bytes and pieces per peer.
+``GET /v1/cache``
+    The HF cache (``swarm.cache_admin.report``): ``{"cache_dir", "bytes", "max_bytes",
+    "incomplete_bytes", "snapshots": [{"model", "revision", "path", "files", "bytes",
+    "unique_bytes", "last_access", "refs", "fetched", "served", "seeded", "in_use", "evictable"}]}``.
+``POST /v1/rm``
+    Body: ``{"target": "org/name[@revision]", "force": false}``. 200 ``{"removed": [{"model",
+    "revision", "bytes"}]}``; 404 when not cached; 409 ``{"error", "in_use": [...]}`` when a
+    snapshot is in use (``force`` overrides a recent hand-out, never a running download).
 ``POST /v1/fetch``
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
     "ignore_patterns": null, "configs_only": false, "timeout": null, "env": {}, "expect": null}``
@@ -41,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
 import json
 import logging
 import os
@@ -315,6 +324,23 @@ class _Job:
                 "attempts": attempts}
 
 
+_RM_KEYS = frozenset({"target", "force"})
+"""Fields of a ``POST /v1/rm`` body."""
+
+
+def _json_object(body: bytes, keys: frozenset[str]) -> dict:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadRequest(400, f"body is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _BadRequest(400, "body must be a JSON object")
+    unknown = sorted(set(obj) - keys)
+    if unknown:
+        raise _BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
+    return obj
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -586,6 +612,8 @@ class ControlServer:
             "/v1/peers": ("GET", self._peers),
             "/v1/models": ("GET", self._models),
             "/v1/metrics": ("GET", self._metrics),
+            "/v1/cache": ("GET", self._cache),
+            "/v1/rm": ("POST", self._rm),
             "/v1/fetch": ("POST", None),
         }
         if target not in routes:
@@ -598,6 +626,14 @@ class ControlServer:
         if handler is not None:
             if not self._ready.is_set():
                 await self._send_json(stream, conn, 503, {"error": "the node is starting"})
+                return
+            if inspect.iscoroutinefunction(handler):  # the cache routes: disk work in a thread
+                try:
+                    status, answer = await handler(body)
+                except _BadRequest as e:
+                    await self._send_json(stream, conn, e.status, {"error": str(e)})
+                    return
+                await self._send_json(stream, conn, status, answer)
                 return
             answer = handler()
             if isinstance(answer, bytes):  # the metrics exposition
@@ -648,6 +684,31 @@ class ControlServer:
             m["peer_stats"] = by_manifest.get(m.get("manifest"), {})
             out.append(m)
         return {"models": out}
+
+    # -- cache --
+
+    async def _cache(self, body: bytes) -> tuple[int, dict]:
+        return 200, await self.node.cache_report()
+
+    async def _rm(self, body: bytes) -> tuple[int, dict]:
+        from swarm import cache_admin  # not at import: the client imports us
+
+        obj = _json_object(body, _RM_KEYS)
+        target, force = obj.get("target"), obj.get("force", False)
+        if not isinstance(target, str) or not isinstance(force, bool):
+            raise _BadRequest(400, "target must be ORG/NAME[@REVISION] and force true or false")
+        try:
+            model, revision = cache_admin.parse_target(target)
+        except ValueError as e:
+            raise _BadRequest(400, str(e)) from None
+        try:
+            done = await self.node.remove_cached(model, revision, force=force)
+        except cache_admin.NotCached as e:
+            return 404, {"error": str(e)}
+        except cache_admin.Refused as e:
+            return 409, {"error": str(e), "in_use": e.reasons}
+        return 200, {"removed": [{"model": r.model, "revision": r.revision, "bytes": r.bytes}
+                                 for r in done]}
 
     # -- fetch --
 

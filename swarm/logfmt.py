@@ -11,6 +11,10 @@ JSON format writes them as top-level keys next to ``ts``, ``level``, ``logger`` 
 | ``fetch_end`` | ``model``, ``source``, ``result``, ``duration_s`` (and ``error`` on failure) |
 | ``ban`` | ``model``, ``peer``, ``reason`` |
 | ``lane_fallback`` | ``peer``, ``reason`` |
+| ``evict`` | ``model``, ``revision``, ``bytes`` (freed: a snapshot removed under ``--max-cache-size``) |
+| ``rm`` | ``model``, ``revision``, ``bytes`` (freed: a snapshot removed by ``swarm-node rm``) |
+| ``gc_incomplete`` | ``model``, ``bytes`` (an abandoned ``.incomplete`` file collected) |
+| ``gc_orphan`` | ``model``, ``bytes`` (a blob no snapshot links, abandoned, collected) |
 """
 
 from __future__ import annotations

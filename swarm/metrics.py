@@ -60,6 +60,17 @@ class Metrics:
         self.lane_fallbacks = Counter(
             "swarm_lane_fallbacks", "Links that used a libp2p stream because the data lane could "
             "not be opened", registry=r)
+        self.cache_evictions = Counter(
+            "swarm_cache_evictions", "Snapshots removed to keep the cache under --max-cache-size",
+            registry=r)
+        self.cache_evicted_bytes = Counter(
+            "swarm_cache_evicted_bytes", "Bytes of blobs freed by evictions", registry=r)
+        self.cache_removals = Counter(
+            "swarm_cache_removals", "Snapshots removed by swarm-node rm", registry=r)
+        self.incomplete_collected_bytes = Counter(
+            "swarm_incomplete_collected_bytes", "Bytes of abandoned downloads collected "
+            "(.incomplete files, and finished blobs no snapshot links)",
+            registry=r)
         self.retired = {"bytes_up": 0, "bytes_down": 0, "pieces_up": 0, "pieces_down": 0,
                         "bad_pieces": 0, "bans": 0}
         r.register(_NodeCollector(node, self))

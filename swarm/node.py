@@ -28,7 +28,7 @@ import attrs
 import blake3
 import trio
 
-from swarm import wire
+from swarm import cache_admin, wire
 from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
@@ -45,7 +45,7 @@ from swarm.sources import (
     VerificationFailed,
     fetch_chain,
 )
-from swarm.store import Download, SnapshotReader, Store
+from swarm.store import Download, SnapshotReader, Store, touch_access
 from swarm.trust import (
     RELEASE_LIFETIME,
     Release,
@@ -117,6 +117,10 @@ class NodeConfig:
     (none holds a missing piece, or each that does let ``max_timeouts`` requests in a row time
     out) before the fetch fails: VerificationFailed if peers were banned for bad data, FetchError
     otherwise. None waits for new providers forever."""
+    max_cache_size: int | None = None
+    """Bytes the HF cache may hold: after each fetch and every ``cache_admin.GC_INTERVAL`` s,
+    fetched snapshots neither served nor in use go, least recently used first (swarm/cache_admin.py).
+    None: unbounded."""
 
 
 @attrs.define
@@ -162,6 +166,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._manifest_cache = _ManifestCache(self.home / "manifests")
         self.metrics = Metrics(self)
+        self._transfer_scopes: dict[int, trio.CancelScope] = {}  # see _run_transfer
+        self._cache_lock = trio.Lock()  # one removal / eviction pass at a time
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
@@ -225,6 +231,7 @@ class Node:
                 await self.serve_cache()
             self._log_exposure()
             nursery.start_soon(self._reprovide_loop)
+            nursery.start_soon(self._cache_loop)
             try:
                 yield self
             finally:
@@ -357,7 +364,16 @@ class Node:
 
     def _start(self, t: Transfer) -> None:
         assert self._nursery is not None, "node is not running"
-        self._nursery.start_soon(t.run)
+        self._nursery.start_soon(self._run_transfer, t)
+
+    async def _run_transfer(self, t: Transfer) -> None:
+        """``t``'s timers, until the node stops or the snapshot is removed (``_stop_sharing``)."""
+        with trio.CancelScope() as scope:
+            self._transfer_scopes[id(t)] = scope
+            try:
+                await t.run()
+            finally:
+                self._transfer_scopes.pop(id(t), None)
 
     async def _announce(self, sh: Shared, *, model: bool) -> None:
         if self.draining:
@@ -915,6 +931,8 @@ class Node:
             self._fetch_ended(req, started, "none", e)
             raise
         self._fetch_ended(req, started, result.source, None)
+        if Path(result.path).parent.parent.parent == Path(self.config.cache_dir):
+            await trio.to_thread.run_sync(touch_access, result.path)  # in use now; for LRU
         if result.source in ("modelexpress", "hub"):
             self.metrics.origin_bytes.labels(result.source).inc(
                 await trio.to_thread.run_sync(_snapshot_bytes, result.path))
@@ -925,7 +943,108 @@ class Node:
                 await self.serve_snapshot(req.repo_id, result.path)
             except Exception as e:  # the caller has its files; seeding is a bonus
                 log.warning("cannot seed %s from %s: %s", req.repo_id, result.path, e)
+        if self.config.max_cache_size is not None and self._nursery is not None:
+            # In the background: the caller has its files (touched above: in use, never evicted).
+            self._nursery.start_soon(self._enforce_quietly)
         return result
+
+    # ------------------------------------------------------------------ cache management
+
+    def served_snapshots(self) -> frozenset[tuple[str, str]]:
+        """(model, revision) of the snapshots this node serves as its own (origin "built": its
+        ``--serve`` directories and the HF-cache snapshots it hashed and signs); see
+        swarm/cache_admin.py for why seeded, fetched ones are not among them."""
+        return frozenset((sh.manifest.model, sh.path.name) for sh in self.shared.values()
+                         if sh.origin == "built" and sh.path is not None)
+
+    def seeded_snapshots(self) -> frozenset[tuple[str, str]]:
+        """(model, revision) of every cache snapshot this node trades."""
+        return frozenset((sh.manifest.model, sh.path.name) for sh in list(self.shared.values())
+                         if sh.path is not None and self._in_cache(sh))
+
+    def _in_cache(self, sh: Shared) -> bool:
+        try:
+            return sh.path is not None and sh.path.parent.parent == self.store.repo_dir(
+                sh.manifest.model)
+        except Exception:
+            return False
+
+    async def _stop_sharing(self, model: str, revision: str) -> None:
+        """Stop trading the cache snapshot ``model@revision`` (it was removed): its links close,
+        its reader and timers stop, and we no longer announce it."""
+        for h, sh in list(self.shared.items()):
+            if (sh.manifest.model != model or sh.path is None or sh.path.name != revision
+                    or not self._in_cache(sh)):
+                continue
+            self.shared.pop(h, None)
+            self.metrics.retire(sh.transfer)
+            scope = self._transfer_scopes.pop(id(sh.transfer), None)
+            if scope is not None:
+                scope.cancel()
+            with trio.CancelScope(shield=True):
+                await sh.transfer.close_links()
+            _close_quietly(sh.source)
+            with contextlib.suppress(Exception):
+                self.host.stop_providing(manifest_key(h))
+            if not any(o.manifest.model == model and o.complete for o in self.shared.values()):
+                with contextlib.suppress(Exception):
+                    self.host.stop_providing(model_key(model))
+
+    async def remove_cached(self, model: str, revision: str | None = None, *,
+                            force: bool = False) -> list[cache_admin.Removal]:
+        """``swarm-node rm``: see ``cache_admin.remove`` (NotCached, Refused)."""
+        async with self._cache_lock:
+            done = await trio.to_thread.run_sync(
+                partial(cache_admin.remove, self.store, model, revision, force=force))
+            for r in done:
+                self.metrics.cache_removals.inc()
+                await self._stop_sharing(r.model, r.revision)
+            return done
+
+    async def enforce_cache_limit(self) -> list[cache_admin.Removal]:
+        """Evict down to ``max_cache_size`` (nothing without one)."""
+        limit = self.config.max_cache_size
+        if limit is None:
+            return []
+        async with self._cache_lock:
+            done = await trio.to_thread.run_sync(
+                partial(cache_admin.evict, self.store, limit, served=self.served_snapshots()))
+            for r in done:
+                self.metrics.cache_evictions.inc()
+                self.metrics.cache_evicted_bytes.inc(r.bytes)
+                await self._stop_sharing(r.model, r.revision)
+            return done
+
+    async def _enforce_quietly(self) -> None:
+        try:
+            await self.enforce_cache_limit()
+        except Exception:
+            log.exception("eviction failed")
+
+    async def collect_incomplete(self) -> None:
+        """Abandoned ``.incomplete`` files and unlinked blobs (see swarm/cache_admin.py)."""
+        got = await trio.to_thread.run_sync(cache_admin.collect_incomplete, self.store)
+        got += await trio.to_thread.run_sync(cache_admin.collect_orphans, self.store)
+        self.metrics.incomplete_collected_bytes.inc(sum(n for _p, n in got))
+
+    async def _cache_loop(self) -> None:
+        """Abandoned ``.incomplete`` files at start and every ``GC_INTERVAL`` s, and eviction when
+        a limit is set (a failure is logged; the next pass tries again)."""
+        while True:
+            try:
+                await self.collect_incomplete()
+                await self.enforce_cache_limit()
+            except Exception:
+                log.exception("cache maintenance failed")
+            await trio.sleep(cache_admin.GC_INTERVAL)
+
+    async def cache_report(self) -> dict:
+        """``swarm-node models``: every snapshot of the cache with its size, last access, and
+        whether it is served, seeded, in use (and why), or evictable."""
+        served, seeded = self.served_snapshots(), self.seeded_snapshots()
+        return await trio.to_thread.run_sync(
+            partial(cache_admin.report, self.store, served=served, seeded=seeded,
+                    limit=self.config.max_cache_size))
 
     def _fetch_ended(self, req: FetchRequest, started: float, source: str,
                      error: BaseException | None) -> None:

@@ -19,6 +19,10 @@ Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` 
         .swarm/verified/<blake3 hex>       "<dev> <inode> <size> <mtime ns>" of a blob swarm verified
                                            and renamed into blobs/ (adopted later without re-hashing)
         .swarm/locks/<hash hex>.lock       inter-process lock of one manifest's download
+        .swarm/locks/repo.lock             held shared by every open download of the repo, exclusively
+                                           while snapshots are removed or partial files collected
+        .swarm/access/<revision>           mtime: when the snapshot was last handed to a caller
+                                           (least-recently-used eviction, swarm/cache_admin.py)
         .swarm/tmp/                        staging for everything that is later renamed into place
 
 Invariants: a file appears at ``blobs/<hex>`` only by an atomic rename after its data was fsynced
@@ -130,6 +134,7 @@ __all__ = [
     "StorePermissionError",
     "private_revision",
     "repo_folder_name",
+    "touch_access",
 ]
 
 log = logging.getLogger(__name__)
@@ -546,6 +551,66 @@ class _DownloadLock:
             self._thread_lock.release()
 
 
+REPO_LOCK_NAME = "repo.lock"
+"""``.swarm/locks/repo.lock``: every open Download holds it shared; removing snapshots or collecting
+abandoned ``.incomplete`` files holds it exclusively (see ``Store.repo_exclusive``)."""
+
+
+class _RepoUse:
+    """A ``flock`` on a repo's ``repo.lock``: shared by downloads, exclusive for removal. flock
+    locks belong to the open file description, so two fds of one process conflict like two
+    processes do; the kernel frees them when the holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, *, exclusive: bool, timeout: float | None) -> None:
+        """Blocks (``timeout`` None) or polls until ``timeout``; LockTimeout when still held."""
+        import fcntl
+
+        with _io("opening the repo lock", self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, mode | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(f"a download in {self.path.parent.parent.parent} is in "
+                                          "progress", path=self.path) from None
+                    time.sleep(REPO_LOCK_POLL)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only fd of the description drops the flock
+
+
+REPO_LOCK_POLL = 0.05
+"""Seconds between tries of a repo lock taken with a timeout (removal waits at most a few)."""
+
+
+class _Held:
+    """The locks a Download holds: its manifest's download lock and its repo's shared use."""
+
+    def __init__(self, lock: _DownloadLock, use: _RepoUse) -> None:
+        self.lock, self.use = lock, use
+
+    def release(self) -> None:
+        try:
+            self.lock.release()
+        finally:
+            self.use.release()
+
+
 # --- state file --------------------------------------------------------------------------------
 
 
@@ -822,15 +887,24 @@ class Store:
             with _io("creating", d):
                 d.mkdir(parents=True, exist_ok=True)
         hex_ = manifest.manifest_hash.hex()
+        # Shared for the download's whole life: removal and garbage collection take it exclusively
+        # (never waiting), so they never touch a repo while a download in it runs.
+        use = _RepoUse(meta / "locks" / REPO_LOCK_NAME)
+        use.acquire(exclusive=False, timeout=None)
         lock = _DownloadLock(meta / "locks" / f"{hex_}.lock", f"{manifest.model}@{manifest.revision}")
-        lock.acquire(lock_timeout)
+        try:
+            lock.acquire(lock_timeout)
+        except BaseException:
+            use.release()
+            raise
+        held = _Held(lock, use)
         try:
             self._check_snapshot_owner(manifest)
             self._cleanup_tmp(manifest.model)
             self.save_manifest(manifest)
-            return Download(self, manifest, wanted, lock)
+            return Download(self, manifest, wanted, held)
         except BaseException:
-            lock.release()
+            held.release()
             raise
 
     def _owner_path(self, model: str, revision: str) -> Path:
@@ -957,6 +1031,268 @@ class Store:
         for p in paths:
             _unlink_quiet(base / p)
 
+    # -- cache administration (policy lives in swarm/cache_admin.py) --
+
+    def models(self) -> list[str]:
+        """The models with a repo directory here (``models--org--name``), sorted."""
+        out = []
+        try:
+            entries = sorted(os.listdir(self.cache_dir))
+        except OSError:
+            return out
+        for name in entries:
+            if not name.startswith("models--"):
+                continue
+            model = name[len("models--"):].replace("--", "/", 1)
+            try:
+                validate_model_name(model)
+            except ManifestError:
+                continue
+            if repo_folder_name(model) == name:
+                out.append(model)
+        return out
+
+    def revisions(self, model: str) -> list[str]:
+        """The snapshot directories of ``model`` (revision names), sorted."""
+        try:
+            names = sorted(os.listdir(self.repo_dir(model) / "snapshots"))
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            try:
+                validate_revision(name)
+            except ManifestError:
+                continue
+            out.append(name)
+        return out
+
+    def snapshot_blobs(self, model: str, revision: str) -> dict[str, str]:
+        """``{path: blob name}`` of the links in ``snapshots/<revision>`` that lead into the repo's
+        ``blobs/`` (any other file is not counted: it is removed with the directory)."""
+        snap = self.snapshot_dir(model, revision)
+        blobs = os.fspath(self.repo_dir(model) / "blobs")
+        real_blobs = os.path.realpath(blobs)
+        out: dict[str, str] = {}
+        for dirpath, _dirs, files in os.walk(snap):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                try:
+                    target = os.readlink(p)
+                except OSError:
+                    continue
+                resolved = os.path.normpath(os.path.join(dirpath, target))
+                where = os.path.dirname(resolved)  # absolute links too (older Hub clients)
+                if where == blobs or os.path.realpath(where) == real_blobs:
+                    out[os.path.relpath(p, snap)] = os.path.basename(resolved)
+        return out
+
+    def refs_to(self, model: str, revision: str) -> list[str]:
+        """The refs (``main``, ``v1``, ``refs/pr/1`` ...) that name ``revision``."""
+        base = self.repo_dir(model) / "refs"
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                try:
+                    if Path(p).read_text().strip() == revision:
+                        out.append(os.path.relpath(p, base))
+                except OSError:
+                    continue
+        return sorted(out)
+
+    def access_path(self, model: str, revision: str) -> Path:
+        """``.swarm/access/<revision>``: its mtime is when the snapshot was last handed to a caller."""
+        return self._meta(model) / "access" / _valid(validate_revision, revision, "revision")
+
+    def last_access(self, model: str, revision: str) -> float:
+        """Wall time the snapshot was last handed to a caller (``touch_access``), else when its
+        directory was made; 0.0 if neither is known."""
+        for p in (self.access_path(model, revision), self.snapshot_dir(model, revision)):
+            try:
+                return os.stat(p, follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    @contextlib.contextmanager
+    def repo_exclusive(self, model: str, timeout: float = 0.0) -> Iterator[None]:
+        """Hold ``model``'s repo lock exclusively: no Download of it is open meanwhile, nor can one
+        open (it waits). :class:`LockTimeout` if one is open after ``timeout`` seconds."""
+        locks = self._meta(model) / "locks"
+        with _io("creating", locks):
+            locks.mkdir(parents=True, exist_ok=True)
+        use = _RepoUse(locks / REPO_LOCK_NAME)
+        use.acquire(exclusive=True, timeout=timeout)
+        try:
+            yield
+        finally:
+            use.release()
+
+    def remove_snapshot(self, model: str, revision: str) -> int:
+        """Delete ``snapshots/<revision>``, the refs naming it, its swarm records, and the blobs no
+        other snapshot of the repo links; returns the bytes of blobs deleted. The caller holds
+        :meth:`repo_exclusive`. Crash-safe in this order: the directory leaves ``snapshots/`` in one
+        rename (to ``.swarm/tmp``, swept later), so no snapshot ever links a deleted blob; the
+        refs go next; blobs last (a crash then leaves unlinked blobs, never dangling links)."""
+        snap = self.snapshot_dir(model, revision)
+        if not os.path.lexists(snap):
+            raise StoreError(f"{model}@{revision} is not in the cache", path=snap)
+        mine = set(self.snapshot_blobs(model, revision).values())
+        trash = self._tmp_dir(model) / f"trash-{os.getpid()}-{secrets.token_hex(6)}"
+        with _io("removing", snap):
+            os.rename(snap, trash)
+        _fsync_dir(snap.parent)
+        for ref in self.refs_to(model, revision):
+            _unlink_quiet(self.repo_dir(model) / "refs" / ref)
+        for rec in (self._owner_path(model, revision), self.access_path(model, revision),
+                    self._meta(model) / "revisions" / revision):
+            _unlink_quiet(rec)
+        kept: set[str] = set()
+        for other in self.revisions(model):
+            kept.update(self.snapshot_blobs(model, other).values())
+        freed = 0
+        blobs = self.repo_dir(model) / "blobs"
+        for blob in sorted(mine - kept):
+            try:
+                st = os.stat(blobs / blob, follow_symlinks=False)
+                os.unlink(blobs / blob)
+            except OSError:
+                continue
+            freed += st.st_size
+            _unlink_quiet(self._meta(model) / "verified" / blob)
+        _fsync_dir(blobs)
+        shutil.rmtree(trash, ignore_errors=True)
+        return freed
+
+    def swarm_blob_names(self, model: str) -> set[str]:
+        """The blob names (blake3 hex) of every manifest stored for ``model``: the ``.incomplete``
+        files swarm may have written (the Hub client's are named by etag and left alone)."""
+        names: set[str] = set()
+        try:
+            entries = os.listdir(self._meta(model) / "manifests")
+        except OSError:
+            return names
+        for e in entries:
+            if e.endswith(".mf"):
+                mf = self.load_manifest_by_hash(model, e[:-3])
+                if mf is not None:
+                    names.update(fe.blake3.split(":", 1)[1] for fe in mf.files)
+        return names
+
+    def collect_incomplete(self, model: str, max_age: float) -> list[tuple[Path, int]]:
+        """Delete swarm's abandoned ``blobs/<hex>.incomplete`` files (and their resume state) of
+        ``model``: no download of the repo is open (its repo lock is free; a busy repo is skipped)
+        and neither file changed for ``max_age`` seconds (a restarted node resumes newer ones).
+        Returns (path, size) of each file deleted."""
+        blobs = self.repo_dir(model) / "blobs"
+        if not blobs.is_dir():
+            return []
+        try:
+            with self.repo_exclusive(model, timeout=0.0):
+                return self._collect_incomplete_locked(model, blobs, max_age)
+        except LockTimeout:
+            return []
+
+    def _collect_incomplete_locked(self, model: str, blobs: Path, max_age: float
+                                   ) -> list[tuple[Path, int]]:
+        parts = [n for n in os.listdir(blobs) if n.endswith(".incomplete")]
+        if not parts:
+            return []
+        ours = self.swarm_blob_names(model)
+        now = time.time()
+        out = []
+        for name in parts:
+            hex_ = name[: -len(".incomplete")]
+            if hex_ not in ours:
+                continue
+            part = blobs / name
+            state = self._meta(model) / "partial" / f"{hex_}.pieces"
+            try:
+                st = os.stat(part, follow_symlinks=False)
+            except OSError:
+                continue
+            newest = st.st_mtime
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(state).st_mtime)
+            if now - newest < max_age:
+                continue
+            try:
+                os.unlink(part)
+            except OSError:
+                continue
+            _unlink_quiet(state)
+            out.append((part, st.st_size))
+        return out
+
+    def collect_orphan_blobs(self, model: str, max_age: float) -> list[tuple[Path, int]]:
+        """Delete blobs swarm verified (``.swarm/verified/<hex>``) that no snapshot of ``model``
+        links and that are older than ``max_age`` s, with no download of the repo open: what a
+        removal interrupted by a crash leaves, or the finished files of a download abandoned
+        before it was finalized. The Hub client's blobs (named by etag, never marked) are left
+        alone. Returns (path, size) of each blob deleted."""
+        blobs = self.repo_dir(model) / "blobs"
+        marks = self._meta(model) / "verified"
+        if not marks.is_dir():
+            return []
+        try:
+            with self.repo_exclusive(model, timeout=0.0):
+                linked: set[str] = set()
+                for rev in self.revisions(model):
+                    linked.update(self.snapshot_blobs(model, rev).values())
+                now = time.time()
+                out = []
+                for name in sorted(set(os.listdir(marks)) - linked):
+                    try:
+                        st = os.stat(blobs / name, follow_symlinks=False)
+                    except FileNotFoundError:
+                        _unlink_quiet(marks / name)  # a marker whose blob is gone
+                        continue
+                    except OSError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < max_age:
+                        continue
+                    try:
+                        os.unlink(blobs / name)
+                    except OSError:
+                        continue
+                    _unlink_quiet(marks / name)
+                    out.append((blobs / name, st.st_size))
+                return out
+        except LockTimeout:
+            return []
+
+    def repo_bytes(self, model: str) -> int:
+        """Bytes of the files under ``blobs/`` (complete blobs and ``.incomplete`` files, which are
+        preallocated to their full size), as ``swarm_cache_bytes`` counts them."""
+        total = 0
+        try:
+            with os.scandir(self.repo_dir(model) / "blobs") as it:
+                for e in it:
+                    with contextlib.suppress(OSError):
+                        if e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+        return total
+
+
+def touch_access(snapshot: str | os.PathLike) -> None:
+    """Record now as the last time ``snapshot`` (``<cache>/models--*/snapshots/<rev>``) was handed
+    to a caller: least-recently-used eviction reads it (file atimes are unreliable under
+    relatime/noatime). Best effort: a read-only cache just records nothing."""
+    snap = Path(snapshot)
+    repo = snap.parent.parent
+    if snap.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return
+    p = repo / ".swarm" / "access" / snap.name
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+        os.utime(p)
+    except OSError as exc:
+        log.debug("cannot record access to %s: %s", snap, exc)
+
 
 # --- downloads ---------------------------------------------------------------------------------
 
@@ -1012,7 +1348,7 @@ class Download:
     """
 
     def __init__(self, store: Store, manifest: Manifest, wanted: frozenset[int],
-                 lock: _DownloadLock) -> None:
+                 lock: _DownloadLock | _Held) -> None:
         self.manifest = manifest
         self._store = store
         self._lock_handle = lock
