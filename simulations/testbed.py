@@ -187,8 +187,8 @@ class Fabric:
         _run(["ip", "-n", self.bridge, "link", "set", "br0", "up"])
 
     def _add_ns(self, ns: str) -> None:
+        self.namespaces.append(ns)  # first: an interrupt during `add` still gets it deleted
         _run(["ip", "netns", "add", ns])
-        self.namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
     def add_host(self, upload: float, download: float) -> HostNet:
@@ -662,6 +662,10 @@ class Testbed:
                     h.proc.wait(timeout=STOP_GRACE)
         if self.fabric is not None:
             self.fabric.teardown()
+        prefix = f"{PREFIX}-{os.getpid()}-s{self.seed}-"  # also one interrupted while being made
+        for ns in _our_namespaces():
+            if ns.startswith(prefix):
+                _delete_namespace(ns)
         if self.tmp is not None:
             if self.keep is not None:
                 self.keep.mkdir(parents=True, exist_ok=True)
