@@ -184,6 +184,7 @@ class Arrival:
 
 
 ROLES = ("seed", "fetch")
+EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
 ANNOUNCE = ("start", "first_piece", "complete", "never")
 
 
@@ -276,7 +277,10 @@ def _check_engine(d: Mapping[str, Any], where: str) -> None:
 
 @attrs.frozen
 class Event:
-    """A scheduled change: ``leave`` takes nodes of a group offline, ``join`` brings them back."""
+    """A scheduled change: ``leave`` (the node stops and closes its links), ``kill`` (SIGKILL: the
+    kernel closes its sockets, so peers see the same as for leave), ``vanish`` (its host's link
+    stops carrying packets: nothing is closed, links hang until the peers' own timeouts, dials
+    time out) take nodes of a group offline; ``join`` brings offline ones back."""
 
     at: float
     action: str
@@ -290,8 +294,8 @@ class Event:
         d = _table(v, where)
         _check_keys(d, {"at", "action", "group", "count", "fraction", "rejoin_after"}, where)
         action = d.get("action")
-        if action not in ("leave", "join"):
-            raise ScenarioError(f"{where}.action: must be leave or join")
+        if action not in EVENT_ACTIONS:
+            raise ScenarioError(f"{where}.action: must be one of {', '.join(EVENT_ACTIONS)}")
         group = d.get("group")
         if group not in groups:
             raise ScenarioError(f"{where}.group: no group {group!r}")
@@ -320,8 +324,12 @@ class NetworkParams:
     min_rto: float = 0.2
     connect_rtts: float = 2.0
     """Round trips to open a connection (TCP + Noise + yamux/multistream negotiation)."""
-    dial_timeout: float = 5.0
-    """Seconds a dial to a node that is gone takes to fail."""
+    dial_timeout: float = 10.0
+    """Seconds a dial to a host that vanished takes to fail (swarm.net.host.CONNECT_TIMEOUT); a
+    dial to a host whose node stopped is refused after one round trip."""
+    blackhole_reset: float = 924.6
+    """Seconds after which TCP gives up on a peer that vanished while data to it was unacknowledged
+    (Linux tcp_retries2 = 15 with a 200 ms minimum RTO); until then the link just hangs."""
     window: int = 0
     """If > 0, a flow is capped at window / RTT (a TCP receive window)."""
     time_grid: float = 0.001
@@ -428,7 +436,8 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         mss=int(net.get("mss", 1460)),
         min_rto=units.duration(net.get("min_rto", 0.2), "network.min_rto"),
         connect_rtts=float(net.get("connect_rtts", 2.0)),
-        dial_timeout=units.duration(net.get("dial_timeout", 5.0), "network.dial_timeout"),
+        dial_timeout=units.duration(net.get("dial_timeout", 10.0), "network.dial_timeout"),
+        blackhole_reset=units.duration(net.get("blackhole_reset", 924.6), "network.blackhole_reset"),
         window=units.size(net.get("window", 0), "network.window"),
         time_grid=units.duration(net.get("time_grid", 0.001), "network.time_grid"),
     )

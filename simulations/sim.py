@@ -114,6 +114,7 @@ class Node:
         self.rng = random.Random(f"{seed}/{nid}/sim")
         self.session = 0
         self.online = False
+        self.vanished = False  # offline because its host's link went dark (see Simulation._vanish)
         self.gone = False  # left for good without the model
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
@@ -240,7 +241,8 @@ class Simulation:
         self.net = Network(self.tl, random.Random(f"{seed}/net"), jitter=scenario.network.jitter,
                            loss=scenario.network.loss, mss=scenario.network.mss,
                            min_rto=scenario.network.min_rto, window=scenario.network.window,
-                           grid=scenario.network.time_grid)
+                           grid=scenario.network.time_grid,
+                           blackhole_reset=scenario.network.blackhole_reset)
         self.nodes: list[Node] = []
         self.by_id: dict[str, Node] = {}
         self.configs = {g.name: scenario.engine_config(g) for g in scenario.groups}
@@ -335,6 +337,7 @@ class Simulation:
         now = self.tl.now()
         g = node.group
         node.online = True
+        node.vanished = False
         self.online += 1
         node.session += 1
         sess = node.session
@@ -378,11 +381,17 @@ class Simulation:
                         node.nursery = None
 
     def _depart(self, node: Node, why: str, sess: int | None = None,
-                rejoin_after: float | None = None) -> None:
+                rejoin_after: float | None = None, vanish: bool = False) -> None:
+        """The node goes offline. Normally it closes its links (peers see end-of-stream one
+        latency later); if it ``vanish``es its links go dark instead: peers keep them, their
+        messages and pieces to it are lost, and they only notice through their own timeouts (the
+        engine's request timeouts, TCP's retransmission limit). Either way its provider record
+        stays in the DHT until it expires."""
         if not node.online or (sess is not None and sess != node.session):
             return
         now = self.tl.now()
         node.online = False
+        node.vanished = vanish
         self.online -= 1
         node.departures += 1
         tr = node.transfer
@@ -395,9 +404,9 @@ class Simulation:
             node.record_until = last + self.sc.dht.record_ttl
             node.announced_at = None
             self._valid_cache = None
-        for link in list(node.links.values()):
-            link.close()
-        for link in node.pending:
+        for link in [*node.links.values(), *node.pending]:
+            if vanish:
+                link.vanish()
             link.close()
         node.pending = []
         node.links.clear()
@@ -529,10 +538,11 @@ class Simulation:
         node.dialing[peer.id] = None
         self.dials += 1
         self.log(now, "dial", node.id, peer.id)
-        if not peer.online:
-            self.at(now + self.sc.network.dial_timeout, self._dial_done, node, peer, node.session)
-            return
         rtt = 2 * Network.delay(node.port, peer.port)
+        if not peer.online:  # a vanished host never answers; a stopped node's host refuses
+            wait = self.sc.network.dial_timeout if peer.vanished else rtt
+            self.at(now + wait, self._dial_done, node, peer, node.session)
+            return
         self.at(now + self.sc.network.connect_rtts * rtt, self._dial_done, node, peer, node.session)
 
     def _dial_done(self, node: Node, peer: Node, sess: int) -> None:
@@ -544,6 +554,11 @@ class Simulation:
             self.dial_failures += 1
             self.log(now, "dial_failed", node.id, peer.id)
             return
+        for x, y in ((node, peer), (peer, node)):  # a link left over from before y vanished
+            old = x.links.get(y.id)
+            if old is not None and old.dead:
+                old.close()
+                del x.links[y.id]
         if peer.id in node.links or node.id in peer.links:
             return
         a, b = self.net.connect(node.port, node.id, peer.port, peer.id)
@@ -575,7 +590,7 @@ class Simulation:
         now = self.tl.now()
         rng = random.Random(f"{self.seed}/events/{i}")
         members = [n for n in self.nodes if n.group.name == ev.group]
-        if ev.action == "leave":
+        if ev.action != "join":
             pool = [n for n in members if n.online]
         else:
             pool = [n for n in members if not n.online and not n.gone and n.first_arrival is not None]
@@ -588,9 +603,9 @@ class Simulation:
         chosen = rng.sample(pool, k) if k < len(pool) else pool
         self.log(now, f"event_{ev.action}", ev.group, "", k)
         for n in chosen:
-            if ev.action == "leave":
+            if ev.action != "join":
                 after = ev.rejoin_after.sample(rng) if ev.rejoin_after is not None else INF
-                self._depart(n, "event", rejoin_after=after)
+                self._depart(n, "event", rejoin_after=after, vanish=ev.action == "vanish")
             else:
                 self._arrive(n)
 
