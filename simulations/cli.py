@@ -186,7 +186,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Path, *, lane: str,
                 plots: bool, quiet: bool, keep_logs: bool = False, timeout: float | None = None,
-                results_out: list[Any] | None = None) -> dict[str, Any]:
+                results_out: list[Any] | None = None, queue: str | None = None) -> dict[str, Any]:
     """Each seed once on the testbed (one repetition per seed: its arrival times and event
     choices); writes what ``run_scenario`` writes."""
     from simulations import testbed
@@ -208,7 +208,8 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
         for seed in seeds:
             t0 = time.perf_counter()
             tb = testbed.Testbed(sc, seed, lane=lane, progress=say, timeout=timeout,
-                                 keep=out / "logs" if keep_logs else None)
+                                 keep=out / "logs" if keep_logs else None,
+                                 queue=queue or testbed.TBF_LATENCY)
             result = tb.run()
             wall = time.perf_counter() - t0
             report.write_events(result, out / f"events_seed{seed}.csv")
@@ -230,7 +231,8 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
     doc = {
         "scenario": sc.name, "description": sc.description, "source": str(path),
         "overrides": overrides, "seeds": seeds, "testbed": {
-            "lane": lane, "latency_s": testbed.TESTBED_LATENCY, "tbf_latency": testbed.TBF_LATENCY},
+            "lane": lane, "latency_s": testbed.TESTBED_LATENCY,
+            "tbf_latency": queue or testbed.TBF_LATENCY},
         "bounds": b, "seed_groups": [g.name for g in sc.groups if g.role == "seed"],
         "aggregate": report.aggregate(summaries), "per_seed": summaries,
     }
@@ -255,7 +257,8 @@ def cmd_testbed(a: argparse.Namespace) -> int:
     try:
         tb_doc = run_testbed(path, overrides, seeds, out / "testbed" if a.compare else out,
                              lane=a.lane, plots=not a.no_plots, quiet=a.quiet,
-                             keep_logs=a.keep_logs, timeout=a.timeout, results_out=tb_results)
+                             keep_logs=a.keep_logs, timeout=a.timeout, results_out=tb_results,
+                             queue=a.queue)
     except KeyboardInterrupt:
         print("swarm-sim testbed: interrupted; torn down", file=sys.stderr)
         return 130
@@ -329,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the nodes' data lane (default plaintext: less CPU per byte)")
     t.add_argument("--timeout", type=float, help="seconds per repetition (default: stop_at)")
     t.add_argument("--keep-logs", action="store_true", help="copy node logs to OUT/logs")
+    t.add_argument("--queue", metavar="TIME", help="tbf queue length as time at the cap "
+                   "(tc's `latency`; default 20ms)")
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_testbed)

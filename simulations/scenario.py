@@ -350,6 +350,10 @@ class DHTParams:
     lookup_retry_linked: float = 5.0
     """... and after this long otherwise, until it is done (swarm.node._connect_loop)."""
     min_links: int = 2
+    manifest_fanout: int = 8
+    """Providers a fetch asks for the manifest at once (swarm.node.MANIFEST_ASK_FANOUT) ..."""
+    manifest_timeout: float = 5.0
+    """... waiting for every answer up to this long (swarm.node's fetch_manifests timeout)."""
 
 
 _NET_KEYS = {a.name for a in attrs.fields(NetworkParams)}
@@ -454,6 +458,8 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", 5.0),
                                            "dht.lookup_retry_linked"),
         min_links=int(dh.get("min_links", 2)),
+        manifest_fanout=int(dh.get("manifest_fanout", 8)),
+        manifest_timeout=units.duration(dh.get("manifest_timeout", 5.0), "dht.manifest_timeout"),
     )
     engine = _table(d.get("engine", {}), "engine")
     _check_engine(engine, "engine")

@@ -500,18 +500,46 @@ class Simulation:
 
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
-        delay = self._lookup_delay(node)
-        if first:  # ask a provider for the manifest: a connection and one more round trip
-            delay += (self.sc.network.connect_rtts + 1) * 2 * (node.port.latency + self.mean_latency)
-        self.at(now + delay, self._lookup_done, node, node.session)
+        self.at(now + self._lookup_delay(node), self._resolve if first else self._lookup_done, node,
+                node.session)
 
-    def _lookup_done(self, node: Node, sess: int) -> None:
+    def _find(self, node: Node, now: float) -> list[Node]:
+        valid = [p for p in self._valid_providers(now) if p is not node]
+        k = self.sc.dht.max_providers
+        return node.rng.sample(valid, k) if len(valid) > k else valid
+
+    def _resolve(self, node: Node, sess: int) -> None:
+        """node.py's ``_resolve`` after its first lookup: ask up to ``manifest_fanout`` providers for
+        the manifest at once and wait for every answer. An online one answers after a connection
+        and a round trip, a stopped node's host refuses at once, a vanished host holds the vote
+        until ``manifest_timeout``. With no answer node.py gives up (Hub fallback); here the node
+        looks again."""
         if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
             return
         now = self.tl.now()
-        valid = [p for p in self._valid_providers(now) if p is not node]
-        k = self.sc.dht.max_providers
-        found = node.rng.sample(valid, k) if len(valid) > k else valid
+        found = self._find(node, now)
+        dht, net = self.sc.dht, self.sc.network
+        asked = node.rng.sample(found, min(len(found), dht.manifest_fanout))
+        wait, answered = 0.0, False
+        for p in asked:
+            rtt = 2 * Network.delay(node.port, p.port)
+            if p.online:
+                answered = True
+                wait = max(wait, (net.connect_rtts + 1) * rtt)
+            else:
+                wait = max(wait, dht.manifest_timeout if p.vanished else rtt)
+        if not answered:
+            self.log(now, "manifest_failed", node.id, "", len(asked))
+            self.at(now + wait + dht.lookup_retry, self._relookup, node, sess, True)
+            return
+        self.at(now + wait, self._lookup_done, node, sess, found)
+
+    def _lookup_done(self, node: Node, sess: int, found: list[Node] | None = None) -> None:
+        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+            return
+        now = self.tl.now()
+        if found is None:
+            found = self._find(node, now)
         self.log(now, "lookup", node.id, "", len(found))
         tried = node.tried
         if found and all(p.id in tried for p in found):
@@ -529,10 +557,10 @@ class Simulation:
         wait = dht.lookup_retry if len(node.links) < dht.min_links else dht.lookup_retry_linked
         self.at(now + wait, self._relookup, node, sess)
 
-    def _relookup(self, node: Node, sess: int) -> None:
+    def _relookup(self, node: Node, sess: int, first: bool = False) -> None:
         if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
             return
-        self._lookup(node, self.tl.now())
+        self._lookup(node, self.tl.now(), first)
 
     def _dial(self, node: Node, peer: Node, now: float) -> None:
         node.dialing[peer.id] = None

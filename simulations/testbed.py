@@ -167,17 +167,18 @@ class HostNet:
     download: float
 
 
-def _tbf(ns: str, dev: str, rate: float) -> None:
+def _tbf(ns: str, dev: str, rate: float, queue: str) -> None:
     bits = int(rate * 8)
     burst = max(TBF_MIN_BURST, int(rate * TBF_BURST_SECONDS))
     _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit",
-          "burst", str(burst), "latency", TBF_LATENCY])
+          "burst", str(burst), "latency", queue])
 
 
 class Fabric:
     """The bridge namespace and one namespace per host; ``teardown`` removes all of them."""
 
-    def __init__(self, tag: str | None = None):
+    def __init__(self, tag: str | None = None, queue: str = TBF_LATENCY):
+        self.queue = queue
         self.prefix = f"{PREFIX}-{os.getpid()}-{tag + '-' if tag else ''}"
         self.bridge = self.prefix + "br"
         self.hosts: list[HostNet] = []
@@ -203,8 +204,8 @@ class Fabric:
         _run(["ip", "-n", self.bridge, "link", "set", port, "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/16", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        _tbf(ns, "eth0", upload)  # egress of the host: its upload
-        _tbf(self.bridge, port, download)  # egress of the bridge port: the host's download
+        _tbf(ns, "eth0", upload, self.queue)  # egress of the host: its upload
+        _tbf(self.bridge, port, download, self.queue)  # egress of the bridge port: its download
         h = HostNet(i, ns, addr, port, upload, download)
         self.hosts.append(h)
         return h
@@ -405,8 +406,9 @@ class Testbed:
 
     def __init__(self, sc: Scenario, seed: int, *, lane: str = "plaintext",
                  progress: Callable[[str], None] | None = None, keep: Path | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, queue: str = TBF_LATENCY):
         check_supported(sc)
+        self.queue = queue
         self.sc = sc
         self.seed = seed
         self.lane = lane
@@ -448,7 +450,7 @@ class Testbed:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{os.getpid()}-"))
         self.say(f"generating the model ({sc.file_bytes / 1e6:.1f} MB) in {self.tmp}")
         self.model_dir = write_model(sc, self.tmp / "model", self.seed)
-        self.fabric = Fabric(tag=f"s{self.seed}")
+        self.fabric = Fabric(tag=f"s{self.seed}", queue=self.queue)
         for g in sc.groups:
             for i in range(g.count):
                 net = self.fabric.add_host(g.upload, g.download)
