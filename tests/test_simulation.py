@@ -390,3 +390,13 @@ def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
     assert r.stats["gone"] == 1 and r.stats["engine_internal_errors"] == 0
     assert not any(e[1] == "disconnect" and e[2] == "workers-0000" and e[3] == "slow-0000"
                    for e in r.events)
+
+
+def test_the_manifest_vote_waits_for_a_vanished_provider_and_not_for_a_stopped_one():
+    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 5.0, 5.1)):
+        r = _departure(action)
+        first = {}
+        for t, ev, node, _peer, _v in r.events:
+            if ev == "lookup" and node.startswith("late") and node not in first:
+                first[node] = t - 2.0  # they arrive at 2 s
+        assert len(first) == 3 and all(lo <= w < hi for w in first.values()), (action, first)
