@@ -4,6 +4,7 @@ of docs/simulation.md.
 
     sudo .venv/bin/python scripts/validate_testbed.py [--reps 3] [--out out/validate] [--only NAME]
     .venv/bin/python scripts/validate_testbed.py --from out/validate     # docs from earlier runs
+    .venv/bin/python scripts/validate_testbed.py --from out/validate --resim   # + simulate again
 
 Each scenario runs ``swarm-sim testbed SCENARIO --reps N --compare`` (the testbed, then the
 simulator on the same seeds with the testbed's latency); the section gets one summary table, each
@@ -42,6 +43,26 @@ def run(names: list[str], reps: int, out: Path) -> None:
         if rc != 0:
             raise SystemExit(f"{name}: swarm-sim testbed exited with {rc}")
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def resimulate(names: list[str], out: Path) -> None:
+    """The simulator's side again (e.g. after a model change), against the stored testbed runs."""
+    from simulations import report, testbed
+
+    for name in names:
+        d = out / name
+        tb_doc = json.loads((d / "testbed" / "summary.json").read_text())
+        path = cli._resolve(name)
+        sim_results: list = []
+        sim_doc = cli.run_scenario(path, testbed.for_testbed(path, tb_doc["overrides"]),
+                                   tb_doc["seeds"], d / "sim", jobs=1, plots=False,
+                                   log_pieces=False, quiet=True, results_out=sim_results)
+        cmp = compare.compare(sim_doc, tb_doc)
+        report.write_json(cmp, d / "compare.json")
+        (d / "compare.md").write_text(compare.table(cmp))
+        compare.figure(cmp, compare.curves(sim_results), compare.curves_from_dir(d / "testbed"),
+                       d / "compare.png")
+        print(f"{name}: simulated again", file=sys.stderr, flush=True)
 
 
 def _row(cmp: dict, key: str) -> dict:
@@ -112,11 +133,15 @@ def main() -> int:
     ap.add_argument("--out", default="out/validate_testbed")
     ap.add_argument("--from", dest="from_dir", help="only regenerate the docs from this directory")
     ap.add_argument("--only", action="append", help="scenario name (repeatable)")
+    ap.add_argument("--resim", action="store_true",
+                    help="with --from: run the simulator's side again before writing the docs")
     a = ap.parse_args()
     names = a.only or list(SCENARIOS)
     out = Path(a.from_dir or a.out)
     if not a.from_dir:
         run(names, a.reps, out)
+    elif a.resim:
+        resimulate([n for n in names if (out / n / "testbed" / "summary.json").exists()], out)
     write_doc(section([n for n in SCENARIOS if (out / n / "compare.json").exists()], out))
     print(f"wrote the testbed validation section of {DOC}", file=sys.stderr)
     return 0

@@ -276,7 +276,8 @@ def cmd_testbed(a: argparse.Namespace) -> int:
     text = compare.table(cmp)
     (out / "compare.md").write_text(text)
     if not a.no_plots:
-        compare.figure(cmp, sim_results, tb_results, out / "compare.png")
+        compare.figure(cmp, compare.curves(sim_results), compare.curves(tb_results),
+                       out / "compare.png")
     print(text, end="")
     return 0
 

@@ -8,6 +8,7 @@ the testbed for each.
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -71,17 +72,37 @@ def table(cmp: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(cmp: dict[str, Any], sim_results: list[Any], tb_results: list[Any], path: Path
+Curve = tuple[list[float], int]
+"""Sorted completion times of one run and its number of fetching nodes."""
+
+
+def curves(results: list[Any]) -> list[Curve]:
+    return [(r.completion_times(), sum(1 for x in r.nodes if x.role == "fetch")) for r in results]
+
+
+def curves_from_dir(d: Path) -> list[Curve]:
+    """The curves of the runs in an output directory (events CSVs + summary.json)."""
+    import csv
+
+    doc = json.loads((d / "summary.json").read_text())
+    out = []
+    for s in doc["per_seed"]:
+        with open(d / f"events_seed{s['seed']}.csv") as fh:
+            ts = sorted(float(r["value"]) for r in csv.DictReader(fh) if r["event"] == "complete")
+        out.append((ts, s["fetchers"]))
+    return out
+
+
+def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve], path: Path
            ) -> Path | None:
     try:
         plt = report._plt()
     except ImportError:  # pragma: no cover - matplotlib is the `sim` extra
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for results, color, name in ((sim_results, "C0", "simulator"), (tb_results, "C3", "testbed")):
-        for i, r in enumerate(results):
-            ts = r.completion_times()
-            n = sum(1 for x in r.nodes if x.role == "fetch") or 1
+    for results, color, name in ((sim_curves, "C0", "simulator"), (tb_curves, "C3", "testbed")):
+        for i, (ts, n) in enumerate(results):
+            n = n or 1
             if ts:
                 ax.step([0.0, *ts], [0.0, *[(k + 1) / n for k in range(len(ts))]], where="post",
                         color=color, alpha=0.7, lw=1.2,
