@@ -145,10 +145,8 @@ def cleanup_stale() -> list[str]:
     removed = []
     for ns in _our_namespaces():
         m = re.match(rf"{PREFIX}-(\d+)-", ns)
-        if m and _pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
-            continue
-        if m and int(m.group(1)) == os.getpid():
-            continue
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue  # not named by us, ours, or a run that is still going
         _delete_namespace(ns)
         removed.append(ns)
     return removed
