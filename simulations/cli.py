@@ -213,6 +213,7 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
             result = tb.run()
             wall = time.perf_counter() - t0
             report.write_events(result, out / f"events_seed{seed}.csv")
+            _write_samples(result, out / f"samples_seed{seed}.csv")
             s = report.seed_summary(result, b, wall)
             summaries.append(s)
             res_list.append(result)
@@ -240,6 +241,16 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
     if plots:
         report.plot_all(res_list, b, doc["seed_groups"], out, f"{sc.name} (testbed)")
     return doc
+
+
+def _write_samples(result: Any, path: Path) -> None:
+    """Bytes each group had uploaded at each sample (the nodes' own counters)."""
+    groups = sorted({n.group for n in result.nodes})
+    with path.open("w") as fh:
+        fh.write(",".join(["t", "completed", *[f"up_{g}" for g in groups]]) + "\n")
+        for t, done, up in result.samples:
+            fh.write(",".join([f"{t:.3f}", str(done), *[str(int(up.get(g, 0))) for g in groups]])
+                     + "\n")
 
 
 def cmd_testbed(a: argparse.Namespace) -> int:

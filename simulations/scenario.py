@@ -350,6 +350,11 @@ class DHTParams:
     lookup_retry_linked: float = 5.0
     """... and after this long otherwise, until it is done (swarm.node._connect_loop)."""
     min_links: int = 2
+    lookup_timeout_first: float = 5.0
+    """While any host has vanished, a fetch's first lookup takes this long (swarm.node's
+    lookup_timeout: GET_PROVIDERS to a dead routing-table entry never answers) ..."""
+    lookup_timeout: float = 2.0
+    """... and every later lookup this long (the connect loop's find_providers timeout)."""
     manifest_fanout: int = 8
     """Providers a fetch asks for the manifest at once (swarm.node.MANIFEST_ASK_FANOUT) ..."""
     manifest_timeout: float = 5.0
@@ -458,6 +463,9 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", 5.0),
                                            "dht.lookup_retry_linked"),
         min_links=int(dh.get("min_links", 2)),
+        lookup_timeout_first=units.duration(dh.get("lookup_timeout_first", 5.0),
+                                            "dht.lookup_timeout_first"),
+        lookup_timeout=units.duration(dh.get("lookup_timeout", 2.0), "dht.lookup_timeout"),
         manifest_fanout=int(dh.get("manifest_fanout", 8)),
         manifest_timeout=units.duration(dh.get("manifest_timeout", 5.0), "dht.manifest_timeout"),
     )

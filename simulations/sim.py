@@ -258,6 +258,7 @@ class Simulation:
         self.finished = 0
         self.gone = 0
         self.online = 0
+        self.vanished = 0  # nodes offline because their host vanished (see _lookup)
         self.providers: list[Node] = []  # every node that ever announced, in order
         self._valid_cache: tuple[float, list[Node]] | None = None
         self.mean_latency = (sum(n.port.latency for n in self.nodes) / len(self.nodes)
@@ -337,6 +338,8 @@ class Simulation:
         now = self.tl.now()
         g = node.group
         node.online = True
+        if node.vanished:
+            self.vanished -= 1
         node.vanished = False
         self.online += 1
         node.session += 1
@@ -392,6 +395,7 @@ class Simulation:
         now = self.tl.now()
         node.online = False
         node.vanished = vanish
+        self.vanished += vanish
         self.online -= 1
         node.departures += 1
         tr = node.transfer
@@ -500,8 +504,11 @@ class Simulation:
 
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
-        self.at(now + self._lookup_delay(node), self._resolve if first else self._lookup_done, node,
-                node.session)
+        delay = self._lookup_delay(node)
+        if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
+            dht = self.sc.dht
+            delay = max(delay, dht.lookup_timeout_first if first else dht.lookup_timeout)
+        self.at(now + delay, self._resolve if first else self._lookup_done, node, node.session)
 
     def _find(self, node: Node, now: float) -> list[Node]:
         valid = [p for p in self._valid_providers(now) if p is not node]

@@ -392,8 +392,9 @@ def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
                    for e in r.events)
 
 
-def test_the_manifest_vote_waits_for_a_vanished_provider_and_not_for_a_stopped_one():
-    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 5.0, 5.1)):
+def test_lookup_and_manifest_vote_wait_for_a_vanished_host_and_not_for_a_stopped_one():
+    # vanished: the first lookup waits out lookup_timeout_first (5 s), the vote manifest_timeout (5 s)
+    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 10.0, 10.1)):
         r = _departure(action)
         first = {}
         for t, ev, node, _peer, _v in r.events:
