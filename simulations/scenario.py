@@ -327,9 +327,10 @@ class NetworkParams:
     dial_timeout: float = 10.0
     """Seconds a dial to a host that vanished takes to fail (swarm.net.host.CONNECT_TIMEOUT); a
     dial to a host whose node stopped is refused after one round trip."""
-    blackhole_reset: float = 924.6
-    """Seconds after which TCP gives up on a peer that vanished while data to it was unacknowledged
-    (Linux tcp_retries2 = 15 with a 200 ms minimum RTO); until then the link just hangs."""
+    blackhole_reset: float = 30.0
+    """Seconds after which a link to a peer that vanished is reset once data to it waits: the data
+    lane's STALL_TIMEOUT (SO_SNDTIMEO, swarm.net.lane); plain TCP would take 924.6 s (Linux
+    tcp_retries2 = 15, 200 ms minimum RTO). Until then the link just hangs."""
     window: int = 0
     """If > 0, a flow is capped at window / RTT (a TCP receive window)."""
     time_grid: float = 0.001
@@ -446,7 +447,7 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         min_rto=units.duration(net.get("min_rto", 0.2), "network.min_rto"),
         connect_rtts=float(net.get("connect_rtts", 2.0)),
         dial_timeout=units.duration(net.get("dial_timeout", 10.0), "network.dial_timeout"),
-        blackhole_reset=units.duration(net.get("blackhole_reset", 924.6), "network.blackhole_reset"),
+        blackhole_reset=units.duration(net.get("blackhole_reset", 30.0), "network.blackhole_reset"),
         window=units.size(net.get("window", 0), "network.window"),
         time_grid=units.duration(net.get("time_grid", 0.001), "network.time_grid"),
     )
