@@ -2,6 +2,7 @@
 
     swarm-sim run SCENARIO.toml --seeds 10 --out DIR [--jobs 2] [--set groups.frontends.count=200]
     swarm-sim run SCENARIO.toml --seeds 5 --out DIR --sweep groups.frontends.count=50,100,200
+    swarm-sim testbed SCENARIO.toml --reps 3 --out DIR [--compare]   (root: network namespaces)
     swarm-sim bounds SCENARIO.toml
     swarm-sim list
 
@@ -70,7 +71,8 @@ def _run_one(path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_
 
 
 def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: Path, *, jobs: int,
-                 plots: bool, log_pieces: bool | None, quiet: bool) -> dict[str, Any]:
+                 plots: bool, log_pieces: bool | None, quiet: bool,
+                 results_out: list[Any] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     sc = scenario.load(path, overrides)
     b = bounds_mod.for_scenario(sc)
@@ -109,6 +111,8 @@ def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: P
                 done(futs[f], *f.result())
     ordered = [summaries[s] for s in seeds]
     res_list = [results[s] for s in seeds]
+    if results_out is not None:
+        results_out.extend(res_list)
     doc = {
         "scenario": sc.name,
         "description": sc.description,
@@ -116,6 +120,7 @@ def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: P
         "overrides": overrides,
         "seeds": seeds,
         "bounds": b,
+        "seed_groups": [g.name for g in sc.groups if g.role == "seed"],
         "aggregate": report.aggregate(ordered),
         "per_seed": ordered,
     }
@@ -179,6 +184,115 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Path, *, lane: str,
+                plots: bool, quiet: bool, keep_logs: bool = False, timeout: float | None = None,
+                results_out: list[Any] | None = None, queue: str | None = None) -> dict[str, Any]:
+    """Each seed once on the testbed (one repetition per seed: its arrival times and event
+    choices); writes what ``run_scenario`` writes."""
+    from simulations import testbed
+
+    out.mkdir(parents=True, exist_ok=True)
+    sc = scenario.load(path, overrides)
+    testbed.check_supported(sc)
+    b = bounds_mod.for_scenario(sc)
+    removed = testbed.cleanup_stale()
+    say = (lambda m: None) if quiet else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    if removed:
+        say(f"removed {len(removed)} namespace(s) left by a killed run: {', '.join(removed)}")
+    if not quiet:
+        print(f"{sc.name} on the testbed: {sum(g.count for g in sc.groups)} hosts, "
+              f"{fmt_size(sc.file_bytes)}, T_min {b['T_min']:.3f} s; {len(seeds)} repetition(s) "
+              f"-> {out}", file=sys.stderr, flush=True)
+    summaries, res_list = [], []
+    with testbed.signals_raise():
+        for seed in seeds:
+            t0 = time.perf_counter()
+            tb = testbed.Testbed(sc, seed, lane=lane, progress=say, timeout=timeout,
+                                 keep=out / "logs" if keep_logs else None,
+                                 queue=queue or testbed.TBF_LATENCY)
+            result = tb.run()
+            wall = time.perf_counter() - t0
+            report.write_events(result, out / f"events_seed{seed}.csv")
+            _write_samples(result, out / f"samples_seed{seed}.csv")
+            s = report.seed_summary(result, b, wall)
+            summaries.append(s)
+            res_list.append(result)
+            if not quiet:
+                c = s["completion"]
+                st = s["stats"]
+                med = f"{c['median']:.3f} s" if c["median"] is not None else "-"
+                last = f"{c['max']:.3f} s" if c["max"] is not None else "-"
+                print(f"[{len(summaries)}/{len(seeds)}] seed {seed}: median {med}, last {last}, "
+                      f"{s['completed']}/{s['fetchers']} done; CPU per host "
+                      f"{st['cpu_per_host_mean'] * 100:.0f}% mean, {st['cpu_per_host_max'] * 100:.0f}% "
+                      f"max; machine {st['machine_busy'] * 100:.0f}% busy"
+                      f"{' (CPU-BOUND)' if st['cpu_bound'] else ''}", file=sys.stderr, flush=True)
+    if results_out is not None:
+        results_out.extend(res_list)
+    doc = {
+        "scenario": sc.name, "description": sc.description, "source": str(path),
+        "overrides": overrides, "seeds": seeds, "testbed": {
+            "lane": lane, "latency_s": testbed.TESTBED_LATENCY,
+            "tbf_latency": queue or testbed.TBF_LATENCY},
+        "bounds": b, "seed_groups": [g.name for g in sc.groups if g.role == "seed"],
+        "aggregate": report.aggregate(summaries), "per_seed": summaries,
+    }
+    report.write_json(doc, out / "summary.json")
+    if plots:
+        report.plot_all(res_list, b, doc["seed_groups"], out, f"{sc.name} (testbed)")
+    return doc
+
+
+def _write_samples(result: Any, path: Path) -> None:
+    """Bytes each group had uploaded at each sample (the nodes' own counters)."""
+    groups = sorted({n.group for n in result.nodes})
+    with path.open("w") as fh:
+        fh.write(",".join(["t", "completed", *[f"up_{g}" for g in groups]]) + "\n")
+        for t, done, up in result.samples:
+            fh.write(",".join([f"{t:.3f}", str(done), *[str(int(up.get(g, 0))) for g in groups]])
+                     + "\n")
+
+
+def cmd_testbed(a: argparse.Namespace) -> int:
+    from simulations import compare, testbed
+
+    why = testbed.available()
+    if why is not None:
+        print(f"swarm-sim testbed: {why}", file=sys.stderr)
+        return 3
+    path = _resolve(a.scenario)
+    overrides = _parse_sets(a.set or [])
+    seeds = [a.seed0 + i for i in range(a.reps)]
+    out = Path(a.out)
+    tb_results: list[Any] = []
+    try:
+        tb_doc = run_testbed(path, overrides, seeds, out / "testbed" if a.compare else out,
+                             lane=a.lane, plots=not a.no_plots, quiet=a.quiet,
+                             keep_logs=a.keep_logs, timeout=a.timeout, results_out=tb_results,
+                             queue=a.queue)
+    except KeyboardInterrupt:
+        print("swarm-sim testbed: interrupted; torn down", file=sys.stderr)
+        return 130
+    except testbed.TestbedError as e:
+        print(f"swarm-sim testbed: {e}", file=sys.stderr)
+        return 1
+    if not a.compare:
+        return 0
+    sim_results: list[Any] = []
+    sim_doc = run_scenario(path, testbed.for_testbed(path, overrides), seeds, out / "sim",
+                           jobs=1, plots=not a.no_plots, log_pieces=False, quiet=a.quiet,
+                           results_out=sim_results)
+    cmp = compare.compare(sim_doc, tb_doc)
+    report.write_json(cmp, out / "compare.json")
+    text = compare.table(cmp)
+    (out / "compare.md").write_text(text)
+    if not a.no_plots:
+        compare.figure(cmp, compare.curves(sim_results), compare.curves(tb_results),
+                       out / "compare.png")
+    print(text, end="")
+    return 0
+
+
 def cmd_bounds(a: argparse.Namespace) -> int:
     sc = scenario.load(_resolve(a.scenario), _parse_sets(a.set or []))
     b = bounds_mod.for_scenario(sc)
@@ -217,6 +331,24 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-piece-log", action="store_true", help="leave piece events out of the log")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("testbed", help="run a scenario on real swarm-node processes in network "
+                                       "namespaces (root)")
+    t.add_argument("scenario")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--reps", type=int, default=1, help="repetitions, one per seed (default 1)")
+    t.add_argument("--seed0", type=int, default=1, help="first seed (default 1)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    t.add_argument("--compare", action="store_true",
+                   help="also simulate the same seeds; write compare.md/json/png")
+    t.add_argument("--lane", choices=("plaintext", "encrypted", "off"), default="plaintext",
+                   help="the nodes' data lane (default plaintext: less CPU per byte)")
+    t.add_argument("--timeout", type=float, help="seconds per repetition (default: stop_at)")
+    t.add_argument("--keep-logs", action="store_true", help="copy node logs to OUT/logs")
+    t.add_argument("--queue", metavar="TIME", help="tbf queue length as time at the cap "
+                   "(tc's `latency`; default 20ms)")
+    t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=cmd_testbed)
     b = sub.add_parser("bounds", help="print the lower bounds of a scenario")
     b.add_argument("scenario")
     b.add_argument("--set", action="append", metavar="KEY=VALUE")

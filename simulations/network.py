@@ -166,8 +166,8 @@ class Port:
 
 
 class Flow:
-    __slots__ = ("aborted", "active", "cap", "dst_res", "rate", "remaining", "size", "src_res", "t",
-                 "task", "version")
+    __slots__ = ("aborted", "active", "cap", "dst_res", "frozen", "rate", "remaining", "size",
+                 "src_res", "t", "task", "version")
 
     def __init__(self, src: Port, dst: Port, size: int, cap: float, now: float):
         self.src_res = src.up
@@ -181,6 +181,7 @@ class Flow:
         self.version = 0
         self.active = False
         self.aborted = False
+        self.frozen = False  # its receiver vanished: no bandwidth, the sender stays blocked
 
     def abort_park(self, _raise_cancel: Any) -> Any:
         self.task = None
@@ -192,8 +193,9 @@ class Network:
 
     def __init__(self, timeline: Timeline, rng: random.Random, *, jitter: float = 0.0,
                  loss: float = 0.0, mss: int = 1460, min_rto: float = 0.2, window: int = 0,
-                 grid: float = 0.0):
+                 grid: float = 0.0, blackhole_reset: float = INF):
         self.tl = timeline
+        self.blackhole_reset = blackhole_reset
         self.grid = grid
         self.rng = rng
         self.jitter = jitter
@@ -371,6 +373,29 @@ class Network:
             f.aborted = True
             self.end_flow(f, self.tl.now())
             self._wake_sender(f)
+        elif f.frozen:
+            f.aborted = True
+            self._wake_sender(f)
+
+    def freeze(self, f: Flow) -> None:
+        """The receiver vanished: the flow stops using bandwidth (what was sent is counted), and its
+        sender stays blocked in ``send`` (a full TCP send buffer) until its link end is closed."""
+        if f.active:
+            f.aborted = True
+            self.end_flow(f, self.tl.now())
+        f.frozen = True
+
+    async def stall(self, link: SimLink, nbytes: int) -> None:
+        """A piece sent on a link whose peer vanished: blocks until the link end is closed."""
+        f = Flow(link.port, link.remote.port, nbytes, link.flow_cap, self.tl.now())
+        f.frozen = True
+        link.flow = f
+        f.task = _current_task()
+        try:
+            await _park(f.abort_park)
+        finally:
+            link.flow = None
+        raise LinkClosed("connection reset: the peer stopped answering")
 
     # ------------------------------------------------------------------ messages
 
@@ -414,8 +439,8 @@ class SimLink:
     Messages are wire message objects (never encoded): piece payloads are length stand-ins.
     """
 
-    __slots__ = ("closed", "delay", "eof", "flow", "flow_cap", "inbox", "last_at", "net", "parked",
-                 "peer_id", "port", "remote", "tl")
+    __slots__ = ("closed", "dead", "delay", "eof", "flow", "flow_cap", "inbox", "last_at", "net",
+                 "parked", "peer_id", "port", "remote", "reset_at", "tl")
 
     def __init__(self, net: Network, port: Port, peer_id: str, delay: float, flow_cap: float):
         self.net = net
@@ -431,6 +456,8 @@ class SimLink:
         self.flow: Flow | None = None
         self.closed = False  # this end was closed (aclose or its node left)
         self.eof = False  # the other end's close has arrived here
+        self.dead = False  # one end's host vanished: nothing crosses, nothing is closed
+        self.reset_at = INF  # when TCP gives up retransmitting to a vanished peer (see vanish)
 
     def _push(self, at: float, msg: Any) -> None:
         """Queue ``msg`` on this (receiving) end, visible at ``at``."""
@@ -450,6 +477,9 @@ class SimLink:
         return _SUCCEEDED
 
     async def send(self, msg: wire.Message) -> None:
+        if self.dead:
+            await self._send_dead(msg)
+            return
         if self.closed or self.remote.closed:
             raise LinkClosed("link closed")
         net = self.net
@@ -482,12 +512,50 @@ class SimLink:
             self.parked = _current_task()
             await _park(self._abort_park)
 
+    async def _send_dead(self, msg: wire.Message) -> None:
+        """The peer vanished: a message is buffered and never arrives; once unacknowledged data
+        waits, TCP resets the connection after ``Network.blackhole_reset`` seconds of retries."""
+        if self.closed:
+            raise LinkClosed("link closed")
+        if self.reset_at == INF and self.net.blackhole_reset < INF:
+            self.reset_at = self.tl.now() + self.net.blackhole_reset
+            self.tl.at(self.reset_at, self._reset)
+        if type(msg) is _PieceData:
+            await self.net.stall(self, len(msg.data))
+
+    def _reset(self) -> None:
+        if not self.closed and not self.eof:
+            self._push(self.tl.now(), _CLOSED)
+            if self.flow is not None:
+                self.net.abort(self.flow)
+
+    def vanish(self) -> None:
+        """Called on the end held by a host that vanished: from now on nothing crosses this link
+        either way and neither end sees it close; the peer's piece in flight to us stops using
+        bandwidth but keeps its sender blocked; data it had unacknowledged starts TCP's
+        retransmission clock."""
+        remote = self.remote
+        self.dead = remote.dead = True
+        if remote.flow is not None:
+            self.net.freeze(remote.flow)
+            if remote.reset_at == INF and self.net.blackhole_reset < INF:
+                remote.reset_at = self.tl.now() + self.net.blackhole_reset
+                self.tl.at(remote.reset_at, remote._reset)
+        if self.flow is not None:
+            self.net.abort(self.flow)
+
     def close(self) -> None:
         """Close this end now (synchronous): the peer sees end-of-stream after the one-way delay;
-        pieces in flight either way are aborted."""
+        pieces in flight either way are aborted. On a dead link (see ``vanish``) nothing reaches
+        the other end and only our own piece in flight is aborted."""
         if self.closed:
             return
         self.closed = True
+        if self.dead:
+            if self.flow is not None:
+                self.net.abort(self.flow)
+            self._wake()
+            return
         remote = self.remote
         for f in (self.flow, remote.flow):
             if f is not None:

@@ -184,6 +184,7 @@ class Arrival:
 
 
 ROLES = ("seed", "fetch")
+EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
 ANNOUNCE = ("start", "first_piece", "complete", "never")
 
 
@@ -276,7 +277,10 @@ def _check_engine(d: Mapping[str, Any], where: str) -> None:
 
 @attrs.frozen
 class Event:
-    """A scheduled change: ``leave`` takes nodes of a group offline, ``join`` brings them back."""
+    """A scheduled change: ``leave`` (the node stops and closes its links), ``kill`` (SIGKILL: the
+    kernel closes its sockets, so peers see the same as for leave), ``vanish`` (its host's link
+    stops carrying packets: nothing is closed, links hang until the peers' own timeouts, dials
+    time out) take nodes of a group offline; ``join`` brings offline ones back."""
 
     at: float
     action: str
@@ -290,8 +294,8 @@ class Event:
         d = _table(v, where)
         _check_keys(d, {"at", "action", "group", "count", "fraction", "rejoin_after"}, where)
         action = d.get("action")
-        if action not in ("leave", "join"):
-            raise ScenarioError(f"{where}.action: must be leave or join")
+        if action not in EVENT_ACTIONS:
+            raise ScenarioError(f"{where}.action: must be one of {', '.join(EVENT_ACTIONS)}")
         group = d.get("group")
         if group not in groups:
             raise ScenarioError(f"{where}.group: no group {group!r}")
@@ -320,8 +324,13 @@ class NetworkParams:
     min_rto: float = 0.2
     connect_rtts: float = 2.0
     """Round trips to open a connection (TCP + Noise + yamux/multistream negotiation)."""
-    dial_timeout: float = 5.0
-    """Seconds a dial to a node that is gone takes to fail."""
+    dial_timeout: float = 10.0
+    """Seconds a dial to a host that vanished takes to fail (swarm.net.host.CONNECT_TIMEOUT); a
+    dial to a host whose node stopped is refused after one round trip."""
+    blackhole_reset: float = 30.0
+    """Seconds after which a link to a peer that vanished is reset once data to it waits: the data
+    lane's STALL_TIMEOUT (SO_SNDTIMEO, swarm.net.lane); plain TCP would take 924.6 s (Linux
+    tcp_retries2 = 15, 200 ms minimum RTO). Until then the link just hangs."""
     window: int = 0
     """If > 0, a flow is capped at window / RTT (a TCP receive window)."""
     time_grid: float = 0.001
@@ -342,6 +351,15 @@ class DHTParams:
     lookup_retry_linked: float = 5.0
     """... and after this long otherwise, until it is done (swarm.node._connect_loop)."""
     min_links: int = 2
+    lookup_timeout_first: float = 5.0
+    """While any host has vanished, a fetch's first lookup takes this long (swarm.node's
+    lookup_timeout: GET_PROVIDERS to a dead routing-table entry never answers) ..."""
+    lookup_timeout: float = 2.0
+    """... and every later lookup this long (the connect loop's find_providers timeout)."""
+    manifest_fanout: int = 8
+    """Providers a fetch asks for the manifest at once (swarm.node.MANIFEST_ASK_FANOUT) ..."""
+    manifest_timeout: float = 5.0
+    """... waiting for every answer up to this long (swarm.node's fetch_manifests timeout)."""
 
 
 _NET_KEYS = {a.name for a in attrs.fields(NetworkParams)}
@@ -428,7 +446,8 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         mss=int(net.get("mss", 1460)),
         min_rto=units.duration(net.get("min_rto", 0.2), "network.min_rto"),
         connect_rtts=float(net.get("connect_rtts", 2.0)),
-        dial_timeout=units.duration(net.get("dial_timeout", 5.0), "network.dial_timeout"),
+        dial_timeout=units.duration(net.get("dial_timeout", 10.0), "network.dial_timeout"),
+        blackhole_reset=units.duration(net.get("blackhole_reset", 30.0), "network.blackhole_reset"),
         window=units.size(net.get("window", 0), "network.window"),
         time_grid=units.duration(net.get("time_grid", 0.001), "network.time_grid"),
     )
@@ -445,6 +464,11 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", 5.0),
                                            "dht.lookup_retry_linked"),
         min_links=int(dh.get("min_links", 2)),
+        lookup_timeout_first=units.duration(dh.get("lookup_timeout_first", 5.0),
+                                            "dht.lookup_timeout_first"),
+        lookup_timeout=units.duration(dh.get("lookup_timeout", 2.0), "dht.lookup_timeout"),
+        manifest_fanout=int(dh.get("manifest_fanout", 8)),
+        manifest_timeout=units.duration(dh.get("manifest_timeout", 5.0), "dht.manifest_timeout"),
     )
     engine = _table(d.get("engine", {}), "engine")
     _check_engine(engine, "engine")

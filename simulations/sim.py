@@ -114,6 +114,7 @@ class Node:
         self.rng = random.Random(f"{seed}/{nid}/sim")
         self.session = 0
         self.online = False
+        self.vanished = False  # offline because its host's link went dark (see Simulation._vanish)
         self.gone = False  # left for good without the model
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
@@ -240,7 +241,8 @@ class Simulation:
         self.net = Network(self.tl, random.Random(f"{seed}/net"), jitter=scenario.network.jitter,
                            loss=scenario.network.loss, mss=scenario.network.mss,
                            min_rto=scenario.network.min_rto, window=scenario.network.window,
-                           grid=scenario.network.time_grid)
+                           grid=scenario.network.time_grid,
+                           blackhole_reset=scenario.network.blackhole_reset)
         self.nodes: list[Node] = []
         self.by_id: dict[str, Node] = {}
         self.configs = {g.name: scenario.engine_config(g) for g in scenario.groups}
@@ -256,6 +258,7 @@ class Simulation:
         self.finished = 0
         self.gone = 0
         self.online = 0
+        self.vanished = 0  # nodes offline because their host vanished (see _lookup)
         self.providers: list[Node] = []  # every node that ever announced, in order
         self._valid_cache: tuple[float, list[Node]] | None = None
         self.mean_latency = (sum(n.port.latency for n in self.nodes) / len(self.nodes)
@@ -335,6 +338,9 @@ class Simulation:
         now = self.tl.now()
         g = node.group
         node.online = True
+        if node.vanished:
+            self.vanished -= 1
+        node.vanished = False
         self.online += 1
         node.session += 1
         sess = node.session
@@ -378,11 +384,18 @@ class Simulation:
                         node.nursery = None
 
     def _depart(self, node: Node, why: str, sess: int | None = None,
-                rejoin_after: float | None = None) -> None:
+                rejoin_after: float | None = None, vanish: bool = False) -> None:
+        """The node goes offline. Normally it closes its links (peers see end-of-stream one
+        latency later); if it ``vanish``es its links go dark instead: peers keep them, their
+        messages and pieces to it are lost, and they only notice through their own timeouts (the
+        engine's request timeouts, TCP's retransmission limit). Either way its provider record
+        stays in the DHT until it expires."""
         if not node.online or (sess is not None and sess != node.session):
             return
         now = self.tl.now()
         node.online = False
+        node.vanished = vanish
+        self.vanished += vanish
         self.online -= 1
         node.departures += 1
         tr = node.transfer
@@ -395,9 +408,9 @@ class Simulation:
             node.record_until = last + self.sc.dht.record_ttl
             node.announced_at = None
             self._valid_cache = None
-        for link in list(node.links.values()):
-            link.close()
-        for link in node.pending:
+        for link in [*node.links.values(), *node.pending]:
+            if vanish:
+                link.vanish()
             link.close()
         node.pending = []
         node.links.clear()
@@ -492,17 +505,48 @@ class Simulation:
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
         delay = self._lookup_delay(node)
-        if first:  # ask a provider for the manifest: a connection and one more round trip
-            delay += (self.sc.network.connect_rtts + 1) * 2 * (node.port.latency + self.mean_latency)
-        self.at(now + delay, self._lookup_done, node, node.session)
+        if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
+            dht = self.sc.dht
+            delay = max(delay, dht.lookup_timeout_first if first else dht.lookup_timeout)
+        self.at(now + delay, self._resolve if first else self._lookup_done, node, node.session)
 
-    def _lookup_done(self, node: Node, sess: int) -> None:
+    def _find(self, node: Node, now: float) -> list[Node]:
+        valid = [p for p in self._valid_providers(now) if p is not node]
+        k = self.sc.dht.max_providers
+        return node.rng.sample(valid, k) if len(valid) > k else valid
+
+    def _resolve(self, node: Node, sess: int) -> None:
+        """node.py's ``_resolve`` after its first lookup: ask up to ``manifest_fanout`` providers for
+        the manifest at once and wait for every answer. An online one answers after a connection
+        and a round trip, a stopped node's host refuses at once, a vanished host holds the vote
+        until ``manifest_timeout``. With no answer node.py gives up (Hub fallback); here the node
+        looks again."""
         if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
             return
         now = self.tl.now()
-        valid = [p for p in self._valid_providers(now) if p is not node]
-        k = self.sc.dht.max_providers
-        found = node.rng.sample(valid, k) if len(valid) > k else valid
+        found = self._find(node, now)
+        dht, net = self.sc.dht, self.sc.network
+        asked = node.rng.sample(found, min(len(found), dht.manifest_fanout))
+        wait, answered = 0.0, False
+        for p in asked:
+            rtt = 2 * Network.delay(node.port, p.port)
+            if p.online:
+                answered = True
+                wait = max(wait, (net.connect_rtts + 1) * rtt)
+            else:
+                wait = max(wait, dht.manifest_timeout if p.vanished else rtt)
+        if not answered:
+            self.log(now, "manifest_failed", node.id, "", len(asked))
+            self.at(now + wait + dht.lookup_retry, self._relookup, node, sess, True)
+            return
+        self.at(now + wait, self._lookup_done, node, sess, found)
+
+    def _lookup_done(self, node: Node, sess: int, found: list[Node] | None = None) -> None:
+        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+            return
+        now = self.tl.now()
+        if found is None:
+            found = self._find(node, now)
         self.log(now, "lookup", node.id, "", len(found))
         tried = node.tried
         if found and all(p.id in tried for p in found):
@@ -520,19 +564,20 @@ class Simulation:
         wait = dht.lookup_retry if len(node.links) < dht.min_links else dht.lookup_retry_linked
         self.at(now + wait, self._relookup, node, sess)
 
-    def _relookup(self, node: Node, sess: int) -> None:
+    def _relookup(self, node: Node, sess: int, first: bool = False) -> None:
         if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
             return
-        self._lookup(node, self.tl.now())
+        self._lookup(node, self.tl.now(), first)
 
     def _dial(self, node: Node, peer: Node, now: float) -> None:
         node.dialing[peer.id] = None
         self.dials += 1
         self.log(now, "dial", node.id, peer.id)
-        if not peer.online:
-            self.at(now + self.sc.network.dial_timeout, self._dial_done, node, peer, node.session)
-            return
         rtt = 2 * Network.delay(node.port, peer.port)
+        if not peer.online:  # a vanished host never answers; a stopped node's host refuses
+            wait = self.sc.network.dial_timeout if peer.vanished else rtt
+            self.at(now + wait, self._dial_done, node, peer, node.session)
+            return
         self.at(now + self.sc.network.connect_rtts * rtt, self._dial_done, node, peer, node.session)
 
     def _dial_done(self, node: Node, peer: Node, sess: int) -> None:
@@ -544,6 +589,11 @@ class Simulation:
             self.dial_failures += 1
             self.log(now, "dial_failed", node.id, peer.id)
             return
+        for x, y in ((node, peer), (peer, node)):  # a link left over from before y vanished
+            old = x.links.get(y.id)
+            if old is not None and old.dead:
+                old.close()
+                del x.links[y.id]
         if peer.id in node.links or node.id in peer.links:
             return
         a, b = self.net.connect(node.port, node.id, peer.port, peer.id)
@@ -575,7 +625,7 @@ class Simulation:
         now = self.tl.now()
         rng = random.Random(f"{self.seed}/events/{i}")
         members = [n for n in self.nodes if n.group.name == ev.group]
-        if ev.action == "leave":
+        if ev.action != "join":
             pool = [n for n in members if n.online]
         else:
             pool = [n for n in members if not n.online and not n.gone and n.first_arrival is not None]
@@ -588,9 +638,9 @@ class Simulation:
         chosen = rng.sample(pool, k) if k < len(pool) else pool
         self.log(now, f"event_{ev.action}", ev.group, "", k)
         for n in chosen:
-            if ev.action == "leave":
+            if ev.action != "join":
                 after = ev.rejoin_after.sample(rng) if ev.rejoin_after is not None else INF
-                self._depart(n, "event", rejoin_after=after)
+                self._depart(n, "event", rejoin_after=after, vanish=ev.action == "vanish")
             else:
                 self._arrive(n)
 

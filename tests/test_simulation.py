@@ -345,3 +345,59 @@ def test_simulations_never_import_the_network_stack():
             "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _departure(action: str, seed: int = 3) -> Any:
+    """3 workers, 8 frontends; 2 workers depart at 1 s with ``action``; frontends that arrive at
+    2 s still find their records."""
+    data = _two_groups(8, "32 MiB", latency="1 ms")
+    data["groups"]["workers"]["count"] = 3
+    data["groups"]["late"] = {"role": "fetch", "count": 3, "upload": "100 Mbit/s",
+                              "latency": "1 ms", "arrival": {"process": "flash", "at": "2 s"}}
+    data["events"] = [{"at": "1 s", "action": action, "group": "workers", "count": 2}]
+    return simulate(scenario.parse(data), seed)
+
+
+def test_a_vanished_host_hangs_its_links_while_a_killed_one_closes_them():
+    for action in ("leave", "kill", "vanish"):
+        r = _departure(action)
+        gone = {e[2] for e in r.events if e[1] == "depart" and e[4] == "event"}
+        assert len(gone) == 2
+        noticed = [e for e in r.events if e[1] == "disconnect" and e[3] in gone and e[0] < 1.5]
+        fails = [e for e in r.events if e[1] == "dial_failed" and e[3] in gone]
+        dials = {(e[2], e[3]): e[0] for e in r.events if e[1] == "dial" and e[3] in gone}
+        waits = [e[0] - dials[(e[2], e[3])] for e in fails if (e[2], e[3]) in dials]
+        assert r.stats["finished"] == 11 and r.stats["engine_internal_errors"] == 0
+        assert dials, action  # their records are still in the DHT
+        if action == "vanish":
+            assert not noticed  # nothing closed: peers keep the dead links
+            assert all(w >= 10.0 - 1e-6 for w in waits)  # dials time out (CONNECT_TIMEOUT)
+        else:
+            assert noticed  # end-of-stream one latency later
+            assert waits and max(waits) < 0.1  # refused at once
+
+
+def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
+    data = _two_groups(1, "64 MiB", seed_up="100 Mbit/s", latency="1 ms")
+    data["network"] = {"blackhole_reset": "20 s"}
+    data["events"] = [{"at": "1 s", "action": "vanish", "group": "frontends"}]
+    data["groups"]["slow"] = {"role": "fetch", "count": 1, "upload": "100 Mbit/s",
+                              "download": "8 Mbit/s", "latency": "1 ms"}  # keeps the run going
+    data["stop_at"] = "40 s"
+    r = simulate(scenario.parse(data), 1)
+    worker_sees = [e for e in r.events if e[1] == "disconnect" and e[2] == "workers-0000"]
+    assert worker_sees and 20.9 <= worker_sees[0][0] <= 21.5, worker_sees  # reset, not before
+    assert r.stats["gone"] == 1 and r.stats["engine_internal_errors"] == 0
+    assert not any(e[1] == "disconnect" and e[2] == "workers-0000" and e[3] == "slow-0000"
+                   for e in r.events)
+
+
+def test_lookup_and_manifest_vote_wait_for_a_vanished_host_and_not_for_a_stopped_one():
+    # vanished: the first lookup waits out lookup_timeout_first (5 s), the vote manifest_timeout (5 s)
+    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 10.0, 10.1)):
+        r = _departure(action)
+        first = {}
+        for t, ev, node, _peer, _v in r.events:
+            if ev == "lookup" and node.startswith("late") and node not in first:
+                first[node] = t - 2.0  # they arrive at 2 s
+        assert len(first) == 3 and all(lo <= w < hi for w in first.values()), (action, first)

@@ -1,0 +1,106 @@
+"""The namespace testbed (simulations/testbed.py): real swarm-node processes, one per network
+namespace, joined by a bridge in a namespace of its own. Needs root; skipped with the reason
+otherwise. Traffic stays inside the namespaces (10.77.0.0/16 exists only there)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simulations import cli, scenario, testbed
+
+WHY = testbed.available() if sys.platform.startswith("linux") else "not Linux"
+needs_netns = pytest.mark.skipif(WHY is not None, reason=str(WHY))
+
+
+def _ours() -> list[str]:
+    return [n for n in testbed._our_namespaces() if n.startswith(f"{testbed.PREFIX}-{os.getpid()}-")]
+
+
+def test_testbed_rejects_what_only_the_simulator_runs():
+    sc = scenario.load(scenario.SCENARIO_DIR / "rolling_weibull.toml")
+    with pytest.raises(scenario.ScenarioError, match="session/rejoin"):
+        testbed.check_supported(sc)
+
+
+@needs_netns
+@pytest.mark.timeout(90)
+def test_smoke_run_matches_the_run_outputs_and_tears_down(tmp_path):
+    path = scenario.SCENARIO_DIR / "testbed_smoke.toml"
+    doc = cli.run_testbed(path, {}, [1], tmp_path, lane="plaintext", plots=False, quiet=True,
+                          timeout=60.0)
+    s = doc["per_seed"][0]
+    assert s["completed"] == s["fetchers"] == 2, s["stats"].get("fetch_errors")
+    assert doc["bounds"]["T_min"] > 0 and doc["bounds"]["T_client_server"] > 0
+    F = doc["bounds"]["F_bytes"]
+    assert s["groups"]["frontends"]["bytes_down"] >= 2 * F * 0.99  # measured by the nodes
+    assert s["stats"]["cpu_seconds"]["workers-0000"] > 0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["per_seed"][0]["completion"]["max"] == s["completion"]["max"]
+    with open(tmp_path / "events_seed1.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sum(r["event"] == "complete" for r in rows) == 2
+    assert _ours() == []
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_a_node_that_cannot_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(testbed, "EXTRA_NODE_FLAGS", ("--no-such-flag",))
+    sc = scenario.load(scenario.SCENARIO_DIR / "testbed_smoke.toml")
+    tb = testbed.Testbed(sc, 1, timeout=30.0)
+    with pytest.raises(testbed.TestbedError, match="node exited"):
+        tb.run()
+    assert _ours() == []
+    assert tb.tmp is not None and not tb.tmp.exists()
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_cleanup_removes_namespaces_of_killed_runs_only():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{testbed.PREFIX}-{dead.pid}-h0"
+    mine = f"{testbed.PREFIX}-{os.getpid()}-keep"
+    for ns in (stale, mine):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
+    try:
+        removed = testbed.cleanup_stale()
+        assert stale in removed and mine not in removed
+        assert sleeper.wait(timeout=10) != 0  # its processes were killed
+        assert stale not in testbed._our_namespaces()
+        assert mine in testbed._our_namespaces()
+    finally:
+        sleeper.kill()
+        for ns in (stale, mine):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_sigint_tears_everything_down(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(testbed.Path(testbed.__file__).resolve().parent.parent))
+    p = subprocess.Popen([sys.executable, "-m", "simulations", "testbed", "testbed_smoke", "--out",
+                          str(tmp_path), "--no-plots", "--quiet"], env=env,
+                         stderr=subprocess.PIPE, text=True)
+    prefix = f"{testbed.PREFIX}-{p.pid}-"
+    try:
+        deadline = time.monotonic() + 30
+        while not any(n.startswith(prefix) and n.endswith("h2")
+                      for n in testbed._our_namespaces()):
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+    finally:
+        p.kill()
+    assert not [n for n in testbed._our_namespaces() if n.startswith(prefix)]
