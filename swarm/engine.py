@@ -122,6 +122,12 @@ class EngineConfig:
     of jitter and one ``rechoke_interval``: about 35 s. 60 s leaves that worst case a margin of
     ~1.7x; a peer that is choking us that long does not serve us. Without it a provider that never
     unchoked stalled a fetch forever (security review, finding 9)."""
+    fault_cooldown: float = 60.0
+    """Seconds a peer whose link we dropped for breaking the protocol (a bad frame, an index out of
+    range, a piece longer than the manifest's) may not link to this transfer again. Not a ban: in
+    encrypted lane mode a piece header is checked before it is authenticated, so an on-path
+    attacker could make an honest peer look faulty; a minute keeps a broken peer from being
+    re-dialed over and over while costing an honest one little."""
     first_copy_window: float = 3.0
     """A seeder serving several peers sends each piece once before it sends any piece twice, unless
     the first copy is older than this (seconds): peers get the rest from each other."""
@@ -260,6 +266,8 @@ class Transfer:
         # Peers whose link we closed because they kept us choked (``choked_timeout``): peer id ->
         # when. Linked again, such a peer counts as a source only once it unchokes us.
         self.choked_out: dict[str, float] = {}
+        # Peers whose link broke the protocol: peer id -> when (see EngineConfig.fault_cooldown).
+        self.faulted: dict[str, float] = {}
         # Seeding policy (see _hold_back): when we last sent each piece, how many copies we sent,
         # and how many pieces have each copy count (so the least-sent count is O(1) to find).
         self._sent_at: dict[int, float] = {}
@@ -417,6 +425,11 @@ class Transfer:
         inbound = getattr(link, "outbound", None) is False
         if pid in self.banned:
             return "banned"
+        since = self.faulted.get(pid)
+        if since is not None:
+            if trio.current_time() - since < cfg.fault_cooldown:
+                return "broke the protocol recently"
+            del self.faulted[pid]
         if pid in self.peers and not self._replaces(link):
             return "duplicate link"
         if self._hs_peers[pid] >= cfg.handshakes_per_peer:
@@ -517,6 +530,7 @@ class Transfer:
             peer.close_reason, peer.tell = peer.close_reason or str(e), True
         except wire.ProtocolError as e:
             peer.close_reason, peer.tell = peer.close_reason or f"protocol error: {e}", True
+            self.faulted[peer.id] = trio.current_time()
         except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             peer.close_reason = peer.close_reason or f"link lost: {e!r}"
         finally:

@@ -275,6 +275,37 @@ async def test_protocol_violation_drops_only_that_link(model):
         n.cancel_scope.cancel()
 
 
+async def test_a_peer_that_broke_the_protocol_is_not_linked_again_for_a_while(
+        model, autojump_clock):
+    """A peer whose link was dropped for a protocol violation is refused for ``fault_cooldown``
+    (inbound or re-dialed alike), then taken again: a broken peer is not re-dialed over and over
+    during one fetch (seen: a liar sending out-of-range pieces was linked again before the end)."""
+    m, _ = model
+    config = cfg(fault_cooldown=30.0)
+    async with trio.open_nursery() as n:
+        leech = Transfer(m, DictStore(m), config=config, run_blocking=direct)
+        n.start_soon(leech.run)
+
+        async def rude_link():
+            la, lb = link_pair("rude", "leech")
+            n.start_soon(leech.serve_link, lb)
+            await la.send(wire.Hello(m.manifest_hash, m.num_pieces))
+            await la.send(wire.Bitfield(wire.pack_bitfield([], m.num_pieces)))
+            await la.send(wire.Have(m.num_pieces + 5))  # out of range
+            return await _refusals(la)
+
+        first = await rude_link()
+        assert any("protocol error" in r for r in first), first
+        assert "rude" in leech.faulted and "rude" not in leech.peers
+        await trio.sleep(10)
+        again = await rude_link()
+        assert any("broke the protocol recently" in r for r in again), again
+        await trio.sleep(25)  # past the cooldown: taken again (and dropped again for its fault)
+        later = await rude_link()
+        assert any("protocol error" in r for r in later), later
+        n.cancel_scope.cancel()
+
+
 async def test_wrong_manifest_hello_is_refused(model):
     m, _ = model
     leech = Transfer(m, DictStore(m), config=cfg(), run_blocking=direct)
