@@ -189,8 +189,12 @@ class HostilePeer:
         elif mode == "truncate":
             await link.send(wire.PieceData(i, data[: len(data) // 2]))
         elif mode == "mislabel":
-            other = next(j for j in range(1, n + 1) if self.pieces[(i + j) % n] != data)
-            await link.send(wire.PieceData(i, self.pieces[(i + other) % n]))
+            # Another piece's bytes of no greater length (a longer one is refused from its header
+            # as oversized, before its bytes are read: that is the "oversized" case).
+            other = next((j for j in range(1, n + 1) if self.pieces[(i + j) % n] != data
+                          and len(self.pieces[(i + j) % n]) <= len(data)), None)
+            lie = self.pieces[(i + other) % n] if other is not None else flip(data, 0)
+            await link.send(wire.PieceData(i, lie))
         elif mode == "out-of-range":
             await link.send(wire.PieceData(n + 7, data))
         elif mode == "unrequested":
