@@ -751,7 +751,13 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
-        peer.answered_at = trio.current_time()
+        peer.answered_at = now = trio.current_time()
+        # The peer serves our requests in order: the next one's clock starts now. A sender held
+        # to a bandwidth limit (swarm/ratelimit.py) delivers a deep pipeline slowly but steadily;
+        # counted from when they were sent, the last requests timed out, the peer counted as
+        # snubbed and a rate-limited fetch stalled (seen in tests/test_ratelimit.py).
+        for j, deadline in peer.requests.items():
+            peer.requests[j] = max(deadline, now + self._timeout_for(j))
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
