@@ -225,9 +225,11 @@ async def test_per_peer_upload_cap_is_per_peer(model, autojump_clock):
         net = Net(n)
         seed = net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct,
                                         bandwidth=Bandwidth(Limits(peer_upload=rate))))
-        leechers = [net.add(name, Transfer(m, DictStore(m), config=cfg(), run_blocking=direct))
-                    for name in ("a", "b")]
-        for name in ("a", "b"):  # not linked to each other: all from the seeder
+        # Not linked to each other and not uploading (so the seeder's least-copied-first policy
+        # holds nothing back): everything comes from the seeder.
+        leechers = [net.add(name, Transfer(m, DictStore(m), config=cfg(), run_blocking=direct,
+                                           may_upload=False)) for name in ("a", "b")]
+        for name in ("a", "b"):
             net.connect("seed", name)
         await _run_until_done(n, leechers, samples,
                               lambda: [seed.stats[p].bytes_up if p in seed.stats else 0
@@ -262,7 +264,8 @@ async def test_limits_change_at_run_time(model, autojump_clock):
 
         n.start_soon(slow_down)
         await _run_until_done(n, [leech], samples, lambda: seed.bytes_up)
-    changed = next(i for i, (t, _) in enumerate(samples) if t >= start + change_at)
+    changed = next((i for i, (t, _) in enumerate(samples) if t >= start + change_at), None)
+    assert changed is not None, f"done before the change, at {samples[-1][0] - start} s"
     t0, sent0 = samples[changed]
     # After the change: the debt of pieces already waiting (one per upload slot at most), then
     # the slow rate; credit is capped at the slow rate's burst.
