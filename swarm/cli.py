@@ -293,6 +293,8 @@ def format_status(st: dict) -> str:
     peers = st.get("peers") or []
     if st.get("lane"):
         lines.append(f"data lane:  {st['lane']}")
+    if st.get("limits"):
+        lines.append(f"limits:     {format_limits(st['limits'])}")
     lines.append(f"peers:      {len(peers)} connected")
     lines += [f"            {p}" for p in peers]
     lines.append(f"bytes:      {_size(st.get('bytes_up'))} up, {_size(st.get('bytes_down'))} down")
@@ -456,6 +458,38 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(f"{len(peers)} connected", flush=True)
         for p in peers:
             print(f"  {p}", flush=True)
+# --- limits ------------------------------------------------------------------------------------
+
+
+def format_limits(limits: dict) -> str:
+    from swarm.config import format_rate
+
+    return (f"upload {format_rate(limits.get('upload'))}, "
+            f"download {format_rate(limits.get('download'))}, "
+            f"per-peer upload {format_rate(limits.get('peer_upload'))}")
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from swarm import client
+    from swarm.config import ConfigError, parse_rate, resolve_home
+
+    changes = {}
+    try:
+        home = resolve_home(args.home, cli_config=args.config)
+        for key, flag in (("upload", "--upload"), ("download", "--download"),
+                          ("peer_upload", "--peer-upload")):
+            value = getattr(args, key)
+            if value is not None:
+                changes[key] = parse_rate(value, flag)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        limits = client.limits(home, **changes)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except client.NodeUnavailable as e:
+        return _fail(str(e))
+    print(json.dumps(limits) if args.json else format_limits(limits), flush=True)
     return 0
 
 
@@ -644,6 +678,20 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true", help="machine-readable output")
     _add_home(peers)
     peers.set_defaults(func=cmd_peers)
+    limits = sub.add_parser(
+        "limits", help="show or change the running node's bandwidth limits",
+        description="Show the running node's bandwidth limits, or change them at once for every "
+                    "transfer (not saved: a restart takes the configured max_*_rate options). "
+                    "RATE: bytes per second with a decimal SI prefix (k, M, G, T = 10^3n; Ki, "
+                    "Mi, Gi = 2^10n) and unit B (bytes, the default) or bit: 20M = 20MB/s = "
+                    "160Mbit/s; 0 or none = unlimited.")
+    limits.add_argument("--upload", metavar="RATE", help="all uploads together")
+    limits.add_argument("--download", metavar="RATE", help="all downloads together")
+    limits.add_argument("--peer-upload", dest="peer_upload", metavar="RATE",
+                        help="uploads to any one peer")
+    limits.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_home(limits)
+    limits.set_defaults(func=cmd_limits)
 
     demo = sub.add_parser("demo", help="a local swarm on 127.0.0.1: one worker, N frontends",
                           description="Start one worker serving a generated model and N frontends "

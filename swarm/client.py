@@ -39,6 +39,7 @@ __all__ = [
     "cache",
     "fetch",
     "fetch_result",
+    "limits",
     "models",
     "node_running",
     "peers",
@@ -226,6 +227,37 @@ def remove(target: str, *, force: bool = False, home: os.PathLike | str | None =
         raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {code}: "
                               f"{body.get('error', '') if isinstance(body, dict) else body}")
     return body["removed"]
+def limits(home: os.PathLike | str | None = None, **changes: float | str | None) -> dict:
+    """The running node's bandwidth limits in bytes/s (None = unlimited): ``{"upload",
+    "download", "peer_upload"}``. Keyword arguments change them first (``upload="20MB/s"``,
+    ``download=None`` for unlimited; ``PUT /v1/limits``). ValueError for a bad value (the node
+    refused it and changed nothing), NodeUnavailable if no node answers."""
+    import http.client
+
+    if not changes:
+        return _get("/v1/limits", home)
+    h = _home(home)
+    conn = _connect(h, QUERY_TIMEOUT)
+    try:
+        conn.request("PUT", "/v1/limits", body=json.dumps(changes).encode(),
+                     headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer /v1/limits: "
+                              f"{e}") from None
+    finally:
+        conn.close()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    if r.status == 400:
+        raise ValueError(body.get("error", "bad limits"))
+    if r.status != 200:
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: "
+                              f"{body.get('error', '')}")
+    return body
 
 
 def node_running(home: os.PathLike | str | None = None) -> bool:

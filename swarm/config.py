@@ -55,8 +55,10 @@ __all__ = [
     "check_publisher_id",
     "default_cache_dir",
     "default_home",
+    "format_rate",
     "load_toml",
     "parse_psk_option",
+    "parse_rate",
     "parse_serve",
     "parse_size",
     "reference_markdown",
@@ -305,6 +307,71 @@ def check_hostport(value: Any, where: str) -> str:
     return f"{host}:{int(port)}" if ":" not in host else f"[{host}]:{int(port)}"
 
 
+# --- bandwidth rates (max_upload_rate, max_download_rate, max_peer_upload_rate) ----------------
+
+MIN_RATE = 10_000.0
+"""Bytes/s: the lowest limit taken (0 means unlimited). Below it a 4 MiB piece takes over seven
+minutes, longer than any request timeout: a typo, not a limit."""
+
+_RATE_TEXT = re.compile(r"(?P<num>\d+(?:\.\d*)?|\.\d+)(?:e(?P<exp>[+-]?\d+))?\s*"
+                        r"(?P<prefix>[kKmMgGtT]i?)?(?P<unit>[A-Za-z/]*)")
+_PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+           "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_BYTE_UNITS = {"", "B", "B/s", "Bps"}
+_BIT_UNITS = {"bit", "bits", "bit/s", "bits/s", "bps"}
+_UNLIMITED = {"0", "none", "unlimited", "off"}
+RATE_DOC = ("bytes per second with an optional decimal SI prefix (k = 1000, M, G, T; binary Ki, "
+            "Mi, Gi = 1024^n) and unit (B, B/s: bytes, the default; bit, bit/s, bps: bits): 100M "
+            "= 100MB/s = 800Mbit/s; 0 or none = unlimited")
+
+
+def parse_rate(value: Any, where: str) -> float | None:
+    """A bandwidth limit in bytes per second, or None for unlimited: a number (bytes/s) or text
+    like ``100M``, ``100MB/s``, ``800Mbit/s``, ``1.5G``, ``20MiB/s``; ``0``/``none`` = unlimited.
+    Prefixes are decimal SI (``M`` = 10^6; ``Mi`` = 2^20); bits are written ``bit`` (or ``bps``);
+    a bare ``b`` is refused as ambiguous."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a rate like 100MB/s, got {value!r}")
+    if isinstance(value, (int, float)):
+        rate = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _UNLIMITED:
+            return None
+        m = _RATE_TEXT.fullmatch(text)
+        if m is None:
+            raise ConfigError(f"{where}: expected a rate like 100MB/s, 800Mbit/s or 0 "
+                              f"(unlimited), got {value!r}")
+        unit = m["unit"]
+        if unit in _BYTE_UNITS:
+            per_unit = 1.0
+        elif unit.lower() in _BIT_UNITS:
+            per_unit = 1 / 8
+        else:
+            raise ConfigError(f"{where}: unknown unit {unit!r} in {value!r} (write B or B/s for "
+                              f"bytes, bit or bit/s for bits)")
+        rate = float(m["num"] + (f"e{m['exp']}" if m["exp"] else "")) \
+            * _PREFIX[(m["prefix"] or "").lower()] * per_unit
+    else:
+        raise ConfigError(f"{where}: expected a rate like 100MB/s, got {value!r}")
+    if rate == 0:
+        return None
+    if not MIN_RATE <= rate < float("inf"):
+        raise ConfigError(f"{where}: {value!r} is not a usable rate: at least "
+                          f"{format_rate(MIN_RATE)}, or 0 for unlimited")
+    return rate
+
+
+def format_rate(rate: float | None) -> str:
+    """``20 MB/s``, ``1.5 GB/s`` or ``unlimited`` (decimal units, as ``parse_rate`` reads them)."""
+    if not rate:
+        return "unlimited"
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= scale:
+            return f"{rate / scale:.4g} {unit}"
+    return f"{rate:.4g} B/s"
+
+
 # --- the option table --------------------------------------------------------------------------
 
 
@@ -321,7 +388,8 @@ class Option:
     - ``peer_ids``: publisher peer ids;
     - ``hostport``: a TCP address ``HOST:PORT``;
     - ``seconds``: a number of seconds, 0 or more;
-    - ``size``: a number of bytes with a unit (``parse_size``); 0 or ``none`` for unbounded.
+    - ``size``: a number of bytes with a unit (``parse_size``); 0 or ``none`` for unbounded;
+    - ``rate``: bytes per second with units (``parse_rate``), 0 or ``none`` for unlimited.
     """
 
     key: str
@@ -396,10 +464,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", "hostport", "serve Prometheus metrics on this TCP address at "
            "/metrics (they are always on the control socket at /v1/metrics)",
            metavar="HOST:PORT"),
+    # Bandwidth limits (swarm/ratelimit.py); changed at run time with `swarm-node limits`.
+    Option("max_upload_rate", "rate", "cap on piece bytes this node sends to all peers together "
+           "(data lane and libp2p streams alike); changed at run time with `swarm-node limits`",
+           default_doc="unlimited", metavar="RATE"),
+    Option("max_download_rate", "rate", "cap on piece bytes this node receives from all peers "
+           "together (requests are paced to it)", default_doc="unlimited", metavar="RATE"),
+    Option("max_peer_upload_rate", "rate", "cap on piece bytes this node sends to any one peer",
+           default_doc="unlimited", metavar="RATE"),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 _NODE_KEYS = ("home", "cache_dir", "listen", "bootstrap", "serve", "serve_hf_cache", "psk", "lane",
-              "direct_io", "max_cache_size")
+              "direct_io", "max_cache_size", "max_upload_rate", "max_download_rate",
+              "max_peer_upload_rate")
 """Options that go into ``swarm.node.NodeConfig`` as they are (trust is built from two)."""
 
 
@@ -425,6 +502,8 @@ def _from_text(opt: Option, text: str, where: str) -> Any:
         return _seconds(text, where)
     if opt.kind == "size":
         return _size(text, where)
+    if opt.kind == "rate":
+        return parse_rate(text, where)
     raise AssertionError(opt.kind)
 
 
@@ -512,6 +591,8 @@ def _from_toml(opt: Option, value: Any, where: str, base: Path) -> Any:
         return _seconds(value, where)
     if opt.kind == "size":
         return _size(value, where)
+    if opt.kind == "rate":
+        return parse_rate(value, where)
     return _from_text(opt, value, where) if isinstance(value, str) else \
         _from_text(opt, repr(value), where)
 
@@ -699,6 +780,7 @@ _KIND_DOC = {
     "choice": "string", "psk": "64 hex digits or a key file's path", "peer_ids": "list of peer ids",
     "hostport": "\"HOST:PORT\"", "seconds": "number",
     "size": "string (\"500G\", \"1.5TiB\") or integer bytes",
+    "rate": "number (bytes/s) or string like \"100MB/s\"",
 }
 
 
@@ -726,6 +808,8 @@ def reference_markdown() -> str:
         lines.append(f"| `{o.key}` | {flag} | {var} | {kind} | {o.default_doc} | {meaning} |")
     lines += [
         "",
+        f"Rates: {RATE_DOC}.",
+        "",
         "Other variables the node and `swarm.fetch` read: `SWARM_CONFIG` (the TOML file),",
         "`SWARM_HOME` (also where `fetch` and `status` find the node), `MODEL_EXPRESS_URL`,",
         "`HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_CACHE` / `HF_HOME` (the default cache",
@@ -745,6 +829,7 @@ def reference_markdown() -> str:
         'log_format = "json"',
         'metrics_listen = "127.0.0.1:9400"',
         'max_cache_size = "500G"',
+        'max_upload_rate = "100MB/s"',
         "[serve]",
         '"acme/private-model" = "/models/private-model"',
         "```",

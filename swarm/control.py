@@ -22,6 +22,12 @@ per connection (``Connection: close``). Routes:
     Body: ``{"target": "org/name[@revision]", "force": false}``. 200 ``{"removed": [{"model",
     "revision", "bytes"}]}``; 404 when not cached; 409 ``{"error", "in_use": [...]}`` when a
     snapshot is in use (``force`` overrides a recent hand-out, never a running download).
+``GET /v1/limits``, ``PUT /v1/limits``
+    The bandwidth limits in bytes/s, null = unlimited: ``{"upload", "download", "peer_upload"}``.
+    PUT takes an object with any of these keys (a number of bytes/s, a string like ``"20MB/s"``
+    or ``"800Mbit/s"``, or 0/null for unlimited), applies it at once to every transfer and
+    answers the new limits; a bad value gets 400 and changes nothing. Not saved: a restart
+    takes the configured ``max_*_rate`` options again.
 ``POST /v1/fetch``
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
     "ignore_patterns": null, "configs_only": false, "timeout": null, "env": {}, "expect": null}``
@@ -607,6 +613,9 @@ class ControlServer:
                      body: bytes, *, public: bool = False) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace").split("?", 1)[0]
+        if target == LIMITS_ROUTE and not public:
+            await self._limits_route(stream, conn, method, body)
+            return
         routes: dict[str, tuple[str, Any]] = {"/metrics": ("GET", self._metrics)} if public else {
             "/v1/status": ("GET", self._status),
             "/v1/peers": ("GET", self._peers),
@@ -709,6 +718,23 @@ class ControlServer:
             return 409, {"error": str(e), "in_use": e.reasons}
         return 200, {"removed": [{"model": r.model, "revision": r.revision, "bytes": r.bytes}
                                  for r in done]}
+    # -- bandwidth limits --
+
+    async def _limits_route(self, stream: trio.SocketStream, conn: h11.Connection, method: str,
+                            body: bytes) -> None:
+        if method not in ("GET", "PUT"):
+            await self._send_json(stream, conn, 405, {"error": f"{LIMITS_ROUTE} takes GET or PUT"})
+            return
+        if not self._ready.is_set():
+            await self._send_json(stream, conn, 503, {"error": "the node is starting"})
+            return
+        if method == "PUT":
+            try:
+                self.node.set_limits(parse_limits(body, self.node.bandwidth.limits))
+            except _BadRequest as e:
+                await self._send_json(stream, conn, e.status, {"error": str(e)})
+                return
+        await self._send_json(stream, conn, 200, self.node.bandwidth.limits.as_dict())
 
     # -- fetch --
 
@@ -829,3 +855,35 @@ class ControlServer:
             await self._send(stream, conn, h11.EndOfMessage())
         finally:
             job.subscribers.discard(sub)
+
+
+# --- bandwidth limits --------------------------------------------------------------------------
+
+LIMITS_ROUTE = "/v1/limits"
+_LIMIT_KEYS = ("upload", "download", "peer_upload")
+
+
+def parse_limits(body: bytes, current: Any) -> Any:
+    """A ``PUT /v1/limits`` body applied to ``current`` (a ``swarm.ratelimit.Limits``): the keys
+    it names change, the others stay. Raises _BadRequest (400) naming the bad key."""
+    import attrs
+
+    from swarm.config import ConfigError, parse_rate
+
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadRequest(400, f"body is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _BadRequest(400, "body must be a JSON object like {\"upload\": \"20MB/s\"}")
+    unknown = set(obj) - set(_LIMIT_KEYS)
+    if unknown:
+        raise _BadRequest(400, f"unknown limit(s) {', '.join(sorted(unknown))} "
+                               f"(known: {', '.join(_LIMIT_KEYS)})")
+    changes = {}
+    for key, value in obj.items():
+        try:
+            changes[key] = None if value is None else parse_rate(value, key)
+        except ConfigError as e:
+            raise _BadRequest(400, str(e)) from None
+    return attrs.evolve(current, **changes)

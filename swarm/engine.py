@@ -229,7 +229,8 @@ class Transfer:
                  run_blocking: Callable[..., Awaitable[Any]] | None = None,
                  may_upload: bool = True,
                  local_id: str = "",
-                 on_piece: Callable[[int, int], None] | None = None):
+                 on_piece: Callable[[int, int], None] | None = None,
+                 bandwidth: Any = None):
         self.manifest = manifest
         self.hash = manifest.manifest_hash
         self.num_pieces = manifest.num_pieces
@@ -240,6 +241,8 @@ class Transfer:
         self.may_upload = may_upload
         self.local_id = local_id
         self.on_piece = on_piece
+        # The node's ``swarm.ratelimit.Bandwidth`` (shared by its transfers), or None: unlimited.
+        self.bandwidth = bandwidth
         files = range(len(manifest.files)) if wanted_files is None else wanted_files
         wanted: set[int] = set()
         for f in files:
@@ -345,6 +348,8 @@ class Transfer:
             await trio.sleep(self.config.tick)
             now = trio.current_time()
             self._expire_requests(now)
+            if self._paced_downloads():  # download credit came back: request again
+                self._fill_all()
             if now >= next_rechoke:
                 self._rechoke(now)
                 next_rechoke = now + self.config.rechoke_interval
@@ -612,6 +617,9 @@ class Transfer:
                 index = peer.uploads.popleft()
                 self._sending += 1
                 try:
+                    if not await self._upload_credit(peer, index):
+                        peer.uploads.appendleft(index)  # choked meanwhile: Rejected above
+                        continue
                     self._count_copy(index)
                     if peer.send_piece is not None:
                         n = await peer.send_piece(index, self.store)
@@ -633,6 +641,34 @@ class Transfer:
                 continue
             peer.wake = trio.Event()
             await peer.wake.wait()
+
+    async def _upload_credit(self, peer: _Peer, index: int) -> bool:
+        """Wait for upload credit for piece ``index`` (``swarm.ratelimit``), sending control
+        messages meanwhile. False if the peer was choked while we waited (credit given back)."""
+        bw = self.bandwidth
+        if bw is None or not bw.limits_upload:
+            return True
+        n = self._lengths[index]
+        await bw.before_upload(peer.id, n, meanwhile=lambda until: self._send_control(peer, until))
+        if peer.slot.unchoked:
+            return True
+        if bw.limits.peer_upload:
+            bw.peer(peer.id).give_back(n)
+        if bw.limits.upload:
+            bw.upload.give_back(n)
+        return False
+
+    async def _send_control(self, peer: _Peer, until: float) -> None:
+        """Send control messages as they come until ``until`` (a piece waits for credit: Have,
+        Request and Choke must not wait with it)."""
+        while True:
+            while peer.control:
+                await peer.link.send(peer.control.popleft())
+            if trio.current_time() >= until:
+                return
+            peer.wake = trio.Event()
+            with trio.move_on_at(until):
+                await peer.wake.wait()
 
     # ------------------------------------------------------------------ message handling
 
@@ -702,6 +738,8 @@ class Transfer:
             self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
                 self._end_request(peer, i)
+                if self.bandwidth is not None:
+                    self.bandwidth.refund_download(self._lengths[i])
                 self._fill_all(skip=peer)
         elif isinstance(msg, wire.Error):
             raise _Drop(f"peer said: {msg.reason}")
@@ -727,7 +765,13 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
-        peer.answered_at = trio.current_time()
+        peer.answered_at = now = trio.current_time()
+        # The peer serves our requests in order: the next one's clock starts now. A sender held
+        # to a bandwidth limit (swarm/ratelimit.py) delivers a deep pipeline slowly but steadily;
+        # counted from when they were sent, the last requests timed out, the peer counted as
+        # snubbed and a rate-limited fetch stalled (seen in tests/test_ratelimit.py).
+        for j, deadline in peer.requests.items():
+            peer.requests[j] = max(deadline, now + self._timeout_for(j))
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
@@ -884,11 +928,21 @@ class Transfer:
                 del peer.refused[i]
         # Never a piece being verified and written (it may still fail, then it is asked again).
         avoid = peer.refused.keys() | self._writing if self._writing else peer.refused
+        paced = self._paced_downloads()
         for i in self.picker.pick(peer.have, peer.requests.keys(), room, avoid):
+            if paced and not self.bandwidth.may_request(self._lengths[i]):
+                break  # over the download limit: ``run`` asks again at the next tick
             peer.requests[i] = now + self._timeout_for(i)
             peer.cancelled.discard(i)
             self.picker.requested(i)
             peer.post(wire.Request(i))
+
+    def _paced_downloads(self) -> bool:
+        """Whether requests wait for download credit (``swarm.ratelimit``). Requests, not
+        received bytes, are paced: a piece asked for is sent at once, so nothing waits in socket
+        buffers and request deadlines stay true."""
+        return self.bandwidth is not None and self.bandwidth.limits_download \
+            and not self.picker.done
 
     def _fill_all(self, skip: _Peer | None = None) -> None:
         for p in self.peers.values():

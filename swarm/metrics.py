@@ -97,6 +97,19 @@ def _link_kind(link: Any) -> str:
     return "lane" if type(link).__name__ == "LaneLink" else "libp2p"
 
 
+def _limit_gauges(node: Any) -> Iterator[Metric]:
+    """The configured bandwidth limits (swarm/ratelimit.py), as set now."""
+    bandwidth = getattr(node, "bandwidth", None)
+    if bandwidth is None:
+        return
+    g = GaugeMetricFamily("swarm_rate_limit_bytes_per_second", "Bandwidth limit in bytes/s by "
+                          "direction (upload, download, peer_upload: per peer); 0 = unlimited",
+                          labels=["direction"])
+    for direction, rate in bandwidth.limits.as_dict().items():
+        g.add_metric([direction], rate or 0)
+    yield g
+
+
 class _NodeCollector:
     """Reads the node's own state at scrape time."""
 
@@ -159,6 +172,7 @@ class _NodeCollector:
         if host is not None and getattr(host, "running", False):
             yield GaugeMetricFamily("swarm_connected_peers", "libp2p connections",
                                     value=len(host.connected_peers()))
+        yield from _limit_gauges(self.node)
         cache = getattr(getattr(self.node, "config", None), "cache_dir", None)
         if cache is not None:
             yield GaugeMetricFamily("swarm_cache_bytes", "Bytes of blobs in the HF hub cache",

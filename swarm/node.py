@@ -29,6 +29,7 @@ import blake3
 import trio
 
 from swarm import cache_admin, wire
+from swarm.config import format_rate
 from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
@@ -37,6 +38,7 @@ from swarm.metrics import Metrics
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
+from swarm.ratelimit import Bandwidth, Limits
 from swarm.sources import (
     FetchError,
     FetchRequest,
@@ -121,6 +123,11 @@ class NodeConfig:
     """Bytes the HF cache may hold: after each fetch and every ``cache_admin.GC_INTERVAL`` s,
     fetched snapshots neither served nor in use go, least recently used first (swarm/cache_admin.py).
     None: unbounded."""
+    # Bandwidth limits in bytes/s (None: unlimited), shared by all transfers and both transports
+    # (swarm/ratelimit.py); ``Node.set_limits`` changes them at run time.
+    max_upload_rate: float | None = None
+    max_download_rate: float | None = None
+    max_peer_upload_rate: float | None = None
 
 
 @attrs.define
@@ -168,6 +175,8 @@ class Node:
         self.metrics = Metrics(self)
         self._transfer_scopes: dict[int, trio.CancelScope] = {}  # see _run_transfer
         self._cache_lock = trio.Lock()  # one removal / eviction pass at a time
+        self.bandwidth = Bandwidth(Limits(config.max_upload_rate, config.max_download_rate,
+                                          config.max_peer_upload_rate))
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
@@ -360,7 +369,8 @@ class Node:
 
     def _new_transfer(self, manifest: Manifest, store: Any, wanted_files=None) -> Transfer:
         return Transfer(manifest, store, wanted_files=wanted_files, config=self.config.engine,
-                        rng=random.Random(self.rng.getrandbits(64)), local_id=self.peer_id)
+                        rng=random.Random(self.rng.getrandbits(64)), local_id=self.peer_id,
+                        bandwidth=self.bandwidth)
 
     def _start(self, t: Transfer) -> None:
         assert self._nursery is not None, "node is not running"
@@ -1088,7 +1098,15 @@ class Node:
         return {"peer_id": self.peer_id, "addrs": self.host.addrs,
                 "peers": self.host.connected_peers(), "models": models,
                 "serving": self._exposure(),
-                "bytes_up": up, "bytes_down": down}
+                "bytes_up": up, "bytes_down": down,
+                "limits": self.bandwidth.limits.as_dict()}
+
+    def set_limits(self, limits: Limits) -> None:
+        """New bandwidth limits, from now on (not saved: a restart takes the configured ones)."""
+        self.bandwidth.set_limits(limits)
+        log.info("bandwidth limits: upload %s, download %s, per-peer upload %s",
+                 *(format_rate(r) for r in (limits.upload, limits.download, limits.peer_upload)),
+                 extra={"event": "limits", **limits.as_dict()})
 
 
 def _snapshot_bytes(path: Path) -> int:
