@@ -38,8 +38,10 @@ def _metric(home: Path, name: str) -> float:
 
 
 def _events(log: Path, kind: str) -> list[dict]:
-    return [e for e in (json.loads(line) for line in log.read_text(errors="replace").splitlines()
-                        if line.startswith("{")) if e.get("event") == kind]
+    # Whole lines only: the node may be writing the last one while we read.
+    lines = log.read_text(errors="replace").split("\n")[:-1]
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{"))
+            if e.get("event") == kind]
 
 
 def _abandoned_partial(cache: Path, src: Path) -> Path:
@@ -82,6 +84,10 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
         front.cmd += ["--bootstrap", worker.addr]
         front.start().wait_ready()
         _wait_gone(part)  # collected at start
+        end = time.monotonic() + 30  # the event is logged once the pass is over
+        while not _events(front.log, "gc_incomplete"):
+            assert time.monotonic() < end, "no gc_incomplete event logged"
+            time.sleep(0.05)
         assert _events(front.log, "gc_incomplete")[0]["model"] == C
 
         path_a = client.fetch(A, home=front.home, timeout=90, progress=False)

@@ -181,7 +181,7 @@ sizes = st.one_of(
     st.integers(0, 200 * GiB),
 )
 name_parts = st.text(alphabet=SAFE, min_size=1, max_size=12).filter(
-    lambda p: p[0] not in ".-" and ".." not in p
+    lambda p: p[0] not in ".-" and ".." not in p and "--" not in p  # as the Hub's names
 )
 models = st.tuples(name_parts, name_parts).map("/".join)
 revisions = st.one_of(
