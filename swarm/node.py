@@ -36,13 +36,16 @@ from swarm.metrics import Metrics
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
+from swarm.origin import OriginCoordinator, dir_bytes
 from swarm.sources import (
     FetchError,
     FetchRequest,
     FetchResult,
     ModelNotFound,
+    SourceEnv,
     VerificationFailed,
     fetch_chain,
+    from_hub,
 )
 from swarm.store import Download, SnapshotReader, Store
 from swarm.trust import (
@@ -140,6 +143,7 @@ class Node:
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
+        self.origin = OriginCoordinator(self.host, self.peer_id)
         self.lane: LaneService | None = None
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
@@ -189,6 +193,7 @@ class Node:
             self._nursery = nursery
             self.host.set_manifest_handler(self._answer_manifests)
             self.host.set_pieces_handler(self._on_pieces_link)
+            self.origin.install()
             if self.lane is not None:
                 await nursery.start(self.lane.run)
                 self.host.set_lane_handler(self.lane.accept_stream)
@@ -778,9 +783,15 @@ class Node:
         started = trio.current_time()
         log.info("fetch of %s@%s started", req.repo_id, req.ref,
                  extra={"event": "fetch_start", "model": req.repo_id, "revision": req.ref})
+        async def via_swarm(r: FetchRequest) -> Path:
+            if not self._origin_once(r):
+                return await self.fetch(r, on_event=on_event)
+            return await self.origin.fetch(
+                r.repo_id, r.ref, swarm_fetch=lambda: self.fetch(r, on_event=on_event),
+                pull=lambda start: self._pull_from_hub(r, start, on_event))
+
         try:
-            result = await fetch_chain(
-                req, swarm=lambda r: self.fetch(r, on_event=on_event), on_event=on_event, **kwargs)
+            result = await fetch_chain(req, swarm=via_swarm, on_event=on_event, **kwargs)
         except BaseException as e:
             self._fetch_ended(req, started, "none", e)
             raise
@@ -796,6 +807,25 @@ class Node:
             except Exception as e:  # the caller has its files; seeding is a bonus
                 log.warning("cannot seed %s from %s: %s", req.repo_id, result.path, e)
         return result
+
+    def _origin_once(self, req: FetchRequest) -> bool:
+        """Whether fetchers of ``req`` coordinate so that one pulls from the Hub for all (see
+        swarm/origin.py): only where what comes from the Hub is seeded, and the Hub may be used."""
+        return (self.serves_hf_cache and not self.draining
+                and not req.env.over(SourceEnv.from_environ()).hub_offline)
+
+    async def _pull_from_hub(self, req: FetchRequest, start: Callable[[Callable[[], int]], None],
+                             on_event: Callable[[dict], None] | None) -> Path:
+        """The elected puller's download: from the Hub (verified against the Hub's listing by
+        ``from_hub``), then seeded under the model key so the others fetch it from us."""
+        start(partial(dir_bytes, req.repo_dir / "blobs"))
+        if on_event is not None:
+            on_event({"event": "origin_pull", "model": req.repo_id, "revision": req.ref})
+        path = await from_hub(req)
+        self.metrics.origin_bytes.labels("hub").inc(
+            await trio.to_thread.run_sync(_snapshot_bytes, path))
+        await self.serve_snapshot(req.repo_id, path)
+        return path
 
     def _fetch_ended(self, req: FetchRequest, started: float, source: str,
                      error: BaseException | None) -> None:
