@@ -31,12 +31,13 @@ from swarm import wire
 from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
+from swarm.hubpull import pull_snapshot
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
 from swarm.metrics import Metrics
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
-from swarm.origin import OriginCoordinator, dir_bytes
+from swarm.origin import OriginCoordinator
 from swarm.sources import (
     FetchError,
     FetchRequest,
@@ -45,7 +46,7 @@ from swarm.sources import (
     SourceEnv,
     VerificationFailed,
     fetch_chain,
-    from_hub,
+    hub_error,
 )
 from swarm.store import Download, SnapshotReader, Store
 from swarm.trust import (
@@ -787,8 +788,9 @@ class Node:
             if not self._origin_once(r):
                 return await self.fetch(r, on_event=on_event)
             return await self.origin.fetch(
-                r.repo_id, r.ref, swarm_fetch=lambda: self.fetch(r, on_event=on_event),
-                pull=lambda start: self._pull_from_hub(r, start, on_event))
+                r.repo_id, r.ref, r.repo_dir / "blobs",
+                swarm_fetch=lambda: self.fetch(r, on_event=on_event),
+                pull=lambda: self._pull_from_hub(r, on_event))
 
         try:
             result = await fetch_chain(req, swarm=via_swarm, on_event=on_event, **kwargs)
@@ -814,14 +816,24 @@ class Node:
         return (self.serves_hf_cache and not self.draining
                 and not req.env.over(SourceEnv.from_environ()).hub_offline)
 
-    async def _pull_from_hub(self, req: FetchRequest, start: Callable[[Callable[[], int]], None],
+    async def _pull_from_hub(self, req: FetchRequest,
                              on_event: Callable[[dict], None] | None) -> Path:
-        """The elected puller's download: from the Hub (verified against the Hub's listing by
-        ``from_hub``), then seeded under the model key so the others fetch it from us."""
-        start(partial(dir_bytes, req.repo_dir / "blobs"))
+        """The elected puller's download: from the Hub, resuming partial files (swarm/hubpull.py:
+        each file checked against the Hub's listing before it is linked), then seeded under the
+        model key so the others fetch it from us."""
         if on_event is not None:
             on_event({"event": "origin_pull", "model": req.repo_id, "revision": req.ref})
-        path = await from_hub(req)
+        env = req.env.over(SourceEnv.from_environ())
+        stop = threading.Event()
+        try:
+            path = await trio.to_thread.run_sync(pull_snapshot, req, env.endpoint, env.hf_token,
+                                                 stop, abandon_on_cancel=True)
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise hub_error(exc, req, env.endpoint) from None
+        finally:
+            stop.set()  # an abandoned thread stops at its next chunk
         self.metrics.origin_bytes.labels("hub").inc(
             await trio.to_thread.run_sync(_snapshot_bytes, path))
         await self.serve_snapshot(req.repo_id, path)

@@ -27,6 +27,7 @@ make this node pull itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from swarm.net.host import NetError, PeerAddr, model_key
+from swarm.hubpull import BLOB_NAME, PARTIAL_SUFFIX
+from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ STALL_TIMEOUT = 3.0
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
 MAX_CANDIDATES = 16
 """Interested peers considered in one election (lookups return at most 20)."""
+MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
+MIRROR_CHUNK = 4 << 20
+"""Most bytes of a partial file one mirror query returns (a 25 MB/s pull grows ~6 MB per POLL)."""
+MAX_MIRROR_FILES = 64
+"""Most files a puller lists to its backup (the weight shards of a large model)."""
 
 _ORIGIN_KEY_PREFIX = b"swarm/origin/"
 _SHA2_256 = 0x12
@@ -114,7 +121,71 @@ class _Interest:
     state: str = "waiting"
     progress: int = 0
     leader: str = ""
-    measure: Callable[[], int] | None = None  # bytes pulled so far, while pulling
+    blobs: Path | None = None  # where our pull writes (the repo's blobs/), while pulling
+
+
+def _query(key: bytes, **fields: object) -> bytes:
+    return json.dumps({"key": key.hex(), **fields}).encode()
+
+
+def _parse_query(request: bytes) -> tuple[bytes, dict]:
+    obj = json.loads(request)
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
+        raise ValueError("bad origin query")
+    key = bytes.fromhex(obj["key"])
+    if len(key) != 34:
+        raise ValueError("bad origin key")
+    return key, obj
+
+
+def _mirror_name(name: str) -> bool:
+    return BLOB_NAME.fullmatch(name.removesuffix(PARTIAL_SUFFIX)) is not None
+
+
+def _parse_listing(raw: bytes) -> list[tuple[str, int]]:
+    """A puller's list of [name, size]; ValueError on anything else."""
+    obj = json.loads(raw)
+    if not isinstance(obj, list) or len(obj) > MAX_MIRROR_FILES:
+        raise ValueError("bad file listing")
+    out = []
+    for item in obj:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not _mirror_name(item[0]) or isinstance(item[1], bool)
+                or not isinstance(item[1], int) or not 0 <= item[1] < 1 << 50):
+            raise ValueError("bad file listing entry")
+        out.append((item[0], item[1]))
+    return out
+
+
+def blob_sizes(blobs: Path) -> list[list]:
+    """[name, size] of the blobs and partial blobs in ``blobs`` (at most MAX_MIRROR_FILES)."""
+    out = []
+    try:
+        with os.scandir(blobs) as it:
+            for e in it:
+                if _mirror_name(e.name):
+                    with contextlib.suppress(OSError):
+                        out.append([e.name, e.stat(follow_symlinks=False).st_size])
+    except OSError:
+        return []
+    return sorted(out)[:MAX_MIRROR_FILES]
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _append(path: Path, offset: int, data: bytes) -> int:
+    """Append ``data`` at ``offset``; the file's new size (0: it had changed, copy it over)."""
+    with open(path, "ab") as fh:
+        if fh.tell() != offset:  # our own pull or another copy wrote meanwhile
+            fh.truncate(0)
+            return 0
+        fh.write(data)
+        return offset + len(data)
 
 
 def dir_bytes(path: Path) -> int:
@@ -142,34 +213,53 @@ class OriginCoordinator:
 
     def install(self) -> None:
         self.host.set_query_handler(ORIGIN_PROTOCOL, self._answer)
+        self.host.set_query_handler(MIRROR_PROTOCOL, self._answer_mirror, max_reply=MIRROR_CHUNK)
 
     async def _answer(self, _peer: str, request: bytes) -> bytes:
-        obj = json.loads(request)
-        key = bytes.fromhex(obj["key"]) if isinstance(obj, dict) and isinstance(obj.get("key"), str) \
-            else b""
-        if len(key) != 34:
-            raise ValueError("bad origin key")
+        key, obj = _parse_query(request)
         it = self.interests.get(key)
         if it is None:
             return OriginState("none").encode()
-        if it.state == "pulling" and it.measure is not None:
-            it.progress = await trio.to_thread.run_sync(it.measure)
+        if obj.get("op") == "files":  # what the backup may mirror: our partial and done blobs
+            if it.state != "pulling" or it.blobs is None:
+                return b"[]"
+            return json.dumps(await trio.to_thread.run_sync(blob_sizes, it.blobs)).encode()
+        if it.state == "pulling" and it.blobs is not None:
+            it.progress = await trio.to_thread.run_sync(dir_bytes, it.blobs)
         return OriginState(it.state, it.progress, it.leader).encode()
+
+    async def _answer_mirror(self, _peer: str, request: bytes) -> bytes:
+        """Bytes ``offset``.. of one of the files our pull is writing (at most MIRROR_CHUNK)."""
+        key, obj = _parse_query(request)
+        it = self.interests.get(key)
+        name, offset = obj.get("name"), obj.get("offset")
+        if (it is None or it.state != "pulling" or it.blobs is None or not isinstance(name, str)
+                or not _mirror_name(name) or isinstance(offset, bool)
+                or not isinstance(offset, int) or offset < 0):
+            raise ValueError("bad mirror request")
+        path = it.blobs / name
+
+        def read() -> bytes:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(MIRROR_CHUNK)
+
+        return await trio.to_thread.run_sync(read)
 
     async def ask(self, peer: str | PeerAddr, key: bytes) -> OriginState:
         """A peer's state about ``key``; NetError when it cannot be asked, ValueError on garbage."""
-        raw = await self.host.query(peer, ORIGIN_PROTOCOL, json.dumps({"key": key.hex()}).encode(),
-                                    timeout=PROBE_TIMEOUT)
+        raw = await self.host.query(peer, ORIGIN_PROTOCOL, _query(key), timeout=PROBE_TIMEOUT)
         return OriginState.decode(raw)
 
-    async def fetch(self, repo_id: str, ref: str, *,
+    async def fetch(self, repo_id: str, ref: str, blobs: Path, *,
                     swarm_fetch: Callable[[], Awaitable[Path]],
-                    pull: Callable[[Callable[[Callable[[], int]], None]], Awaitable[Path]]) -> Path:
+                    pull: Callable[[], Awaitable[Path]]) -> Path:
         """``repo_id@ref`` through the swarm, or pulled from the origin by this node when elected.
 
-        ``swarm_fetch()`` fetches through the swarm (``Node.fetch``); ``pull(start)`` downloads from
-        the origin, verifies and seeds, calling ``start(measure)`` once it knows how to measure its
-        progress (a callable returning bytes pulled so far)."""
+        ``blobs``: where a pull writes (``<cache>/models--.../blobs``; partial files end in
+        ``.swarm-partial``, swarm/hubpull.py). ``swarm_fetch()`` fetches through the swarm
+        (``Node.fetch``); ``pull()`` downloads from the origin (resuming the partial files in
+        ``blobs``), verifies and seeds."""
         mkey = model_key(repo_id)
         if await self._providers(mkey):
             return await swarm_fetch()
@@ -181,7 +271,7 @@ class OriginCoordinator:
         try:
             await self.host.provide(key)
             await trio.sleep(ELECTION_SETTLE)
-            return await self._pull_or_follow(key, mkey, it, swarm_fetch, pull)
+            return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
         except BaseException:
             if it.state != "seeded":
                 it.state = "failed"
@@ -190,35 +280,69 @@ class OriginCoordinator:
             if it.state != "seeded":  # a seeded record stays: late followers learn to fetch
                 self.host.stop_providing(key)
 
-    async def _pull_or_follow(self, key: bytes, mkey: bytes, it: _Interest, swarm_fetch,
-                              pull) -> Path:
+    async def _pull_or_follow(self, key: bytes, mkey: bytes, it: _Interest, blobs: Path,
+                              swarm_fetch, pull) -> Path:
         excluded: set[str] = set()
         while True:
-            leader = await self._elect(key, mkey, excluded)
-            if leader is None:  # the model appeared in the swarm meanwhile
+            elected = await self._elect(key, mkey, excluded)
+            if elected is None:  # the model appeared in the swarm meanwhile
                 return await swarm_fetch()
+            leader, backup = elected
             if leader == self.peer_id:
-                return await self._pull(it, pull)
+                return await self._pull(it, blobs, pull)
             it.leader = leader
-            log.info("origin: following %s's pull of key %s", leader[:12], key.hex()[4:16],
-                     extra={"event": "origin_follow", "leader": leader})
-            if await self._follow(key, leader, it):
+            log.info("origin: following %s's pull of key %s%s", leader[:12], key.hex()[4:16],
+                     " as its backup" if backup else "",
+                     extra={"event": "origin_follow", "leader": leader, "backup": backup})
+            async with trio.open_nursery() as n:
+                if backup:  # next in line: keep a copy of its partial files to resume from
+                    n.start_soon(self._mirror, key, leader, blobs)
+                seeded = await self._follow(key, leader, it)
+                n.cancel_scope.cancel()
+            if seeded:
                 it.state = "seeded"
                 return await swarm_fetch()
             log.warning("origin: puller %s gone or stalled; electing again", leader[:12],
                         extra={"event": "origin_replace", "leader": leader})
             excluded.add(leader)
 
-    async def _pull(self, it: _Interest, pull) -> Path:
-        it.state, it.leader, it.progress = "pulling", self.peer_id, 0
-
-        def start(measure: Callable[[], int]) -> None:
-            it.measure = measure
-
+    async def _pull(self, it: _Interest, blobs: Path, pull) -> Path:
+        it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
         log.info("origin: pulling from the origin", extra={"event": "origin_pull"})
-        path = await pull(start)
+        path = await pull()
         it.state = "seeded"
         return path
+
+    async def _mirror(self, key: bytes, leader: str, blobs: Path) -> None:
+        """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
+        every POLL: if it dies we are elected next and resume where its copy ends. The bytes are
+        a resume point only: the pull verifies each whole file against the Hub's hashes."""
+        await trio.to_thread.run_sync(lambda: blobs.mkdir(parents=True, exist_ok=True))
+        while True:
+            try:
+                raw = await self.host.query(leader, ORIGIN_PROTOCOL, _query(key, op="files"),
+                                            timeout=PROBE_TIMEOUT)
+                listing = _parse_listing(raw)
+                for name, size in listing:
+                    await self._mirror_file(key, leader, blobs, name, size)
+            except (NetError, ValueError, OSError) as e:
+                log.debug("origin: mirror from %s: %s", leader[:12], e)
+            await trio.sleep(POLL)
+
+    async def _mirror_file(self, key: bytes, leader: str, blobs: Path, name: str,
+                           size: int) -> None:
+        base = name.removesuffix(PARTIAL_SUFFIX)
+        if (blobs / base).exists():
+            return
+        local = blobs / (base + PARTIAL_SUFFIX)
+        have = await trio.to_thread.run_sync(_size_of, local)
+        while have < size:
+            chunk = await self.host.query(
+                leader, MIRROR_PROTOCOL, _query(key, name=name, offset=have),
+                timeout=QUERY_TIMEOUT, max_reply=MIRROR_CHUNK)
+            if not chunk:
+                return
+            have = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
 
     async def _providers(self, key: bytes) -> list[PeerAddr]:
         try:
@@ -227,9 +351,11 @@ class OriginCoordinator:
             log.info("origin: lookup failed: %s", e)
             return []
 
-    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str]) -> str | None:
-        """Whom to wait for: an interested peer already pulling (or following progress), else the
-        closest live interested peer (maybe us). None when the model has providers now."""
+    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str]
+                     ) -> tuple[str, bool] | None:
+        """(whom to wait for, whether we are next in line): an interested peer already pulling (or
+        following progress), else the closest live interested peer (maybe us). None when the
+        model has providers now."""
         found = await self._providers(key)
         others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
         others.sort(key=lambda p: distance(p.peer_id, key))
@@ -249,13 +375,19 @@ class OriginCoordinator:
         active = {st.leader if st.state == "waiting" and st.leader else pid
                   for pid, st in states.items() if st.active}
         active -= excluded | {self.peer_id}
+        # A peer that did not answer counts as live (a busy host answers late; a dead one is
+        # dropped by _follow within a second): passing over it risks a second pull.
+        live = {p.peer_id for p in others
+                if p.peer_id not in states or states[p.peer_id].state == "waiting"}
+        live.add(self.peer_id)
         if active:
-            return min(active, key=lambda pid: distance(pid, key))
-        live = [pid for pid, st in states.items() if st.state == "waiting"] + [self.peer_id]
-        leader = min(live, key=lambda pid: distance(pid, key))
-        if leader == self.peer_id and await self._providers(mkey):
-            return None  # a last look before pulling: someone may have seeded it meanwhile
-        return leader
+            leader = min(active, key=lambda pid: distance(pid, key))
+        else:
+            leader = min(live, key=lambda pid: distance(pid, key))
+            if leader == self.peer_id and await self._providers(mkey):
+                return None  # a last look before pulling: someone may have seeded it meanwhile
+        rest = live - {leader}
+        return leader, bool(rest) and min(rest, key=lambda pid: distance(pid, key)) == self.peer_id
 
     async def _follow(self, key: bytes, leader: str, it: _Interest) -> bool:
         """Wait while ``leader``'s pull goes on: True once seeded, False if it is gone, failed or

@@ -769,7 +769,7 @@ def _quiet_tqdm():
     return QuietTqdm
 
 
-def _hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchError:
+def hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchError:
     from huggingface_hub import errors
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -840,7 +840,7 @@ async def from_hub(req: FetchRequest) -> Path:
     try:
         got = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
     except Exception as exc:
-        raise _hub_error(exc, req, endpoint) from None
+        raise hub_error(exc, req, endpoint) from None
     path = None if got is None else Path(got)
     if path is None or not path.is_dir() or not any(path.iterdir()):
         raise ModelNotFound(f"no file of {req.repo_id}@{req.ref} on {endpoint} matches the request")

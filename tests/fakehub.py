@@ -64,6 +64,7 @@ class HubRequest:
     method: str
     path: str
     authorization: str | None
+    range: str | None = None
 
 
 @attrs.define
@@ -243,7 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.fake
         split = urlsplit(self.path)
         path = split.path
-        hub._record(HubRequest(self.command, path, self.headers.get("Authorization")))
+        hub._record(HubRequest(self.command, path, self.headers.get("Authorization"),
+                               self.headers.get("Range")))
         if hub.delay:
             time.sleep(hub.delay)
         try:

@@ -152,10 +152,18 @@ async def _kill_when(crowd: Crowd, hub: FakeHub, fraction: float, model_bytes: i
     return victim
 
 
+@pytest.fixture(scope="module")
+def served_big(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("origin-big"), weights_bytes=32 << 20,
+                          n_weight_files=2, seed=6)
+
+
 @pytest.mark.timeout(90)
-async def test_dead_puller_is_replaced(tmp_path, served):
+async def test_dead_puller_is_replaced(tmp_path, served_big):
+    served = served_big
     size = weights_size(served)
-    with FakeHub(rate=size / 3) as hub:  # ~3 s for the model: time to kill the puller midway
+    total = sum(f.stat().st_size for f in served.rglob("*") if f.is_file())
+    with FakeHub(rate=size / 4) as hub:  # ~4 s for the model: time to kill the puller midway
         hub.add_repo(REPO, served, COMMIT)
         async with trio.open_nursery() as n:
             crowd = Crowd(tmp_path, n)
@@ -172,6 +180,13 @@ async def test_dead_puller_is_replaced(tmp_path, served):
             assert not isinstance(r, BaseException), f"node {i}: {r!r}"
             assert_same_weights(served, r.path)
         assert len(crowd.pulls) == 2 and crowd.pulls[1] in alive, crowd.pulls
+        # The replacement was the dead puller's backup: it resumed from its copy of the partial
+        # files (HTTP Range) instead of pulling all again (1.5 x the weights without the copy).
+        ranged = [r for r in hub.requests if r.range]
+        assert ranged, "the replacement did not resume"
+        # Without the copy: the whole model again on top of the half the dead one had. With it:
+        # only what the copy lagged behind, plus what sat in the dead connection's socket buffers.
+        assert hub.bytes_served < total + size / 4, (hub.bytes_served / total)
 
 
 @pytest.mark.timeout(90)

@@ -853,10 +853,12 @@ class SwarmHost:
     # ------------------------------------------------------------------ small queries
 
     def set_query_handler(self, protocol: str,
-                          fn: Callable[[str, bytes], Awaitable[bytes]] | None) -> None:
+                          fn: Callable[[str, bytes], Awaitable[bytes]] | None, *,
+                          max_reply: int = MAX_QUERY_BYTES) -> None:
         """Serve ``protocol`` as one small query: the asker's bytes (up to MAX_QUERY_BYTES, ended
-        by its close_write) in, ``await fn(peer_id, request)`` out, then the stream closes. An
-        exception in ``fn`` is logged and the stream reset. None stops serving."""
+        by its close_write) in, ``await fn(peer_id, request)`` (up to ``max_reply`` bytes) out,
+        then the stream closes. An exception in ``fn`` is logged and the stream reset. None stops
+        serving."""
         if fn is None:
             self._host.remove_stream_handler(TProtocol(protocol))
             return
@@ -866,7 +868,7 @@ class SwarmHost:
                 with trio.fail_after(QUERY_TIMEOUT):
                     request = await _read_to_end(stream, MAX_QUERY_BYTES)
                     reply = await fn(_stream_peer_full(stream), request)
-                    if len(reply) > MAX_QUERY_BYTES:
+                    if len(reply) > max_reply:
                         raise ValueError(f"reply of {len(reply)} bytes")
                     await stream.write(reply)
                     await stream.close()
@@ -877,9 +879,9 @@ class SwarmHost:
         self._host.set_stream_handler(TProtocol(protocol), handler)
 
     async def query(self, peer: str | PeerAddr, protocol: str, request: bytes, *,
-                    timeout: float = QUERY_TIMEOUT) -> bytes:
+                    timeout: float = QUERY_TIMEOUT, max_reply: int = MAX_QUERY_BYTES) -> bytes:
         """Send ``request`` on a new ``protocol`` stream to ``peer`` and return its reply (up to
-        MAX_QUERY_BYTES). NetError on any failure."""
+        ``max_reply`` bytes). NetError on any failure."""
         if len(request) > MAX_QUERY_BYTES:
             raise ValueError(f"query of {len(request)} bytes")
         try:
@@ -888,7 +890,7 @@ class SwarmHost:
                 try:
                     await stream.write(request)
                     await stream.close_write()
-                    return await _read_to_end(stream, MAX_QUERY_BYTES)
+                    return await _read_to_end(stream, max_reply)
                 finally:
                     await _close(None, stream)
         except NetError:
