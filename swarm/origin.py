@@ -61,6 +61,11 @@ STALL_TIMEOUT = 3.0
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
 MAX_CANDIDATES = 16
 """Interested peers considered in one election (lookups return at most 20)."""
+RIVAL_WINDOW = 5.0
+"""Seconds at the start of a pull during which the puller looks for a closer one that also pulls
+(elected at the same time from a different view) and gives way to it."""
+RIVAL_CHECK = 1.0
+"""Seconds between those looks."""
 MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
 MIRROR_CHUNK = 4 << 20
 """Most bytes of a partial file one mirror query returns (a 25 MB/s pull grows ~6 MB per POLL)."""
@@ -93,6 +98,7 @@ class OriginState:
     state: str  # waiting | pulling | seeded | failed | none (not interested)
     progress: int = 0  # bytes of the pull (its own, or the one it follows) last seen
     leader: str = ""  # whom it follows (itself when pulling)
+    have: int = 0  # bytes it holds to resume from (its copy of the puller's partial files)
 
     def encode(self) -> bytes:
         return json.dumps(attrs.asdict(self)).encode()
@@ -103,12 +109,13 @@ class OriginState:
         try:
             obj = json.loads(raw)
             state, progress, leader = obj["state"], obj["progress"], obj["leader"]
-        except (ValueError, KeyError, TypeError) as e:
+            have = obj.get("have", 0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"bad origin state: {e!r}") from None
-        if (state not in _STATES or isinstance(progress, bool) or not isinstance(progress, int)
-                or progress < 0 or not isinstance(leader, str) or len(leader) > 128):
+        if (state not in _STATES or not _count(progress) or not _count(have)
+                or not isinstance(leader, str) or len(leader) > 128):
             raise ValueError("bad origin state")
-        return cls(state, progress, leader)
+        return cls(state, progress, leader, have)
 
     @property
     def active(self) -> bool:
@@ -122,6 +129,11 @@ class _Interest:
     progress: int = 0
     leader: str = ""
     blobs: Path | None = None  # where our pull writes (the repo's blobs/), while pulling
+    have: int = 0  # bytes our copy of the puller's partial files holds
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 60
 
 
 def _query(key: bytes, **fields: object) -> bytes:
@@ -226,7 +238,7 @@ class OriginCoordinator:
             return json.dumps(await trio.to_thread.run_sync(blob_sizes, it.blobs)).encode()
         if it.state == "pulling" and it.blobs is not None:
             it.progress = await trio.to_thread.run_sync(dir_bytes, it.blobs)
-        return OriginState(it.state, it.progress, it.leader).encode()
+        return OriginState(it.state, it.progress, it.leader, it.have).encode()
 
     async def _answer_mirror(self, _peer: str, request: bytes) -> bytes:
         """Bytes ``offset``.. of one of the files our pull is writing (at most MIRROR_CHUNK)."""
@@ -284,19 +296,22 @@ class OriginCoordinator:
                               swarm_fetch, pull) -> Path:
         excluded: set[str] = set()
         while True:
-            elected = await self._elect(key, mkey, excluded)
+            elected = await self._elect(key, mkey, excluded, it)
             if elected is None:  # the model appeared in the swarm meanwhile
                 return await swarm_fetch()
             leader, backup = elected
             if leader == self.peer_id:
-                return await self._pull(it, blobs, pull)
+                path = await self._pull(key, it, blobs, pull, excluded)
+                if path is not None:
+                    return path
+                continue  # gave way to a closer puller: follow it (as its backup, likely)
             it.leader = leader
             log.info("origin: following %s's pull of key %s%s", leader[:12], key.hex()[4:16],
                      " as its backup" if backup else "",
                      extra={"event": "origin_follow", "leader": leader, "backup": backup})
             async with trio.open_nursery() as n:
                 if backup:  # next in line: keep a copy of its partial files to resume from
-                    n.start_soon(self._mirror, key, leader, blobs)
+                    n.start_soon(self._mirror, key, leader, blobs, it)
                 seeded = await self._follow(key, leader, it)
                 n.cancel_scope.cancel()
             if seeded:
@@ -306,14 +321,52 @@ class OriginCoordinator:
                         extra={"event": "origin_replace", "leader": leader})
             excluded.add(leader)
 
-    async def _pull(self, it: _Interest, blobs: Path, pull) -> Path:
+    async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull,
+                    excluded: set[str]) -> Path | None:
+        """Our pull; None if we gave way to a closer puller (two elected at once)."""
         it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
         log.info("origin: pulling from the origin", extra={"event": "origin_pull"})
-        path = await pull()
-        it.state = "seeded"
-        return path
+        result: list[Path] = []
 
-    async def _mirror(self, key: bytes, leader: str, blobs: Path) -> None:
+        async def run_pull(cancel: trio.CancelScope) -> None:
+            result.append(await pull())
+            cancel.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run_pull, n.cancel_scope)
+            rival = await self._closer_puller(key, excluded)
+            if rival is not None:
+                log.warning("origin: %s pulls too and is closer to the key: giving way",
+                            rival[:12], extra={"event": "origin_yield", "leader": rival})
+                n.cancel_scope.cancel()
+            else:
+                await trio.sleep_forever()
+        if result:
+            it.state = "seeded"
+            return result[0]
+        it.state, it.blobs = "waiting", None
+        return None
+
+    async def _closer_puller(self, key: bytes, excluded: set[str]) -> str | None:
+        """Look for another puller closer to the key during the first RIVAL_WINDOW seconds of our
+        pull (views of the interested set can differ while announcements spread); None if none."""
+        mine = distance(self.peer_id, key)
+        end = trio.current_time() + RIVAL_WINDOW
+        while trio.current_time() < end:
+            await trio.sleep(RIVAL_CHECK)
+            for p in await self._providers(key):
+                if p.peer_id in excluded or distance(p.peer_id, key) >= mine:
+                    continue
+                try:
+                    st = await self.ask(p, key)
+                except (NetError, ValueError):
+                    continue
+                if st.state == "pulling":
+                    return p.peer_id
+        await trio.sleep_forever()
+        return None
+
+    async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
         """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
         every POLL: if it dies we are elected next and resume where its copy ends. The bytes are
         a resume point only: the pull verifies each whole file against the Hub's hashes."""
@@ -325,6 +378,7 @@ class OriginCoordinator:
                 listing = _parse_listing(raw)
                 for name, size in listing:
                     await self._mirror_file(key, leader, blobs, name, size)
+                it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
             except (NetError, ValueError, OSError) as e:
                 log.debug("origin: mirror from %s: %s", leader[:12], e)
             await trio.sleep(POLL)
@@ -351,11 +405,12 @@ class OriginCoordinator:
             log.info("origin: lookup failed: %s", e)
             return []
 
-    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str]
+    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str], it: _Interest
                      ) -> tuple[str, bool] | None:
         """(whom to wait for, whether we are next in line): an interested peer already pulling (or
-        following progress), else the closest live interested peer (maybe us). None when the
-        model has providers now."""
+        following progress), else the live interested peer holding most bytes to resume from
+        (the dead puller's backup), ties to the closest (maybe us). None when the model has
+        providers now."""
         found = await self._providers(key)
         others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
         others.sort(key=lambda p: distance(p.peer_id, key))
@@ -380,14 +435,20 @@ class OriginCoordinator:
         live = {p.peer_id for p in others
                 if p.peer_id not in states or states[p.peer_id].state == "waiting"}
         live.add(self.peer_id)
+        have = {pid: st.have for pid, st in states.items()}
+        have[self.peer_id] = it.have
+
+        def rank(pid: str) -> tuple[int, int]:
+            return -have.get(pid, 0), distance(pid, key)
+
         if active:
             leader = min(active, key=lambda pid: distance(pid, key))
         else:
-            leader = min(live, key=lambda pid: distance(pid, key))
+            leader = min(live, key=rank)
             if leader == self.peer_id and await self._providers(mkey):
                 return None  # a last look before pulling: someone may have seeded it meanwhile
         rest = live - {leader}
-        return leader, bool(rest) and min(rest, key=lambda pid: distance(pid, key)) == self.peer_id
+        return leader, bool(rest) and min(rest, key=rank) == self.peer_id
 
     async def _follow(self, key: bytes, leader: str, it: _Interest) -> bool:
         """Wait while ``leader``'s pull goes on: True once seeded, False if it is gone, failed or
