@@ -21,6 +21,7 @@ a file: it is only a resume point.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -39,6 +40,8 @@ from swarm.sources import (
     _selected,
     hub_mismatch,
 )
+
+log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".swarm-partial"
 BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -129,7 +132,8 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None,
 
 def _fetch_verified(client, url: str, partial: Path, blob: Path, f: HubFileInfo,
                     stop: threading.Event) -> None:
-    resumed = partial.exists() and partial.stat().st_size > 0
+    resumed = partial.stat().st_size if partial.exists() else 0
+    log.debug("pulling %s from byte %d of %d", f.path, resumed, f.entry.size)
     _download(client, url, partial, f.entry.size, stop)
     why = hub_mismatch(partial, f.entry)
     if why is not None and resumed:  # the resumed bytes came from elsewhere: once more, from 0

@@ -61,6 +61,9 @@ STALL_TIMEOUT = 3.0
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
 MAX_CANDIDATES = 16
 """Interested peers considered in one election (lookups return at most 20)."""
+WAIT_GRACE = 10.0
+"""Seconds a follower waits on a peer that does not pull itself but waits too (it is noticing a
+dead puller, ~1-3 s, and electing again, ~1-2 s) before giving up on it."""
 RIVAL_WINDOW = 5.0
 """Seconds at the start of a pull during which the puller looks for a closer one that also pulls
 (elected at the same time from a different view) and gives way to it."""
@@ -130,6 +133,7 @@ class _Interest:
     leader: str = ""
     blobs: Path | None = None  # where our pull writes (the repo's blobs/), while pulling
     have: int = 0  # bytes our copy of the puller's partial files holds
+    building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
 
 
 def _count(v: object) -> bool:
@@ -236,7 +240,9 @@ class OriginCoordinator:
             if it.state != "pulling" or it.blobs is None:
                 return b"[]"
             return json.dumps(await trio.to_thread.run_sync(blob_sizes, it.blobs)).encode()
-        if it.state == "pulling" and it.blobs is not None:
+        if it.state == "pulling" and it.building:
+            it.progress += 1  # hashing the snapshot for the manifest: alive, nothing to download
+        elif it.state == "pulling" and it.blobs is not None:
             it.progress = await trio.to_thread.run_sync(dir_bytes, it.blobs)
         return OriginState(it.state, it.progress, it.leader, it.have).encode()
 
@@ -264,14 +270,15 @@ class OriginCoordinator:
         return OriginState.decode(raw)
 
     async def fetch(self, repo_id: str, ref: str, blobs: Path, *,
-                    swarm_fetch: Callable[[], Awaitable[Path]],
-                    pull: Callable[[], Awaitable[Path]]) -> Path:
+                    swarm_fetch: Callable[..., Awaitable[Path]],
+                    pull: Callable[[Callable[[], None]], Awaitable[Path]]) -> Path:
         """``repo_id@ref`` through the swarm, or pulled from the origin by this node when elected.
 
         ``blobs``: where a pull writes (``<cache>/models--.../blobs``; partial files end in
-        ``.swarm-partial``, swarm/hubpull.py). ``swarm_fetch()`` fetches through the swarm
-        (``Node.fetch``); ``pull()`` downloads from the origin (resuming the partial files in
-        ``blobs``), verifies and seeds."""
+        ``.swarm-partial``, swarm/hubpull.py). ``swarm_fetch(hint=())`` fetches through the swarm
+        (``Node.fetch``; ``hint``: peer ids that hold it); ``pull()`` downloads from the origin
+        (resuming the partial files in ``blobs``), verifies and seeds, calling the function it is
+        given once the download is over (the manifest is built next: progress then ticks)."""
         mkey = model_key(repo_id)
         if await self._providers(mkey):
             return await swarm_fetch()
@@ -316,7 +323,7 @@ class OriginCoordinator:
                 n.cancel_scope.cancel()
             if seeded:
                 it.state = "seeded"
-                return await swarm_fetch()
+                return await swarm_fetch((leader,))
             log.warning("origin: puller %s gone or stalled; electing again", leader[:12],
                         extra={"event": "origin_replace", "leader": leader})
             excluded.add(leader)
@@ -325,16 +332,21 @@ class OriginCoordinator:
                     excluded: set[str]) -> Path | None:
         """Our pull; None if we gave way to a closer puller (two elected at once)."""
         it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
+        it.building = False
+
+        def downloaded() -> None:
+            it.building = True
+
         log.info("origin: pulling from the origin", extra={"event": "origin_pull"})
         result: list[Path] = []
 
         async def run_pull(cancel: trio.CancelScope) -> None:
-            result.append(await pull())
+            result.append(await pull(downloaded))
             cancel.cancel()
 
         async with trio.open_nursery() as n:
             n.start_soon(run_pull, n.cancel_scope)
-            rival = await self._closer_puller(key, excluded)
+            rival = await self._closer_puller(key, it, excluded)
             if rival is not None:
                 log.warning("origin: %s pulls too and is closer to the key: giving way",
                             rival[:12], extra={"event": "origin_yield", "leader": rival})
@@ -347,21 +359,25 @@ class OriginCoordinator:
         it.state, it.blobs = "waiting", None
         return None
 
-    async def _closer_puller(self, key: bytes, excluded: set[str]) -> str | None:
-        """Look for another puller closer to the key during the first RIVAL_WINDOW seconds of our
-        pull (views of the interested set can differ while announcements spread); None if none."""
+    async def _closer_puller(self, key: bytes, it: _Interest, excluded: set[str]) -> str | None:
+        """Look for another puller ahead of us (more bytes, or as many and closer to the key)
+        during the first RIVAL_WINDOW seconds of our pull: views of the interested set can differ
+        while announcements spread, or while a dead puller is noticed. None if none."""
         mine = distance(self.peer_id, key)
         end = trio.current_time() + RIVAL_WINDOW
         while trio.current_time() < end:
             await trio.sleep(RIVAL_CHECK)
             for p in await self._providers(key):
-                if p.peer_id in excluded or distance(p.peer_id, key) >= mine:
+                if p.peer_id in excluded:
                     continue
                 try:
                     st = await self.ask(p, key)
                 except (NetError, ValueError):
                     continue
-                if st.state == "pulling":
+                if st.state != "pulling":
+                    continue
+                ours = await trio.to_thread.run_sync(dir_bytes, it.blobs) if it.blobs else 0
+                if (st.progress, -distance(p.peer_id, key)) > (ours, -mine):
                     return p.peer_id
         await trio.sleep_forever()
         return None
@@ -452,7 +468,8 @@ class OriginCoordinator:
 
     async def _follow(self, key: bytes, leader: str, it: _Interest) -> bool:
         """Wait while ``leader``'s pull goes on: True once seeded, False if it is gone, failed or
-        stalled (no change in its state or progress for STALL_TIMEOUT)."""
+        stalled (no change in its state or progress for STALL_TIMEOUT while it pulls, WAIT_GRACE
+        while it waits)."""
         failures = 0
         last: tuple[str, int] | None = None
         since = trio.current_time()
@@ -475,6 +492,6 @@ class OriginCoordinator:
             now = trio.current_time()
             if (st.state, st.progress) != last:
                 last, since = (st.state, st.progress), now
-            elif now - since > STALL_TIMEOUT:
+            elif now - since > (STALL_TIMEOUT if st.state == "pulling" else WAIT_GRACE):
                 return False
             await trio.sleep(POLL)

@@ -881,15 +881,11 @@ def _hub_tree(req: FetchRequest, commit: str, endpoint: str, token: str | None
     return out
 
 
-def _file_digests(path: Path, size: int) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file, in one read."""
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+def _file_digest(path: Path, h) -> str:
     with open(path, "rb", buffering=0) as fh:
         while chunk := fh.read(_HASH_CHUNK):
-            sha256.update(chunk)
-            sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest()
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def hub_mismatch(path: Path, entry: HubEntry) -> str | None:
@@ -899,11 +895,13 @@ def hub_mismatch(path: Path, entry: HubEntry) -> str | None:
     size = path.stat().st_size
     if size != entry.size:
         return f"{size} bytes, the Hub lists {entry.size}"
-    sha256, sha1 = _file_digests(path, size)
     if entry.lfs_sha256 is not None:
+        sha256 = _file_digest(path, hashlib.sha256())
         if sha256 != entry.lfs_sha256.lower():
             return f"sha256 {sha256[:16]}..., the Hub lists {entry.lfs_sha256[:16]}..."
-    elif sha1 != entry.blob_id.lower():
+        return None
+    sha1 = _file_digest(path, hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False))
+    if sha1 != entry.blob_id.lower():
         return f"git blob sha1 {sha1[:16]}..., the Hub lists {entry.blob_id[:16]}..."
     return None
 
