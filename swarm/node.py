@@ -33,19 +33,23 @@ from swarm.config import format_rate
 from swarm.confine import OutsideTree, confinement_for, stat_file
 from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
+from swarm.hubpull import pull_snapshot
 from swarm.manifest import Manifest, ManifestError, build_manifest, validate_model_name
 from swarm.metrics import Metrics
 from swarm.net.host import NetError, PeerAddr, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import LANE_MODES, LaneService, LaneUnavailable, bind_host_of
+from swarm.origin import OriginCoordinator
 from swarm.ratelimit import Bandwidth, Limits
 from swarm.sources import (
     FetchError,
     FetchRequest,
     FetchResult,
     ModelNotFound,
+    SourceEnv,
     VerificationFailed,
     fetch_chain,
+    hub_error,
 )
 from swarm.store import Download, SnapshotReader, Store, touch_access
 from swarm.trust import (
@@ -181,6 +185,7 @@ class Node:
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
         self._unanswered: dict[str, float] = {}  # peer id -> when it last failed us (oldest first)
+        self.origin = OriginCoordinator(self.host, self.peer_id)
         self.lane: LaneService | None = None
         if config.lane != "off":
             self.lane = LaneService(config.lane, self.host.peer_id,
@@ -231,6 +236,7 @@ class Node:
             self._nursery = nursery
             self.host.set_manifest_handler(self._answer_manifests)
             self.host.set_pieces_handler(self._on_pieces_link)
+            self.origin.install()
             if self.lane is not None:
                 await nursery.start(self.lane.run)
                 self.host.set_lane_handler(self.lane.accept_stream)
@@ -353,7 +359,8 @@ class Node:
         if sh is not None:
             sh.signature = blob
 
-    async def _share_complete(self, manifest: Manifest, path: Path, *, origin: str) -> Shared:
+    async def _share_complete(self, manifest: Manifest, path: Path, *, origin: str,
+                              announce_later: bool = False) -> Shared:
         h = manifest.manifest_hash
         if h in self.shared:
             return self.shared[h]
@@ -364,7 +371,11 @@ class Node:
         sh.ready.set()
         self.shared[h] = sh
         self._start(t)
-        await self._announce(sh, model=True)
+        if announce_later:  # ADD_PROVIDER to a dead DHT peer can hold a provide for seconds
+            assert self._nursery is not None
+            self._nursery.start_soon(partial(self._announce, sh, model=True))
+        else:
+            await self._announce(sh, model=True)
         return sh
 
     def _new_transfer(self, manifest: Manifest, store: Any, wanted_files=None) -> Transfer:
@@ -462,13 +473,16 @@ class Node:
     # ------------------------------------------------------------------ fetching
 
     async def fetch(self, req: FetchRequest, *, manifest_hash: bytes | None = None,
-                    on_event: Callable[[dict], None] | None = None) -> Path:
-        """Fetch through the swarm into the store; returns the snapshot directory.
+                    on_event: Callable[[dict], None] | None = None,
+                    hint: tuple[str, ...] = ()) -> Path:
+        """Fetch through the swarm into the store; returns the snapshot directory. ``hint``:
+        peer ids known to hold it (an origin puller that just seeded it), asked along with the
+        providers the DHT names, so a record still on its way does not fail the fetch.
 
         Raises ModelNotFound when no provider or no acceptable manifest is found,
         VerificationFailed when the download cannot be finished from honest peers."""
         emit = on_event or (lambda e: None)
-        manifest, signature, providers = await self._resolve(req, manifest_hash)
+        manifest, signature, providers = await self._resolve(req, manifest_hash, hint)
         await trio.to_thread.run_sync(self._note_release, manifest, signature)
         emit({"event": "manifest", "model": manifest.model, "revision": manifest.revision,
               "manifest": manifest.hash_str, "files": len(manifest.files),
@@ -515,8 +529,8 @@ class Node:
         finally:
             self.metrics.dht_lookup.labels(kind).observe(trio.current_time() - started)
 
-    async def _resolve(self, req: FetchRequest, manifest_hash: bytes | None
-                       ) -> tuple[Manifest, bytes, list[PeerAddr]]:
+    async def _resolve(self, req: FetchRequest, manifest_hash: bytes | None,
+                       hint: tuple[str, ...] = ()) -> tuple[Manifest, bytes, list[PeerAddr]]:
         """Find providers and agree on one manifest."""
         key = manifest_key(manifest_hash) if manifest_hash else model_key(req.repo_id)
         deadline = trio.current_time() + self.config.lookup_timeout
@@ -528,6 +542,8 @@ class Node:
                     timeout=max(0.5, deadline - trio.current_time()))
             except NetError as e:
                 log.info("DHT lookup failed: %s", e)
+            providers += [PeerAddr(pid) for pid in hint
+                          if pid not in {p.peer_id for p in providers}]
             if providers or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(LOOKUP_RETRY, max(0.0, deadline - trio.current_time())))
@@ -918,15 +934,18 @@ class Node:
                 return
         await t.serve_link(link)
 
-    async def serve_snapshot(self, model: str, snapshot: Path) -> Manifest:
-        """Seed a snapshot that arrived by another route (ModelExpress, the Hub)."""
+    async def serve_snapshot(self, model: str, snapshot: Path, *,
+                             announce_later: bool = False) -> Manifest:
+        """Seed a snapshot that arrived by another route (ModelExpress, the Hub). With
+        ``announce_later`` it returns once peers can ask for it, before the DHT has the record."""
         snapshot = Path(snapshot)
         m = self.store.load_manifest(model, snapshot.name)
         if m is None:
             m = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, snapshot,
                                               snapshot.name)
             self.store.save_manifest(m)
-        await self._share_complete(m, snapshot, origin=self._origin_of_snapshot(m))
+        await self._share_complete(m, snapshot, origin=self._origin_of_snapshot(m),
+                                   announce_later=announce_later)
         return m
 
     async def fetch_with_fallback(self, req: FetchRequest, *,
@@ -937,9 +956,16 @@ class Node:
         started = trio.current_time()
         log.info("fetch of %s@%s started", req.repo_id, req.ref,
                  extra={"event": "fetch_start", "model": req.repo_id, "revision": req.ref})
+        async def via_swarm(r: FetchRequest) -> Path:
+            if not self._origin_once(r):
+                return await self.fetch(r, on_event=on_event)
+            return await self.origin.fetch(
+                r.repo_id, r.ref, r.repo_dir / "blobs",
+                swarm_fetch=lambda hint=(): self.fetch(r, on_event=on_event, hint=hint),
+                pull=lambda downloaded: self._pull_from_hub(r, downloaded, on_event))
+
         try:
-            result = await fetch_chain(
-                req, swarm=lambda r: self.fetch(r, on_event=on_event), on_event=on_event, **kwargs)
+            result = await fetch_chain(req, swarm=via_swarm, on_event=on_event, **kwargs)
         except BaseException as e:
             self._fetch_ended(req, started, "none", e)
             raise
@@ -1058,6 +1084,37 @@ class Node:
         return await trio.to_thread.run_sync(
             partial(cache_admin.report, self.store, served=served, seeded=seeded,
                     limit=self.config.max_cache_size))
+    def _origin_once(self, req: FetchRequest) -> bool:
+        """Whether fetchers of ``req`` coordinate so that one pulls from the Hub for all (see
+        swarm/origin.py): only where what comes from the Hub is seeded, and the Hub may be used."""
+        return (self.serves_hf_cache and not self.draining
+                and not req.env.over(SourceEnv.from_environ()).hub_offline)
+
+    async def _pull_from_hub(self, req: FetchRequest, downloaded: Callable[[], None],
+                             on_event: Callable[[dict], None] | None) -> Path:
+        """The elected puller's download: from the Hub, resuming partial files (swarm/hubpull.py:
+        each file checked against the Hub's listing before it is linked), then seeded under the
+        model key so the others fetch it from us."""
+        if on_event is not None:
+            on_event({"event": "origin_pull", "model": req.repo_id, "revision": req.ref})
+        env = req.env.over(SourceEnv.from_environ())
+        stop = threading.Event()
+        try:
+            path = await trio.to_thread.run_sync(pull_snapshot, req, env.endpoint, env.hf_token,
+                                                 stop, abandon_on_cancel=True)
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise hub_error(exc, req, env.endpoint) from None
+        finally:
+            stop.set()  # an abandoned thread stops at its next chunk
+        downloaded()
+        self.metrics.origin_bytes.labels("hub").inc(
+            await trio.to_thread.run_sync(_snapshot_bytes, path))
+        # Followers learn "seeded" from us and then look us up: our own provider record is stored
+        # at once, the copies sent to the DHT follow.
+        await self.serve_snapshot(req.repo_id, path, announce_later=True)
+        return path
 
     def _fetch_ended(self, req: FetchRequest, started: float, source: str,
                      error: BaseException | None) -> None:

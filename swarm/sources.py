@@ -53,6 +53,7 @@ manifest and seeding it is the caller's job.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -768,7 +769,7 @@ def _quiet_tqdm():
     return QuietTqdm
 
 
-def _hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchError:
+def hub_error(exc: BaseException, req: FetchRequest, endpoint: str) -> FetchError:
     from huggingface_hub import errors
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -839,11 +840,93 @@ async def from_hub(req: FetchRequest) -> Path:
     try:
         got = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
     except Exception as exc:
-        raise _hub_error(exc, req, endpoint) from None
+        raise hub_error(exc, req, endpoint) from None
     path = None if got is None else Path(got)
     if path is None or not path.is_dir() or not any(path.iterdir()):
         raise ModelNotFound(f"no file of {req.repo_id}@{req.ref} on {endpoint} matches the request")
+    await trio.to_thread.run_sync(verify_hub_snapshot, req, path, endpoint, env.hf_token,
+                                  abandon_on_cancel=True)
     return path
+
+
+@attrs.frozen
+class HubEntry:
+    """What the Hub's tree listing says of one file: the checks its bytes must pass."""
+
+    size: int
+    blob_id: str  # git blob sha1 of the file (of the LFS pointer for an LFS file)
+    lfs_sha256: str | None  # sha256 of the content, for LFS files
+
+
+def _hub_tree(req: FetchRequest, commit: str, endpoint: str, token: str | None
+              ) -> dict[str, HubEntry]:
+    """The Hub's tree listing of ``commit``: huggingface_hub's cached copy (``trees/<commit>.json``,
+    written by its ``snapshot_download``), else asked of the Hub (one request)."""
+    try:
+        with open(req.repo_dir / "trees" / f"{commit}.json", encoding="utf-8") as fh:
+            data = json.load(fh)
+        if data.get("format_version") == 1:
+            return {str(p): HubEntry(int(i["size"]), str(i["blob_id"]), i.get("lfs_sha256"))
+                    for p, i in data["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    out = {}
+    for item in HfApi(endpoint=endpoint, token=token).list_repo_tree(
+            req.repo_id, revision=commit, recursive=True):
+        if isinstance(item, RepoFile):
+            out[item.path] = HubEntry(item.size, item.blob_id, item.lfs.sha256 if item.lfs else None)
+    return out
+
+
+def _file_digest(path: Path, h) -> str:
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hub_mismatch(path: Path, entry: HubEntry) -> str | None:
+    """Why the file at ``path`` is not the one the Hub lists, or None when it is: its size, then
+    the sha256 of the content for an LFS file (the Hub's ``lfs.oid``, also its ``X-Linked-Etag``),
+    else the git blob sha1 (the tree's ``oid``, also the file's ``ETag``)."""
+    size = path.stat().st_size
+    if size != entry.size:
+        return f"{size} bytes, the Hub lists {entry.size}"
+    if entry.lfs_sha256 is not None:
+        sha256 = _file_digest(path, hashlib.sha256())
+        if sha256 != entry.lfs_sha256.lower():
+            return f"sha256 {sha256[:16]}..., the Hub lists {entry.lfs_sha256[:16]}..."
+        return None
+    sha1 = _file_digest(path, hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False))
+    if sha1 != entry.blob_id.lower():
+        return f"git blob sha1 {sha1[:16]}..., the Hub lists {entry.blob_id[:16]}..."
+    return None
+
+
+def verify_hub_snapshot(req: FetchRequest, snap: Path, endpoint: str, token: str | None) -> None:
+    """Check every file of a snapshot the Hub client wrote against the Hub's own listing (sizes,
+    sha256 of LFS files, git blob sha1 of the others) before anyone uses or serves it: the Hub
+    client checks sizes but not content. A file that fails is evicted (entry and blob) and
+    :class:`VerificationFailed` raised; a file the listing does not name fails too."""
+    commit = snap.name
+    try:
+        tree = _hub_tree(req, commit, endpoint, token)
+    except Exception as exc:
+        raise FetchError(f"cannot list {req.repo_id}@{commit} on {endpoint} to verify the "
+                         f"download: {exc}") from None
+    bad = []
+    for f in sorted(p for p in snap.rglob("*") if p.is_file()):
+        rel = f.relative_to(snap).as_posix()
+        entry = tree.get(rel)
+        why = f"not in the Hub's listing of {commit}" if entry is None else hub_mismatch(f, entry)
+        if why is not None:
+            bad.append(f"{rel}: {why}{_evict(req.repo_dir, f)}")
+    if bad:
+        raise VerificationFailed(f"{req.repo_id}@{commit} from {endpoint} does not match the Hub's "
+                                 f"listing: {'; '.join(bad[:4])}")
 
 
 # --- the chain ---------------------------------------------------------------------------------

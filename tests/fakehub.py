@@ -16,6 +16,12 @@ requests huggingface_hub 2.x makes for ``snapshot_download`` / ``hf_hub_download
   client refuses a response without it), ``Content-Length``, ``Accept-Ranges``; ``Range`` requests
   are honoured.
 
+For the origin-once tests and benchmark (docs/protocol.md, "Origin once") it can also cap its
+upload rate (``rate``: bytes/s over all responses, a token bucket), count the bytes of file bodies
+it sent (``bytes_served``), lie (``corrupt(repo, path)``: serve that file with one byte flipped
+while its ``ETag``/``lfs.oid``/size stay right) and stall (``hang_after``: the first download to
+pass that many bytes of one file hangs until the hub stops, as a dead origin connection does).
+
 Errors look like the Hub's: 404 with ``X-Error-Code: RepoNotFound`` (unknown repo, or 401 when a
 token is required and missing/wrong), ``RevisionNotFound`` and ``EntryNotFound`` (with
 ``X-Repo-Commit``).  Every request is recorded (``hub.requests``); ``hub.model_requests`` leaves out
@@ -40,6 +46,7 @@ __all__ = ["FakeHub", "HubFile", "HubRequest"]
 
 _LFS_MIN = 10_000_000
 _BLOCK = 1 << 20
+_RATED_BLOCK = 64 << 10  # finer steps under a rate cap, so concurrent bodies share it smoothly
 
 
 @attrs.frozen
@@ -57,6 +64,7 @@ class HubRequest:
     method: str
     path: str
     authorization: str | None
+    range: str | None = None
 
 
 @attrs.define
@@ -82,13 +90,19 @@ def _describe(root: Path, rel: str) -> HubFile:
 class FakeHub:
     """A fake Hub on 127.0.0.1.  Use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, token: str | None = None, delay: float = 0.0) -> None:
+    def __init__(self, *, token: str | None = None, delay: float = 0.0,
+                 rate: float | None = None, hang_after: int | None = None) -> None:
         self.repos: dict[str, _Repo] = {}
         self.token = token  # when set, requests must carry "Authorization: Bearer <token>"
         self.delay = delay  # seconds to sleep before answering each request
+        self.rate = rate  # bytes/s over all file bodies (None: as fast as loopback goes)
+        self.hang_after = hang_after  # the first body to pass this many bytes hangs (once)
+        self.corrupted: set[tuple[str, str]] = set()
         self.requests: list[HubRequest] = []
         self.bytes_served = 0
         self._lock = threading.Lock()
+        self._bucket_time = time.monotonic()
+        self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -103,6 +117,28 @@ class FakeHub:
                 rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
                 files[rel] = _describe(root, rel)
         self.repos[repo_id] = _Repo(repo_id, commit, dict(sorted(files.items())))
+
+    def corrupt(self, repo_id: str, path: str) -> None:
+        """Serve ``path`` with its middle byte flipped; its listed hashes and size stay the true ones."""
+        self.corrupted.add((repo_id, path))
+
+    def _throttle(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under ``rate`` (one clock shared by every response)."""
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._bucket_time = max(self._bucket_time, now - 0.05) + n / self.rate
+            wait = self._bucket_time - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def _should_hang(self, sent: int) -> bool:
+        with self._lock:
+            if self.hang_after is None or sent < self.hang_after:
+                return False
+            self.hang_after = None  # only the first body to get there
+            return True
 
     # -- lifecycle --
 
@@ -119,6 +155,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -207,7 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.fake
         split = urlsplit(self.path)
         path = split.path
-        hub._record(HubRequest(self.command, path, self.headers.get("Authorization")))
+        hub._record(HubRequest(self.command, path, self.headers.get("Authorization"),
+                               self.headers.get("Range")))
         if hub.delay:
             time.sleep(hub.delay)
         try:
@@ -347,14 +385,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        hub = self.fake
+        flip = (end - start) // 2 if (repo.repo_id, f.path) in hub.corrupted else -1
+        block = _BLOCK if not hub.rate else _RATED_BLOCK
+        sent = 0
         with open(f.source, "rb") as fh:
             fh.seek(start)
             left = end - start
             while left:
-                chunk = fh.read(min(_BLOCK, left))
+                chunk = fh.read(min(block, left))
                 if not chunk:
                     break
+                if 0 <= flip - sent < len(chunk):
+                    i = flip - sent
+                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
+                hub._throttle(len(chunk))
                 self.wfile.write(chunk)
                 left -= len(chunk)
-                with self.fake._lock:
-                    self.fake.bytes_served += len(chunk)
+                sent += len(chunk)
+                with hub._lock:
+                    hub.bytes_served += len(chunk)
+                if hub._should_hang(sent):
+                    self.wfile.flush()
+                    hub._stopping.wait()
+                    return

@@ -85,6 +85,10 @@ MAX_MANIFEST_STREAMS = 64
 """Inbound manifest requests served at once in all (many peers, or one with many identities); a
 refused asker tries its other providers."""
 PROVIDE_TIMEOUT = 30.0
+QUERY_TIMEOUT = 5.0
+"""Seconds one small query (``SwarmHost.query``) may take end to end, either side."""
+MAX_QUERY_BYTES = 4096
+"""Largest request or reply of a small query: status records of a few hundred bytes."""
 ADDR_TTL = 24 * 3600
 """Seconds the peerstore keeps the addresses of a peer we dialled (py-libp2p's connect: 120 s)."""
 BOOTSTRAP_RETRY = 30.0
@@ -1058,6 +1062,81 @@ class SwarmHost:
         except Exception as e:
             await _close(None, stream)
             raise NetError(f"pieces stream: {e!r}") from e
+
+    # ------------------------------------------------------------------ small queries
+
+    def set_query_handler(self, protocol: str,
+                          fn: Callable[[str, bytes], Awaitable[bytes]] | None, *,
+                          max_reply: int = MAX_QUERY_BYTES) -> None:
+        """Serve ``protocol`` as one small query: the asker's bytes (up to MAX_QUERY_BYTES, ended
+        by its close_write) in, ``await fn(peer_id, request)`` (up to ``max_reply`` bytes) out,
+        then the stream closes. An exception in ``fn`` is logged and the stream reset. None stops
+        serving."""
+        if fn is None:
+            self._host.remove_stream_handler(TProtocol(protocol))
+            return
+
+        async def handler(stream) -> None:
+            try:
+                with trio.fail_after(QUERY_TIMEOUT):
+                    request = await _read_to_end(stream, MAX_QUERY_BYTES)
+                    reply = await fn(_stream_peer_full(stream), request)
+                    if len(reply) > max_reply:
+                        raise ValueError(f"reply of {len(reply)} bytes")
+                    await stream.write(reply)
+                    await stream.close()
+            except Exception as e:  # never out of a stream handler: it would tear the host down
+                log.info("%s query from %s failed: %r", protocol, _stream_peer(stream), e)
+                await _close(None, stream)
+
+        self._host.set_stream_handler(TProtocol(protocol), handler)
+
+    async def query(self, peer: str | PeerAddr, protocol: str, request: bytes, *,
+                    timeout: float = QUERY_TIMEOUT, max_reply: int = MAX_QUERY_BYTES) -> bytes:
+        """Send ``request`` on a new ``protocol`` stream to ``peer`` and return its reply (up to
+        ``max_reply`` bytes). NetError on any failure."""
+        if len(request) > MAX_QUERY_BYTES:
+            raise ValueError(f"query of {len(request)} bytes")
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._open_stream(peer, protocol, timeout)
+                try:
+                    await stream.write(request)
+                    await stream.close_write()
+                    return await _read_to_end(stream, max_reply)
+                finally:
+                    await _close(None, stream)
+        except NetError:
+            raise
+        except trio.TooSlowError:
+            raise NetError(f"{protocol} query timed out after {timeout:g} s") from None
+        except Exception as e:
+            raise NetError(f"{protocol} query failed: {e!r}") from e
+
+
+async def _read_to_end(stream, limit: int) -> bytes:
+    """Everything the other side writes before closing its end; ProtocolError past ``limit``."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = await stream.read(limit + 1 - len(data))
+        except Exception as e:  # py-libp2p signals EOF with StreamEOF (or a closed stream)
+            if type(e).__name__ in ("StreamEOF", "StreamClosed"):
+                break
+            raise
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise wire.ProtocolError(f"message over {limit} bytes")
+    return bytes(data)
+
+
+def _stream_peer_full(stream) -> str:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except Exception:
+        return ""
 
 
 def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:

@@ -1,0 +1,497 @@
+"""Origin once: when several nodes need a model no peer holds, one of them pulls it from the origin.
+
+Without this, every node of a cold flash crowd found no provider in the DHT and went to the Hub
+itself: the origin served N x the model. Here (docs/protocol.md, "Origin once"):
+
+1. A node that finds no provider of the model announces its *interest* under the model's origin
+   key (a provider record, :func:`origin_key`), waits ``ELECTION_SETTLE`` for fellow fetchers'
+   announcements, and looks the interested peers up.
+2. It asks each of them for its state over ``/swarm/origin/1.0.0`` (a small JSON query). A peer
+   that already pulls (or follows a pull that makes progress, or has finished one) is followed: a
+   late-comer never starts a second pull. Otherwise the interested peer whose id is closest (XOR
+   of sha256 digests) to the key pulls; every node computes the same choice from the same set.
+3. The puller downloads from the Hub (``sources.from_hub``), which checks every file against the
+   Hub's listing (sizes, sha256 of LFS files, git blob sha1 of the others) before anything is
+   seeded, then builds and seeds the manifest (announced under the model key) like any snapshot
+   from the Hub.
+4. The others poll the puller every ``POLL`` seconds. When it reports ``seeded`` they fetch
+   through the swarm. When it stops answering (``PROBE_FAILURES`` in a row), reports failure, or
+   shows no progress for ``STALL_TIMEOUT``, they drop it and elect again among the rest: the
+   next-closest live peer pulls.
+
+Peers' answers only steer whom a node waits for; no byte is taken on a peer's word: the puller
+verifies against the origin's hashes, and the others verify every piece against the manifest.
+A peer that lies about its state can only delay a fetch by ``STALL_TIMEOUT`` per election, or
+make this node pull itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from swarm.hubpull import BLOB_NAME, PARTIAL_SUFFIX
+from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
+
+log = logging.getLogger(__name__)
+
+ORIGIN_PROTOCOL = "/swarm/origin/1.0.0"
+ELECTION_SETTLE = 0.5
+"""Seconds between announcing interest and electing: provider records reach the DHT nodes in
+~50-150 ms on a LAN (more on a loaded host), so fetchers that start together see each other."""
+LOOKUP_TIMEOUT = 1.5
+"""Seconds one lookup of interested peers (or of the model's providers) may take."""
+POLL = 0.25
+"""Seconds between state queries to the puller (a ~200-byte exchange)."""
+PROBE_TIMEOUT = 1.0
+"""Seconds one state query may take; a live node answers in milliseconds."""
+PROBE_FAILURES = 3
+"""Failed state queries in a row after which the puller counts as gone (a dead process refuses the
+connection at once: ~0.75 s with POLL; a hung host times out: ~3 s)."""
+STALL_TIMEOUT = 3.0
+"""Seconds without any progress reported by the puller (bytes of its download) before it is
+replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
+MAX_CANDIDATES = 16
+"""Interested peers considered in one election (lookups return at most 20)."""
+WAIT_GRACE = 10.0
+"""Seconds a follower waits on a peer that does not pull itself but waits too (it is noticing a
+dead puller, ~1-3 s, and electing again, ~1-2 s) before giving up on it."""
+RIVAL_WINDOW = 5.0
+"""Seconds at the start of a pull during which the puller looks for a closer one that also pulls
+(elected at the same time from a different view) and gives way to it."""
+RIVAL_CHECK = 1.0
+"""Seconds between those looks."""
+MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
+MIRROR_CHUNK = 4 << 20
+"""Most bytes of a partial file one mirror query returns (a 25 MB/s pull grows ~6 MB per POLL)."""
+MAX_MIRROR_FILES = 64
+"""Most files a puller lists to its backup (the weight shards of a large model)."""
+
+_ORIGIN_KEY_PREFIX = b"swarm/origin/"
+_SHA2_256 = 0x12
+_STATES = ("waiting", "pulling", "seeded", "failed", "none")
+
+
+def origin_key(repo_id: str, ref: str) -> bytes:
+    """DHT key under which fetchers of ``repo_id@ref`` announce their interest: the sha2-256
+    multihash (34 bytes) of ``b"swarm/origin/" + repo + "@" + ref``."""
+    digest = hashlib.sha256(_ORIGIN_KEY_PREFIX + f"{repo_id}@{ref}".encode()).digest()
+    return bytes([_SHA2_256, 32]) + digest
+
+
+def distance(peer_id: str, key: bytes) -> int:
+    """XOR distance between a peer and a key, over sha256 digests (as Kademlia measures it)."""
+    a = hashlib.sha256(peer_id.encode()).digest()
+    b = hashlib.sha256(key).digest()
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+@attrs.frozen
+class OriginState:
+    """One node's answer about one origin key."""
+
+    state: str  # waiting | pulling | seeded | failed | none (not interested)
+    progress: int = 0  # bytes of the pull (its own, or the one it follows) last seen
+    leader: str = ""  # whom it follows (itself when pulling)
+    have: int = 0  # bytes it holds to resume from (its copy of the puller's partial files)
+
+    def encode(self) -> bytes:
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> OriginState:
+        """Parse a peer's answer; ValueError on anything malformed."""
+        try:
+            obj = json.loads(raw)
+            state, progress, leader = obj["state"], obj["progress"], obj["leader"]
+            have = obj.get("have", 0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"bad origin state: {e!r}") from None
+        if (state not in _STATES or not _count(progress) or not _count(have)
+                or not isinstance(leader, str) or len(leader) > 128):
+            raise ValueError("bad origin state")
+        return cls(state, progress, leader, have)
+
+    @property
+    def active(self) -> bool:
+        """Pulling, or following a pull that made progress, or done: worth following."""
+        return self.state in ("pulling", "seeded") or (self.state == "waiting" and self.progress > 0)
+
+
+@attrs.define
+class _Interest:
+    state: str = "waiting"
+    progress: int = 0
+    leader: str = ""
+    blobs: Path | None = None  # where our pull writes (the repo's blobs/), while pulling
+    have: int = 0  # bytes our copy of the puller's partial files holds
+    building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 60
+
+
+def _query(key: bytes, **fields: object) -> bytes:
+    return json.dumps({"key": key.hex(), **fields}).encode()
+
+
+def _parse_query(request: bytes) -> tuple[bytes, dict]:
+    obj = json.loads(request)
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
+        raise ValueError("bad origin query")
+    key = bytes.fromhex(obj["key"])
+    if len(key) != 34:
+        raise ValueError("bad origin key")
+    return key, obj
+
+
+def _mirror_name(name: str) -> bool:
+    return BLOB_NAME.fullmatch(name.removesuffix(PARTIAL_SUFFIX)) is not None
+
+
+def _parse_listing(raw: bytes) -> list[tuple[str, int]]:
+    """A puller's list of [name, size]; ValueError on anything else."""
+    obj = json.loads(raw)
+    if not isinstance(obj, list) or len(obj) > MAX_MIRROR_FILES:
+        raise ValueError("bad file listing")
+    out = []
+    for item in obj:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not _mirror_name(item[0]) or isinstance(item[1], bool)
+                or not isinstance(item[1], int) or not 0 <= item[1] < 1 << 50):
+            raise ValueError("bad file listing entry")
+        out.append((item[0], item[1]))
+    return out
+
+
+def blob_sizes(blobs: Path) -> list[list]:
+    """[name, size] of the blobs and partial blobs in ``blobs`` (at most MAX_MIRROR_FILES)."""
+    out = []
+    try:
+        with os.scandir(blobs) as it:
+            for e in it:
+                if _mirror_name(e.name):
+                    with contextlib.suppress(OSError):
+                        out.append([e.name, e.stat(follow_symlinks=False).st_size])
+    except OSError:
+        return []
+    return sorted(out)[:MAX_MIRROR_FILES]
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _append(path: Path, offset: int, data: bytes) -> int:
+    """Append ``data`` at ``offset``; the file's new size (0: it had changed, copy it over)."""
+    with open(path, "ab") as fh:
+        if fh.tell() != offset:  # our own pull or another copy wrote meanwhile
+            fh.truncate(0)
+            return 0
+        fh.write(data)
+        return offset + len(data)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files directly in ``path`` (the Hub client's blobs, ``.incomplete`` ones too)."""
+    total = 0
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                try:
+                    total += e.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+    except OSError:
+        return 0
+    return total
+
+
+class OriginCoordinator:
+    """The origin-once protocol of one node (see the module docstring)."""
+
+    def __init__(self, host, peer_id: str) -> None:
+        self.host = host
+        self.peer_id = peer_id
+        self.interests: dict[bytes, _Interest] = {}
+
+    def install(self) -> None:
+        self.host.set_query_handler(ORIGIN_PROTOCOL, self._answer)
+        self.host.set_query_handler(MIRROR_PROTOCOL, self._answer_mirror, max_reply=MIRROR_CHUNK)
+
+    async def _answer(self, _peer: str, request: bytes) -> bytes:
+        key, obj = _parse_query(request)
+        it = self.interests.get(key)
+        if it is None:
+            return OriginState("none").encode()
+        if obj.get("op") == "files":  # what the backup may mirror: our partial and done blobs
+            if it.state != "pulling" or it.blobs is None:
+                return b"[]"
+            return json.dumps(await trio.to_thread.run_sync(blob_sizes, it.blobs)).encode()
+        if it.state == "pulling" and it.building:
+            it.progress += 1  # hashing the snapshot for the manifest: alive, nothing to download
+        elif it.state == "pulling" and it.blobs is not None:
+            it.progress = await trio.to_thread.run_sync(dir_bytes, it.blobs)
+        return OriginState(it.state, it.progress, it.leader, it.have).encode()
+
+    async def _answer_mirror(self, _peer: str, request: bytes) -> bytes:
+        """Bytes ``offset``.. of one of the files our pull is writing (at most MIRROR_CHUNK)."""
+        key, obj = _parse_query(request)
+        it = self.interests.get(key)
+        name, offset = obj.get("name"), obj.get("offset")
+        if (it is None or it.state != "pulling" or it.blobs is None or not isinstance(name, str)
+                or not _mirror_name(name) or isinstance(offset, bool)
+                or not isinstance(offset, int) or offset < 0):
+            raise ValueError("bad mirror request")
+        path = it.blobs / name
+
+        def read() -> bytes:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(MIRROR_CHUNK)
+
+        return await trio.to_thread.run_sync(read)
+
+    async def ask(self, peer: str | PeerAddr, key: bytes) -> OriginState:
+        """A peer's state about ``key``; NetError when it cannot be asked, ValueError on garbage."""
+        raw = await self.host.query(peer, ORIGIN_PROTOCOL, _query(key), timeout=PROBE_TIMEOUT)
+        return OriginState.decode(raw)
+
+    async def fetch(self, repo_id: str, ref: str, blobs: Path, *,
+                    swarm_fetch: Callable[..., Awaitable[Path]],
+                    pull: Callable[[Callable[[], None]], Awaitable[Path]]) -> Path:
+        """``repo_id@ref`` through the swarm, or pulled from the origin by this node when elected.
+
+        ``blobs``: where a pull writes (``<cache>/models--.../blobs``; partial files end in
+        ``.swarm-partial``, swarm/hubpull.py). ``swarm_fetch(hint=())`` fetches through the swarm
+        (``Node.fetch``; ``hint``: peer ids that hold it); ``pull()`` downloads from the origin
+        (resuming the partial files in ``blobs``), verifies and seeds, calling the function it is
+        given once the download is over (the manifest is built next: progress then ticks)."""
+        mkey = model_key(repo_id)
+        if await self._providers(mkey):
+            return await swarm_fetch()
+        key = origin_key(repo_id, ref)
+        it = self.interests.get(key)
+        if it is not None and it.state == "seeded":  # pulled here before: it is in the swarm
+            return await swarm_fetch()
+        it = self.interests[key] = _Interest()
+        try:
+            await self.host.provide(key)
+            await trio.sleep(ELECTION_SETTLE)
+            return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
+        except BaseException:
+            if it.state != "seeded":
+                it.state = "failed"
+            raise
+        finally:
+            if it.state != "seeded":  # a seeded record stays: late followers learn to fetch
+                self.host.stop_providing(key)
+
+    async def _pull_or_follow(self, key: bytes, mkey: bytes, it: _Interest, blobs: Path,
+                              swarm_fetch, pull) -> Path:
+        excluded: set[str] = set()
+        while True:
+            elected = await self._elect(key, mkey, excluded, it)
+            if elected is None:  # the model appeared in the swarm meanwhile
+                return await swarm_fetch()
+            leader, backup = elected
+            if leader == self.peer_id:
+                path = await self._pull(key, it, blobs, pull, excluded)
+                if path is not None:
+                    return path
+                continue  # gave way to a closer puller: follow it (as its backup, likely)
+            it.leader = leader
+            log.info("origin: following %s's pull of key %s%s", leader[:12], key.hex()[4:16],
+                     " as its backup" if backup else "",
+                     extra={"event": "origin_follow", "leader": leader, "backup": backup})
+            async with trio.open_nursery() as n:
+                if backup:  # next in line: keep a copy of its partial files to resume from
+                    n.start_soon(self._mirror, key, leader, blobs, it)
+                seeded = await self._follow(key, leader, it)
+                n.cancel_scope.cancel()
+            if seeded:
+                it.state = "seeded"
+                return await swarm_fetch((leader,))
+            log.warning("origin: puller %s gone or stalled; electing again", leader[:12],
+                        extra={"event": "origin_replace", "leader": leader})
+            excluded.add(leader)
+
+    async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull,
+                    excluded: set[str]) -> Path | None:
+        """Our pull; None if we gave way to a closer puller (two elected at once)."""
+        it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
+        it.building = False
+
+        def downloaded() -> None:
+            it.building = True
+
+        log.info("origin: pulling from the origin", extra={"event": "origin_pull"})
+        result: list[Path] = []
+
+        async def run_pull(cancel: trio.CancelScope) -> None:
+            result.append(await pull(downloaded))
+            cancel.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run_pull, n.cancel_scope)
+            rival = await self._closer_puller(key, it, excluded)
+            if rival is not None:
+                log.warning("origin: %s pulls too and is closer to the key: giving way",
+                            rival[:12], extra={"event": "origin_yield", "leader": rival})
+                n.cancel_scope.cancel()
+            else:
+                await trio.sleep_forever()
+        if result:
+            it.state = "seeded"
+            return result[0]
+        it.state, it.blobs = "waiting", None
+        return None
+
+    async def _closer_puller(self, key: bytes, it: _Interest, excluded: set[str]) -> str | None:
+        """Look for another puller ahead of us (more bytes, or as many and closer to the key)
+        during the first RIVAL_WINDOW seconds of our pull: views of the interested set can differ
+        while announcements spread, or while a dead puller is noticed. None if none."""
+        mine = distance(self.peer_id, key)
+        end = trio.current_time() + RIVAL_WINDOW
+        while trio.current_time() < end:
+            await trio.sleep(RIVAL_CHECK)
+            for p in await self._providers(key):
+                if p.peer_id in excluded:
+                    continue
+                try:
+                    st = await self.ask(p, key)
+                except (NetError, ValueError):
+                    continue
+                if st.state != "pulling":
+                    continue
+                ours = await trio.to_thread.run_sync(dir_bytes, it.blobs) if it.blobs else 0
+                if (st.progress, -distance(p.peer_id, key)) > (ours, -mine):
+                    return p.peer_id
+        await trio.sleep_forever()
+        return None
+
+    async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
+        """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
+        every POLL: if it dies we are elected next and resume where its copy ends. The bytes are
+        a resume point only: the pull verifies each whole file against the Hub's hashes."""
+        await trio.to_thread.run_sync(lambda: blobs.mkdir(parents=True, exist_ok=True))
+        while True:
+            try:
+                raw = await self.host.query(leader, ORIGIN_PROTOCOL, _query(key, op="files"),
+                                            timeout=PROBE_TIMEOUT)
+                listing = _parse_listing(raw)
+                for name, size in listing:
+                    await self._mirror_file(key, leader, blobs, name, size)
+                it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
+            except (NetError, ValueError, OSError) as e:
+                log.debug("origin: mirror from %s: %s", leader[:12], e)
+            await trio.sleep(POLL)
+
+    async def _mirror_file(self, key: bytes, leader: str, blobs: Path, name: str,
+                           size: int) -> None:
+        base = name.removesuffix(PARTIAL_SUFFIX)
+        if (blobs / base).exists():
+            return
+        local = blobs / (base + PARTIAL_SUFFIX)
+        have = await trio.to_thread.run_sync(_size_of, local)
+        while have < size:
+            chunk = await self.host.query(
+                leader, MIRROR_PROTOCOL, _query(key, name=name, offset=have),
+                timeout=QUERY_TIMEOUT, max_reply=MIRROR_CHUNK)
+            if not chunk:
+                return
+            have = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
+
+    async def _providers(self, key: bytes) -> list[PeerAddr]:
+        try:
+            return await self.host.find_providers(key, timeout=LOOKUP_TIMEOUT)
+        except NetError as e:
+            log.info("origin: lookup failed: %s", e)
+            return []
+
+    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str], it: _Interest
+                     ) -> tuple[str, bool] | None:
+        """(whom to wait for, whether we are next in line): an interested peer already pulling (or
+        following progress), else the live interested peer holding most bytes to resume from
+        (the dead puller's backup), ties to the closest (maybe us). None when the model has
+        providers now."""
+        found = await self._providers(key)
+        others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
+        others.sort(key=lambda p: distance(p.peer_id, key))
+        others = others[:MAX_CANDIDATES]
+        states: dict[str, OriginState] = {}
+
+        async def probe(p: PeerAddr) -> None:
+            try:
+                states[p.peer_id] = await self.ask(p, key)
+            except (NetError, ValueError) as e:
+                log.debug("origin: %s did not answer: %s", p.peer_id[:12], e)
+
+        async with trio.open_nursery() as n:
+            for p in others:
+                n.start_soon(probe, p)
+        # Follow the puller itself (a follower names it), so a stall is seen where it happens.
+        active = {st.leader if st.state == "waiting" and st.leader else pid
+                  for pid, st in states.items() if st.active}
+        active -= excluded | {self.peer_id}
+        # A peer that did not answer counts as live (a busy host answers late; a dead one is
+        # dropped by _follow within a second): passing over it risks a second pull.
+        live = {p.peer_id for p in others
+                if p.peer_id not in states or states[p.peer_id].state == "waiting"}
+        live.add(self.peer_id)
+        have = {pid: st.have for pid, st in states.items()}
+        have[self.peer_id] = it.have
+
+        def rank(pid: str) -> tuple[int, int]:
+            return -have.get(pid, 0), distance(pid, key)
+
+        if active:
+            leader = min(active, key=lambda pid: distance(pid, key))
+        else:
+            leader = min(live, key=rank)
+            if leader == self.peer_id and await self._providers(mkey):
+                return None  # a last look before pulling: someone may have seeded it meanwhile
+        rest = live - {leader}
+        return leader, bool(rest) and min(rest, key=rank) == self.peer_id
+
+    async def _follow(self, key: bytes, leader: str, it: _Interest) -> bool:
+        """Wait while ``leader``'s pull goes on: True once seeded, False if it is gone, failed or
+        stalled (no change in its state or progress for STALL_TIMEOUT while it pulls, WAIT_GRACE
+        while it waits)."""
+        failures = 0
+        last: tuple[str, int] | None = None
+        since = trio.current_time()
+        while True:
+            try:
+                st = await self.ask(leader, key)
+            except (NetError, ValueError) as e:
+                failures += 1
+                if failures >= PROBE_FAILURES:
+                    log.info("origin: %s stopped answering: %s", leader[:12], e)
+                    return False
+                await trio.sleep(POLL)
+                continue
+            failures = 0
+            if st.state == "seeded":
+                return True
+            if st.state in ("failed", "none"):
+                return False
+            it.progress = st.progress
+            now = trio.current_time()
+            if (st.state, st.progress) != last:
+                last, since = (st.state, st.progress), now
+            elif now - since > (STALL_TIMEOUT if st.state == "pulling" else WAIT_GRACE):
+                return False
+            await trio.sleep(POLL)
