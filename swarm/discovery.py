@@ -237,8 +237,8 @@ class ConnectPolicy(Generic[T]):
         """``providers``: the last lookup's (the first time: those of the manifest), in the order
         to try them. Returns whom to dial now and when to look up next."""
         key = self.key
-        # (Ourselves and banned peers aside: our own record is in the lookup once we announced,
-        # and counting it as a new name kept lost peers from ever being tried again.)
+        # (Ourselves and banned peers aside: never dialled, they are no new names; a banned peer
+        # still announcing kept the lost ones from being tried again.)
         named = [pid for pid in map(key, providers)
                  if pid != self.self_id and pid not in links.banned]
         if self.rounds and all(pid in self.tried for pid in named):

@@ -170,7 +170,7 @@ def test_connect_policy_dials_in_order_up_to_the_budget_and_retries_lost_peers()
     assert policy.step(0.0, ["a", "b", "c"], empty).dials == ["a", "b"]
     assert policy.step(0.3, ["a", "b", "c"], empty).dials == ["c"]
     # a lookup with nothing new: the tried ones we hold no link to are tried again
-    # (our own record among them, as once we announced, does not count as new)
+    # (our own record among them does not count as new)
     linked = LinkState(1, frozenset({"a"}), frozenset(), 64)
     assert policy.step(0.6, ["me", "a", "b", "c"], linked).dials == ["b"]
 
