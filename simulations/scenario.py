@@ -20,7 +20,13 @@ from typing import Any
 import attrs
 
 from simulations import units
-from simulations._engine import EngineConfig
+from simulations._engine import (
+    FEW_PEERS,
+    LOOKUP_RETRY,
+    LOOKUP_SETTLED,
+    MANIFEST_ASK_FANOUT,
+    EngineConfig,
+)
 from swarm.manifest import EMPTY_DIGEST, HASH_PREFIX, FileEntry, Manifest, piece_size_for
 
 
@@ -345,21 +351,23 @@ class DHTParams:
     republish: float = 22 * 3600.0
     max_providers: int = 20
     """Providers one lookup returns (swarm.net's find_providers limit)."""
-    lookup_retry: float = 1.0
-    """A fetching node looks up again after this long while it has fewer than ``min_links``
-    links (swarm.node.LOOKUP_RETRY) ..."""
-    lookup_retry_linked: float = 5.0
-    """... and after this long otherwise, until it is done (swarm.node._connect_loop)."""
-    min_links: int = 2
+    lookup_retry: float = LOOKUP_RETRY
+    """After its first lookups (swarm.discovery.LOOKUP_FIRST apart), a fetching node looks up
+    again after this long while it has fewer than ``min_links`` peers ..."""
+    lookup_retry_linked: float = LOOKUP_SETTLED
+    """... and after this long otherwise, until it is done (swarm.discovery.LookupSchedule)."""
+    min_links: int = FEW_PEERS
     lookup_timeout_first: float = 5.0
     """While any host has vanished, a fetch's first lookup takes this long (swarm.node's
     lookup_timeout: GET_PROVIDERS to a dead routing-table entry never answers) ..."""
     lookup_timeout: float = 2.0
     """... and every later lookup this long (the connect loop's find_providers timeout)."""
-    manifest_fanout: int = 8
-    """Providers a fetch asks for the manifest at once (swarm.node.MANIFEST_ASK_FANOUT) ..."""
+    manifest_fanout: int = MANIFEST_ASK_FANOUT
+    """Providers a fetch asks for the manifest at once (swarm.discovery.ManifestAsk) ..."""
     manifest_timeout: float = 5.0
-    """... waiting for every answer up to this long (swarm.node's fetch_manifests timeout)."""
+    """... each one that does not answer failing after this long (swarm.node's
+    MANIFEST_ASK_TIMEOUT); once one answered, the others get swarm.discovery's
+    MANIFEST_VOTE_GRACE."""
 
 
 _NET_KEYS = {a.name for a in attrs.fields(NetworkParams)}
@@ -460,16 +468,18 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         record_ttl=units.duration(dh.get("record_ttl", 48 * 3600), "dht.record_ttl"),
         republish=units.duration(dh.get("republish", 22 * 3600), "dht.republish"),
         max_providers=int(dh.get("max_providers", 20)),
-        lookup_retry=units.duration(dh.get("lookup_retry", 1.0), "dht.lookup_retry"),
-        lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", 5.0),
+        lookup_retry=units.duration(dh.get("lookup_retry", LOOKUP_RETRY), "dht.lookup_retry"),
+        lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", LOOKUP_SETTLED),
                                            "dht.lookup_retry_linked"),
-        min_links=int(dh.get("min_links", 2)),
+        min_links=int(dh.get("min_links", FEW_PEERS)),
         lookup_timeout_first=units.duration(dh.get("lookup_timeout_first", 5.0),
                                             "dht.lookup_timeout_first"),
         lookup_timeout=units.duration(dh.get("lookup_timeout", 2.0), "dht.lookup_timeout"),
-        manifest_fanout=int(dh.get("manifest_fanout", 8)),
+        manifest_fanout=int(dh.get("manifest_fanout", MANIFEST_ASK_FANOUT)),
         manifest_timeout=units.duration(dh.get("manifest_timeout", 5.0), "dht.manifest_timeout"),
     )
+    if dht.manifest_fanout < 1:
+        raise ScenarioError("dht.manifest_fanout: must be an int >= 1")
     engine = _table(d.get("engine", {}), "engine")
     _check_engine(engine, "engine")
     sc = Scenario(

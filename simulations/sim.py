@@ -29,7 +29,18 @@ import attrs
 import trio
 import trio.testing
 
-from simulations._engine import PieceHashMismatch, Transfer
+from simulations._engine import (
+    FIRST_LOOKUPS,
+    LOOKUP_FIRST,
+    MANIFEST_VOTE_GRACE,
+    ConnectPolicy,
+    LinkState,
+    LookupSchedule,
+    ManifestAsk,
+    PieceHashMismatch,
+    ProviderScores,
+    Transfer,
+)
 from simulations.network import Network, Port, SimLink, Timeline
 from simulations.scenario import Group, Scenario
 
@@ -104,6 +115,11 @@ def _run_blocking_for(hash_rate: float) -> Callable[..., Any]:
 # --------------------------------------------------------------------------- nodes
 
 
+def _node_id(n: Node) -> str:
+    return n.id
+
+
+
 class Node:
     def __init__(self, nid: str, group: Group, index: int, port: Port, store: SimStore, seed: int):
         self.id = nid
@@ -122,7 +138,10 @@ class Node:
         self.transfer: Transfer | None = None
         self.links: dict[str, SimLink] = {}
         self.dialing: dict[str, None] = {}
-        self.tried: dict[str, None] = {}
+        self.scores = ProviderScores()  # swarm.discovery, as in swarm/node.py: outlives sessions
+        self.ask: ManifestAsk[Node] | None = None  # the manifest requests of this session
+        self.ask_found: list[Node] = []  # the providers of the lookup being asked, answered first
+        self.connect: ConnectPolicy[Node] | None = None  # this session's connect loop
         self.first_arrival: float | None = None
         self.completed_at: float | None = None
         self.configs_at: float | None = None
@@ -365,7 +384,7 @@ class Simulation:
         if dur < INF:
             self.at(now + dur, self._depart, node, "session", sess)
         if node.fetches and not tr.done:
-            node.tried = {}
+            node.ask = node.connect = None
             self._lookup(node, now, first=True)
 
     async def _session(self, node: Node, tr: Transfer) -> None:
@@ -493,9 +512,10 @@ class Simulation:
             self._valid_cache = (until, valid)
         return self._valid_cache[1]
 
-    # Discovery mirrors swarm/node.py's fetch: resolve (a DHT lookup, then the manifest from a
-    # provider), then a connect loop that dials every provider not yet tried while the transfer has
-    # fewer than ``peers`` useful links, and looks up again after 1 s (fewer than 2 links) or 5 s.
+    # Discovery runs swarm/discovery.py's policies, the objects swarm/node.py's runners drive:
+    # resolve (a DHT lookup, then ``ManifestAsk`` over the providers found), then the connect loop
+    # (``ConnectPolicy.step`` after each lookup). Only the I/O is modelled here: lookup, answer and
+    # dial times.
 
     def _lookup_delay(self, node: Node) -> float:
         """ceil(log2(online nodes) / bits_per_hop) hops of one round trip each."""
@@ -515,57 +535,104 @@ class Simulation:
         k = self.sc.dht.max_providers
         return node.rng.sample(valid, k) if len(valid) > k else valid
 
+    def _live(self, node: Node, sess: int) -> bool:
+        return (node.online and sess == node.session and node.transfer is not None
+                and not node.transfer.done)
+
+    def _order(self, node: Node, providers: list[Node], now: float) -> list[Node]:
+        """node.py's ``_order_providers``: failed lately last, linked first, else shuffled."""
+        linked = node.transfer.peers if node.transfer is not None else node.links
+        return node.scores.order(providers, now, connected=linked, rng=node.rng, key=_node_id)
+
     def _resolve(self, node: Node, sess: int) -> None:
-        """node.py's ``_resolve`` after its first lookup: ask up to ``manifest_fanout`` providers for
-        the manifest at once and wait for every answer. An online one answers after a connection
-        and a round trip, a stopped node's host refuses at once, a vanished host holds the vote
-        until ``manifest_timeout``. With no answer node.py gives up (Hub fallback); here the node
-        looks again."""
-        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+        """node.py's ``_resolve`` after its first lookup: ask the providers found for the manifest
+        as ``ManifestAsk`` decides (as a fetch by name: stragglers get MANIFEST_VOTE_GRACE once
+        one answered). An online provider answers after a connection and a round trip, a stopped
+        node's host refuses at once, a vanished host answers never (``manifest_timeout``). With no
+        answer node.py gives up (Hub fallback); here the node looks again."""
+        if not self._live(node, sess):
             return
         now = self.tl.now()
-        found = self._find(node, now)
-        dht, net = self.sc.dht, self.sc.network
-        asked = node.rng.sample(found, min(len(found), dht.manifest_fanout))
-        wait, answered = 0.0, False
-        for p in asked:
-            rtt = 2 * Network.delay(node.port, p.port)
-            if p.online:
-                answered = True
-                wait = max(wait, (net.connect_rtts + 1) * rtt)
-            else:
-                wait = max(wait, dht.manifest_timeout if p.vanished else rtt)
-        if not answered:
-            self.log(now, "manifest_failed", node.id, "", len(asked))
-            self.at(now + wait + dht.lookup_retry, self._relookup, node, sess, True)
+        found = self._order(node, self._find(node, now), now)
+        plan = ManifestAsk(found, stale=lambda pid: node.scores.failed_recently(pid, now),
+                           grace=MANIFEST_VOTE_GRACE, key=_node_id,
+                           fanout=self.sc.dht.manifest_fanout)
+        node.ask, node.ask_found = plan, []
+        for p in plan.start(False):
+            self._ask(node, p, now)
+        if not plan.out:
+            self._asked_all(node, sess, plan)
+
+    def _ask(self, node: Node, p: Node, now: float) -> None:
+        rtt = 2 * Network.delay(node.port, p.port)
+        if p.online:
+            self.at(now + (self.sc.network.connect_rtts + 1) * rtt, self._answer, node,
+                    node.session, p, True)
+        else:
+            wait = self.sc.dht.manifest_timeout if p.vanished else rtt
+            self.at(now + wait, self._answer, node, node.session, p, False)
+
+    def _answer(self, node: Node, sess: int, p: Node, answered: bool) -> None:
+        plan = node.ask
+        if plan is None or p.id not in plan.out or not self._live(node, sess):
             return
-        self.at(now + wait, self._lookup_done, node, sess, found)
+        now = self.tl.now()
+        if answered:
+            node.scores.note_answered(p.id)
+            node.ask_found.append(p)
+        else:
+            node.scores.note_failed(p.id, now)
+        cutoff = plan.cutoff
+        for q in plan.finished(p.id, now, bool(node.ask_found)):
+            self._ask(node, q, now)
+        if plan.over(now):
+            self._asked_all(node, sess, plan)
+        elif plan.cutoff < cutoff:
+            self.at(plan.cutoff, self._ask_cutoff, node, sess, plan)
+
+    def _ask_cutoff(self, node: Node, sess: int, plan: ManifestAsk[Node]) -> None:
+        if node.ask is plan and self._live(node, sess):
+            self._asked_all(node, sess, plan)
+
+    def _asked_all(self, node: Node, sess: int, plan: ManifestAsk[Node]) -> None:
+        """The manifest requests are over: the stragglers are remembered as failed, and the
+        connect loop starts with the providers that answered first (node.py's holders)."""
+        now = self.tl.now()
+        for pid in plan.out:
+            node.scores.note_failed(pid, now)
+        node.ask = None
+        answered, node.ask_found = node.ask_found, []
+        if not answered:
+            self.log(now, "manifest_failed", node.id, "", plan.asked)
+            self.at(now + self.sc.dht.lookup_retry, self._relookup, node, sess, True)
+            return
+        dht = self.sc.dht
+        node.connect = ConnectPolicy(node.id, key=_node_id, max_links=node.group.peers,
+                                     schedule=LookupSchedule(
+                                         first=LOOKUP_FIRST, first_count=FIRST_LOOKUPS,
+                                         retry=dht.lookup_retry, few_peers=dht.min_links,
+                                         settled=dht.lookup_retry_linked))
+        held = {p.id for p in answered}
+        self._lookup_done(node, sess, answered + [p for p in plan.providers if p.id not in held])
 
     def _lookup_done(self, node: Node, sess: int, found: list[Node] | None = None) -> None:
-        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+        """One round of node.py's connect loop: ``ConnectPolicy.step`` over the lookup's
+        providers, then the next lookup when it says."""
+        if not self._live(node, sess) or node.connect is None:
             return
+        tr = node.transfer
+        assert tr is not None
         now = self.tl.now()
         if found is None:
             found = self._find(node, now)
         self.log(now, "lookup", node.id, "", len(found))
-        tried = node.tried
-        if found and all(p.id in tried for p in found):
-            # "A peer we lost may be back (or was only busy): retry once the list has none new."
-            node.tried = tried = {pid: None for pid in tried if pid in node.links}
-        for p in found:
-            # node.py counts only links to peers holding something we lack (useful_links).
-            if node.transfer.useful_links >= node.group.peers:
-                break
-            if p.id in tried or p.id in node.links:
-                continue
-            tried[p.id] = None
+        step = node.connect.step(now, self._order(node, found, now), LinkState.of(tr))
+        for p in step.dials:
             self._dial(node, p, now)
-        dht = self.sc.dht
-        wait = dht.lookup_retry if len(node.links) < dht.min_links else dht.lookup_retry_linked
-        self.at(now + wait, self._relookup, node, sess)
+        self.at(step.next_lookup_at, self._relookup, node, sess)
 
     def _relookup(self, node: Node, sess: int, first: bool = False) -> None:
-        if not node.online or sess != node.session or node.transfer is None or node.transfer.done:
+        if not self._live(node, sess):
             return
         self._lookup(node, self.tl.now(), first)
 
@@ -587,6 +654,7 @@ class Simulation:
         now = self.tl.now()
         if not peer.online:
             self.dial_failures += 1
+            node.scores.note_failed(peer.id, now)  # node.py's _link_to
             self.log(now, "dial_failed", node.id, peer.id)
             return
         for x, y in ((node, peer), (peer, node)):  # a link left over from before y vanished

@@ -31,6 +31,18 @@ import trio
 from swarm import cache_admin, wire
 from swarm.config import format_rate
 from swarm.confine import OutsideTree, confinement_for, stat_file
+from swarm.discovery import (  # the limits stay importable from here
+    LOOKUP_RETRY,
+    MANIFEST_ASK_FANOUT,  # noqa: F401
+    MANIFEST_STRAGGLER_GRACE,
+    MANIFEST_VOTE_GRACE,
+    MAX_LINKS_PER_FETCH,  # noqa: F401
+    PROVIDER_FAILURE_MEMORY,  # noqa: F401
+    ConnectPolicy,
+    LinkState,
+    ManifestAsk,
+    ProviderScores,
+)
 from swarm.dynamo.card import manifest_mismatches
 from swarm.engine import EngineConfig, Transfer
 from swarm.hubpull import pull_snapshot
@@ -65,29 +77,8 @@ from swarm.trust import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_ASK_FANOUT = 8
-"""Providers asked for manifests at once; more adds load without changing the vote much."""
 MANIFEST_ASK_TIMEOUT = 5.0
 """Seconds one provider has to answer a manifest request (dial included)."""
-MANIFEST_STRAGGLER_GRACE = 0.25
-"""Seconds a fetch pinned to a manifest hash waits for providers still out once the manifest is
-in (any answer is as good as eight): providers that vanished (their records live 48 h in the DHT)
-would otherwise hold the fetch for MANIFEST_ASK_TIMEOUT. Connected providers answer in ms."""
-MANIFEST_VOTE_GRACE = 2.0
-"""The same for a fetch by name, where the other answers count (the majority vote; the newest
-release under trusted-publishers): long enough for providers that need a dial across a WAN to
-answer, short of MANIFEST_ASK_TIMEOUT."""
-PROVIDER_FAILURE_MEMORY = 600.0
-"""Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
-(made-up provider records, vanished peers, peers that were only busy)."""
-MAX_REMEMBERED_FAILURES = 4096
-"""Providers remembered as failing; the oldest is forgotten first (made-up ids are free)."""
-LOOKUP_FIRST = 0.3
-"""Seconds between the first DHT lookups of a fetch, while fellow fetchers are announcing."""
-LOOKUP_RETRY = 1.0
-"""Seconds between DHT lookups while a fetch has too few peers."""
-MAX_LINKS_PER_FETCH = 16
-"""Outbound links a fetch opens; inbound ones from other fetchers come on top."""
 DRAIN_POLL = 0.05
 """Seconds between checks of a draining node's pending uploads (a 4 MiB piece takes ~40 ms at
 100 MB/s: finer polling would only burn the event loop)."""
@@ -184,7 +175,7 @@ class Node:
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
-        self._unanswered: dict[str, float] = {}  # peer id -> when it last failed us (oldest first)
+        self._scores = ProviderScores()  # providers that failed us lately (swarm.discovery)
         self.origin = OriginCoordinator(self.host, self.peer_id)
         self.lane: LaneService | None = None
         if config.lane != "off":
@@ -610,30 +601,16 @@ class Node:
     # ------------------------------------------------------------------ provider order and scores
 
     def _order_providers(self, providers: list[PeerAddr]) -> list[PeerAddr]:
-        """The order to try providers in: those that failed us in the last
-        PROVIDER_FAILURE_MEMORY seconds last, peers we are connected to first, otherwise the
-        lookup's order (first-hand records before hearsay) shuffled within groups of
-        MANIFEST_ASK_FANOUT to spread the load."""
-        connected = set(self.host.connected_peers())
-        keyed = [((self._failed_recently(p.peer_id), p.peer_id not in connected,
-                   i // MANIFEST_ASK_FANOUT, self.rng.random()), p)
-                 for i, p in enumerate(providers)]
-        return [p for _, p in sorted(keyed, key=lambda kp: kp[0])]
+        """The order to try providers in (``ProviderScores.order``): those that failed us lately
+        last, peers we are connected to first, otherwise the lookup's order shuffled in groups."""
+        return self._scores.order(providers, time.monotonic(),
+                                  connected=set(self.host.connected_peers()), rng=self.rng)
 
     def _failed_recently(self, peer_id: str) -> bool:
-        when = self._unanswered.get(peer_id)
-        if when is None:
-            return False
-        if time.monotonic() - when > PROVIDER_FAILURE_MEMORY:
-            del self._unanswered[peer_id]
-            return False
-        return True
+        return self._scores.failed_recently(peer_id, time.monotonic())
 
     def _note_failed(self, peer_id: str) -> None:
-        self._unanswered.pop(peer_id, None)
-        self._unanswered[peer_id] = time.monotonic()
-        while len(self._unanswered) > MAX_REMEMBERED_FAILURES:
-            del self._unanswered[next(iter(self._unanswered))]
+        self._scores.note_failed(peer_id, time.monotonic())
 
     async def _fetch_manifests_from(self, p: PeerAddr, request: wire.ManifestRequest
                                     ) -> list[wire.ManifestReply]:
@@ -643,22 +620,17 @@ class Node:
         except Exception:
             self._note_failed(p.peer_id)
             raise
-        self._unanswered.pop(p.peer_id, None)
+        self._scores.note_answered(p.peer_id)
         return replies
 
     async def _ask_in_turn(self, providers: list[PeerAddr], ask: Callable[[PeerAddr], Any], *,
                            settled: Callable[[], bool], grace: float) -> int:
-        """Run ``ask`` on providers in order, MANIFEST_ASK_FANOUT at a time; returns how many were
-        asked. While no usable manifest is in (``settled()``), each that finishes makes room for
-        the next, so providers that are made up or gone cannot end a fetch while untried ones
-        remain. Providers that failed us recently are asked only once every other one has
-        finished without a usable manifest. Once one is in, no more are asked, and those still
-        out get ``grace`` seconds before they are cut off (and remembered as failed)."""
-        fresh = [p for p in providers if not self._failed_recently(p.peer_id)]
-        stale = [p for p in providers if self._failed_recently(p.peer_id)]
-        out: dict[str, bool] = {}  # peer id -> is it a fresh one
+        """Run ``ask`` on providers as ``ManifestAsk`` decides (MANIFEST_ASK_FANOUT at a time,
+        each end making room for the next until a usable manifest is in (``settled()``), those
+        that failed us lately last, stragglers cut ``grace`` seconds after); returns how many
+        were asked. Stragglers cut off are remembered as failed."""
+        plan = ManifestAsk(providers, stale=self._failed_recently, grace=grace)
         finished_send, finished = trio.open_memory_channel[str](math.inf)
-        asked = 0
 
         async def one(p: PeerAddr) -> None:
             try:
@@ -667,36 +639,18 @@ class Node:
                 finished_send.send_nowait(p.peer_id)
 
         async with trio.open_nursery() as n:
-
-            def fill() -> None:
-                nonlocal asked
-                while len(out) < MANIFEST_ASK_FANOUT and not settled():
-                    if fresh:
-                        p, is_fresh = fresh.pop(0), True
-                    elif stale and not any(out.values()):
-                        p, is_fresh = stale.pop(0), False
-                    else:
-                        return
-                    out[p.peer_id] = is_fresh
-                    asked += 1
-                    n.start_soon(one, p)
-
-            fill()
-            cutoff = math.inf
-            while out:
-                with trio.move_on_at(cutoff):
-                    out.pop(await finished.receive(), None)
-                    if not settled():
-                        fill()
-                    else:
-                        cutoff = min(cutoff, trio.current_time() + grace)
-                    continue
-                break
-            for pid in out:
+            for p in plan.start(settled()):
+                n.start_soon(one, p)
+            while not plan.over(trio.current_time()):
+                with trio.move_on_at(plan.cutoff):
+                    pid = await finished.receive()
+                    for p in plan.finished(pid, trio.current_time(), settled()):
+                        n.start_soon(one, p)
+            for pid in plan.out:
                 log.info("manifest request to %s cut off after the grace period", pid[:12])
                 self._note_failed(pid)
             n.cancel_scope.cancel()
-        return asked
+        return plan.asked
 
     def _choose(self, req: FetchRequest, pinned: bytes | None, votes: Counter[bytes],
                 manifests: dict[bytes, Manifest], releases: dict[bytes, Release]) -> bytes:
@@ -879,31 +833,20 @@ class Node:
                              f"{what} (every provider of the missing pieces is gone)")
 
     async def _connect_loop(self, sh: Shared, providers: list[PeerAddr]) -> None:
-        """Open links to providers until the transfer is complete, looking up more as needed."""
+        """Open links to providers until the transfer is complete, looking up more as needed
+        (whom to dial and when to look up: ``ConnectPolicy``)."""
         t = sh.transfer
-        tried: set[str] = set()
+        policy: ConnectPolicy[PeerAddr] = ConnectPolicy(self.peer_id)
         key = manifest_key(sh.manifest.manifest_hash)
         pending = list(providers)
-        lookups = 0
         while not t.completed.is_set():
-            for p in self._order_providers(pending):
-                if p.peer_id in tried or p.peer_id == self.peer_id or p.peer_id in t.banned:
-                    continue
-                # Links to peers with nothing we lack (finished or empty) don't count, so a late
-                # fetcher keeps looking for the fetchers it can trade with; nor do peers that
-                # stopped answering or keep us choked (``Transfer.can_send``), so a fetch whose
-                # links all go to such peers still dials the others.
-                if t.useful_links >= MAX_LINKS_PER_FETCH or len(t.peers) >= t.config.max_peers:
-                    break
-                tried.add(p.peer_id)
+            step = policy.step(trio.current_time(), self._order_providers(pending),
+                               LinkState.of(t))
+            for p in step.dials:
                 # Links outlive the fetch (we seed over them), so they belong to the node.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._link_to, t, p)
-            # Look again soon at the start (fellow fetchers announce as they begin), then less often.
-            lookups += 1
-            delay = (LOOKUP_FIRST if lookups <= 4 else LOOKUP_RETRY if len(t.peers) < 4
-                     else 5 * LOOKUP_RETRY)
-            with trio.move_on_after(delay):
+            with trio.move_on_at(step.next_lookup_at):
                 await t.completed.wait()
             if t.completed.is_set():
                 break
@@ -912,9 +855,6 @@ class Node:
             except Exception as e:
                 log.debug("re-lookup failed: %s", e)
                 pending = []
-            # A peer we lost may be back (or was only busy): retry once the list has none new.
-            if all(p.peer_id in tried for p in pending):
-                tried -= {pid for pid in tried if pid not in t.peers}
 
     async def _link_to(self, t: Transfer, p: PeerAddr) -> None:
         link: Any = None
