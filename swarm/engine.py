@@ -82,7 +82,13 @@ class EngineConfig:
     request_timeout: float = 5.0
     """Base seconds a request may take before we ask someone else ..."""
     min_rate: float = 1 << 20
-    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 9 s, a config piece ~5 s."""
+    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 9 s, a config piece ~5 s.
+    The clock of a request starts when the peer can start serving it: when it was sent or when
+    the peer last answered one of ours, whichever is later (a peer serves our requests in turn;
+    see ``Transfer._queue_deadline``). Counted from sending, the fourth of four pipelined 4 MiB
+    requests at a peer sending 2.5 MB/s to four peers waited ~27 s, timed out and was asked again
+    elsewhere while the peer still sent it: the worker uploaded 4.4x the model in the simulator's
+    ``tb_flash_crowd`` (ENGINE_REQUESTS.md A5)."""
     handshake_timeout: float = 10.0
     """Seconds for a new link to exchange Hello and Bitfield."""
     max_queued_requests: int = 64
@@ -164,7 +170,11 @@ class _Peer:
         self.inbound = getattr(link, "outbound", None) is False
         self.scope: trio.CancelScope | None = None  # the link's tasks (``_drop_link`` cancels it)
         self.slot = PeerSlot(self.id, since=now, order=now)
-        self.requests: dict[int, float] = {}  # index -> deadline
+        # Our outstanding requests in the order sent (the order the peer serves them): index ->
+        # when sent. ``moved_at``: when the peer last answered one (a piece or a Reject) or we
+        # gave up on its queue; the request at the head has its timeout from then on.
+        self.requests: dict[int, float] = {}
+        self.moved_at = now
         self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
         self.uploads: deque[int] = deque()
         self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
@@ -698,6 +708,8 @@ class Transfer:
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
             peer.answered_at = now
+            if i in peer.requests:
+                peer.moved_at = now
             peer.refused[i] = now + self.config.reject_backoff
             self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
@@ -727,7 +739,7 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
-        peer.answered_at = trio.current_time()
+        peer.answered_at = peer.moved_at = trio.current_time()
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
@@ -780,6 +792,8 @@ class Transfer:
         self.picker.got(i)
         for p in self.peers.values():
             if i in p.requests:  # endgame duplicate: cancel it
+                if next(iter(p.requests)) == i:
+                    p.moved_at = trio.current_time()  # it moves on to our next request
                 del p.requests[i]
                 self.picker.request_ended(i)
                 p.cancelled.add(i)
@@ -871,6 +885,15 @@ class Transfer:
     def _timeout_for(self, i: int) -> float:
         return self.config.request_timeout + self._lengths[i] / self.config.min_rate
 
+    def _queue_deadline(self, peer: _Peer) -> float | None:
+        """When the peer's queue of our requests counts as stuck: the oldest request's timeout,
+        counted from when the peer could start on it (sent, or the peer's last answer: the
+        requests before it were being served until then). None if nothing is outstanding."""
+        if not peer.requests:
+            return None
+        head, sent = next(iter(peer.requests.items()))
+        return max(sent, peer.moved_at) + self._timeout_for(head)
+
     def _fill_requests(self, peer: _Peer) -> None:
         if peer.peer_choking or not peer.am_interested or peer.closed:
             return
@@ -885,7 +908,9 @@ class Transfer:
         # Never a piece being verified and written (it may still fail, then it is asked again).
         avoid = peer.refused.keys() | self._writing if self._writing else peer.refused
         for i in self.picker.pick(peer.have, peer.requests.keys(), room, avoid):
-            peer.requests[i] = now + self._timeout_for(i)
+            if not peer.requests:
+                peer.moved_at = now  # an idle peer's clock starts with this request
+            peer.requests[i] = now
             peer.cancelled.discard(i)
             self.picker.requested(i)
             peer.post(wire.Request(i))
@@ -902,8 +927,13 @@ class Transfer:
     def _expire_requests(self, now: float) -> None:
         expired = False
         for p in self.peers.values():
-            late = [i for i, deadline in p.requests.items() if deadline <= now]
-            for i in late:
+            deadline = self._queue_deadline(p)
+            if deadline is None or deadline > now:
+                continue
+            # The queue did not move for the head's whole timeout: everything behind it is stuck
+            # too; the Cancels take the queued ones off the peer's upload queue.
+            p.moved_at = now
+            for i in list(p.requests):
                 self._end_request(p, i)
                 p.cancelled.add(i)
                 p.post(wire.Cancel(i))
