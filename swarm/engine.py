@@ -14,6 +14,7 @@ production), never on the event loop.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -81,8 +82,12 @@ class EngineConfig:
     """How often request deadlines are checked."""
     request_timeout: float = 5.0
     """Base seconds a request may take before we ask someone else ..."""
-    min_rate: float = 1 << 20
-    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 9 s, a config piece ~5 s.
+    min_rate: float = 256 << 10
+    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 21 s, a config piece ~5 s.
+    256 KiB/s = 2 Mbit/s per piece flow: a 20 Mbit/s host receiving from seven peers at once
+    gets ~350 KiB/s on each; at 1 MiB/s (9 s for 4 MiB) such pieces timed out, were asked again
+    elsewhere and still arrived: on ``tb_flash_crowd`` the worker uploaded 4.1x the model and the
+    last frontend finished at 4.4x T_min instead of 2.5x / 2.6x (simulator, 5 seeds).
     The clock of a request starts when the peer can start serving it: when it was sent or when
     the peer last answered one of ours, whichever is later (a peer serves our requests in turn;
     see ``Transfer._queue_deadline``). Counted from sending, the fourth of four pipelined 4 MiB
@@ -179,7 +184,8 @@ class _Peer:
         self.uploads: deque[int] = deque()
         self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
         self.idle_since: float | None = None  # both sides uninterested since (we complete)
-        self.held_back: set[int] = set()  # pieces we refused them once by the seeding policy
+        # Pieces we refused them by the seeding policy -> when first refused (see _hold_back).
+        self.held_back: dict[int, float] = {}
         self.serves = True  # from their Hello: they upload to peers
         self.control: deque[wire.Message] = deque()
         self.wake = trio.Event()
@@ -636,6 +642,7 @@ class Transfer:
                     continue
                 finally:
                     self._sending -= 1
+                    self._sent_at[index] = trio.current_time()  # the copy is out (see _hold_back)
                 st = self.stats[peer.id]
                 st.bytes_up += n
                 st.pieces_up += 1
@@ -854,7 +861,7 @@ class Transfer:
             self._fill_requests(peer)
 
     def _count_copy(self, i: int) -> None:
-        self._sent_at[i] = trio.current_time()
+        self._sent_at[i] = math.inf  # being sent: its window starts when it is out
         c = self._copies[i]
         self._copies[i] = c + 1
         self._copies_hist[c] -= 1
@@ -864,22 +871,31 @@ class Transfer:
 
     def _hold_back(self, peer: _Peer, i: int, now: float) -> bool:
         """Least-copied-first seeding: a seeder with several interested peers sends a piece again
-        only once every piece has been sent as often (or the last copy is ``first_copy_window``
-        old), so its upload goes to pieces the swarm lacks and the peers trade the copies among
-        themselves (BitTorrent's super-seeding, in spirit). Measured with four frontends on one
-        worker: worker upload 4.2x the model without it.
+        only once every piece has been sent as often, so its upload goes to pieces the swarm lacks
+        and the peers trade the copies among themselves (BitTorrent's super-seeding, in spirit).
+        Measured with four frontends on one worker: worker upload 4.2x the model without it.
 
-        Only while at least two interested peers serve others (their Hello says so), and a peer is
-        refused a piece at most once: if it asks again (after its back-off), nobody else could give
-        it to them (a sparse mesh), so we send it. Without these two rules a client-server swarm
-        (frontends that never serve) stalled in the simulator."""
+        A piece already sent more often than the least-sent one is refused while its last copy is
+        on its way or less than ``first_copy_window`` old, or while another peer that serves
+        holds it (the asker can get it there), but a peer is refused one piece for at most
+        ``first_copy_window`` from its first refusal: if it keeps asking, nobody else gives it to
+        them (a sparse mesh, busy holders), so we send it. Only while at least two interested
+        peers serve others (their Hello says so): a client-server swarm (frontends that never
+        serve) stalled in the simulator without this rule."""
         if not self.picker.done or self._copies[i] <= min(self._copies_hist):
             return False
-        if now - self._sent_at[i] >= self.config.first_copy_window or i in peer.held_back:
+        window = self.config.first_copy_window
+        first = peer.held_back.get(i)
+        if first is not None and now - first >= window:
             return False
-        if sum(1 for p in self.peers.values() if p.slot.interested and p.serves) < 2:
+        serving = [p for p in self.peers.values() if p.slot.interested and p.serves]
+        if len(serving) < 2:
             return False
-        peer.held_back.add(i)
+        fresh = now - self._sent_at[i] < window
+        if not fresh and not any(i in p.have for p in self.peers.values()
+                                 if p is not peer and p.serves):
+            return False
+        peer.held_back.setdefault(i, now)
         return True
 
     def _timeout_for(self, i: int) -> float:
