@@ -267,7 +267,7 @@ class Transfer:
             self.picker.got(i)
         self._lengths = [p.length for p in manifest.pieces]
         self.wanted_bytes = sum(self._lengths[i] for i in wanted)
-        self.choker = Choker(self.config.upload_slots, self.config.slot_hold)
+        self.choker = Choker(self.config.upload_slots, self.config.slot_hold, rng=self.rng)
         self.peers: dict[str, _Peer] = {}
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
@@ -696,7 +696,7 @@ class Transfer:
             if not peer.slot.interested:
                 peer.slot.interested = True
                 peer.slot.since = now
-                peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
+                peer.slot.order = self.choker.wait_key(now)
                 self._fill_slots()
         elif isinstance(msg, wire.NotInterested):
             peer.slot.interested = False
@@ -962,7 +962,7 @@ class Transfer:
     def _set_choked(self, peer: _Peer, choked: bool, now: float) -> None:
         peer.slot.unchoked = not choked
         peer.slot.since = now
-        peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
+        peer.slot.order = self.choker.wait_key(now)
         peer.post(wire.Choke() if choked else wire.Unchoke())
 
     def _fill_slots(self) -> None:
