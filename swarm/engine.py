@@ -87,7 +87,7 @@ class EngineConfig:
     256 KiB/s = 2 Mbit/s per piece flow: a 20 Mbit/s host receiving from seven peers at once
     gets ~350 KiB/s on each; at 1 MiB/s (9 s for 4 MiB) such pieces timed out, were asked again
     elsewhere and still arrived: on ``tb_flash_crowd`` the worker uploaded 4.1x the model and the
-    last frontend finished at 4.4x T_min instead of 2.5x / 2.6x (simulator, 5 seeds).
+    last frontend finished at 4.4x T_min instead of 2.4x / 2.6x (simulator, 5 seeds).
     The clock of a request starts when the peer can start serving it: when it was sent or when
     the peer last answered one of ours, whichever is later (a peer serves our requests in turn;
     see ``Transfer._queue_deadline``). Counted from sending, the fourth of four pipelined 4 MiB
