@@ -17,6 +17,7 @@ Reject). Serving few peers fast beats serving all slowly: a peer with whole piec
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 import attrs
@@ -40,11 +41,19 @@ class PeerSlot:
 
 
 class Choker:
-    def __init__(self, slots: int = DEFAULT_SLOTS, hold: float = DEFAULT_HOLD):
+    def __init__(self, slots: int = DEFAULT_SLOTS, hold: float = DEFAULT_HOLD, *,
+                 rng: random.Random | None = None):
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
         self.hold = hold
+        self.rng = rng or random.Random()
+
+    def wait_key(self, now: float) -> float:
+        """``PeerSlot.order`` for a peer that starts waiting now (became interested, or was
+        choked): ``now`` plus a random jitter of up to one ``hold``, drawn from this choker's rng,
+        so seeds that see the same peers wait at the same moment still serve different ones."""
+        return now + self.rng.uniform(0, self.hold)
 
     def fill(self, peers: Iterable[PeerSlot], now: float) -> list[PeerSlot]:
         """Peers to unchoke now into free slots (chokes nobody)."""

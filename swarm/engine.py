@@ -14,6 +14,7 @@ production), never on the event loop.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -81,8 +82,18 @@ class EngineConfig:
     """How often request deadlines are checked."""
     request_timeout: float = 5.0
     """Base seconds a request may take before we ask someone else ..."""
-    min_rate: float = 1 << 20
-    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 9 s, a config piece ~5 s."""
+    min_rate: float = 256 << 10
+    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 21 s, a config piece ~5 s.
+    256 KiB/s = 2 Mbit/s per piece flow: a 20 Mbit/s host receiving from seven peers at once
+    gets ~350 KiB/s on each; at 1 MiB/s (9 s for 4 MiB) such pieces timed out, were asked again
+    elsewhere and still arrived: on ``tb_flash_crowd`` the worker uploaded 4.1x the model and the
+    last frontend finished at 4.4x T_min instead of 2.4x / 2.6x (simulator, 5 seeds).
+    The clock of a request starts when the peer can start serving it: when it was sent or when
+    the peer last answered one of ours, whichever is later (a peer serves our requests in turn;
+    see ``Transfer._queue_deadline``). Counted from sending, the fourth of four pipelined 4 MiB
+    requests at a peer sending 2.5 MB/s to four peers waited ~27 s, timed out and was asked again
+    elsewhere while the peer still sent it: the worker uploaded 4.4x the model in the simulator's
+    ``tb_flash_crowd`` (ENGINE_REQUESTS.md A5)."""
     handshake_timeout: float = 10.0
     """Seconds for a new link to exchange Hello and Bitfield."""
     max_queued_requests: int = 64
@@ -164,7 +175,11 @@ class _Peer:
         self.inbound = getattr(link, "outbound", None) is False
         self.scope: trio.CancelScope | None = None  # the link's tasks (``_drop_link`` cancels it)
         self.slot = PeerSlot(self.id, since=now, order=now)
-        self.requests: dict[int, float] = {}  # index -> deadline
+        # Our outstanding requests in the order sent (the order the peer serves them): index ->
+        # when sent. ``moved_at``: when the peer last answered one (a piece or a Reject) or we
+        # gave up on its queue; the request at the head has its timeout from then on.
+        self.requests: dict[int, float] = {}
+        self.moved_at = now
         self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
         self.uploads: deque[int] = deque()
         self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
@@ -254,7 +269,7 @@ class Transfer:
             self.picker.got(i)
         self._lengths = [p.length for p in manifest.pieces]
         self.wanted_bytes = sum(self._lengths[i] for i in wanted)
-        self.choker = Choker(self.config.upload_slots, self.config.slot_hold)
+        self.choker = Choker(self.config.upload_slots, self.config.slot_hold, rng=self.rng)
         self.peers: dict[str, _Peer] = {}
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
@@ -634,6 +649,7 @@ class Transfer:
                     continue
                 finally:
                     self._sending -= 1
+                    self._sent_at[index] = trio.current_time()  # the copy is out (see _hold_back)
                 st = self.stats[peer.id]
                 st.bytes_up += n
                 st.pieces_up += 1
@@ -715,7 +731,7 @@ class Transfer:
             if not peer.slot.interested:
                 peer.slot.interested = True
                 peer.slot.since = now
-                peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
+                peer.slot.order = self.choker.wait_key(now)
                 self._fill_slots()
         elif isinstance(msg, wire.NotInterested):
             peer.slot.interested = False
@@ -734,6 +750,8 @@ class Transfer:
         elif isinstance(msg, wire.Reject):
             i = self._index(msg.index)
             peer.answered_at = now
+            if i in peer.requests:
+                peer.moved_at = now
             peer.refused[i] = now + self.config.reject_backoff
             self.picker.contended = True  # others compete for these pieces: random ties
             if i in peer.requests:
@@ -765,13 +783,7 @@ class Transfer:
         # (measured).
         del peer.requests[i]
         peer.timeouts = 0
-        peer.answered_at = now = trio.current_time()
-        # The peer serves our requests in order: the next one's clock starts now. A sender held
-        # to a bandwidth limit (swarm/ratelimit.py) delivers a deep pipeline slowly but steadily;
-        # counted from when they were sent, the last requests timed out, the peer counted as
-        # snubbed and a rate-limited fetch stalled (seen in tests/test_ratelimit.py).
-        for j, deadline in peer.requests.items():
-            peer.requests[j] = max(deadline, now + self._timeout_for(j))
+        peer.answered_at = peer.moved_at = trio.current_time()
         if n != self._lengths[i]:
             self.picker.request_ended(i)
             self._ban(peer, f"piece {i} has {n} bytes, manifest says {self._lengths[i]}")
@@ -824,6 +836,8 @@ class Transfer:
         self.picker.got(i)
         for p in self.peers.values():
             if i in p.requests:  # endgame duplicate: cancel it
+                if next(iter(p.requests)) == i:
+                    p.moved_at = trio.current_time()  # it moves on to our next request
                 del p.requests[i]
                 self.picker.request_ended(i)
                 p.cancelled.add(i)
@@ -884,7 +898,7 @@ class Transfer:
             self._fill_requests(peer)
 
     def _count_copy(self, i: int) -> None:
-        self._sent_at[i] = trio.current_time()
+        self._sent_at[i] = math.inf  # being sent: its window starts when it is out
         c = self._copies[i]
         self._copies[i] = c + 1
         self._copies_hist[c] -= 1
@@ -894,10 +908,12 @@ class Transfer:
 
     def _hold_back(self, peer: _Peer, i: int, now: float) -> bool:
         """Least-copied-first seeding: a seeder with several interested peers sends a piece again
-        only once every piece has been sent as often (or the last copy is ``first_copy_window``
-        old), so its upload goes to pieces the swarm lacks and the peers trade the copies among
-        themselves (BitTorrent's super-seeding, in spirit). Measured with four frontends on one
-        worker: worker upload 4.2x the model without it.
+        only once every piece has been sent as often (or the last copy has been out for
+        ``first_copy_window``), so its upload goes to pieces the swarm lacks and the peers trade
+        the copies among themselves (BitTorrent's super-seeding, in spirit). Measured with four
+        frontends on one worker: worker upload 4.2x the model without it. The window counts from
+        when the copy is out, not from when it started: a 4 MiB piece to one of four peers at
+        20 Mbit/s takes ~7 s, longer than the window.
 
         Only while at least two interested peers serve others (their Hello says so), and a peer is
         refused a piece at most once: if it asks again (after its back-off), nobody else could give
@@ -914,6 +930,15 @@ class Transfer:
 
     def _timeout_for(self, i: int) -> float:
         return self.config.request_timeout + self._lengths[i] / self.config.min_rate
+
+    def _queue_deadline(self, peer: _Peer) -> float | None:
+        """When the peer's queue of our requests counts as stuck: the oldest request's timeout,
+        counted from when the peer could start on it (sent, or the peer's last answer: the
+        requests before it were being served until then). None if nothing is outstanding."""
+        if not peer.requests:
+            return None
+        head, sent = next(iter(peer.requests.items()))
+        return max(sent, peer.moved_at) + self._timeout_for(head)
 
     def _fill_requests(self, peer: _Peer) -> None:
         if peer.peer_choking or not peer.am_interested or peer.closed:
@@ -932,7 +957,9 @@ class Transfer:
         for i in self.picker.pick(peer.have, peer.requests.keys(), room, avoid):
             if paced and not self.bandwidth.may_request(self._lengths[i]):
                 break  # over the download limit: ``run`` asks again at the next tick
-            peer.requests[i] = now + self._timeout_for(i)
+            if not peer.requests:
+                peer.moved_at = now  # an idle peer's clock starts with this request
+            peer.requests[i] = now
             peer.cancelled.discard(i)
             self.picker.requested(i)
             peer.post(wire.Request(i))
@@ -956,8 +983,13 @@ class Transfer:
     def _expire_requests(self, now: float) -> None:
         expired = False
         for p in self.peers.values():
-            late = [i for i, deadline in p.requests.items() if deadline <= now]
-            for i in late:
+            deadline = self._queue_deadline(p)
+            if deadline is None or deadline > now:
+                continue
+            # The queue did not move for the head's whole timeout: everything behind it is stuck
+            # too; the Cancels take the queued ones off the peer's upload queue.
+            p.moved_at = now
+            for i in list(p.requests):
                 self._end_request(p, i)
                 p.cancelled.add(i)
                 p.post(wire.Cancel(i))
@@ -970,7 +1002,7 @@ class Transfer:
     def _set_choked(self, peer: _Peer, choked: bool, now: float) -> None:
         peer.slot.unchoked = not choked
         peer.slot.since = now
-        peer.slot.order = now + self.rng.uniform(0, self.config.slot_hold)
+        peer.slot.order = self.choker.wait_key(now)
         peer.post(wire.Choke() if choked else wire.Unchoke())
 
     def _fill_slots(self) -> None:

@@ -243,6 +243,100 @@ async def test_requests_to_a_silent_peer_time_out_and_go_elsewhere(model, autoju
     assert store.pieces == pieces
 
 
+class SlowSeeder:
+    """Serves requests one at a time, in the order asked, at ``rate`` bytes/s (a busy seeder's
+    upload shared by several peers); honours Cancel for requests still queued."""
+
+    def __init__(self, m, pieces, link, rate):
+        self.m, self.pieces, self.link, self.rate = m, pieces, link, rate
+        self.queue = []
+        self.sent = []
+        self.cancelled = 0
+
+    async def run(self):
+        await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces),
+                                                              self.m.num_pieces)))
+        await self.link.send(wire.Unchoke())
+        wake = trio.Event()
+
+        async def serve():
+            nonlocal wake
+            while True:
+                while not self.queue:
+                    wake = trio.Event()
+                    await wake.wait()
+                i = self.queue[0]
+                await trio.sleep(len(self.pieces[i]) / self.rate)
+                if self.queue and self.queue[0] == i:
+                    self.queue.pop(0)
+                    self.sent.append(i)
+                    await self.link.send(wire.PieceData(i, self.pieces[i]))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(serve)
+            try:
+                while True:
+                    msg = await self.link.receive()
+                    if isinstance(msg, wire.Request):
+                        self.queue.append(msg.index)
+                        wake.set()
+                    elif isinstance(msg, wire.Cancel) and msg.index in self.queue:
+                        self.queue.remove(msg.index)
+                        self.cancelled += 1
+            except Exception:
+                n.cancel_scope.cancel()
+
+
+async def test_requests_queued_at_a_slow_seeder_do_not_time_out(model, autojump_clock):
+    """A seeder sending 1.25 MiB/s, four requests pipelined: a 4 MiB piece takes 3.2 s once the
+    seeder starts on it, within the 5 s a request may take (request_timeout 1 s + 4 MiB at
+    1 MiB/s), but the fourth waits 12.8 s after it was sent. Counted from sending, requests timed
+    out while merely queued, were cancelled and asked again (ENGINE_REQUESTS.md A5); counted from
+    the seeder's last answer, none does."""
+    m, pieces = model
+    config = cfg(request_timeout=1.0, min_rate=1 << 20, pipeline_depth=4)
+    assert max(p.length for p in m.pieces) <= 4 * MiB
+    async with trio.open_nursery() as n:
+        store = DictStore(m)
+        leech = Transfer(m, store, config=config, run_blocking=direct, rng=random.Random(1))
+        n.start_soon(leech.run)
+        la, lb = link_pair("slow", "leech")
+        slow = SlowSeeder(m, pieces, la, rate=1.25 * MiB)
+        n.start_soon(slow.run)
+        n.start_soon(leech.serve_link, lb)
+        with trio.fail_after(4.0 * m.num_pieces + 10):  # 3.2 s per 4 MiB, plus margin
+            await leech.completed.wait()
+        n.cancel_scope.cancel()
+    assert store.pieces == pieces
+    assert leech.timeouts == 0 and slow.cancelled == 0
+    assert sorted(slow.sent) == list(range(m.num_pieces))  # each piece sent once
+
+
+async def test_a_stuck_peer_queue_times_out_as_a_whole(model, autojump_clock):
+    """A peer that stops answering: once its oldest request has waited its whole timeout since
+    the peer's last answer, every request queued behind it is cancelled too and asked elsewhere."""
+    m, _ = model
+    config = cfg(request_timeout=1.0, min_rate=1 << 20, pipeline_depth=4)
+    async with trio.open_nursery() as n:
+        store = DictStore(m)
+        leech = Transfer(m, store, config=config, run_blocking=direct, rng=random.Random(1))
+        n.start_soon(leech.run)
+        la, lb = link_pair("silent", "leech")
+        n.start_soon(SilentPeer(m, la).run)
+        n.start_soon(leech.serve_link, lb)
+        await trio.sleep(0.5)
+        peer = leech.peers["silent"]
+        asked = set(peer.requests)
+        assert len(asked) >= 2  # the config pieces (a class is opened once the one before is in)
+        deadline = leech._queue_deadline(peer)
+        await trio.sleep(deadline - trio.current_time() - config.tick)
+        assert leech.timeouts == 0
+        await trio.sleep(2 * config.tick)
+        assert leech.timeouts == len(asked)  # all at once (then asked again: nobody else has them)
+        n.cancel_scope.cancel()
+
+
 async def test_protocol_violation_drops_only_that_link(model):
     m, pieces = model
     async with trio.open_nursery() as n:

@@ -151,3 +151,23 @@ def test_equal_rarity_in_file_order_until_contended():
     picks = [tuple(p.pick(everything, (), 4)) for _ in range(5)]
     assert len(set(picks)) > 1
     assert all(not set(x) & {0, 1, 2} for x in picks)  # rarest first still holds
+
+
+def test_seeds_serving_the_same_waiting_peers_do_not_herd():
+    """Sixteen leechers linked to four seeds became interested at the same moment. Ordered by
+    wait time alone (ties by peer id) every seed unchoked the same four and the other twelve got
+    nothing (ENGINE_REQUESTS.md A1: an edge node waited 24 s, then was served by 14 seeds at
+    once). Keyed by each seed's own rng (``Choker.wait_key``), the seeds serve different peers;
+    seeded rngs keep it reproducible."""
+    served = []
+    for seed in range(4):
+        ch = Choker(slots=4, hold=2.0, rng=random.Random(seed))
+        slots = [PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=ch.wait_key(10.0))
+                 for k in range(16)]
+        served.append({s.peer_id for s in ch.fill(slots, 10.0)})
+    assert all(len(s) == 4 for s in served)
+    assert len(set().union(*served)) >= 10, served  # in lock-step it would be 4
+    unkeyed = [{s.peer_id for s in Choker(slots=4).fill(
+        [PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=10.0) for k in range(16)], 10.0)}
+        for _ in range(4)]
+    assert len(set().union(*unkeyed)) == 4  # the herd the key breaks up
