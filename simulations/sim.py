@@ -275,6 +275,8 @@ class Simulation:
         self.engine_errors = 0  # Transfer.internal_errors: bugs the engine caught and logged
         self.engine_failures = 0  # transfers that failed on a store error
         self.bans = 0  # peers banned (sessions x peers)
+        self.link_ends = 0  # link ends held by nodes now (each costs the engine two tasks)
+        self.peak_link_ends = 0
 
     # ------------------------------------------------------------------ running
 
@@ -412,6 +414,7 @@ class Simulation:
             if vanish:
                 link.vanish()
             link.close()
+        self.link_ends -= len(node.pending)  # attached but never served
         node.pending = []
         node.links.clear()
         node.dialing.clear()
@@ -603,6 +606,9 @@ class Simulation:
 
     def _attach(self, node: Node, link: SimLink) -> None:
         node.links[link.peer_id] = link
+        self.link_ends += 1
+        if self.link_ends > self.peak_link_ends:
+            self.peak_link_ends = self.link_ends
         if node.nursery is None or node.transfer is None:
             node.pending.append(link)
         else:
@@ -612,6 +618,7 @@ class Simulation:
         try:
             await tr.serve_link(link)
         finally:
+            self.link_ends -= 1
             link.close()
             if node.links.get(link.peer_id) is link:
                 del node.links[link.peer_id]
@@ -675,6 +682,7 @@ class Simulation:
             "engine_internal_errors": self.engine_errors,
             "engine_failures": self.engine_failures,
             "bans": self.bans,
+            "peak_link_ends": self.peak_link_ends,
             "fetchers": self.fetchers,
             "finished": self.finished,
             "gone": self.gone,
