@@ -371,6 +371,17 @@ announce = "start"
     assert logs[0] == logs[1] and logs[0][0] != logs[0][1]
 
 
+def test_parallel_seeds_are_limited_to_the_memory_there_is():
+    from simulations.cli import jobs_that_fit
+
+    gib = float(1 << 30)
+    assert jobs_that_fit(1_000, 8 * gib) >= 7
+    assert jobs_that_fit(10_000, 24 * gib) == 2
+    assert jobs_that_fit(10_000, 12 * gib) == 1
+    assert jobs_that_fit(100_000, 24 * gib) == 1  # never fewer than one
+    assert jobs_that_fit(10_000, None) > 2  # no /proc/meminfo: as asked
+
+
 def test_simulations_never_import_the_network_stack():
     code = ("import sys, simulations.cli, simulations.sim, simulations.report\n"
             "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
