@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_sim.py                       # scale_1000: 1,000 nodes
     .venv/bin/python scripts/bench_sim.py --sizes 100,300,999   # the frontend count at each size
     .venv/bin/python scripts/bench_sim.py --profile             # where the time goes, by layer
+    .venv/bin/python scripts/bench_sim.py --memory 6            # what holds memory at t = 6 s
 
 The result for this machine is in docs/simulation.md ("Scale").
 """
@@ -14,11 +15,14 @@ import argparse
 import collections
 import cProfile
 import json
+import os
 import pstats
 import resource
 import sys
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,11 +41,45 @@ def by_layer(stats: pstats.Stats) -> dict[str, float]:
     return dict(out.most_common())
 
 
-def run(path: Path, count: int | None, seed: int, profile: bool) -> dict:
+#: Memory layers: the first key found in an allocation's file name (trio's attrs classes are
+#: generated into files named "<attrs generated ... trio...>").
+MEM_LAYERS = (("swarm/engine", "engine"), ("swarm/picker", "picker+choker"),
+              ("swarm/choker", "picker+choker"), ("swarm/wire", "wire messages"),
+              ("simulations/", "simulator"), ("trio", "trio"), ("outcome", "trio"))
+
+
+def memory_by_layer(snap: tracemalloc.Snapshot, link_ends: int) -> dict[str, Any]:
+    """Bytes held at the snapshot, by layer, and per link end (the unit that dominates)."""
+    layers: collections.Counter[str] = collections.Counter()
+    lines = snap.statistics("lineno")
+    for st in lines:
+        fn = st.traceback[0].filename
+        layers[next((label for key, label in MEM_LAYERS if key in fn), "other")] += st.size
+    total = sum(layers.values())
+    per = max(1, link_ends)
+    return {
+        "traced_mb": round(total / 1e6, 1),
+        "link_ends": link_ends,
+        "bytes_per_link_end": round(total / per),
+        "by_layer_bytes_per_link_end": {k: round(v / per) for k, v in layers.most_common()},
+        "top_lines": [f"{st.size / per:.0f} B/link end  {st.traceback[0].filename.split('/')[-1]}:"
+                      f"{st.traceback[0].lineno}" for st in lines[:15]],
+    }
+
+
+def run(path: Path, count: int | None, seed: int, profile: bool,
+        memory_at: float | None = None) -> dict:
     overrides = {"groups.frontends.count": count} if count is not None else {}
     sc = scenario.load(path, overrides)
     b = bounds.for_scenario(sc)
     sim = Simulation(sc, seed, log_pieces=False)
+    snap: dict[str, Any] = {}
+    if memory_at is not None:
+        def take() -> None:
+            snap["snap"] = tracemalloc.take_snapshot()
+            snap["links"] = sum(len(n.links) for n in sim.nodes)
+        sim.at(memory_at, take)
+        tracemalloc.start(1)
     prof = cProfile.Profile() if profile else None
     w0, c0 = time.perf_counter(), time.process_time()
     if prof:
@@ -50,6 +88,8 @@ def run(path: Path, count: int | None, seed: int, profile: bool) -> dict:
     if prof:
         prof.disable()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    if memory_at is not None:
+        tracemalloc.stop()
     times = r.completion_times()
     out = {
         "scenario": sc.name,
@@ -63,8 +103,12 @@ def run(path: Path, count: int | None, seed: int, profile: bool) -> dict:
         "median_over_T_min": round(report.quantile(times, 0.5) / b["T_min"], 3) if times else None,
         "max_over_T_min": round(times[-1] / b["T_min"], 3) if times else None,
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_link_ends_per_node": round(r.stats["peak_link_ends"] / max(1, len(r.nodes)), 1),
+        "load_avg_1min": round(os.getloadavg()[0], 1),  # the machine is shared: read wall with it
         **{k: r.stats[k] for k in ("messages", "flows", "peak_flows", "level_steps")},
     }
+    if snap:
+        out["memory"] = memory_by_layer(snap["snap"], snap["links"])
     if prof:
         layers = by_layer(pstats.Stats(prof))
         total = sum(layers.values())
@@ -79,10 +123,13 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated frontend counts (default: as in the file)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--memory", type=float, metavar="T",
+                    help="tracemalloc snapshot at virtual time T: bytes by layer and per link end "
+                         "(slows the run ~2x; RSS then includes tracemalloc's own tables)")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else [None]
     for n in sizes:
-        print(json.dumps(run(Path(a.scenario), n, a.seed, a.profile)), flush=True)
+        print(json.dumps(run(Path(a.scenario), n, a.seed, a.profile, a.memory)), flush=True)
     return 0
 
 

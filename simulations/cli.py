@@ -46,6 +46,34 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+#: Peak RSS of one run per node, measured with scale_1000.toml (~40 links per node; each link end
+#: holds the engine's per-peer state and two trio tasks): 0.73 MB per node at 1,000 nodes, 0.74 MB
+#: at 3,000, more at 10,000 (more links per node); rounded up. Keeps parallel seeds within the
+#: memory there is.
+RSS_PER_NODE = 1.1e6
+#: Peak RSS of a run apart from its nodes (the interpreter, trio, the engine's modules).
+RSS_BASE = 100e6
+
+
+def _available_memory() -> float | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def jobs_that_fit(nodes: int, available: float | None) -> int:
+    """Parallel runs of ``nodes`` nodes that fit in ``available`` bytes (at least one)."""
+    if available is None:
+        return 1 << 30
+    return max(1, int(available // (RSS_BASE + nodes * RSS_PER_NODE)))
+
+
 def _run_one(path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_pieces: bool | None,
              quiet: bool) -> tuple[dict[str, Any], Any]:
     """One seed (in a worker process): run, write the event log, return summary and result."""
@@ -76,8 +104,15 @@ def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: P
     out.mkdir(parents=True, exist_ok=True)
     sc = scenario.load(path, overrides)
     b = bounds_mod.for_scenario(sc)
+    n_nodes = sum(g.count for g in sc.groups)
+    if jobs > 1 and len(seeds) > 1:
+        fit = jobs_that_fit(n_nodes, _available_memory())
+        if fit < jobs:
+            print(f"swarm-sim: {jobs} parallel runs of {n_nodes} nodes need ~"
+                  f"{fmt_size(jobs * (RSS_BASE + n_nodes * RSS_PER_NODE))} of memory; running "
+                  f"{fit} at a time", file=sys.stderr, flush=True)
+            jobs = fit
     if not quiet:
-        n_nodes = sum(g.count for g in sc.groups)
         print(f"{sc.name}: {n_nodes} nodes, {fmt_size(sc.file_bytes)} in {sc.manifest.num_pieces} "
               f"pieces, T_min {b['T_min']:.3f} s; {len(seeds)} seed(s), {jobs} job(s) -> {out}",
               file=sys.stderr, flush=True)

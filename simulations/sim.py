@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 import trio
+import trio.lowlevel
 import trio.testing
 
 from simulations._engine import (
@@ -45,6 +46,10 @@ from simulations.network import Network, Port, SimLink, Timeline
 from simulations.scenario import Group, Scenario
 
 INF = math.inf
+#: Nodes whose tasks are cancelled together when a run stops (see ``Simulation._teardown``), and
+#: scheduler rounds given to each batch to unwind (a node's tasks nest four nurseries deep).
+TEARDOWN_BATCH = 200
+TEARDOWN_ROUNDS = 10
 
 
 # --------------------------------------------------------------------------- store
@@ -285,6 +290,7 @@ class Simulation:
         self.events: list[tuple] = []
         self.samples: list[tuple] = []
         self._nursery: trio.Nursery | None = None
+        self._timeline_scope = trio.CancelScope()
         self.stopped_by = "stop_at"
         self.end_time = 0.0
         self._stopping = False
@@ -294,6 +300,8 @@ class Simulation:
         self.engine_errors = 0  # Transfer.internal_errors: bugs the engine caught and logged
         self.engine_failures = 0  # transfers that failed on a store error
         self.bans = 0  # peers banned (sessions x peers)
+        self.link_ends = 0  # link ends held by nodes now (each costs the engine two tasks)
+        self.peak_link_ends = 0
 
     # ------------------------------------------------------------------ running
 
@@ -317,13 +325,17 @@ class Simulation:
             self.at(0.0, self._sample)
             if self.fetchers == 0:
                 self.at(0.0, self._stop, "done")
-            nursery.start_soon(self.tl.run)
+            nursery.start_soon(self._run_timeline)
+
+    async def _run_timeline(self) -> None:
+        with self._timeline_scope:
+            await self.tl.run()
 
     def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
         self.tl.at(t, fn, *args)
 
     def _stop(self, why: str) -> None:
-        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+        if self._nursery is None or self._stopping:
             return
         now = self.tl.now()
         self.stopped_by = why
@@ -335,6 +347,21 @@ class Simulation:
             if node.online and node.transfer is not None:
                 self._retire(node, node.transfer)
                 node.transfer = None
+        self._timeline_scope.cancel()  # nothing is delivered or scheduled any more
+        self._nursery.start_soon(self._teardown)
+
+    async def _teardown(self) -> None:
+        """Unwind the nodes' tasks a batch at a time, then everything else. Cancelling all at
+        once held every task's unwinding state together: the peak RSS of a run was at its end
+        (300 nodes: 279 MB peak, 220 MB when the run stopped; 255 MB peak in batches). Virtual
+        time stands still meanwhile (this task is always runnable); the results were taken above."""
+        assert self._nursery is not None
+        batch = [n.scope for n in self.nodes if n.scope is not None and not n.scope.cancel_called]
+        for i in range(0, len(batch), TEARDOWN_BATCH):
+            for scope in batch[i:i + TEARDOWN_BATCH]:
+                scope.cancel()
+            for _ in range(TEARDOWN_ROUNDS):
+                await trio.lowlevel.checkpoint()
         self._nursery.cancel_scope.cancel()
 
     def _retire(self, node: Node, tr: Transfer) -> None:
@@ -431,6 +458,7 @@ class Simulation:
             if vanish:
                 link.vanish()
             link.close()
+        self.link_ends -= len(node.pending)  # attached but never served
         node.pending = []
         node.links.clear()
         node.dialing.clear()
@@ -671,6 +699,9 @@ class Simulation:
 
     def _attach(self, node: Node, link: SimLink) -> None:
         node.links[link.peer_id] = link
+        self.link_ends += 1
+        if self.link_ends > self.peak_link_ends:
+            self.peak_link_ends = self.link_ends
         if node.nursery is None or node.transfer is None:
             node.pending.append(link)
         else:
@@ -680,6 +711,7 @@ class Simulation:
         try:
             await tr.serve_link(link)
         finally:
+            self.link_ends -= 1
             link.close()
             if node.links.get(link.peer_id) is link:
                 del node.links[link.peer_id]
@@ -743,6 +775,7 @@ class Simulation:
             "engine_internal_errors": self.engine_errors,
             "engine_failures": self.engine_failures,
             "bans": self.bans,
+            "peak_link_ends": self.peak_link_ends,
             "fetchers": self.fetchers,
             "finished": self.finished,
             "gone": self.gone,

@@ -340,6 +340,48 @@ announce = "start"
     assert [p["bounds"]["N"] for p in doc["points"]] == [4, 8]
 
 
+def test_seeds_in_parallel_give_the_same_results_as_in_sequence(tmp_path: Path):
+    from simulations import cli
+
+    toml = tmp_path / "small.toml"
+    toml.write_text("""
+name = "small"
+[model]
+files = [{ path = "config.json", size = "4 KiB" }, { path = "model.safetensors", size = "16 MiB" }]
+[groups.workers]
+role = "seed"
+upload = "1 Gbit/s"
+[groups.frontends]
+count = 12
+upload = "100 Mbit/s"
+announce = "start"
+""")
+    docs, logs = [], []
+    for jobs, name in ((1, "seq"), (2, "par")):
+        out = tmp_path / name
+        assert cli.main(["run", str(toml), "--seeds", "2", "--jobs", str(jobs), "--out", str(out),
+                         "--quiet", "--no-plots"]) == 0
+        doc = json.loads((out / "summary.json").read_text())
+        for s in doc["per_seed"]:
+            s.pop("wall_seconds")
+        docs.append(doc["per_seed"])
+        logs.append([(out / f"events_seed{s}.csv").read_bytes() for s in (1, 2)])
+    assert [s["seed"] for s in docs[0]] == [1, 2]
+    assert docs[0] == docs[1]
+    assert logs[0] == logs[1] and logs[0][0] != logs[0][1]
+
+
+def test_parallel_seeds_are_limited_to_the_memory_there_is():
+    from simulations.cli import jobs_that_fit
+
+    gib = float(1 << 30)
+    assert jobs_that_fit(1_000, 8 * gib) >= 7
+    assert jobs_that_fit(10_000, 24 * gib) == 2
+    assert jobs_that_fit(10_000, 12 * gib) == 1
+    assert jobs_that_fit(100_000, 24 * gib) == 1  # never fewer than one
+    assert jobs_that_fit(10_000, None) > 2  # no /proc/meminfo: as asked
+
+
 def test_simulations_never_import_the_network_stack():
     code = ("import sys, simulations.cli, simulations.sim, simulations.report\n"
             "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
