@@ -761,7 +761,7 @@ ANALYSIS = """## What limits us (read with the tables above)
   between repeats (median shown).
 - **Run-to-run noise**: this is a 2-vCPU VM on a shared host, also running other sessions' test
   suites; see the `other CPU-s` column. libtorrent's (a) figures here are slower than the
-  reference 3.1-4.4 s measured on a quiet machine (/work/shared/notes/anchors.md).
+  reference 3.1-4.4 s measured on a quiet machine.
 
 ## Why the lane is built the way it is
 
