@@ -289,6 +289,7 @@ class Transfer:
         # Seeding policy (see _hold_back): when we last sent each piece, how many copies we sent,
         # and how many pieces have each copy count (so the least-sent count is O(1) to find).
         self._sent_at: dict[int, float] = {}
+        self._sending_since: dict[int, float] = {}
         self._copies = [0] * self.num_pieces
         self._copies_hist: Counter[int] = Counter({0: self.num_pieces})
         self.bytes_up = 0
@@ -898,7 +899,8 @@ class Transfer:
             self._fill_requests(peer)
 
     def _count_copy(self, i: int) -> None:
-        self._sent_at[i] = math.inf  # being sent: its window starts when it is out
+        self._sent_at[i] = math.inf  # being sent: its window starts when it is out ...
+        self._sending_since[i] = trio.current_time()  # ... unless it is stuck (see _hold_back)
         c = self._copies[i]
         self._copies[i] = c + 1
         self._copies_hist[c] -= 1
@@ -923,6 +925,9 @@ class Transfer:
             return False
         if now - self._sent_at[i] >= self.config.first_copy_window or i in peer.held_back:
             return False
+        if self._sent_at[i] == math.inf and now - self._sending_since[i] >= self._timeout_for(i):
+            return False  # a copy not out within its own request timeout is stuck (a peer that
+            #               never reads), not slow: holding the piece back would starve the rest
         if sum(1 for p in self.peers.values() if p.slot.interested and p.serves) < 2:
             return False
         peer.held_back.add(i)
