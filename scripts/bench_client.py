@@ -51,10 +51,26 @@ def start_node(tmp: Path, name: str, env: dict, *extra: str) -> tuple[subprocess
     home = tmp / name / "home"
     (tmp / name).mkdir(parents=True)
     log = open(tmp / name / "node.log", "wb")  # noqa: SIM115 (closed with the process)
-    p = subprocess.Popen([sys.executable, "-m", "swarm.cli", "run", "--home", str(home),
-                          "--cache-dir", str(tmp / name / "cache"), "--listen",
-                          "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache", *extra],
-                         env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "run",
+            "--home",
+            str(home),
+            "--cache-dir",
+            str(tmp / name / "cache"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-serve-hf-cache",
+            *extra,
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
     return p, home
 
 
@@ -72,9 +88,13 @@ def wait_ready(p: subprocess.Popen, home: Path, timeout: float = 60.0) -> dict:
 
 def run_child(env: dict, repo: str, home: Path, cache: Path) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD.format(repo=repo, home=str(home),
-                                                             cache=str(cache))],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(repo=repo, home=str(home), cache=str(cache))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"fetch failed:\n{out.stderr}")
@@ -91,8 +111,9 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="swarm-bench-client-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SWARM_", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf"),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf"), PYTHONUNBUFFERED="1"
+    )
     procs: list[subprocess.Popen] = []
     try:
         serve = []
@@ -120,14 +141,15 @@ def main() -> int:
 
         print(f"{'case':<11} {'process':>9} {'import':>8} {'fetch':>8}  libp2p imported")
         for case, r in rows:
-            print(f"{case:<11} {r['wall']:>8.3f}s {r['import']:>7.3f}s {r['fetch']:>7.3f}s  "
-                  f"{r['libp2p']}")
+            print(f"{case:<11} {r['wall']:>8.3f}s {r['import']:>7.3f}s {r['fetch']:>7.3f}s  {r['libp2p']}")
         print()
         for case in ("swarm", "node cache", "local"):
             walls = [r["wall"] for c, r in rows if c == case]
             fetches = [r["fetch"] for c, r in rows if c == case]
-            print(f"{case:<11} median: process {statistics.median(walls):.3f} s, "
-                  f"fetch call {statistics.median(fetches):.3f} s")
+            print(
+                f"{case:<11} median: process {statistics.median(walls):.3f} s, "
+                f"fetch call {statistics.median(fetches):.3f} s"
+            )
         if any(r["libp2p"] for _, r in rows):
             print("FAIL: libp2p was imported by the client")
             return 1

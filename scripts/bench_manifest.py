@@ -77,16 +77,10 @@ def best(fn, repeat: int) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--size", type=parse_size, default=1 << 30, help="file size, e.g. 1G, 256M (default 1G)"
-    )
+    ap.add_argument("--size", type=parse_size, default=1 << 30, help="file size, e.g. 1G, 256M (default 1G)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is shown")
-    ap.add_argument(
-        "--threads", type=int, default=None, help="build_manifest threads (default: its own)"
-    )
-    ap.add_argument(
-        "--dir", type=Path, default=None, help="where to create the temporary directory"
-    )
+    ap.add_argument("--threads", type=int, default=None, help="build_manifest threads (default: its own)")
+    ap.add_argument("--dir", type=Path, default=None, help="where to create the temporary directory")
     args = ap.parse_args(argv)
 
     size = args.size

@@ -66,9 +66,13 @@ def child(spec: dict) -> None:
         sys.stdout.flush()
 
     async def main() -> None:
-        cfg = NodeConfig(home=Path(spec["home"]), cache_dir=Path(spec["cache"]),
-                         serve=tuple((MODEL, Path(d)) for d in spec.get("serve", ())),
-                         bootstrap=tuple(spec.get("bootstrap", ())), serve_hf_cache=True)
+        cfg = NodeConfig(
+            home=Path(spec["home"]),
+            cache_dir=Path(spec["cache"]),
+            serve=tuple((MODEL, Path(d)) for d in spec.get("serve", ())),
+            bootstrap=tuple(spec.get("bootstrap", ())),
+            serve_hf_cache=True,
+        )
         node = Node(cfg)
         if not spec.get("origin_once", True):
             node._origin_once = lambda _req: False  # today's behaviour: every node to the origin
@@ -88,8 +92,9 @@ def child(spec: dict) -> None:
                 if e.get("event") == "origin_pull":
                     say(event="pull", t=time.time() - t0)
 
-            req = FetchRequest(MODEL, cache_dir=cfg.cache_dir, timeout=600.0,
-                               env=SourceEnv(hf_endpoint=spec["endpoint"]))
+            req = FetchRequest(
+                MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=SourceEnv(hf_endpoint=spec["endpoint"])
+            )
             try:
                 r = await node.fetch_with_fallback(req, on_event=on_event)
                 say(done=True, seconds=time.time() - t0, source=r.source)
@@ -108,11 +113,15 @@ class Proc:
     def __init__(self, spec: dict, log: Path) -> None:
         self.log = open(log, "ab")  # noqa: SIM115 (closed in stop())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SWARM_"))}
-        env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(Path(spec["home"]) / "hf"),
-                   PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                  env=env, cwd=str(REPO_ROOT))
+        env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(Path(spec["home"]) / "hf"), PYTHONUNBUFFERED="1")
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            cwd=str(REPO_ROOT),
+        )
         self.buf = b""
 
     def lines(self, timeout: float) -> list[dict]:
@@ -147,8 +156,17 @@ class Proc:
         self.log.close()
 
 
-def run_crowd(tmp: Path, name: str, hub, n: int, *, origin_once: bool, serve: Path | None,
-              kill_at: float | None, model_bytes: int) -> dict:
+def run_crowd(
+    tmp: Path,
+    name: str,
+    hub,
+    n: int,
+    *,
+    origin_once: bool,
+    serve: Path | None,
+    kill_at: float | None,
+    model_bytes: int,
+) -> dict:
     root = tmp / name
     procs: list[Proc] = []
     peer_ids: list[str] = []
@@ -156,9 +174,14 @@ def run_crowd(tmp: Path, name: str, hub, n: int, *, origin_once: bool, serve: Pa
         boot: list[str] = []
         count = n + (1 if serve is not None else 0)
         for i in range(count):
-            spec = {"home": str(root / f"n{i}" / "home"), "cache": str(root / f"n{i}" / "cache"),
-                    "endpoint": hub.url, "bootstrap": boot[:1], "origin_once": origin_once,
-                    "serve": [str(serve)] if serve is not None and i == 0 else []}
+            spec = {
+                "home": str(root / f"n{i}" / "home"),
+                "cache": str(root / f"n{i}" / "cache"),
+                "endpoint": hub.url,
+                "bootstrap": boot[:1],
+                "origin_once": origin_once,
+                "serve": [str(serve)] if serve is not None and i == 0 else [],
+            }
             (root / f"n{i}").mkdir(parents=True, exist_ok=True)
             p = Proc(spec, root / f"n{i}" / "node.log")
             got: list[dict] = []
@@ -170,8 +193,7 @@ def run_crowd(tmp: Path, name: str, hub, n: int, *, origin_once: bool, serve: Pa
             procs.append(p)
             peer_ids.append(got[0]["peer_id"])
             if not boot:
-                boot = [a if "/p2p/" in a else f"{a}/p2p/{got[0]['peer_id']}"
-                        for a in got[0]["addrs"]]
+                boot = [a if "/p2p/" in a else f"{a}/p2p/{got[0]['peer_id']}" for a in got[0]["addrs"]]
         fetchers = procs[1:] if serve is not None else procs
         time.sleep(1.0)  # let the DHT routing tables settle
         hub.reset()
@@ -191,19 +213,22 @@ def run_crowd(tmp: Path, name: str, hub, n: int, *, origin_once: bool, serve: Pa
                         pulls.append((msg["t"], i))
                     elif "done" in msg:
                         results[i] = msg
-            if (kill_at is not None and killed is None and pulls
-                    and hub.bytes_served >= kill_at * model_bytes):
+            if kill_at is not None and killed is None and pulls and hub.bytes_served >= kill_at * model_bytes:
                 killed = min(pulls)[1]
                 fetchers[killed].p.send_signal(signal.SIGKILL)
                 kill_time = time.time() - at
         ok = [r for r in results.values() if r.get("done")]
         out = {
-            "run": name, "nodes": len(fetchers), "done": len(ok),
+            "run": name,
+            "nodes": len(fetchers),
+            "done": len(ok),
             "failed": [r.get("error") for r in results.values() if not r.get("done")],
-            "origin_bytes": hub.bytes_served, "origin_x": hub.bytes_served / model_bytes,
+            "origin_bytes": hub.bytes_served,
+            "origin_x": hub.bytes_served / model_bytes,
             "last_s": max((r["seconds"] for r in ok), default=float("nan")),
             "first_s": min((r["seconds"] for r in ok), default=float("nan")),
-            "pulls": len(pulls), "sources": sorted({r.get("source", "") for r in ok}),
+            "pulls": len(pulls),
+            "sources": sorted({r.get("source", "") for r in ok}),
         }
         if killed is not None:
             out["killed_at_s"] = round(kill_time, 2)
@@ -235,34 +260,58 @@ def main() -> None:
     served = make_model_dir(tmp / "served", weights_bytes=size, n_weight_files=2, seed=11)
     model_bytes = sum(f.stat().st_size for f in served.rglob("*") if f.is_file())
     runs = args.runs.split(",")
-    print(f"model {model_bytes / 1e6:.1f} MB, origin capped at {rate / 1e6:.1f} MB/s, "
-          f"{args.nodes} nodes; work dir {tmp}", flush=True)
+    print(
+        f"model {model_bytes / 1e6:.1f} MB, origin capped at {rate / 1e6:.1f} MB/s, "
+        f"{args.nodes} nodes; work dir {tmp}",
+        flush=True,
+    )
     t_min = None
     rows = []
     with FakeHub(rate=rate) as hub:
         hub.add_repo(MODEL, served, COMMIT)
         for name in runs:
             if name == "swarm":
-                r = run_crowd(tmp, name, hub, args.nodes - 1, origin_once=False, serve=served,
-                              kill_at=None, model_bytes=model_bytes)
+                r = run_crowd(
+                    tmp,
+                    name,
+                    hub,
+                    args.nodes - 1,
+                    origin_once=False,
+                    serve=served,
+                    kill_at=None,
+                    model_bytes=model_bytes,
+                )
                 t_min = r["last_s"]
             else:
-                r = run_crowd(tmp, name, hub, args.nodes, origin_once=name != "today",
-                              serve=None, kill_at=args.kill_at if name == "kill" else None,
-                              model_bytes=model_bytes)
+                r = run_crowd(
+                    tmp,
+                    name,
+                    hub,
+                    args.nodes,
+                    origin_once=name != "today",
+                    serve=None,
+                    kill_at=args.kill_at if name == "kill" else None,
+                    model_bytes=model_bytes,
+                )
             rows.append(r)
             print(json.dumps(r), flush=True)
     f_over_rate = model_bytes / rate
-    print(f"\nF / origin rate = {f_over_rate:.2f} s; swarm T_min (1 seed -> {args.nodes - 1}) = "
-          f"{t_min if t_min is not None else float('nan'):.2f} s")
+    print(
+        f"\nF / origin rate = {f_over_rate:.2f} s; swarm T_min (1 seed -> {args.nodes - 1}) = "
+        f"{t_min if t_min is not None else float('nan'):.2f} s"
+    )
     if t_min is not None:
-        print(f"target: last node within 1.3 x (F/rate + T_min) = {1.3 * (f_over_rate + t_min):.2f} s;"
-              f" origin bytes <= 1.05 x")
+        print(
+            f"target: last node within 1.3 x (F/rate + T_min) = {1.3 * (f_over_rate + t_min):.2f} s;"
+            f" origin bytes <= 1.05 x"
+        )
     print("| run | nodes done | origin bytes (x model) | pulls | first s | last s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['done']}/{r['nodes']} | {r['origin_x']:.2f} | {r['pulls']} | "
-              f"{r['first_s']:.1f} | {r['last_s']:.1f} |")
+        print(
+            f"| {r['run']} | {r['done']}/{r['nodes']} | {r['origin_x']:.2f} | {r['pulls']} | "
+            f"{r['first_s']:.1f} | {r['last_s']:.1f} |"
+        )
     if not args.keep:
         import shutil
 

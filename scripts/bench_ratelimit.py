@@ -54,15 +54,30 @@ class Node:
         self.log = root / name / "node.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SWARM_", "HF_"))}
-        env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", PYTHONUNBUFFERED="1",
-                   HF_HOME=str(root / "hf-home"), SWARM_DRAIN_TIMEOUT="2",
-                   PYTHONPATH=str(REPO))
-        cmd = [sys.executable, "-m", "swarm.cli", "run", "--home", str(self.home),
-               "--cache-dir", str(self.cache), "--listen", "/ip4/127.0.0.1/tcp/0",
-               "--no-serve-hf-cache", *args]
+        env.update(
+            HF_HUB_OFFLINE="1",
+            HF_ENDPOINT="http://127.0.0.1:9",
+            PYTHONUNBUFFERED="1",
+            HF_HOME=str(root / "hf-home"),
+            SWARM_DRAIN_TIMEOUT="2",
+            PYTHONPATH=str(REPO),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "run",
+            "--home",
+            str(self.home),
+            "--cache-dir",
+            str(self.cache),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-serve-hf-cache",
+            *args,
+        ]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         env=env)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
         end = time.monotonic() + READY_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -100,7 +115,7 @@ def _rates(samples: list[tuple[float, int]]) -> tuple[float, float, float]:
     total = samples[-1][1]
     first = max(i for i, (_, b) in enumerate(samples) if b == samples[0][1])
     last = min(i for i, (_, b) in enumerate(samples) if b == total)
-    s = samples[first:last + 1]
+    s = samples[first : last + 1]
     t = s[-1][0] - s[0][0]
     peak, j = 0.0, 0
     for i in range(len(s)):
@@ -130,9 +145,11 @@ def run_one(root: Path, src: Path, mode: str, lane: str, rate: float, size: int)
         sampler.start()
         changer = None
         if mode == "change":
+
             def slow_down() -> None:
                 if not stop.wait(size / rate / 2):
                     client.limits(seeder.home, upload=rate / 2)
+
             changer = threading.Thread(target=slow_down)
             changer.start()
         started = time.monotonic()
@@ -146,9 +163,17 @@ def run_one(root: Path, src: Path, mode: str, lane: str, rate: float, size: int)
             if changer is not None:
                 changer.join()
         avg, peak, seconds = _rates(samples)
-        out = {"mode": mode, "lane": lane, "limit": rate, "bytes": samples[-1][1],
-               "seconds": round(seconds, 2), "counter_rate": avg, "peak_5s_rate": peak,
-               "receiver_rate": size / wall, "receiver_seconds": round(wall, 2)}
+        out = {
+            "mode": mode,
+            "lane": lane,
+            "limit": rate,
+            "bytes": samples[-1][1],
+            "seconds": round(seconds, 2),
+            "counter_rate": avg,
+            "peak_5s_rate": peak,
+            "receiver_rate": size / wall,
+            "receiver_seconds": round(wall, 2),
+        }
         if mode == "change":  # the second half runs at rate / 2: expected mean is 2/3 of rate
             out["expected_rate"] = rate * 2 / 3
         return out
@@ -175,8 +200,11 @@ def main() -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-ratelimit-"))
     try:
         src = make_weights_dir(root / "model", size, "ratelimit")
-        print(f"# limit {format_rate(rate)}, model {size / 1e6:.0f} MB (~{args.seconds:g} s), "
-              f"loopback, {os.cpu_count()} CPUs", flush=True)
+        print(
+            f"# limit {format_rate(rate)}, model {size / 1e6:.0f} MB (~{args.seconds:g} s), "
+            f"loopback, {os.cpu_count()} CPUs",
+            flush=True,
+        )
         for mode in args.modes.split(","):
             for lane in args.lanes.split(","):
                 r = run_one(root, src, mode, lane, rate, size)
@@ -184,13 +212,16 @@ def main() -> int:
                     print(json.dumps(r), flush=True)
                     continue
                 want = r.get("expected_rate", rate)
-                print(f"{mode:8} lane {lane:9}  {r['seconds']:6.1f} s  "
-                      f"counter {format_rate(r['counter_rate']):>10} "
-                      f"({r['counter_rate'] / want - 1:+.1%})  "
-                      f"fastest {WINDOW:g} s {format_rate(r['peak_5s_rate']):>10} "
-                      f"({r['peak_5s_rate'] / rate - 1:+.1%})  "
-                      f"receiver {format_rate(r['receiver_rate']):>10} "
-                      f"({r['receiver_rate'] / want - 1:+.1%})", flush=True)
+                print(
+                    f"{mode:8} lane {lane:9}  {r['seconds']:6.1f} s  "
+                    f"counter {format_rate(r['counter_rate']):>10} "
+                    f"({r['counter_rate'] / want - 1:+.1%})  "
+                    f"fastest {WINDOW:g} s {format_rate(r['peak_5s_rate']):>10} "
+                    f"({r['peak_5s_rate'] / rate - 1:+.1%})  "
+                    f"receiver {format_rate(r['receiver_rate']):>10} "
+                    f"({r['receiver_rate'] / want - 1:+.1%})",
+                    flush=True,
+                )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -29,9 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from simulations import bounds, report, scenario
 from simulations.sim import Simulation
 
-LAYERS = (("swarm/engine", "engine"), ("swarm/picker", "picker+choker"),
-          ("swarm/choker", "picker+choker"), ("simulations/", "simulator"), ("/trio/", "trio"),
-          ("outcome", "trio"), ("random.py", "random"), ("attr", "attrs"))
+LAYERS = (
+    ("swarm/engine", "engine"),
+    ("swarm/picker", "picker+choker"),
+    ("swarm/choker", "picker+choker"),
+    ("simulations/", "simulator"),
+    ("/trio/", "trio"),
+    ("outcome", "trio"),
+    ("random.py", "random"),
+    ("attr", "attrs"),
+)
 
 
 def by_layer(stats: pstats.Stats) -> dict[str, float]:
@@ -43,9 +50,15 @@ def by_layer(stats: pstats.Stats) -> dict[str, float]:
 
 #: Memory layers: the first key found in an allocation's file name (trio's attrs classes are
 #: generated into files named "<attrs generated ... trio...>").
-MEM_LAYERS = (("swarm/engine", "engine"), ("swarm/picker", "picker+choker"),
-              ("swarm/choker", "picker+choker"), ("swarm/wire", "wire messages"),
-              ("simulations/", "simulator"), ("trio", "trio"), ("outcome", "trio"))
+MEM_LAYERS = (
+    ("swarm/engine", "engine"),
+    ("swarm/picker", "picker+choker"),
+    ("swarm/choker", "picker+choker"),
+    ("swarm/wire", "wire messages"),
+    ("simulations/", "simulator"),
+    ("trio", "trio"),
+    ("outcome", "trio"),
+)
 
 
 def memory_by_layer(snap: tracemalloc.Snapshot, link_ends: int) -> dict[str, Any]:
@@ -62,22 +75,26 @@ def memory_by_layer(snap: tracemalloc.Snapshot, link_ends: int) -> dict[str, Any
         "link_ends": link_ends,
         "bytes_per_link_end": round(total / per),
         "by_layer_bytes_per_link_end": {k: round(v / per) for k, v in layers.most_common()},
-        "top_lines": [f"{st.size / per:.0f} B/link end  {st.traceback[0].filename.split('/')[-1]}:"
-                      f"{st.traceback[0].lineno}" for st in lines[:15]],
+        "top_lines": [
+            f"{st.size / per:.0f} B/link end  {st.traceback[0].filename.split('/')[-1]}:"
+            f"{st.traceback[0].lineno}"
+            for st in lines[:15]
+        ],
     }
 
 
-def run(path: Path, count: int | None, seed: int, profile: bool,
-        memory_at: float | None = None) -> dict:
+def run(path: Path, count: int | None, seed: int, profile: bool, memory_at: float | None = None) -> dict:
     overrides = {"groups.frontends.count": count} if count is not None else {}
     sc = scenario.load(path, overrides)
     b = bounds.for_scenario(sc)
     sim = Simulation(sc, seed, log_pieces=False)
     snap: dict[str, Any] = {}
     if memory_at is not None:
+
         def take() -> None:
             snap["snap"] = tracemalloc.take_snapshot()
             snap["links"] = sum(len(n.links) for n in sim.nodes)
+
         sim.at(memory_at, take)
         tracemalloc.start(1)
     prof = cProfile.Profile() if profile else None
@@ -123,9 +140,13 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated frontend counts (default: as in the file)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--memory", type=float, metavar="T",
-                    help="tracemalloc snapshot at virtual time T: bytes by layer and per link end "
-                         "(slows the run ~2x; RSS then includes tracemalloc's own tables)")
+    ap.add_argument(
+        "--memory",
+        type=float,
+        metavar="T",
+        help="tracemalloc snapshot at virtual time T: bytes by layer and per link end "
+        "(slows the run ~2x; RSS then includes tracemalloc's own tables)",
+    )
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else [None]
     for n in sizes:

@@ -71,15 +71,13 @@ def main() -> None:
     lines = [HEADER.format(tools=tools, serialized=fdp.SerializeToString())]
     for enum in fdp.enum_type:
         lines.append(
-            f"{enum.name} = _enum_type_wrapper.EnumTypeWrapper("
-            f"DESCRIPTOR.enum_types_by_name[{enum.name!r}])"
+            f"{enum.name} = _enum_type_wrapper.EnumTypeWrapper(DESCRIPTOR.enum_types_by_name[{enum.name!r}])"
         )
         lines += [f"{v.name} = {v.number}" for v in enum.value]
     lines.append("")
     for msg in fdp.message_type:
         lines.append(
-            f"{msg.name} = _message_factory.GetMessageClass("
-            f"DESCRIPTOR.message_types_by_name[{msg.name!r}])"
+            f"{msg.name} = _message_factory.GetMessageClass(DESCRIPTOR.message_types_by_name[{msg.name!r}])"
         )
     (OUT / "model_pb2.py").write_text("\n".join(lines) + "\n")
     grpc_file = OUT / "model_pb2_grpc.py"

@@ -20,7 +20,21 @@ from swarm.discovery import (
 from swarm.engine import EngineConfig, LinkClosed, Transfer
 from swarm.store import PieceHashMismatch
 
-__all__ = ["FEW_PEERS", "FIRST_LOOKUPS", "LOOKUP_FIRST", "LOOKUP_RETRY", "LOOKUP_SETTLED",
-           "MANIFEST_ASK_FANOUT", "MANIFEST_VOTE_GRACE", "ConnectPolicy", "EngineConfig",
-           "LinkClosed", "LinkState", "LookupSchedule", "ManifestAsk", "PieceHashMismatch",
-           "ProviderScores", "Transfer"]
+__all__ = [
+    "FEW_PEERS",
+    "FIRST_LOOKUPS",
+    "LOOKUP_FIRST",
+    "LOOKUP_RETRY",
+    "LOOKUP_SETTLED",
+    "MANIFEST_ASK_FANOUT",
+    "MANIFEST_VOTE_GRACE",
+    "ConnectPolicy",
+    "EngineConfig",
+    "LinkClosed",
+    "LinkState",
+    "LookupSchedule",
+    "ManifestAsk",
+    "PieceHashMismatch",
+    "ProviderScores",
+    "Transfer",
+]

@@ -32,8 +32,10 @@ def _resolve(name: str) -> Path:
     cand = scenario.SCENARIO_DIR / (name if name.endswith(".toml") else f"{name}.toml")
     if cand.exists():
         return cand
-    raise SystemExit(f"swarm-sim: no scenario {name!r} (a path, or one of: "
-                     f"{', '.join(p.stem for p in scenario.shipped())})")
+    raise SystemExit(
+        f"swarm-sim: no scenario {name!r} (a path, or one of: "
+        f"{', '.join(p.stem for p in scenario.shipped())})"
+    )
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -74,8 +76,9 @@ def jobs_that_fit(nodes: int, available: float | None) -> int:
     return max(1, int(available // (RSS_BASE + nodes * RSS_PER_NODE)))
 
 
-def _run_one(path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_pieces: bool | None,
-             quiet: bool) -> tuple[dict[str, Any], Any]:
+def _run_one(
+    path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_pieces: bool | None, quiet: bool
+) -> tuple[dict[str, Any], Any]:
     """One seed (in a worker process): run, write the event log, return summary and result."""
     from simulations.sim import Simulation
 
@@ -84,8 +87,9 @@ def _run_one(path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_
 
     def progress(t: float, done: int, total: int) -> None:
         if not quiet:
-            print(f"  seed {seed}: t={t:9.2f} s virtual, {done}/{total} nodes done", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  seed {seed}: t={t:9.2f} s virtual, {done}/{total} nodes done", file=sys.stderr, flush=True
+            )
 
     sim = Simulation(sc, seed, progress=progress, log_pieces=log_pieces)
     t0 = time.perf_counter()
@@ -93,14 +97,31 @@ def _run_one(path: str, overrides: dict[str, Any], seed: int, out_dir: str, log_
     wall = time.perf_counter() - t0
     report.write_events(result, Path(out_dir) / f"events_seed{seed}.csv")
     summary = report.seed_summary(result, b, wall)
-    light = type(result)(result.scenario, result.seed, result.end_time, result.stopped_by,
-                         result.nodes, [], result.samples, result.stats)
+    light = type(result)(
+        result.scenario,
+        result.seed,
+        result.end_time,
+        result.stopped_by,
+        result.nodes,
+        [],
+        result.samples,
+        result.stats,
+    )
     return summary, light
 
 
-def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: Path, *, jobs: int,
-                 plots: bool, log_pieces: bool | None, quiet: bool,
-                 results_out: list[Any] | None = None) -> dict[str, Any]:
+def run_scenario(
+    path: Path,
+    overrides: dict[str, Any],
+    seeds: list[int],
+    out: Path,
+    *,
+    jobs: int,
+    plots: bool,
+    log_pieces: bool | None,
+    quiet: bool,
+    results_out: list[Any] | None = None,
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     sc = scenario.load(path, overrides)
     b = bounds_mod.for_scenario(sc)
@@ -108,14 +129,21 @@ def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: P
     if jobs > 1 and len(seeds) > 1:
         fit = jobs_that_fit(n_nodes, _available_memory())
         if fit < jobs:
-            print(f"swarm-sim: {jobs} parallel runs of {n_nodes} nodes need ~"
-                  f"{fmt_size(jobs * (RSS_BASE + n_nodes * RSS_PER_NODE))} of memory; running "
-                  f"{fit} at a time", file=sys.stderr, flush=True)
+            print(
+                f"swarm-sim: {jobs} parallel runs of {n_nodes} nodes need ~"
+                f"{fmt_size(jobs * (RSS_BASE + n_nodes * RSS_PER_NODE))} of memory; running "
+                f"{fit} at a time",
+                file=sys.stderr,
+                flush=True,
+            )
             jobs = fit
     if not quiet:
-        print(f"{sc.name}: {n_nodes} nodes, {fmt_size(sc.file_bytes)} in {sc.manifest.num_pieces} "
-              f"pieces, T_min {b['T_min']:.3f} s; {len(seeds)} seed(s), {jobs} job(s) -> {out}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{sc.name}: {n_nodes} nodes, {fmt_size(sc.file_bytes)} in {sc.manifest.num_pieces} "
+            f"pieces, T_min {b['T_min']:.3f} s; {len(seeds)} seed(s), {jobs} job(s) -> {out}",
+            file=sys.stderr,
+            flush=True,
+        )
     results: dict[int, Any] = {}
     summaries: dict[int, dict[str, Any]] = {}
     t0 = time.perf_counter()
@@ -130,9 +158,13 @@ def run_scenario(path: Path, overrides: dict[str, Any], seeds: list[int], out: P
             el = time.perf_counter() - t0
             left = len(seeds) - len(summaries)
             eta = el / len(summaries) * left / max(1, jobs) if left else 0.0
-            print(f"[{len(summaries)}/{len(seeds)}] seed {seed}: median {med}{rtxt}, "
-                  f"{summary['completed']}/{summary['fetchers']} done, "
-                  f"{summary['wall_seconds']:.1f} s wall; eta {eta:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"[{len(summaries)}/{len(seeds)}] seed {seed}: median {med}{rtxt}, "
+                f"{summary['completed']}/{summary['fetchers']} done, "
+                f"{summary['wall_seconds']:.1f} s wall; eta {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     args = [(str(path), overrides, s, str(out), log_pieces, quiet) for s in seeds]
     if jobs <= 1 or len(seeds) == 1:
@@ -189,8 +221,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     log_pieces = False if a.no_piece_log else None
     if not a.sweep:
-        run_scenario(path, overrides, seeds, out, jobs=jobs, plots=not a.no_plots,
-                     log_pieces=log_pieces, quiet=a.quiet)
+        run_scenario(
+            path, overrides, seeds, out, jobs=jobs, plots=not a.no_plots, log_pieces=log_pieces, quiet=a.quiet
+        )
         return 0
     if "=" not in a.sweep:
         raise SystemExit("swarm-sim: --sweep wants KEY=V1,V2,...")
@@ -201,27 +234,56 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not a.quiet:
             print(f"== sweep {key} = {v!r} ({i + 1}/{len(values)})", file=sys.stderr, flush=True)
         sub = out / f"{key}={v}".replace("/", "_").replace(" ", "")
-        docs.append(run_scenario(path, {**overrides, key: v}, seeds, sub, jobs=jobs,
-                                 plots=not a.no_plots, log_pieces=log_pieces, quiet=a.quiet))
+        docs.append(
+            run_scenario(
+                path,
+                {**overrides, key: v},
+                seeds,
+                sub,
+                jobs=jobs,
+                plots=not a.no_plots,
+                log_pieces=log_pieces,
+                quiet=a.quiet,
+            )
+        )
     sweep = {
         "scenario": docs[0]["scenario"] if docs else "",
         "parameter": key,
         "values": values,
-        "points": [{"value": v, "bounds": d["bounds"], "aggregate": d["aggregate"]}
-                   for v, d in zip(values, docs, strict=True)],
+        "points": [
+            {"value": v, "bounds": d["bounds"], "aggregate": d["aggregate"]}
+            for v, d in zip(values, docs, strict=True)
+        ],
     }
     report.write_json(sweep, out / "sweep.json")
     if not a.no_plots and docs:
-        report.plot_sweep(key, values, [d["aggregate"] for d in docs], [d["bounds"] for d in docs],
-                          out / "sweep.png", docs[0]["scenario"])
+        report.plot_sweep(
+            key,
+            values,
+            [d["aggregate"] for d in docs],
+            [d["bounds"] for d in docs],
+            out / "sweep.png",
+            docs[0]["scenario"],
+        )
     if not a.quiet:
         print(f"sweep over {key}: wrote {out / 'sweep.json'}", file=sys.stderr)
     return 0
 
 
-def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Path, *, lane: str,
-                plots: bool, quiet: bool, keep_logs: bool = False, timeout: float | None = None,
-                results_out: list[Any] | None = None, queue: str | None = None) -> dict[str, Any]:
+def run_testbed(
+    path: Path,
+    overrides: dict[str, Any],
+    seeds: list[int],
+    out: Path,
+    *,
+    lane: str,
+    plots: bool,
+    quiet: bool,
+    keep_logs: bool = False,
+    timeout: float | None = None,
+    results_out: list[Any] | None = None,
+    queue: str | None = None,
+) -> dict[str, Any]:
     """Each seed once on the testbed (one repetition per seed: its arrival times and event
     choices); writes what ``run_scenario`` writes."""
     from simulations import testbed
@@ -235,16 +297,26 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
     if removed:
         say(f"removed {len(removed)} namespace(s) left by a killed run: {', '.join(removed)}")
     if not quiet:
-        print(f"{sc.name} on the testbed: {sum(g.count for g in sc.groups)} hosts, "
-              f"{fmt_size(sc.file_bytes)}, T_min {b['T_min']:.3f} s; {len(seeds)} repetition(s) "
-              f"-> {out}", file=sys.stderr, flush=True)
+        print(
+            f"{sc.name} on the testbed: {sum(g.count for g in sc.groups)} hosts, "
+            f"{fmt_size(sc.file_bytes)}, T_min {b['T_min']:.3f} s; {len(seeds)} repetition(s) "
+            f"-> {out}",
+            file=sys.stderr,
+            flush=True,
+        )
     summaries, res_list = [], []
     with testbed.signals_raise():
         for seed in seeds:
             t0 = time.perf_counter()
-            tb = testbed.Testbed(sc, seed, lane=lane, progress=say, timeout=timeout,
-                                 keep=out / "logs" if keep_logs else None,
-                                 queue=queue or testbed.TBF_LATENCY)
+            tb = testbed.Testbed(
+                sc,
+                seed,
+                lane=lane,
+                progress=say,
+                timeout=timeout,
+                keep=out / "logs" if keep_logs else None,
+                queue=queue or testbed.TBF_LATENCY,
+            )
             result = tb.run()
             wall = time.perf_counter() - t0
             report.write_events(result, out / f"events_seed{seed}.csv")
@@ -257,20 +329,32 @@ def run_testbed(path: Path, overrides: dict[str, Any], seeds: list[int], out: Pa
                 st = s["stats"]
                 med = f"{c['median']:.3f} s" if c["median"] is not None else "-"
                 last = f"{c['max']:.3f} s" if c["max"] is not None else "-"
-                print(f"[{len(summaries)}/{len(seeds)}] seed {seed}: median {med}, last {last}, "
-                      f"{s['completed']}/{s['fetchers']} done; CPU per host "
-                      f"{st['cpu_per_host_mean'] * 100:.0f}% mean, {st['cpu_per_host_max'] * 100:.0f}% "
-                      f"max; machine {st['machine_busy'] * 100:.0f}% busy"
-                      f"{' (CPU-BOUND)' if st['cpu_bound'] else ''}", file=sys.stderr, flush=True)
+                print(
+                    f"[{len(summaries)}/{len(seeds)}] seed {seed}: median {med}, last {last}, "
+                    f"{s['completed']}/{s['fetchers']} done; CPU per host "
+                    f"{st['cpu_per_host_mean'] * 100:.0f}% mean, {st['cpu_per_host_max'] * 100:.0f}% "
+                    f"max; machine {st['machine_busy'] * 100:.0f}% busy"
+                    f"{' (CPU-BOUND)' if st['cpu_bound'] else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if results_out is not None:
         results_out.extend(res_list)
     doc = {
-        "scenario": sc.name, "description": sc.description, "source": str(path),
-        "overrides": overrides, "seeds": seeds, "testbed": {
-            "lane": lane, "latency_s": testbed.TESTBED_LATENCY,
-            "tbf_latency": queue or testbed.TBF_LATENCY},
-        "bounds": b, "seed_groups": [g.name for g in sc.groups if g.role == "seed"],
-        "aggregate": report.aggregate(summaries), "per_seed": summaries,
+        "scenario": sc.name,
+        "description": sc.description,
+        "source": str(path),
+        "overrides": overrides,
+        "seeds": seeds,
+        "testbed": {
+            "lane": lane,
+            "latency_s": testbed.TESTBED_LATENCY,
+            "tbf_latency": queue or testbed.TBF_LATENCY,
+        },
+        "bounds": b,
+        "seed_groups": [g.name for g in sc.groups if g.role == "seed"],
+        "aggregate": report.aggregate(summaries),
+        "per_seed": summaries,
     }
     report.write_json(doc, out / "summary.json")
     if plots:
@@ -284,8 +368,7 @@ def _write_samples(result: Any, path: Path) -> None:
     with path.open("w") as fh:
         fh.write(",".join(["t", "completed", *[f"up_{g}" for g in groups]]) + "\n")
         for t, done, up in result.samples:
-            fh.write(",".join([f"{t:.3f}", str(done), *[str(int(up.get(g, 0))) for g in groups]])
-                     + "\n")
+            fh.write(",".join([f"{t:.3f}", str(done), *[str(int(up.get(g, 0))) for g in groups]]) + "\n")
 
 
 def cmd_testbed(a: argparse.Namespace) -> int:
@@ -301,10 +384,19 @@ def cmd_testbed(a: argparse.Namespace) -> int:
     out = Path(a.out)
     tb_results: list[Any] = []
     try:
-        tb_doc = run_testbed(path, overrides, seeds, out / "testbed" if a.compare else out,
-                             lane=a.lane, plots=not a.no_plots, quiet=a.quiet,
-                             keep_logs=a.keep_logs, timeout=a.timeout, results_out=tb_results,
-                             queue=a.queue)
+        tb_doc = run_testbed(
+            path,
+            overrides,
+            seeds,
+            out / "testbed" if a.compare else out,
+            lane=a.lane,
+            plots=not a.no_plots,
+            quiet=a.quiet,
+            keep_logs=a.keep_logs,
+            timeout=a.timeout,
+            results_out=tb_results,
+            queue=a.queue,
+        )
     except KeyboardInterrupt:
         print("swarm-sim testbed: interrupted; torn down", file=sys.stderr)
         return 130
@@ -314,16 +406,23 @@ def cmd_testbed(a: argparse.Namespace) -> int:
     if not a.compare:
         return 0
     sim_results: list[Any] = []
-    sim_doc = run_scenario(path, testbed.for_testbed(path, overrides), seeds, out / "sim",
-                           jobs=1, plots=not a.no_plots, log_pieces=False, quiet=a.quiet,
-                           results_out=sim_results)
+    sim_doc = run_scenario(
+        path,
+        testbed.for_testbed(path, overrides),
+        seeds,
+        out / "sim",
+        jobs=1,
+        plots=not a.no_plots,
+        log_pieces=False,
+        quiet=a.quiet,
+        results_out=sim_results,
+    )
     cmp = compare.compare(sim_doc, tb_doc)
     report.write_json(cmp, out / "compare.json")
     text = compare.table(cmp)
     (out / "compare.md").write_text(text)
     if not a.no_plots:
-        compare.figure(cmp, compare.curves(sim_results), compare.curves(tb_results),
-                       out / "compare.png")
+        compare.figure(cmp, compare.curves(sim_results), compare.curves(tb_results), out / "compare.png")
     print(text, end="")
     return 0
 
@@ -331,8 +430,10 @@ def cmd_testbed(a: argparse.Namespace) -> int:
 def cmd_bounds(a: argparse.Namespace) -> int:
     sc = scenario.load(_resolve(a.scenario), _parse_sets(a.set or []))
     b = bounds_mod.for_scenario(sc)
-    print(f"{sc.name}: F = {fmt_size(b['F_bytes'])} ({b['M_pieces']} pieces), N = {b['N']}, "
-          f"u_s = {fmt_rate(b['u_s'])}, sum u_i = {fmt_rate(b['sum_u_i']) if b['sum_u_i'] else 0}")
+    print(
+        f"{sc.name}: F = {fmt_size(b['F_bytes'])} ({b['M_pieces']} pieces), N = {b['N']}, "
+        f"u_s = {fmt_rate(b['u_s'])}, sum u_i = {fmt_rate(b['sum_u_i']) if b['sum_u_i'] else 0}"
+    )
     for k, v in b["T_min_terms"].items():
         if v is not None:
             print(f"  {k:20s} {v:10.3f} s")
@@ -359,28 +460,39 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed0", type=int, default=1, help="first seed (default 1)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--jobs", type=int, default=0, help="parallel processes (default: cores)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a scenario key, e.g. groups.frontends.count=200 (repeatable)")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a scenario key, e.g. groups.frontends.count=200 (repeatable)",
+    )
     r.add_argument("--sweep", metavar="KEY=V1,V2,...", help="run once per value of one key")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-piece-log", action="store_true", help="leave piece events out of the log")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
-    t = sub.add_parser("testbed", help="run a scenario on real swarm-node processes in network "
-                                       "namespaces (root)")
+    t = sub.add_parser(
+        "testbed", help="run a scenario on real swarm-node processes in network namespaces (root)"
+    )
     t.add_argument("scenario")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--reps", type=int, default=1, help="repetitions, one per seed (default 1)")
     t.add_argument("--seed0", type=int, default=1, help="first seed (default 1)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
-    t.add_argument("--compare", action="store_true",
-                   help="also simulate the same seeds; write compare.md/json/png")
-    t.add_argument("--lane", choices=("plaintext", "encrypted", "off"), default="plaintext",
-                   help="the nodes' data lane (default plaintext: less CPU per byte)")
+    t.add_argument(
+        "--compare", action="store_true", help="also simulate the same seeds; write compare.md/json/png"
+    )
+    t.add_argument(
+        "--lane",
+        choices=("plaintext", "encrypted", "off"),
+        default="plaintext",
+        help="the nodes' data lane (default plaintext: less CPU per byte)",
+    )
     t.add_argument("--timeout", type=float, help="seconds per repetition (default: stop_at)")
     t.add_argument("--keep-logs", action="store_true", help="copy node logs to OUT/logs")
-    t.add_argument("--queue", metavar="TIME", help="tbf queue length as time at the cap "
-                   "(tc's `latency`; default 20ms)")
+    t.add_argument(
+        "--queue", metavar="TIME", help="tbf queue length as time at the cap (tc's `latency`; default 20ms)"
+    )
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_testbed)

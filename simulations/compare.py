@@ -41,8 +41,13 @@ def _values(doc: dict[str, Any], key: str) -> list[float]:
 def _stat(vals: list[float]) -> dict[str, Any]:
     if not vals:
         return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "n": len(vals)}
+    return {
+        "mean": statistics.fmean(vals),
+        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
 
 
 def compare(sim_doc: dict[str, Any], tb_doc: dict[str, Any]) -> dict[str, Any]:
@@ -52,9 +57,13 @@ def compare(sim_doc: dict[str, Any], tb_doc: dict[str, Any]) -> dict[str, Any]:
         err = (s["mean"] / t["mean"] - 1) if s["mean"] is not None and t["mean"] else None
         rows.append({"key": key, "label": label, "sim": s, "testbed": t, "sim_error": err})
     unfinished = sum(s["unfinished"] for s in tb_doc["per_seed"])
-    return {"scenario": tb_doc["scenario"], "T_min": tb_doc["bounds"]["T_min"], "rows": rows,
-            "testbed_unfinished": unfinished,
-            "testbed_cpu_bound": any(s["stats"].get("cpu_bound") for s in tb_doc["per_seed"])}
+    return {
+        "scenario": tb_doc["scenario"],
+        "T_min": tb_doc["bounds"]["T_min"],
+        "rows": rows,
+        "testbed_unfinished": unfinished,
+        "testbed_cpu_bound": any(s["stats"].get("cpu_bound") for s in tb_doc["per_seed"]),
+    }
 
 
 def _fmt(st: dict[str, Any]) -> str:
@@ -64,8 +73,10 @@ def _fmt(st: dict[str, Any]) -> str:
 
 
 def table(cmp: dict[str, Any]) -> str:
-    lines = ["| quantity | simulator, mean +/- sd (range) | testbed, mean +/- sd (range) | "
-             "sim / testbed - 1 |", "|---|---|---|---|"]
+    lines = [
+        "| quantity | simulator, mean +/- sd (range) | testbed, mean +/- sd (range) | sim / testbed - 1 |",
+        "|---|---|---|---|",
+    ]
     for r in cmp["rows"]:
         e = f"{r['sim_error'] * 100:+.1f}%" if r["sim_error"] is not None else "-"
         lines.append(f"| {r['label']} | {_fmt(r['sim'])} | {_fmt(r['testbed'])} | {e} |")
@@ -93,8 +104,7 @@ def curves_from_dir(d: Path) -> list[Curve]:
     return out
 
 
-def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve], path: Path
-           ) -> Path | None:
+def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve], path: Path) -> Path | None:
     try:
         plt = report._plt()
     except ImportError:  # pragma: no cover - matplotlib is the `sim` extra
@@ -104,10 +114,15 @@ def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve],
         for i, (ts, n) in enumerate(results):
             n = n or 1
             if ts:
-                ax.step([0.0, *ts], [0.0, *[(k + 1) / n for k in range(len(ts))]], where="post",
-                        color=color, alpha=0.7, lw=1.2,
-                        label=f"{name} ({len(results)} run{'s' if len(results) > 1 else ''})"
-                        if i == 0 else None)
+                ax.step(
+                    [0.0, *ts],
+                    [0.0, *[(k + 1) / n for k in range(len(ts))]],
+                    where="post",
+                    color=color,
+                    alpha=0.7,
+                    lw=1.2,
+                    label=f"{name} ({len(results)} run{'s' if len(results) > 1 else ''})" if i == 0 else None,
+                )
     ax.axvline(cmp["T_min"], color="k", ls="--", lw=1, label=f"T_min = {cmp['T_min']:.3g} s")
     ax.set_xlabel("time since the host arrived (s)")
     ax.set_ylabel("fraction of fetching hosts done")
@@ -123,8 +138,15 @@ def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve],
         pairs = list(zip(means, rows, strict=True))
         lo = [m - (r[side]["min"] if r[side]["min"] is not None else m) for m, r in pairs]
         hi = [(r[side]["max"] if r[side]["max"] is not None else m) - m for m, r in pairs]
-        bx.bar([x + off for x in xs], means, w, yerr=[lo, hi], capsize=3, color=color,
-               label="simulator" if side == "sim" else "testbed")
+        bx.bar(
+            [x + off for x in xs],
+            means,
+            w,
+            yerr=[lo, hi],
+            capsize=3,
+            color=color,
+            label="simulator" if side == "sim" else "testbed",
+        )
     bx.set_xticks(list(xs), [r["key"] for r in rows])
     bx.axhline(cmp["T_min"], color="k", ls="--", lw=1)
     bx.set_ylabel("seconds (bar: mean, whisker: range)")

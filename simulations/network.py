@@ -78,8 +78,11 @@ class Timeline:
         self.actions = 0
         # MockClock with rate 0 keeps virtual time in ``_virtual_base``: reading it is ~10x cheaper
         # than trio.current_time() (which also calls perf_counter and discards it).
-        if not (isinstance(clock, trio.testing.MockClock) and clock.rate == 0
-                and isinstance(getattr(clock, "_virtual_base", None), float)):
+        if not (
+            isinstance(clock, trio.testing.MockClock)
+            and clock.rate == 0
+            and isinstance(getattr(clock, "_virtual_base", None), float)
+        ):
             self.now = trio.current_time  # type: ignore[method-assign]
 
     def now(self) -> float:
@@ -166,8 +169,20 @@ class Port:
 
 
 class Flow:
-    __slots__ = ("aborted", "active", "cap", "dst_res", "frozen", "rate", "remaining", "size",
-                 "src_res", "t", "task", "version")
+    __slots__ = (
+        "aborted",
+        "active",
+        "cap",
+        "dst_res",
+        "frozen",
+        "rate",
+        "remaining",
+        "size",
+        "src_res",
+        "t",
+        "task",
+        "version",
+    )
 
     def __init__(self, src: Port, dst: Port, size: int, cap: float, now: float):
         self.src_res = src.up
@@ -191,9 +206,19 @@ class Flow:
 class Network:
     """Flows, latency and the links between ports. One per simulation run."""
 
-    def __init__(self, timeline: Timeline, rng: random.Random, *, jitter: float = 0.0,
-                 loss: float = 0.0, mss: int = 1460, min_rto: float = 0.2, window: int = 0,
-                 grid: float = 0.0, blackhole_reset: float = INF):
+    def __init__(
+        self,
+        timeline: Timeline,
+        rng: random.Random,
+        *,
+        jitter: float = 0.0,
+        loss: float = 0.0,
+        mss: int = 1460,
+        min_rto: float = 0.2,
+        window: int = 0,
+        grid: float = 0.0,
+        blackhole_reset: float = INF,
+    ):
         self.tl = timeline
         self.blackhole_reset = blackhole_reset
         self.grid = grid
@@ -439,8 +464,23 @@ class SimLink:
     Messages are wire message objects (never encoded): piece payloads are length stand-ins.
     """
 
-    __slots__ = ("closed", "dead", "delay", "eof", "flow", "flow_cap", "inbox", "last_at", "net",
-                 "parked", "peer_id", "port", "remote", "reset_at", "tl")
+    __slots__ = (
+        "closed",
+        "dead",
+        "delay",
+        "eof",
+        "flow",
+        "flow_cap",
+        "inbox",
+        "last_at",
+        "net",
+        "parked",
+        "peer_id",
+        "port",
+        "remote",
+        "reset_at",
+        "tl",
+    )
 
     def __init__(self, net: Network, port: Port, peer_id: str, delay: float, flow_cap: float):
         self.net = net

@@ -22,9 +22,38 @@ from typing import Any
 from simulations.sim import SimResult
 
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042]
+_T95 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t95(n: int) -> float:
@@ -71,12 +100,14 @@ def events_text(result: SimResult) -> str:
     return "".join(f"{t:.6f},{ev},{node},{peer},{value}\n" for t, ev, node, peer, value in result.events)
 
 
-def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None = None
-                 ) -> dict[str, Any]:
+def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None = None) -> dict[str, Any]:
     times = result.completion_times()
     fetchers = [n for n in result.nodes if n.role == "fetch"]
-    cfg = sorted(n.configs_at - n.first_arrival for n in fetchers
-                 if n.configs_at is not None and n.first_arrival is not None)
+    cfg = sorted(
+        n.configs_at - n.first_arrival
+        for n in fetchers
+        if n.configs_at is not None and n.first_arrival is not None
+    )
     t_min = bounds["T_min"]
     out: dict[str, Any] = {
         "seed": result.seed,
@@ -97,12 +128,12 @@ def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None =
         "groups": {},
     }
     if t_min:
-        out["over_T_min"] = {k: (v / t_min if v is not None else None)
-                             for k, v in out["completion"].items()}
+        out["over_T_min"] = {k: (v / t_min if v is not None else None) for k, v in out["completion"].items()}
     if bounds.get("T_client_server"):
         tc = bounds["T_client_server"]
-        out["over_T_client_server"] = {k: (v / tc if v is not None else None)
-                                       for k, v in out["completion"].items()}
+        out["over_T_client_server"] = {
+            k: (v / tc if v is not None else None) for k, v in out["completion"].items()
+        }
     for g in sorted({n.group for n in result.nodes}):
         members = [n for n in result.nodes if n.group == g]
         gt = result.completion_times(g)
@@ -122,14 +153,17 @@ def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None =
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     agg: dict[str, Any] = {}
     for key in ("median", "mean", "p90", "max"):
-        agg[f"completion_{key}"] = mean_ci([s["completion"][key] for s in summaries
-                                           if s["completion"][key] is not None])
+        agg[f"completion_{key}"] = mean_ci(
+            [s["completion"][key] for s in summaries if s["completion"][key] is not None]
+        )
         if all("over_T_min" in s for s in summaries):
-            agg[f"{key}_over_T_min"] = mean_ci([s["over_T_min"][key] for s in summaries
-                                               if s["over_T_min"][key] is not None])
+            agg[f"{key}_over_T_min"] = mean_ci(
+                [s["over_T_min"][key] for s in summaries if s["over_T_min"][key] is not None]
+            )
     agg["unfinished"] = mean_ci([s["unfinished"] for s in summaries])
-    agg["configs_ready_median"] = mean_ci([s["configs_ready_median"] for s in summaries
-                                           if s["configs_ready_median"] is not None])
+    agg["configs_ready_median"] = mean_ci(
+        [s["configs_ready_median"] for s in summaries if s["configs_ready_median"] is not None]
+    )
     walls = [s["wall_seconds"] for s in summaries if "wall_seconds" in s]
     if walls:
         agg["wall_seconds"] = mean_ci(walls)
@@ -166,8 +200,7 @@ def cdf_curves(results: list[SimResult], grid: list[float]) -> list[list[float]]
     return out
 
 
-def upload_curves(results: list[SimResult], groups: list[str], grid: list[float]
-                  ) -> list[list[float]]:
+def upload_curves(results: list[SimResult], groups: list[str], grid: list[float]) -> list[list[float]]:
     """Per seed: upload rate (bytes/s) of ``groups`` over each grid interval (0 after the end)."""
     out = []
     for r in results:
@@ -221,8 +254,9 @@ def _plt():
     return plt
 
 
-def plot_all(results: list[SimResult], bounds: dict[str, Any], seed_groups: list[str],
-             out: Path, title: str) -> list[Path]:
+def plot_all(
+    results: list[SimResult], bounds: dict[str, Any], seed_groups: list[str], out: Path, title: str
+) -> list[Path]:
     """Write the three PNGs; returns their paths (none if matplotlib is missing)."""
     try:
         plt = _plt()
@@ -239,8 +273,14 @@ def plot_all(results: list[SimResult], bounds: dict[str, Any], seed_groups: list
     m, lo, hi = band(rows)
     ax.plot(grid, m, color="C0", label=f"mean over {n} seed{'s' if n > 1 else ''}")
     if n > 1:
-        ax.fill_between(grid, [max(0, v) for v in lo], [min(1, v) for v in hi], color="C0",
-                        alpha=0.25, label="95% confidence band")
+        ax.fill_between(
+            grid,
+            [max(0, v) for v in lo],
+            [min(1, v) for v in hi],
+            color="C0",
+            alpha=0.25,
+            label="95% confidence band",
+        )
     ax.axvline(t_min, color="k", ls="--", lw=1, label=f"T_min (Kumar-Ross) = {t_min:.3g} s")
     xmax = max(end, t_min) * 1.05
     tcs = bounds.get("T_client_server")
@@ -269,8 +309,14 @@ def plot_all(results: list[SimResult], bounds: dict[str, Any], seed_groups: list
     ax.plot(mids, [v * scale for v in um], color="C1", label="mean upload of seed nodes")
     if n > 1:
         cap = bounds["u_s"]
-        ax.fill_between(mids, [max(0.0, v) * scale for v in ulo], [min(cap, v) * scale for v in uhi],
-                        color="C1", alpha=0.25, label="95% confidence band")
+        ax.fill_between(
+            mids,
+            [max(0.0, v) * scale for v in ulo],
+            [min(cap, v) * scale for v in uhi],
+            color="C1",
+            alpha=0.25,
+            label="95% confidence band",
+        )
     ax.axhline(bounds["u_s"] * scale, color="k", ls="--", lw=1, label="seed capacity u_s")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("Mbit/s")
@@ -290,12 +336,19 @@ def plot_all(results: list[SimResult], bounds: dict[str, Any], seed_groups: list
         pooled += ratios
         if ratios:
             ys = [(k + 1) / len(ratios) for k in range(len(ratios))]
-            ax.step(ratios, ys, where="post", color="C2", alpha=0.35, lw=0.8,
-                    label="per seed" if i == 0 else None)
+            ax.step(
+                ratios, ys, where="post", color="C2", alpha=0.35, lw=0.8, label="per seed" if i == 0 else None
+            )
     pooled.sort()
     if pooled:
-        ax.step(pooled, [(k + 1) / len(pooled) for k in range(len(pooled))], where="post",
-                color="C2", lw=2, label="all seeds")
+        ax.step(
+            pooled,
+            [(k + 1) / len(pooled) for k in range(len(pooled))],
+            where="post",
+            color="C2",
+            lw=2,
+            label="all seeds",
+        )
         med = quantile(pooled, 0.5)
         ax.axvline(med, color="C2", ls=":", lw=1, label=f"median = {med:.3f} x T_min")
     ax.axvline(1.0, color="k", ls="--", lw=1, label="T_min")
@@ -312,8 +365,14 @@ def plot_all(results: list[SimResult], bounds: dict[str, Any], seed_groups: list
     return paths
 
 
-def plot_sweep(key: str, values: list[Any], aggs: list[dict[str, Any]], bounds: list[dict[str, Any]],
-               path: Path, title: str) -> Path | None:
+def plot_sweep(
+    key: str,
+    values: list[Any],
+    aggs: list[dict[str, Any]],
+    bounds: list[dict[str, Any]],
+    path: Path,
+    title: str,
+) -> Path | None:
     try:
         plt = _plt()
     except ImportError:  # pragma: no cover
@@ -321,14 +380,23 @@ def plot_sweep(key: str, values: list[Any], aggs: list[dict[str, Any]], bounds: 
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     xs = list(values) if numeric else list(range(len(values)))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key_, label, color in (("completion_median", "median completion", "C0"),
-                               ("completion_max", "last completion", "C3")):
+    for key_, label, color in (
+        ("completion_median", "median completion", "C0"),
+        ("completion_max", "last completion", "C3"),
+    ):
         ms = [a[key_]["mean"] for a in aggs]
         cis = [a[key_]["ci95"] or 0.0 for a in aggs]
         ok = [(x, m, c) for x, m, c in zip(xs, ms, cis, strict=True) if m is not None]
         if ok:
-            ax.errorbar([o[0] for o in ok], [o[1] for o in ok], yerr=[o[2] for o in ok], marker="o",
-                        color=color, capsize=3, label=f"{label} (mean, 95% CI)")
+            ax.errorbar(
+                [o[0] for o in ok],
+                [o[1] for o in ok],
+                yerr=[o[2] for o in ok],
+                marker="o",
+                color=color,
+                capsize=3,
+                label=f"{label} (mean, 95% CI)",
+            )
     ax.plot(xs, [b["T_min"] for b in bounds], "k--", lw=1, label="T_min (Kumar-Ross)")
     if not numeric:
         ax.set_xticks(xs, [str(v) for v in values])

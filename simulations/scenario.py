@@ -37,8 +37,9 @@ class ScenarioError(ValueError):
 def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
     extra = sorted(set(d) - allowed)
     if extra:
-        raise ScenarioError(f"{where}: unknown key(s) {', '.join(extra)} "
-                            f"(allowed: {', '.join(sorted(allowed))})")
+        raise ScenarioError(
+            f"{where}: unknown key(s) {', '.join(extra)} (allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 def _table(v: object, where: str) -> dict[str, Any]:
@@ -126,8 +127,9 @@ class Dist:
             if hi < lo:
                 raise ScenarioError(f"{where}: uniform high < low")
             return Dist("uniform", lo, hi)
-        raise ScenarioError(f"{where}: dist must be forever, fixed, exponential, weibull, lognormal or "
-                            f"uniform, got {kind!r}")
+        raise ScenarioError(
+            f"{where}: dist must be forever, fixed, exponential, weibull, lognormal or uniform, got {kind!r}"
+        )
 
 
 # --------------------------------------------------------------------------- arrivals
@@ -218,8 +220,23 @@ class Group:
         return self.role == "fetch"
 
 
-_GROUP_KEYS = {"role", "count", "upload", "download", "latency", "serve", "peers", "announce",
-               "arrival", "session", "after_finish", "rejoin", "hash_rate", "corrupt", "engine"}
+_GROUP_KEYS = {
+    "role",
+    "count",
+    "upload",
+    "download",
+    "latency",
+    "serve",
+    "peers",
+    "announce",
+    "arrival",
+    "session",
+    "after_finish",
+    "rejoin",
+    "hash_rate",
+    "corrupt",
+    "engine",
+}
 
 
 def _parse_group(name: str, v: object) -> Group:
@@ -246,8 +263,9 @@ def _parse_group(name: str, v: object) -> Group:
     elif af == "leave":
         after_finish = Dist("fixed", 0.0)
     else:
-        after_finish = Dist.parse(_table(af, f"{where}.after_finish").get("linger"),
-                                  f"{where}.after_finish.linger")
+        after_finish = Dist.parse(
+            _table(af, f"{where}.after_finish").get("linger"), f"{where}.after_finish.linger"
+        )
         _check_keys(af, {"linger"}, f"{where}.after_finish")
     engine = _table(d.get("engine", {}), f"{where}.engine")
     _check_engine(engine, f"{where}.engine")
@@ -255,11 +273,15 @@ def _parse_group(name: str, v: object) -> Group:
     if not isinstance(peers, int) or peers < 0:
         raise ScenarioError(f"{where}.peers: must be an int >= 0")
     return Group(
-        name=name, role=role, count=count,
+        name=name,
+        role=role,
+        count=count,
         upload=units.rate(d.get("upload", "100 Mbit/s"), f"{where}.upload"),
         download=units.rate(d.get("download", "1 Gbit/s"), f"{where}.download"),
         latency=units.duration(d.get("latency", "5 ms"), f"{where}.latency"),
-        serve=serve, peers=peers, announce=announce,
+        serve=serve,
+        peers=peers,
+        announce=announce,
         arrival=Arrival.parse(d.get("arrival", {"process": "flash"}), f"{where}.arrival"),
         session=Dist.parse(d.get("session", "forever"), f"{where}.session"),
         after_finish=after_finish,
@@ -310,10 +332,16 @@ class Event:
         frac = float(d["fraction"]) if "fraction" in d else None
         if frac is not None and not 0 <= frac <= 1:
             raise ScenarioError(f"{where}.fraction: must be within [0, 1]")
-        return Event(at=units.duration(d.get("at", 0), f"{where}.at"), action=action, group=group,
-                     count=int(d["count"]) if "count" in d else None, fraction=frac,
-                     rejoin_after=Dist.parse(d["rejoin_after"], f"{where}.rejoin_after")
-                     if "rejoin_after" in d else None)
+        return Event(
+            at=units.duration(d.get("at", 0), f"{where}.at"),
+            action=action,
+            group=group,
+            count=int(d["count"]) if "count" in d else None,
+            fraction=frac,
+            rejoin_after=Dist.parse(d["rejoin_after"], f"{where}.rejoin_after")
+            if "rejoin_after" in d
+            else None,
+        )
 
 
 # --------------------------------------------------------------------------- network, dht
@@ -421,8 +449,19 @@ def _safe(name: str) -> str:
     return out[:96]
 
 
-_TOP_KEYS = {"name", "description", "model", "groups", "events", "network", "dht", "engine",
-             "stop_at", "sample_interval", "log_pieces"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "model",
+    "groups",
+    "events",
+    "network",
+    "dht",
+    "engine",
+    "stop_at",
+    "sample_interval",
+    "log_pieces",
+}
 
 
 def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
@@ -443,9 +482,13 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
     groups = tuple(_parse_group(n, g) for n, g in groups_d.items())
     by_name = {g.name: g for g in groups}
     if not any(g.role == "seed" and g.count for g in groups):
-        raise ScenarioError("groups: no node holds the model (no role = \"seed\" group with count > 0)")
-    events = tuple(sorted((Event.parse(e, f"events[{i}]", by_name)
-                           for i, e in enumerate(d.get("events", []))), key=lambda e: e.at))
+        raise ScenarioError('groups: no node holds the model (no role = "seed" group with count > 0)')
+    events = tuple(
+        sorted(
+            (Event.parse(e, f"events[{i}]", by_name) for i, e in enumerate(d.get("events", []))),
+            key=lambda e: e.at,
+        )
+    )
     net = _table(d.get("network", {}), "network")
     _check_keys(net, _NET_KEYS, "network")
     network = NetworkParams(
@@ -469,11 +512,11 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         republish=units.duration(dh.get("republish", 22 * 3600), "dht.republish"),
         max_providers=int(dh.get("max_providers", 20)),
         lookup_retry=units.duration(dh.get("lookup_retry", LOOKUP_RETRY), "dht.lookup_retry"),
-        lookup_retry_linked=units.duration(dh.get("lookup_retry_linked", LOOKUP_SETTLED),
-                                           "dht.lookup_retry_linked"),
+        lookup_retry_linked=units.duration(
+            dh.get("lookup_retry_linked", LOOKUP_SETTLED), "dht.lookup_retry_linked"
+        ),
         min_links=int(dh.get("min_links", FEW_PEERS)),
-        lookup_timeout_first=units.duration(dh.get("lookup_timeout_first", 5.0),
-                                            "dht.lookup_timeout_first"),
+        lookup_timeout_first=units.duration(dh.get("lookup_timeout_first", 5.0), "dht.lookup_timeout_first"),
         lookup_timeout=units.duration(dh.get("lookup_timeout", 2.0), "dht.lookup_timeout"),
         manifest_fanout=int(dh.get("manifest_fanout", MANIFEST_ASK_FANOUT)),
         manifest_timeout=units.duration(dh.get("manifest_timeout", 5.0), "dht.manifest_timeout"),
@@ -485,7 +528,11 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
     sc = Scenario(
         name=str(d.get("name", name)),
         description=str(d.get("description", "")),
-        files=tuple(files), groups=groups, events=events, network=network, dht=dht,
+        files=tuple(files),
+        groups=groups,
+        events=events,
+        network=network,
+        dht=dht,
         engine=engine,
         stop_at=units.duration(d.get("stop_at", 3600), "stop_at"),
         sample_interval=units.duration(d.get("sample_interval", 1.0), "sample_interval"),
@@ -545,8 +592,7 @@ def _fake_digest(*parts: object) -> bytes:
     return hashlib.blake2b(repr(parts).encode(), digest_size=32).digest()
 
 
-def make_manifest(files: tuple[FileSpec, ...], model: str = "sim/model", revision: str = "sim"
-                  ) -> Manifest:
+def make_manifest(files: tuple[FileSpec, ...], model: str = "sim/model", revision: str = "sim") -> Manifest:
     """A valid manifest for files of these sizes, with made-up digests (nothing is hashed)."""
     entries = []
     for f in sorted(files, key=lambda f: f.path.encode()):

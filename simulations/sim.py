@@ -73,8 +73,9 @@ class SimStore:
 
     __slots__ = ("_bad", "_blobs", "_have", "corrupt", "lengths", "rng")
 
-    def __init__(self, lengths: list[int], have: bool = False, corrupt: float = 0.0,
-                 rng: random.Random | None = None):
+    def __init__(
+        self, lengths: list[int], have: bool = False, corrupt: float = 0.0, rng: random.Random | None = None
+    ):
         self.lengths = lengths
         self._have: set[int] = set(range(len(lengths))) if have else set()
         cache: dict[int, Blob] = {}
@@ -107,13 +108,16 @@ def _run_blocking_for(hash_rate: float) -> Callable[..., Any]:
     """The engine's ``run_blocking``: calls directly (no thread); verifying a received piece costs
     ``len / hash_rate`` seconds of virtual time if ``hash_rate`` is set."""
     if not hash_rate:
+
         async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
             return fn(*args)
     else:
+
         async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
             if getattr(fn, "__name__", "") == "write_piece":
                 await trio.sleep(len(args[1]) / hash_rate)
             return fn(*args)
+
     return run_blocking
 
 
@@ -122,7 +126,6 @@ def _run_blocking_for(hash_rate: float) -> Callable[..., Any]:
 
 def _node_id(n: Node) -> str:
     return n.id
-
 
 
 class Node:
@@ -196,9 +199,11 @@ class SimResult:
     stats: dict[str, Any]
 
     def completion_times(self, group: str | None = None) -> list[float]:
-        return sorted(n.completion_time for n in self.nodes
-                      if n.role == "fetch" and n.completion_time is not None
-                      and (group is None or n.group == group))
+        return sorted(
+            n.completion_time
+            for n in self.nodes
+            if n.role == "fetch" and n.completion_time is not None and (group is None or n.group == group)
+        )
 
 
 # --------------------------------------------------------------------------- determinism
@@ -251,9 +256,14 @@ def _quiet_gc() -> Iterator[None]:
 class Simulation:
     """Runs ``scenario`` with root ``seed``; ``run()`` returns a :class:`SimResult`."""
 
-    def __init__(self, scenario: Scenario, seed: int = 0, *,
-                 progress: Callable[[float, int, int], None] | None = None,
-                 log_pieces: bool | None = None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int = 0,
+        *,
+        progress: Callable[[float, int, int], None] | None = None,
+        log_pieces: bool | None = None,
+    ):
         self.sc = scenario
         self.seed = seed
         self.progress = progress
@@ -262,19 +272,29 @@ class Simulation:
         lengths = [p.length for p in self.manifest.pieces]
         self.clock = trio.testing.MockClock(autojump_threshold=0)
         self.tl = Timeline(self.clock)
-        self.net = Network(self.tl, random.Random(f"{seed}/net"), jitter=scenario.network.jitter,
-                           loss=scenario.network.loss, mss=scenario.network.mss,
-                           min_rto=scenario.network.min_rto, window=scenario.network.window,
-                           grid=scenario.network.time_grid,
-                           blackhole_reset=scenario.network.blackhole_reset)
+        self.net = Network(
+            self.tl,
+            random.Random(f"{seed}/net"),
+            jitter=scenario.network.jitter,
+            loss=scenario.network.loss,
+            mss=scenario.network.mss,
+            min_rto=scenario.network.min_rto,
+            window=scenario.network.window,
+            grid=scenario.network.time_grid,
+            blackhole_reset=scenario.network.blackhole_reset,
+        )
         self.nodes: list[Node] = []
         self.by_id: dict[str, Node] = {}
         self.configs = {g.name: scenario.engine_config(g) for g in scenario.groups}
         for g in scenario.groups:
             for i in range(g.count):
                 nid = f"{g.name}-{i:04d}"
-                store = SimStore(lengths, have=g.role == "seed", corrupt=g.corrupt,
-                                 rng=random.Random(f"{seed}/{nid}/corrupt"))
+                store = SimStore(
+                    lengths,
+                    have=g.role == "seed",
+                    corrupt=g.corrupt,
+                    rng=random.Random(f"{seed}/{nid}/corrupt"),
+                )
                 node = Node(nid, g, i, Port(nid, g.upload, g.download, g.latency), store, seed)
                 self.nodes.append(node)
                 self.by_id[nid] = node
@@ -285,8 +305,7 @@ class Simulation:
         self.vanished = 0  # nodes offline because their host vanished (see _lookup)
         self.providers: list[Node] = []  # every node that ever announced, in order
         self._valid_cache: tuple[float, list[Node]] | None = None
-        self.mean_latency = (sum(n.port.latency for n in self.nodes) / len(self.nodes)
-                             if self.nodes else 0.0)
+        self.mean_latency = sum(n.port.latency for n in self.nodes) / len(self.nodes) if self.nodes else 0.0
         self.events: list[tuple] = []
         self.samples: list[tuple] = []
         self._nursery: trio.Nursery | None = None
@@ -358,7 +377,7 @@ class Simulation:
         assert self._nursery is not None
         batch = [n.scope for n in self.nodes if n.scope is not None and not n.scope.cancel_called]
         for i in range(0, len(batch), TEARDOWN_BATCH):
-            for scope in batch[i:i + TEARDOWN_BATCH]:
+            for scope in batch[i : i + TEARDOWN_BATCH]:
                 scope.cancel()
             for _ in range(TEARDOWN_ROUNDS):
                 await trio.lowlevel.checkpoint()
@@ -393,17 +412,25 @@ class Simulation:
         if node.first_arrival is None:
             node.first_arrival = now
         self.log(now, "arrive", node.id, "", sess)
-        tr = Transfer(self.manifest, node.store, config=self.configs[g.name],
-                      rng=random.Random(f"{self.seed}/{node.id}/{sess}"),
-                      run_blocking=node.run_blocking, may_upload=g.serve,
-                      on_piece=lambda i, n, node=node: self._on_piece(node, i, n))
+        tr = Transfer(
+            self.manifest,
+            node.store,
+            config=self.configs[g.name],
+            rng=random.Random(f"{self.seed}/{node.id}/{sess}"),
+            run_blocking=node.run_blocking,
+            may_upload=g.serve,
+            on_piece=lambda i, n, node=node: self._on_piece(node, i, n),
+        )
         node.transfer = tr
         node.scope = trio.CancelScope()
         node.announced_at = None
         assert self._nursery is not None
         self._nursery.start_soon(self._session, node, tr)
-        if g.announce == "start" or (g.announce == "first_piece" and node.store._have) \
-                or (g.announce == "complete" and tr.done):
+        if (
+            g.announce == "start"
+            or (g.announce == "first_piece" and node.store._have)
+            or (g.announce == "complete" and tr.done)
+        ):
             self._announce(node, now)
         if node.fetches and tr.done and node.completed_at is None:
             self._complete(node, now)
@@ -429,8 +456,14 @@ class Simulation:
                     if node.nursery is n:  # a new session may already have started
                         node.nursery = None
 
-    def _depart(self, node: Node, why: str, sess: int | None = None,
-                rejoin_after: float | None = None, vanish: bool = False) -> None:
+    def _depart(
+        self,
+        node: Node,
+        why: str,
+        sess: int | None = None,
+        rejoin_after: float | None = None,
+        vanish: bool = False,
+    ) -> None:
         """The node goes offline. Normally it closes its links (peers see end-of-stream one
         latency later); if it ``vanish``es its links go dark instead: peers keep them, their
         messages and pieces to it are lost, and they only notice through their own timeouts (the
@@ -502,8 +535,7 @@ class Simulation:
         if g.announce == "complete" and node.announced_at is None:
             self._announce(node, now)
         if g.after_finish is not None:
-            self.at(now + g.after_finish.sample(node.rng), self._depart, node, "finished",
-                    node.session)
+            self.at(now + g.after_finish.sample(node.rng), self._depart, node, "finished", node.session)
         self.finished += 1
         if self.progress is not None and self.finished >= self._next_progress * self.fetchers:
             while self._next_progress * self.fetchers <= self.finished:
@@ -564,8 +596,7 @@ class Simulation:
         return node.rng.sample(valid, k) if len(valid) > k else valid
 
     def _live(self, node: Node, sess: int) -> bool:
-        return (node.online and sess == node.session and node.transfer is not None
-                and not node.transfer.done)
+        return node.online and sess == node.session and node.transfer is not None and not node.transfer.done
 
     def _order(self, node: Node, providers: list[Node], now: float) -> list[Node]:
         """node.py's ``_order_providers``: failed lately last, linked first, else shuffled."""
@@ -582,9 +613,13 @@ class Simulation:
             return
         now = self.tl.now()
         found = self._order(node, self._find(node, now), now)
-        plan = ManifestAsk(found, stale=lambda pid: node.scores.failed_recently(pid, now),
-                           grace=MANIFEST_VOTE_GRACE, key=_node_id,
-                           fanout=self.sc.dht.manifest_fanout)
+        plan = ManifestAsk(
+            found,
+            stale=lambda pid: node.scores.failed_recently(pid, now),
+            grace=MANIFEST_VOTE_GRACE,
+            key=_node_id,
+            fanout=self.sc.dht.manifest_fanout,
+        )
         node.ask, node.ask_found = plan, []
         for p in plan.start(False):
             self._ask(node, p, now)
@@ -594,8 +629,7 @@ class Simulation:
     def _ask(self, node: Node, p: Node, now: float) -> None:
         rtt = 2 * Network.delay(node.port, p.port)
         if p.online:
-            self.at(now + (self.sc.network.connect_rtts + 1) * rtt, self._answer, node,
-                    node.session, p, True)
+            self.at(now + (self.sc.network.connect_rtts + 1) * rtt, self._answer, node, node.session, p, True)
         else:
             wait = self.sc.dht.manifest_timeout if p.vanished else rtt
             self.at(now + wait, self._answer, node, node.session, p, False)
@@ -635,11 +669,18 @@ class Simulation:
             self.at(now + self.sc.dht.lookup_retry, self._relookup, node, sess, True)
             return
         dht = self.sc.dht
-        node.connect = ConnectPolicy(node.id, key=_node_id, max_links=node.group.peers,
-                                     schedule=LookupSchedule(
-                                         first=LOOKUP_FIRST, first_count=FIRST_LOOKUPS,
-                                         retry=dht.lookup_retry, few_peers=dht.min_links,
-                                         settled=dht.lookup_retry_linked))
+        node.connect = ConnectPolicy(
+            node.id,
+            key=_node_id,
+            max_links=node.group.peers,
+            schedule=LookupSchedule(
+                first=LOOKUP_FIRST,
+                first_count=FIRST_LOOKUPS,
+                retry=dht.lookup_retry,
+                few_peers=dht.min_links,
+                settled=dht.lookup_retry_linked,
+            ),
+        )
         held = {p.id for p in answered}
         self._lookup_done(node, sess, answered + [p for p in plan.providers if p.id not in held])
 
@@ -756,14 +797,26 @@ class Simulation:
     # ------------------------------------------------------------------ results
 
     def _result(self) -> SimResult:
-        nodes = tuple(NodeResult(n.id, n.group.name, n.group.role, n.first_arrival, n.completed_at,
-                                 n.configs_at, n.departures, n.bytes_up, n.bytes_down)
-                      for n in self.nodes)
+        nodes = tuple(
+            NodeResult(
+                n.id,
+                n.group.name,
+                n.group.role,
+                n.first_arrival,
+                n.completed_at,
+                n.configs_at,
+                n.departures,
+                n.bytes_up,
+                n.bytes_down,
+            )
+            for n in self.nodes
+        )
         net = self.net
         stats = {
             "messages": net.messages,
-            "messages_by_type": {t.__name__: n for t, n in sorted(net.msg_counts.items(),
-                                                                 key=lambda kv: -kv[1])},
+            "messages_by_type": {
+                t.__name__: n for t, n in sorted(net.msg_counts.items(), key=lambda kv: -kv[1])
+            },
             "flows": net.flows_done,
             "flows_aborted": net.flows_aborted,
             "peak_flows": net.peak_flows,
@@ -782,8 +835,9 @@ class Simulation:
             "bytes_up": sum(n.bytes_up for n in self.nodes),
             "bytes_down": sum(n.bytes_down for n in self.nodes),
         }
-        return SimResult(self.sc.name, self.seed, self.end_time, self.stopped_by, nodes,
-                         self.events, self.samples, stats)
+        return SimResult(
+            self.sc.name, self.seed, self.end_time, self.stopped_by, nodes, self.events, self.samples, stats
+        )
 
 
 def simulate(scenario: Scenario, seed: int = 0, **kw: Any) -> SimResult:

@@ -80,8 +80,7 @@ class TestbedError(RuntimeError):
 
 
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=CMD_TIMEOUT)
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CMD_TIMEOUT)
     if check and p.returncode != 0:
         raise TestbedError(f"{' '.join(cmd)}: {p.stderr.strip() or p.stdout.strip()}")
     return p
@@ -106,8 +105,25 @@ def available() -> str | None:
         try:
             _ns(probe, "ip", "link", "set", "lo", "up")
             _run(["ip", "-n", probe, "link", "add", "t0", "type", "veth", "peer", "name", "t1"])
-            _run(["tc", "-n", probe, "qdisc", "replace", "dev", "t0", "root", "tbf", "rate",
-                  "100mbit", "burst", "32kb", "latency", TBF_LATENCY])
+            _run(
+                [
+                    "tc",
+                    "-n",
+                    probe,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "t0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    "100mbit",
+                    "burst",
+                    "32kb",
+                    "latency",
+                    TBF_LATENCY,
+                ]
+            )
         finally:
             _run(["ip", "netns", "del", probe], check=False)
     except (OSError, subprocess.SubprocessError, TestbedError) as e:
@@ -168,8 +184,25 @@ class HostNet:
 def _tbf(ns: str, dev: str, rate: float, queue: str) -> None:
     bits = int(rate * 8)
     burst = max(TBF_MIN_BURST, int(rate * TBF_BURST_SECONDS))
-    _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit",
-          "burst", str(burst), "latency", queue])
+    _run(
+        [
+            "tc",
+            "-n",
+            ns,
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            f"{bits}bit",
+            "burst",
+            str(burst),
+            "latency",
+            queue,
+        ]
+    )
 
 
 class Fabric:
@@ -196,8 +229,23 @@ class Fabric:
         port = f"p{i}"
         addr = f"{SUBNET}.{i // 250}.{i % 250 + 1}"
         self._add_ns(ns)
-        _run(["ip", "-n", self.bridge, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-              "netns", ns])
+        _run(
+            [
+                "ip",
+                "-n",
+                self.bridge,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ]
+        )
         _run(["ip", "-n", self.bridge, "link", "set", port, "master", "br0"])
         _run(["ip", "-n", self.bridge, "link", "set", port, "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/16", "dev", "eth0"])
@@ -222,21 +270,40 @@ class Fabric:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SWARM_") and k not in ("MODEL_EXPRESS_URL",)}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SWARM_") and k not in ("MODEL_EXPRESS_URL",)
+    }
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
-def node_command(addr: str, home: Path, cache: Path, *, lane: str, serve: str | None,
-                 bootstrap: list[str]) -> list[str]:
+def node_command(
+    addr: str, home: Path, cache: Path, *, lane: str, serve: str | None, bootstrap: list[str]
+) -> list[str]:
     """The ``swarm-node run`` command line of one host (add a flag here or in EXTRA_NODE_FLAGS)."""
-    cmd = [sys.executable, "-m", "swarm.cli", "run", "--home", str(home), "--cache-dir", str(cache),
-           "--listen", f"/ip4/{addr}/tcp/{NODE_PORT}", "--no-serve-hf-cache", "--lane", lane,
-           *EXTRA_NODE_FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "swarm.cli",
+        "run",
+        "--home",
+        str(home),
+        "--cache-dir",
+        str(cache),
+        "--listen",
+        f"/ip4/{addr}/tcp/{NODE_PORT}",
+        "--no-serve-hf-cache",
+        "--lane",
+        lane,
+        *EXTRA_NODE_FLAGS,
+    ]
     if serve:
         cmd += ["--serve", serve]
     for b in bootstrap:
@@ -297,9 +364,14 @@ class Host:
 
     def start(self, cmd: list[str], env: dict[str, str]) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.net.ns, *cmd],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.net.ns, *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                start_new_session=True,
+            )
         self.session += 1
         self.cur_up = self.cur_down = 0
 
@@ -388,8 +460,10 @@ def check_supported(sc: Scenario) -> None:
     """Scenario features the testbed does not run (it says so rather than run something else)."""
     for g in sc.groups:
         if g.session.kind != "forever" or g.rejoin is not None:
-            raise ScenarioError(f"testbed: groups.{g.name}: session/rejoin distributions are "
-                                "simulator-only; use [[events]] (leave, kill, vanish, rejoin_after)")
+            raise ScenarioError(
+                f"testbed: groups.{g.name}: session/rejoin distributions are "
+                "simulator-only; use [[events]] (leave, kill, vanish, rejoin_after)"
+            )
         if g.corrupt or g.hash_rate:
             raise ScenarioError(f"testbed: groups.{g.name}: corrupt/hash_rate are simulator-only")
         if not g.serve:
@@ -402,9 +476,17 @@ class Testbed:
     """Runs one repetition of ``sc`` (arrival times and event choices from ``seed``, as the
     simulator draws them) on real nodes; ``run()`` returns a SimResult-shaped record."""
 
-    def __init__(self, sc: Scenario, seed: int, *, lane: str = "plaintext",
-                 progress: Callable[[str], None] | None = None, keep: Path | None = None,
-                 timeout: float | None = None, queue: str = TBF_LATENCY):
+    def __init__(
+        self,
+        sc: Scenario,
+        seed: int,
+        *,
+        lane: str = "plaintext",
+        progress: Callable[[str], None] | None = None,
+        keep: Path | None = None,
+        timeout: float | None = None,
+        queue: str = TBF_LATENCY,
+    ):
         check_supported(sc)
         self.queue = queue
         self.sc = sc
@@ -501,8 +583,14 @@ class Testbed:
                 self.log("configs_ready", h.id, "", f"{h.configs_at - (h.first_arrival or 0):.6f}")
 
         try:
-            client.fetch_result(self.sc.manifest.model, home=h.home, cache_dir=h.cache,
-                                progress=False, timeout=self.timeout, on_event=on_event)
+            client.fetch_result(
+                self.sc.manifest.model,
+                home=h.home,
+                cache_dir=h.cache,
+                progress=False,
+                timeout=self.timeout,
+                on_event=on_event,
+            )
         except Exception as e:
             if session == h.session and h.online:
                 h.fetch_error = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -575,8 +663,7 @@ class Testbed:
                 threading.Thread(target=self._rejoin, args=(h,), daemon=True).start()
                 continue
             after = ev.rejoin_after.sample(rng) if ev.rejoin_after is not None else math.inf
-            how: int | str = {"leave": signal.SIGTERM, "kill": signal.SIGKILL,
-                              "vanish": "vanish"}[ev.action]
+            how: int | str = {"leave": signal.SIGTERM, "kill": signal.SIGKILL, "vanish": "vanish"}[ev.action]
             self._depart(h, "event", how, after)
 
     def _sample(self) -> None:
@@ -629,9 +716,20 @@ class Testbed:
         for h in self.hosts:  # collect counters before teardown
             h.poll_bytes()
         machine = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
-        nodes = tuple(NodeResult(h.id, h.group.name, h.group.role, h.first_arrival, h.completed_at,
-                                 h.configs_at, h.departures, h.bytes_up + h.cur_up,
-                                 h.bytes_down + h.cur_down) for h in self.hosts)
+        nodes = tuple(
+            NodeResult(
+                h.id,
+                h.group.name,
+                h.group.role,
+                h.first_arrival,
+                h.completed_at,
+                h.configs_at,
+                h.departures,
+                h.bytes_up + h.cur_up,
+                h.bytes_down + h.cur_down,
+            )
+            for h in self.hosts
+        )
         stats = {
             "testbed": True,
             "lane": self.lane,
@@ -647,8 +745,7 @@ class Testbed:
             "cpu_bound": machine > CPU_BOUND_BUSY,
             "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         }
-        return SimResult(self.sc.name, self.seed, end, stopped_by, nodes, self.events,
-                         self.samples, stats)
+        return SimResult(self.sc.name, self.seed, end, stopped_by, nodes, self.events, self.samples, stats)
 
     def teardown(self) -> None:
         self._stopping = True
@@ -682,6 +779,7 @@ CPU_BOUND_BUSY = 0.9
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt (as SIGINT does), so ``finally`` tears everything down."""
+
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -81,6 +81,7 @@ REMOVE_LOCK_WAIT = 2.0
 """Seconds ``rm`` waits for its repo's lock: a download that is just finishing releases it, one
 that is running does not, and ``rm`` then refuses rather than hang."""
 
+
 class NotCached(StoreError):
     """``rm`` named a model or revision the cache does not hold."""
 
@@ -110,9 +111,17 @@ class CachedSnapshot:
         return (self.model, self.revision)
 
     def to_json(self) -> dict:
-        return {"model": self.model, "revision": self.revision, "path": str(self.path),
-                "files": self.files, "bytes": self.bytes, "unique_bytes": self.unique_bytes,
-                "last_access": self.last_access, "refs": list(self.refs), "fetched": self.fetched}
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "path": str(self.path),
+            "files": self.files,
+            "bytes": self.bytes,
+            "unique_bytes": self.unique_bytes,
+            "last_access": self.last_access,
+            "refs": list(self.refs),
+            "fetched": self.fetched,
+        }
 
 
 @attrs.frozen
@@ -152,7 +161,7 @@ def _blob_sizes(store: Store, model: str) -> dict[str, int]:
 def scan(store: Store, models: Iterable[str] | None = None) -> list[CachedSnapshot]:
     """Every snapshot directory of the cache (or of ``models``)."""
     out = []
-    for model in (store.models() if models is None else models):
+    for model in store.models() if models is None else models:
         sizes = _blob_sizes(store, model)
         links = {rev: store.snapshot_blobs(model, rev) for rev in store.revisions(model)}
         users: dict[str, int] = {}
@@ -165,12 +174,19 @@ def scan(store: Store, models: Iterable[str] | None = None) -> list[CachedSnapsh
                 fetched = store.snapshot_owner(model, rev) is not None
             except StoreError:
                 fetched = False
-            out.append(CachedSnapshot(
-                model=model, revision=rev, path=store.snapshot_dir(model, rev), files=len(blobs),
-                bytes=sum(sizes.get(b, 0) for b in mine),
-                unique_bytes=sum(sizes.get(b, 0) for b in mine if users[b] == 1),
-                last_access=store.last_access(model, rev), refs=tuple(store.refs_to(model, rev)),
-                fetched=fetched))
+            out.append(
+                CachedSnapshot(
+                    model=model,
+                    revision=rev,
+                    path=store.snapshot_dir(model, rev),
+                    files=len(blobs),
+                    bytes=sum(sizes.get(b, 0) for b in mine),
+                    unique_bytes=sum(sizes.get(b, 0) for b in mine if users[b] == 1),
+                    last_access=store.last_access(model, rev),
+                    refs=tuple(store.refs_to(model, rev)),
+                    fetched=fetched,
+                )
+            )
     return out
 
 
@@ -186,9 +202,15 @@ def in_use_reason(snap: CachedSnapshot, now: float, window: float = IN_USE_WINDO
     return None
 
 
-def remove(store: Store, model: str, revision: str | None = None, *, force: bool = False,
-           on_removed: Callable[[Removal], None] | None = None,
-           window: float = IN_USE_WINDOW) -> list[Removal]:
+def remove(
+    store: Store,
+    model: str,
+    revision: str | None = None,
+    *,
+    force: bool = False,
+    on_removed: Callable[[Removal], None] | None = None,
+    window: float = IN_USE_WINDOW,
+) -> list[Removal]:
     """Delete ``model@revision`` (every revision of ``model`` when None) from the cache.
     :class:`NotCached` if absent; :class:`Refused` if a download of the repo is open (even with
     ``force``) or, unless ``force``, a snapshot was handed to a caller within ``window`` s.
@@ -196,8 +218,10 @@ def remove(store: Store, model: str, revision: str | None = None, *, force: bool
     revs = store.revisions(model)
     if revision is not None:
         if revision not in revs:
-            raise NotCached(f"{model}@{revision} is not in the cache "
-                            f"({', '.join(revs) if revs else 'no revisions of ' + model})")
+            raise NotCached(
+                f"{model}@{revision} is not in the cache "
+                f"({', '.join(revs) if revs else 'no revisions of ' + model})"
+            )
         revs = [revision]
     elif not revs:
         raise NotCached(f"{model} is not in the cache")
@@ -205,30 +229,43 @@ def remove(store: Store, model: str, revision: str | None = None, *, force: bool
         with store.repo_exclusive(model, timeout=REMOVE_LOCK_WAIT):
             snaps = [s for s in scan(store, [model]) if s.revision in revs]
             now = time.time()
-            busy = [f"{s.model}@{s.revision}: {why}" for s in snaps
-                    if (why := in_use_reason(s, now, window)) is not None]
+            busy = [
+                f"{s.model}@{s.revision}: {why}"
+                for s in snaps
+                if (why := in_use_reason(s, now, window)) is not None
+            ]
             if busy and not force:
-                raise Refused(f"{model}: in use (--force to remove anyway): " + "; ".join(busy),
-                              busy)
+                raise Refused(f"{model}: in use (--force to remove anyway): " + "; ".join(busy), busy)
             done = []
             for s in snaps:
                 freed = store.remove_snapshot(model, s.revision)
                 r = Removal(model, s.revision, freed)
                 done.append(r)
-                log.info("removed %s@%s (%d bytes freed)", model, s.revision, freed,
-                         extra={"event": "rm", "model": model, "revision": s.revision,
-                                "bytes": freed})
+                log.info(
+                    "removed %s@%s (%d bytes freed)",
+                    model,
+                    s.revision,
+                    freed,
+                    extra={"event": "rm", "model": model, "revision": s.revision, "bytes": freed},
+                )
                 if on_removed is not None:
                     on_removed(r)
             return done
     except LockTimeout:
-        raise Refused(f"{model}: a download of it is in progress; try again when it ends",
-                      [f"{model}: being downloaded"]) from None
+        raise Refused(
+            f"{model}: a download of it is in progress; try again when it ends",
+            [f"{model}: being downloaded"],
+        ) from None
 
 
-def evict(store: Store, limit: int, *, served: frozenset[tuple[str, str]] = frozenset(),
-          on_removed: Callable[[Removal], None] | None = None,
-          window: float = IN_USE_WINDOW) -> list[Removal]:
+def evict(
+    store: Store,
+    limit: int,
+    *,
+    served: frozenset[tuple[str, str]] = frozenset(),
+    on_removed: Callable[[Removal], None] | None = None,
+    window: float = IN_USE_WINDOW,
+) -> list[Removal]:
     """Remove fetched snapshots that are neither ``served`` ((model, revision) pairs) nor in use,
     least recently used first, until the cache holds at most ``limit`` bytes (or nothing more may
     go). Repos with a download open are skipped. Each removal is logged (``evict`` event)."""
@@ -237,9 +274,13 @@ def evict(store: Store, limit: int, *, served: frozenset[tuple[str, str]] = froz
         return []
     now = time.time()
     candidates = sorted(
-        (s for s in scan(store) if s.fetched and s.key not in served
-         and in_use_reason(s, now, window) is None),
-        key=lambda s: (s.last_access, s.model, s.revision))
+        (
+            s
+            for s in scan(store)
+            if s.fetched and s.key not in served and in_use_reason(s, now, window) is None
+        ),
+        key=lambda s: (s.last_access, s.model, s.revision),
+    )
     done = []
     for s in candidates:
         if total <= limit:
@@ -258,15 +299,24 @@ def evict(store: Store, limit: int, *, served: frozenset[tuple[str, str]] = froz
         total -= freed
         r = Removal(s.model, s.revision, freed)
         done.append(r)
-        log.info("evicted %s@%s (%d bytes freed; cache %d of %d bytes)", s.model, s.revision,
-                 freed, total, limit,
-                 extra={"event": "evict", "model": s.model, "revision": s.revision,
-                        "bytes": freed})
+        log.info(
+            "evicted %s@%s (%d bytes freed; cache %d of %d bytes)",
+            s.model,
+            s.revision,
+            freed,
+            total,
+            limit,
+            extra={"event": "evict", "model": s.model, "revision": s.revision, "bytes": freed},
+        )
         if on_removed is not None:
             on_removed(r)
     if total > limit:
-        log.warning("cache holds %d bytes, over --max-cache-size %d: the rest is served, in use, "
-                    "being downloaded or not fetched by swarm", total, limit)
+        log.warning(
+            "cache holds %d bytes, over --max-cache-size %d: the rest is served, in use, "
+            "being downloaded or not fetched by swarm",
+            total,
+            limit,
+        )
     return done
 
 
@@ -279,9 +329,14 @@ def downloading(store: Store, model: str) -> bool:
         return True
 
 
-def report(store: Store, *, served: frozenset[tuple[str, str]] = frozenset(),
-           seeded: frozenset[tuple[str, str]] = frozenset(), limit: int | None = None,
-           window: float = IN_USE_WINDOW) -> dict:
+def report(
+    store: Store,
+    *,
+    served: frozenset[tuple[str, str]] = frozenset(),
+    seeded: frozenset[tuple[str, str]] = frozenset(),
+    limit: int | None = None,
+    window: float = IN_USE_WINDOW,
+) -> dict:
     """What ``swarm-node models`` shows: ``{"cache_dir", "bytes", "max_bytes", "incomplete_bytes",
     "snapshots": [...]}``; each snapshot is ``CachedSnapshot.to_json()`` plus ``served``,
     ``seeded``, ``in_use`` (a reason, or null) and ``evictable``."""
@@ -290,19 +345,27 @@ def report(store: Store, *, served: frozenset[tuple[str, str]] = frozenset(),
     busy = {m: downloading(store, m) for m in {s.model for s in snaps}}
     rows = []
     for s in sorted(snaps, key=lambda s: (s.model, -s.last_access, s.revision)):
-        why = "a download of this model is in progress" if busy[s.model] else \
-            in_use_reason(s, now, window)
+        why = "a download of this model is in progress" if busy[s.model] else in_use_reason(s, now, window)
         row = s.to_json()
-        row.update(served=s.key in served, seeded=s.key in seeded, in_use=why,
-                   evictable=s.fetched and s.key not in served and why is None)
+        row.update(
+            served=s.key in served,
+            seeded=s.key in seeded,
+            in_use=why,
+            evictable=s.fetched and s.key not in served and why is None,
+        )
         rows.append(row)
     total = cache_bytes(store)
     linked = 0
     for m in store.models():
         sizes = _blob_sizes(store, m)
         linked += sum(sizes.values())
-    return {"cache_dir": str(store.cache_dir), "bytes": total, "max_bytes": limit,
-            "incomplete_bytes": total - linked, "snapshots": rows}
+    return {
+        "cache_dir": str(store.cache_dir),
+        "bytes": total,
+        "max_bytes": limit,
+        "incomplete_bytes": total - linked,
+        "snapshots": rows,
+    }
 
 
 def collect_incomplete(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> list[tuple[Path, int]]:
@@ -316,8 +379,12 @@ def collect_incomplete(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> lis
             log.warning("cannot collect abandoned downloads of %s: %s", model, e)
             continue
         for path, size in got:
-            log.info("collected abandoned partial file %s (%d bytes)", path, size,
-                     extra={"event": "gc_incomplete", "model": model, "bytes": size})
+            log.info(
+                "collected abandoned partial file %s (%d bytes)",
+                path,
+                size,
+                extra={"event": "gc_incomplete", "model": model, "bytes": size},
+            )
         out.extend(got)
     return out
 
@@ -333,7 +400,11 @@ def collect_orphans(store: Store, max_age: float = INCOMPLETE_MAX_AGE) -> list[t
             log.warning("cannot collect unlinked blobs of %s: %s", model, e)
             continue
         for path, size in got:
-            log.info("collected unlinked blob %s (%d bytes)", path, size,
-                     extra={"event": "gc_orphan", "model": model, "bytes": size})
+            log.info(
+                "collected unlinked blob %s (%d bytes)",
+                path,
+                size,
+                extra={"event": "gc_orphan", "model": model, "bytes": size},
+            )
         out.extend(got)
     return out

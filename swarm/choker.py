@@ -41,8 +41,9 @@ class PeerSlot:
 
 
 class Choker:
-    def __init__(self, slots: int = DEFAULT_SLOTS, hold: float = DEFAULT_HOLD, *,
-                 rng: random.Random | None = None):
+    def __init__(
+        self, slots: int = DEFAULT_SLOTS, hold: float = DEFAULT_HOLD, *, rng: random.Random | None = None
+    ):
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
@@ -59,19 +60,22 @@ class Choker:
         """Peers to unchoke now into free slots (chokes nobody)."""
         peers = list(peers)
         used = sum(1 for p in peers if p.unchoked)
-        waiting = sorted((p for p in peers if p.interested and not p.unchoked),
-                         key=lambda p: (p.order, p.peer_id))
+        waiting = sorted(
+            (p for p in peers if p.interested and not p.unchoked), key=lambda p: (p.order, p.peer_id)
+        )
         return waiting[: max(0, self.slots - used)]
 
-    def rechoke(self, peers: Iterable[PeerSlot], now: float, *, seeding: bool
-                ) -> tuple[list[PeerSlot], list[PeerSlot]]:
+    def rechoke(
+        self, peers: Iterable[PeerSlot], now: float, *, seeding: bool
+    ) -> tuple[list[PeerSlot], list[PeerSlot]]:
         """Re-deal the slots. Returns (to_unchoke, to_choke)."""
         peers = list(peers)
         # Peers that lost interest free their slot.
         keep = [p for p in peers if p.unchoked and p.interested]
         drop = [p for p in peers if p.unchoked and not p.interested]
-        waiting = sorted((p for p in peers if p.interested and not p.unchoked),
-                         key=lambda p: (p.order, p.peer_id))
+        waiting = sorted(
+            (p for p in peers if p.interested and not p.unchoked), key=lambda p: (p.order, p.peer_id)
+        )
         if seeding:
             # Longest-held first out, but only after `hold`, and only if someone is waiting.
             keep.sort(key=lambda p: (p.since, p.peer_id))
@@ -91,8 +95,7 @@ class Choker:
         rest = [p for p in interested if p.peer_id not in chosen]
         # Optimistic: a currently unchoked non-regular keeps it until `hold`, else longest waiter.
         holders = [p for p in rest if p.unchoked and now - p.since < self.hold]
-        optimistic = holders[:1] or sorted(rest, key=lambda p: (p.unchoked, p.since,
-                                                               p.peer_id))[:1]
+        optimistic = holders[:1] or sorted(rest, key=lambda p: (p.unchoked, p.since, p.peer_id))[:1]
         chosen |= {p.peer_id for p in optimistic}
         # Leftover slots (few senders yet) go in wait order.
         for p in sorted(rest, key=lambda p: (p.unchoked is False, p.since, p.peer_id)):

@@ -88,13 +88,11 @@ async def _watch_signals(receiver: Any, scope: Any, running: dict, drain_timeout
                 log.warning("second %s: exiting at once", signal.Signals(signum).name)
                 os._exit(EXIT_INTERRUPTED)
             running["stopping"] = True
-            log.info("%s: shutting down (draining up to %g s)", signal.Signals(signum).name,
-                     drain_timeout)
+            log.info("%s: shutting down (draining up to %g s)", signal.Signals(signum).name, drain_timeout)
             nursery.start_soon(drain_then_stop)
 
 
-async def _run_node(settings: Any, modelexpress_url: str | None,
-                    watch: Any = None) -> None:
+async def _run_node(settings: Any, modelexpress_url: str | None, watch: Any = None) -> None:
     import signal
 
     import trio
@@ -118,8 +116,9 @@ async def _run_node(settings: Any, modelexpress_url: str | None,
                     async with node.running():
                         st = node.status()
                         if not st["addrs"]:
-                            raise RuntimeError("not listening on any address (check --listen: "
-                                               f"{', '.join(settings.listen)})")
+                            raise RuntimeError(
+                                f"not listening on any address (check --listen: {', '.join(settings.listen)})"
+                            )
                         server.attach(node)
                         running["node"] = node
                         if settings.metrics_listen:
@@ -128,14 +127,20 @@ async def _run_node(settings: Any, modelexpress_url: str | None,
                             from swarm.dynamo.watch import Watcher
 
                             await nursery.start(Watcher(node, watch).run)
-                        log.info("swarm-node %s ready; listening on %s; serving %d model(s); "
-                                 "control socket %s; trust %s%s; lane %s%s", node.peer_id,
-                                 ", ".join(st["addrs"]), len(st["models"]), server.path,
-                                 settings.trust,
-                                 f" ({len(settings.trusted_publishers)} publisher(s))"
-                                 if settings.trusted_publishers else "",
-                                 settings.lane,
-                                 "; private swarm (psk)" if settings.psk else "")
+                        log.info(
+                            "swarm-node %s ready; listening on %s; serving %d model(s); "
+                            "control socket %s; trust %s%s; lane %s%s",
+                            node.peer_id,
+                            ", ".join(st["addrs"]),
+                            len(st["models"]),
+                            server.path,
+                            settings.trust,
+                            f" ({len(settings.trusted_publishers)} publisher(s))"
+                            if settings.trusted_publishers
+                            else "",
+                            settings.lane,
+                            "; private swarm (psk)" if settings.psk else "",
+                        )
                         await trio.sleep_forever()
             outer.cancel_scope.cancel()
     log.info("swarm-node stopped")
@@ -166,11 +171,13 @@ def _watch_config(args: argparse.Namespace) -> Any:
 
     prefetch = args.command == "dynamo-watch"
     mdc = getattr(args, "mdc_cache", None)
-    return WatchConfig(Path(kv).expanduser() if kv else None,
-                       tuple(e.strip() for e in (etcd or "").split(",") if e.strip()),
-                       prefetch=prefetch,
-                       weights=prefetch and bool(getattr(args, "weights", False)),
-                       mdc_root=Path(mdc).expanduser() if mdc else None)
+    return WatchConfig(
+        Path(kv).expanduser() if kv else None,
+        tuple(e.strip() for e in (etcd or "").split(",") if e.strip()),
+        prefetch=prefetch,
+        weights=prefetch and bool(getattr(args, "weights", False)),
+        mdc_root=Path(mdc).expanduser() if mdc else None,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -192,8 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         return _fail(f"cannot use home {settings.home}: {e}")
     try:
-        trio.run(_run_node, settings, os.environ.get("MODEL_EXPRESS_URL") or None,
-                 _watch_config(args))
+        trio.run(_run_node, settings, os.environ.get("MODEL_EXPRESS_URL") or None, _watch_config(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as e:  # one line for anything that stops the node
@@ -210,10 +216,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_dynamo_watch(args: argparse.Namespace) -> int:
     if args.kv and args.etcd:
         return _fail("--kv or --etcd, not both", EXIT_USAGE)
-    if not (args.kv or args.etcd or os.environ.get("DYN_FILE_KV")
-            or os.environ.get("ETCD_ENDPOINTS")):
-        return _fail("dynamo-watch needs Dynamo's discovery: --kv DIR (or DYN_FILE_KV) or --etcd "
-                     "URL[,URL...] (or ETCD_ENDPOINTS)", EXIT_USAGE)
+    if not (args.kv or args.etcd or os.environ.get("DYN_FILE_KV") or os.environ.get("ETCD_ENDPOINTS")):
+        return _fail(
+            "dynamo-watch needs Dynamo's discovery: --kv DIR (or DYN_FILE_KV) or --etcd "
+            "URL[,URL...] (or ETCD_ENDPOINTS)",
+            EXIT_USAGE,
+        )
     return cmd_run(args)
 
 
@@ -221,9 +229,12 @@ def cmd_dynamo_watch(args: argparse.Namespace) -> int:
 
 
 def _result_json(result: Any) -> dict:
-    return {"path": str(result.path), "source": result.source, "revision": result.revision,
-            "attempts": [{"source": a.source, "outcome": a.outcome, "reason": a.reason}
-                         for a in result.attempts]}
+    return {
+        "path": str(result.path),
+        "source": result.source,
+        "revision": result.revision,
+        "attempts": [{"source": a.source, "outcome": a.outcome, "reason": a.reason} for a in result.attempts],
+    }
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -239,16 +250,31 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     try:
         if args.card is not None:
             if args.revision or args.configs_only or args.include or args.exclude:
-                return _fail("--card fetches the card's files: no --revision, --configs-only, "
-                             "--include or --exclude", EXIT_USAGE)
+                return _fail(
+                    "--card fetches the card's files: no --revision, --configs-only, --include or --exclude",
+                    EXIT_USAGE,
+                )
             result = client.fetch_card_result(
-                args.card, weights=args.weights, cache_dir=args.cache_dir, local_dir=args.local_dir,
-                mdc_cache=args.mdc_cache or False, timeout=args.timeout, home=home)
+                args.card,
+                weights=args.weights,
+                cache_dir=args.cache_dir,
+                local_dir=args.local_dir,
+                mdc_cache=args.mdc_cache or False,
+                timeout=args.timeout,
+                home=home,
+            )
         else:
             result = client.fetch_result(
-                args.repo_id, args.revision, allow_patterns=args.include or None,
-                ignore_patterns=args.exclude or None, configs_only=args.configs_only,
-                cache_dir=args.cache_dir, local_dir=args.local_dir, timeout=args.timeout, home=home)
+                args.repo_id,
+                args.revision,
+                allow_patterns=args.include or None,
+                ignore_patterns=args.exclude or None,
+                configs_only=args.configs_only,
+                cache_dir=args.cache_dir,
+                local_dir=args.local_dir,
+                timeout=args.timeout,
+                home=home,
+            )
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:
@@ -256,12 +282,22 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
         leaf = _leaf(e)
         if args.json:
-            print(json.dumps({"error": type(leaf).__name__, "message": str(leaf),
-                              "attempts": [{"source": a.source, "outcome": a.outcome,
-                                            "reason": a.reason}
-                                           for a in getattr(leaf, "attempts", ())]}), flush=True)
-        code = EXIT_USAGE if isinstance(leaf, ValueError) and not isinstance(leaf, FetchError) \
-            else EXIT_FAILURE
+            print(
+                json.dumps(
+                    {
+                        "error": type(leaf).__name__,
+                        "message": str(leaf),
+                        "attempts": [
+                            {"source": a.source, "outcome": a.outcome, "reason": a.reason}
+                            for a in getattr(leaf, "attempts", ())
+                        ],
+                    }
+                ),
+                flush=True,
+            )
+        code = (
+            EXIT_USAGE if isinstance(leaf, ValueError) and not isinstance(leaf, FetchError) else EXIT_FAILURE
+        )
         return _fail(_one_line(leaf), code)
     if args.json:
         print(json.dumps(_result_json(result)), flush=True)
@@ -284,9 +320,11 @@ def _size(n: int | None) -> str:
 
 
 def format_status(st: dict) -> str:
-    lines = [f"peer id:    {st.get('peer_id')}",
-             f"home:       {st.get('home')}",
-             f"cache dir:  {st.get('cache_dir')}"]
+    lines = [
+        f"peer id:    {st.get('peer_id')}",
+        f"home:       {st.get('home')}",
+        f"cache dir:  {st.get('cache_dir')}",
+    ]
     addrs = st.get("addrs") or []
     lines.append("listening:  " + (addrs[0] if addrs else "-"))
     lines += [f"            {a}" for a in addrs[1:]]
@@ -301,11 +339,14 @@ def format_status(st: dict) -> str:
     models = st.get("models") or []
     lines.append(f"models:     {len(models)}")
     for m in models:
-        state = "complete" if m.get("complete") else \
-            f"{_size(m.get('have_bytes'))} of {_size(m.get('bytes'))}"
-        lines.append(f"  {m.get('model')}@{str(m.get('revision'))[:12]}  {state}  "
-                     f"up {_size(m.get('bytes_up'))}  down {_size(m.get('bytes_down'))}  "
-                     f"{len(m.get('peers') or [])} peer(s)")
+        state = (
+            "complete" if m.get("complete") else f"{_size(m.get('have_bytes'))} of {_size(m.get('bytes'))}"
+        )
+        lines.append(
+            f"  {m.get('model')}@{str(m.get('revision'))[:12]}  {state}  "
+            f"up {_size(m.get('bytes_up'))}  down {_size(m.get('bytes_down'))}  "
+            f"{len(m.get('peers') or [])} peer(s)"
+        )
     return "\n".join(lines)
 
 
@@ -351,10 +392,12 @@ def format_cache(report: dict, *, node: bool = True) -> str:
     import time
 
     limit = report.get("max_bytes")
-    lines = [f"cache:      {report.get('cache_dir')}",
-             f"size:       {_size(report.get('bytes'))} of "
-             f"{_size(limit) if limit is not None else 'unbounded'}"
-             f" ({_size(report.get('incomplete_bytes'))} in partial downloads)"]
+    lines = [
+        f"cache:      {report.get('cache_dir')}",
+        f"size:       {_size(report.get('bytes'))} of "
+        f"{_size(limit) if limit is not None else 'unbounded'}"
+        f" ({_size(report.get('incomplete_bytes'))} in partial downloads)",
+    ]
     if not node:
         lines.append("node:       none running (served and seeded are not known)")
     snaps = report.get("snapshots") or []
@@ -373,10 +416,12 @@ def format_cache(report: dict, *, node: bool = True) -> str:
         elif s.get("evictable"):
             state.append("evictable")
         refs = f" [{', '.join(s['refs'])}]" if s.get("refs") else ""
-        lines.append(f"  {s.get('model')}@{str(s.get('revision'))[:12]}{refs}  "
-                     f"{_size(s.get('bytes'))} ({_size(s.get('unique_bytes'))} own)  "
-                     f"{s.get('files')} file(s)  used {_age(now - float(s.get('last_access') or 0))}"
-                     f"  {', '.join(state)}")
+        lines.append(
+            f"  {s.get('model')}@{str(s.get('revision'))[:12]}{refs}  "
+            f"{_size(s.get('bytes'))} ({_size(s.get('unique_bytes'))} own)  "
+            f"{s.get('files')} file(s)  used {_age(now - float(s.get('last_access') or 0))}"
+            f"  {', '.join(state)}"
+        )
     return "\n".join(lines)
 
 
@@ -403,8 +448,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         except (ConfigError, OSError, ValueError) as e:
             return _fail(_one_line(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILURE)
     report["node"] = node
-    print(json.dumps(report, indent=2) if args.json else format_cache(report, node=node),
-          flush=True)
+    print(json.dumps(report, indent=2) if args.json else format_cache(report, node=node), flush=True)
     return 0
 
 
@@ -426,8 +470,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
     except client.NodeUnavailable:
         try:
             store, _limit = _offline_store(args)
-            removed = [{"model": r.model, "revision": r.revision, "bytes": r.bytes}
-                       for r in cache_admin.remove(store, model, revision, force=args.force)]
+            removed = [
+                {"model": r.model, "revision": r.revision, "bytes": r.bytes}
+                for r in cache_admin.remove(store, model, revision, force=args.force)
+            ]
         except (cache_admin.NotCached, cache_admin.Refused) as e:
             return _fail(str(e))
         except (ConfigError, OSError, ValueError) as e:
@@ -458,15 +504,19 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(f"{len(peers)} connected", flush=True)
         for p in peers:
             print(f"  {p}", flush=True)
+
+
 # --- limits ------------------------------------------------------------------------------------
 
 
 def format_limits(limits: dict) -> str:
     from swarm.config import format_rate
 
-    return (f"upload {format_rate(limits.get('upload'))}, "
-            f"download {format_rate(limits.get('download'))}, "
-            f"per-peer upload {format_rate(limits.get('peer_upload'))}")
+    return (
+        f"upload {format_rate(limits.get('upload'))}, "
+        f"download {format_rate(limits.get('download'))}, "
+        f"per-peer upload {format_rate(limits.get('peer_upload'))}"
+    )
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
@@ -476,8 +526,11 @@ def cmd_limits(args: argparse.Namespace) -> int:
     changes = {}
     try:
         home = resolve_home(args.home, cli_config=args.config)
-        for key, flag in (("upload", "--upload"), ("download", "--download"),
-                          ("peer_upload", "--peer-upload")):
+        for key, flag in (
+            ("upload", "--upload"),
+            ("download", "--download"),
+            ("peer_upload", "--peer-upload"),
+        ):
             value = getattr(args, key)
             if value is not None:
                 changes[key] = parse_rate(value, flag)
@@ -500,8 +553,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from swarm import demo
 
     try:
-        return demo.run(size_mb=args.size_mb, frontends=args.frontends, timeout=args.timeout,
-                        keep=args.keep, lane=args.lane)
+        return demo.run(
+            size_mb=args.size_mb,
+            frontends=args.frontends,
+            timeout=args.timeout,
+            keep=args.keep,
+            lane=args.lane,
+        )
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except demo.DemoError as e:
@@ -529,8 +587,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         return _fail(f"cannot create {args.out}: {e.strerror or e}")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    print(f"wrote a new swarm key to {args.out}; give this file to every node of the swarm "
-          f"(swarm-node run --psk {args.out})", file=sys.stderr, flush=True)
+    print(
+        f"wrote a new swarm key to {args.out}; give this file to every node of the swarm "
+        f"(swarm-node run --psk {args.out})",
+        file=sys.stderr,
+        flush=True,
+    )
     return 0
 
 
@@ -558,9 +620,12 @@ def _positive_int(value: str) -> int:
 
 
 def _add_home(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", metavar="DIR",
-                   help="node state directory: identity, piece state, control socket "
-                        "(env SWARM_HOME; default: the user cache dir)")
+    p.add_argument(
+        "--home",
+        metavar="DIR",
+        help="node state directory: identity, piece state, control socket "
+        "(env SWARM_HOME; default: the user cache dir)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
 
 
@@ -570,27 +635,33 @@ LANE_HELP = (
     "on the wire: for trusted networks only; used only when both ends are set to plaintext, an "
     "encrypted peer never accepts it; control messages stay encrypted and every piece is still "
     "verified with blake3); or 'off' (libp2p streams only). A link falls back to a libp2p stream "
-    "whenever the lane cannot be opened")
+    "whenever the lane cannot be opened"
+)
 
 
 def _add_lane(p: argparse.ArgumentParser, default: str | None = None) -> None:
     from swarm.config import LANE_MODES
 
-    where = (f"default {default}" if default is not None
-             else "env SWARM_LANE, config key lane; default encrypted")
+    where = (
+        f"default {default}" if default is not None else "env SWARM_LANE, config key lane; default encrypted"
+    )
     p.add_argument("--lane", choices=LANE_MODES, default=default, help=f"{LANE_HELP} ({where})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="swarm-node", description="Peer-to-peer delivery of ML model files.")
+        prog="swarm-node", description="Peer-to-peer delivery of ML model files."
+    )
     parser.add_argument("--version", action="version", version=f"swarm {swarm.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", help="run the long-lived node",
-                         description="Run the node until SIGINT/SIGTERM. Every option can also be "
-                                     "set as a SWARM_* variable or in the --config TOML file.")
+    run = sub.add_parser(
+        "run",
+        help="run the long-lived node",
+        description="Run the node until SIGINT/SIGTERM. Every option can also be "
+        "set as a SWARM_* variable or in the --config TOML file.",
+    )
     from swarm.config import add_run_arguments
 
     add_run_arguments(run)  # every option of the table in swarm/config.py
@@ -598,50 +669,74 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 
-    fetch = sub.add_parser("fetch", help="fetch a model; prints its local path",
-                           description="Fetch through the running node (or an embedded one) and "
-                                       "print the snapshot path last.")
+    fetch = sub.add_parser(
+        "fetch",
+        help="fetch a model; prints its local path",
+        description="Fetch through the running node (or an embedded one) and print the snapshot path last.",
+    )
     fetch.add_argument("repo_id", metavar="ORG/NAME", nargs="?")
-    fetch.add_argument("--card", metavar="CARD.json",
-                       help="fetch exactly the files of a Dynamo ModelDeploymentCard (or its "
-                            "discovery record), refusing other bytes")
-    fetch.add_argument("--weights", action="store_true",
-                       help="with --card: also the weights of the snapshot the card describes")
-    fetch.add_argument("--mdc-cache", nargs="?", const=True, metavar="DIR",
-                       help="with --card: also put the files into Dynamo's metadata cache "
-                            "(default ~/.cache/dynamo/mdc)")
+    fetch.add_argument(
+        "--card",
+        metavar="CARD.json",
+        help="fetch exactly the files of a Dynamo ModelDeploymentCard (or its "
+        "discovery record), refusing other bytes",
+    )
+    fetch.add_argument(
+        "--weights",
+        action="store_true",
+        help="with --card: also the weights of the snapshot the card describes",
+    )
+    fetch.add_argument(
+        "--mdc-cache",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="with --card: also put the files into Dynamo's metadata cache (default ~/.cache/dynamo/mdc)",
+    )
     fetch.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
-    fetch.add_argument("--configs-only", action="store_true",
-                       help="only config and tokenizer files")
-    fetch.add_argument("--include", action="append", metavar="GLOB",
-                       help="only files matching GLOB (repeatable; huggingface_hub allow_patterns)")
-    fetch.add_argument("--exclude", action="append", metavar="GLOB",
-                       help="skip files matching GLOB (repeatable; ignore_patterns)")
+    fetch.add_argument("--configs-only", action="store_true", help="only config and tokenizer files")
+    fetch.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="only files matching GLOB (repeatable; huggingface_hub allow_patterns)",
+    )
+    fetch.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="skip files matching GLOB (repeatable; ignore_patterns)",
+    )
     fetch.add_argument("--cache-dir", metavar="DIR", help="hub cache to return the snapshot in")
     fetch.add_argument("--local-dir", metavar="DIR", help="also copy the files into DIR")
     fetch.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this")
-    fetch.add_argument("--json", action="store_true",
-                       help="print {path, source, revision, attempts} as JSON")
+    fetch.add_argument("--json", action="store_true", help="print {path, source, revision, attempts} as JSON")
     _add_home(fetch)
     fetch.set_defaults(func=cmd_fetch)
 
     watch = sub.add_parser(
-        "dynamo-watch", help="run the node and prefetch every model Dynamo registers",
+        "dynamo-watch",
+        help="run the node and prefetch every model Dynamo registers",
         description="Run the node (all `run` options) and follow Dynamo's file discovery: every "
-                    "registered ModelDeploymentCard's files are fetched through the swarm, checked "
-                    "against the card and put into Dynamo's metadata cache; models this host has "
-                    "are served. See docs/dynamo.md.")
+        "registered ModelDeploymentCard's files are fetched through the swarm, checked "
+        "against the card and put into Dynamo's metadata cache; models this host has "
+        "are served. See docs/dynamo.md.",
+    )
     for action in run._actions:
         if action.dest != "help":
             watch._add_action(action)
-    watch.add_argument("--kv", metavar="DIR",
-                       help="Dynamo's file discovery directory (default: env DYN_FILE_KV)")
-    watch.add_argument("--etcd", metavar="URL[,URL...]",
-                       help="Dynamo's etcd discovery instead (default: env ETCD_ENDPOINTS)")
-    watch.add_argument("--weights", action="store_true",
-                       help="also fetch the weights (a host where workers will start)")
-    watch.add_argument("--mdc-cache", metavar="DIR",
-                       help="Dynamo's metadata cache (default ~/.cache/dynamo/mdc)")
+    watch.add_argument(
+        "--kv", metavar="DIR", help="Dynamo's file discovery directory (default: env DYN_FILE_KV)"
+    )
+    watch.add_argument(
+        "--etcd", metavar="URL[,URL...]", help="Dynamo's etcd discovery instead (default: env ETCD_ENDPOINTS)"
+    )
+    watch.add_argument(
+        "--weights", action="store_true", help="also fetch the weights (a host where workers will start)"
+    )
+    watch.add_argument(
+        "--mdc-cache", metavar="DIR", help="Dynamo's metadata cache (default ~/.cache/dynamo/mdc)"
+    )
     watch.set_defaults(func=cmd_dynamo_watch)
 
     status = sub.add_parser("status", help="the running node's peer id, addresses, peers, models")
@@ -650,27 +745,36 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     models = sub.add_parser(
-        "models", help="what the HF cache holds: size, last use, served, in use, evictable",
+        "models",
+        help="what the HF cache holds: size, last use, served, in use, evictable",
         description="List the snapshots of the HF cache, from the running node (or, with none, "
-                    "from the cache itself).")
+        "from the cache itself).",
+    )
     models.add_argument("--json", action="store_true", help="machine-readable output")
-    models.add_argument("--cache-dir", metavar="DIR",
-                        help="read this cache directly instead of asking the node")
+    models.add_argument(
+        "--cache-dir", metavar="DIR", help="read this cache directly instead of asking the node"
+    )
     _add_home(models)
     models.set_defaults(func=cmd_models)
 
     rm = sub.add_parser(
-        "rm", help="remove a model (or one revision) from the HF cache",
+        "rm",
+        help="remove a model (or one revision) from the HF cache",
         description="Remove ORG/NAME (every revision) or ORG/NAME@REVISION: the snapshot, the "
-                    "refs naming it, and the blobs no other snapshot links. Refused while a "
-                    "download of the model runs, and (unless --force) while the snapshot is in "
-                    "use (handed to a caller in the last 10 minutes).")
+        "refs naming it, and the blobs no other snapshot links. Refused while a "
+        "download of the model runs, and (unless --force) while the snapshot is in "
+        "use (handed to a caller in the last 10 minutes).",
+    )
     rm.add_argument("target", metavar="ORG/NAME[@REV]")
-    rm.add_argument("--force", action="store_true",
-                    help="remove even if recently handed to a caller (never during a download)")
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="remove even if recently handed to a caller (never during a download)",
+    )
     rm.add_argument("--json", action="store_true", help="machine-readable output")
-    rm.add_argument("--cache-dir", metavar="DIR",
-                    help="work on this cache directly instead of through the node")
+    rm.add_argument(
+        "--cache-dir", metavar="DIR", help="work on this cache directly instead of through the node"
+    )
     _add_home(rm)
     rm.set_defaults(func=cmd_rm)
 
@@ -679,34 +783,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home(peers)
     peers.set_defaults(func=cmd_peers)
     limits = sub.add_parser(
-        "limits", help="show or change the running node's bandwidth limits",
+        "limits",
+        help="show or change the running node's bandwidth limits",
         description="Show the running node's bandwidth limits, or change them at once for every "
-                    "transfer (not saved: a restart takes the configured max_*_rate options). "
-                    "RATE: bytes per second with a decimal SI prefix (k, M, G, T = 10^3n; Ki, "
-                    "Mi, Gi = 2^10n) and unit B (bytes, the default) or bit: 20M = 20MB/s = "
-                    "160Mbit/s; 0 or none = unlimited.")
+        "transfer (not saved: a restart takes the configured max_*_rate options). "
+        "RATE: bytes per second with a decimal SI prefix (k, M, G, T = 10^3n; Ki, "
+        "Mi, Gi = 2^10n) and unit B (bytes, the default) or bit: 20M = 20MB/s = "
+        "160Mbit/s; 0 or none = unlimited.",
+    )
     limits.add_argument("--upload", metavar="RATE", help="all uploads together")
     limits.add_argument("--download", metavar="RATE", help="all downloads together")
-    limits.add_argument("--peer-upload", dest="peer_upload", metavar="RATE",
-                        help="uploads to any one peer")
+    limits.add_argument("--peer-upload", dest="peer_upload", metavar="RATE", help="uploads to any one peer")
     limits.add_argument("--json", action="store_true", help="machine-readable output")
     _add_home(limits)
     limits.set_defaults(func=cmd_limits)
 
-    demo = sub.add_parser("demo", help="a local swarm on 127.0.0.1: one worker, N frontends",
-                          description="Start one worker serving a generated model and N frontends "
-                                      "that fetch it concurrently; print times and bytes.")
+    demo = sub.add_parser(
+        "demo",
+        help="a local swarm on 127.0.0.1: one worker, N frontends",
+        description="Start one worker serving a generated model and N frontends "
+        "that fetch it concurrently; print times and bytes.",
+    )
     demo.add_argument("--size-mb", type=_positive_int, default=300, help="weights size (MB)")
     demo.add_argument("--frontends", type=_positive_int, default=3, help="number of frontends")
-    demo.add_argument("--timeout", type=_positive, default=300.0,
-                      help="give up after this many seconds")
+    demo.add_argument("--timeout", type=_positive, default=300.0, help="give up after this many seconds")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     _add_lane(demo, default="encrypted")
     demo.set_defaults(func=cmd_demo)
 
-    keygen = sub.add_parser("keygen", help="print a new random swarm key (private network PSK)",
-                            description="Print a new random 32-byte swarm key as 64 hex digits, or "
-                                        "write it as a go-style swarm.key file (mode 0600).")
+    keygen = sub.add_parser(
+        "keygen",
+        help="print a new random swarm key (private network PSK)",
+        description="Print a new random 32-byte swarm key as 64 hex digits, or "
+        "write it as a go-style swarm.key file (mode 0600).",
+    )
     keygen.add_argument("--out", metavar="FILE", help="write a swarm.key file (never overwritten)")
     keygen.set_defaults(func=cmd_keygen)
     return parser
@@ -725,4 +835,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

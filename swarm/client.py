@@ -108,8 +108,9 @@ def _check_socket_file(sock_path: Path) -> None:
     except OSError as e:
         raise NodeUnavailable(f"no swarm-node answers on {sock_path} ({e})") from None
     if not stat.S_ISSOCK(st.st_mode) or not trusted_uid(st.st_uid):
-        raise NodeUnavailable(f"{sock_path} is not a socket of this user's or root's (owner uid "
-                              f"{st.st_uid}): not talking to it")
+        raise NodeUnavailable(
+            f"{sock_path} is not a socket of this user's or root's (owner uid {st.st_uid}): not talking to it"
+        )
 
 
 def _home(home: os.PathLike | str | None) -> Path:
@@ -147,16 +148,18 @@ def _connect(home: Path, read_timeout: float | None) -> Any:
         raise _unavailable(home, e) from None
     if not trusted_uid(uid):
         s.close()
-        raise NodeUnavailable(f"the process on {sock_path} runs as uid {uid}, not as this user "
-                              f"or root: not talking to it")
+        raise NodeUnavailable(
+            f"the process on {sock_path} runs as uid {uid}, not as this user or root: not talking to it"
+        )
     s.settimeout(read_timeout)
     conn = http.client.HTTPConnection("swarm-node")
     conn.sock = s
     return conn
 
 
-def _ask(method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
-         ) -> tuple[int, dict]:
+def _ask(
+    method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
+) -> tuple[int, dict]:
     import http.client
 
     h = _home(home)
@@ -165,8 +168,9 @@ def _ask(method: str, route: str, home: os.PathLike | str | None, body: dict | N
         if body is None:
             conn.request(method, route)
         else:
-            conn.request(method, route, body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                method, route, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
         r = conn.getresponse()
         raw = r.read()
     except (OSError, http.client.HTTPException) as e:
@@ -184,8 +188,10 @@ def _get(route: str, home: os.PathLike | str | None) -> dict:
     h = _home(home)
     code, body = _ask("GET", route, h)
     if code != 200:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {code}: "
-                              f"{body.get('error', '') if isinstance(body, dict) else body}")
+        raise NodeUnavailable(
+            f"swarm-node on {socket_path(h)}: HTTP {code}: "
+            f"{body.get('error', '') if isinstance(body, dict) else body}"
+        )
     return body
 
 
@@ -224,9 +230,13 @@ def remove(target: str, *, force: bool = False, home: os.PathLike | str | None =
     if code in (404, 409):
         raise CacheRefusal(str(body.get("error", "")), code, list(body.get("in_use", [])))
     if code != 200:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {code}: "
-                              f"{body.get('error', '') if isinstance(body, dict) else body}")
+        raise NodeUnavailable(
+            f"swarm-node on {socket_path(h)}: HTTP {code}: "
+            f"{body.get('error', '') if isinstance(body, dict) else body}"
+        )
     return body["removed"]
+
+
 def limits(home: os.PathLike | str | None = None, **changes: float | str | None) -> dict:
     """The running node's bandwidth limits in bytes/s (None = unlimited): ``{"upload",
     "download", "peer_upload"}``. Keyword arguments change them first (``upload="20MB/s"``,
@@ -239,13 +249,16 @@ def limits(home: os.PathLike | str | None = None, **changes: float | str | None)
     h = _home(home)
     conn = _connect(h, QUERY_TIMEOUT)
     try:
-        conn.request("PUT", "/v1/limits", body=json.dumps(changes).encode(),
-                     headers={"content-type": "application/json"})
+        conn.request(
+            "PUT",
+            "/v1/limits",
+            body=json.dumps(changes).encode(),
+            headers={"content-type": "application/json"},
+        )
         r = conn.getresponse()
         raw = r.read()
     except (OSError, http.client.HTTPException) as e:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer /v1/limits: "
-                              f"{e}") from None
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer /v1/limits: {e}") from None
     finally:
         conn.close()
     try:
@@ -255,8 +268,7 @@ def limits(home: os.PathLike | str | None = None, **changes: float | str | None)
     if r.status == 400:
         raise ValueError(body.get("error", "bad limits"))
     if r.status != 200:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: "
-                              f"{body.get('error', '')}")
+        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: {body.get('error', '')}")
     return body
 
 
@@ -294,8 +306,15 @@ class ProgressPrinter:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=event["total"], desc=self.desc, unit="B", unit_scale=True,
-                                unit_divisor=1024, file=sys.stderr, leave=True)
+                self.bar = tqdm(
+                    total=event["total"],
+                    desc=self.desc,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=sys.stderr,
+                    leave=True,
+                )
             have = event.get("have")
             if isinstance(have, int):
                 self.bar.update(max(0, have - self.bar.n))
@@ -308,8 +327,9 @@ class ProgressPrinter:
             self.bar = None
 
 
-def _observer(on_event: Callable[[dict], None] | None, progress: bool | None, desc: str
-              ) -> tuple[Callable[[dict], None], Callable[[], None]]:
+def _observer(
+    on_event: Callable[[dict], None] | None, progress: bool | None, desc: str
+) -> tuple[Callable[[dict], None], Callable[[], None]]:
     printer = ProgressPrinter(desc) if (progress if progress is not None else progress_wanted()) else None
 
     def emit(event: dict) -> None:
@@ -469,8 +489,15 @@ def _deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLik
 # --- fetch -------------------------------------------------------------------------------------
 
 
-def _request(repo_id: str, revision: str | None, allow_patterns: Any, ignore_patterns: Any,
-             configs_only: bool, cache_dir: os.PathLike | str | None, timeout: float | None) -> Any:
+def _request(
+    repo_id: str,
+    revision: str | None,
+    allow_patterns: Any,
+    ignore_patterns: Any,
+    configs_only: bool,
+    cache_dir: os.PathLike | str | None,
+    timeout: float | None,
+) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
     MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
     from swarm.sources import FetchRequest, SourceEnv
@@ -480,9 +507,16 @@ def _request(repo_id: str, revision: str | None, allow_patterns: Any, ignore_pat
         kw["cache_dir"] = Path(cache_dir).expanduser()
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
-    return FetchRequest(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns,
-                        ignore_patterns=ignore_patterns, configs_only=bool(configs_only),
-                        timeout=timeout, env=SourceEnv.from_environ(), **kw)
+    return FetchRequest(
+        repo_id=repo_id,
+        revision=revision,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        configs_only=bool(configs_only),
+        timeout=timeout,
+        env=SourceEnv.from_environ(),
+        **kw,
+    )
 
 
 def _fast_path(req: Any) -> Any | None:
@@ -499,38 +533,52 @@ def _fast_path(req: Any) -> Any | None:
 
     if path.parent.parent.parent == Path(req.cache_dir):  # ours (not a ModelExpress cache's)
         touch_access(path)  # in use now, and least-recently-used eviction reads it
-    return FetchResult(path, "local-cache", path.name,
-                       (Attempt("local-cache", "ok", f"snapshot at {path}"),))
+    return FetchResult(path, "local-cache", path.name, (Attempt("local-cache", "ok", f"snapshot at {path}"),))
 
 
 def _body(req: Any) -> dict:
-    return {"repo_id": req.repo_id, "revision": req.revision,
-            "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
-            "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
-            "configs_only": req.configs_only, "timeout": req.timeout, "env": req.env.to_json(),
-            **({"expect": [list(e) for e in req.expect]} if req.expect else {})}
+    return {
+        "repo_id": req.repo_id,
+        "revision": req.revision,
+        "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
+        "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
+        "configs_only": req.configs_only,
+        "timeout": req.timeout,
+        "env": req.env.to_json(),
+        **({"expect": [list(e) for e in req.expect]} if req.expect else {}),
+    }
 
 
 def _raise_error(event: dict) -> None:
     from swarm import sources
 
-    attempts = tuple(sources.Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")),
-                                     str(a.get("reason", ""))) for a in event.get("attempts") or ()
-                     if isinstance(a, dict))
-    cls = {"ModelNotFound": sources.ModelNotFound,
-           "VerificationFailed": sources.VerificationFailed,
-           "FetchTimeout": sources.FetchTimeout}.get(event.get("type"), sources.FetchError)
+    attempts = tuple(
+        sources.Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")), str(a.get("reason", "")))
+        for a in event.get("attempts") or ()
+        if isinstance(a, dict)
+    )
+    cls = {
+        "ModelNotFound": sources.ModelNotFound,
+        "VerificationFailed": sources.VerificationFailed,
+        "FetchTimeout": sources.FetchTimeout,
+    }.get(event.get("type"), sources.FetchError)
     raise cls(str(event.get("message") or "fetch failed"), attempts)
 
 
 def _result(event: dict) -> Any:
     from swarm.sources import Attempt, FetchResult
 
-    attempts = tuple(Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")),
-                             str(a.get("reason", ""))) for a in event.get("attempts") or ()
-                     if isinstance(a, dict))
-    return FetchResult(Path(event["path"]), str(event.get("source") or "?"),
-                       str(event.get("revision") or Path(event["path"]).name), attempts)
+    attempts = tuple(
+        Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")), str(a.get("reason", "")))
+        for a in event.get("attempts") or ()
+        if isinstance(a, dict)
+    )
+    return FetchResult(
+        Path(event["path"]),
+        str(event.get("source") or "?"),
+        str(event.get("revision") or Path(event["path"]).name),
+        attempts,
+    )
 
 
 def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
@@ -577,8 +625,7 @@ def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     conn = _connect(home, read)
     try:
         body = json.dumps(_body(req)).encode()
-        conn.request("POST", "/v1/fetch", body=body,
-                     headers={"content-type": "application/json"})
+        conn.request("POST", "/v1/fetch", body=body, headers={"content-type": "application/json"})
         r = conn.getresponse()
         if r.status != 200:
             raw = r.read()
@@ -592,8 +639,9 @@ def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
             if result is not None:
                 return result
     except TimeoutError:
-        raise FetchTimeout(f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer "
-                           f"within {req.timeout:g} s") from None
+        raise FetchTimeout(
+            f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
+        ) from None
     except (OSError, http.client.HTTPException) as e:
         raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
     finally:
@@ -614,9 +662,14 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
     sent = False
     try:
         with unix_socket_path(sock) as p:
-            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=p),
-                                         base_url="http://swarm-node", timeout=_timeout(read)) as c, \
-                    c.stream("POST", "/v1/fetch", json=_body(req)) as r:
+            async with (
+                httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=p),
+                    base_url="http://swarm-node",
+                    timeout=_timeout(read),
+                ) as c,
+                c.stream("POST", "/v1/fetch", json=_body(req)) as r,
+            ):
                 sent = True
                 if r.status_code != 200:
                     await r.aread()
@@ -632,8 +685,9 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
     except httpx.TimeoutException:
         from swarm.sources import FetchTimeout
 
-        raise FetchTimeout(f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer "
-                           f"within {req.timeout:g} s") from None
+        raise FetchTimeout(
+            f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
+        ) from None
     except httpx.HTTPError as e:
         raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e}") from None
     raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
@@ -657,33 +711,39 @@ async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
             stack.enter_context(HomeLock(home))
         except (HomeBusy, OSError):
             node_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-embedded-")))
-        cfg = settings.node_config(home=node_home, cache_dir=Path(req.cache_dir), serve=(),
-                                   serve_hf_cache=False, listen=listen)
+        cfg = settings.node_config(
+            home=node_home, cache_dir=Path(req.cache_dir), serve=(), serve_hf_cache=False, listen=listen
+        )
         node = Node(cfg)
         deadline = float("inf") if req.timeout is None else trio.current_time() + req.timeout
         with trio.move_on_at(deadline) as scope:
             async with node.running():
                 return await node.fetch_with_fallback(req, on_event=emit)
         if scope.cancelled_caught:
-            raise FetchTimeout(f"cannot fetch {req.repo_id}@{req.ref}: timed out after "
-                               f"{req.timeout:g} s while starting an embedded node")
+            raise FetchTimeout(
+                f"cannot fetch {req.repo_id}@{req.ref}: timed out after "
+                f"{req.timeout:g} s while starting an embedded node"
+            )
     raise AssertionError("unreachable")
 
 
-def fetch_result(repo_id: str, revision: str | None = None, *,
-                 allow_patterns: str | Iterable[str] | None = None,
-                 ignore_patterns: str | Iterable[str] | None = None,
-                 configs_only: bool = False,
-                 cache_dir: os.PathLike | str | None = None,
-                 local_dir: os.PathLike | str | None = None,
-                 timeout: float | None = None,
-                 home: os.PathLike | str | None = None,
-                 on_event: Callable[[dict], None] | None = None,
-                 progress: bool | None = None) -> Any:
+def fetch_result(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.sources.FetchResult`` (path, source,
     revision, attempts)."""
-    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir,
-                   timeout)
+    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
     local = _fast_path(req)
     if local is not None:
         return _deliver(local, req, False, local_dir)
@@ -700,29 +760,33 @@ def fetch_result(repo_id: str, revision: str | None = None, *,
             except RuntimeError:
                 pass
             else:
-                raise RuntimeError("swarm.fetch() called from trio code with no node running: "
-                                   "use `await swarm.afetch(...)`") from None
+                raise RuntimeError(
+                    "swarm.fetch() called from trio code with no node running: use `await swarm.afetch(...)`"
+                ) from None
             result = trio.run(_embedded, req, h, emit)
     finally:
         close()
     return _deliver(result, req, cache_dir is not None, local_dir)
 
 
-async def afetch_result(repo_id: str, revision: str | None = None, *,
-                        allow_patterns: str | Iterable[str] | None = None,
-                        ignore_patterns: str | Iterable[str] | None = None,
-                        configs_only: bool = False,
-                        cache_dir: os.PathLike | str | None = None,
-                        local_dir: os.PathLike | str | None = None,
-                        timeout: float | None = None,
-                        home: os.PathLike | str | None = None,
-                        on_event: Callable[[dict], None] | None = None,
-                        progress: bool | None = None) -> Any:
+async def afetch_result(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Any:
     """The trio variant of :func:`fetch_result`."""
     import trio
 
-    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir,
-                   timeout)
+    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
     local = await trio.to_thread.run_sync(_fast_path, req)
     if local is not None:
         return await trio.to_thread.run_sync(_deliver, local, req, False, local_dir)
@@ -738,16 +802,20 @@ async def afetch_result(repo_id: str, revision: str | None = None, *,
     return await trio.to_thread.run_sync(_deliver, result, req, cache_dir is not None, local_dir)
 
 
-def fetch(repo_id: str, revision: str | None = None, *,
-          allow_patterns: str | Iterable[str] | None = None,
-          ignore_patterns: str | Iterable[str] | None = None,
-          configs_only: bool = False,
-          cache_dir: os.PathLike | str | None = None,
-          local_dir: os.PathLike | str | None = None,
-          timeout: float | None = None,
-          home: os.PathLike | str | None = None,
-          on_event: Callable[[dict], None] | None = None,
-          progress: bool | None = None) -> Path:
+def fetch(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Path:
     """Fetch a model snapshot and return its local path (``huggingface_hub.snapshot_download``'s
     shape: the snapshot directory in the HF cache layout, or ``local_dir`` when given).
 
@@ -762,35 +830,58 @@ def fetch(repo_id: str, revision: str | None = None, *,
     Raises ``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout`` or ``FetchError`` (from
     ``swarm.sources``), whose ``attempts`` say which sources were tried and why each failed.
     """
-    return fetch_result(repo_id, revision, allow_patterns=allow_patterns,
-                        ignore_patterns=ignore_patterns, configs_only=configs_only,
-                        cache_dir=cache_dir, local_dir=local_dir, timeout=timeout, home=home,
-                        on_event=on_event, progress=progress).path
+    return fetch_result(
+        repo_id,
+        revision,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        configs_only=configs_only,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        timeout=timeout,
+        home=home,
+        on_event=on_event,
+        progress=progress,
+    ).path
 
 
-async def afetch(repo_id: str, revision: str | None = None, *,
-                 allow_patterns: str | Iterable[str] | None = None,
-                 ignore_patterns: str | Iterable[str] | None = None,
-                 configs_only: bool = False,
-                 cache_dir: os.PathLike | str | None = None,
-                 local_dir: os.PathLike | str | None = None,
-                 timeout: float | None = None,
-                 home: os.PathLike | str | None = None,
-                 on_event: Callable[[dict], None] | None = None,
-                 progress: bool | None = None) -> Path:
+async def afetch(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Path:
     """:func:`fetch` for trio code (``await swarm.afetch("org/name")``)."""
-    result = await afetch_result(repo_id, revision, allow_patterns=allow_patterns,
-                                 ignore_patterns=ignore_patterns, configs_only=configs_only,
-                                 cache_dir=cache_dir, local_dir=local_dir, timeout=timeout,
-                                 home=home, on_event=on_event, progress=progress)
+    result = await afetch_result(
+        repo_id,
+        revision,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        configs_only=configs_only,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        timeout=timeout,
+        home=home,
+        on_event=on_event,
+        progress=progress,
+    )
     return result.path
 
 
 # --- fetch by Dynamo card -------------------------------------------------------------------------
 
 
-def _card_request(card: Any, weights: bool, cache_dir: os.PathLike | str | None,
-                  timeout: float | None) -> Any:
+def _card_request(
+    card: Any, weights: bool, cache_dir: os.PathLike | str | None, timeout: float | None
+) -> Any:
     from swarm.dynamo.card import CardError, fnmatch_exact, swarm_name
     from swarm.sources import FetchRequest
 
@@ -804,8 +895,9 @@ def _card_request(card: Any, weights: bool, cache_dir: os.PathLike | str | None,
     # Without weights: exactly the card's files. With them: the whole snapshot whose manifest
     # matches the card (the weights of the very version the card describes).
     allow = None if weights else [fnmatch_exact(f.name) for f in card.carried]
-    return FetchRequest(repo_id=swarm_name(card), allow_patterns=allow, expect=card.expect(),
-                        timeout=timeout, **kw)
+    return FetchRequest(
+        repo_id=swarm_name(card), allow_patterns=allow, expect=card.expect(), timeout=timeout, **kw
+    )
 
 
 def _matching_card(result: Any, card: Any) -> Any:
@@ -814,19 +906,26 @@ def _matching_card(result: Any, card: Any) -> Any:
 
     differ = dir_mismatches(result.path, card.expect())
     if differ:
-        raise VerificationFailed(f"{card.display_name}: the files from {result.source} differ from "
-                                 f"the card: {'; '.join(differ[:4])}", result.attempts)
+        raise VerificationFailed(
+            f"{card.display_name}: the files from {result.source} differ from "
+            f"the card: {'; '.join(differ[:4])}",
+            result.attempts,
+        )
     return result
 
 
-def fetch_card_result(card: Any, *, weights: bool = False,
-                      cache_dir: os.PathLike | str | None = None,
-                      local_dir: os.PathLike | str | None = None,
-                      mdc_cache: os.PathLike | str | bool = False,
-                      timeout: float | None = None,
-                      home: os.PathLike | str | None = None,
-                      on_event: Callable[[dict], None] | None = None,
-                      progress: bool | None = None) -> Any:
+def fetch_card_result(
+    card: Any,
+    *,
+    weights: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    mdc_cache: os.PathLike | str | bool = False,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Any:
     """Like :func:`fetch_card`, returning the whole ``FetchResult``."""
     from swarm.dynamo.card import dir_mismatches, install_mdc_cache, load_card
 
@@ -849,8 +948,9 @@ def fetch_card_result(card: Any, *, weights: bool = False,
                 except RuntimeError:
                     pass
                 else:
-                    raise RuntimeError("swarm.fetch_card() called from trio code with no node "
-                                       "running: run a swarm-node") from None
+                    raise RuntimeError(
+                        "swarm.fetch_card() called from trio code with no node running: run a swarm-node"
+                    ) from None
                 result = trio.run(_embedded, req, h, emit)
         finally:
             close()
@@ -860,14 +960,18 @@ def fetch_card_result(card: Any, *, weights: bool = False,
     return _deliver(result, req, cache_dir is not None, local_dir)
 
 
-def fetch_card(card: Any, *, weights: bool = False,
-               cache_dir: os.PathLike | str | None = None,
-               local_dir: os.PathLike | str | None = None,
-               mdc_cache: os.PathLike | str | bool = False,
-               timeout: float | None = None,
-               home: os.PathLike | str | None = None,
-               on_event: Callable[[dict], None] | None = None,
-               progress: bool | None = None) -> Path:
+def fetch_card(
+    card: Any,
+    *,
+    weights: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    mdc_cache: os.PathLike | str | bool = False,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> Path:
     """Fetch exactly the files a Dynamo ModelDeploymentCard lists and return a directory Dynamo
     takes as a model path (``register_model(model_path=...)``, the frontend's ``--model-path``).
 
@@ -880,6 +984,14 @@ def fetch_card(card: Any, *, weights: bool = False,
     (``~/.cache/dynamo/mdc/blobs``, or the given root) so a frontend on this host fetches none of
     them from the worker. Other arguments as in :func:`fetch`.
     """
-    return fetch_card_result(card, weights=weights, cache_dir=cache_dir, local_dir=local_dir,
-                             mdc_cache=mdc_cache, timeout=timeout, home=home, on_event=on_event,
-                             progress=progress).path
+    return fetch_card_result(
+        card,
+        weights=weights,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        mdc_cache=mdc_cache,
+        timeout=timeout,
+        home=home,
+        on_event=on_event,
+        progress=progress,
+    ).path

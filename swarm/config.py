@@ -186,8 +186,10 @@ def parse_psk_option(value: str, where: str, base: Path | None = None) -> str:
         raise ConfigError(f"{where}: cannot read swarm key file {path}: {e.strerror or e}") from None
     key = _psk_text(text)
     if key is None:
-        raise ConfigError(f"{where}: {path} holds no swarm key (expected 64 hex digits or a "
-                          f"swarm.key file: /key/swarm/psk/1.0.0/, /base16/, 64 hex digits)")
+        raise ConfigError(
+            f"{where}: {path} holds no swarm key (expected 64 hex digits or a "
+            f"swarm.key file: /key/swarm/psk/1.0.0/, /base16/, 64 hex digits)"
+        )
     return key
 
 
@@ -211,34 +213,39 @@ def check_publisher_id(peer_id: str, where: str) -> str:
     raw = _b58decode(pid)
     # identity multihash (0x00, length 36) of a protobuf PublicKey {Type: Ed25519, Data: 32 bytes}
     if raw is None or len(raw) != 38 or raw[:6] != b"\x00\x24\x08\x01\x12\x20":
-        raise ConfigError(f"{where}: {pid!r} is not the peer id of an Ed25519 libp2p key "
-                          f"(like 12D3KooW...; see `swarm-node status` on the publisher)")
+        raise ConfigError(
+            f"{where}: {pid!r} is not the peer id of an Ed25519 libp2p key "
+            f"(like 12D3KooW...; see `swarm-node status` on the publisher)"
+        )
     return pid
 
 
-def check_trust(mode: str, publishers: Sequence[str], mode_at: str, publishers_at: str
-                ) -> tuple[str, tuple[str, ...]]:
+def check_trust(
+    mode: str, publishers: Sequence[str], mode_at: str, publishers_at: str
+) -> tuple[str, tuple[str, ...]]:
     """The trust policy and its publishers, checked together (``*_at`` name where each came
     from)."""
     if mode not in TRUST_POLICIES:
-        raise ConfigError(f"{mode_at}: trust policy must be one of {', '.join(TRUST_POLICIES)}, "
-                          f"not {mode!r}")
+        raise ConfigError(f"{mode_at}: trust policy must be one of {', '.join(TRUST_POLICIES)}, not {mode!r}")
     if mode == "trusted-publishers" and not publishers:
-        raise ConfigError(f"{mode_at}: trust policy 'trusted-publishers' needs at least one "
-                          f"trusted publisher (--trusted-publisher PEER_ID, "
-                          f"SWARM_TRUSTED_PUBLISHERS or trusted_publishers in the config file)")
+        raise ConfigError(
+            f"{mode_at}: trust policy 'trusted-publishers' needs at least one "
+            f"trusted publisher (--trusted-publisher PEER_ID, "
+            f"SWARM_TRUSTED_PUBLISHERS or trusted_publishers in the config file)"
+        )
     if mode == "open" and publishers:
-        raise ConfigError(f"{publishers_at}: trusted publishers are listed but the trust policy is 'open' "
-                          f"(which accepts any manifest): set --trust trusted-publishers "
-                          f"(SWARM_TRUST, or trust in the config file)")
+        raise ConfigError(
+            f"{publishers_at}: trusted publishers are listed but the trust policy is 'open' "
+            f"(which accepts any manifest): set --trust trusted-publishers "
+            f"(SWARM_TRUST, or trust in the config file)"
+        )
     return mode, tuple(dict.fromkeys(publishers))
 
 
 def check_lane(mode: Any, where: str) -> str:
     """A data lane mode: one of LANE_MODES (``where`` names the option and where it came from)."""
     if not isinstance(mode, str) or mode.strip().lower() not in LANE_MODES:
-        raise ConfigError(f"{where}: lane mode must be one of {', '.join(LANE_MODES)}, "
-                          f"not {mode!r}")
+        raise ConfigError(f"{where}: lane mode must be one of {', '.join(LANE_MODES)}, not {mode!r}")
     return mode.strip().lower()
 
 
@@ -277,7 +284,7 @@ def _toml_serve(value: Any, where: str, base: Path) -> tuple[tuple[str, Path], .
             m, _, d = v.partition("=")
             items.append((m.strip(), d.strip()))
     else:
-        raise ConfigError(f"{where}: expected a table of \"ORG/NAME\" = \"DIR\"")
+        raise ConfigError(f'{where}: expected a table of "ORG/NAME" = "DIR"')
     out = []
     for model, directory in items:
         if not isinstance(directory, str) or not directory:
@@ -290,8 +297,7 @@ def _unique_serve(entries: Sequence[tuple[str, Path]], where: str) -> tuple[tupl
     seen: dict[str, Path] = {}
     for model, path in entries:
         if model in seen and seen[model] != path:
-            raise ConfigError(f"{where}: {model} is served from two directories: {seen[model]} "
-                              f"and {path}")
+            raise ConfigError(f"{where}: {model} is served from two directories: {seen[model]} and {path}")
         seen[model] = path
     return tuple(seen.items())
 
@@ -313,16 +319,29 @@ MIN_RATE = 10_000.0
 """Bytes/s: the lowest limit taken (0 means unlimited). Below it a 4 MiB piece takes over seven
 minutes, longer than any request timeout: a typo, not a limit."""
 
-_RATE_TEXT = re.compile(r"(?P<num>\d+(?:\.\d*)?|\.\d+)(?:e(?P<exp>[+-]?\d+))?\s*"
-                        r"(?P<prefix>[kKmMgGtT]i?)?(?P<unit>[A-Za-z/]*)")
-_PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
-           "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_RATE_TEXT = re.compile(
+    r"(?P<num>\d+(?:\.\d*)?|\.\d+)(?:e(?P<exp>[+-]?\d+))?\s*"
+    r"(?P<prefix>[kKmMgGtT]i?)?(?P<unit>[A-Za-z/]*)"
+)
+_PREFIX = {
+    "": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
 _BYTE_UNITS = {"", "B", "B/s", "Bps"}
 _BIT_UNITS = {"bit", "bits", "bit/s", "bits/s", "bps"}
 _UNLIMITED = {"0", "none", "unlimited", "off"}
-RATE_DOC = ("bytes per second with an optional decimal SI prefix (k = 1000, M, G, T; binary Ki, "
-            "Mi, Gi = 1024^n) and unit (B, B/s: bytes, the default; bit, bit/s, bps: bits): 100M "
-            "= 100MB/s = 800Mbit/s; 0 or none = unlimited")
+RATE_DOC = (
+    "bytes per second with an optional decimal SI prefix (k = 1000, M, G, T; binary Ki, "
+    "Mi, Gi = 1024^n) and unit (B, B/s: bytes, the default; bit, bit/s, bps: bits): 100M "
+    "= 100MB/s = 800Mbit/s; 0 or none = unlimited"
+)
 
 
 def parse_rate(value: Any, where: str) -> float | None:
@@ -340,25 +359,32 @@ def parse_rate(value: Any, where: str) -> float | None:
             return None
         m = _RATE_TEXT.fullmatch(text)
         if m is None:
-            raise ConfigError(f"{where}: expected a rate like 100MB/s, 800Mbit/s or 0 "
-                              f"(unlimited), got {value!r}")
+            raise ConfigError(
+                f"{where}: expected a rate like 100MB/s, 800Mbit/s or 0 (unlimited), got {value!r}"
+            )
         unit = m["unit"]
         if unit in _BYTE_UNITS:
             per_unit = 1.0
         elif unit.lower() in _BIT_UNITS:
             per_unit = 1 / 8
         else:
-            raise ConfigError(f"{where}: unknown unit {unit!r} in {value!r} (write B or B/s for "
-                              f"bytes, bit or bit/s for bits)")
-        rate = float(m["num"] + (f"e{m['exp']}" if m["exp"] else "")) \
-            * _PREFIX[(m["prefix"] or "").lower()] * per_unit
+            raise ConfigError(
+                f"{where}: unknown unit {unit!r} in {value!r} (write B or B/s for "
+                f"bytes, bit or bit/s for bits)"
+            )
+        rate = (
+            float(m["num"] + (f"e{m['exp']}" if m["exp"] else ""))
+            * _PREFIX[(m["prefix"] or "").lower()]
+            * per_unit
+        )
     else:
         raise ConfigError(f"{where}: expected a rate like 100MB/s, got {value!r}")
     if rate == 0:
         return None
     if not MIN_RATE <= rate < float("inf"):
-        raise ConfigError(f"{where}: {value!r} is not a usable rate: at least "
-                          f"{format_rate(MIN_RATE)}, or 0 for unlimited")
+        raise ConfigError(
+            f"{where}: {value!r} is not a usable rate: at least {format_rate(MIN_RATE)}, or 0 for unlimited"
+        )
     return rate
 
 
@@ -418,65 +444,165 @@ class Option:
 _LIST_KINDS = ("addrs", "peer_addrs", "serve", "peer_ids")
 
 OPTIONS: tuple[Option, ...] = (
-    Option("home", "path", "node state directory: identity, piece state, control socket",
-           default_doc="the user cache dir (~/.cache/swarm)", metavar="DIR"),
-    Option("listen", "addrs", "address to listen on (repeatable)", default=DEFAULT_LISTEN,
-           default_doc=DEFAULT_LISTEN[0], metavar="MULTIADDR"),
-    Option("bootstrap", "peer_addrs", "peer to join through (repeatable)", default=(),
-           metavar="MULTIADDR/p2p/ID"),
-    Option("serve", "serve", "serve a private model directory (repeatable)", default=(),
-           metavar="ORG/NAME=DIR"),
-    Option("cache_dir", "path", "where fetched models go, in the Hugging Face hub cache layout",
-           default_doc="HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub", metavar="DIR"),
-    Option("serve_hf_cache", "switch", "serve the complete snapshots of the local HF cache and "
-           "what comes from the Hub or ModelExpress to every peer that can connect",
-           default_doc="on with a psk, off without one"),
-    Option("psk", "psk", "private swarm key: 64 hex digits, or a swarm.key file (see "
-           "`swarm-node keygen`); nodes without the same key cannot connect", metavar="KEY|FILE"),
-    Option("trust", "choice", "which manifests to accept: 'open' (any; a fetch by name takes the "
-           "one most providers announce) or 'trusted-publishers' (only those signed by a trusted "
-           "publisher)", default="open", default_doc="open", choices=TRUST_POLICIES,
-           noun="trust policy"),
-    Option("trusted_publishers", "peer_ids", "peer id whose signed manifests are accepted "
-           "(repeatable); needs --trust trusted-publishers", default=(), metavar="PEER_ID",
-           flag="--trusted-publisher"),
-    Option("lane", "choice", "how piece bytes travel: over a direct TCP data lane set up through "
-           "the authenticated libp2p connection, 'encrypted' (AES-256-GCM) or 'plaintext' (piece "
-           "bytes unencrypted on the wire: for trusted networks only; used only when both ends are "
-           "set to plaintext, an encrypted peer never accepts it; control messages stay encrypted "
-           "and every piece is still verified with blake3); or 'off' (libp2p streams only). A link "
-           "falls back to a libp2p stream whenever the lane cannot be opened",
-           default=DEFAULT_LANE, default_doc=DEFAULT_LANE, choices=LANE_MODES, noun="lane mode"),
-    Option("direct_io", "switch", "write whole pieces received over the data lane with O_DIRECT "
-           "(off: through the page cache)", default=True, default_doc="on"),
-    Option("log_format", "choice", "log lines as text, or as one JSON object per line with event "
-           "fields (fetch_start, fetch_end, ban, lane_fallback, evict, rm, gc_incomplete)", default="text",
-           default_doc="text", choices=LOG_FORMATS, noun="log format"),
-    Option("drain_timeout", "seconds", "on SIGTERM or SIGINT the node stops announcing and "
-           "taking new work, then waits up to this long for pieces peers already asked of it",
-           default=DEFAULT_DRAIN_TIMEOUT, default_doc=f"{DEFAULT_DRAIN_TIMEOUT:g}",
-           metavar="SECONDS"),
-    Option("max_cache_size", "size", "keep the HF cache under this size: after each fetch and "
-           "every 10 minutes, snapshots fetched through the swarm that are neither served nor in "
-           "use are removed, least recently used first. K/M/G/T are powers of 1000, KiB/MiB/GiB/"
-           "TiB powers of 1024; 0 or none: unbounded", default=None, default_doc="none (unbounded)",
-           metavar="SIZE"),
-    Option("metrics_listen", "hostport", "serve Prometheus metrics on this TCP address at "
-           "/metrics (they are always on the control socket at /v1/metrics)",
-           metavar="HOST:PORT"),
+    Option(
+        "home",
+        "path",
+        "node state directory: identity, piece state, control socket",
+        default_doc="the user cache dir (~/.cache/swarm)",
+        metavar="DIR",
+    ),
+    Option(
+        "listen",
+        "addrs",
+        "address to listen on (repeatable)",
+        default=DEFAULT_LISTEN,
+        default_doc=DEFAULT_LISTEN[0],
+        metavar="MULTIADDR",
+    ),
+    Option(
+        "bootstrap", "peer_addrs", "peer to join through (repeatable)", default=(), metavar="MULTIADDR/p2p/ID"
+    ),
+    Option(
+        "serve", "serve", "serve a private model directory (repeatable)", default=(), metavar="ORG/NAME=DIR"
+    ),
+    Option(
+        "cache_dir",
+        "path",
+        "where fetched models go, in the Hugging Face hub cache layout",
+        default_doc="HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub",
+        metavar="DIR",
+    ),
+    Option(
+        "serve_hf_cache",
+        "switch",
+        "serve the complete snapshots of the local HF cache and "
+        "what comes from the Hub or ModelExpress to every peer that can connect",
+        default_doc="on with a psk, off without one",
+    ),
+    Option(
+        "psk",
+        "psk",
+        "private swarm key: 64 hex digits, or a swarm.key file (see "
+        "`swarm-node keygen`); nodes without the same key cannot connect",
+        metavar="KEY|FILE",
+    ),
+    Option(
+        "trust",
+        "choice",
+        "which manifests to accept: 'open' (any; a fetch by name takes the "
+        "one most providers announce) or 'trusted-publishers' (only those signed by a trusted "
+        "publisher)",
+        default="open",
+        default_doc="open",
+        choices=TRUST_POLICIES,
+        noun="trust policy",
+    ),
+    Option(
+        "trusted_publishers",
+        "peer_ids",
+        "peer id whose signed manifests are accepted (repeatable); needs --trust trusted-publishers",
+        default=(),
+        metavar="PEER_ID",
+        flag="--trusted-publisher",
+    ),
+    Option(
+        "lane",
+        "choice",
+        "how piece bytes travel: over a direct TCP data lane set up through "
+        "the authenticated libp2p connection, 'encrypted' (AES-256-GCM) or 'plaintext' (piece "
+        "bytes unencrypted on the wire: for trusted networks only; used only when both ends are "
+        "set to plaintext, an encrypted peer never accepts it; control messages stay encrypted "
+        "and every piece is still verified with blake3); or 'off' (libp2p streams only). A link "
+        "falls back to a libp2p stream whenever the lane cannot be opened",
+        default=DEFAULT_LANE,
+        default_doc=DEFAULT_LANE,
+        choices=LANE_MODES,
+        noun="lane mode",
+    ),
+    Option(
+        "direct_io",
+        "switch",
+        "write whole pieces received over the data lane with O_DIRECT (off: through the page cache)",
+        default=True,
+        default_doc="on",
+    ),
+    Option(
+        "log_format",
+        "choice",
+        "log lines as text, or as one JSON object per line with event "
+        "fields (fetch_start, fetch_end, ban, lane_fallback, evict, rm, gc_incomplete)",
+        default="text",
+        default_doc="text",
+        choices=LOG_FORMATS,
+        noun="log format",
+    ),
+    Option(
+        "drain_timeout",
+        "seconds",
+        "on SIGTERM or SIGINT the node stops announcing and "
+        "taking new work, then waits up to this long for pieces peers already asked of it",
+        default=DEFAULT_DRAIN_TIMEOUT,
+        default_doc=f"{DEFAULT_DRAIN_TIMEOUT:g}",
+        metavar="SECONDS",
+    ),
+    Option(
+        "max_cache_size",
+        "size",
+        "keep the HF cache under this size: after each fetch and "
+        "every 10 minutes, snapshots fetched through the swarm that are neither served nor in "
+        "use are removed, least recently used first. K/M/G/T are powers of 1000, KiB/MiB/GiB/"
+        "TiB powers of 1024; 0 or none: unbounded",
+        default=None,
+        default_doc="none (unbounded)",
+        metavar="SIZE",
+    ),
+    Option(
+        "metrics_listen",
+        "hostport",
+        "serve Prometheus metrics on this TCP address at "
+        "/metrics (they are always on the control socket at /v1/metrics)",
+        metavar="HOST:PORT",
+    ),
     # Bandwidth limits (swarm/ratelimit.py); changed at run time with `swarm-node limits`.
-    Option("max_upload_rate", "rate", "cap on piece bytes this node sends to all peers together "
-           "(data lane and libp2p streams alike); changed at run time with `swarm-node limits`",
-           default_doc="unlimited", metavar="RATE"),
-    Option("max_download_rate", "rate", "cap on piece bytes this node receives from all peers "
-           "together (requests are paced to it)", default_doc="unlimited", metavar="RATE"),
-    Option("max_peer_upload_rate", "rate", "cap on piece bytes this node sends to any one peer",
-           default_doc="unlimited", metavar="RATE"),
+    Option(
+        "max_upload_rate",
+        "rate",
+        "cap on piece bytes this node sends to all peers together "
+        "(data lane and libp2p streams alike); changed at run time with `swarm-node limits`",
+        default_doc="unlimited",
+        metavar="RATE",
+    ),
+    Option(
+        "max_download_rate",
+        "rate",
+        "cap on piece bytes this node receives from all peers together (requests are paced to it)",
+        default_doc="unlimited",
+        metavar="RATE",
+    ),
+    Option(
+        "max_peer_upload_rate",
+        "rate",
+        "cap on piece bytes this node sends to any one peer",
+        default_doc="unlimited",
+        metavar="RATE",
+    ),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
-_NODE_KEYS = ("home", "cache_dir", "listen", "bootstrap", "serve", "serve_hf_cache", "psk", "lane",
-              "direct_io", "max_cache_size", "max_upload_rate", "max_download_rate",
-              "max_peer_upload_rate")
+_NODE_KEYS = (
+    "home",
+    "cache_dir",
+    "listen",
+    "bootstrap",
+    "serve",
+    "serve_hf_cache",
+    "psk",
+    "lane",
+    "direct_io",
+    "max_cache_size",
+    "max_upload_rate",
+    "max_download_rate",
+    "max_peer_upload_rate",
+)
 """Options that go into ``swarm.node.NodeConfig`` as they are (trust is built from two)."""
 
 
@@ -517,9 +643,22 @@ def _seconds(value: Any, where: str) -> float:
     return v
 
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-              "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-              "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 """Units of a size, case-insensitive: decimal K/M/G/T (powers of 1000, as disks are sold) and
 binary KiB/MiB/GiB/TiB (powers of 1024); a bare number is bytes."""
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
@@ -542,8 +681,10 @@ def parse_size(value: Any) -> int | None:
     m = _SIZE.fullmatch(value)
     unit = m.group(2).upper() if m else ""
     if m is None or unit not in SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (a number with K, M, G, T (powers of 1000) or "
-                         "KiB, MiB, GiB, TiB (powers of 1024); 0 or none for unbounded)")
+        raise ValueError(
+            f"not a size: {value!r} (a number with K, M, G, T (powers of 1000) or "
+            "KiB, MiB, GiB, TiB (powers of 1024); 0 or none for unbounded)"
+        )
     return int(float(m.group(1)) * SIZE_UNITS[unit]) or None
 
 
@@ -558,8 +699,7 @@ def _check_choice(opt: Option, value: Any, where: str) -> str:
     if opt.key == "lane":
         return check_lane(value, where)
     if not isinstance(value, str) or value.strip() not in opt.choices:
-        raise ConfigError(f"{where}: {opt.noun} must be one of {', '.join(opt.choices)}, "
-                          f"not {value!r}")
+        raise ConfigError(f"{where}: {opt.noun} must be one of {', '.join(opt.choices)}, not {value!r}")
     return value.strip()
 
 
@@ -593,8 +733,7 @@ def _from_toml(opt: Option, value: Any, where: str, base: Path) -> Any:
         return _size(value, where)
     if opt.kind == "rate":
         return parse_rate(value, where)
-    return _from_text(opt, value, where) if isinstance(value, str) else \
-        _from_text(opt, repr(value), where)
+    return _from_text(opt, value, where) if isinstance(value, str) else _from_text(opt, repr(value), where)
 
 
 def load_toml(path: Path | str) -> dict[str, Any]:
@@ -626,9 +765,12 @@ def _config_file(cli_config: str | os.PathLike | None, env: Mapping[str, str]) -
     return load_toml(path) if path else {}
 
 
-def resolve_home(cli_home: str | os.PathLike | None = None, *,
-                 cli_config: str | os.PathLike | None = None,
-                 env: Mapping[str, str] | None = None) -> Path:
+def resolve_home(
+    cli_home: str | os.PathLike | None = None,
+    *,
+    cli_config: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Path:
     """The home directory a command talks to: ``--home`` > ``SWARM_HOME`` > the config file's
     ``home`` > the default. ``fetch``, ``status`` and ``swarm.fetch`` find the running node here."""
     env = os.environ if env is None else env
@@ -683,8 +825,9 @@ def _given(opt: Option, given: Mapping[str, Any]) -> tuple[Any, bool]:
     return value, bool(value)
 
 
-def _pick(opt: Option, given: Mapping[str, Any], env: Mapping[str, str],
-          toml: Mapping[str, Any], toml_where: str) -> tuple[Any, str | None]:
+def _pick(
+    opt: Option, given: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any], toml_where: str
+) -> tuple[Any, str | None]:
     """(value, where it came from); where is None for the default."""
     value, is_given = _given(opt, given)
     if is_given:
@@ -710,8 +853,9 @@ def _pick(opt: Option, given: Mapping[str, Any], env: Mapping[str, str],
     return opt.default, None
 
 
-def resolve_run(*, config: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                **given: Any) -> RunSettings:
+def resolve_run(
+    *, config: str | os.PathLike | None = None, env: Mapping[str, str] | None = None, **given: Any
+) -> RunSettings:
     """Resolve every option of ``run``: ``given`` (keyword per ``OPTIONS`` key, as parsed from the
     command line; None or empty = not given) > ``SWARM_*`` variables > the TOML file > defaults.
     Raises ConfigError."""
@@ -740,16 +884,21 @@ def resolve_run(*, config: str | os.PathLike | None = None, env: Mapping[str, st
         # Without a swarm key anyone who reaches the port could fetch the cache by name.
         values["serve_hf_cache"] = values["psk"] is not None
     values["trust"], values["trusted_publishers"] = check_trust(
-        values["trust"], values["trusted_publishers"], where["trust"] or "--trust",
-        where["trusted_publishers"] or "--trusted-publisher")
+        values["trust"],
+        values["trusted_publishers"],
+        where["trust"] or "--trust",
+        where["trusted_publishers"] or "--trusted-publisher",
+    )
     return RunSettings(**values)
 
 
 def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """``SWARM_BOOTSTRAP`` (comma-separated), checked; used by the embedded node of swarm.fetch."""
     env = os.environ if env is None else env
-    return tuple(_check_multiaddr(a, "SWARM_BOOTSTRAP", need_peer_id=True)
-                 for a in _split_list(env.get("SWARM_BOOTSTRAP", "")))
+    return tuple(
+        _check_multiaddr(a, "SWARM_BOOTSTRAP", need_peer_id=True)
+        for a in _split_list(env.get("SWARM_BOOTSTRAP", ""))
+    )
 
 
 # --- generated views of the table --------------------------------------------------------------
@@ -775,12 +924,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _KIND_DOC = {
-    "path": "path", "addrs": "list of multiaddrs", "peer_addrs": "list of multiaddrs ending in "
-    "/p2p/ID", "serve": "table \"ORG/NAME\" = \"DIR\"", "switch": "true/false",
-    "choice": "string", "psk": "64 hex digits or a key file's path", "peer_ids": "list of peer ids",
-    "hostport": "\"HOST:PORT\"", "seconds": "number",
-    "size": "string (\"500G\", \"1.5TiB\") or integer bytes",
-    "rate": "number (bytes/s) or string like \"100MB/s\"",
+    "path": "path",
+    "addrs": "list of multiaddrs",
+    "peer_addrs": "list of multiaddrs ending in /p2p/ID",
+    "serve": 'table "ORG/NAME" = "DIR"',
+    "switch": "true/false",
+    "choice": "string",
+    "psk": "64 hex digits or a key file's path",
+    "peer_ids": "list of peer ids",
+    "hostport": '"HOST:PORT"',
+    "seconds": "number",
+    "size": 'string ("500G", "1.5TiB") or integer bytes',
+    "rate": 'number (bytes/s) or string like "100MB/s"',
 }
 
 

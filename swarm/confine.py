@@ -93,8 +93,7 @@ def open_file(c: Confinement, rel: str) -> int:
                     raise OSError(errno.ELOOP, "too many levels of symbolic links", rel)
                 target = os.readlink(name, dir_fd=dirs[-1])
                 if target.startswith("/"):
-                    raise OutsideTree(rel, f"{rel}: symlink to an absolute path ({target}) "
-                                           f"leaves {c.anchor}")
+                    raise OutsideTree(rel, f"{rel}: symlink to an absolute path ({target}) leaves {c.anchor}")
                 todo.extendleft(reversed(target.split("/")))
                 continue
             if todo:  # a directory on the way
@@ -102,8 +101,11 @@ def open_file(c: Confinement, rel: str) -> int:
                 where.append(name)
                 continue
             if not any(tuple(where[: len(a)]) == a for a in c.allowed):
-                raise OutsideTree(rel, f"{rel}: resolves to {'/'.join([*where, name])} under "
-                                       f"{c.anchor}, outside the served files")
+                raise OutsideTree(
+                    rel,
+                    f"{rel}: resolves to {'/'.join([*where, name])} under "
+                    f"{c.anchor}, outside the served files",
+                )
             fd = os.open(name, _FILE_FLAGS, dir_fd=dirs[-1])
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)

@@ -87,8 +87,7 @@ from swarm.sources import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlServer", "HomeBusy", "HomeLock", "UnsafeHome", "check_home", "error_event",
-           "result_event"]
+__all__ = ["ControlServer", "HomeBusy", "HomeLock", "UnsafeHome", "check_home", "error_event", "result_event"]
 
 MAX_HEADER_BYTES = 16 * 1024
 """Request line plus headers. Our clients send < 1 KiB; this is h11's default and well above it."""
@@ -109,11 +108,25 @@ MAX_QUEUED_EVENTS = 256
 LIVE_PROBE_TIMEOUT = 2.0
 """Seconds to wait for a connection to an existing socket file before calling it stale."""
 
-_REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 413: "Content Too Large",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-_FETCH_KEYS = {"repo_id", "revision", "allow_patterns", "ignore_patterns", "configs_only", "timeout",
-               "env", "expect"}
+_REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+_FETCH_KEYS = {
+    "repo_id",
+    "revision",
+    "allow_patterns",
+    "ignore_patterns",
+    "configs_only",
+    "timeout",
+    "env",
+    "expect",
+}
 _ERROR_TYPES = ("ModelNotFound", "VerificationFailed", "FetchTimeout", "FetchError")
 
 
@@ -135,12 +148,15 @@ def check_home(home: Path | str) -> None:
     home = Path(home)
     st = os.stat(home)
     if st.st_uid != os.geteuid():
-        raise UnsafeHome(f"home {home} belongs to uid {st.st_uid}, not to this user "
-                         f"(uid {os.geteuid()}): use a home of your own")
+        raise UnsafeHome(
+            f"home {home} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}): use a home of your own"
+        )
     if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid)):
         who = "others" if st.st_mode & stat.S_IWOTH else "its group"
-        raise UnsafeHome(f"home {home} is writable by {who} (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}): chmod 700 {home}")
+        raise UnsafeHome(
+            f"home {home} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 {home}"
+        )
 
 
 def _own_group(gid: int) -> bool:
@@ -169,8 +185,9 @@ class HomeLock:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_home(self.path.parent)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-                         | os.O_NONBLOCK, 0o600)
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
+            )
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise UnsafeHome(f"{self.path} is a symlink; remove it") from None
@@ -178,8 +195,10 @@ class HomeLock:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
             os.close(fd)
-            raise UnsafeHome(f"{self.path} is not a plain file of this user's (a hard link, a "
-                             f"device or someone else's); remove it")
+            raise UnsafeHome(
+                f"{self.path} is not a plain file of this user's (a hard link, a "
+                f"device or someone else's); remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -231,8 +250,13 @@ def _attempts(attempts: Any) -> list[dict]:
 
 
 def result_event(result: Any) -> dict:
-    return {"event": "result", "path": str(result.path), "source": result.source,
-            "revision": result.revision, "attempts": _attempts(result.attempts)}
+    return {
+        "event": "result",
+        "path": str(result.path),
+        "source": result.source,
+        "revision": result.revision,
+        "attempts": _attempts(result.attempts),
+    }
 
 
 def error_event(exc: BaseException) -> dict:
@@ -240,8 +264,12 @@ def error_event(exc: BaseException) -> dict:
     for cls in (ModelNotFound, VerificationFailed, FetchTimeout):
         if isinstance(exc, cls):
             kind = cls.__name__
-    return {"event": "error", "type": kind, "message": str(exc),
-            "attempts": _attempts(getattr(exc, "attempts", ()))}
+    return {
+        "event": "error",
+        "type": kind,
+        "message": str(exc),
+        "attempts": _attempts(getattr(exc, "attempts", ())),
+    }
 
 
 class _Subscriber:
@@ -322,12 +350,16 @@ class _Job:
     def timeout_event(self, timeout: float) -> dict:
         attempts = list(self.attempts)
         if self.current_source is not None:
-            attempts.append({"source": self.current_source, "outcome": "failed",
-                             "reason": f"still running after {timeout:g} s (the node goes on with it)"})
+            attempts.append(
+                {
+                    "source": self.current_source,
+                    "outcome": "failed",
+                    "reason": f"still running after {timeout:g} s (the node goes on with it)",
+                }
+            )
         lines = [f"cannot fetch {self.req.repo_id}@{self.req.ref}: timed out after {timeout:g} s"]
         lines += [f"  {a['source']}: {a['outcome']}: {a['reason']}" for a in attempts]
-        return {"event": "error", "type": "FetchTimeout", "message": "\n".join(lines),
-                "attempts": attempts}
+        return {"event": "error", "type": "FetchTimeout", "message": "\n".join(lines), "attempts": attempts}
 
 
 _RM_KEYS = frozenset({"target", "force"})
@@ -370,9 +402,14 @@ class ControlServer:
     socket file is removed on the way out.
     """
 
-    def __init__(self, home: Path | str, node: Any = None, *,
-                 modelexpress_url: str | None = None,
-                 fetcher: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path | str,
+        node: Any = None,
+        *,
+        modelexpress_url: str | None = None,
+        fetcher: Callable[..., Any] | None = None,
+    ) -> None:
         self.home = Path(home)
         self.path = socket_path(self.home)
         self.node = node
@@ -484,18 +521,20 @@ class ControlServer:
 
     # -- one connection --
 
-    async def serve_metrics(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
-                            ) -> None:
+    async def serve_metrics(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Prometheus metrics over TCP on ``listen`` (``HOST:PORT``, from ``--metrics-listen``):
         ``GET /metrics`` only; everything else of the API stays on the Unix socket."""
         host, _, port = listen.rpartition(":")
         listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]"))
-        log.info("metrics on http://%s/metrics",
-                 ", ".join(_sockname(lst.socket.getsockname()) for lst in listeners))
+        log.info(
+            "metrics on http://%s/metrics",
+            ", ".join(_sockname(lst.socket.getsockname()) for lst in listeners),
+        )
         async with trio.open_nursery() as nursery:
             task_status.started([lst.socket.getsockname() for lst in listeners])
-            await trio.serve_listeners(partial(self._connection, public=True), listeners,
-                                       handler_nursery=nursery)
+            await trio.serve_listeners(
+                partial(self._connection, public=True), listeners, handler_nursery=nursery
+            )
 
     async def _connection(self, stream: trio.SocketStream, *, public: bool = False) -> None:
         self._connections += 1
@@ -503,8 +542,9 @@ class ControlServer:
         try:
             uid = None if public else peer_uid(stream.socket)
             if not public and not trusted_uid(uid):  # closed unanswered: nothing is read or told
-                log.warning("refused a control connection from uid %d (only this user's and "
-                            "root's are taken)", uid)
+                log.warning(
+                    "refused a control connection from uid %d (only this user's and root's are taken)", uid
+                )
                 return
             if self._connections > MAX_CONNECTIONS:
                 await self._send_error(stream, 503, "too many control connections")
@@ -530,8 +570,9 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
-    async def _read_request(self, stream: trio.SocketStream, conn: h11.Connection
-                            ) -> tuple[h11.Request | None, bytes]:
+    async def _read_request(
+        self, stream: trio.SocketStream, conn: h11.Connection
+    ) -> tuple[h11.Request | None, bytes]:
         request: h11.Request | None = None
         body = bytearray()
         received = 0
@@ -575,10 +616,13 @@ class ControlServer:
         has not seen); the connection is closed after it."""
         body = (json.dumps({"error": message}) + "\n").encode()
         reason = _REASONS.get(status, "Error")
-        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                 trio.TooSlowError, OSError):
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError
+        ):
             with trio.fail_after(RESPONSE_SEND_TIMEOUT):
                 await stream.send_all(head + body)
 
@@ -589,42 +633,58 @@ class ControlServer:
                 await stream.send_all(data)
 
     def _headers(self, content_type: str, length: int | None = None) -> list[tuple[str, str]]:
-        h = [("content-type", content_type), ("connection", "close"),
-             ("server", f"swarm-node/{swarm.__version__}")]
+        h = [
+            ("content-type", content_type),
+            ("connection", "close"),
+            ("server", f"swarm-node/{swarm.__version__}"),
+        ]
         if length is not None:
             h.append(("content-length", str(length)))
         return h
 
-    async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
-                         obj: Any) -> None:
-        await self._send_body(stream, conn, status, "application/json",
-                              (json.dumps(obj) + "\n").encode())
+    async def _send_json(
+        self, stream: trio.SocketStream, conn: h11.Connection, status: int, obj: Any
+    ) -> None:
+        await self._send_body(stream, conn, status, "application/json", (json.dumps(obj) + "\n").encode())
 
-    async def _send_body(self, stream: trio.SocketStream, conn: h11.Connection, status: int,
-                         content_type: str, data: bytes) -> None:
+    async def _send_body(
+        self, stream: trio.SocketStream, conn: h11.Connection, status: int, content_type: str, data: bytes
+    ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        await self._send(stream, conn, h11.Response(
-            status_code=status, headers=self._headers(content_type, len(data))))
+        await self._send(
+            stream, conn, h11.Response(status_code=status, headers=self._headers(content_type, len(data)))
+        )
         await self._send(stream, conn, h11.Data(data=data))
         await self._send(stream, conn, h11.EndOfMessage())
 
-    async def _route(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request,
-                     body: bytes, *, public: bool = False) -> None:
+    async def _route(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        request: h11.Request,
+        body: bytes,
+        *,
+        public: bool = False,
+    ) -> None:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace").split("?", 1)[0]
         if target == LIMITS_ROUTE and not public:
             await self._limits_route(stream, conn, method, body)
             return
-        routes: dict[str, tuple[str, Any]] = {"/metrics": ("GET", self._metrics)} if public else {
-            "/v1/status": ("GET", self._status),
-            "/v1/peers": ("GET", self._peers),
-            "/v1/models": ("GET", self._models),
-            "/v1/metrics": ("GET", self._metrics),
-            "/v1/cache": ("GET", self._cache),
-            "/v1/rm": ("POST", self._rm),
-            "/v1/fetch": ("POST", None),
-        }
+        routes: dict[str, tuple[str, Any]] = (
+            {"/metrics": ("GET", self._metrics)}
+            if public
+            else {
+                "/v1/status": ("GET", self._status),
+                "/v1/peers": ("GET", self._peers),
+                "/v1/models": ("GET", self._models),
+                "/v1/metrics": ("GET", self._metrics),
+                "/v1/cache": ("GET", self._cache),
+                "/v1/rm": ("POST", self._rm),
+                "/v1/fetch": ("POST", None),
+            }
+        )
         if target not in routes:
             await self._send_json(stream, conn, 404, {"error": f"no route {target}"})
             return
@@ -664,9 +724,15 @@ class ControlServer:
     def _status(self) -> dict:
         st = dict(self.node.status())
         config = self.node.config
-        st.update(home=str(self.home), cache_dir=str(config.cache_dir), pid=os.getpid(),
-                  version=swarm.__version__, control_socket=str(self.path),
-                  lane=getattr(config, "lane", None), direct_io=getattr(config, "direct_io", None))
+        st.update(
+            home=str(self.home),
+            cache_dir=str(config.cache_dir),
+            pid=os.getpid(),
+            version=swarm.__version__,
+            control_socket=str(self.path),
+            lane=getattr(config, "lane", None),
+            direct_io=getattr(config, "direct_io", None),
+        )
         return st
 
     def _metrics(self) -> bytes:
@@ -683,10 +749,16 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 stats = sh.transfer.stats
                 by_manifest[sh.manifest.hash_str] = {
-                    pid: {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
-                          "pieces_up": s.pieces_up, "pieces_down": s.pieces_down,
-                          "bad_pieces": s.bad_pieces, "banned": s.banned}
-                    for pid, s in stats.items()}
+                    pid: {
+                        "bytes_up": s.bytes_up,
+                        "bytes_down": s.bytes_down,
+                        "pieces_up": s.pieces_up,
+                        "pieces_down": s.pieces_down,
+                        "bad_pieces": s.bad_pieces,
+                        "banned": s.banned,
+                    }
+                    for pid, s in stats.items()
+                }
         out = []
         for m in models:
             m = dict(m)
@@ -716,12 +788,13 @@ class ControlServer:
             return 404, {"error": str(e)}
         except cache_admin.Refused as e:
             return 409, {"error": str(e), "in_use": e.reasons}
-        return 200, {"removed": [{"model": r.model, "revision": r.revision, "bytes": r.bytes}
-                                 for r in done]}
+        return 200, {"removed": [{"model": r.model, "revision": r.revision, "bytes": r.bytes} for r in done]}
+
     # -- bandwidth limits --
 
-    async def _limits_route(self, stream: trio.SocketStream, conn: h11.Connection, method: str,
-                            body: bytes) -> None:
+    async def _limits_route(
+        self, stream: trio.SocketStream, conn: h11.Connection, method: str, body: bytes
+    ) -> None:
         if method not in ("GET", "PUT"):
             await self._send_json(stream, conn, 405, {"error": f"{LIMITS_ROUTE} takes GET or PUT"})
             return
@@ -758,8 +831,9 @@ class ControlServer:
         if not isinstance(configs_only, bool):
             raise _BadRequest(400, "configs_only must be true or false")
         timeout = obj.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or not 0 < timeout < 1e9):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e9
+        ):
             raise _BadRequest(400, "timeout must be a positive number of seconds or null")
         pats = {}
         for name in ("allow_patterns", "ignore_patterns"):
@@ -770,22 +844,31 @@ class ControlServer:
                 if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
                     raise _BadRequest(400, f"{name} must be a string, a list of strings or null")
                 if len(v) > MAX_PATTERNS or any(len(p) > MAX_PATTERN_CHARS for p in v):
-                    raise _BadRequest(400, f"{name}: at most {MAX_PATTERNS} patterns of at most "
-                                           f"{MAX_PATTERN_CHARS} characters")
+                    raise _BadRequest(
+                        400,
+                        f"{name}: at most {MAX_PATTERNS} patterns of at most {MAX_PATTERN_CHARS} characters",
+                    )
             pats[name] = v
         expect = obj.get("expect")
-        if expect is not None and (not isinstance(expect, list) or not all(
-                isinstance(e, list) and len(e) == 3 for e in expect)):
+        if expect is not None and (
+            not isinstance(expect, list) or not all(isinstance(e, list) and len(e) == 3 for e in expect)
+        ):
             raise _BadRequest(400, "expect must be a list of [path, checksum, size] or null")
         try:
             env = SourceEnv.from_json(obj.get("env"))
         except (ValueError, TypeError) as e:  # the messages name fields, never values
             raise _BadRequest(400, f"bad env: {e}") from None
         try:
-            req = FetchRequest(repo_id=repo_id, revision=revision, configs_only=configs_only,
-                               allow_patterns=pats["allow_patterns"],
-                               ignore_patterns=pats["ignore_patterns"],
-                               expect=expect, cache_dir=self._cache_dir(), env=env)
+            req = FetchRequest(
+                repo_id=repo_id,
+                revision=revision,
+                configs_only=configs_only,
+                allow_patterns=pats["allow_patterns"],
+                ignore_patterns=pats["ignore_patterns"],
+                expect=expect,
+                cache_dir=self._cache_dir(),
+                env=env,
+            )
         except (ValueError, TypeError) as e:
             raise _BadRequest(400, f"bad fetch request: {e}") from None
         return req, (float(timeout) if timeout is not None else None)
@@ -799,8 +882,15 @@ class ControlServer:
 
     def _job_for(self, req: FetchRequest) -> _Job:
         # Callers with another environment (offline, token, endpoint, ModelExpress) get their own job.
-        key = (req.repo_id, req.revision, req.configs_only, req.allow_patterns, req.ignore_patterns,
-               req.expect, req.env)
+        key = (
+            req.repo_id,
+            req.revision,
+            req.configs_only,
+            req.allow_patterns,
+            req.ignore_patterns,
+            req.expect,
+            req.env,
+        )
         job = self._jobs.get(key)
         if job is None:
             job = _Job(key, req)
@@ -822,26 +912,38 @@ class ControlServer:
             final = error_event(e)
         except Exception as e:
             log.exception("fetch of %s failed", job.req.repo_id)
-            final = {"event": "error", "type": "FetchError",
-                     "message": f"cannot fetch {job.req.repo_id}: internal error: {e!r}",
-                     "attempts": list(job.attempts)}
+            final = {
+                "event": "error",
+                "type": "FetchError",
+                "message": f"cannot fetch {job.req.repo_id}: internal error: {e!r}",
+                "attempts": list(job.attempts),
+            }
         finally:
             if self._jobs.get(job.key) is job:
                 del self._jobs[job.key]
-            job.finish(final or {"event": "error", "type": "FetchError",
-                                 "message": "the node is shutting down", "attempts": job.attempts})
+            job.finish(
+                final
+                or {
+                    "event": "error",
+                    "type": "FetchError",
+                    "message": "the node is shutting down",
+                    "attempts": job.attempts,
+                }
+            )
 
     async def _default_fetch(self, req: FetchRequest, *, on_event: Callable[[dict], None]) -> Any:
         kw = {} if self.modelexpress_url is None else {"modelexpress_url": self.modelexpress_url}
         return await self.node.fetch_with_fallback(req, on_event=on_event, **kw)
 
-    async def _fetch(self, stream: trio.SocketStream, conn: h11.Connection, req: FetchRequest,
-                     timeout: float | None) -> None:
+    async def _fetch(
+        self, stream: trio.SocketStream, conn: h11.Connection, req: FetchRequest, timeout: float | None
+    ) -> None:
         job = self._job_for(req)
         sub = job.subscribe()
         try:
-            await self._send(stream, conn, h11.Response(
-                status_code=200, headers=self._headers("application/x-ndjson")))
+            await self._send(
+                stream, conn, h11.Response(status_code=200, headers=self._headers("application/x-ndjson"))
+            )
             deadline = trio.current_time() + timeout if timeout is not None else float("inf")
             while True:
                 event = None
@@ -875,11 +977,12 @@ def parse_limits(body: bytes, current: Any) -> Any:
     except (UnicodeDecodeError, ValueError) as e:
         raise _BadRequest(400, f"body is not JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise _BadRequest(400, "body must be a JSON object like {\"upload\": \"20MB/s\"}")
+        raise _BadRequest(400, 'body must be a JSON object like {"upload": "20MB/s"}')
     unknown = set(obj) - set(_LIMIT_KEYS)
     if unknown:
-        raise _BadRequest(400, f"unknown limit(s) {', '.join(sorted(unknown))} "
-                               f"(known: {', '.join(_LIMIT_KEYS)})")
+        raise _BadRequest(
+            400, f"unknown limit(s) {', '.join(sorted(unknown))} (known: {', '.join(_LIMIT_KEYS)})"
+        )
     changes = {}
     for key, value in obj.items():
         try:

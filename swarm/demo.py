@@ -52,8 +52,9 @@ def _mb(n: int | None) -> str:
 
 
 class _Proc:
-    def __init__(self, name: str, role: str, home: Path, cache: Path, log: Path,
-                 popen: subprocess.Popen) -> None:
+    def __init__(
+        self, name: str, role: str, home: Path, cache: Path, log: Path, popen: subprocess.Popen
+    ) -> None:
         self.name = name
         self.role = role
         self.home = home
@@ -72,8 +73,9 @@ class _Proc:
 
 
 class Demo:
-    def __init__(self, size_mb: int, frontends: int, timeout: float, keep: bool,
-                 lane: str = "encrypted") -> None:
+    def __init__(
+        self, size_mb: int, frontends: int, timeout: float, keep: bool, lane: str = "encrypted"
+    ) -> None:
         self.size_mb = size_mb
         self.n_frontends = frontends
         self.deadline = time.monotonic() + timeout
@@ -84,13 +86,28 @@ class Demo:
         self.procs: list[_Proc] = []
         self.sources: dict[str, int] = {}
         self.env = dict(os.environ)
-        for var in ("SWARM_HOME", "SWARM_CONFIG", "SWARM_LISTEN", "SWARM_BOOTSTRAP", "SWARM_SERVE",
-                    "SWARM_CACHE_DIR", "SWARM_NO_SERVE_HF_CACHE", "SWARM_PSK", "SWARM_TRUST",
-                    "SWARM_TRUSTED_PUBLISHERS", "SWARM_LANE", "SWARM_NO_DIRECT_IO",
-                    "MODEL_EXPRESS_URL"):
+        for var in (
+            "SWARM_HOME",
+            "SWARM_CONFIG",
+            "SWARM_LISTEN",
+            "SWARM_BOOTSTRAP",
+            "SWARM_SERVE",
+            "SWARM_CACHE_DIR",
+            "SWARM_NO_SERVE_HF_CACHE",
+            "SWARM_PSK",
+            "SWARM_TRUST",
+            "SWARM_TRUSTED_PUBLISHERS",
+            "SWARM_LANE",
+            "SWARM_NO_DIRECT_IO",
+            "MODEL_EXPRESS_URL",
+        ):
             self.env.pop(var, None)
-        self.env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
-                        HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+        self.env.update(
+            HF_HUB_OFFLINE="1",
+            HF_ENDPOINT="http://127.0.0.1:9",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            PYTHONUNBUFFERED="1",
+        )
 
     # -- helpers --
 
@@ -106,12 +123,26 @@ class Demo:
         log = self.tmp / name / "node.log"
         home.parent.mkdir(parents=True)
         env = dict(self.env, HF_HUB_CACHE=str(cache))
-        cmd = [sys.executable, "-m", "swarm.cli", "run", "--home", str(home), "--cache-dir",
-               str(cache), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache",
-               "--lane", self.lane, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "run",
+            "--home",
+            str(home),
+            "--cache-dir",
+            str(cache),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-serve-hf-cache",
+            "--lane",
+            self.lane,
+            *extra,
+        ]
         with open(log, "wb") as out:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+            )
         p = _Proc(name, role, home, cache, log, popen)
         self.procs.append(p)
         return p
@@ -159,10 +190,13 @@ class Demo:
         from swarm.testmodel import make_model_dir
 
         shards = max(1, min(8, round(self.size_mb / SHARD_MB)))
-        _say(f"generating {MODEL}: {self.size_mb} MB of weights in {shards} safetensors shard(s), "
-             "configs and a tokenizer ...")
-        return make_model_dir(self.tmp / "model", weights_bytes=self.size_mb * 1_000_000,
-                              n_weight_files=shards, seed=7)
+        _say(
+            f"generating {MODEL}: {self.size_mb} MB of weights in {shards} safetensors shard(s), "
+            "configs and a tokenizer ..."
+        )
+        return make_model_dir(
+            self.tmp / "model", weights_bytes=self.size_mb * 1_000_000, n_weight_files=shards, seed=7
+        )
 
     def fetch_all(self, frontends: list[_Proc]) -> dict[str, dict]:
         results: dict[str, dict] = {p.name: {} for p in frontends}
@@ -182,25 +216,35 @@ class Demo:
                     if bar is None:
                         from tqdm.auto import tqdm
 
-                        bar = bars[name] = tqdm(total=event["total"], desc=name, unit="B",
-                                                unit_scale=True, position=pos, leave=False,
-                                                file=sys.stderr)
+                        bar = bars[name] = tqdm(
+                            total=event["total"],
+                            desc=name,
+                            unit="B",
+                            unit_scale=True,
+                            position=pos,
+                            leave=False,
+                            file=sys.stderr,
+                        )
                     bar.update(max(0, event.get("have", 0) - bar.n))
 
         def one(pos: int, p: _Proc) -> None:
             r = results[p.name]
             try:
-                res = client.fetch_result(MODEL, home=p.home, cache_dir=p.cache, progress=False,
-                                          timeout=self.remaining(),
-                                          on_event=lambda e: on_event(p.name, pos, e))
+                res = client.fetch_result(
+                    MODEL,
+                    home=p.home,
+                    cache_dir=p.cache,
+                    progress=False,
+                    timeout=self.remaining(),
+                    on_event=lambda e: on_event(p.name, pos, e),
+                )
                 r["complete"] = time.monotonic() - start
                 r["result"] = res
             except Exception as e:
                 r["error"] = e
 
         _say(f"{len(frontends)} frontends fetch {MODEL} at once ...")
-        threads = [threading.Thread(target=one, args=(i, p), daemon=True)
-                   for i, p in enumerate(frontends)]
+        threads = [threading.Thread(target=one, args=(i, p), daemon=True) for i, p in enumerate(frontends)]
         for t in threads:
             t.start()
         for t in threads:
@@ -234,8 +278,10 @@ class Demo:
             snap = Path(r["result"].path)
             got = {f.relative_to(snap).as_posix(): f for f in snap.rglob("*") if f.is_file()}
             if set(got) != set(want):
-                raise DemoError(f"{name}: files differ from the worker's: missing "
-                                f"{sorted(set(want) - set(got))}, extra {sorted(set(got) - set(want))}")
+                raise DemoError(
+                    f"{name}: files differ from the worker's: missing "
+                    f"{sorted(set(want) - set(got))}, extra {sorted(set(got) - set(want))}"
+                )
             for rel, d in want.items():
                 if digest(got[rel]) != d:
                     raise DemoError(f"{name}: {rel} is not byte-identical to the worker's")
@@ -263,13 +309,25 @@ class Demo:
                 for pid, n in got.items():
                     key = "from_worker" if pid == worker.peer_id else "from_frontends"
                     self.sources[key] = self.sources.get(key, 0) + n
-                parts = [f"{names.get(pid, pid[:10])} {100 * n / total:.0f}%"
-                         for pid, n in sorted(got.items(), key=lambda kv: -kv[1])]
+                parts = [
+                    f"{names.get(pid, pid[:10])} {100 * n / total:.0f}%"
+                    for pid, n in sorted(got.items(), key=lambda kv: -kv[1])
+                ]
                 source = res.source + (f" ({', '.join(parts)})" if parts else "")
                 configs = f"{r['configs']:.2f} s" if "configs" in r else "-"
                 complete = f"{r['complete']:.2f} s"
-            rows.append((p.name, p.role, p.peer_id[-8:], configs, complete, source,
-                         _mb(st.get("bytes_up")), _mb(st.get("bytes_down"))))
+            rows.append(
+                (
+                    p.name,
+                    p.role,
+                    p.peer_id[-8:],
+                    configs,
+                    complete,
+                    source,
+                    _mb(st.get("bytes_up")),
+                    _mb(st.get("bytes_down")),
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         right = {3, 4, 6, 7}
         lines = []
@@ -290,8 +348,10 @@ class Demo:
         addr = next((a for a in worker.addrs if "/127.0.0.1/" in a), worker.addrs[0])
         _say(f"worker {worker.peer_id} serves {MODEL} on {addr}")
         _say(f"starting {self.n_frontends} frontends bootstrapped to it ...")
-        frontends = [self.start_node(f"frontend-{i + 1}", "frontend", ["--bootstrap", addr])
-                     for i in range(self.n_frontends)]
+        frontends = [
+            self.start_node(f"frontend-{i + 1}", "frontend", ["--bootstrap", addr])
+            for i in range(self.n_frontends)
+        ]
         for p in frontends:
             self.wait_ready(p)
         results = self.fetch_all(frontends)
@@ -301,15 +361,24 @@ class Demo:
         from_frontends = self.sources.get("from_frontends", 0)
         delivered = from_worker + from_frontends
         share = 100 * from_frontends / delivered if delivered else 0.0
-        print(f"\n{len(frontends)} frontends received {_mb(delivered)} of verified pieces: "
-              f"{_mb(from_worker)} from the worker and {_mb(from_frontends)} ({share:.0f}%) from "
-              f"each other. {n_files} files on every frontend are byte-identical to the worker's. "
-              f"{time.monotonic() - t0:.1f} s in all.", flush=True)
+        print(
+            f"\n{len(frontends)} frontends received {_mb(delivered)} of verified pieces: "
+            f"{_mb(from_worker)} from the worker and {_mb(from_frontends)} ({share:.0f}%) from "
+            f"each other. {n_files} files on every frontend are byte-identical to the worker's. "
+            f"{time.monotonic() - t0:.1f} s in all.",
+            flush=True,
+        )
         return 0
 
 
-def run(*, size_mb: int = 300, frontends: int = 3, timeout: float = 300.0, keep: bool = False,
-        lane: str = "encrypted") -> int:
+def run(
+    *,
+    size_mb: int = 300,
+    frontends: int = 3,
+    timeout: float = 300.0,
+    keep: bool = False,
+    lane: str = "encrypted",
+) -> int:
     """Run the demo; its exit code. Raises DemoError (one-line reason) on failure. ``lane``: the
     data lane mode of every node (``swarm-node run --lane``)."""
     if size_mb < 1 or frontends < 1:

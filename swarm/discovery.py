@@ -66,8 +66,7 @@ class ProviderScores:
     """Providers that failed us (no answer, no dial) in the last ``memory`` seconds, oldest first,
     at most ``limit`` of them. One per node: it outlives fetches."""
 
-    def __init__(self, memory: float = PROVIDER_FAILURE_MEMORY,
-                 limit: int = MAX_REMEMBERED_FAILURES):
+    def __init__(self, memory: float = PROVIDER_FAILURE_MEMORY, limit: int = MAX_REMEMBERED_FAILURES):
         self.memory = memory
         self.limit = limit
         self._failed: dict[str, float] = {}  # peer id -> when it last failed us (oldest first)
@@ -93,14 +92,23 @@ class ProviderScores:
     def note_answered(self, peer_id: str) -> None:
         self._failed.pop(peer_id, None)
 
-    def order(self, providers: Iterable[T], now: float, *, connected: Container[str],
-              rng: random.Random, key: Callable[[T], str] = _peer_id,
-              group: int = MANIFEST_ASK_FANOUT) -> list[T]:
+    def order(
+        self,
+        providers: Iterable[T],
+        now: float,
+        *,
+        connected: Container[str],
+        rng: random.Random,
+        key: Callable[[T], str] = _peer_id,
+        group: int = MANIFEST_ASK_FANOUT,
+    ) -> list[T]:
         """The order to try providers in: those that failed us in the last ``memory`` seconds
         last, peers we are connected to first, otherwise the lookup's order (first-hand records
         before hearsay) shuffled within groups of ``group`` to spread the load."""
-        keyed = [((self.failed_recently(key(p), now), key(p) not in connected, i // group,
-                   rng.random()), p) for i, p in enumerate(providers)]
+        keyed = [
+            ((self.failed_recently(key(p), now), key(p) not in connected, i // group, rng.random()), p)
+            for i, p in enumerate(providers)
+        ]
         return [p for _, p in sorted(keyed, key=lambda kp: kp[0])]
 
 
@@ -119,8 +127,15 @@ class ManifestAsk(Generic[T]):
     those it returns), and stop once ``out`` is empty or the clock reaches ``cutoff``; the ids
     still in ``out`` then are the stragglers."""
 
-    def __init__(self, providers: Iterable[T], *, stale: Callable[[str], bool], grace: float,
-                 key: Callable[[T], str] = _peer_id, fanout: int = MANIFEST_ASK_FANOUT):
+    def __init__(
+        self,
+        providers: Iterable[T],
+        *,
+        stale: Callable[[str], bool],
+        grace: float,
+        key: Callable[[T], str] = _peer_id,
+        fanout: int = MANIFEST_ASK_FANOUT,
+    ):
         if fanout < 1:
             raise ValueError(f"fanout must be >= 1, not {fanout}")
         self.key = key
@@ -223,9 +238,14 @@ class ConnectPolicy(Generic[T]):
     already. When a lookup names no provider that was not tried, the tried ones we hold no link to
     are tried again (a peer we lost may be back, or was only busy)."""
 
-    def __init__(self, self_id: str, *, key: Callable[[T], str] = _peer_id,
-                 max_links: int = MAX_LINKS_PER_FETCH,
-                 schedule: LookupSchedule = LookupSchedule()):
+    def __init__(
+        self,
+        self_id: str,
+        *,
+        key: Callable[[T], str] = _peer_id,
+        max_links: int = MAX_LINKS_PER_FETCH,
+        schedule: LookupSchedule = LookupSchedule(),
+    ):
         self.self_id = self_id
         self.key = key
         self.max_links = max_links
@@ -239,8 +259,7 @@ class ConnectPolicy(Generic[T]):
         key = self.key
         # (Ourselves and banned peers aside: never dialled, they are no new names; a banned peer
         # still announcing kept the lost ones from being tried again.)
-        named = [pid for pid in map(key, providers)
-                 if pid != self.self_id and pid not in links.banned]
+        named = [pid for pid in map(key, providers) if pid != self.self_id and pid not in links.banned]
         if self.rounds and all(pid in self.tried for pid in named):
             self.tried = {pid: None for pid in self.tried if pid in links.peers}
         room = min(self.max_links - links.useful_links, links.max_peers - len(links.peers))
@@ -249,8 +268,7 @@ class ConnectPolicy(Generic[T]):
             if len(dials) >= room:
                 break
             pid = key(p)
-            if (pid in self.tried or pid == self.self_id or pid in links.banned
-                    or pid in links.peers):
+            if pid in self.tried or pid == self.self_id or pid in links.banned or pid in links.peers:
                 continue
             self.tried[pid] = None
             dials.append(p)

@@ -237,15 +237,20 @@ class Transfer:
     cancelled.
     """
 
-    def __init__(self, manifest: Manifest, store: PieceStore, *,
-                 wanted_files: Iterable[int] | None = None,
-                 config: EngineConfig | None = None,
-                 rng: random.Random | None = None,
-                 run_blocking: Callable[..., Awaitable[Any]] | None = None,
-                 may_upload: bool = True,
-                 local_id: str = "",
-                 on_piece: Callable[[int, int], None] | None = None,
-                 bandwidth: Any = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        store: PieceStore,
+        *,
+        wanted_files: Iterable[int] | None = None,
+        config: EngineConfig | None = None,
+        rng: random.Random | None = None,
+        run_blocking: Callable[..., Awaitable[Any]] | None = None,
+        may_upload: bool = True,
+        local_id: str = "",
+        on_piece: Callable[[int, int], None] | None = None,
+        bandwidth: Any = None,
+    ):
         self.manifest = manifest
         self.hash = manifest.manifest_hash
         self.num_pieces = manifest.num_pieces
@@ -422,8 +427,9 @@ class Transfer:
                 except Exception:
                     log.debug("closing link to %s failed", p.id, exc_info=True)
 
-    async def serve_link(self, link: PeerLink, hello: wire.Hello | None = None, *,
-                         address: str | None = None) -> None:
+    async def serve_link(
+        self, link: PeerLink, hello: wire.Hello | None = None, *, address: str | None = None
+    ) -> None:
         """Trade over ``link`` until either side closes it. Never raises for a peer's fault: the
         link is closed and the peer scored. ``hello`` is the peer's Hello if the caller already
         read it (to route the stream to this transfer); ``address`` the IP address an inbound
@@ -455,8 +461,7 @@ class Transfer:
             return "duplicate link"
         if self._hs_peers[pid] >= cfg.handshakes_per_peer:
             return "too many handshakes from this peer"
-        if inbound and address is not None and \
-                self._hs_addresses[address] >= cfg.handshakes_per_address:
+        if inbound and address is not None and self._hs_addresses[address] >= cfg.handshakes_per_address:
             return "too many handshakes from this address"
         if len(self.peers) + self._handshakes >= cfg.max_peers:
             return "too many peers"
@@ -491,8 +496,7 @@ class Transfer:
                 del self._hs_addresses[hs.address]
         self._hs_inbound -= hs.inbound
 
-    async def _serve_link(self, link: PeerLink, hello: wire.Hello | None,
-                          hs: _Handshake) -> None:
+    async def _serve_link(self, link: PeerLink, hello: wire.Hello | None, hs: _Handshake) -> None:
         pid = link.peer_id
         peer = _Peer(link, trio.current_time())
         try:
@@ -542,8 +546,9 @@ class Transfer:
                 await self._close_link(link, peer.close_reason if peer.tell else None)
         log.debug("link to %s ended: %s", pid, peer.close_reason)
 
-    async def _guard(self, peer: _Peer, task: Callable[[_Peer], Awaitable[None]],
-                     scope: trio.CancelScope) -> None:
+    async def _guard(
+        self, peer: _Peer, task: Callable[[_Peer], Awaitable[None]], scope: trio.CancelScope
+    ) -> None:
         """Run a link task; a peer's fault ends the link (both tasks) with a reason, not an error."""
         try:
             await task(peer)
@@ -714,8 +719,12 @@ class Transfer:
                 self._fill_requests(peer)
         elif isinstance(msg, wire.Request):
             i = self._index(msg.index)
-            if (not peer.slot.unchoked or i not in self.have or not self.may_upload
-                    or self._hold_back(peer, i, now)):
+            if (
+                not peer.slot.unchoked
+                or i not in self.have
+                or not self.may_upload
+                or self._hold_back(peer, i, now)
+            ):
                 peer.post(wire.Reject(i))
             elif len(peer.uploads) >= self.config.max_queued_requests:
                 raise wire.ProtocolError("too many queued requests")
@@ -827,9 +836,13 @@ class Transfer:
         st.bad_pieces += 1
         st.banned = True
         self.banned.add(peer.id)
-        log.warning("banning %s for manifest %s: %s", peer.id, self.manifest.hash_str[:20], why,
-                    extra={"event": "ban", "model": self.manifest.model, "peer": peer.id,
-                           "reason": why})
+        log.warning(
+            "banning %s for manifest %s: %s",
+            peer.id,
+            self.manifest.hash_str[:20],
+            why,
+            extra={"event": "ban", "model": self.manifest.model, "peer": peer.id, "reason": why},
+        )
         raise _Drop(f"banned: {why}")
 
     def _got(self, i: int) -> None:
@@ -865,8 +878,11 @@ class Transfer:
         lost = take() & self.have
         if not lost:
             return
-        log.warning("%s: the store dropped %d piece(s) that failed re-verification; fetching "
-                    "them again", self.manifest.model, len(lost))
+        log.warning(
+            "%s: the store dropped %d piece(s) that failed re-verification; fetching them again",
+            self.manifest.model,
+            len(lost),
+        )
         for i in lost:
             self.have.discard(i)
             self.picker.lost(i)
@@ -973,8 +989,7 @@ class Transfer:
         """Whether requests wait for download credit (``swarm.ratelimit``). Requests, not
         received bytes, are paced: a piece asked for is sent at once, so nothing waits in socket
         buffers and request deadlines stay true."""
-        return self.bandwidth is not None and self.bandwidth.limits_download \
-            and not self.picker.done
+        return self.bandwidth is not None and self.bandwidth.limits_download and not self.picker.done
 
     def _fill_all(self, skip: _Peer | None = None) -> None:
         for p in self.peers.values():
@@ -1024,8 +1039,9 @@ class Transfer:
             p.window_bytes = 0
         if not self.may_upload:
             return
-        unchoke, choke = self.choker.rechoke([p.slot for p in self.peers.values()], now,
-                                             seeding=self.picker.done)
+        unchoke, choke = self.choker.rechoke(
+            [p.slot for p in self.peers.values()], now, seeding=self.picker.done
+        )
         for s in choke:
             self._set_choked(self.peers[s.peer_id], True, now)
         for s in unchoke:

@@ -80,8 +80,7 @@ def list_hub(req: FetchRequest, endpoint: str, token: str | None) -> tuple[str, 
     files: dict[str, HubEntry] = {}
     for item in api.list_repo_tree(req.repo_id, revision=commit, recursive=True):
         if isinstance(item, RepoFile):
-            files[item.path] = HubEntry(item.size, item.blob_id,
-                                        item.lfs.sha256 if item.lfs else None)
+            files[item.path] = HubEntry(item.size, item.blob_id, item.lfs.sha256 if item.lfs else None)
     sizes = {p: e.size for p, e in files.items()}
     chosen = _selected(req, files, sizes)
     out = []
@@ -96,8 +95,7 @@ def list_hub(req: FetchRequest, endpoint: str, token: str | None) -> tuple[str, 
     return commit, out
 
 
-def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None,
-                  stop: threading.Event) -> Path:
+def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None, stop: threading.Event) -> Path:
     """Download what ``req`` selects into ``req.cache_dir`` (HF layout); the snapshot directory.
     Runs in a worker thread; ``stop`` set makes it give up at the next chunk."""
     import httpx
@@ -107,8 +105,9 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None,
     blobs, snap = repo / "blobs", repo / "snapshots" / commit
     blobs.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = httpx.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT, write=READ_TIMEOUT,
-                            pool=CONNECT_TIMEOUT)
+    timeout = httpx.Timeout(
+        connect=CONNECT_TIMEOUT, read=READ_TIMEOUT, write=READ_TIMEOUT, pool=CONNECT_TIMEOUT
+    )
     with httpx.Client(timeout=timeout, headers=headers, follow_redirects=True) as client:
         for f in files:
             blob = blobs / f.etag
@@ -130,8 +129,9 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None,
     return snap
 
 
-def _fetch_verified(client, url: str, partial: Path, blob: Path, f: HubFileInfo,
-                    stop: threading.Event) -> None:
+def _fetch_verified(
+    client, url: str, partial: Path, blob: Path, f: HubFileInfo, stop: threading.Event
+) -> None:
     resumed = partial.stat().st_size if partial.exists() else 0
     log.debug("pulling %s from byte %d of %d", f.path, resumed, f.entry.size)
     _download(client, url, partial, f.entry.size, stop)
@@ -142,8 +142,9 @@ def _fetch_verified(client, url: str, partial: Path, blob: Path, f: HubFileInfo,
         why = hub_mismatch(partial, f.entry)
     if why is not None:
         partial.unlink(missing_ok=True)
-        raise VerificationFailed(f"{f.path} from {url.split('/resolve/')[0]} does not match the "
-                                 f"Hub's listing: {why}; refused")
+        raise VerificationFailed(
+            f"{f.path} from {url.split('/resolve/')[0]} does not match the Hub's listing: {why}; refused"
+        )
     os.replace(partial, blob)
 
 
@@ -161,8 +162,9 @@ def _download(client, url: str, partial: Path, size: int, stop: threading.Event)
             have = 0  # the server ignored the range: start over
         elif r.status_code == 206:
             if not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                raise FetchError(f"{url}: Content-Range {r.headers.get('Content-Range')!r} does "
-                                 f"not start at {have}")
+                raise FetchError(
+                    f"{url}: Content-Range {r.headers.get('Content-Range')!r} does not start at {have}"
+                )
         else:
             raise FetchError(f"{url}: HTTP {r.status_code}")
         with open(partial, "ab" if have else "wb") as out:

@@ -27,8 +27,18 @@ __all__ = ["EVENT_FIELDS", "LOG_FORMATS", "TEXT_FORMAT", "JsonFormatter", "forma
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-EVENT_FIELDS = ("event", "model", "revision", "source", "result", "duration_s", "error", "peer",
-                "reason", "bytes")
+EVENT_FIELDS = (
+    "event",
+    "model",
+    "revision",
+    "source",
+    "result",
+    "duration_s",
+    "error",
+    "peer",
+    "reason",
+    "bytes",
+)
 """Keys a log call may pass in ``extra`` to appear in the JSON line (others are not records')."""
 
 

@@ -227,9 +227,7 @@ def validate_model_name(name: object) -> str:
         if len(part) > _NAME_PART_MAX:
             raise ManifestError("model", f"part {part[:20]!r}... longer than {_NAME_PART_MAX}")
         if not _SAFE_RE.fullmatch(part):
-            raise ManifestError(
-                "model", f"{_show(name)}: only letters, digits, '.', '_', '-' allowed"
-            )
+            raise ManifestError("model", f"{_show(name)}: only letters, digits, '.', '_', '-' allowed")
         if part[0] in ".-":
             raise ManifestError("model", f"{_show(name)}: a part may not start with {part[0]!r}")
         for pair in ("..", "--"):
@@ -247,9 +245,7 @@ def validate_revision(rev: object) -> str:
     if len(rev) > _REVISION_MAX:
         raise ManifestError("revision", f"longer than {_REVISION_MAX} characters")
     if not _SAFE_RE.fullmatch(rev):
-        raise ManifestError(
-            "revision", f"{_show(rev)}: only letters, digits, '.', '_', '-' allowed"
-        )
+        raise ManifestError("revision", f"{_show(rev)}: only letters, digits, '.', '_', '-' allowed")
     if rev in (".", ".."):
         raise ManifestError("revision", f"{_show(rev)} not allowed")
     return rev
@@ -264,16 +260,12 @@ def validate_path(path: object) -> str:
     try:
         raw = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise ManifestError(
-            "path", f"{_show(path)} is not valid Unicode (lone surrogate)"
-        ) from None
+        raise ManifestError("path", f"{_show(path)} is not valid Unicode (lone surrogate)") from None
     if len(raw) > MAX_PATH_BYTES:
         raise ManifestError("path", f"{len(raw)} bytes, over MAX_PATH_BYTES ({MAX_PATH_BYTES})")
     ctrl = _CONTROL_RE.search(path)
     if ctrl:
-        raise ManifestError(
-            "path", f"{_show(path)}: control character U+{ord(ctrl[0]):04X} not allowed"
-        )
+        raise ManifestError("path", f"{_show(path)}: control character U+{ord(ctrl[0]):04X} not allowed")
     if "\\" in path:
         raise ManifestError("path", f"{_show(path)}: backslash not allowed")
     if path.startswith("/"):
@@ -284,9 +276,7 @@ def validate_path(path: object) -> str:
         if comp in (".", ".."):
             raise ManifestError("path", f"{_show(path)}: {comp!r} component not allowed")
         if len(comp.encode("utf-8")) > MAX_COMPONENT_BYTES:
-            raise ManifestError(
-                "path", f"{_show(path)}: component over {MAX_COMPONENT_BYTES} bytes"
-            )
+            raise ManifestError("path", f"{_show(path)}: component over {MAX_COMPONENT_BYTES} bytes")
     return path
 
 
@@ -491,9 +481,7 @@ class FileEntry:
         if size > MAX_TOTAL_BYTES:
             raise ManifestError("size", f"{_fmt_size(size)} over MAX_TOTAL_BYTES")
         if not isinstance(self.blake3, str) or not _HASH_RE.fullmatch(self.blake3):
-            raise ManifestError(
-                "blake3", f"{_show(self.blake3)} is not 'blake3:<64 lowercase hex>'"
-            )
+            raise ManifestError("blake3", f"{_show(self.blake3)} is not 'blake3:<64 lowercase hex>'")
         ps = self.piece_size
         if not _is_int(ps) or ps <= 0 or ps & (ps - 1):
             raise ManifestError("piece_size", f"{ps!r} is not a power of two")
@@ -514,9 +502,7 @@ class FileEntry:
         if count == 0 and self.digest != EMPTY_DIGEST:
             raise ManifestError("blake3", "an empty file must have the digest of b''")
         if count == 1 and hashes[0] != self.digest:
-            raise ManifestError(
-                "piece_hashes[0]", "a single-piece file's piece digest must equal blake3"
-            )
+            raise ManifestError("piece_hashes[0]", "a single-piece file's piece digest must equal blake3")
 
     @property
     def num_pieces(self) -> int:
@@ -955,9 +941,7 @@ def _hash_file(
                     while off < n:
                         take = min(ps - filled, n - off)
                         if filled == 0 and take == ps:
-                            hashes.append(
-                                blake3.blake3(data[off : off + ps], max_threads=threads).digest()
-                            )
+                            hashes.append(blake3.blake3(data[off : off + ps], max_threads=threads).digest())
                         else:
                             piece.update(data[off : off + take])
                             filled += take

@@ -16,8 +16,7 @@ LINK_BUFFER = 64
 
 
 class MemoryLink:
-    def __init__(self, peer_id: str, send: trio.MemorySendChannel,
-                 recv: trio.MemoryReceiveChannel):
+    def __init__(self, peer_id: str, send: trio.MemorySendChannel, recv: trio.MemoryReceiveChannel):
         self.peer_id = peer_id
         self._send = send
         self._recv = recv
@@ -49,5 +48,4 @@ def link_pair(a_id: str, b_id: str) -> tuple[MemoryLink, MemoryLink]:
     """Two connected ends: the first is held by ``a_id`` (and names ``b_id`` as its peer)."""
     a_to_b_send, a_to_b_recv = trio.open_memory_channel(LINK_BUFFER)
     b_to_a_send, b_to_a_recv = trio.open_memory_channel(LINK_BUFFER)
-    return (MemoryLink(b_id, a_to_b_send, b_to_a_recv),
-            MemoryLink(a_id, b_to_a_send, a_to_b_recv))
+    return (MemoryLink(b_id, a_to_b_send, b_to_a_recv), MemoryLink(a_id, b_to_a_send, a_to_b_recv))

@@ -45,34 +45,60 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.fetch_duration = Histogram(
-            "swarm_fetch_duration_seconds", "Wall time of fetches served by this node, by the "
+            "swarm_fetch_duration_seconds",
+            "Wall time of fetches served by this node, by the "
             "source that delivered (local, modelexpress, swarm, hub; none on failure) and result",
-            ["source", "result"], buckets=FETCH_BUCKETS, registry=r)
+            ["source", "result"],
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
         self.configs_time = Histogram(
-            "swarm_time_to_configs_seconds", "Seconds from a swarm fetch's start until its config "
-            "and tokenizer files were verified", buckets=FETCH_BUCKETS, registry=r)
+            "swarm_time_to_configs_seconds",
+            "Seconds from a swarm fetch's start until its config and tokenizer files were verified",
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
         self.dht_lookup = Histogram(
-            "swarm_dht_lookup_seconds", "Provider lookups in the DHT, by key kind (model, manifest)",
-            ["kind"], buckets=LOOKUP_BUCKETS, registry=r)
+            "swarm_dht_lookup_seconds",
+            "Provider lookups in the DHT, by key kind (model, manifest)",
+            ["kind"],
+            buckets=LOOKUP_BUCKETS,
+            registry=r,
+        )
         self.origin_bytes = Counter(
-            "swarm_origin_bytes", "Bytes of snapshots delivered by sources other than the swarm "
-            "(hub, modelexpress)", ["source"], registry=r)
+            "swarm_origin_bytes",
+            "Bytes of snapshots delivered by sources other than the swarm (hub, modelexpress)",
+            ["source"],
+            registry=r,
+        )
         self.lane_fallbacks = Counter(
-            "swarm_lane_fallbacks", "Links that used a libp2p stream because the data lane could "
-            "not be opened", registry=r)
+            "swarm_lane_fallbacks",
+            "Links that used a libp2p stream because the data lane could not be opened",
+            registry=r,
+        )
         self.cache_evictions = Counter(
-            "swarm_cache_evictions", "Snapshots removed to keep the cache under --max-cache-size",
-            registry=r)
+            "swarm_cache_evictions", "Snapshots removed to keep the cache under --max-cache-size", registry=r
+        )
         self.cache_evicted_bytes = Counter(
-            "swarm_cache_evicted_bytes", "Bytes of blobs freed by evictions", registry=r)
+            "swarm_cache_evicted_bytes", "Bytes of blobs freed by evictions", registry=r
+        )
         self.cache_removals = Counter(
-            "swarm_cache_removals", "Snapshots removed by swarm-node rm", registry=r)
+            "swarm_cache_removals", "Snapshots removed by swarm-node rm", registry=r
+        )
         self.incomplete_collected_bytes = Counter(
-            "swarm_incomplete_collected_bytes", "Bytes of abandoned downloads collected "
+            "swarm_incomplete_collected_bytes",
+            "Bytes of abandoned downloads collected "
             "(.incomplete files, and finished blobs no snapshot links)",
-            registry=r)
-        self.retired = {"bytes_up": 0, "bytes_down": 0, "pieces_up": 0, "pieces_down": 0,
-                        "bad_pieces": 0, "bans": 0}
+            registry=r,
+        )
+        self.retired = {
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "pieces_up": 0,
+            "pieces_down": 0,
+            "bad_pieces": 0,
+            "bans": 0,
+        }
         r.register(_NodeCollector(node, self))
 
     def retire(self, transfer: Any) -> None:
@@ -86,11 +112,14 @@ class Metrics:
 
 def _transfer_totals(t: Any) -> dict[str, int]:
     stats = list(getattr(t, "stats", {}).values())
-    return {"bytes_up": t.bytes_up, "bytes_down": t.bytes_down,
-            "pieces_up": sum(s.pieces_up for s in stats),
-            "pieces_down": sum(s.pieces_down for s in stats),
-            "bad_pieces": sum(s.bad_pieces for s in stats),
-            "bans": len(t.banned)}
+    return {
+        "bytes_up": t.bytes_up,
+        "bytes_down": t.bytes_down,
+        "pieces_up": sum(s.pieces_up for s in stats),
+        "pieces_down": sum(s.pieces_down for s in stats),
+        "bad_pieces": sum(s.bad_pieces for s in stats),
+        "bans": len(t.banned),
+    }
 
 
 def _link_kind(link: Any) -> str:
@@ -102,9 +131,11 @@ def _limit_gauges(node: Any) -> Iterator[Metric]:
     bandwidth = getattr(node, "bandwidth", None)
     if bandwidth is None:
         return
-    g = GaugeMetricFamily("swarm_rate_limit_bytes_per_second", "Bandwidth limit in bytes/s by "
-                          "direction (upload, download, peer_upload: per peer); 0 = unlimited",
-                          labels=["direction"])
+    g = GaugeMetricFamily(
+        "swarm_rate_limit_bytes_per_second",
+        "Bandwidth limit in bytes/s by direction (upload, download, peer_upload: per peer); 0 = unlimited",
+        labels=["direction"],
+    )
     for direction, rate in bandwidth.limits.as_dict().items():
         g.add_metric([direction], rate or 0)
     yield g
@@ -137,46 +168,58 @@ class _NodeCollector:
             handshakes += getattr(t, "_handshakes", 0)
             models["complete" if sh.complete else "partial"] += 1
 
-        def counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None
-                    ) -> CounterMetricFamily:
+        def counter(
+            name: str, doc: str, value: float, labels: dict[str, str] | None = None
+        ) -> CounterMetricFamily:
             m = CounterMetricFamily(name, doc, labels=list(labels or {}))
             m.add_metric(list((labels or {}).values()), value)
             return m
 
-        bytes_ = CounterMetricFamily("swarm_peer_bytes", "Piece bytes traded with swarm peers",
-                                     labels=["direction"])
+        bytes_ = CounterMetricFamily(
+            "swarm_peer_bytes", "Piece bytes traded with swarm peers", labels=["direction"]
+        )
         bytes_.add_metric(["up"], totals["bytes_up"])
         bytes_.add_metric(["down"], totals["bytes_down"])
         yield bytes_
-        yield counter("swarm_pieces_verified", "Pieces received from peers that verified",
-                      totals["pieces_down"])
-        yield counter("swarm_pieces_failed", "Pieces received from peers that failed blake3 "
-                      "verification", totals["bad_pieces"])
+        yield counter(
+            "swarm_pieces_verified", "Pieces received from peers that verified", totals["pieces_down"]
+        )
+        yield counter(
+            "swarm_pieces_failed",
+            "Pieces received from peers that failed blake3 verification",
+            totals["bad_pieces"],
+        )
         yield counter("swarm_pieces_served", "Pieces sent to peers", totals["pieces_up"])
-        yield counter("swarm_peer_bans", "Peers banned from a transfer for bad data or protocol "
-                      "violations", totals["bans"])
+        yield counter(
+            "swarm_peer_bans",
+            "Peers banned from a transfer for bad data or protocol violations",
+            totals["bans"],
+        )
         g = GaugeMetricFamily("swarm_links", "Open links to peers, by transport", labels=["kind"])
         for kind, n in links.items():
             g.add_metric([kind], n)
         yield g
-        yield GaugeMetricFamily("swarm_link_handshakes", "Links still exchanging Hello and "
-                                "Bitfield", value=handshakes)
-        yield GaugeMetricFamily("swarm_upload_slots_in_use", "Peers we are uploading to (unchoked)",
-                                value=slots)
-        g = GaugeMetricFamily("swarm_models", "Manifests this node trades, by state",
-                              labels=["state"])
+        yield GaugeMetricFamily(
+            "swarm_link_handshakes", "Links still exchanging Hello and Bitfield", value=handshakes
+        )
+        yield GaugeMetricFamily(
+            "swarm_upload_slots_in_use", "Peers we are uploading to (unchoked)", value=slots
+        )
+        g = GaugeMetricFamily("swarm_models", "Manifests this node trades, by state", labels=["state"])
         for state, n in models.items():
             g.add_metric([state], n)
         yield g
         host = getattr(self.node, "host", None)
         if host is not None and getattr(host, "running", False):
-            yield GaugeMetricFamily("swarm_connected_peers", "libp2p connections",
-                                    value=len(host.connected_peers()))
+            yield GaugeMetricFamily(
+                "swarm_connected_peers", "libp2p connections", value=len(host.connected_peers())
+            )
         yield from _limit_gauges(self.node)
         cache = getattr(getattr(self.node, "config", None), "cache_dir", None)
         if cache is not None:
-            yield GaugeMetricFamily("swarm_cache_bytes", "Bytes of blobs in the HF hub cache",
-                                    value=self._cache_size(Path(cache)))
+            yield GaugeMetricFamily(
+                "swarm_cache_bytes", "Bytes of blobs in the HF hub cache", value=self._cache_size(Path(cache))
+            )
 
     def _cache_size(self, root: Path) -> int:
         now = time.monotonic()

@@ -161,8 +161,9 @@ class Node:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(config.cache_dir, direct_io=config.direct_io)
         self.keypair = key = load_or_create_identity(self.home / "identity.key")
-        self.host = SwarmHost(key, listen=list(config.listen), bootstrap=list(config.bootstrap),
-                              psk=config.psk)
+        self.host = SwarmHost(
+            key, listen=list(config.listen), bootstrap=list(config.bootstrap), psk=config.psk
+        )
         self.shared: dict[bytes, Shared] = {}
         self.rng = random.Random()
         self._nursery: trio.Nursery | None = None
@@ -170,8 +171,9 @@ class Node:
         self.metrics = Metrics(self)
         self._transfer_scopes: dict[int, trio.CancelScope] = {}  # see _run_transfer
         self._cache_lock = trio.Lock()  # one removal / eviction pass at a time
-        self.bandwidth = Bandwidth(Limits(config.max_upload_rate, config.max_download_rate,
-                                          config.max_peer_upload_rate))
+        self.bandwidth = Bandwidth(
+            Limits(config.max_upload_rate, config.max_download_rate, config.max_peer_upload_rate)
+        )
         self.draining = False  # set by drain(): no announcing, no new links or manifests
         self._provenance = _Provenance(self.home)
         self._fetch_locks: dict[bytes, trio.Lock] = {}
@@ -179,10 +181,13 @@ class Node:
         self.origin = OriginCoordinator(self.host, self.peer_id)
         self.lane: LaneService | None = None
         if config.lane != "off":
-            self.lane = LaneService(config.lane, self.host.peer_id,
-                                    bind_host=bind_host_of(config.listen),
-                                    on_link=self._on_pieces_link,
-                                    max_setups=config.engine.max_peers)
+            self.lane = LaneService(
+                config.lane,
+                self.host.peer_id,
+                bind_host=bind_host_of(config.listen),
+                on_link=self._on_pieces_link,
+                max_setups=config.engine.max_peers,
+            )
 
     # ------------------------------------------------------------------ lifetime
 
@@ -200,26 +205,38 @@ class Node:
     def _exposure(self) -> dict:
         """What this node serves and to whom (the ``serving`` field of ``status``)."""
         private = self.config.psk is not None
-        return {"private_swarm": private, "hf_cache": self.serves_hf_cache,
-                "directories": [model for model, _ in self.config.serve],
-                "to": "peers holding the swarm key" if private else "anyone who can connect"}
+        return {
+            "private_swarm": private,
+            "hf_cache": self.serves_hf_cache,
+            "directories": [model for model, _ in self.config.serve],
+            "to": "peers holding the swarm key" if private else "anyone who can connect",
+        }
 
     def _log_exposure(self) -> None:
         addrs = ", ".join(self.host.addrs) or ", ".join(self.config.listen)
         e = self._exposure()
         if e["private_swarm"]:
-            log.info("private swarm (swarm key): serving %s to peers holding the key",
-                     "the HF cache, --serve directories and fetched models" if e["hf_cache"]
-                     else "--serve directories and models fetched through the swarm")
+            log.info(
+                "private swarm (swarm key): serving %s to peers holding the key",
+                "the HF cache, --serve directories and fetched models"
+                if e["hf_cache"]
+                else "--serve directories and models fetched through the swarm",
+            )
         elif e["hf_cache"]:
-            log.warning("no swarm key and --serve-hf-cache: every complete snapshot of %s (gated "
-                        "or private ones too) is served to anyone who can reach %s",
-                        self.config.cache_dir, addrs)
+            log.warning(
+                "no swarm key and --serve-hf-cache: every complete snapshot of %s (gated "
+                "or private ones too) is served to anyone who can reach %s",
+                self.config.cache_dir,
+                addrs,
+            )
         else:
-            log.info("no swarm key: serving only --serve directories (%d) and models fetched "
-                     "through the swarm, to anyone who can reach %s; the HF cache and Hub "
-                     "downloads are not served (--serve-hf-cache, or a --psk, to change that)",
-                     len(e["directories"]), addrs)
+            log.info(
+                "no swarm key: serving only --serve directories (%d) and models fetched "
+                "through the swarm, to anyone who can reach %s; the HF cache and Hub "
+                "downloads are not served (--serve-hf-cache, or a --psk, to change that)",
+                len(e["directories"]),
+                addrs,
+            )
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Node]:
@@ -247,8 +264,9 @@ class Node:
 
     # ------------------------------------------------------------------ serving
 
-    async def serve_directory(self, model: str, path: Path, revision: str | None = None, *,
-                              keep: frozenset[str] = frozenset()) -> Manifest:
+    async def serve_directory(
+        self, model: str, path: Path, revision: str | None = None, *, keep: frozenset[str] = frozenset()
+    ) -> Manifest:
         """Serve a private directory as ``model`` (a revision derived from its content unless
         given). Re-hashes only when a file's size or mtime changed since last time. ``keep``:
         files to carry that manifests skip by default (see ``build_manifest``)."""
@@ -256,8 +274,9 @@ class Node:
         path = Path(path).resolve()
         if not path.is_dir():
             raise FileNotFoundError(f"--serve {model}={path}: not a directory")
-        manifest = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, path,
-                                                 revision, frozenset(keep))
+        manifest = await trio.to_thread.run_sync(
+            self._manifest_cache.get_or_build, model, path, revision, frozenset(keep)
+        )
         await self._share_complete(manifest, path, origin="built")
         return manifest
 
@@ -270,7 +289,7 @@ class Node:
         if not root.is_dir():
             return out
         for repo in sorted(root.glob("models--*")):  # models--org--name and models--name
-            model = repo.name[len("models--"):].replace("--", "/", 1)
+            model = repo.name[len("models--") :].replace("--", "/", 1)
             try:
                 validate_model_name(model)
             except ManifestError:
@@ -286,7 +305,8 @@ class Node:
                         if self.store.find_complete(model, snap.name) is None:
                             continue
                         m = await trio.to_thread.run_sync(
-                            self._manifest_cache.get_or_build, model, snap, snap.name)
+                            self._manifest_cache.get_or_build, model, snap, snap.name
+                        )
                     elif self.store.find_complete(model, snap.name) is None:
                         continue
                     await self._share_complete(m, snap, origin=self._origin_of_snapshot(m))
@@ -296,7 +316,7 @@ class Node:
         return out
 
     def _origin_of_snapshot(self, manifest: Manifest) -> str:
-        """"built" for an HF cache snapshot swarm did not make (the Hub client's, or one the chain
+        """ "built" for an HF cache snapshot swarm did not make (the Hub client's, or one the chain
         got from the Hub or ModelExpress): this node hashed it itself from a source it was set up
         to trust, so it publishes it under its own key. "unknown" for a snapshot directory a swarm
         download created (``Store.snapshot_owner``) that this node has no provenance record of
@@ -350,8 +370,9 @@ class Node:
         if sh is not None:
             sh.signature = blob
 
-    async def _share_complete(self, manifest: Manifest, path: Path, *, origin: str,
-                              announce_later: bool = False) -> Shared:
+    async def _share_complete(
+        self, manifest: Manifest, path: Path, *, origin: str, announce_later: bool = False
+    ) -> Shared:
         h = manifest.manifest_hash
         if h in self.shared:
             return self.shared[h]
@@ -370,9 +391,15 @@ class Node:
         return sh
 
     def _new_transfer(self, manifest: Manifest, store: Any, wanted_files=None) -> Transfer:
-        return Transfer(manifest, store, wanted_files=wanted_files, config=self.config.engine,
-                        rng=random.Random(self.rng.getrandbits(64)), local_id=self.peer_id,
-                        bandwidth=self.bandwidth)
+        return Transfer(
+            manifest,
+            store,
+            wanted_files=wanted_files,
+            config=self.config.engine,
+            rng=random.Random(self.rng.getrandbits(64)),
+            local_id=self.peer_id,
+            bandwidth=self.bandwidth,
+        )
 
     def _start(self, t: Transfer) -> None:
         assert self._nursery is not None, "node is not running"
@@ -405,8 +432,7 @@ class Node:
             await trio.sleep(REPROVIDE_INTERVAL)
             for sh in list(self.shared.values()):
                 if sh.origin == "built":  # re-sign our releases before they expire
-                    _o, sh.signature = await trio.to_thread.run_sync(
-                        self._release_for, sh.manifest, "built")
+                    _o, sh.signature = await trio.to_thread.run_sync(self._release_for, sh.manifest, "built")
                 sh.announced_manifest = False
                 sh.announced_model = False
                 await self._announce(sh, model=sh.complete)
@@ -428,8 +454,12 @@ class Node:
             while any(sh.transfer.uploads_pending for sh in list(self.shared.values())):
                 await trio.sleep(DRAIN_POLL)
         left = sum(sh.transfer.uploads_pending for sh in self.shared.values())
-        log.info("drained in %.2f s: %d piece(s) were pending, %d left unsent",
-                 trio.current_time() - started, pending, left)
+        log.info(
+            "drained in %.2f s: %d piece(s) were pending, %d left unsent",
+            trio.current_time() - started,
+            pending,
+            left,
+        )
 
     # ------------------------------------------------------------------ protocol handlers
 
@@ -454,8 +484,7 @@ class Node:
         sh = self.shared.get(hello.manifest_hash)
         if sh is None or self.draining:
             try:
-                await link.send(wire.Error("shutting down" if self.draining else
-                                           "unknown manifest"))
+                await link.send(wire.Error("shutting down" if self.draining else "unknown manifest"))
             finally:
                 await link.aclose()
             return
@@ -463,9 +492,14 @@ class Node:
 
     # ------------------------------------------------------------------ fetching
 
-    async def fetch(self, req: FetchRequest, *, manifest_hash: bytes | None = None,
-                    on_event: Callable[[dict], None] | None = None,
-                    hint: tuple[str, ...] = ()) -> Path:
+    async def fetch(
+        self,
+        req: FetchRequest,
+        *,
+        manifest_hash: bytes | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        hint: tuple[str, ...] = (),
+    ) -> Path:
         """Fetch through the swarm into the store; returns the snapshot directory. ``hint``:
         peer ids known to hold it (an origin puller that just seeded it), asked along with the
         providers the DHT names, so a record still on its way does not fail the fetch.
@@ -475,12 +509,22 @@ class Node:
         emit = on_event or (lambda e: None)
         manifest, signature, providers = await self._resolve(req, manifest_hash, hint)
         await trio.to_thread.run_sync(self._note_release, manifest, signature)
-        emit({"event": "manifest", "model": manifest.model, "revision": manifest.revision,
-              "manifest": manifest.hash_str, "files": len(manifest.files),
-              "bytes": manifest.total_size, "providers": len(providers)})
-        files = manifest.select(configs_only=req.configs_only,
-                                allow_patterns=req.allow_patterns,
-                                ignore_patterns=req.ignore_patterns)
+        emit(
+            {
+                "event": "manifest",
+                "model": manifest.model,
+                "revision": manifest.revision,
+                "manifest": manifest.hash_str,
+                "files": len(manifest.files),
+                "bytes": manifest.total_size,
+                "providers": len(providers),
+            }
+        )
+        files = manifest.select(
+            configs_only=req.configs_only,
+            allow_patterns=req.allow_patterns,
+            ignore_patterns=req.ignore_patterns,
+        )
         if not files:
             raise ModelNotFound(f"{req.repo_id}: no files match the requested patterns", ())
         h = manifest.manifest_hash
@@ -500,8 +544,9 @@ class Node:
                 # transfer replaces this one, whose links must close first or our peers refuse the
                 # new links as duplicates.
                 await existing.transfer.close_links()
-            return await self._download(manifest, signature, frozenset(files), providers,
-                                        ref=self._ref_for(req), emit=emit)
+            return await self._download(
+                manifest, signature, frozenset(files), providers, ref=self._ref_for(req), emit=emit
+            )
 
     @staticmethod
     def _ref_for(req: FetchRequest) -> str | None:
@@ -520,8 +565,9 @@ class Node:
         finally:
             self.metrics.dht_lookup.labels(kind).observe(trio.current_time() - started)
 
-    async def _resolve(self, req: FetchRequest, manifest_hash: bytes | None,
-                       hint: tuple[str, ...] = ()) -> tuple[Manifest, bytes, list[PeerAddr]]:
+    async def _resolve(
+        self, req: FetchRequest, manifest_hash: bytes | None, hint: tuple[str, ...] = ()
+    ) -> tuple[Manifest, bytes, list[PeerAddr]]:
         """Find providers and agree on one manifest."""
         key = manifest_key(manifest_hash) if manifest_hash else model_key(req.repo_id)
         deadline = trio.current_time() + self.config.lookup_timeout
@@ -529,19 +575,21 @@ class Node:
         while True:
             try:
                 providers = await self._find_providers(
-                    key, "manifest" if manifest_hash else "model",
-                    timeout=max(0.5, deadline - trio.current_time()))
+                    key,
+                    "manifest" if manifest_hash else "model",
+                    timeout=max(0.5, deadline - trio.current_time()),
+                )
             except NetError as e:
                 log.info("DHT lookup failed: %s", e)
-            providers += [PeerAddr(pid) for pid in hint
-                          if pid not in {p.peer_id for p in providers}]
+            providers += [PeerAddr(pid) for pid in hint if pid not in {p.peer_id for p in providers}]
             if providers or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(LOOKUP_RETRY, max(0.0, deadline - trio.current_time())))
         if not providers:
             what = f"manifest {manifest_hash.hex()[:16]}" if manifest_hash else req.repo_id
-            raise ModelNotFound(f"no providers for {what} in the DHT "
-                                f"(looked for {self.config.lookup_timeout:.0f} s)", ())
+            raise ModelNotFound(
+                f"no providers for {what} in the DHT (looked for {self.config.lookup_timeout:.0f} s)", ()
+            )
         request = wire.ManifestRequest(req.repo_id, req.revision or "", manifest_hash or b"")
         votes: Counter[bytes] = Counter()
         manifests: dict[bytes, Manifest] = {}
@@ -566,13 +614,11 @@ class Node:
                     continue
                 h = m.manifest_hash
                 try:
-                    release = self.config.trust.check(h, r.signature,
-                                                      fresh=manifest_hash is None)
+                    release = self.config.trust.check(h, r.signature, fresh=manifest_hash is None)
                 except TrustError as e:
                     reasons.append(f"{p.peer_id[:12]}: manifest {m.hash_str[:20]} refused: {e}")
                     continue
-                if release is not None and (h not in releases
-                                            or release.rank() > releases[h].rank()):
+                if release is not None and (h not in releases or release.rank() > releases[h].rank()):
                     releases[h] = release
                 manifests[h] = m
                 votes[h] += 1
@@ -582,29 +628,45 @@ class Node:
         # A manifest pinned by hash is as good from one provider as from eight; by name, the
         # answers of the others count (votes; under trusted-publishers, the newest release).
         asked = await self._ask_in_turn(
-            providers, ask, settled=lambda: bool(votes),
-            grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE)
+            providers,
+            ask,
+            settled=lambda: bool(votes),
+            grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE,
+        )
         if not votes:
-            raise ModelNotFound(f"{len(providers)} providers of {req.repo_id} found, none gave a "
-                                f"usable manifest: {'; '.join(reasons[:4])}", ())
+            raise ModelNotFound(
+                f"{len(providers)} providers of {req.repo_id} found, none gave a "
+                f"usable manifest: {'; '.join(reasons[:4])}",
+                (),
+            )
         # (in a thread: the rollback floors are read and durably raised on disk)
-        best = await trio.to_thread.run_sync(self._choose, req, manifest_hash, votes, manifests,
-                                             releases)
+        best = await trio.to_thread.run_sync(self._choose, req, manifest_hash, votes, manifests, releases)
         count = votes[best]
         log_ = log.warning if len(votes) > 1 else log.info
-        log_("%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
-             "%d distinct manifests offered", req.repo_id, manifests[best].hash_str[:20],
-             manifests[best].revision, count, asked, len(votes))
-        return (manifests[best], releases[best].blob if best in releases else b"",
-                holders[best] + [p for p in providers if p not in holders[best]])
+        log_(
+            "%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
+            "%d distinct manifests offered",
+            req.repo_id,
+            manifests[best].hash_str[:20],
+            manifests[best].revision,
+            count,
+            asked,
+            len(votes),
+        )
+        return (
+            manifests[best],
+            releases[best].blob if best in releases else b"",
+            holders[best] + [p for p in providers if p not in holders[best]],
+        )
 
     # ------------------------------------------------------------------ provider order and scores
 
     def _order_providers(self, providers: list[PeerAddr]) -> list[PeerAddr]:
         """The order to try providers in (``ProviderScores.order``): those that failed us lately
         last, peers we are connected to first, otherwise the lookup's order shuffled in groups."""
-        return self._scores.order(providers, time.monotonic(),
-                                  connected=set(self.host.connected_peers()), rng=self.rng)
+        return self._scores.order(
+            providers, time.monotonic(), connected=set(self.host.connected_peers()), rng=self.rng
+        )
 
     def _failed_recently(self, peer_id: str) -> bool:
         return self._scores.failed_recently(peer_id, time.monotonic())
@@ -612,8 +674,9 @@ class Node:
     def _note_failed(self, peer_id: str) -> None:
         self._scores.note_failed(peer_id, time.monotonic())
 
-    async def _fetch_manifests_from(self, p: PeerAddr, request: wire.ManifestRequest
-                                    ) -> list[wire.ManifestReply]:
+    async def _fetch_manifests_from(
+        self, p: PeerAddr, request: wire.ManifestRequest
+    ) -> list[wire.ManifestReply]:
         """``host.fetch_manifests``, remembering whether the provider answered."""
         try:
             replies = await self.host.fetch_manifests(p, request, timeout=MANIFEST_ASK_TIMEOUT)
@@ -623,8 +686,14 @@ class Node:
         self._scores.note_answered(p.peer_id)
         return replies
 
-    async def _ask_in_turn(self, providers: list[PeerAddr], ask: Callable[[PeerAddr], Any], *,
-                           settled: Callable[[], bool], grace: float) -> int:
+    async def _ask_in_turn(
+        self,
+        providers: list[PeerAddr],
+        ask: Callable[[PeerAddr], Any],
+        *,
+        settled: Callable[[], bool],
+        grace: float,
+    ) -> int:
         """Run ``ask`` on providers as ``ManifestAsk`` decides (MANIFEST_ASK_FANOUT at a time,
         each end making room for the next until a usable manifest is in (``settled()``), those
         that failed us lately last, stragglers cut ``grace`` seconds after); returns how many
@@ -652,8 +721,14 @@ class Node:
             n.cancel_scope.cancel()
         return plan.asked
 
-    def _choose(self, req: FetchRequest, pinned: bytes | None, votes: Counter[bytes],
-                manifests: dict[bytes, Manifest], releases: dict[bytes, Release]) -> bytes:
+    def _choose(
+        self,
+        req: FetchRequest,
+        pinned: bytes | None,
+        votes: Counter[bytes],
+        manifests: dict[bytes, Manifest],
+        releases: dict[bytes, Release],
+    ) -> bytes:
         """The manifest to fetch among those offered (all acceptable under the policy).
 
         ``trusted-publishers``, fetch by name: the release with the highest seq; with no revision
@@ -679,8 +754,11 @@ class Node:
                         continue
                     fresh.append(h)
                 if not fresh:
-                    raise ModelNotFound(f"{req.repo_id}: every release offered is older than one "
-                                        f"seen before: {'; '.join(stale[:4])}", ())
+                    raise ModelNotFound(
+                        f"{req.repo_id}: every release offered is older than one "
+                        f"seen before: {'; '.join(stale[:4])}",
+                        (),
+                    )
                 self._provenance.raise_floors(model, releases.values())
                 cands = fresh
             top = max(releases[h].seq for h in cands)
@@ -691,10 +769,14 @@ class Node:
             if len(cands) > 1:
                 cands = [h for h in cands if prefer(h)] or cands
         if len(cands) > 1:
-            offered = ", ".join(f"{manifests[h].hash_str[:20]} (revision {manifests[h].revision})"
-                                for h in sorted(cands))
-            raise ModelNotFound(f"{req.repo_id}: no majority among the manifests offered: "
-                                f"{offered}, each announced by {most} provider(s); taking none", ())
+            offered = ", ".join(
+                f"{manifests[h].hash_str[:20]} (revision {manifests[h].revision})" for h in sorted(cands)
+            )
+            raise ModelNotFound(
+                f"{req.repo_id}: no majority among the manifests offered: "
+                f"{offered}, each announced by {most} provider(s); taking none",
+                (),
+            )
         return cands[0]
 
     def _holds_complete(self, m: Manifest) -> bool:
@@ -704,8 +786,11 @@ class Node:
             return sh.complete
         try:
             stored = self.store.load_manifest(m.model, m.revision)
-            return (stored is not None and stored.manifest_hash == m.manifest_hash
-                    and self.store.find_complete(m.model, m.revision) is not None)
+            return (
+                stored is not None
+                and stored.manifest_hash == m.manifest_hash
+                and self.store.find_complete(m.model, m.revision) is not None
+            )
         except Exception as e:  # a tie-break only: an unreadable store just does not count
             log.debug("cannot check the store for %s: %s", m.hash_str[:20], e)
             return False
@@ -720,11 +805,17 @@ class Node:
             return False
         return not req.revision or m.revision == req.revision
 
-    async def _download(self, manifest: Manifest, signature: bytes, files: frozenset[int],
-                        providers: list[PeerAddr], *, ref: str | None,
-                        emit: Callable[[dict], None]) -> Path:
-        dl: Download = await trio.to_thread.run_sync(
-            lambda: self.store.open_download(manifest, files))
+    async def _download(
+        self,
+        manifest: Manifest,
+        signature: bytes,
+        files: frozenset[int],
+        providers: list[PeerAddr],
+        *,
+        ref: str | None,
+        emit: Callable[[dict], None],
+    ) -> Path:
+        dl: Download = await trio.to_thread.run_sync(lambda: self.store.open_download(manifest, files))
         h = manifest.manifest_hash
         # Provenance first, durably: whatever lands in the store for this manifest came from
         # peers, and a restart must serve it with this record (or unsigned), never sign it.
@@ -812,25 +903,34 @@ class Node:
                 continue
             if now - since < limit:
                 continue
-            what = (f"{t.manifest.model}: no verified piece for {now - since:.0f} s and no peer "
-                    f"left that can send one")
+            what = (
+                f"{t.manifest.model}: no verified piece for {now - since:.0f} s and no peer "
+                f"left that can send one"
+            )
             if t.banned:
                 ids = ", ".join(sorted(pid[:16] for pid in t.banned))
-                raise VerificationFailed(f"{what}; {len(t.banned)} peer(s) banned for sending bad "
-                                         f"data: {ids}", ())
-            silent = sum(1 for p in t.peers.values()
-                         if t.picker.interesting(p.have) and not p.peer_choking)
+                raise VerificationFailed(
+                    f"{what}; {len(t.banned)} peer(s) banned for sending bad data: {ids}", ()
+                )
+            silent = sum(1 for p in t.peers.values() if t.picker.interesting(p.have) and not p.peer_choking)
             choking = len(t.choked_out) + sum(
-                1 for p in t.peers.values() if p.peer_choking and p.id not in t.choked_out
-                and t.picker.interesting(p.have))
+                1
+                for p in t.peers.values()
+                if p.peer_choking and p.id not in t.choked_out and t.picker.interesting(p.have)
+            )
             why = []
             if silent:
                 why.append(f"{silent} linked peer(s) with missing pieces stopped answering")
             if choking:
-                why.append(f"{choking} peer(s) with missing pieces kept us choked "
-                           f"(over {t.config.choked_timeout:.0f} s)")
-            raise FetchError(f"{what} ({'; '.join(why)}; the others are gone)" if why else
-                             f"{what} (every provider of the missing pieces is gone)")
+                why.append(
+                    f"{choking} peer(s) with missing pieces kept us choked "
+                    f"(over {t.config.choked_timeout:.0f} s)"
+                )
+            raise FetchError(
+                f"{what} ({'; '.join(why)}; the others are gone)"
+                if why
+                else f"{what} (every provider of the missing pieces is gone)"
+            )
 
     async def _connect_loop(self, sh: Shared, providers: list[PeerAddr]) -> None:
         """Open links to providers until the transfer is complete, looking up more as needed
@@ -840,8 +940,7 @@ class Node:
         key = manifest_key(sh.manifest.manifest_hash)
         pending = list(providers)
         while not t.completed.is_set():
-            step = policy.step(trio.current_time(), self._order_providers(pending),
-                               LinkState.of(t))
+            step = policy.step(trio.current_time(), self._order_providers(pending), LinkState.of(t))
             for p in step.dials:
                 # Links outlive the fetch (we seed over them), so they belong to the node.
                 assert self._nursery is not None
@@ -863,8 +962,12 @@ class Node:
                 link = await self.lane.dial(lambda: self.host.open_lane_stream(p))
             except LaneUnavailable as e:
                 self.metrics.lane_fallbacks.inc()
-                log.info("no data lane to %s (%s): using a libp2p stream", p.peer_id[:12], e,
-                         extra={"event": "lane_fallback", "peer": p.peer_id, "reason": str(e)})
+                log.info(
+                    "no data lane to %s (%s): using a libp2p stream",
+                    p.peer_id[:12],
+                    e,
+                    extra={"event": "lane_fallback", "peer": p.peer_id, "reason": str(e)},
+                )
         if link is None:
             try:
                 link = await self.host.open_pieces_link(p)
@@ -874,35 +977,48 @@ class Node:
                 return
         await t.serve_link(link)
 
-    async def serve_snapshot(self, model: str, snapshot: Path, *,
-                             announce_later: bool = False) -> Manifest:
+    async def serve_snapshot(self, model: str, snapshot: Path, *, announce_later: bool = False) -> Manifest:
         """Seed a snapshot that arrived by another route (ModelExpress, the Hub). With
         ``announce_later`` it returns once peers can ask for it, before the DHT has the record."""
         snapshot = Path(snapshot)
         m = self.store.load_manifest(model, snapshot.name)
         if m is None:
-            m = await trio.to_thread.run_sync(self._manifest_cache.get_or_build, model, snapshot,
-                                              snapshot.name)
+            m = await trio.to_thread.run_sync(
+                self._manifest_cache.get_or_build, model, snapshot, snapshot.name
+            )
             self.store.save_manifest(m)
-        await self._share_complete(m, snapshot, origin=self._origin_of_snapshot(m),
-                                   announce_later=announce_later)
+        await self._share_complete(
+            m, snapshot, origin=self._origin_of_snapshot(m), announce_later=announce_later
+        )
         return m
 
-    async def fetch_with_fallback(self, req: FetchRequest, *,
-                                  on_event: Callable[[dict], None] | None = None,
-                                  modelexpress_url: str | None = None) -> FetchResult:
+    async def fetch_with_fallback(
+        self,
+        req: FetchRequest,
+        *,
+        on_event: Callable[[dict], None] | None = None,
+        modelexpress_url: str | None = None,
+    ) -> FetchResult:
         """The whole chain: local cache -> ModelExpress -> swarm -> Hub; seeds what it got."""
         kwargs = {} if modelexpress_url is None else {"modelexpress_url": modelexpress_url}
         started = trio.current_time()
-        log.info("fetch of %s@%s started", req.repo_id, req.ref,
-                 extra={"event": "fetch_start", "model": req.repo_id, "revision": req.ref})
+        log.info(
+            "fetch of %s@%s started",
+            req.repo_id,
+            req.ref,
+            extra={"event": "fetch_start", "model": req.repo_id, "revision": req.ref},
+        )
+
         async def via_swarm(r: FetchRequest) -> Path:
             if not self._origin_once(r):
                 return await self.fetch(r, on_event=on_event)
             return await self.origin.fetch(
-                r.repo_id, r.ref, r.repo_dir / "blobs",
+                r.repo_id,
+                r.ref,
+                r.repo_dir / "blobs",
                 swarm_fetch=lambda hint=(): self.fetch(r, on_event=on_event, hint=hint),
-                pull=lambda downloaded: self._pull_from_hub(r, downloaded, on_event))
+                pull=lambda downloaded: self._pull_from_hub(r, downloaded, on_event),
+            )
 
         try:
             result = await fetch_chain(req, swarm=via_swarm, on_event=on_event, **kwargs)
@@ -914,7 +1030,8 @@ class Node:
             await trio.to_thread.run_sync(touch_access, result.path)  # in use now; for LRU
         if result.source in ("modelexpress", "hub"):
             self.metrics.origin_bytes.labels(result.source).inc(
-                await trio.to_thread.run_sync(_snapshot_bytes, result.path))
+                await trio.to_thread.run_sync(_snapshot_bytes, result.path)
+            )
         # What came from the Hub or ModelExpress may be gated or private: seeded only where the
         # HF cache is served (a private swarm, or --serve-hf-cache).
         if result.source in ("modelexpress", "hub") and self.serves_hf_cache:
@@ -933,18 +1050,23 @@ class Node:
         """(model, revision) of the snapshots this node serves as its own (origin "built": its
         ``--serve`` directories and the HF-cache snapshots it hashed and signs); see
         swarm/cache_admin.py for why seeded, fetched ones are not among them."""
-        return frozenset((sh.manifest.model, sh.path.name) for sh in self.shared.values()
-                         if sh.origin == "built" and sh.path is not None)
+        return frozenset(
+            (sh.manifest.model, sh.path.name)
+            for sh in self.shared.values()
+            if sh.origin == "built" and sh.path is not None
+        )
 
     def seeded_snapshots(self) -> frozenset[tuple[str, str]]:
         """(model, revision) of every cache snapshot this node trades."""
-        return frozenset((sh.manifest.model, sh.path.name) for sh in list(self.shared.values())
-                         if sh.path is not None and self._in_cache(sh))
+        return frozenset(
+            (sh.manifest.model, sh.path.name)
+            for sh in list(self.shared.values())
+            if sh.path is not None and self._in_cache(sh)
+        )
 
     def _in_cache(self, sh: Shared) -> bool:
         try:
-            return sh.path is not None and sh.path.parent.parent == self.store.repo_dir(
-                sh.manifest.model)
+            return sh.path is not None and sh.path.parent.parent == self.store.repo_dir(sh.manifest.model)
         except Exception:
             return False
 
@@ -952,8 +1074,12 @@ class Node:
         """Stop trading the cache snapshot ``model@revision`` (it was removed): its links close,
         its reader and timers stop, and we no longer announce it."""
         for h, sh in list(self.shared.items()):
-            if (sh.manifest.model != model or sh.path is None or sh.path.name != revision
-                    or not self._in_cache(sh)):
+            if (
+                sh.manifest.model != model
+                or sh.path is None
+                or sh.path.name != revision
+                or not self._in_cache(sh)
+            ):
                 continue
             self.shared.pop(h, None)
             self.metrics.retire(sh.transfer)
@@ -969,12 +1095,14 @@ class Node:
                 with contextlib.suppress(Exception):
                     self.host.stop_providing(model_key(model))
 
-    async def remove_cached(self, model: str, revision: str | None = None, *,
-                            force: bool = False) -> list[cache_admin.Removal]:
+    async def remove_cached(
+        self, model: str, revision: str | None = None, *, force: bool = False
+    ) -> list[cache_admin.Removal]:
         """``swarm-node rm``: see ``cache_admin.remove`` (NotCached, Refused)."""
         async with self._cache_lock:
             done = await trio.to_thread.run_sync(
-                partial(cache_admin.remove, self.store, model, revision, force=force))
+                partial(cache_admin.remove, self.store, model, revision, force=force)
+            )
             for r in done:
                 self.metrics.cache_removals.inc()
                 await self._stop_sharing(r.model, r.revision)
@@ -987,7 +1115,8 @@ class Node:
             return []
         async with self._cache_lock:
             done = await trio.to_thread.run_sync(
-                partial(cache_admin.evict, self.store, limit, served=self.served_snapshots()))
+                partial(cache_admin.evict, self.store, limit, served=self.served_snapshots())
+            )
             for r in done:
                 self.metrics.cache_evictions.inc()
                 self.metrics.cache_evicted_bytes.inc(r.bytes)
@@ -1022,16 +1151,23 @@ class Node:
         whether it is served, seeded, in use (and why), or evictable."""
         served, seeded = self.served_snapshots(), self.seeded_snapshots()
         return await trio.to_thread.run_sync(
-            partial(cache_admin.report, self.store, served=served, seeded=seeded,
-                    limit=self.config.max_cache_size))
+            partial(
+                cache_admin.report, self.store, served=served, seeded=seeded, limit=self.config.max_cache_size
+            )
+        )
+
     def _origin_once(self, req: FetchRequest) -> bool:
         """Whether fetchers of ``req`` coordinate so that one pulls from the Hub for all (see
         swarm/origin.py): only where what comes from the Hub is seeded, and the Hub may be used."""
-        return (self.serves_hf_cache and not self.draining
-                and not req.env.over(SourceEnv.from_environ()).hub_offline)
+        return (
+            self.serves_hf_cache
+            and not self.draining
+            and not req.env.over(SourceEnv.from_environ()).hub_offline
+        )
 
-    async def _pull_from_hub(self, req: FetchRequest, downloaded: Callable[[], None],
-                             on_event: Callable[[dict], None] | None) -> Path:
+    async def _pull_from_hub(
+        self, req: FetchRequest, downloaded: Callable[[], None], on_event: Callable[[dict], None] | None
+    ) -> Path:
         """The elected puller's download: from the Hub, resuming partial files (swarm/hubpull.py:
         each file checked against the Hub's listing before it is linked), then seeded under the
         model key so the others fetch it from us."""
@@ -1040,8 +1176,9 @@ class Node:
         env = req.env.over(SourceEnv.from_environ())
         stop = threading.Event()
         try:
-            path = await trio.to_thread.run_sync(pull_snapshot, req, env.endpoint, env.hf_token,
-                                                 stop, abandon_on_cancel=True)
+            path = await trio.to_thread.run_sync(
+                pull_snapshot, req, env.endpoint, env.hf_token, stop, abandon_on_cancel=True
+            )
         except FetchError:
             raise
         except Exception as exc:
@@ -1049,15 +1186,15 @@ class Node:
         finally:
             stop.set()  # an abandoned thread stops at its next chunk
         downloaded()
-        self.metrics.origin_bytes.labels("hub").inc(
-            await trio.to_thread.run_sync(_snapshot_bytes, path))
+        self.metrics.origin_bytes.labels("hub").inc(await trio.to_thread.run_sync(_snapshot_bytes, path))
         # Followers learn "seeded" from us and then look us up: our own provider record is stored
         # at once, the copies sent to the DHT follow.
         await self.serve_snapshot(req.repo_id, path, announce_later=True)
         return path
 
-    def _fetch_ended(self, req: FetchRequest, started: float, source: str,
-                     error: BaseException | None) -> None:
+    def _fetch_ended(
+        self, req: FetchRequest, started: float, source: str, error: BaseException | None
+    ) -> None:
         seconds = trio.current_time() - started
         if isinstance(error, trio.Cancelled):
             result = "cancelled"
@@ -1065,14 +1202,19 @@ class Node:
             result = "ok"
         else:
             result = {ModelNotFound: "not_found", VerificationFailed: "verification_failed"}.get(
-                type(error), "error")
+                type(error), "error"
+            )
         self.metrics.fetch_duration.labels(source, result).observe(seconds)
-        extra = {"event": "fetch_end", "model": req.repo_id, "source": source, "result": result,
-                 "duration_s": round(seconds, 3)}
+        extra = {
+            "event": "fetch_end",
+            "model": req.repo_id,
+            "source": source,
+            "result": result,
+            "duration_s": round(seconds, 3),
+        }
         if error is not None:
             extra["error"] = str(error).splitlines()[0][:300] if str(error) else repr(error)
-        log.info("fetch of %s ended: %s from %s in %.2f s", req.repo_id, result, source, seconds,
-                 extra=extra)
+        log.info("fetch of %s ended: %s from %s in %.2f s", req.repo_id, result, source, seconds, extra=extra)
 
     # ------------------------------------------------------------------ status
 
@@ -1082,28 +1224,42 @@ class Node:
         models = []
         for sh in self.shared.values():
             t = sh.transfer
-            models.append({
-                "model": sh.manifest.model, "revision": sh.manifest.revision,
-                "manifest": sh.manifest.hash_str, "complete": sh.complete,
-                "path": str(sh.path) if sh.path else None,
-                "bytes": t.wanted_bytes, "have_bytes": t.have_bytes,
-                "bytes_up": t.bytes_up, "bytes_down": t.bytes_down,
-                "wasted_bytes": t.wasted_bytes, "timeouts": t.timeouts,
-                "peers": sorted(t.peers),
-                "banned": sorted(t.banned),
-            })
-        return {"peer_id": self.peer_id, "addrs": self.host.addrs,
-                "peers": self.host.connected_peers(), "models": models,
-                "serving": self._exposure(),
-                "bytes_up": up, "bytes_down": down,
-                "limits": self.bandwidth.limits.as_dict()}
+            models.append(
+                {
+                    "model": sh.manifest.model,
+                    "revision": sh.manifest.revision,
+                    "manifest": sh.manifest.hash_str,
+                    "complete": sh.complete,
+                    "path": str(sh.path) if sh.path else None,
+                    "bytes": t.wanted_bytes,
+                    "have_bytes": t.have_bytes,
+                    "bytes_up": t.bytes_up,
+                    "bytes_down": t.bytes_down,
+                    "wasted_bytes": t.wasted_bytes,
+                    "timeouts": t.timeouts,
+                    "peers": sorted(t.peers),
+                    "banned": sorted(t.banned),
+                }
+            )
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.host.addrs,
+            "peers": self.host.connected_peers(),
+            "models": models,
+            "serving": self._exposure(),
+            "bytes_up": up,
+            "bytes_down": down,
+            "limits": self.bandwidth.limits.as_dict(),
+        }
 
     def set_limits(self, limits: Limits) -> None:
         """New bandwidth limits, from now on (not saved: a restart takes the configured ones)."""
         self.bandwidth.set_limits(limits)
-        log.info("bandwidth limits: upload %s, download %s, per-peer upload %s",
-                 *(format_rate(r) for r in (limits.upload, limits.download, limits.peer_upload)),
-                 extra={"event": "limits", **limits.as_dict()})
+        log.info(
+            "bandwidth limits: upload %s, download %s, per-peer upload %s",
+            *(format_rate(r) for r in (limits.upload, limits.download, limits.peer_upload)),
+            extra={"event": "limits", **limits.as_dict()},
+        )
 
 
 def _snapshot_bytes(path: Path) -> int:
@@ -1114,6 +1270,8 @@ def _snapshot_bytes(path: Path) -> int:
             if f.is_file():
                 total += f.stat().st_size
     return total
+
+
 def _remote_host(link: Any) -> str | None:
     """The IP address an inbound link comes from (the engine limits handshakes per address), or
     None if the link cannot tell. The links do not expose it yet, so look inside: the libp2p
@@ -1185,14 +1343,18 @@ class _ManifestCache:
                 out.append([rel, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino])
         return out
 
-    def get_or_build(self, model: str, path: Path, revision: str | None,
-                     keep: frozenset[str] = frozenset()) -> Manifest:
+    def get_or_build(
+        self, model: str, path: Path, revision: str | None, keep: frozenset[str] = frozenset()
+    ) -> Manifest:
         entry = self._entry(model, path)
         fp = self._fingerprint(path)
         try:
             cached = json.loads(entry.read_text())
-            if (cached["fingerprint"] == fp and cached["revision_arg"] == revision
-                    and sorted(cached.get("keep", [])) == sorted(keep)):
+            if (
+                cached["fingerprint"] == fp
+                and cached["revision_arg"] == revision
+                and sorted(cached.get("keep", [])) == sorted(keep)
+            ):
                 return Manifest.decode(bytes.fromhex(cached["manifest"]))
         except (OSError, ValueError, KeyError, ManifestError):
             pass
@@ -1203,8 +1365,16 @@ class _ManifestCache:
             m = attrs.evolve(m, revision=blake3.blake3(m.encode()).hexdigest()[:40])
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "revision_arg": revision,
-                                   "keep": sorted(keep), "manifest": m.encode().hex()}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "fingerprint": fp,
+                    "revision_arg": revision,
+                    "keep": sorted(keep),
+                    "manifest": m.encode().hex(),
+                }
+            )
+        )
         os.replace(tmp, entry)
         return m
 

@@ -115,8 +115,13 @@ class OriginState:
             have = obj.get("have", 0)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"bad origin state: {e!r}") from None
-        if (state not in _STATES or not _count(progress) or not _count(have)
-                or not isinstance(leader, str) or len(leader) > 128):
+        if (
+            state not in _STATES
+            or not _count(progress)
+            or not _count(have)
+            or not isinstance(leader, str)
+            or len(leader) > 128
+        ):
             raise ValueError("bad origin state")
         return cls(state, progress, leader, have)
 
@@ -165,9 +170,15 @@ def _parse_listing(raw: bytes) -> list[tuple[str, int]]:
         raise ValueError("bad file listing")
     out = []
     for item in obj:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not _mirror_name(item[0]) or isinstance(item[1], bool)
-                or not isinstance(item[1], int) or not 0 <= item[1] < 1 << 50):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not _mirror_name(item[0])
+            or isinstance(item[1], bool)
+            or not isinstance(item[1], int)
+            or not 0 <= item[1] < 1 << 50
+        ):
             raise ValueError("bad file listing entry")
         out.append((item[0], item[1]))
     return out
@@ -251,9 +262,16 @@ class OriginCoordinator:
         key, obj = _parse_query(request)
         it = self.interests.get(key)
         name, offset = obj.get("name"), obj.get("offset")
-        if (it is None or it.state != "pulling" or it.blobs is None or not isinstance(name, str)
-                or not _mirror_name(name) or isinstance(offset, bool)
-                or not isinstance(offset, int) or offset < 0):
+        if (
+            it is None
+            or it.state != "pulling"
+            or it.blobs is None
+            or not isinstance(name, str)
+            or not _mirror_name(name)
+            or isinstance(offset, bool)
+            or not isinstance(offset, int)
+            or offset < 0
+        ):
             raise ValueError("bad mirror request")
         path = it.blobs / name
 
@@ -269,9 +287,15 @@ class OriginCoordinator:
         raw = await self.host.query(peer, ORIGIN_PROTOCOL, _query(key), timeout=PROBE_TIMEOUT)
         return OriginState.decode(raw)
 
-    async def fetch(self, repo_id: str, ref: str, blobs: Path, *,
-                    swarm_fetch: Callable[..., Awaitable[Path]],
-                    pull: Callable[[Callable[[], None]], Awaitable[Path]]) -> Path:
+    async def fetch(
+        self,
+        repo_id: str,
+        ref: str,
+        blobs: Path,
+        *,
+        swarm_fetch: Callable[..., Awaitable[Path]],
+        pull: Callable[[Callable[[], None]], Awaitable[Path]],
+    ) -> Path:
         """``repo_id@ref`` through the swarm, or pulled from the origin by this node when elected.
 
         ``blobs``: where a pull writes (``<cache>/models--.../blobs``; partial files end in
@@ -299,8 +323,9 @@ class OriginCoordinator:
             if it.state != "seeded":  # a seeded record stays: late followers learn to fetch
                 self.host.stop_providing(key)
 
-    async def _pull_or_follow(self, key: bytes, mkey: bytes, it: _Interest, blobs: Path,
-                              swarm_fetch, pull) -> Path:
+    async def _pull_or_follow(
+        self, key: bytes, mkey: bytes, it: _Interest, blobs: Path, swarm_fetch, pull
+    ) -> Path:
         excluded: set[str] = set()
         while True:
             elected = await self._elect(key, mkey, excluded, it)
@@ -313,9 +338,13 @@ class OriginCoordinator:
                     return path
                 continue  # gave way to a closer puller: follow it (as its backup, likely)
             it.leader = leader
-            log.info("origin: following %s's pull of key %s%s", leader[:12], key.hex()[4:16],
-                     " as its backup" if backup else "",
-                     extra={"event": "origin_follow", "leader": leader, "backup": backup})
+            log.info(
+                "origin: following %s's pull of key %s%s",
+                leader[:12],
+                key.hex()[4:16],
+                " as its backup" if backup else "",
+                extra={"event": "origin_follow", "leader": leader, "backup": backup},
+            )
             async with trio.open_nursery() as n:
                 if backup:  # next in line: keep a copy of its partial files to resume from
                     n.start_soon(self._mirror, key, leader, blobs, it)
@@ -324,12 +353,14 @@ class OriginCoordinator:
             if seeded:
                 it.state = "seeded"
                 return await swarm_fetch((leader,))
-            log.warning("origin: puller %s gone or stalled; electing again", leader[:12],
-                        extra={"event": "origin_replace", "leader": leader})
+            log.warning(
+                "origin: puller %s gone or stalled; electing again",
+                leader[:12],
+                extra={"event": "origin_replace", "leader": leader},
+            )
             excluded.add(leader)
 
-    async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull,
-                    excluded: set[str]) -> Path | None:
+    async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]) -> Path | None:
         """Our pull; None if we gave way to a closer puller (two elected at once)."""
         it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
         it.building = False
@@ -348,8 +379,11 @@ class OriginCoordinator:
             n.start_soon(run_pull, n.cancel_scope)
             rival = await self._closer_puller(key, it, excluded)
             if rival is not None:
-                log.warning("origin: %s pulls too and is closer to the key: giving way",
-                            rival[:12], extra={"event": "origin_yield", "leader": rival})
+                log.warning(
+                    "origin: %s pulls too and is closer to the key: giving way",
+                    rival[:12],
+                    extra={"event": "origin_yield", "leader": rival},
+                )
                 n.cancel_scope.cancel()
             else:
                 await trio.sleep_forever()
@@ -389,8 +423,9 @@ class OriginCoordinator:
         await trio.to_thread.run_sync(lambda: blobs.mkdir(parents=True, exist_ok=True))
         while True:
             try:
-                raw = await self.host.query(leader, ORIGIN_PROTOCOL, _query(key, op="files"),
-                                            timeout=PROBE_TIMEOUT)
+                raw = await self.host.query(
+                    leader, ORIGIN_PROTOCOL, _query(key, op="files"), timeout=PROBE_TIMEOUT
+                )
                 listing = _parse_listing(raw)
                 for name, size in listing:
                     await self._mirror_file(key, leader, blobs, name, size)
@@ -399,8 +434,7 @@ class OriginCoordinator:
                 log.debug("origin: mirror from %s: %s", leader[:12], e)
             await trio.sleep(POLL)
 
-    async def _mirror_file(self, key: bytes, leader: str, blobs: Path, name: str,
-                           size: int) -> None:
+    async def _mirror_file(self, key: bytes, leader: str, blobs: Path, name: str, size: int) -> None:
         base = name.removesuffix(PARTIAL_SUFFIX)
         if (blobs / base).exists():
             return
@@ -408,8 +442,12 @@ class OriginCoordinator:
         have = await trio.to_thread.run_sync(_size_of, local)
         while have < size:
             chunk = await self.host.query(
-                leader, MIRROR_PROTOCOL, _query(key, name=name, offset=have),
-                timeout=QUERY_TIMEOUT, max_reply=MIRROR_CHUNK)
+                leader,
+                MIRROR_PROTOCOL,
+                _query(key, name=name, offset=have),
+                timeout=QUERY_TIMEOUT,
+                max_reply=MIRROR_CHUNK,
+            )
             if not chunk:
                 return
             have = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
@@ -421,8 +459,9 @@ class OriginCoordinator:
             log.info("origin: lookup failed: %s", e)
             return []
 
-    async def _elect(self, key: bytes, mkey: bytes, excluded: set[str], it: _Interest
-                     ) -> tuple[str, bool] | None:
+    async def _elect(
+        self, key: bytes, mkey: bytes, excluded: set[str], it: _Interest
+    ) -> tuple[str, bool] | None:
         """(whom to wait for, whether we are next in line): an interested peer already pulling (or
         following progress), else the live interested peer holding most bytes to resume from
         (the dead puller's backup), ties to the closest (maybe us). None when the model has
@@ -443,13 +482,15 @@ class OriginCoordinator:
             for p in others:
                 n.start_soon(probe, p)
         # Follow the puller itself (a follower names it), so a stall is seen where it happens.
-        active = {st.leader if st.state == "waiting" and st.leader else pid
-                  for pid, st in states.items() if st.active}
+        active = {
+            st.leader if st.state == "waiting" and st.leader else pid
+            for pid, st in states.items()
+            if st.active
+        }
         active -= excluded | {self.peer_id}
         # A peer that did not answer counts as live (a busy host answers late; a dead one is
         # dropped by _follow within a second): passing over it risks a second pull.
-        live = {p.peer_id for p in others
-                if p.peer_id not in states or states[p.peer_id].state == "waiting"}
+        live = {p.peer_id for p in others if p.peer_id not in states or states[p.peer_id].state == "waiting"}
         live.add(self.peer_id)
         have = {pid: st.have for pid, st in states.items()}
         have[self.peer_id] = it.have

@@ -38,8 +38,14 @@ four frontends with deep pipelines shared 24 pieces (measured)."""
 class Picker:
     """Tracks availability and in-flight requests for one transfer."""
 
-    def __init__(self, num_pieces: int, wanted: Iterable[int], priority: Iterable[int] = (),
-                 *, rng: random.Random | None = None):
+    def __init__(
+        self,
+        num_pieces: int,
+        wanted: Iterable[int],
+        priority: Iterable[int] = (),
+        *,
+        rng: random.Random | None = None,
+    ):
         self.num_pieces = num_pieces
         self.wanted = frozenset(wanted)
         self.availability = [0] * num_pieces
@@ -113,15 +119,19 @@ class Picker:
         """Does the peer hold any piece we still want (in any class)?"""
         return any(not c.isdisjoint(peer_have) for c in self._classes)
 
-    def pick(self, peer_have: set[int] | frozenset[int], asked_of_peer: Collection[int],
-             count: int, avoid: Collection[int] = ()) -> list[int]:
+    def pick(
+        self,
+        peer_have: set[int] | frozenset[int],
+        asked_of_peer: Collection[int],
+        count: int,
+        avoid: Collection[int] = (),
+    ) -> list[int]:
         """Up to ``count`` pieces to request from a peer that has ``peer_have``; ``asked_of_peer``
         are the requests already outstanding on that peer, ``avoid`` pieces it recently refused."""
         if count <= 0:
             return []
         missing = self.missing
-        candidates = [i for i in missing if i in peer_have and i not in self.in_flight
-                      and i not in avoid]
+        candidates = [i for i in missing if i in peer_have and i not in self.in_flight and i not in avoid]
         if candidates:
             if len(self.have) < RANDOM_FIRST:
                 self._rng.shuffle(candidates)
@@ -135,7 +145,13 @@ class Picker:
             return candidates[:count]
         if not self.in_endgame():
             return []
-        dup = [i for i in missing if i in peer_have and i not in asked_of_peer and i not in avoid
-               and self.in_flight.get(i, 0) < ENDGAME_MAX_DUPLICATES]
+        dup = [
+            i
+            for i in missing
+            if i in peer_have
+            and i not in asked_of_peer
+            and i not in avoid
+            and self.in_flight.get(i, 0) < ENDGAME_MAX_DUPLICATES
+        ]
         self._rng.shuffle(dup)
         return dup[:count]

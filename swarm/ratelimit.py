@@ -110,8 +110,7 @@ class Throttle:
     def set_rate(self, rate: float | None) -> None:
         self.bucket.set_rate(rate, trio.current_time())
 
-    async def acquire(self, n: float, *,
-                      meanwhile: Callable[[float], Awaitable[None]] | None = None) -> None:
+    async def acquire(self, n: float, *, meanwhile: Callable[[float], Awaitable[None]] | None = None) -> None:
         """Take ``n`` bytes and return once they may go. ``meanwhile(deadline)``, if given, is
         awaited instead of sleeping and must return at ``deadline`` (the engine sends control
         messages in the meantime)."""
@@ -178,8 +177,9 @@ class Bandwidth:
         for pid in [p for p, t in self._per_peer.items() if t.bucket.full(now)]:
             del self._per_peer[pid]
 
-    async def before_upload(self, peer_id: str, n: int, *,
-                            meanwhile: Callable[[float], Awaitable[None]] | None = None) -> None:
+    async def before_upload(
+        self, peer_id: str, n: int, *, meanwhile: Callable[[float], Awaitable[None]] | None = None
+    ) -> None:
         """Wait until ``n`` piece bytes may go to ``peer_id``: its own bucket first, then the
         node's (so a peer held by its own cap does not hold the others' share)."""
         if self._limits.peer_upload:

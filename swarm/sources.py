@@ -185,10 +185,12 @@ class SourceEnv:
 
     def over(self, fallback: SourceEnv) -> SourceEnv:
         """This environment, with ``fallback``'s values where this one has none."""
-        return SourceEnv(**{
-            f.name: getattr(fallback, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
-            for f in attrs.fields(SourceEnv)
-        })
+        return SourceEnv(
+            **{
+                f.name: getattr(fallback, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in attrs.fields(SourceEnv)
+            }
+        )
 
     def to_json(self) -> dict:
         """The values that are set (what a fetch request carries to the node)."""
@@ -295,8 +297,7 @@ class FetchRequest:
     timeout: float | None = None
     verify: bool = False
     """Also re-hash the local snapshot against its stored swarm manifest (blake3) in step 1."""
-    expect: tuple[tuple[str, str, int | None], ...] | None = attrs.field(default=None,
-                                                                         converter=_expect)
+    expect: tuple[tuple[str, str, int | None], ...] | None = attrs.field(default=None, converter=_expect)
     """Files the result must hold with exactly these bytes: ``(path, "blake3:<hex>", size or
     None)``, e.g. a Dynamo card's files. The swarm takes only a manifest whose entries match, and a
     local snapshot that differs is passed over."""
@@ -844,8 +845,9 @@ async def from_hub(req: FetchRequest) -> Path:
     path = None if got is None else Path(got)
     if path is None or not path.is_dir() or not any(path.iterdir()):
         raise ModelNotFound(f"no file of {req.repo_id}@{req.ref} on {endpoint} matches the request")
-    await trio.to_thread.run_sync(verify_hub_snapshot, req, path, endpoint, env.hf_token,
-                                  abandon_on_cancel=True)
+    await trio.to_thread.run_sync(
+        verify_hub_snapshot, req, path, endpoint, env.hf_token, abandon_on_cancel=True
+    )
     return path
 
 
@@ -858,16 +860,17 @@ class HubEntry:
     lfs_sha256: str | None  # sha256 of the content, for LFS files
 
 
-def _hub_tree(req: FetchRequest, commit: str, endpoint: str, token: str | None
-              ) -> dict[str, HubEntry]:
+def _hub_tree(req: FetchRequest, commit: str, endpoint: str, token: str | None) -> dict[str, HubEntry]:
     """The Hub's tree listing of ``commit``: huggingface_hub's cached copy (``trees/<commit>.json``,
     written by its ``snapshot_download``), else asked of the Hub (one request)."""
     try:
         with open(req.repo_dir / "trees" / f"{commit}.json", encoding="utf-8") as fh:
             data = json.load(fh)
         if data.get("format_version") == 1:
-            return {str(p): HubEntry(int(i["size"]), str(i["blob_id"]), i.get("lfs_sha256"))
-                    for p, i in data["files"].items()}
+            return {
+                str(p): HubEntry(int(i["size"]), str(i["blob_id"]), i.get("lfs_sha256"))
+                for p, i in data["files"].items()
+            }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     from huggingface_hub import HfApi
@@ -875,7 +878,8 @@ def _hub_tree(req: FetchRequest, commit: str, endpoint: str, token: str | None
 
     out = {}
     for item in HfApi(endpoint=endpoint, token=token).list_repo_tree(
-            req.repo_id, revision=commit, recursive=True):
+        req.repo_id, revision=commit, recursive=True
+    ):
         if isinstance(item, RepoFile):
             out[item.path] = HubEntry(item.size, item.blob_id, item.lfs.sha256 if item.lfs else None)
     return out
@@ -915,8 +919,9 @@ def verify_hub_snapshot(req: FetchRequest, snap: Path, endpoint: str, token: str
     try:
         tree = _hub_tree(req, commit, endpoint, token)
     except Exception as exc:
-        raise FetchError(f"cannot list {req.repo_id}@{commit} on {endpoint} to verify the "
-                         f"download: {exc}") from None
+        raise FetchError(
+            f"cannot list {req.repo_id}@{commit} on {endpoint} to verify the download: {exc}"
+        ) from None
     bad = []
     for f in sorted(p for p in snap.rglob("*") if p.is_file()):
         rel = f.relative_to(snap).as_posix()
@@ -925,8 +930,9 @@ def verify_hub_snapshot(req: FetchRequest, snap: Path, endpoint: str, token: str
         if why is not None:
             bad.append(f"{rel}: {why}{_evict(req.repo_dir, f)}")
     if bad:
-        raise VerificationFailed(f"{req.repo_id}@{commit} from {endpoint} does not match the Hub's "
-                                 f"listing: {'; '.join(bad[:4])}")
+        raise VerificationFailed(
+            f"{req.repo_id}@{commit} from {endpoint} does not match the Hub's listing: {'; '.join(bad[:4])}"
+        )
 
 
 # --- the chain ---------------------------------------------------------------------------------
@@ -986,11 +992,13 @@ async def fetch_chain(
     async def local() -> Path:
         found = await trio.to_thread.run_sync(_inspect_local, req, abandon_on_cancel=True)
         if found.path is not None and req.expect:
-            differ = await trio.to_thread.run_sync(_expect_mismatches, found.path, req.expect,
-                                                   abandon_on_cancel=True)
+            differ = await trio.to_thread.run_sync(
+                _expect_mismatches, found.path, req.expect, abandon_on_cancel=True
+            )
             if differ:
-                raise ModelNotFound(f"the local snapshot differs from the expected files: "
-                                    f"{'; '.join(differ[:3])}")
+                raise ModelNotFound(
+                    f"the local snapshot differs from the expected files: {'; '.join(differ[:3])}"
+                )
         if found.path is not None:
             return found.path
         if found.kind != "verification":

@@ -376,8 +376,7 @@ def _open_direct(path: str | os.PathLike, flags: int) -> int | None:
         raise
 
 
-def _hash_fd_direct(fd: int, size: int, hasher: blake3.blake3 | None = None,
-                    start: int = 0) -> bytes | None:
+def _hash_fd_direct(fd: int, size: int, hasher: blake3.blake3 | None = None, start: int = 0) -> bytes | None:
     """``_hash_fd`` through an O_DIRECT fd: page-aligned buffers and offsets (the tail read comes
     back short), DIRECT_READAHEAD reads in flight while the finished chunks are hashed in order
     (one read at a time leaves a virtio disk half idle: ~1.0 GB/s here, ~1.5-2 GB/s with two).
@@ -421,8 +420,15 @@ class _Feed:
 
     __slots__ = ("after", "broken", "data", "done", "gap", "hasher", "path")
 
-    def __init__(self, hasher: blake3.blake3, data: memoryview, after: threading.Event,
-                 broken: list[bool], path: Path, gap: tuple[int, int] | None) -> None:
+    def __init__(
+        self,
+        hasher: blake3.blake3,
+        data: memoryview,
+        after: threading.Event,
+        broken: list[bool],
+        path: Path,
+        gap: tuple[int, int] | None,
+    ) -> None:
         self.hasher, self.data, self.after, self.broken = hasher, data, after, broken
         self.path, self.gap = path, gap
         self.done = threading.Event()
@@ -455,8 +461,9 @@ def _hash_range(path: Path, hasher: blake3.blake3, offset: int, length: int) -> 
         while done < length:
             want = min(len(buf), length - done)
             with memoryview(buf) as mv:
-                n = os.preadv(fd, [mv[: -(-want // DIRECT_ALIGN) * DIRECT_ALIGN if direct
-                                      else want]], offset + done)
+                n = os.preadv(
+                    fd, [mv[: -(-want // DIRECT_ALIGN) * DIRECT_ALIGN if direct else want]], offset + done
+                )
                 n = min(n, want)
                 if n <= 0:
                     return done
@@ -480,7 +487,8 @@ def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
     with _hash_pool_lock:
         if _hash_pool_ref is None:
             _hash_pool_ref = concurrent.futures.ThreadPoolExecutor(
-                _HASH_THREADS, thread_name_prefix="swarm-file-hash")
+                _HASH_THREADS, thread_name_prefix="swarm-file-hash"
+            )
         return _hash_pool_ref
 
 
@@ -519,8 +527,7 @@ class _DownloadLock:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         if not self._thread_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise LockTimeout(
-                f"{self.what} is being downloaded by another thread of this process "
-                f"(waited {timeout:g} s)",
+                f"{self.what} is being downloaded by another thread of this process (waited {timeout:g} s)",
                 path=self.path,
             )
         try:
@@ -580,8 +587,9 @@ class _RepoUse:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise LockTimeout(f"a download in {self.path.parent.parent.parent} is in "
-                                          "progress", path=self.path) from None
+                        raise LockTimeout(
+                            f"a download in {self.path.parent.parent.parent} is in progress", path=self.path
+                        ) from None
                     time.sleep(REPO_LOCK_POLL)
         except BaseException:
             os.close(fd)
@@ -882,8 +890,14 @@ class Store:
             if bad:
                 raise StoreError(f"file indices out of range (manifest has {n} files): {bad[:5]}")
         meta = repo / ".swarm"
-        for d in (repo / "blobs", repo / "snapshots", repo / "refs", meta / "locks",
-                  meta / "partial", meta / "tmp"):
+        for d in (
+            repo / "blobs",
+            repo / "snapshots",
+            repo / "refs",
+            meta / "locks",
+            meta / "partial",
+            meta / "tmp",
+        ):
             with _io("creating", d):
                 d.mkdir(parents=True, exist_ok=True)
         hex_ = manifest.manifest_hash.hex()
@@ -940,7 +954,9 @@ class Store:
             by = f"manifest {owner[:16]}" if owner else "something other than swarm (the Hub client?)"
             raise SnapshotConflict(
                 f"{snap} was created by {by}, not by manifest "
-                f"{manifest.manifest_hash.hex()[:16]}: swarm never adds to or relinks it", path=snap)
+                f"{manifest.manifest_hash.hex()[:16]}: swarm never adds to or relinks it",
+                path=snap,
+            )
 
     def _link_snapshot(self, manifest: Manifest, links: list[tuple[str, str]]) -> Path:
         """Make ``snapshots/<revision>/<path>`` -> blob links for ``links`` [(path, blob hex)].
@@ -952,8 +968,10 @@ class Store:
         snaps = snap.parent
         with _io("creating", snaps):
             snaps.mkdir(parents=True, exist_ok=True)
-        lock = _DownloadLock(self._meta(model) / "locks" / f"snapshot-{manifest.revision}.lock",
-                             f"snapshots/{manifest.revision} of {model}")
+        lock = _DownloadLock(
+            self._meta(model) / "locks" / f"snapshot-{manifest.revision}.lock",
+            f"snapshots/{manifest.revision} of {model}",
+        )
         lock.acquire(None)
         try:
             if not os.path.lexists(snap):
@@ -965,8 +983,9 @@ class Store:
         finally:
             lock.release()
 
-    def _publish_snapshot(self, manifest: Manifest, links: list[tuple[str, str]], snap: Path,
-                          tmp: Path) -> None:
+    def _publish_snapshot(
+        self, manifest: Manifest, links: list[tuple[str, str]], snap: Path, tmp: Path
+    ) -> None:
         stage = tmp / f"stage-{os.getpid()}-{secrets.token_hex(6)}"
         try:
             with _io("staging the snapshot", stage):
@@ -976,14 +995,18 @@ class Store:
                     p.parent.mkdir(parents=True, exist_ok=True)
                     os.symlink(_link_target(path, hex_), p)
                 st = os.stat(stage)  # a rename keeps the inode: the record names the directory
-            self._atomic_write(manifest.model, self._owner_path(manifest.model, manifest.revision),
-                               f"{manifest.manifest_hash.hex()} {st.st_dev} {st.st_ino}".encode())
+            self._atomic_write(
+                manifest.model,
+                self._owner_path(manifest.model, manifest.revision),
+                f"{manifest.manifest_hash.hex()} {st.st_dev} {st.st_ino}".encode(),
+            )
             try:
                 os.rename(stage, snap)
             except OSError as exc:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a writer that is not swarm
-                    raise SnapshotConflict(f"{snap} appeared while swarm was publishing it; "
-                                           "not merging into it", path=snap) from None
+                    raise SnapshotConflict(
+                        f"{snap} appeared while swarm was publishing it; not merging into it", path=snap
+                    ) from None
                 raise _wrap(exc, "publishing the snapshot", snap) from exc
             _fsync_dir(snap.parent)
         finally:
@@ -1043,7 +1066,7 @@ class Store:
         for name in entries:
             if not name.startswith("models--"):
                 continue
-            model = name[len("models--"):].replace("--", "/", 1)
+            model = name[len("models--") :].replace("--", "/", 1)
             try:
                 validate_model_name(model)
             except ManifestError:
@@ -1145,8 +1168,11 @@ class Store:
         _fsync_dir(snap.parent)
         for ref in self.refs_to(model, revision):
             _unlink_quiet(self.repo_dir(model) / "refs" / ref)
-        for rec in (self._owner_path(model, revision), self.access_path(model, revision),
-                    self._meta(model) / "revisions" / revision):
+        for rec in (
+            self._owner_path(model, revision),
+            self.access_path(model, revision),
+            self._meta(model) / "revisions" / revision,
+        ):
             _unlink_quiet(rec)
         kept: set[str] = set()
         for other in self.revisions(model):
@@ -1194,8 +1220,7 @@ class Store:
         except LockTimeout:
             return []
 
-    def _collect_incomplete_locked(self, model: str, blobs: Path, max_age: float
-                                   ) -> list[tuple[Path, int]]:
+    def _collect_incomplete_locked(self, model: str, blobs: Path, max_age: float) -> list[tuple[Path, int]]:
         parts = [n for n in os.listdir(blobs) if n.endswith(".incomplete")]
         if not parts:
             return []
@@ -1301,9 +1326,29 @@ class _File:
     """Per-file state of a Download."""
 
     __slots__ = (
-        "close_when_idle", "count", "dev", "dfd", "dirty", "entry", "fd", "fed", "fed_broken",
-        "fed_event", "final", "final_path", "first", "hash_lock", "hasher", "hex", "index", "ino",
-        "lock", "part_path", "state_path", "users", "wanted",
+        "close_when_idle",
+        "count",
+        "dev",
+        "dfd",
+        "dirty",
+        "entry",
+        "fd",
+        "fed",
+        "fed_broken",
+        "fed_event",
+        "final",
+        "final_path",
+        "first",
+        "hash_lock",
+        "hasher",
+        "hex",
+        "index",
+        "ino",
+        "lock",
+        "part_path",
+        "state_path",
+        "users",
+        "wanted",
     )
 
     def __init__(self, index: int, entry: FileEntry, first: int, repo: Path, wanted: bool) -> None:
@@ -1347,8 +1392,9 @@ class Download:
     releases the lock; it waits for calls in flight, and later calls raise :class:`StoreError`.
     """
 
-    def __init__(self, store: Store, manifest: Manifest, wanted: frozenset[int],
-                 lock: _DownloadLock | _Held) -> None:
+    def __init__(
+        self, store: Store, manifest: Manifest, wanted: frozenset[int], lock: _DownloadLock | _Held
+    ) -> None:
         self.manifest = manifest
         self._store = store
         self._lock_handle = lock
@@ -1397,8 +1443,7 @@ class Download:
         except OSError as exc:
             raise _wrap(exc, "checking", f.final_path) from exc
         if st is not None:
-            if (stat.S_ISREG(st.st_mode) and st.st_size == fe.size
-                    and self._adoptable(f, st, rehash=f.wanted)):
+            if stat.S_ISREG(st.st_mode) and st.st_size == fe.size and self._adoptable(f, st, rehash=f.wanted):
                 self._mark_final(f)
                 _unlink_quiet(f.state_path)
                 return
@@ -1407,7 +1452,8 @@ class Download:
                     f"{f.final_path} exists ({st.st_size} bytes) but is not {fe.path} of "
                     f"{self.manifest.model}@{self.manifest.revision} as the manifest describes it "
                     f"({fe.size} bytes, blake3 {f.hex[:16]}...); it is left alone",
-                    path=f.final_path)
+                    path=f.final_path,
+                )
             return
         if not f.wanted:
             return
@@ -1453,8 +1499,9 @@ class Download:
         one re-hash, so it is not fsynced)."""
         try:
             st = os.stat(f.final_path)
-            self._store._atomic_write(self.manifest.model, self._marker(f),
-                                      self._identity(st).encode(), durable=False)
+            self._store._atomic_write(
+                self.manifest.model, self._marker(f), self._identity(st).encode(), durable=False
+            )
         except (OSError, StoreError) as exc:
             log.info("cannot record %s as verified: %s", f.final_path, exc)
 
@@ -1478,9 +1525,12 @@ class Download:
             vfs = os.statvfs(blobs)
         free = vfs.f_bavail * vfs.f_frsize
         if need > free:
-            raise DiskFull(f"disk full: {self.manifest.model}@{self.manifest.revision} needs "
-                           f"{need:,} more bytes, {free:,} free in {blobs} "
-                           f"({os.strerror(errno.ENOSPC)}); nothing was reserved", path=blobs)
+            raise DiskFull(
+                f"disk full: {self.manifest.model}@{self.manifest.revision} needs "
+                f"{need:,} more bytes, {free:,} free in {blobs} "
+                f"({os.strerror(errno.ENOSPC)}); nothing was reserved",
+                path=blobs,
+            )
 
     def _mark_final(self, f: _File) -> None:
         f.final = True
@@ -1634,9 +1684,15 @@ class Download:
                 self._have_cache = None
             self.recovered_pieces += len(good)
             self.recovered_bytes += sum(self.manifest.pieces[i].length for i in good)
-        log.log(logging.INFO if good or nread else logging.DEBUG,
-                "%s: recovered %d of %d unrecorded pieces from disk (%.1f MiB read, %.2f s)",
-                f.part_path, len(good), len(todo), nread / (1 << 20), time.monotonic() - t0)
+        log.log(
+            logging.INFO if good or nread else logging.DEBUG,
+            "%s: recovered %d of %d unrecorded pieces from disk (%.1f MiB read, %.2f s)",
+            f.part_path,
+            len(good),
+            len(todo),
+            nread / (1 << 20),
+            time.monotonic() - t0,
+        )
 
     @staticmethod
     def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
@@ -1800,8 +1856,10 @@ class Download:
         return self._closed
 
     def __repr__(self) -> str:
-        return (f"<Download {self.manifest.model}@{self.manifest.revision} "
-                f"{len(self.wanted_pieces & self.have)}/{len(self.wanted_pieces)} pieces>")
+        return (
+            f"<Download {self.manifest.model}@{self.manifest.revision} "
+            f"{len(self.wanted_pieces & self.have)}/{len(self.wanted_pieces)} pieces>"
+        )
 
     def _piece(self, index: int):
         if not isinstance(index, int) or not 0 <= index < self.manifest.num_pieces:
@@ -1840,8 +1898,9 @@ class Download:
                     # Whole pages with direct I/O, a file's last partial page through the cache
                     # (a config file of a few MB is mostly pages too).
                     head = piece.length - piece.length % DIRECT_ALIGN
-                    dfd = (self._direct_fd(f, create=True)
-                           if _direct_ok(mv[:head], piece.offset, head) else None)
+                    dfd = (
+                        self._direct_fd(f, create=True) if _direct_ok(mv[:head], piece.offset, head) else None
+                    )
                     if dfd is None:
                         _pwrite_all(fd, mv, piece.offset)
                     else:
@@ -1864,8 +1923,10 @@ class Download:
                     f.dirty = True
                     self._unflushed += piece.length
                     file_done = f.count == f.entry.num_pieces
-                    due = (self._unflushed >= FLUSH_BYTES
-                           or time.monotonic() - self._last_flush >= FLUSH_INTERVAL)
+                    due = (
+                        self._unflushed >= FLUSH_BYTES
+                        or time.monotonic() - self._last_flush >= FLUSH_INTERVAL
+                    )
                 if file_done:
                     self._complete_file(f)
                 elif due and self._flush_lock.acquire(blocking=False):
@@ -1974,8 +2035,9 @@ class Download:
                         "the manifest is inconsistent",
                         path=f.part_path,
                     )
-                log.warning("%s: %d pieces failed re-verification on disk; fetching them again",
-                            fe.path, len(bad))
+                log.warning(
+                    "%s: %d pieces failed re-verification on disk; fetching them again", fe.path, len(bad)
+                )
                 self._drop(f, bad)
                 self._write_state(f)
                 return
@@ -1996,9 +2058,11 @@ class Download:
                         self._close_fd_locked(f)
                     else:
                         f.close_when_idle = True
-                    raise StoreError(f"{f.part_path} was deleted while being completed; "
-                                     f"its {fe.num_pieces} pieces must be fetched again",
-                                     path=f.part_path) from None
+                    raise StoreError(
+                        f"{f.part_path} was deleted while being completed; "
+                        f"its {fe.num_pieces} pieces must be fetched again",
+                        path=f.part_path,
+                    ) from None
             except OSError as exc:
                 raise _wrap(exc, "publishing", f.final_path) from exc
             # The blobs directory is fsynced once, by finalize or close, not per file: a rename
@@ -2027,8 +2091,14 @@ class Download:
                 if i in self._have:
                     bits[k >> 3] |= 1 << (k & 7)
             f.dirty = False
-        header = {"blob": f.hex, "size": f.entry.size, "piece_size": f.entry.piece_size,
-                  "num_pieces": n, "dev": f.dev, "ino": f.ino}
+        header = {
+            "blob": f.hex,
+            "size": f.entry.size,
+            "piece_size": f.entry.piece_size,
+            "num_pieces": n,
+            "dev": f.dev,
+            "ino": f.ino,
+        }
         try:
             self._store._atomic_write(self.manifest.model, f.state_path, _encode_state(header, bits))
         except BaseException:
@@ -2067,8 +2137,9 @@ class Download:
         piece = self._piece(index)
         mv = _as_bytes_view(buf)
         if mv.nbytes < piece.length:
-            raise StoreError(f"buffer of {mv.nbytes} bytes too small for piece {index} "
-                             f"({piece.length} bytes)")
+            raise StoreError(
+                f"buffer of {mv.nbytes} bytes too small for piece {index} ({piece.length} bytes)"
+            )
         self._read(piece, mv[: piece.length])
         return piece.length
 
@@ -2089,8 +2160,11 @@ class Download:
                     got = len(data)
                 else:
                     # A file written with direct I/O is read the same way (not in the page cache).
-                    dfd = (self._direct_fd(f, create=False)
-                           if _direct_ok(mv, piece.offset, piece.length) else None)
+                    dfd = (
+                        self._direct_fd(f, create=False)
+                        if _direct_ok(mv, piece.offset, piece.length)
+                        else None
+                    )
                     try:
                         got = _pread_into(fd if dfd is None else dfd, mv, piece.offset)
                     except OSError as exc:
@@ -2101,11 +2175,11 @@ class Download:
                 raise StoreError(f"{path} is shorter than the manifest says", path=path)
             if unconfirmed:
                 if blake3.blake3(mv if data is None else data).digest() != piece.digest:
-                    log.warning("restored piece %d of %s failed verification; dropping it",
-                                index, f.entry.path)
+                    log.warning(
+                        "restored piece %d of %s failed verification; dropping it", index, f.entry.path
+                    )
                     self._drop(f, [index])
-                    raise PieceNotAvailable(index, f"piece {index} failed re-verification",
-                                            path=path)
+                    raise PieceNotAvailable(index, f"piece {index} failed re-verification", path=path)
                 with self._lock:
                     self._unconfirmed.discard(index)
             return data
@@ -2121,22 +2195,27 @@ class Download:
         with self._op():
             missing = self.missing
             if missing:
-                raise StoreError(f"cannot finalize {self.manifest.model}@{self.manifest.revision}: "
-                                 f"{len(missing)} pieces missing")
+                raise StoreError(
+                    f"cannot finalize {self.manifest.model}@{self.manifest.revision}: "
+                    f"{len(missing)} pieces missing"
+                )
             for f in self._files:
                 if f.wanted and not f.final:
                     self._complete_file(f)
             if self.missing:
-                raise StoreError(f"cannot finalize {self.manifest.model}: pieces failed "
-                                 "re-verification and must be fetched again")
+                raise StoreError(
+                    f"cannot finalize {self.manifest.model}: pieces failed "
+                    "re-verification and must be fetched again"
+                )
             self.flush()
             self._sync_blobs_dir()
             wanted = [f for f in self._files if f.wanted]
             store = self._store
             store.save_manifest(self.manifest)
             snap = store._link_snapshot(self.manifest, [(f.entry.path, f.hex) for f in wanted])
-            store._forget_no_exist(self.manifest.model, self.manifest.revision,
-                                   [f.entry.path for f in wanted])
+            store._forget_no_exist(
+                self.manifest.model, self.manifest.revision, [f.entry.path for f in wanted]
+            )
             if ref is not None:
                 store._write_ref(self.manifest.model, ref, self.manifest.revision)
             return snap
@@ -2218,8 +2297,7 @@ class SnapshotReader:
         self._fds: list[int | None] = [None] * len(manifest.files)
         self._ids: list[tuple[int, int] | None] = [None] * len(manifest.files)
         # Per file: (the file's version when checked, the pieces checked in that version).
-        self._checked: list[tuple[tuple[int, ...] | None, set[int]]] = [
-            (None, set()) for _ in manifest.files]
+        self._checked: list[tuple[tuple[int, ...] | None, set[int]]] = [(None, set()) for _ in manifest.files]
         self._closed = False
         have: set[int] = set()
         for i, fe in enumerate(manifest.files):
@@ -2254,8 +2332,11 @@ class SnapshotReader:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self._ids[fi]:
                 os.close(fd)
-                raise PieceNotAvailable(piece.index, f"{path} was replaced since it was found "
-                                        f"(another file at that path now)", path=path)
+                raise PieceNotAvailable(
+                    piece.index,
+                    f"{path} was replaced since it was found (another file at that path now)",
+                    path=path,
+                )
             self._fds[fi] = fd
             return fd
 
@@ -2334,11 +2415,9 @@ class SnapshotReader:
         finally:
             os.close(fd)
 
-    def _check(self, piece: Piece, data: bytes | memoryview, path: Path,
-               version: tuple[int, ...]) -> None:
+    def _check(self, piece: Piece, data: bytes | memoryview, path: Path, version: tuple[int, ...]) -> None:
         if len(data) != piece.length:
-            raise PieceNotAvailable(piece.index, f"{path} is shorter than the manifest says",
-                                    path=path)
+            raise PieceNotAvailable(piece.index, f"{path} is shorter than the manifest says", path=path)
         if self._is_checked(piece, version):
             return
         if blake3.blake3(data).digest() != piece.digest:

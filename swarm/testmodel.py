@@ -57,14 +57,10 @@ def weight_file_names(n_weight_files: int) -> list[str]:
         raise ValueError("n_weight_files must be >= 1")
     if n_weight_files == 1:
         return ["model.safetensors"]
-    return [
-        f"model-{k:05d}-of-{n_weight_files:05d}.safetensors" for k in range(1, n_weight_files + 1)
-    ]
+    return [f"model-{k:05d}-of-{n_weight_files:05d}.safetensors" for k in range(1, n_weight_files + 1)]
 
 
-def carried_files(
-    n_weight_files: int = 2, extra_files: dict[str, bytes] | None = None
-) -> list[str]:
+def carried_files(n_weight_files: int = 2, extra_files: dict[str, bytes] | None = None) -> list[str]:
     """Paths a manifest of make_model_dir(...) holds, sorted by their UTF-8 bytes."""
     names = {*CARRIED_CONFIGS, *weight_file_names(n_weight_files)}
     if n_weight_files == 1:
@@ -262,9 +258,7 @@ def make_model_dir(
     config = _llama_config(rng)
 
     def write_json(name: str, obj: object, indent: int | None = 2) -> None:
-        (root / name).write_text(
-            json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        (root / name).write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
     write_json("config.json", config)
     write_json(
@@ -300,9 +294,7 @@ def make_model_dir(
     names = weight_file_names(n_weight_files)
     weight_map: dict[str, str] = {}
     layer = 0
-    for k, (name, nbytes) in enumerate(
-        zip(names, _split(weights_bytes, n_weight_files), strict=True)
-    ):
+    for k, (name, nbytes) in enumerate(zip(names, _split(weights_bytes, n_weight_files), strict=True)):
         tensors = []
         for part in _split(nbytes, 4 if nbytes >= 4 else 1):
             proj = ("q_proj", "k_proj", "v_proj", "o_proj")[len(tensors) % 4]

@@ -107,16 +107,31 @@ def sign_release(keypair: Any, manifest_hash: bytes, seq: int, expires: int) -> 
         raise ValueError("seq and expires must fit in 64 bits")
     pub = keypair.public_key.serialize()
     sig = keypair.private_key.sign(signing_payload(manifest_hash, seq, expires))
-    return (_HEAD.pack(RECORD_VERSION, seq, expires) + struct.pack(">H", len(pub)) + pub
-            + struct.pack(">H", len(sig)) + sig)
+    return (
+        _HEAD.pack(RECORD_VERSION, seq, expires)
+        + struct.pack(">H", len(pub))
+        + pub
+        + struct.pack(">H", len(sig))
+        + sig
+    )
 
 
-def sign_manifest(keypair: Any, manifest_hash: bytes, *, seq: int | None = None,
-                  expires: int | None = None, now: float | None = None) -> bytes:
+def sign_manifest(
+    keypair: Any,
+    manifest_hash: bytes,
+    *,
+    seq: int | None = None,
+    expires: int | None = None,
+    now: float | None = None,
+) -> bytes:
     """A fresh release record of ``manifest_hash`` (seq from the clock, RELEASE_LIFETIME)."""
     now = time.time() if now is None else now
-    return sign_release(keypair, manifest_hash, next_seq(0, now) if seq is None else seq,
-                        int(now) + RELEASE_LIFETIME if expires is None else expires)
+    return sign_release(
+        keypair,
+        manifest_hash,
+        next_seq(0, now) if seq is None else seq,
+        int(now) + RELEASE_LIFETIME if expires is None else expires,
+    )
 
 
 def verify_release(blob: bytes, manifest_hash: bytes) -> Release:
@@ -130,9 +145,9 @@ def verify_release(blob: bytes, manifest_hash: bytes) -> Release:
         _v, seq, expires = _HEAD.unpack_from(blob, 0)
         at = _HEAD.size
         (klen,) = struct.unpack_from(">H", blob, at)
-        pub = blob[at + 2: at + 2 + klen]
+        pub = blob[at + 2 : at + 2 + klen]
         (slen,) = struct.unpack_from(">H", blob, at + 2 + klen)
-        sig = blob[at + 4 + klen: at + 4 + klen + slen]
+        sig = blob[at + 4 + klen : at + 4 + klen + slen]
     except struct.error as e:
         raise TrustError("truncated release record") from e
     if len(pub) != klen or len(sig) != slen or at + 4 + klen + slen != len(blob):
@@ -140,8 +155,7 @@ def verify_release(blob: bytes, manifest_hash: bytes) -> Release:
     if len(pub) != 36 or not pub.startswith(_ED25519_KEY_PREFIX) or slen != _ED25519_SIG_LEN:
         raise TrustError("only Ed25519 publisher keys are supported")
     try:
-        Ed25519PublicKey.from_public_bytes(pub[4:]).verify(
-            sig, signing_payload(manifest_hash, seq, expires))
+        Ed25519PublicKey.from_public_bytes(pub[4:]).verify(sig, signing_payload(manifest_hash, seq, expires))
     except InvalidSignature as e:
         raise TrustError("signature does not match the manifest") from e
     return Release(peer_id_from_public_key(pub), bytes(manifest_hash), seq, expires, bytes(blob))
@@ -163,8 +177,9 @@ class TrustPolicy:
         if self.mode == "trusted-publishers" and not self.publishers:
             raise ValueError("trust policy 'trusted-publishers' needs at least one publisher id")
 
-    def check(self, manifest_hash: bytes, signature: bytes, now: float | None = None, *,
-              fresh: bool = True) -> Release | None:
+    def check(
+        self, manifest_hash: bytes, signature: bytes, now: float | None = None, *, fresh: bool = True
+    ) -> Release | None:
         """The verified release (None if unsigned or invalid and the policy is open); TrustError
         if refused. Under ``open`` a record only breaks ties, so its expiry does not matter;
         ``fresh=False`` (a fetch pinned to the hash) does not ask for an unexpired one either."""
@@ -178,8 +193,10 @@ class TrustPolicy:
             raise TrustError(f"publisher {release.publisher} is not trusted")
         now = time.time() if now is None else now
         if fresh and release.expired(now):
-            raise TrustError(f"release {release.seq} of publisher {release.publisher[:16]} "
-                             f"expired {now - release.expires:.0f} s ago")
+            raise TrustError(
+                f"release {release.seq} of publisher {release.publisher[:16]} "
+                f"expired {now - release.expires:.0f} s ago"
+            )
         return release
 
 
@@ -187,5 +204,7 @@ def refuse_stale(release: Release, floor: int) -> None:
     """TrustError if ``release`` is older than ``floor``, the highest seq the node has seen from
     its publisher for the model (a relayed old release: a rollback)."""
     if release.seq < floor:
-        raise TrustError(f"release {release.seq} of publisher {release.publisher[:16]} is older "
-                         f"than release {floor} seen before (rollback refused)")
+        raise TrustError(
+            f"release {release.seq} of publisher {release.publisher[:16]} is older "
+            f"than release {floor} seen before (rollback refused)"
+        )

@@ -175,12 +175,29 @@ class ManifestEnd:
 
 
 Message = (
-    Hello | Bitfield | Have | Interested | NotInterested | Choke | Unchoke | Request | Cancel
-    | PieceData | Reject | Error | ManifestRequest | ManifestReply | ManifestEnd
+    Hello
+    | Bitfield
+    | Have
+    | Interested
+    | NotInterested
+    | Choke
+    | Unchoke
+    | Request
+    | Cancel
+    | PieceData
+    | Reject
+    | Error
+    | ManifestRequest
+    | ManifestReply
+    | ManifestEnd
 )
 
-_EMPTY = {Interested.TYPE: Interested(), NotInterested.TYPE: NotInterested(),
-          Choke.TYPE: Choke(), Unchoke.TYPE: Unchoke()}
+_EMPTY = {
+    Interested.TYPE: Interested(),
+    NotInterested.TYPE: NotInterested(),
+    Choke.TYPE: Choke(),
+    Unchoke.TYPE: Unchoke(),
+}
 _INDEXED = {Have.TYPE: Have, Request.TYPE: Request, Cancel.TYPE: Cancel, Reject.TYPE: Reject}
 
 
@@ -225,14 +242,23 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, ManifestRequest):
         if msg.manifest_hash and len(msg.manifest_hash) != _HASH_LEN:
             raise ValueError("ManifestRequest.manifest_hash must be empty or 32 bytes")
-        return _frame(t, _str(msg.model, MAX_NAME_BYTES, "ManifestRequest.model")
-                      + _str(msg.revision, MAX_NAME_BYTES, "ManifestRequest.revision")
-                      + bytes([len(msg.manifest_hash)]) + msg.manifest_hash)
+        return _frame(
+            t,
+            _str(msg.model, MAX_NAME_BYTES, "ManifestRequest.model")
+            + _str(msg.revision, MAX_NAME_BYTES, "ManifestRequest.revision")
+            + bytes([len(msg.manifest_hash)])
+            + msg.manifest_hash,
+        )
     if isinstance(msg, ManifestReply):
         if len(msg.signature) > MAX_SIGNATURE_BYTES:
             raise ValueError("ManifestReply.signature too long")
-        return _frame(t, _U32.pack(len(msg.manifest)) + msg.manifest
-                      + struct.pack(">H", len(msg.signature)) + msg.signature)
+        return _frame(
+            t,
+            _U32.pack(len(msg.manifest))
+            + msg.manifest
+            + struct.pack(">H", len(msg.signature))
+            + msg.signature,
+        )
     if isinstance(msg, ManifestEnd):
         return _frame(t, struct.pack(">H", msg.count))
     raise ValueError(f"not a wire message: {msg!r}")
@@ -401,8 +427,9 @@ class FrameDecoder:
         if self._allowed is not None and type_ not in self._allowed:
             raise ProtocolError(f"message type {type_} not allowed on this protocol")
         if length > frame_limit(type_):
-            raise ProtocolError(f"frame of {length} bytes exceeds limit {frame_limit(type_)} "
-                                f"for type {type_}")
+            raise ProtocolError(
+                f"frame of {length} bytes exceeds limit {frame_limit(type_)} for type {type_}"
+            )
         if type_ == PieceData.TYPE:
             if not self._pieces_ok:
                 raise ProtocolError("PieceData before Hello")
@@ -428,11 +455,23 @@ class FrameDecoder:
         return msg
 
 
-PIECES_TYPES = frozenset({Hello.TYPE, Bitfield.TYPE, Have.TYPE, Interested.TYPE,
-                          NotInterested.TYPE, Choke.TYPE, Unchoke.TYPE, Request.TYPE,
-                          Cancel.TYPE, PieceData.TYPE, Reject.TYPE, Error.TYPE})
-MANIFEST_TYPES = frozenset({ManifestRequest.TYPE, ManifestReply.TYPE, ManifestEnd.TYPE,
-                            Error.TYPE})
+PIECES_TYPES = frozenset(
+    {
+        Hello.TYPE,
+        Bitfield.TYPE,
+        Have.TYPE,
+        Interested.TYPE,
+        NotInterested.TYPE,
+        Choke.TYPE,
+        Unchoke.TYPE,
+        Request.TYPE,
+        Cancel.TYPE,
+        PieceData.TYPE,
+        Reject.TYPE,
+        Error.TYPE,
+    }
+)
+MANIFEST_TYPES = frozenset({ManifestRequest.TYPE, ManifestReply.TYPE, ManifestEnd.TYPE, Error.TYPE})
 
 
 # --------------------------------------------------------------------------- bitfields

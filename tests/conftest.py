@@ -24,9 +24,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Shared: do not modify it; copy it (shutil.copytree) if a test needs to.
     """
-    return make_model_dir(
-        tmp_path_factory.mktemp("model"), weights_bytes=8 << 20, n_weight_files=2, seed=0
-    )
+    return make_model_dir(tmp_path_factory.mktemp("model"), weights_bytes=8 << 20, n_weight_files=2, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,9 @@ async def main(model_path: str, name: str, endpoint: str) -> None:
     async def generate(request, context=None):
         yield {"token_ids": [], "finish_reason": "stop"}
 
-    await register_model(ModelInput.Tokens, ModelType.Chat, ep, model_path, name,
-                         worker_type=WorkerType.Aggregated)
+    await register_model(
+        ModelInput.Tokens, ModelType.Chat, ep, model_path, name, worker_type=WorkerType.Aggregated
+    )
     serving = asyncio.ensure_future(ep.serve_endpoint(generate))
     print("REGISTERED", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)

@@ -82,8 +82,9 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
         self._server: grpc.Server | None = None
         self.port = 0
 
-    def add_model(self, name: str, root: str | os.PathLike, commit: str,
-                  refs: tuple[str, ...] = ("main",)) -> None:
+    def add_model(
+        self, name: str, root: str | os.PathLike, commit: str, refs: tuple[str, ...] = ("main",)
+    ) -> None:
         """Hold ``root`` as commit ``commit`` of ``name``, with ``refs`` (branches, tags) pointing at it."""
         repo = self.models.setdefault(name, _Repo())
         repo.snapshots[commit] = Path(root)
@@ -141,13 +142,16 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
         name = request.model_name
         repo = self.models.get(name)
         if repo is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"Model not found: Model snapshots for '{name}' not found in cache")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Model not found: Model snapshots for '{name}' not found in cache"
+            )
         revision = self._revision(request)
         commit = self._commit(repo, revision)
         if commit is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Model not found: Revision '{revision}' of model "
-                                                     f"'{name}' is not present in the cache")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"Model not found: Revision '{revision}' of model '{name}' is not present in the cache",
+            )
         return commit, repo.snapshots[commit]
 
     def _select(self, request, context, root: Path, *, selector: bool = True) -> list[tuple[str, int]]:
@@ -159,8 +163,9 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
             have = {p for p, _ in files}
             for p in wanted:
                 if p not in have:
-                    context.abort(grpc.StatusCode.NOT_FOUND,
-                                  f"Selected file not found in model directory: {p}")
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"Selected file not found in model directory: {p}"
+                    )
             files = [(p, s) for p, s in files if p in set(wanted)]
         return files
 
@@ -173,10 +178,12 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
         revision = self._revision(request)
         commit = None if repo is None else self._commit(repo, revision)
         if commit is None:
-            what = f"revision {revision!r} not found" if repo is not None and revision else \
-                f"HTTP status client error (404 Not Found) for url (https://huggingface.co/api/models/{name})"
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"Failed to resolve revision for model '{name}': {what}")
+            what = (
+                f"revision {revision!r} not found"
+                if repo is not None and revision
+                else f"HTTP status client error (404 Not Found) for url (https://huggingface.co/api/models/{name})"
+            )
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Failed to resolve revision for model '{name}': {what}")
 
         def update(status, message):
             kw = {} if self.pre_revisions else {"resolved_revision": commit}
@@ -230,8 +237,14 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
             if size == 0 and self.pre_revisions:
                 continue  # the server's read loop before 2026 sent nothing for an empty file
             if size == 0:  # one chunk with no data, as the server sends for an empty file
-                yield chunk(relative_path=rel, data=b"", offset=0, total_size=0, is_last_chunk=True,
-                            is_last_file=last_file)
+                yield chunk(
+                    relative_path=rel,
+                    data=b"",
+                    offset=0,
+                    total_size=0,
+                    is_last_chunk=True,
+                    is_last_file=last_file,
+                )
                 continue
             offset = 0
             with open(root / rel, "rb") as fh:

@@ -90,8 +90,14 @@ def _describe(root: Path, rel: str) -> HubFile:
 class FakeHub:
     """A fake Hub on 127.0.0.1.  Use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, token: str | None = None, delay: float = 0.0,
-                 rate: float | None = None, hang_after: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        delay: float = 0.0,
+        rate: float | None = None,
+        hang_after: int | None = None,
+    ) -> None:
         self.repos: dict[str, _Repo] = {}
         self.token = token  # when set, requests must carry "Authorization: Bearer <token>"
         self.delay = delay  # seconds to sleep before answering each request
@@ -212,8 +218,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
@@ -226,8 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, obj: object, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
-    def _error(self, status: int, code: str | None, message: str,
-               headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         h = dict(headers or {})
         if code is not None:
             h["X-Error-Code"] = code
@@ -244,13 +256,14 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.fake
         split = urlsplit(self.path)
         path = split.path
-        hub._record(HubRequest(self.command, path, self.headers.get("Authorization"),
-                               self.headers.get("Range")))
+        hub._record(
+            HubRequest(self.command, path, self.headers.get("Authorization"), self.headers.get("Range"))
+        )
         if hub.delay:
             time.sleep(hub.delay)
         try:
             if path.startswith("/api/models/"):
-                self._api(unquote(path[len("/api/models/"):]), parse_qs(split.query))
+                self._api(unquote(path[len("/api/models/") :]), parse_qs(split.query))
             elif "/resolve/" in path:
                 self._resolve(path)
             else:
@@ -325,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p, f in repo.files.items():
             if base and not p.startswith(base + "/"):
                 continue
-            rel = p[len(base) + 1:] if base else p
+            rel = p[len(base) + 1 :] if base else p
             if not recursive and "/" in rel:
                 dirs.add((base + "/" if base else "") + rel.split("/", 1)[0])
                 continue
@@ -354,8 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         f = repo.files.get(filename)
         if f is None:
-            self._error(404, "EntryNotFound", f"{filename} does not exist on \"{rev}\"",
-                        {"X-Repo-Commit": repo.commit})
+            self._error(
+                404, "EntryNotFound", f'{filename} does not exist on "{rev}"', {"X-Repo-Commit": repo.commit}
+            )
             return
         headers = {
             "ETag": f'"{f.etag}"',
@@ -369,7 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
         status = 200
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
-            first, _, last = rng[len("bytes="):].partition("-")
+            first, _, last = rng[len("bytes=") :].partition("-")
             start = int(first or 0)
             end = min(int(last) + 1, f.size) if last else f.size
             if start >= f.size:
@@ -398,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if 0 <= flip - sent < len(chunk):
                     i = flip - sent
-                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
+                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
                 hub._throttle(len(chunk))
                 self.wfile.write(chunk)
                 left -= len(chunk)

@@ -24,11 +24,16 @@ NODE_READY_TIMEOUT = 30.0
 def base_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SWARM_", "HF_", "HUGGING"))}
     env.pop("MODEL_EXPRESS_URL", None)
-    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HOME=str(tmp / "hf-home"), HF_HUB_CACHE=str(tmp / "hf-default-cache"),
-               PYTHONUNBUFFERED="1",
-               # Stopping a node mid-transfer waits this long for promised pieces (default 10 s).
-               SWARM_DRAIN_TIMEOUT="2")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(tmp / "hf-home"),
+        HF_HUB_CACHE=str(tmp / "hf-default-cache"),
+        PYTHONUNBUFFERED="1",
+        # Stopping a node mid-transfer waits this long for promised pieces (default 10 s).
+        SWARM_DRAIN_TIMEOUT="2",
+    )
     return env
 
 
@@ -42,15 +47,28 @@ class NodeProc:
         self.log = tmp / name / "node.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.env = env or base_env(tmp)
-        self.cmd = [PY, "-m", "swarm.cli", "run", "--home", str(self.home), "--cache-dir",
-                    str(self.cache), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache", *extra]
+        self.cmd = [
+            PY,
+            "-m",
+            "swarm.cli",
+            "run",
+            "--home",
+            str(self.home),
+            "--cache-dir",
+            str(self.cache),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-serve-hf-cache",
+            *extra,
+        ]
         self.popen: subprocess.Popen | None = None
         self.status: dict = {}
 
     def start(self) -> NodeProc:
         with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=out, env=self.env)
+            self.popen = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env
+            )
         return self
 
     def wait_ready(self, timeout: float = NODE_READY_TIMEOUT) -> dict:
@@ -58,14 +76,18 @@ class NodeProc:
         end = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n"
-                                     f"{self.log.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"{self.name} exited with {self.popen.returncode}:\n"
+                    f"{self.log.read_text(errors='replace')[-3000:]}"
+                )
             with contextlib.suppress(client.NodeUnavailable):
                 self.status = client.status(self.home)
                 return self.status
             if time.monotonic() > end:
-                raise AssertionError(f"{self.name} not ready after {timeout} s:\n"
-                                     f"{self.log.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"{self.name} not ready after {timeout} s:\n"
+                    f"{self.log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.05)
 
     @property
@@ -87,8 +109,14 @@ class NodeProc:
 
 
 def swarm_node(*args: str, env: dict, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "swarm.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [PY, "-m", "swarm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def same_files(src: Path, snap: Path, names) -> None:

@@ -30,8 +30,9 @@ def make_dir(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-def fetch_into(store: Store, src: Path, model: str, rev: str, *, ref: str | None = "main",
-               age: float | None = OLD) -> Manifest:
+def fetch_into(
+    store: Store, src: Path, model: str, rev: str, *, ref: str | None = "main", age: float | None = OLD
+) -> Manifest:
     """What a swarm fetch leaves: a finalized download (pieces read from ``src``); the snapshot's
     last access set to ``age`` (None: now)."""
     m = build_manifest(src, model, rev)
@@ -169,8 +170,9 @@ def three_models(tmp_path: Path):
     out = {}
     for k, name in enumerate(("x", "y", "z")):
         src = make_dir(tmp_path / name, {"w.bin": random.Random(k).randbytes((k + 1) * MiB)})
-        out[name] = fetch_into(store, src, f"org/{name}", "%040x" % (k + 1),
-                               age=time.time() - (30 - 10 * k) * 86400)
+        out[name] = fetch_into(
+            store, src, f"org/{name}", "%040x" % (k + 1), age=time.time() - (30 - 10 * k) * 86400
+        )
     return store, out
 
 
@@ -201,8 +203,10 @@ def test_evict_never_takes_served_in_use_or_hub_snapshots(three_models, tmp_path
 
     assert [r.model for r in done] == ["org/z"]  # x served, y in use, the Hub's left alone
     assert store.revisions("org/hub") == ["9" * 40]
-    rows = {(r["model"]): r for r in cache_admin.report(
-        store, served=frozenset({("org/x", ms["x"].revision)}))["snapshots"]}
+    rows = {
+        (r["model"]): r
+        for r in cache_admin.report(store, served=frozenset({("org/x", ms["x"].revision)}))["snapshots"]
+    }
     assert rows["org/x"]["served"] and not rows["org/x"]["evictable"]
     assert rows["org/y"]["in_use"] and not rows["org/y"]["evictable"]
     assert not rows["org/hub"]["fetched"] and not rows["org/hub"]["evictable"]
@@ -279,8 +283,7 @@ def test_max_cache_size_option(tmp_path) -> None:
         resolve_run(env={"SWARM_MAX_CACHE_SIZE": "lots"})
 
 
-def test_unlinked_blobs_of_an_abandoned_download_collected_linked_ones_never(two_revisions,
-                                                                           tmp_path) -> None:
+def test_unlinked_blobs_of_an_abandoned_download_collected_linked_ones_never(two_revisions, tmp_path) -> None:
     store, a, b = two_revisions
     rng = random.Random(11)
     src = make_dir(tmp_path / "d", {"done.bin": rng.randbytes(MiB), "rest.bin": rng.randbytes(MiB)})
@@ -322,8 +325,12 @@ def test_a_crash_during_removal_leaves_no_dangling_link(two_revisions) -> None:
 
     store, a, b = two_revisions
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-c", CRASH_IN_REMOVAL, str(store.cache_dir), a.revision],
-                       env=env, capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_REMOVAL, str(store.cache_dir), a.revision],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     only_a = blob(store, a, "w.safetensors")
     assert only_a.exists()  # the crash came before the blob went ...

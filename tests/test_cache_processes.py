@@ -40,8 +40,7 @@ def _metric(home: Path, name: str) -> float:
 def _events(log: Path, kind: str) -> list[dict]:
     # Whole lines only: the node may be writing the last one while we read.
     lines = log.read_text(errors="replace").split("\n")[:-1]
-    return [e for e in (json.loads(line) for line in lines if line.startswith("{"))
-            if e.get("event") == kind]
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == kind]
 
 
 def _abandoned_partial(cache: Path, src: Path) -> Path:
@@ -68,16 +67,19 @@ def _wait_gone(path: Path, timeout: float = 30.0) -> None:
 
 @pytest.mark.timeout(180)
 def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
-    srcs = {m: make_model_dir(tmp_path / m.split("/")[1], n_weight_files=2, seed=k,
-                              weights_bytes=(16 if m == C else 6) * MiB)  # C: multi-piece files
-            for k, m in enumerate((A, B, C))}
+    srcs = {
+        m: make_model_dir(
+            tmp_path / m.split("/")[1], n_weight_files=2, seed=k, weights_bytes=(16 if m == C else 6) * MiB
+        )  # C: multi-piece files
+        for k, m in enumerate((A, B, C))
+    }
     sizes = {m: sum((srcs[m] / f).stat().st_size for f in carried_files(2)) for m in (A, B)}
     size = sizes[A]
     env = base_env(tmp_path)
-    worker = NodeProc(tmp_path, "worker", "--serve", f"{A}={srcs[A]}", "--serve",
-                      f"{B}={srcs[B]}", env=env)
-    front = NodeProc(tmp_path, "front", "--log-format", "json",
-                     "--max-cache-size", str(int(size * 1.5)), env=env)
+    worker = NodeProc(tmp_path, "worker", "--serve", f"{A}={srcs[A]}", "--serve", f"{B}={srcs[B]}", env=env)
+    front = NodeProc(
+        tmp_path, "front", "--log-format", "json", "--max-cache-size", str(int(size * 1.5)), env=env
+    )
     part = _abandoned_partial(front.cache, srcs[C])
     try:
         worker.start().wait_ready()
@@ -125,8 +127,7 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
         assert r.returncode == 1 and "in use" in r.stderr and path_b.exists()
         r = swarm_node("rm", B, "--force", "--json", "--home", str(front.home), env=env)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["removed"] == [{"model": B, "revision": path_b.name,
-                                                    "bytes": sizes[B]}]
+        assert json.loads(r.stdout)["removed"] == [{"model": B, "revision": path_b.name, "bytes": sizes[B]}]
         assert not path_b.exists() and client.status(front.home)["models"] == []
         assert _events(front.log, "rm")[0]["model"] == B
         r = swarm_node("rm", B, "--home", str(front.home), env=env)
@@ -135,8 +136,13 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
         # The control route checks what it is given before touching the cache.
         transport = httpx.HTTPTransport(uds=str(socket_path(front.home)))
         with httpx.Client(transport=transport, timeout=10) as c:
-            for body in ({"target": "../../etc"}, {"target": f"{A}@../../x"},
-                         {"target": A, "force": "yes"}, {"target": A, "path": "/"}, []):
+            for body in (
+                {"target": "../../etc"},
+                {"target": f"{A}@../../x"},
+                {"target": A, "force": "yes"},
+                {"target": A, "path": "/"},
+                [],
+            ):
                 r = c.post("http://swarm-node/v1/rm", json=body)
                 assert r.status_code == 400 and r.json()["error"], body
             assert c.get("http://swarm-node/v1/rm").status_code == 405
@@ -155,8 +161,9 @@ def test_eviction_rm_models_peers_on_real_nodes(tmp_path):
 @pytest.mark.timeout(60)
 def test_models_and_rm_without_a_node(tmp_path):
     env = base_env(tmp_path)
-    src = make_model_dir(tmp_path / "src", weights_bytes=2 * MiB, n_weight_files=1,
-                         seed=random.Random(1).randrange(100))
+    src = make_model_dir(
+        tmp_path / "src", weights_bytes=2 * MiB, n_weight_files=1, seed=random.Random(1).randrange(100)
+    )
     store = Store(tmp_path / "cache")
     m = build_manifest(src, A, "a" * 40)
     with SnapshotReader(src, m) as reader, store.open_download(m) as dl:

@@ -67,8 +67,9 @@ def test_status_json_of_a_worker(swarm2, tmp, private_dir):
     st = json.loads(r.stdout)
     pid = st["peer_id"]
     assert pid.startswith("12D3KooW")
-    assert st["addrs"] and all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{pid}")
-                               for a in st["addrs"])
+    assert st["addrs"] and all(
+        a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{pid}") for a in st["addrs"]
+    )
     [m] = [m for m in st["models"] if m["model"] == PRIVATE]
     assert m["complete"] and m["path"] == str(private_dir)
     assert {"peers", "bytes_up", "bytes_down"} <= set(st)
@@ -110,8 +111,9 @@ def test_private_model_fetched_through_the_swarm_only(swarm2, tmp, private_dir):
     assert sorted(p.name for p in path.iterdir()) == sorted(carried_files(2))
     same_files(private_dir, path, carried_files(2))
     # --json says where it came from; the Hub was never asked (offline).
-    r = swarm_node("fetch", PRIVATE, "--home", str(front.home), "--json",
-                   "--cache-dir", str(front.cache), env=env)
+    r = swarm_node(
+        "fetch", PRIVATE, "--home", str(front.home), "--json", "--cache-dir", str(front.cache), env=env
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["path"] == str(path)
@@ -131,16 +133,24 @@ def test_configs_only_then_the_rest(swarm2, tmp, private_dir):
     try:
         front2.wait_ready()
         env = base_env(tmp)
-        r = swarm_node("fetch", PRIVATE, "--configs-only", "--json", "--home", str(front2.home),
-                       env=env)
+        r = swarm_node("fetch", PRIVATE, "--configs-only", "--json", "--home", str(front2.home), env=env)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["source"] == "swarm"
         path = Path(out["path"])
         names = sorted(p.name for p in path.iterdir())
         assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
-        r = swarm_node("fetch", PRIVATE, "--include", "*.safetensors", "--home", str(front2.home),
-                       "--timeout", "30", env=env)
+        r = swarm_node(
+            "fetch",
+            PRIVATE,
+            "--include",
+            "*.safetensors",
+            "--home",
+            str(front2.home),
+            "--timeout",
+            "30",
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert Path(r.stdout.strip().splitlines()[-1]) == path
         same_files(private_dir, path, carried_files(2))
@@ -151,8 +161,16 @@ def test_configs_only_then_the_rest(swarm2, tmp, private_dir):
 @pytest.mark.timeout(60)
 def test_second_node_on_one_home_is_refused(swarm2, tmp):
     worker, _front = swarm2
-    r = swarm_node("run", "--home", str(worker.home), "--listen", "/ip4/127.0.0.1/tcp/0",
-                   "--no-serve-hf-cache", env=base_env(tmp), timeout=30)
+    r = swarm_node(
+        "run",
+        "--home",
+        str(worker.home),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-serve-hf-cache",
+        env=base_env(tmp),
+        timeout=30,
+    )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: another swarm-node is running")
     assert client.status(worker.home)["peer_id"] == worker.status["peer_id"]  # still fine
@@ -163,8 +181,7 @@ def test_offline_with_no_peers_is_a_clear_error(tmp):
     # No node runs on this home: fetch runs an embedded node, which has no peers; the Hub is off.
     env = base_env(tmp)
     home = tmp / "lonely" / "home"
-    r = swarm_node("fetch", "acme/nowhere", "--home", str(home), "--cache-dir", str(tmp / "lonely"),
-                   env=env)
+    r = swarm_node("fetch", "acme/nowhere", "--home", str(home), "--cache-dir", str(tmp / "lonely"), env=env)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -237,23 +254,27 @@ def test_config_precedence_cli_env_toml_default(tmp_path):
         'listen = ["/ip4/0.0.0.0/tcp/4001"]\n'
         'bootstrap = ["/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWabc"]\n'
         'cache_dir = "/data/hub"\n'
-        'serve_hf_cache = false\n'
-        '[serve]\n"acme/m" = "m"\n')
+        "serve_hf_cache = false\n"
+        '[serve]\n"acme/m" = "m"\n'
+    )
     s = resolve_run(config=cfg, env={})
     assert s.home == tmp_path / "h-from-toml"  # relative to the file
     assert s.listen == ("/ip4/0.0.0.0/tcp/4001",)
     assert s.bootstrap == ("/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWabc",)
     assert s.cache_dir == Path("/data/hub") and s.serve_hf_cache is False
     assert s.serve == (("acme/m", served),)
-    env = {"SWARM_CONFIG": str(cfg), "SWARM_HOME": "/env/home",
-           "SWARM_LISTEN": "/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2",
-           "SWARM_NO_SERVE_HF_CACHE": "0", "SWARM_CACHE_DIR": "/env/hub"}
+    env = {
+        "SWARM_CONFIG": str(cfg),
+        "SWARM_HOME": "/env/home",
+        "SWARM_LISTEN": "/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2",
+        "SWARM_NO_SERVE_HF_CACHE": "0",
+        "SWARM_CACHE_DIR": "/env/hub",
+    }
     s = resolve_run(env=env)
     assert s.home == Path("/env/home") and s.cache_dir == Path("/env/hub")
     assert s.listen == ("/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2")
     assert s.serve_hf_cache is True
-    s = resolve_run(home="/cli/home", listen=["/ip4/127.0.0.1/tcp/3"], no_serve_hf_cache=True,
-                    env=env)
+    s = resolve_run(home="/cli/home", listen=["/ip4/127.0.0.1/tcp/3"], no_serve_hf_cache=True, env=env)
     assert s.home == Path("/cli/home") and s.listen == ("/ip4/127.0.0.1/tcp/3",)
     assert s.serve_hf_cache is False
     assert resolve_home(env=env) == Path("/env/home")
@@ -315,8 +336,11 @@ def test_lane_and_direct_io_precedence_cli_env_toml_default(tmp_path):
 
 
 def test_lane_bad_values_name_the_option(tmp_path, monkeypatch, capsys):
-    with pytest.raises(ConfigError, match=r"^--lane: lane mode must be one of encrypted, "
-                                          r"plaintext, off, not 'fast'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--lane: lane mode must be one of encrypted, "
+        r"plaintext, off, not 'fast'$",
+    ):
         resolve_run(lane="fast", env={})
     with pytest.raises(ConfigError, match=r"^SWARM_LANE: .*not 'tls'"):
         resolve_run(env={"SWARM_LANE": "tls"})
@@ -353,8 +377,18 @@ def test_run_cli_path_gives_the_node_its_lane_mode(tmp_path):
 
     def node_for(*extra: str) -> Node:
         args = build_parser().parse_args(
-            ["run", "--home", str(tmp_path / "home"), "--cache-dir", str(tmp_path / "cache"),
-             "--listen", "/ip4/127.0.0.1/tcp/0", "--no-serve-hf-cache", *extra])
+            [
+                "run",
+                "--home",
+                str(tmp_path / "home"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-serve-hf-cache",
+                *extra,
+            ]
+        )
         return Node(run_settings(args).node_config())
 
     node = node_for("--lane", "off")
@@ -377,8 +411,9 @@ def test_configuration_reference_is_generated_from_the_option_table():
     from swarm.config import OPTIONS, reference_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == reference_markdown(), \
+    assert doc.read_text() == reference_markdown(), (
         "docs/configuration.md is stale: run scripts/gen_config_reference.py"
+    )
     for o in OPTIONS:  # every option reaches argparse, the variables and the file
         assert f"`{o.key}`" in doc.read_text() and o.env in doc.read_text()
 
@@ -394,20 +429,44 @@ def test_every_option_resolves_from_cli_env_and_file(tmp_path):
     keyfile.write_text("ab" * 32)
     pub = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
     cfg = tmp_path / "c.toml"
-    cfg.write_text('log_format = "json"\nmetrics_listen = "127.0.0.1:9400"\n'
-                   'serve_hf_cache = false\ndirect_io = false\n')
+    cfg.write_text(
+        'log_format = "json"\nmetrics_listen = "127.0.0.1:9400"\nserve_hf_cache = false\ndirect_io = false\n'
+    )
     s = resolve_run(config=cfg, env={})
-    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
-        ("json", "127.0.0.1:9400", False, False)
-    env = {"SWARM_CONFIG": str(cfg), "SWARM_LOG_FORMAT": "text", "SWARM_METRICS_LISTEN": "[::1]:80",
-           "SWARM_SERVE_HF_CACHE": "yes", "SWARM_DIRECT_IO": "1"}
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == (
+        "json",
+        "127.0.0.1:9400",
+        False,
+        False,
+    )
+    env = {
+        "SWARM_CONFIG": str(cfg),
+        "SWARM_LOG_FORMAT": "text",
+        "SWARM_METRICS_LISTEN": "[::1]:80",
+        "SWARM_SERVE_HF_CACHE": "yes",
+        "SWARM_DIRECT_IO": "1",
+    }
     s = resolve_run(env=env)
-    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
-        ("text", "[::1]:80", True, True)
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == ("text", "[::1]:80", True, True)
     args = build_parser().parse_args(
-        ["run", "--log-format", "json", "--metrics-listen", "0.0.0.0:1", "--no-serve-hf-cache",
-         "--no-direct-io", "--serve", f"acme/m={served}", "--psk", str(keyfile),
-         "--trust", "trusted-publishers", "--trusted-publisher", pub])
+        [
+            "run",
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            "0.0.0.0:1",
+            "--no-serve-hf-cache",
+            "--no-direct-io",
+            "--serve",
+            f"acme/m={served}",
+            "--psk",
+            str(keyfile),
+            "--trust",
+            "trusted-publishers",
+            "--trusted-publisher",
+            pub,
+        ]
+    )
     old = dict(os.environ)
     try:
         os.environ.clear()
@@ -416,13 +475,19 @@ def test_every_option_resolves_from_cli_env_and_file(tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(old)
-    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == \
-        ("json", "0.0.0.0:1", False, False)
+    assert (s.log_format, s.metrics_listen, s.serve_hf_cache, s.direct_io) == (
+        "json",
+        "0.0.0.0:1",
+        False,
+        False,
+    )
     assert s.serve == (("acme/m", served),) and s.psk == "ab" * 32
     assert s.trusted_publishers == (pub,)
-    for bad, match in [({"SWARM_METRICS_LISTEN": "9400"}, "SWARM_METRICS_LISTEN: expected HOST:PORT"),
-                       ({"SWARM_LOG_FORMAT": "xml"}, "SWARM_LOG_FORMAT: log format must be one of"),
-                       ({"SWARM_DIRECT_IO": "1", "SWARM_NO_DIRECT_IO": "1"}, "only one of")]:
+    for bad, match in [
+        ({"SWARM_METRICS_LISTEN": "9400"}, "SWARM_METRICS_LISTEN: expected HOST:PORT"),
+        ({"SWARM_LOG_FORMAT": "xml"}, "SWARM_LOG_FORMAT: log format must be one of"),
+        ({"SWARM_DIRECT_IO": "1", "SWARM_NO_DIRECT_IO": "1"}, "only one of"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             resolve_run(env=bad)
     with pytest.raises(ConfigError, match="contradict"):

@@ -41,16 +41,17 @@ def tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sources(tmp) -> dict[str, Path]:
-    return {SHARED: make_model_dir(tmp / "src-shared", weights_bytes=16 << 20, n_weight_files=2,
-                                   seed=11),
-            OTHER: make_model_dir(tmp / "src-other", weights_bytes=4 << 20, n_weight_files=1,
-                                  seed=12)}
+    return {
+        SHARED: make_model_dir(tmp / "src-shared", weights_bytes=16 << 20, n_weight_files=2, seed=11),
+        OTHER: make_model_dir(tmp / "src-other", weights_bytes=4 << 20, n_weight_files=1, seed=12),
+    }
 
 
 @pytest.fixture(scope="module")
 def nodes(tmp, sources):
-    worker = NodeProc(tmp, "worker", "--serve", f"{SHARED}={sources[SHARED]}",
-                      "--serve", f"{OTHER}={sources[OTHER]}").start()
+    worker = NodeProc(
+        tmp, "worker", "--serve", f"{SHARED}={sources[SHARED]}", "--serve", f"{OTHER}={sources[OTHER]}"
+    ).start()
     front = None
     try:
         worker.wait_ready()
@@ -73,8 +74,14 @@ def offline(monkeypatch, tmp):
 
 
 def run_py(code: str, env: dict, timeout: float = 60.0) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [PY, "-c", textwrap.dedent(code)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 60.0) -> dict:
@@ -108,9 +115,19 @@ def test_two_processes_fetch_at_once_one_download(nodes, tmp, sources):
     worker, front = nodes
     env = base_env(tmp)
     start_at = time.time() + 1.0  # both call swarm.fetch at the same moment
-    procs = [run_py(FETCH_SCRIPT.format(start_at=start_at, repo=SHARED, home=str(front.home),
-                                        configs_only=False, cache=str(front.cache)), env)
-             for _ in range(2)]
+    procs = [
+        run_py(
+            FETCH_SCRIPT.format(
+                start_at=start_at,
+                repo=SHARED,
+                home=str(front.home),
+                configs_only=False,
+                cache=str(front.cache),
+            ),
+            env,
+        )
+        for _ in range(2)
+    ]
     try:
         a, b = (finish(p) for p in procs)
     finally:
@@ -133,8 +150,14 @@ def test_fresh_process_configs_fetch_skips_libp2p(nodes, tmp):
     _worker, front = nodes
     env = base_env(tmp)
     cache = tmp / "configs-cache"  # not the node's: the snapshot is laid out here too
-    r = finish(run_py(FETCH_SCRIPT.format(start_at=0, repo=OTHER, home=str(front.home),
-                                          configs_only=True, cache=str(cache)), env))
+    r = finish(
+        run_py(
+            FETCH_SCRIPT.format(
+                start_at=0, repo=OTHER, home=str(front.home), configs_only=True, cache=str(cache)
+            ),
+            env,
+        )
+    )
     assert r["source"] == "swarm" and not r["libp2p"]
     assert r["seconds"] < 5.0  # ~0.3 s on a quiet machine; scripts/bench_client.py measures it
     path = Path(r["path"])
@@ -143,8 +166,14 @@ def test_fresh_process_configs_fetch_skips_libp2p(nodes, tmp):
     assert "config.json" in names and "tokenizer.json" in names
     assert not any(n.endswith(".safetensors") for n in names)
     # Complete in the local cache now: no node, no network, not even httpx.
-    r2 = finish(run_py(FETCH_SCRIPT.format(start_at=0, repo=OTHER, home=str(tmp / "no-node"),
-                                           configs_only=True, cache=str(cache)), env))
+    r2 = finish(
+        run_py(
+            FETCH_SCRIPT.format(
+                start_at=0, repo=OTHER, home=str(tmp / "no-node"), configs_only=True, cache=str(cache)
+            ),
+            env,
+        )
+    )
     assert r2["path"] == r["path"] and r2["source"] == "local-cache"
     assert not r2["libp2p"] and not r2["httpx"]
 
@@ -177,8 +206,9 @@ async def test_afetch_in_trio_with_cache_dir_and_local_dir(nodes, tmp, sources, 
     cache = tmp / "async-cache"
     local = tmp / "async-local"
     events = []
-    path = await swarm.afetch(OTHER, home=front.home, cache_dir=cache, local_dir=local,
-                              on_event=events.append)
+    path = await swarm.afetch(
+        OTHER, home=front.home, cache_dir=cache, local_dir=local, on_event=events.append
+    )
     assert path == local
     same_files(sources[OTHER], local, carried_files(1))
     snaps = list((cache / "models--acme--other-model" / "snapshots").iterdir())
@@ -215,8 +245,11 @@ def test_control_api_answers_bad_requests_and_keeps_running(nodes):
 
     def post(body: bytes, length: int | None = None) -> tuple[int, dict]:
         n = len(body) if length is None else length
-        return _raw(sock, b"POST /v1/fetch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n" % n + body)
+        return _raw(
+            sock,
+            b"POST /v1/fetch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % n + body,
+        )
 
     status, body = post(b"{not json")
     assert status == 400 and "JSON" in body["error"]
@@ -227,8 +260,10 @@ def test_control_api_answers_bad_requests_and_keeps_running(nodes):
     status, body = post(b'{"repo_id": "acme/x", "timeout": -1}')
     assert status == 400 and "timeout" in body["error"]
     assert post(b"", length=10 << 20)[0] == 413
-    assert _raw(sock, b"GET /v1/status HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 40000
-                + b"\r\n\r\n")[0] == 431
+    assert (
+        _raw(sock, b"GET /v1/status HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 40000 + b"\r\n\r\n")[0]
+        == 431
+    )
     # Still serving, and the other read routes answer.
     assert client.status(worker.home)["peer_id"] == worker.status["peer_id"]
     assert isinstance(client.peers(worker.home), list)
@@ -238,9 +273,11 @@ def test_control_api_answers_bad_requests_and_keeps_running(nodes):
 
 
 def test_import_swarm_is_cheap():
-    code = ("import sys, swarm, swarm.client, swarm.config; "
-            "print(sorted(m for m in ('libp2p', 'trio', 'httpx', 'huggingface_hub', 'swarm.node') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, swarm, swarm.client, swarm.config; "
+        "print(sorted(m for m in ('libp2p', 'trio', 'httpx', 'huggingface_hub', 'swarm.node') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -254,8 +291,14 @@ class FakeNode:
         self.shared: dict = {}
 
     def status(self) -> dict:
-        return {"peer_id": "12D3KooWfake", "addrs": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWfake"],
-                "peers": [], "models": [], "bytes_up": 0, "bytes_down": 0}
+        return {
+            "peer_id": "12D3KooWfake",
+            "addrs": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWfake"],
+            "peers": [],
+            "models": [],
+            "bytes_up": 0,
+            "bytes_down": 0,
+        }
 
 
 class FakeFetcher:
@@ -274,8 +317,9 @@ class FakeFetcher:
         await self.release.wait()
         if self.error is not None:
             raise self.error
-        return FetchResult(self.path, "swarm", self.path.name,
-                           (Attempt("swarm", "ok", f"snapshot at {self.path}"),))
+        return FetchResult(
+            self.path, "swarm", self.path.name, (Attempt("swarm", "ok", f"snapshot at {self.path}"),)
+        )
 
 
 @pytest.fixture
@@ -296,8 +340,9 @@ async def test_control_joins_identical_fetches_and_types_errors(tmp_path, home, 
 
         async def one(use_thread: bool) -> None:
             if use_thread:  # the sync client, in a thread
-                paths.append(await trio.to_thread.run_sync(
-                    lambda: swarm.fetch("acme/m", home=home, progress=False)))
+                paths.append(
+                    await trio.to_thread.run_sync(lambda: swarm.fetch("acme/m", home=home, progress=False))
+                )
             else:
                 paths.append(await swarm.afetch("acme/m", home=home, progress=False))
 
@@ -305,8 +350,7 @@ async def test_control_joins_identical_fetches_and_types_errors(tmp_path, home, 
             inner.start_soon(one, True)
             inner.start_soon(one, False)
             with trio.fail_after(10):
-                while len(server._jobs) != 1 or sum(len(j.subscribers)
-                                                    for j in server._jobs.values()) != 2:
+                while len(server._jobs) != 1 or sum(len(j.subscribers) for j in server._jobs.values()) != 2:
                     await trio.sleep(0.01)
             fetcher.release.set()
         assert paths == [snap, snap] and len(fetcher.calls) == 1

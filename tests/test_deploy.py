@@ -91,8 +91,9 @@ def test_daemonset_shape(tmp_path: Path) -> None:
     ds = docs["DaemonSet"]
     assert ds["apiVersion"] == "apps/v1"
     spec = ds["spec"]["template"]["spec"]
-    assert ds["spec"]["selector"]["matchLabels"].items() <= \
-        ds["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["hf-cache"]["hostPath"]["path"] == "/var/cache/huggingface/hub"
@@ -148,4 +149,4 @@ def test_containerfile_shape() -> None:
     _parses(run)
     assert cmd["USER"] == "swarm" and cmd["STOPSIGNAL"] == "SIGTERM"
     health = cmd["HEALTHCHECK"]
-    _parses(json.loads(health[health.index("CMD") + 3:].strip())[1:])
+    _parses(json.loads(health[health.index("CMD") + 3 :].strip())[1:])

@@ -35,8 +35,12 @@ ids = st.lists(st.sampled_from([f"p{i}" for i in range(30)]), max_size=40)
 # --------------------------------------------------------------------------- ProviderScores
 
 
-@given(ids, st.sets(st.sampled_from([f"p{i}" for i in range(30)])),
-       st.sets(st.sampled_from([f"p{i}" for i in range(30)])), st.integers(0, 2**32))
+@given(
+    ids,
+    st.sets(st.sampled_from([f"p{i}" for i in range(30)])),
+    st.sets(st.sampled_from([f"p{i}" for i in range(30)])),
+    st.integers(0, 2**32),
+)
 def test_order_puts_recent_failures_last_and_connected_first(providers, failed, connected, seed):
     scores = ProviderScores()
     for pid in sorted(failed):
@@ -51,7 +55,7 @@ def test_order_puts_recent_failures_last_and_connected_first(providers, failed, 
 def test_order_keeps_the_lookup_order_across_groups_of_the_fanout(providers, seed):
     out = ProviderScores().order(providers, 0.0, connected=(), rng=random.Random(seed), key=ident)
     for g in range(0, len(providers), MANIFEST_ASK_FANOUT):
-        assert sorted(out[g:g + MANIFEST_ASK_FANOUT]) == sorted(providers[g:g + MANIFEST_ASK_FANOUT])
+        assert sorted(out[g : g + MANIFEST_ASK_FANOUT]) == sorted(providers[g : g + MANIFEST_ASK_FANOUT])
 
 
 def test_failures_are_forgotten_after_the_memory_and_beyond_the_limit():
@@ -70,8 +74,7 @@ def test_failures_are_forgotten_after_the_memory_and_beyond_the_limit():
 
 
 @settings(max_examples=300)
-@given(ids, st.sets(st.sampled_from([f"p{i}" for i in range(30)])), st.integers(1, 10),
-       st.data())
+@given(ids, st.sets(st.sampled_from([f"p{i}" for i in range(30)])), st.integers(1, 10), st.data())
 def test_manifest_ask_properties(providers, stale, fanout, data):
     """Never more than ``fanout`` out; a recently failed provider is never asked while a fresh one
     is untried or out; each provider is asked at most once; once settled nothing new is asked and
@@ -111,8 +114,7 @@ def test_manifest_ask_properties(providers, stale, fanout, data):
 
 
 def test_manifest_ask_asks_stale_ones_only_after_every_fresh_one_ended():
-    plan = ManifestAsk(["s1", "f1", "f2"], stale={"s1"}.__contains__, grace=0.25, key=ident,
-                       fanout=8)
+    plan = ManifestAsk(["s1", "f1", "f2"], stale={"s1"}.__contains__, grace=0.25, key=ident, fanout=8)
     assert plan.start(False) == ["f1", "f2"]
     assert plan.finished("f1", 1.0, False) == []  # f2 still out
     assert plan.finished("f2", 2.0, False) == ["s1"]
@@ -131,8 +133,12 @@ def test_manifest_ask_refuses_a_fanout_below_one():
 def link_states(draw):
     peers = draw(st.sets(st.sampled_from([f"p{i}" for i in range(30)]), max_size=20))
     banned = draw(st.sets(st.sampled_from([f"p{i}" for i in range(30)]), max_size=5))
-    return LinkState(useful_links=draw(st.integers(0, len(peers))), peers=peers, banned=banned,
-                     max_peers=draw(st.integers(0, 24)))
+    return LinkState(
+        useful_links=draw(st.integers(0, len(peers))),
+        peers=peers,
+        banned=banned,
+        max_peers=draw(st.integers(0, 24)),
+    )
 
 
 @settings(max_examples=300)
@@ -177,15 +183,18 @@ def test_connect_policy_dials_in_order_up_to_the_budget_and_retries_lost_peers()
 
 def test_lookup_schedule():
     s = LookupSchedule()
-    assert [s.delay(n, 0) for n in range(1, FIRST_LOOKUPS + 2)] == \
-        [LOOKUP_FIRST] * FIRST_LOOKUPS + [LOOKUP_RETRY]
+    assert [s.delay(n, 0) for n in range(1, FIRST_LOOKUPS + 2)] == [LOOKUP_FIRST] * FIRST_LOOKUPS + [
+        LOOKUP_RETRY
+    ]
     assert s.delay(FIRST_LOOKUPS + 1, FEW_PEERS) == LOOKUP_SETTLED
 
 
 def test_discovery_imports_neither_trio_nor_libp2p():
-    code = ("import sys, swarm.discovery\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('trio', 'libp2p')\n"
-            "       or m.startswith('swarm.net')]\n"
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, swarm.discovery\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('trio', 'libp2p')\n"
+        "       or m.startswith('swarm.net')]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

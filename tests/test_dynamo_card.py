@@ -31,28 +31,42 @@ from swarm.sources import FetchRequest
 
 def checked(d: Path, name: str, url: str | None = None) -> dict:
     data = (d / name).read_bytes()
-    return {"path": url or f"file://{d / name}", "checksum": f"blake3:{blake3.blake3(data).hexdigest()}",
-            "size": len(data)}
+    return {
+        "path": url or f"file://{d / name}",
+        "checksum": f"blake3:{blake3.blake3(data).hexdigest()}",
+        "size": len(data),
+    }
 
 
 @pytest.fixture(scope="module")
 def mdir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("m"), weights_bytes=1 << 20, n_weight_files=2,
-                          seed=5, extra_files={"LICENSE": b"license\n", "logo.png": b"png"})
+    return make_model_dir(
+        tmp_path_factory.mktemp("m"),
+        weights_bytes=1 << 20,
+        n_weight_files=2,
+        seed=5,
+        extra_files={"LICENSE": b"license\n", "logo.png": b"png"},
+    )
 
 
 def card_json(d: Path, **over) -> dict:
     base = "http://10.0.0.1:9090/v1/metadata/ns/backend/generate/org/m/_base/"
     obj = {
-        "display_name": "org/m", "slug": "org--m", "source_path": str(d),
+        "display_name": "org/m",
+        "slug": "org--m",
+        "source_path": str(d),
         "model_info": {"hf_config_json": checked(d, "config.json", base + "config.json")},
         "tokenizer": {"hf_tokenizer_json": checked(d, "tokenizer.json")},
         "prompt_formatter": {"hf_tokenizer_config_json": checked(d, "tokenizer_config.json")},
-        "chat_template_file": {"hf_chat_template": {"is_custom": False,
-                                                    "file": checked(d, "chat_template.jinja")}},
+        "chat_template_file": {
+            "hf_chat_template": {"is_custom": False, "file": checked(d, "chat_template.jinja")}
+        },
         "gen_config": {"hf_generation_config_json": checked(d, "generation_config.json")},
-        "extra_files": [checked(d, "LICENSE"), checked(d, "logo.png"),
-                        checked(d, "model.safetensors.index.json")],
+        "extra_files": [
+            checked(d, "LICENSE"),
+            checked(d, "logo.png"),
+            checked(d, "model.safetensors.index.json"),
+        ],
     }
     obj.update(over)
     return obj
@@ -61,13 +75,25 @@ def card_json(d: Path, **over) -> dict:
 def test_parse_card_and_its_discovery_record(mdir):
     obj = card_json(mdir)
     card = parse_card(obj)
-    assert [f.name for f in card.files] == ["config.json", "tokenizer.json",
-                                            "tokenizer_config.json", "chat_template.jinja",
-                                            "generation_config.json", "LICENSE", "logo.png",
-                                            "model.safetensors.index.json"]
+    assert [f.name for f in card.files] == [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "LICENSE",
+        "logo.png",
+        "model.safetensors.index.json",
+    ]
     assert card.files[0].url.startswith("http://")
-    record = {"type": "Model", "namespace": "ns", "component": "backend", "endpoint": "generate",
-              "instance_id": 7, "card_json": obj}
+    record = {
+        "type": "Model",
+        "namespace": "ns",
+        "component": "backend",
+        "endpoint": "generate",
+        "instance_id": 7,
+        "card_json": obj,
+    }
     wrapped = parse_card(json.dumps(record).encode())
     assert wrapped.files == card.files and wrapped.key == "ns/backend/generate/7"
     assert dir_mismatches(mdir, card.expect()) == []
@@ -76,28 +102,35 @@ def test_parse_card_and_its_discovery_record(mdir):
 
 def test_custom_chat_template_is_not_carried(mdir, tmp_path):
     (tmp_path / "my.jinja").write_text("{{ x }}")
-    obj = card_json(mdir, chat_template_file={"hf_chat_template": {
-        "is_custom": True, "file": checked(tmp_path, "my.jinja")}})
+    obj = card_json(
+        mdir,
+        chat_template_file={"hf_chat_template": {"is_custom": True, "file": checked(tmp_path, "my.jinja")}},
+    )
     card = parse_card(obj)
     assert "my.jinja" in {f.name for f in card.files}
     assert "my.jinja" not in {f.name for f in card.carried}
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda o: o["model_info"]["hf_config_json"].update(checksum="sha256:00"), "checksum"),
-    (lambda o: o["model_info"]["hf_config_json"].update(checksum="blake3:" + "A" * 64), "checksum"),
-    (lambda o: o["model_info"]["hf_config_json"].update(size=-1), "size"),
-    (lambda o: o["model_info"]["hf_config_json"].update(size=True), "size"),
-    (lambda o: o["model_info"]["hf_config_json"].update(path="http://h/x/.."), "unusable name"),
-    (lambda o: o["model_info"]["hf_config_json"].update(path="http://h/a/%2e%2e"), "unusable name"),
-    (lambda o: o["model_info"]["hf_config_json"].pop("path"), "no path"),
-    (lambda o: o.update(extra_files={"a": 1}), "extra_files must be a list"),
-    (lambda o: o.update(extra_files=[dict(o["extra_files"][0], size=1)] * 2 + o["extra_files"]),
-     "twice with different contents"),
-    (lambda o: o.update(extra_files=[o["extra_files"][0]] * (MAX_CARD_FILES + 1)), "MAX_CARD_FILES"),
-    (lambda o: o.pop("display_name"), "display_name"),
-    (lambda o: o.update(tokenizer={"a": {}, "b": {}}), "one variant"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda o: o["model_info"]["hf_config_json"].update(checksum="sha256:00"), "checksum"),
+        (lambda o: o["model_info"]["hf_config_json"].update(checksum="blake3:" + "A" * 64), "checksum"),
+        (lambda o: o["model_info"]["hf_config_json"].update(size=-1), "size"),
+        (lambda o: o["model_info"]["hf_config_json"].update(size=True), "size"),
+        (lambda o: o["model_info"]["hf_config_json"].update(path="http://h/x/.."), "unusable name"),
+        (lambda o: o["model_info"]["hf_config_json"].update(path="http://h/a/%2e%2e"), "unusable name"),
+        (lambda o: o["model_info"]["hf_config_json"].pop("path"), "no path"),
+        (lambda o: o.update(extra_files={"a": 1}), "extra_files must be a list"),
+        (
+            lambda o: o.update(extra_files=[dict(o["extra_files"][0], size=1)] * 2 + o["extra_files"]),
+            "twice with different contents",
+        ),
+        (lambda o: o.update(extra_files=[o["extra_files"][0]] * (MAX_CARD_FILES + 1)), "MAX_CARD_FILES"),
+        (lambda o: o.pop("display_name"), "display_name"),
+        (lambda o: o.update(tokenizer={"a": {}, "b": {}}), "one variant"),
+    ],
+)
 def test_bad_cards_are_refused_with_a_reason(mdir, mutate, message):
     obj = card_json(mdir)
     mutate(obj)
@@ -118,12 +151,15 @@ def test_load_card_reads_files_and_refuses_junk(mdir, tmp_path):
         parse_card("[1]")
 
 
-@pytest.mark.parametrize("display, source, want", [
-    ("org/m", "/models/x", "org/m"),
-    ("served", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
-    ("my-model", "/models/x", "dynamo/my-model"),
-    ("a name with spaces!", None, "dynamo/a-name-with-spaces"),
-])
+@pytest.mark.parametrize(
+    "display, source, want",
+    [
+        ("org/m", "/models/x", "org/m"),
+        ("served", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
+        ("my-model", "/models/x", "dynamo/my-model"),
+        ("a name with spaces!", None, "dynamo/a-name-with-spaces"),
+    ],
+)
 def test_swarm_name(mdir, display, source, want):
     obj = card_json(mdir, display_name=display, slug=display, source_path=source)
     assert swarm_name(parse_card(obj)) == want
@@ -140,8 +176,10 @@ def test_fnmatch_exact_quotes_globs():
 def test_manifest_keeps_skipped_files_only_when_asked(mdir):
     card = parse_card(card_json(mdir))
     plain = build_manifest(mdir, "org/m", "r")
-    assert manifest_mismatches(plain, card.expect()) == ["LICENSE: not in the manifest",
-                                                         "logo.png: not in the manifest"]
+    assert manifest_mismatches(plain, card.expect()) == [
+        "LICENSE: not in the manifest",
+        "logo.png: not in the manifest",
+    ]
     kept = build_manifest(mdir, "org/m", "r", keep=kept_files(card))
     assert manifest_mismatches(kept, card.expect()) == []
     assert {f.path for f in kept.files} - {f.path for f in plain.files} == {"LICENSE", "logo.png"}
@@ -176,8 +214,12 @@ def test_install_mdc_cache_is_content_addressed_and_checked(mdir, tmp_path):
     stale.write_bytes(b"stale")
     install_mdc_cache(mdir, card, tmp_path / "mdc")
     assert file_digest(stale)[0] == card.files[0].checksum
-    bad = parse_card(card_json(mdir, model_info={"hf_config_json": dict(
-        checked(mdir, "config.json"), checksum="blake3:" + "1" * 64)}))
+    bad = parse_card(
+        card_json(
+            mdir,
+            model_info={"hf_config_json": dict(checked(mdir, "config.json"), checksum="blake3:" + "1" * 64)},
+        )
+    )
     with pytest.raises(CardError, match="changed while being copied"):
         install_mdc_cache(mdir, bad, tmp_path / "mdc2")
     assert not (tmp_path / "mdc2" / "blobs" / ("1" * 64)).exists()
@@ -202,8 +244,13 @@ def test_fetch_request_expect_is_validated(mdir):
     card = parse_card(card_json(mdir))
     req = FetchRequest(repo_id="org/m", expect=card.expect())
     assert req.expect == tuple(sorted(card.expect()))
-    for bad in ([("../x", "blake3:" + "0" * 64, 1)], [("x", "md5:0", 1)], [("x", "blake3:" + "0" * 64, -1)],
-                [], [("x", "y")]):
+    for bad in (
+        [("../x", "blake3:" + "0" * 64, 1)],
+        [("x", "md5:0", 1)],
+        [("x", "blake3:" + "0" * 64, -1)],
+        [],
+        [("x", "y")],
+    ):
         with pytest.raises((ValueError, TypeError)):
             FetchRequest(repo_id="org/m", expect=bad)
 
@@ -213,8 +260,11 @@ def test_control_api_parses_expect(tmp_path):
     good = {"repo_id": "org/m", "expect": [["config.json", "blake3:" + "0" * 64, 3]]}
     req, _ = server._parse_fetch(json.dumps(good).encode())
     assert req.expect == (("config.json", "blake3:" + "0" * 64, 3),)
-    for bad in ({"repo_id": "org/m", "expect": "x"}, {"repo_id": "org/m", "expect": [["a", "b"]]},
-                {"repo_id": "org/m", "expect": [["a", "blake3:zz", 1]]}):
+    for bad in (
+        {"repo_id": "org/m", "expect": "x"},
+        {"repo_id": "org/m", "expect": [["a", "b"]]},
+        {"repo_id": "org/m", "expect": [["a", "blake3:zz", 1]]},
+    ):
         with pytest.raises(_BadRequest):
             server._parse_fetch(json.dumps(bad).encode())
 
@@ -226,16 +276,20 @@ def test_cli_usage_errors(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("ETCD_ENDPOINTS", raising=False)
     assert cli.main(["fetch", "--home", str(tmp_path)]) == cli.EXIT_USAGE
     assert cli.main(["fetch", "org/m", "--card", "c.json", "--home", str(tmp_path)]) == cli.EXIT_USAGE
-    assert cli.main(["fetch", "--card", "c.json", "--configs-only",
-                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert (
+        cli.main(["fetch", "--card", "c.json", "--configs-only", "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    )
     assert cli.main(["dynamo-watch", "--home", str(tmp_path)]) == cli.EXIT_USAGE
-    assert cli.main(["dynamo-watch", "--kv", "a", "--etcd", "http://x",
-                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert (
+        cli.main(["dynamo-watch", "--kv", "a", "--etcd", "http://x", "--home", str(tmp_path)])
+        == cli.EXIT_USAGE
+    )
     err = capsys.readouterr().err
     assert "--card" in err and "DYN_FILE_KV" in err
     # A card that cannot be read is a clear failure, not a traceback.
-    assert cli.main(["fetch", "--card", str(tmp_path / "none.json"),
-                     "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    assert (
+        cli.main(["fetch", "--card", str(tmp_path / "none.json"), "--home", str(tmp_path)]) == cli.EXIT_USAGE
+    )
     assert "cannot read card" in capsys.readouterr().err
 
 
@@ -243,14 +297,31 @@ def test_local_copy_of_a_hub_repo_card_is_its_hf_cache_snapshot(tmp_path):
     from modelgen import make_hf_snapshot
 
     cache = tmp_path / "hub"
-    snap = make_hf_snapshot(cache, "org/hubbed", weights_bytes=1 << 20, n_weight_files=2, seed=9,
-                            extra_files={"LICENSE": b"l\n", "logo.png": b"png"})
-    card = parse_card(card_json(snap, display_name="served-name", slug="served-name",
-                                source_path="org/hubbed",
-                                extra_files=[checked(snap, "LICENSE")]))
+    snap = make_hf_snapshot(
+        cache,
+        "org/hubbed",
+        weights_bytes=1 << 20,
+        n_weight_files=2,
+        seed=9,
+        extra_files={"LICENSE": b"l\n", "logo.png": b"png"},
+    )
+    card = parse_card(
+        card_json(
+            snap,
+            display_name="served-name",
+            slug="served-name",
+            source_path="org/hubbed",
+            extra_files=[checked(snap, "LICENSE")],
+        )
+    )
     assert swarm_name(card) == "org/hubbed"
     assert local_copy(card, cache) == (snap, snap.name)
     # Other bytes under the same repo id (another version) are not this card's.
-    other = parse_card(card_json(snap, source_path="org/hubbed", model_info={"hf_config_json": dict(
-        checked(snap, "config.json"), checksum="blake3:" + "2" * 64)}))
+    other = parse_card(
+        card_json(
+            snap,
+            source_path="org/hubbed",
+            model_info={"hf_config_json": dict(checked(snap, "config.json"), checksum="blake3:" + "2" * 64)},
+        )
+    )
     assert local_copy(other, cache) is None

@@ -54,17 +54,40 @@ REGISTER_TIMEOUT = 60.0
 NODE_SERVE_TIMEOUT = 60.0
 FRONTEND_TIMEOUT = 60.0
 # A tokenizer Dynamo's frontend can load (the generated model's stand-in BPE is for byte counts).
-TOKENIZER = json.dumps({
-    "version": "1.0", "truncation": None, "padding": None,
-    "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
-                      "rstrip": False, "normalized": False, "special": True}
-                     for i, t in enumerate(("<s>", "</s>"))],
-    "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
-    "decoder": None,
-    "model": {"type": "WordLevel", "vocab": {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3},
-              "unk_token": "<unk>"}}).encode()
-EXTRA = {"LICENSE": b"Apache-2.0, see the text\n", "logo.png": b"\x89PNG\r\n\x1a\n not a real image",
-         "USE_POLICY.md": b"Use responsibly.\n", "tokenizer.json": TOKENIZER}
+TOKENIZER = json.dumps(
+    {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in enumerate(("<s>", "</s>"))
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "WordLevel",
+            "vocab": {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3},
+            "unk_token": "<unk>",
+        },
+    }
+).encode()
+EXTRA = {
+    "LICENSE": b"Apache-2.0, see the text\n",
+    "logo.png": b"\x89PNG\r\n\x1a\n not a real image",
+    "USE_POLICY.md": b"Use responsibly.\n",
+    "tokenizer.json": TOKENIZER,
+}
 
 
 def free_port() -> int:
@@ -82,8 +105,7 @@ def free_port() -> int:
 
 
 def model(root: Path, seed: int) -> Path:
-    return make_model_dir(root, weights_bytes=1 << 20, n_weight_files=2, seed=seed,
-                          extra_files=EXTRA)
+    return make_model_dir(root, weights_bytes=1 << 20, n_weight_files=2, seed=seed, extra_files=EXTRA)
 
 
 class DynamoWorker:
@@ -92,9 +114,13 @@ class DynamoWorker:
     def __init__(self, env: dict, model_dir: Path, name: str, endpoint: str, log: Path) -> None:
         self.log = log
         with open(log, "wb") as err:
-            self.popen = subprocess.Popen([PY, str(TESTS / "dynamo_worker.py"), str(model_dir),
-                                           name, endpoint], env=env, stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=err)
+            self.popen = subprocess.Popen(
+                [PY, str(TESTS / "dynamo_worker.py"), str(model_dir), name, endpoint],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
         lines: queue.Queue[bytes] = queue.Queue()
 
         def read() -> None:
@@ -136,32 +162,48 @@ def tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dyn_env(tmp) -> dict:
     env = base_env(tmp)
-    env.update(DYN_FILE_KV=str(tmp / "kv"), DYN_DISCOVERY_BACKEND="file",
-               DYN_TCP_RPC_HOST="127.0.0.1", DYN_SYSTEM_HOST="127.0.0.1", NO_COLOR="1",
-               DYN_LOG="warn")
+    env.update(
+        DYN_FILE_KV=str(tmp / "kv"),
+        DYN_DISCOVERY_BACKEND="file",
+        DYN_TCP_RPC_HOST="127.0.0.1",
+        DYN_SYSTEM_HOST="127.0.0.1",
+        NO_COLOR="1",
+        DYN_LOG="warn",
+    )
     (tmp / "kv").mkdir()
     return env
 
 
 @pytest.fixture(scope="module")
 def sources(tmp) -> dict[str, Path]:
-    return {"v1": model(tmp / "worker-model", seed=21),
-            "v2": model(tmp / "updated-model", seed=22),
-            "b": model(tmp / "worker-model-b", seed=23)}
+    return {
+        "v1": model(tmp / "worker-model", seed=21),
+        "v2": model(tmp / "updated-model", seed=22),
+        "b": model(tmp / "worker-model-b", seed=23),
+    }
 
 
 @pytest.fixture(scope="module")
 def workers(tmp, dyn_env, sources):
     """Two real Dynamo workers: self-hosted metadata on (NAME) and off (NAME_B)."""
     port = free_port()
-    on = DynamoWorker(dict(dyn_env, DYN_SELF_HOST_METADATA="1", DYN_SYSTEM_PORT=str(port)),
-                      sources["v1"], NAME, "ns1.backend.generate", tmp / "dynamo-worker.log")
+    on = DynamoWorker(
+        dict(dyn_env, DYN_SELF_HOST_METADATA="1", DYN_SYSTEM_PORT=str(port)),
+        sources["v1"],
+        NAME,
+        "ns1.backend.generate",
+        tmp / "dynamo-worker.log",
+    )
     off = None
     try:
-        off = DynamoWorker(dict(dyn_env, DYN_SELF_HOST_METADATA="0"), sources["b"], NAME_B,
-                           "ns2.backend.generate", tmp / "dynamo-worker-b.log")
-        yield {"port": port, "card": card_record(tmp / "kv", NAME),
-               "card_b": card_record(tmp / "kv", NAME_B)}
+        off = DynamoWorker(
+            dict(dyn_env, DYN_SELF_HOST_METADATA="0"),
+            sources["b"],
+            NAME_B,
+            "ns2.backend.generate",
+            tmp / "dynamo-worker-b.log",
+        )
+        yield {"port": port, "card": card_record(tmp / "kv", NAME), "card_b": card_record(tmp / "kv", NAME_B)}
     finally:
         for w in (off, on):
             if w is not None:
@@ -177,8 +219,9 @@ def nodes(tmp, dyn_env, workers):
         worker.wait_ready()
         front = NodeProc(tmp, "swarm-front", "--bootstrap", worker.addr, env=base_env(tmp)).start()
         front.wait_ready()
-        wait_served(worker, {swarm_name(load_card(workers["card"])),
-                             swarm_name(load_card(workers["card_b"]))})
+        wait_served(
+            worker, {swarm_name(load_card(workers["card"])), swarm_name(load_card(workers["card_b"]))}
+        )
         yield worker, front
     finally:
         for n in (front, worker):
@@ -193,8 +236,9 @@ def wait_served(node: NodeProc, names: set[str], timeout: float = NODE_SERVE_TIM
         if names <= {m["model"] for m in models}:
             return models
         if time.monotonic() > end:
-            raise AssertionError(f"{node.name} serves {models}, not {names}:\n"
-                                 f"{node.log.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(
+                f"{node.name} serves {models}, not {names}:\n{node.log.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -205,12 +249,23 @@ def wait_served(node: NodeProc, names: set[str], timeout: float = NODE_SERVE_TIM
 def test_card_of_the_real_runtime_matches_swarm_manifests(workers, sources):
     card = load_card(workers["card"])
     names = {f.name for f in card.files}
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "generation_config.json", "special_tokens_map.json", "model.safetensors.index.json",
-            "LICENSE", "logo.png", "USE_POLICY.md"} <= names
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "model.safetensors.index.json",
+        "LICENSE",
+        "logo.png",
+        "USE_POLICY.md",
+    } <= names
     assert not any(n.endswith(".safetensors") for n in names)  # weights are never in a card
-    assert all(f.url.startswith(f"http://127.0.0.1:{workers['port']}/v1/metadata/ns1/backend/"
-                                f"generate/{NAME}/_base/") for f in card.files)
+    assert all(
+        f.url.startswith(f"http://127.0.0.1:{workers['port']}/v1/metadata/ns1/backend/generate/{NAME}/_base/")
+        for f in card.files
+    )
     assert card.source_path == str(sources["v1"])
     # The card's checksum of a file is its plain blake3: what a swarm manifest holds for it.
     for f in card.files:
@@ -218,8 +273,10 @@ def test_card_of_the_real_runtime_matches_swarm_manifests(workers, sources):
     # Files manifests skip by default (LICENSE, images) are carried when the card asks for them.
     assert kept_files(card) == {"LICENSE", "logo.png"}
     default = build_manifest(sources["v1"], swarm_name(card), "r")
-    assert manifest_mismatches(default, card.expect()) == ["LICENSE: not in the manifest",
-                                                          "logo.png: not in the manifest"]
+    assert manifest_mismatches(default, card.expect()) == [
+        "LICENSE: not in the manifest",
+        "logo.png: not in the manifest",
+    ]
     kept = build_manifest(sources["v1"], swarm_name(card), "r", keep=kept_files(card))
     assert manifest_mismatches(kept, card.expect()) == []
     # The worker's metadata server hands out those bytes.
@@ -231,8 +288,7 @@ def test_card_of_the_real_runtime_matches_swarm_manifests(workers, sources):
 @pytest.mark.timeout(120)
 def test_card_with_self_hosting_off_lists_worker_paths(workers, sources):
     card = load_card(workers["card_b"])
-    assert card.files and all(f.url.startswith("file:///") or f.url.startswith("/")
-                              for f in card.files)
+    assert card.files and all(f.url.startswith("file:///") or f.url.startswith("/") for f in card.files)
     names = {f.name for f in card.files}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     # Without self-hosting Dynamo lists no extra_files: its frontend picks siblings up from the
@@ -260,10 +316,27 @@ def test_fetch_card_through_two_nodes(workers, nodes, tmp, which):
 @pytest.mark.timeout(180)
 def test_fetch_card_cli_with_weights_for_scale_out(workers, nodes, tmp, sources):
     _, front = nodes
-    out = subprocess.run([PY, "-m", "swarm.cli", "fetch", "--card", str(workers["card"]),
-                          "--weights", "--home", str(front.home), "--json", "--timeout", "60"],
-                         env=base_env(tmp), capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [
+            PY,
+            "-m",
+            "swarm.cli",
+            "fetch",
+            "--card",
+            str(workers["card"]),
+            "--weights",
+            "--home",
+            str(front.home),
+            "--json",
+            "--timeout",
+            "60",
+        ],
+        env=base_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr
     path = Path(json.loads(out.stdout.strip().splitlines()[-1])["path"])
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -308,8 +381,18 @@ def test_rolling_update_fetch_by_card_gets_the_cards_version(workers, nodes, tmp
     manifest, a fetch by card the card's."""
     worker, _ = nodes
     name = swarm_name(load_card(workers["card"]))
-    updated = [NodeProc(tmp, f"updated-{i}", "--bootstrap", worker.addr, "--serve",
-                        f"{name}={sources['v2']}", env=base_env(tmp)).start() for i in range(3)]
+    updated = [
+        NodeProc(
+            tmp,
+            f"updated-{i}",
+            "--bootstrap",
+            worker.addr,
+            "--serve",
+            f"{name}={sources['v2']}",
+            env=base_env(tmp),
+        ).start()
+        for i in range(3)
+    ]
     fresh = None
     try:
         for n in updated:
@@ -367,20 +450,27 @@ def frontend_lists(env: dict, home: Path, log: Path) -> None:
     """Run Dynamo's frontend with ``home`` until /v1/models lists NAME, then stop it."""
     port = free_port()
     with open(log, "wb") as out:
-        p = subprocess.Popen([PY, str(TESTS / "dynamo_frontend.py"), str(port)],
-                             env=dict(env, HOME=str(home)), stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [PY, str(TESTS / "dynamo_frontend.py"), str(port)],
+            env=dict(env, HOME=str(home)),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         end = time.monotonic() + FRONTEND_TIMEOUT
         while True:
-            with contextlib.suppress(OSError, ValueError), \
-                    direct.open(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                direct.open(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r,
+            ):
                 if NAME in {m["id"] for m in json.loads(r.read())["data"]}:
                     return
             assert p.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < end, f"the frontend never listed {NAME}:\n" + \
-                log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < end, (
+                f"the frontend never listed {NAME}:\n" + log.read_text(errors="replace")[-3000:]
+            )
             time.sleep(0.2)
     finally:
         p.terminate()
@@ -392,8 +482,7 @@ def frontend_lists(env: dict, home: Path, log: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(
-        workers, nodes, tmp, dyn_env):
+def test_watch_prefetches_and_the_frontend_requests_nothing_from_the_worker(workers, nodes, tmp, dyn_env):
     """The sidecar on a frontend host fetches the card's files through the swarm into Dynamo's
     metadata cache; Dynamo's frontend then loads the model without asking the worker for a file.
 
@@ -461,17 +550,37 @@ def etcd(tmp):
     url = f"http://127.0.0.1:{client_port}"
     log = tmp / "etcd.log"
     with open(log, "wb") as out:
-        p = subprocess.Popen([exe, "--data-dir", str(tmp / "etcd-data"), "--name", "test",
-                              "--listen-client-urls", url, "--advertise-client-urls", url,
-                              "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-                              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-                              "--initial-cluster", f"test=http://127.0.0.1:{peer_port}"],
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [
+                exe,
+                "--data-dir",
+                str(tmp / "etcd-data"),
+                "--name",
+                "test",
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"test=http://127.0.0.1:{peer_port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         end = time.monotonic() + 30
         while True:
-            with contextlib.suppress(OSError, ValueError), urllib.request.build_opener(
-                    urllib.request.ProxyHandler({})).open(f"{url}/health", timeout=2) as r:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"{url}/health", timeout=2
+                ) as r,
+            ):
                 if json.loads(r.read()).get("health") == "true":
                     break
             assert p.poll() is None and time.monotonic() < end, log.read_text()[-2000:]
@@ -490,12 +599,20 @@ def etcd(tmp):
 def test_etcd_discovery_worker_serves_and_watch_prefetches(tmp, etcd, sources):
     from swarm.dynamo.watch import read_etcd_records
 
-    env = dict(base_env(tmp), DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=etcd,
-               DYN_TCP_RPC_HOST="127.0.0.1", NO_COLOR="1", DYN_LOG="warn",
-               DYN_SELF_HOST_METADATA="1", DYN_SYSTEM_HOST="127.0.0.1",
-               DYN_SYSTEM_PORT=str(free_port()))
-    dyn = DynamoWorker(env, sources["v2"], "org/etcd-model", "ns3.backend.generate",
-                       tmp / "dynamo-worker-etcd.log")
+    env = dict(
+        base_env(tmp),
+        DYN_DISCOVERY_BACKEND="etcd",
+        ETCD_ENDPOINTS=etcd,
+        DYN_TCP_RPC_HOST="127.0.0.1",
+        NO_COLOR="1",
+        DYN_LOG="warn",
+        DYN_SELF_HOST_METADATA="1",
+        DYN_SYSTEM_HOST="127.0.0.1",
+        DYN_SYSTEM_PORT=str(free_port()),
+    )
+    dyn = DynamoWorker(
+        env, sources["v2"], "org/etcd-model", "ns3.backend.generate", tmp / "dynamo-worker-etcd.log"
+    )
     worker = front = None
     try:
         records = read_etcd_records((etcd,))

@@ -131,11 +131,18 @@ async def test_four_leechers_trade_and_seeder_uploads_less_than_four_copies(mode
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
-        seed = net.add("seed", Transfer(m, DictStore(m, pieces), run_blocking=direct,
-                                        config=cfg(upload_slots=2)))
-        leeches = [net.add(f"l{k}", Transfer(m, DictStore(m), config=cfg(upload_slots=2),
-                                              run_blocking=direct, rng=random.Random(k)))
-                   for k in range(4)]
+        seed = net.add(
+            "seed", Transfer(m, DictStore(m, pieces), run_blocking=direct, config=cfg(upload_slots=2))
+        )
+        leeches = [
+            net.add(
+                f"l{k}",
+                Transfer(
+                    m, DictStore(m), config=cfg(upload_slots=2), run_blocking=direct, rng=random.Random(k)
+                ),
+            )
+            for k in range(4)
+        ]
         names = list(net.t)
         for a in range(len(names)):
             for b in range(a + 1, len(names)):
@@ -155,12 +162,10 @@ async def test_corrupt_peer_is_banned_and_download_completes(model):
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
-        net.add("liar", Transfer(m, DictStore(m, pieces, corrupt=True), config=cfg(),
-                                 run_blocking=direct))
+        net.add("liar", Transfer(m, DictStore(m, pieces, corrupt=True), config=cfg(), run_blocking=direct))
         net.add("honest", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct))
         store = DictStore(m)
-        leech = net.add("leech", Transfer(m, store, config=cfg(), run_blocking=direct,
-                                          rng=random.Random(3)))
+        leech = net.add("leech", Transfer(m, store, config=cfg(), run_blocking=direct, rng=random.Random(3)))
         net.connect("liar", "leech")
         net.connect("honest", "leech")
         with trio.fail_after(30):
@@ -211,8 +216,7 @@ class SilentPeer:
 
     async def run(self):
         await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
-        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces),
-                                                              self.m.num_pieces)))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces), self.m.num_pieces)))
         await self.link.send(wire.Unchoke())
         try:
             while True:
@@ -255,8 +259,7 @@ class SlowSeeder:
 
     async def run(self):
         await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
-        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces),
-                                                              self.m.num_pieces)))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces), self.m.num_pieces)))
         await self.link.send(wire.Unchoke())
         wake = trio.Event()
 
@@ -369,8 +372,7 @@ async def test_protocol_violation_drops_only_that_link(model):
         n.cancel_scope.cancel()
 
 
-async def test_a_peer_that_broke_the_protocol_is_not_linked_again_for_a_while(
-        model, autojump_clock):
+async def test_a_peer_that_broke_the_protocol_is_not_linked_again_for_a_while(model, autojump_clock):
     """A peer whose link was dropped for a protocol violation is refused for ``fault_cooldown``
     (inbound or re-dialed alike), then taken again: a broken peer is not re-dialed over and over
     during one fetch (seen: a liar sending out-of-range pieces was linked again before the end)."""
@@ -539,6 +541,7 @@ async def test_handshakes_per_address_are_limited(model, autojump_clock):
 def partial_serve(t, link, address):
     async def go():
         await t.serve_link(link, address=address)
+
     return go
 
 
@@ -554,8 +557,7 @@ class ChokingPeer:
 
     async def run(self):
         await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
-        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces),
-                                                              self.m.num_pieces)))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces), self.m.num_pieces)))
         try:
             while True:
                 msg = await self.link.receive()
@@ -598,8 +600,7 @@ async def test_a_peer_that_keeps_us_choked_stops_counting_and_is_closed(model, a
         n.cancel_scope.cancel()
 
 
-async def test_a_peer_that_unchokes_and_chokes_again_without_sending_counts_as_choking(
-        model, autojump_clock):
+async def test_a_peer_that_unchokes_and_chokes_again_without_sending_counts_as_choking(model, autojump_clock):
     """Unchoke, then Choke again before any piece, every 30 s: the wait is counted from the last
     piece received, not from the last Choke, so this peer too stops counting as a source."""
     m, _ = model
@@ -661,8 +662,12 @@ async def test_waiting_our_turn_at_a_busy_seeder_is_not_choking(model, autojump_
     async with trio.open_nursery() as n:
         net = Net(n)
         net.add("seed", Transfer(m, DictStore(m, pieces), config=config, run_blocking=slow_disk))
-        leeches = [net.add(f"l{k}", Transfer(m, DictStore(m), config=config, run_blocking=direct,
-                                             rng=random.Random(k))) for k in range(16)]
+        leeches = [
+            net.add(
+                f"l{k}", Transfer(m, DictStore(m), config=config, run_blocking=direct, rng=random.Random(k))
+            )
+            for k in range(16)
+        ]
         for k in range(16):
             net.connect("seed", f"l{k}")
         with trio.fail_after(600):
@@ -696,8 +701,13 @@ async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):
             with trio.fail_after(20):
                 while target not in dl.have:
                     await trio.sleep(0.01)
-            part = tmp_path / "cache" / "models--org--tiny" / "blobs" / (
-                m.files[f].blake3.split(":", 1)[1] + ".incomplete")
+            part = (
+                tmp_path
+                / "cache"
+                / "models--org--tiny"
+                / "blobs"
+                / (m.files[f].blake3.split(":", 1)[1] + ".incomplete")
+            )
             with open(part, "r+b") as fh:  # one byte of the piece rots on disk
                 fh.seek(m.pieces[target].offset + 100)
                 b = fh.read(1)

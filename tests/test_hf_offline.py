@@ -53,14 +53,18 @@ print(json.dumps(out))
 """
 
 
-def check_offline_subprocess(cache: Path, repo_id: str, revision: str, snap: Path,
-                             src: Path, paths: list[str]) -> None:
+def check_offline_subprocess(
+    cache: Path, repo_id: str, revision: str, snap: Path, src: Path, paths: list[str]
+) -> None:
     """With HF_HUB_OFFLINE=1 in a fresh interpreter (the variable is read at import time)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cache.parent / "hf-home"), PYTHONPATH=str(REPO_ROOT))
     r = subprocess.run(
         [sys.executable, "-c", OFFLINE_CHILD, json.dumps([repo_id, revision, str(cache), paths])],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -78,12 +82,13 @@ def test_hub_client_finds_snapshot_offline(tmp_path: Path, model_dir: Path, mode
     snap = fetch_into(cache, model_dir, model_manifest)
     paths = [f.path for f in model_manifest.files]
     # In-process, local_files_only=True.
-    assert Path(snapshot_download(MODEL_NAME, revision=MODEL_REVISION, cache_dir=cache,
-                                  local_files_only=True)) == snap
+    assert (
+        Path(snapshot_download(MODEL_NAME, revision=MODEL_REVISION, cache_dir=cache, local_files_only=True))
+        == snap
+    )
     assert Path(snapshot_download(MODEL_NAME, cache_dir=cache, local_files_only=True)) == snap
     for f in paths:
-        p = hf_hub_download(MODEL_NAME, f, revision=MODEL_REVISION, cache_dir=cache,
-                            local_files_only=True)
+        p = hf_hub_download(MODEL_NAME, f, revision=MODEL_REVISION, cache_dir=cache, local_files_only=True)
         assert Path(p).read_bytes() == (model_dir / f).read_bytes()
     # The snapshot holds exactly the carried files (README.md / .gitattributes are not carried).
     listed = sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if not p.is_dir())
@@ -113,10 +118,13 @@ def test_private_model_revision(tmp_path: Path) -> None:
     snap = fetch_into(cache, src, m)
     assert snap.name == rev and len(rev) == 40
     paths = [f.path for f in m.files]
-    assert Path(snapshot_download("acme/secret-model", revision=rev, cache_dir=cache,
-                                  local_files_only=True)) == snap
-    p = hf_hub_download("acme/secret-model", "nested/deeper/adapter.safetensors", cache_dir=cache,
-                        local_files_only=True)
+    assert (
+        Path(snapshot_download("acme/secret-model", revision=rev, cache_dir=cache, local_files_only=True))
+        == snap
+    )
+    p = hf_hub_download(
+        "acme/secret-model", "nested/deeper/adapter.safetensors", cache_dir=cache, local_files_only=True
+    )
     assert Path(p).read_bytes() == (src / "nested/deeper/adapter.safetensors").read_bytes()
     check_offline_subprocess(cache, "acme/secret-model", rev, snap, src, paths)
 
@@ -140,8 +148,9 @@ def test_filtered_snapshot_offline(tmp_path: Path, model_dir: Path, model_manife
 SECRET = "hf_caller_token_5e3f9a"
 
 
-def test_the_callers_environment_travels_to_the_node(tmp_path: Path, model_dir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_callers_environment_travels_to_the_node(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT and MODEL_EXPRESS_URL are the calling process's, not
     the node's: a node started online, pointed at a closed port and without ModelExpress, does what
     each caller's environment says.  The token reaches the Hub and never the node's (debug) log."""
@@ -167,8 +176,9 @@ def test_the_callers_environment_travels_to_the_node(tmp_path: Path, model_dir: 
             monkeypatch.delenv("HF_HUB_OFFLINE")
             monkeypatch.setenv("HF_ENDPOINT", hub.url)
             monkeypatch.setenv("HF_TOKEN", SECRET)
-            got = client.fetch_result(MODEL_NAME, home=node.home, configs_only=True, progress=False,
-                                      timeout=60)
+            got = client.fetch_result(
+                MODEL_NAME, home=node.home, configs_only=True, progress=False, timeout=60
+            )
             assert got.source == "hub" and got.path.is_relative_to(node.cache)
             assert (got.path / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
             assert {r.authorization for r in hub.model_requests} == {f"Bearer {SECRET}"}
@@ -194,14 +204,28 @@ def test_the_control_api_checks_the_env_and_never_echoes_it(tmp_path: Path) -> N
     def parse(env: object):
         return server._parse_fetch(json.dumps({"repo_id": "gpt2", "env": env}).encode())
 
-    req, _timeout = parse({"hf_token": SECRET, "hub_offline": True, "hf_endpoint": "http://m:1",
-                           "modelexpress_url": "mx:8001", "modelexpress_cache": "/srv/mx"})
+    req, _timeout = parse(
+        {
+            "hf_token": SECRET,
+            "hub_offline": True,
+            "hf_endpoint": "http://m:1",
+            "modelexpress_url": "mx:8001",
+            "modelexpress_cache": "/srv/mx",
+        }
+    )
     assert req.repo_id == "gpt2" and req.env.hf_token == SECRET and req.env.hub_offline is True
     assert SECRET not in repr(req)
     assert parse({})[0].env == parse(None)[0].env
-    for bad in ({"hf_token": SECRET + "\r\nX-Evil: 1"}, {"hf_token": 7}, {"hub_offline": "yes"},
-                {"hf_endpoint": f"file:///{SECRET}"}, {"modelexpress_cache": "relative"},
-                {"hf_token": SECRET * 200}, {"unknown": SECRET}, [SECRET]):
+    for bad in (
+        {"hf_token": SECRET + "\r\nX-Evil: 1"},
+        {"hf_token": 7},
+        {"hub_offline": "yes"},
+        {"hf_endpoint": f"file:///{SECRET}"},
+        {"modelexpress_cache": "relative"},
+        {"hf_token": SECRET * 200},
+        {"unknown": SECRET},
+        [SECRET],
+    ):
         with pytest.raises(_BadRequest) as ei:
             parse(bad)
         assert ei.value.status == 400 and "env" in str(ei.value)

@@ -45,8 +45,9 @@ def _quiet():
 @pytest.fixture(scope="module")
 def lane_model(tmp_path_factory):
     """Two 6 MiB-ish weight shards (4 MiB pieces: one aligned, one unaligned tail each) + configs."""
-    root = make_model_dir(tmp_path_factory.mktemp("lane-src"), weights_bytes=12 << 20,
-                          n_weight_files=2, seed=5)
+    root = make_model_dir(
+        tmp_path_factory.mktemp("lane-src"), weights_bytes=12 << 20, n_weight_files=2, seed=5
+    )
     return root, build_manifest(root, "org/lane", "0" * 40)
 
 
@@ -58,13 +59,14 @@ def test_keys_proofs_and_records():
     k = lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4000)
     assert k == lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4000)
     # Every input is bound: ids, mode, port, either contribution.
-    for other in (lc.derive_keys(nd, na, "acceptor", "dialer", lc.MODE_ENCRYPTED, 4000),
-                  lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_PLAINTEXT, 4000),
-                  lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4001),
-                  lc.derive_keys(nd, b"b" * 32, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4000)):
+    for other in (
+        lc.derive_keys(nd, na, "acceptor", "dialer", lc.MODE_ENCRYPTED, 4000),
+        lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_PLAINTEXT, 4000),
+        lc.derive_keys(nd, na, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4001),
+        lc.derive_keys(nd, b"b" * 32, "dialer", "acceptor", lc.MODE_ENCRYPTED, 4000),
+    ):
         assert other.lane_id != k.lane_id and other.dialer_to_acceptor != k.dialer_to_acceptor
-    assert len({k.dialer_proof, k.acceptor_proof, k.dialer_to_acceptor,
-                k.acceptor_to_dialer}) == 4
+    assert len({k.dialer_proof, k.acceptor_proof, k.dialer_to_acceptor, k.acceptor_to_dialer}) == 4
     assert lc.check_proof(k, True, lc.make_proof(k, True))
     assert not lc.check_proof(k, True, lc.make_proof(k, False))  # roles are not interchangeable
     assert "key" not in repr(k).lower().replace("lanekeys", "")
@@ -83,11 +85,10 @@ def test_keys_proofs_and_records():
     s2, o2 = lc.Sealer(k.acceptor_to_dialer), lc.Opener(k.acceptor_to_dialer)
     rec = bytes(s2.seal_piece_into(7, buf, 4096, 100))
     assert lc.HEADER.unpack(rec[:hs]) == (lc.KIND_PIECE, 7, 100)
-    assert rec[hs: hs + 100] != bytes(range(100))
+    assert rec[hs : hs + 100] != bytes(range(100))
     bad_header = lc.HEADER.pack(lc.KIND_PIECE, 8, 100)  # same bytes claimed for another piece
     with pytest.raises(lc.InvalidTag):
-        lc.Opener(k.acceptor_to_dialer).open_piece_into(bad_header, memoryview(bytearray(rec[hs:])),
-                                                        100)
+        lc.Opener(k.acceptor_to_dialer).open_piece_into(bad_header, memoryview(bytearray(rec[hs:])), 100)
     out = memoryview(bytearray(rec[hs:]))
     o2.open_piece_into(rec[:hs], out, 100)
     assert bytes(out[:100]) == bytes(range(100))
@@ -150,14 +151,17 @@ async def open_lane(hosts, lanes, inbound, manifest_hash=b"h" * 32, num_pieces=4
     return a, b
 
 
-@pytest.mark.parametrize(("mode_a", "mode_b", "expect"), [
-    ("encrypted", "encrypted", lc.MODE_ENCRYPTED),
-    ("plaintext", "plaintext", lc.MODE_PLAINTEXT),
-    # Plaintext only if both sides are configured for it: an encrypted node neither offers it
-    # nor accepts it.
-    ("plaintext", "encrypted", lc.MODE_ENCRYPTED),
-    ("encrypted", "plaintext", lc.MODE_ENCRYPTED),
-])
+@pytest.mark.parametrize(
+    ("mode_a", "mode_b", "expect"),
+    [
+        ("encrypted", "encrypted", lc.MODE_ENCRYPTED),
+        ("plaintext", "plaintext", lc.MODE_PLAINTEXT),
+        # Plaintext only if both sides are configured for it: an encrypted node neither offers it
+        # nor accepts it.
+        ("plaintext", "encrypted", lc.MODE_ENCRYPTED),
+        ("encrypted", "plaintext", lc.MODE_ENCRYPTED),
+    ],
+)
 async def test_lane_moves_pieces_that_verify(tmp_path, lane_model, mode_a, mode_b, expect):
     root, m = lane_model
     with trio.fail_after(20):
@@ -217,8 +221,7 @@ async def test_wrong_proof_is_closed_before_any_record(tmp_path):
                 raw = await lane_mod._read_exactly(stream, lane_mod.ACCEPT.size)
                 _m, status, mode, port, nonce_a = lane_mod.ACCEPT.unpack(raw)
                 assert status == lane_mod.STATUS_OK
-                keys = lc.derive_keys(nonce, nonce_a, hosts[0].peer_id, hosts[1].peer_id,
-                                      mode, port)
+                keys = lc.derive_keys(nonce, nonce_a, hosts[0].peer_id, hosts[1].peer_id, mode, port)
                 return stream, keys, port
 
             async def attempt(first_bytes):
@@ -290,8 +293,7 @@ async def test_idle_connection_flood_evicts_oldest_and_honest_lane_opens(tmp_pat
 
             async def offer():
                 stream = await hosts[0].open_lane_stream(hosts[1].peer_id)
-                await stream.write(lane_mod.OFFER.pack(lane_mod.MAGIC, lc.MODE_ENCRYPTED,
-                                                       b"n" * 32))
+                await stream.write(lane_mod.OFFER.pack(lane_mod.MAGIC, lc.MODE_ENCRYPTED, b"n" * 32))
                 raw = await lane_mod._read_exactly(stream, lane_mod.ACCEPT.size)
                 return stream, lane_mod.ACCEPT.unpack(raw)[1]
 
@@ -413,13 +415,29 @@ async def test_transfer_over_lane_links_identical_files(tmp_path, lane_model):
 @asynccontextmanager
 async def two_nodes(tmp_path, model_root, worker_lane="encrypted", front_lane="encrypted"):
     async with AsyncExitStack() as stack:
-        worker = Node(NodeConfig(home=tmp_path / "w" / "home", cache_dir=tmp_path / "w" / "cache",
-                                 serve_hf_cache=False, engine=ENGINE, lookup_timeout=3.0,
-                                 serve=(("org/lane", model_root),), lane=worker_lane))
+        worker = Node(
+            NodeConfig(
+                home=tmp_path / "w" / "home",
+                cache_dir=tmp_path / "w" / "cache",
+                serve_hf_cache=False,
+                engine=ENGINE,
+                lookup_timeout=3.0,
+                serve=(("org/lane", model_root),),
+                lane=worker_lane,
+            )
+        )
         await stack.enter_async_context(worker.running())
-        front = Node(NodeConfig(home=tmp_path / "f" / "home", cache_dir=tmp_path / "f" / "cache",
-                                serve_hf_cache=False, engine=ENGINE, lookup_timeout=3.0,
-                                bootstrap=tuple(worker.host.addrs[:1]), lane=front_lane))
+        front = Node(
+            NodeConfig(
+                home=tmp_path / "f" / "home",
+                cache_dir=tmp_path / "f" / "cache",
+                serve_hf_cache=False,
+                engine=ENGINE,
+                lookup_timeout=3.0,
+                bootstrap=tuple(worker.host.addrs[:1]),
+                lane=front_lane,
+            )
+        )
         await stack.enter_async_context(front.running())
         yield worker, front
 
@@ -448,8 +466,7 @@ async def test_node_fetch_uses_the_lane(tmp_path, lane_model, mode):
 async def test_node_falls_back_to_libp2p_streams(tmp_path, lane_model, how):
     root, _m = lane_model
     with trio.fail_after(30):
-        async with two_nodes(tmp_path, root, "off" if how == "off" else "encrypted") as (
-                worker, front):
+        async with two_nodes(tmp_path, root, "off" if how == "off" else "encrypted") as (worker, front):
             if how == "unreachable":
                 # The worker offers a port where nothing listens: the TCP connect is refused.
                 s = socket.socket()

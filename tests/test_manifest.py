@@ -124,10 +124,7 @@ def raw_of(m: Manifest) -> bytes:
     return raw_encode(
         m.model,
         m.revision,
-        [
-            (f.path, f.size, f.digest, f.piece_size.bit_length() - 1, list(f.piece_hashes))
-            for f in m.files
-        ],
+        [(f.path, f.size, f.digest, f.piece_size.bit_length() - 1, list(f.piece_hashes)) for f in m.files],
     )
 
 
@@ -229,9 +226,7 @@ bad_paths = st.one_of(
     st.tuples(paths, paths).map(lambda t: f"{t[0]}/./{t[1]}"),
     st.tuples(paths, paths).map(lambda t: t[0] + "\\" + t[1]),
     paths.map(lambda p: "..\\" + p),
-    st.tuples(paths, st.sampled_from(CONTROL), st.integers(0, 40)).map(
-        lambda t: _insert(t[0], t[2], t[1])
-    ),
+    st.tuples(paths, st.sampled_from(CONTROL), st.integers(0, 40)).map(lambda t: _insert(t[0], t[2], t[1])),
     paths.map(lambda p: p + "/"),  # trailing slash
     st.tuples(paths, paths).map(lambda t: f"{t[0]}//{t[1]}"),
     st.just(""),
@@ -378,12 +373,8 @@ def test_decode_header_errors() -> None:
         raw_encode("a/b", "r", good, count=MAX_FILES + 1),
         match="MAX_FILES",
     )
-    expect_error(
-        "files[1].path", Manifest.decode, raw_encode("a/b", "r", good, count=2), match="truncated"
-    )
-    expect_error(
-        "manifest", Manifest.decode, b"SWMF" + bytes(MAX_MANIFEST_BYTES), match="MAX_MANIFEST_BYTES"
-    )
+    expect_error("files[1].path", Manifest.decode, raw_encode("a/b", "r", good, count=2), match="truncated")
+    expect_error("manifest", Manifest.decode, b"SWMF" + bytes(MAX_MANIFEST_BYTES), match="MAX_MANIFEST_BYTES")
     expect_error("manifest", Manifest.decode, 12345)
 
 
@@ -427,23 +418,15 @@ def test_decode_file_field_errors() -> None:
 def test_decode_rejects_order_and_collisions() -> None:
     d = b3(b"{}")
     a, b = raw_file("a.json", 2, d), raw_file("b.json", 2, d)
-    expect_error(
-        "files[1].path", Manifest.decode, raw_encode("o/m", "r", [b, a]), match="not sorted"
-    )
-    expect_error(
-        "files[1].path", Manifest.decode, raw_encode("o/m", "r", [a, a]), match="duplicate"
-    )
+    expect_error("files[1].path", Manifest.decode, raw_encode("o/m", "r", [b, a]), match="not sorted")
+    expect_error("files[1].path", Manifest.decode, raw_encode("o/m", "r", [a, a]), match="duplicate")
     big_a = raw_file("A.json", 2, d)
-    expect_error(
-        "files[1].path", Manifest.decode, raw_encode("o/m", "r", [big_a, a]), match="collides"
-    )
+    expect_error("files[1].path", Manifest.decode, raw_encode("o/m", "r", [big_a, a]), match="collides")
     # "Z" (0x5a) sorts before "a" (0x61) and "é" (0xc3 0xa9) after "z": order is by UTF-8 bytes.
     names = ["Z.json", "a.json", "y.json", "é.json", "日.json"]
     files = [raw_file(p, 2, d) for p in names]
     assert [f.path for f in Manifest.decode(raw_encode("o/m", "r", files)).files] == names
-    expect_error(
-        "files[1].path", Manifest.decode, raw_encode("o/m", "r", files[1::-1]), match="not sorted"
-    )
+    expect_error("files[1].path", Manifest.decode, raw_encode("o/m", "r", files[1::-1]), match="not sorted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,9 +514,7 @@ def test_case_collisions_rejected(p: str, data: st.DataObject) -> None:
     err = expect_error("files[1].path", Manifest, "o/m", "r", [fake_entry(a, 1), fake_entry(b, 2)])
     assert "collides with files[0].path" in err.reason
     # Also when other files sort between them.
-    others = data.draw(
-        st.lists(st.sampled_from(["0.json", "M.json", "m/x.json", "~.bin"]), unique=True)
-    )
+    others = data.draw(st.lists(st.sampled_from(["0.json", "M.json", "m/x.json", "~.bin"]), unique=True))
     names = sorted({a, b, *others}, key=str.encode)
     with pytest.raises(ManifestError, match=r"^files\[\d+\]\.path: .*collides"):
         Manifest("o/m", "r", [fake_entry(n, 1) for n in names])
@@ -705,9 +686,7 @@ def test_equality_and_caching() -> None:
 
 
 def test_error_type_and_pickling() -> None:
-    err = expect_error(
-        "files[0].path", Manifest.decode, raw_encode("o/m", "r", [raw_file("a/../b")])
-    )
+    err = expect_error("files[0].path", Manifest.decode, raw_encode("o/m", "r", [raw_file("a/../b")]))
     assert isinstance(err, ValueError)
     back = pickle.loads(pickle.dumps(err))
     assert (back.field, back.reason, str(back)) == (err.field, err.reason, str(err))
@@ -745,9 +724,7 @@ def test_max_pieces_real_limit() -> None:
 def test_max_total_bytes_real_limit() -> None:
     files = [fake_entry(f"w{i}.bin", 1 * TiB) for i in range(4)]
     assert Manifest("o/m", "r", files).total_size == MAX_TOTAL_BYTES
-    expect_error(
-        "files", Manifest, "o/m", "r", [*files, fake_entry("x.json", 1)], match="MAX_TOTAL_BYTES"
-    )
+    expect_error("files", Manifest, "o/m", "r", [*files, fake_entry("x.json", 1)], match="MAX_TOTAL_BYTES")
     expect_error("size", fake_entry, "huge.bin", MAX_TOTAL_BYTES + 64 * MiB)
 
 
@@ -934,9 +911,11 @@ def test_select(model_manifest: Manifest) -> None:
     assert names(m.select()) == set(paths)
     assert names(m.select(configs_only=True)) == set(CARRIED_CONFIGS)
     assert names(m.select(allow_patterns="*.safetensors")) == weights
-    assert names(
-        m.select(allow_patterns=["*.json"], ignore_patterns=["*index*", "tokenizer*"])
-    ) == {"config.json", "generation_config.json", "special_tokens_map.json"}
+    assert names(m.select(allow_patterns=["*.json"], ignore_patterns=["*index*", "tokenizer*"])) == {
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    }
     assert names(m.select(configs_only=True, allow_patterns="*.safetensors*")) == {
         "model.safetensors.index.json"
     }
@@ -1020,9 +999,7 @@ def pseudo(n: int, key: int) -> bytes:
     return blake3.blake3(key.to_bytes(8, "big")).digest(length=n)
 
 
-@settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.dictionaries(
         st.lists(
@@ -1126,9 +1103,7 @@ def test_build_hf_snapshot_follows_symlinks(
         "../../../blobs/" + os.readlink(snap / "config.json").split("/")[-1]
     )
     m2 = build_manifest(snap, "test-org/tiny-llama", REV)
-    assert [f.path for f in m2.files] == sorted(
-        [*carried_files(2), "sub/extra.json"], key=str.encode
-    )
+    assert [f.path for f in m2.files] == sorted([*carried_files(2), "sub/extra.json"], key=str.encode)
     # A dangling link is an incomplete snapshot: an error naming the file.
     (snap / "broken.json").symlink_to("../../blobs/missing")
     err = expect_error("files['broken.json']", build_manifest, snap, "test-org/tiny-llama", REV)
@@ -1205,9 +1180,7 @@ def test_build_rejects_case_collisions(tmp_path: Path) -> None:
     expect_error("files[1].path", build_manifest, tmp_path, "o/m", "r", match="collides")
 
 
-def test_build_error_in_progress_stops_hashing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_build_error_in_progress_stops_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(4):
         write_pseudorandom(tmp_path / f"w{i}.bin", 6 * MiB, b"k%d" % i)
     monkeypatch.setattr(mf, "_CHUNK", 64 * KiB)  # readers are mid-file when the error comes
@@ -1220,9 +1193,7 @@ def test_build_error_in_progress_stops_hashing(
 
     with pytest.raises(Stop):
         build_manifest(tmp_path, "o/m", "r", threads=2, progress=progress)
-    assert not [
-        t for t in threading.enumerate() if t.name.startswith(("swarm-hash", "swarm-manifest"))
-    ]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("swarm-hash", "swarm-manifest"))]
 
 
 def test_build_detects_size_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -171,8 +171,7 @@ async def _async(v):
 
 async def test_wildcard_listen_advertises_dialable_addresses(tmp_path):
     with trio.fail_after(30):
-        async with running(tmp_path, 1, listen=["/ip4/0.0.0.0/tcp/0"]) as (a,), \
-                running(tmp_path, 1) as (b,):
+        async with running(tmp_path, 1, listen=["/ip4/0.0.0.0/tcp/0"]) as (a,), running(tmp_path, 1) as (b,):
             assert a.addrs and not any("/0.0.0.0/" in x for x in a.addrs)
             assert await b.connect(a.addrs[0]) == a.peer_id
             key = model_key("org/wild")
@@ -185,8 +184,9 @@ async def test_bootstrap_connects_and_fills_routing_table(tmp_path):
     with trio.fail_after(30):
         async with running(tmp_path, 1) as (a,):
             b = SwarmHost(new_key(tmp_path), bootstrap=[a.addrs[0]])
-            c = SwarmHost(new_key(tmp_path), bootstrap=[a.addrs[0], "/ip4/127.0.0.1/tcp/9/p2p/"
-                                                        + new_peer_id(tmp_path)])
+            c = SwarmHost(
+                new_key(tmp_path), bootstrap=[a.addrs[0], "/ip4/127.0.0.1/tcp/9/p2p/" + new_peer_id(tmp_path)]
+            )
             async with b.run(), c.run():
                 assert b.connected_peers() == [a.peer_id]
                 assert a.peer_id in c.connected_peers()  # the dead bootstrap entry is only logged
@@ -239,9 +239,11 @@ async def test_noise_is_the_only_security_protocol(tmp_path):
 
 async def test_private_network_psk(tmp_path):
     with trio.fail_after(40):
-        async with running(tmp_path, 2, psk=PSK_A) as (a, b), \
-                running(tmp_path, 1, psk=PSK_B, connect_timeout=2.0) as (c,), \
-                running(tmp_path, 1, connect_timeout=2.0) as (d,):
+        async with (
+            running(tmp_path, 2, psk=PSK_A) as (a, b),
+            running(tmp_path, 1, psk=PSK_B, connect_timeout=2.0) as (c,),
+            running(tmp_path, 1, connect_timeout=2.0) as (d,),
+        ):
             assert await b.connect(a.addrs[0]) == a.peer_id
             assert b.security_protocol(a.peer_id) == "/noise"
             with pytest.raises(NetError):  # wrong key: never gets past the handshake
@@ -250,8 +252,10 @@ async def test_private_network_psk(tmp_path):
                 await d.connect(a.addrs[0])
             assert a.connected_peers() == [b.peer_id]
             # With a PSK even multistream-select is encrypted: a raw offer gets nothing sensible.
-            with pytest.raises((AssertionError, trio.BrokenResourceError, trio.TooSlowError,
-                                IndexError)), trio.fail_after(3):
+            with (
+                pytest.raises((AssertionError, trio.BrokenResourceError, trio.TooSlowError, IndexError)),
+                trio.fail_after(3),
+            ):
                 await _multistream_offer(a.addrs[0], "/plaintext/2.0.0")
             # a still works for its own network
             key = manifest_key(bytes(32))
@@ -286,8 +290,7 @@ async def test_provide_and_find_providers(tmp_path):
             assert len(await a.find_providers(mkey, limit=1)) == 1
             b.stop_providing(mkey)
             assert mkey not in b._dht.provider_store.providing_keys
-            assert b.peer_id not in {i.peer_id.to_base58()
-                                     for i in b._dht.provider_store.get_providers(mkey)}
+            assert b.peer_id not in {i.peer_id.to_base58() for i in b._dht.provider_store.get_providers(mkey)}
 
 
 async def _at_least(coro, n):
@@ -308,8 +311,7 @@ async def test_find_providers_looks_past_a_stale_local_cache(tmp_path):
             await poll(lambda: _async(a_store.get_providers(key)))
             # q looks the key up once through the library, which caches p1 in q's local store
             # (and answers with duplicates: one copy per peer that knew p1).
-            assert {i.peer_id.to_base58() for i in await q._dht.find_providers(key.hex())} \
-                == {p1.peer_id}
+            assert {i.peer_id.to_base58() for i in await q._dht.find_providers(key.hex())} == {p1.peer_id}
             assert [i.peer_id.to_base58() for i in q_store.get_providers(key)] == [p1.peer_id]
             async with running(tmp_path, 1) as (p2,):
                 await p2.connect(a.addrs[0])
@@ -317,8 +319,9 @@ async def test_find_providers_looks_past_a_stale_local_cache(tmp_path):
                 await poll(lambda: _async(len(a_store.get_providers(key)) >= 2))
                 # Should p2's ADD_PROVIDER have reached q directly, forget it: q's cache is stale.
                 q_store.providers[key].pop(p2.peer_id, None)
-                assert [i.peer_id.to_base58() for i in await q._dht.find_providers(key.hex())] \
-                    == [p1.peer_id]  # the library's lookup is stuck on the cache
+                assert [i.peer_id.to_base58() for i in await q._dht.find_providers(key.hex())] == [
+                    p1.peer_id
+                ]  # the library's lookup is stuck on the cache
                 found = await q.find_providers(key, timeout=3)
                 assert sorted(p.peer_id for p in found) == sorted([p1.peer_id, p2.peer_id])
 
@@ -344,8 +347,10 @@ async def test_manifest_protocol_round_trip_and_failing_handler(tmp_path):
             a.set_manifest_handler(handler)
             req = wire.ManifestRequest("org/m", "main", bytes(range(32)))
             replies = await b.fetch_manifests(PeerAddr(a.peer_id, ()), req)
-            assert replies == [wire.ManifestReply(b"manifest-1", b"sig"),
-                               wire.ManifestReply(b"x" * (1 << 20), b"")]
+            assert replies == [
+                wire.ManifestReply(b"manifest-1", b"sig"),
+                wire.ManifestReply(b"x" * (1 << 20), b""),
+            ]
             assert calls[-1] == req
             with pytest.raises(NetError, match="internal error"):
                 await b.fetch_manifests(a.peer_id, wire.ManifestRequest("org/boom"))
@@ -413,8 +418,9 @@ async def test_pieces_link_both_directions_at_once(tmp_path):
     with trio.fail_after(60):
         async with running(tmp_path, 2) as (a, b):
             a.set_pieces_handler(on_link)
-            link = await b.open_pieces_link(PeerAddr(a.peer_id, tuple(
-                x.rsplit("/p2p/", 1)[0] for x in a.addrs)))
+            link = await b.open_pieces_link(
+                PeerAddr(a.peer_id, tuple(x.rsplit("/p2p/", 1)[0] for x in a.addrs))
+            )
             assert isinstance(link, StreamLink) and link.peer_id == a.peer_id and link.outbound
             t0 = trio.current_time()
             await exchange(link, None, pieces_b, 3, got_b)
@@ -462,6 +468,7 @@ async def test_garbage_on_pieces_protocol(tmp_path):
                 while True:
                     await link.receive()
             await link.aclose()
+
             # 3. a peer whose pieces handler answers with garbage: ProtocolError on our side
             async def garbage_handler(stream):
                 try:
@@ -613,8 +620,7 @@ async def test_engine_downloads_over_libp2p(tmp_path, model_dir, model_manifest)
             a.set_pieces_handler(on_link)
             await b.connect(a.addrs[0])
             await a.provide(manifest_key(m.manifest_hash))
-            providers = await poll(lambda: b.find_providers(manifest_key(m.manifest_hash),
-                                                            timeout=2))
+            providers = await poll(lambda: b.find_providers(manifest_key(m.manifest_hash), timeout=2))
             assert [p.peer_id for p in providers] == [a.peer_id]
             link = await b.open_pieces_link(providers[0])
             n.start_soon(leech.serve_link, link)
@@ -648,8 +654,8 @@ async def test_manifest_reply_budget_is_enforced():
     ok = await SwarmHost._manifest_exchange(_ScriptedLink([big, big, wire.ManifestEnd(2)]), request)
     assert len(ok) == 2  # 24 MiB: within MAX_MANIFEST_REPLY_BYTES
     with pytest.raises(wire.ProtocolError, match="manifest reply over"):
-        await SwarmHost._manifest_exchange(
-            _ScriptedLink([big, big, big, wire.ManifestEnd(3)]), request)
+        await SwarmHost._manifest_exchange(_ScriptedLink([big, big, big, wire.ManifestEnd(3)]), request)
     with pytest.raises(wire.ProtocolError, match="too many"):
         await SwarmHost._manifest_exchange(
-            _ScriptedLink([wire.ManifestReply(b"m")] * (wire.MAX_MANIFESTS_PER_REPLY + 1)), request)
+            _ScriptedLink([wire.ManifestReply(b"m")] * (wire.MAX_MANIFESTS_PER_REPLY + 1)), request
+        )

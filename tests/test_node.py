@@ -26,8 +26,16 @@ def same_tree(src: Path, snap: Path, names) -> None:
 
 
 async def start(stack, tmp_path, name, **kw):
-    node = Node(NodeConfig(home=tmp_path / name / "home", cache_dir=tmp_path / name / "cache",
-                           serve_hf_cache=False, engine=ENGINE, lookup_timeout=3.0, **kw))
+    node = Node(
+        NodeConfig(
+            home=tmp_path / name / "home",
+            cache_dir=tmp_path / name / "cache",
+            serve_hf_cache=False,
+            engine=ENGINE,
+            lookup_timeout=3.0,
+            **kw,
+        )
+    )
     await stack.enter_async_context(node.running())
     return node
 
@@ -41,8 +49,7 @@ async def test_worker_serves_two_frontends_fetch(tmp_path, model_dir):
         paths = {}
 
         async def fetch(i, node):
-            paths[i] = await node.fetch(FetchRequest("org/private",
-                                                     cache_dir=node.config.cache_dir))
+            paths[i] = await node.fetch(FetchRequest("org/private", cache_dir=node.config.cache_dir))
 
         with trio.fail_after(40):
             async with trio.open_nursery() as n:
@@ -66,13 +73,14 @@ async def test_configs_only_and_hf_offline_lookup(tmp_path, model_dir):
         worker = await start(stack, tmp_path, "w", serve=(("org/private", model_dir),))
         front = await start(stack, tmp_path, "f", bootstrap=tuple(worker.host.addrs[:1]))
         with trio.fail_after(30):
-            snap = await front.fetch(FetchRequest("org/private", configs_only=True,
-                                                  cache_dir=front.config.cache_dir))
+            snap = await front.fetch(
+                FetchRequest("org/private", configs_only=True, cache_dir=front.config.cache_dir)
+            )
         assert (snap / "config.json").is_file()
         assert not list(snap.glob("*.safetensors"))
         found = await trio.to_thread.run_sync(
-            lambda: snapshot_download("org/private", cache_dir=front.config.cache_dir,
-                                      local_files_only=True))
+            lambda: snapshot_download("org/private", cache_dir=front.config.cache_dir, local_files_only=True)
+        )
         assert Path(found) == snap
 
 
@@ -94,15 +102,27 @@ async def test_trusted_publishers_policy(tmp_path, model_dir):
     async with AsyncExitStack() as stack:
         worker = await start(stack, tmp_path, "w", serve=(("org/private", model_dir),))
         boot = tuple(worker.host.addrs[:1])
-        trusting = await start(stack, tmp_path, "t", bootstrap=boot, trust=TrustPolicy(
-            "trusted-publishers", frozenset({worker.peer_id})))
-        other = await start(stack, tmp_path, "o", bootstrap=boot, trust=TrustPolicy(
-            "trusted-publishers", frozenset({trusting.peer_id})))
+        trusting = await start(
+            stack,
+            tmp_path,
+            "t",
+            bootstrap=boot,
+            trust=TrustPolicy("trusted-publishers", frozenset({worker.peer_id})),
+        )
+        other = await start(
+            stack,
+            tmp_path,
+            "o",
+            bootstrap=boot,
+            trust=TrustPolicy("trusted-publishers", frozenset({trusting.peer_id})),
+        )
         with trio.fail_after(30):
-            snap = await trusting.fetch(FetchRequest("org/private", configs_only=True,
-                                                     cache_dir=trusting.config.cache_dir))
+            snap = await trusting.fetch(
+                FetchRequest("org/private", configs_only=True, cache_dir=trusting.config.cache_dir)
+            )
         assert (snap / "config.json").is_file()
         with pytest.raises(ModelNotFound, match="not trusted"):
-            await other.fetch(FetchRequest("org/private", configs_only=True,
-                                           cache_dir=other.config.cache_dir))
+            await other.fetch(
+                FetchRequest("org/private", configs_only=True, cache_dir=other.config.cache_dir)
+            )
         assert not list(Path(other.config.cache_dir).rglob("config.json"))

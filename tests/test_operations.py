@@ -66,8 +66,17 @@ def test_metrics_and_json_logs_of_a_real_fetch(tmp_path):
     front = None
     try:
         worker.start().wait_ready()
-        front = NodeProc(tmp_path, "front", "--bootstrap", worker.addr, "--log-format", "json",
-                         "--metrics-listen", f"127.0.0.1:{port}", env=env)
+        front = NodeProc(
+            tmp_path,
+            "front",
+            "--bootstrap",
+            worker.addr,
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+            env=env,
+        )
         front.start().wait_ready()
         path = client.fetch(MODEL, home=front.home, timeout=90, progress=False)
         same_files(src, path, carried_files(2))
@@ -81,8 +90,7 @@ def test_metrics_and_json_logs_of_a_real_fetch(tmp_path):
             m = _samples(text)
             ok = ("swarm_fetch_duration_seconds_count", (("result", "ok"), ("source", "swarm")))
             assert m[ok] == 1
-            missing = ("swarm_fetch_duration_seconds_count",
-                       (("result", "not_found"), ("source", "none")))
+            missing = ("swarm_fetch_duration_seconds_count", (("result", "not_found"), ("source", "none")))
             assert m[missing] == 1
             assert m[("swarm_peer_bytes_total", (("direction", "down"),))] >= size
             assert m[("swarm_pieces_verified_total", ())] > 0
@@ -118,8 +126,17 @@ def test_sigterm_drains_before_stopping(tmp_path):
     env = base_env(tmp_path)
     env["SWARM_DRAIN_TIMEOUT"] = "5"
     # Held to 4 MB/s, the transfer is surely under way when the signal comes.
-    worker = NodeProc(tmp_path, "worker", "--serve", f"{MODEL}={src}", "--log-format", "json",
-                      "--max-upload-rate", "4MB/s", env=env)
+    worker = NodeProc(
+        tmp_path,
+        "worker",
+        "--serve",
+        f"{MODEL}={src}",
+        "--log-format",
+        "json",
+        "--max-upload-rate",
+        "4MB/s",
+        env=env,
+    )
     front = None
     try:
         worker.start().wait_ready()

@@ -29,8 +29,7 @@ WEIGHTS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("origin"), weights_bytes=8 << 20,
-                          n_weight_files=2, seed=5)
+    return make_model_dir(tmp_path_factory.mktemp("origin"), weights_bytes=8 << 20, n_weight_files=2, seed=5)
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +38,14 @@ def clean_env(monkeypatch):
     from huggingface_hub import constants
 
     saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, constants.HF_HUB_OFFLINE)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODEL_EXPRESS_URL", "HF_TOKEN",
-                "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "MODEL_EXPRESS_URL",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_ENDPOINT",
+    ):
         monkeypatch.delenv(var, raising=False)
     yield
     constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, constants.HF_HUB_OFFLINE = saved
@@ -51,8 +56,9 @@ def weights_size(served: Path) -> int:
 
 
 def request(node: Node, hub: FakeHub) -> FetchRequest:
-    return FetchRequest(REPO, cache_dir=node.config.cache_dir, timeout=60.0,
-                        env=SourceEnv(hf_endpoint=hub.url))
+    return FetchRequest(
+        REPO, cache_dir=node.config.cache_dir, timeout=60.0, env=SourceEnv(hf_endpoint=hub.url)
+    )
 
 
 class Crowd:
@@ -68,10 +74,16 @@ class Crowd:
     async def start(self, n: int) -> None:
         for i in range(n):
             boot = tuple(self.nodes[0].host.addrs[:1]) if self.nodes else ()
-            node = Node(NodeConfig(home=self.tmp_path / f"n{i}" / "home",
-                                   cache_dir=self.tmp_path / f"n{i}" / "cache",
-                                   serve_hf_cache=True, engine=ENGINE, lookup_timeout=3.0,
-                                   bootstrap=boot))
+            node = Node(
+                NodeConfig(
+                    home=self.tmp_path / f"n{i}" / "home",
+                    cache_dir=self.tmp_path / f"n{i}" / "cache",
+                    serve_hf_cache=True,
+                    engine=ENGINE,
+                    lookup_timeout=3.0,
+                    bootstrap=boot,
+                )
+            )
             self.nodes.append(node)
             scope = trio.CancelScope()
             self.scopes.append([scope])
@@ -102,8 +114,7 @@ class Crowd:
             self.scopes[i].append(scope)
             with scope:
                 try:
-                    self.results[i] = await node.fetch_with_fallback(request(node, hub),
-                                                                     on_event=on_event)
+                    self.results[i] = await node.fetch_with_fallback(request(node, hub), on_event=on_event)
                 except Exception as e:  # kept for the test to look at
                     self.results[i] = e
             left[0] -= 1
@@ -155,8 +166,9 @@ async def _kill_when(crowd: Crowd, hub: FakeHub, fraction: float, model_bytes: i
 
 @pytest.fixture(scope="module")
 def served_big(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("origin-big"), weights_bytes=32 << 20,
-                          n_weight_files=2, seed=6)
+    return make_model_dir(
+        tmp_path_factory.mktemp("origin-big"), weights_bytes=32 << 20, n_weight_files=2, seed=6
+    )
 
 
 @pytest.fixture
@@ -195,10 +207,15 @@ async def test_dead_puller_is_replaced(tmp_path, served_big, slow_election):
         # Without the copy: the whole model again on top of the half (or more) the dead one had.
         # With it: only what the copy lagged behind (~1 s of pull here, every node in one busy
         # process) plus what sat in the dead connection's socket buffers.
-        assert hub.bytes_served < total + 0.45 * size, (hub.bytes_served / total, crowd.pulls,
-                                                     [(r.path[-40:], r.range) for r in hub.requests
-                                                      if r.method == "GET" and "resolve" in r.path
-                                                      and "model-" in r.path])
+        assert hub.bytes_served < total + 0.45 * size, (
+            hub.bytes_served / total,
+            crowd.pulls,
+            [
+                (r.path[-40:], r.range)
+                for r in hub.requests
+                if r.method == "GET" and "resolve" in r.path and "model-" in r.path
+            ],
+        )
 
 
 @pytest.mark.timeout(150)
@@ -216,7 +233,8 @@ async def test_stalled_puller_is_replaced(tmp_path, served, slow_election):
             crowd.fetch_all(hub, never)
             with trio.fail_after(110):  # a follower is at times slow (~60 s; issue #14, open)
                 while len(crowd.results) < 2 or any(
-                        i not in crowd.results for i in range(3) if crowd.pulls[:1] != [i]):
+                    i not in crowd.results for i in range(3) if crowd.pulls[:1] != [i]
+                ):
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
         stalled = crowd.pulls[0]
@@ -256,8 +274,9 @@ async def test_non_lfs_file_checked_against_its_git_blob_sha1(tmp_path, served):
     with FakeHub() as hub:
         hub.add_repo(REPO, served, COMMIT)
         hub.corrupt(REPO, "config.json")  # not LFS: the tree's oid (git blob sha1) is the check
-        req = FetchRequest(REPO, cache_dir=tmp_path / "cache", timeout=30.0,
-                           env=SourceEnv(hf_endpoint=hub.url))
+        req = FetchRequest(
+            REPO, cache_dir=tmp_path / "cache", timeout=30.0, env=SourceEnv(hf_endpoint=hub.url)
+        )
         with pytest.raises(VerificationFailed, match=r"config\.json: git blob sha1"):
             await from_hub(req)
         assert not (req.repo_dir / "snapshots" / COMMIT / "config.json").exists()
@@ -265,9 +284,14 @@ async def test_non_lfs_file_checked_against_its_git_blob_sha1(tmp_path, served):
 
 def test_origin_state_decoding_refuses_garbage():
     assert OriginState.decode(OriginState("pulling", 5, "x").encode()) == OriginState("pulling", 5, "x")
-    for raw in (b"", b"[]", b'{"state": "lord", "progress": 0, "leader": ""}',
-                b'{"state": "waiting", "progress": -1, "leader": ""}',
-                b'{"state": "waiting", "progress": true, "leader": ""}', b"\xff"):
+    for raw in (
+        b"",
+        b"[]",
+        b'{"state": "lord", "progress": 0, "leader": ""}',
+        b'{"state": "waiting", "progress": -1, "leader": ""}',
+        b'{"state": "waiting", "progress": true, "leader": ""}',
+        b"\xff",
+    ):
         with pytest.raises(ValueError):
             OriginState.decode(raw)
 
@@ -277,7 +301,8 @@ def test_election_order_is_the_same_everywhere():
     assert len(key) == 34 and origin_key(REPO, "v2") != key
     peers = [f"peer{i}" for i in range(8)]
     assert sorted(peers, key=lambda p: distance(p, key)) == sorted(
-        reversed(peers), key=lambda p: distance(p, key))
+        reversed(peers), key=lambda p: distance(p, key)
+    )
 
 
 @pytest.mark.timeout(60)
@@ -286,9 +311,14 @@ async def test_garbage_origin_query_does_not_hurt_the_host(tmp_path):
         nodes = []
         for i in range(2):
             boot = tuple(nodes[0].host.addrs[:1]) if nodes else ()
-            node = Node(NodeConfig(home=tmp_path / f"g{i}" / "home",
-                                   cache_dir=tmp_path / f"g{i}" / "cache", engine=ENGINE,
-                                   bootstrap=boot))
+            node = Node(
+                NodeConfig(
+                    home=tmp_path / f"g{i}" / "home",
+                    cache_dir=tmp_path / f"g{i}" / "cache",
+                    engine=ENGINE,
+                    bootstrap=boot,
+                )
+            )
             await stack.enter_async_context(node.running())
             nodes.append(node)
         a, b = nodes

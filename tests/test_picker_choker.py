@@ -60,8 +60,7 @@ def test_picker_never_asks_for_what_the_peer_lacks_or_we_have_and_terminates(sw,
             p.requested(i)
             assert p.in_flight[i] <= ENDGAME_MAX_DUPLICATES
             outstanding[k].add(i)
-        if not picks and not any(outstanding) and not any(
-                p.pick(h, set(), 1) for h in peers):
+        if not picks and not any(outstanding) and not any(p.pick(h, set(), 1) for h in peers):
             # Nothing requestable from anyone and nothing pending: only unobtainable pieces may
             # remain in the current class.
             assert not (p.missing & set().union(*peers))
@@ -82,27 +81,29 @@ def slots(ids, **kw):
     return [PeerSlot(i, **kw) for i in ids]
 
 
-@given(st.integers(1, 8), st.lists(st.tuples(st.booleans(), st.booleans(),
-                                              st.floats(0, 100), st.floats(0, 1e6)),
-                                   max_size=20),
-       st.booleans(), st.floats(0, 200))
+@given(
+    st.integers(1, 8),
+    st.lists(st.tuples(st.booleans(), st.booleans(), st.floats(0, 100), st.floats(0, 1e6)), max_size=20),
+    st.booleans(),
+    st.floats(0, 200),
+)
 def test_choker_never_exceeds_slots_and_only_unchokes_interested(nslots, specs, seeding, now):
     ch = Choker(nslots, hold=2.0)
-    peers = [PeerSlot(f"p{k}", interested=i, unchoked=u, since=s, down_rate=r)
-             for k, (i, u, s, r) in enumerate(specs)]
+    peers = [
+        PeerSlot(f"p{k}", interested=i, unchoked=u, since=s, down_rate=r)
+        for k, (i, u, s, r) in enumerate(specs)
+    ]
     unchoke, choke = ch.rechoke(peers, now, seeding=seeding)
     ids_c = {p.peer_id for p in choke}
     for p in unchoke:
         assert p.interested and not p.unchoked
     for p in choke:
         assert p.unchoked
-    after = {p.peer_id for p in peers if p.unchoked and p.peer_id not in ids_c} | {
-        p.peer_id for p in unchoke}
+    after = {p.peer_id for p in peers if p.unchoked and p.peer_id not in ids_c} | {p.peer_id for p in unchoke}
     assert len(after) <= max(nslots, sum(1 for p in peers if p.unchoked and p.interested))
     assert all(p.interested for p in peers if p.peer_id in after)
     fill = ch.fill(peers, now)
-    assert sum(1 for p in peers if p.unchoked) + len(fill) <= max(
-        nslots, sum(1 for p in peers if p.unchoked))
+    assert sum(1 for p in peers if p.unchoked) + len(fill) <= max(nslots, sum(1 for p in peers if p.unchoked))
 
 
 def test_seeding_rotation_serves_everyone_in_turn():
@@ -127,10 +128,12 @@ def test_seeding_rotation_serves_everyone_in_turn():
 
 def test_downloading_reciprocates_best_senders():
     ch = Choker(3, hold=1.0)
-    peers = [PeerSlot("fast", interested=True, unchoked=True, down_rate=100.0),
-             PeerSlot("mid", interested=True, unchoked=False, down_rate=50.0),
-             PeerSlot("zero1", interested=True, unchoked=True, down_rate=0.0, since=0.0),
-             PeerSlot("zero2", interested=True, unchoked=False, down_rate=0.0, since=0.0)]
+    peers = [
+        PeerSlot("fast", interested=True, unchoked=True, down_rate=100.0),
+        PeerSlot("mid", interested=True, unchoked=False, down_rate=50.0),
+        PeerSlot("zero1", interested=True, unchoked=True, down_rate=0.0, since=0.0),
+        PeerSlot("zero2", interested=True, unchoked=False, down_rate=0.0, since=0.0),
+    ]
     unchoke, choke = ch.rechoke(peers, 10.0, seeding=False)
     result = {p.peer_id for p in peers if p.unchoked} - {p.peer_id for p in choke}
     result |= {p.peer_id for p in unchoke}
@@ -162,12 +165,19 @@ def test_seeds_serving_the_same_waiting_peers_do_not_herd():
     served = []
     for seed in range(4):
         ch = Choker(slots=4, hold=2.0, rng=random.Random(seed))
-        slots = [PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=ch.wait_key(10.0))
-                 for k in range(16)]
+        slots = [
+            PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=ch.wait_key(10.0)) for k in range(16)
+        ]
         served.append({s.peer_id for s in ch.fill(slots, 10.0)})
     assert all(len(s) == 4 for s in served)
     assert len(set().union(*served)) >= 10, served  # in lock-step it would be 4
-    unkeyed = [{s.peer_id for s in Choker(slots=4).fill(
-        [PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=10.0) for k in range(16)], 10.0)}
-        for _ in range(4)]
+    unkeyed = [
+        {
+            s.peer_id
+            for s in Choker(slots=4).fill(
+                [PeerSlot(f"p{k:02d}", interested=True, since=10.0, order=10.0) for k in range(16)], 10.0
+            )
+        }
+        for _ in range(4)
+    ]
     assert len(set().union(*unkeyed)) == 4  # the herd the key breaks up

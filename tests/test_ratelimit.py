@@ -23,20 +23,41 @@ from swarm.ratelimit import BURST_SECONDS, Bandwidth, Limits, Throttle, TokenBuc
 # --- rates as options ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,rate", [
-    ("100M", 100e6), ("100MB/s", 100e6), ("800Mbit/s", 100e6), ("800 Mbps", 100e6),
-    ("1.5G", 1.5e9), ("20MiB/s", 20 * 2**20), ("64kB", 64e3), ("2e6", 2e6), (12_500_000, 12.5e6),
-    ("0", None), ("none", None), ("unlimited", None), (0, None),
-])
+@pytest.mark.parametrize(
+    "text,rate",
+    [
+        ("100M", 100e6),
+        ("100MB/s", 100e6),
+        ("800Mbit/s", 100e6),
+        ("800 Mbps", 100e6),
+        ("1.5G", 1.5e9),
+        ("20MiB/s", 20 * 2**20),
+        ("64kB", 64e3),
+        ("2e6", 2e6),
+        (12_500_000, 12.5e6),
+        ("0", None),
+        ("none", None),
+        ("unlimited", None),
+        (0, None),
+    ],
+)
 def test_rates_parse_in_decimal_si_units_bits_spelled_bit(text, rate):
     assert parse_rate(text, "x") == rate
 
 
-@pytest.mark.parametrize("text,why", [
-    ("100mb", "unknown unit 'b'"), ("5 MBq", "unknown unit"), ("fast", "expected a rate"),
-    ("-5M", "expected a rate"), ("1", "at least 10 kB/s"), (True, "expected a rate"),
-    ("inf", "expected a rate"), (float("inf"), "not a usable rate"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("100mb", "unknown unit 'b'"),
+        ("5 MBq", "unknown unit"),
+        ("fast", "expected a rate"),
+        ("-5M", "expected a rate"),
+        ("1", "at least 10 kB/s"),
+        (True, "expected a rate"),
+        ("inf", "expected a rate"),
+        (float("inf"), "not a usable rate"),
+    ],
+)
 def test_bad_rates_are_refused_with_the_reason(text, why):
     with pytest.raises(ConfigError, match=why):
         parse_rate(text, "--max-upload-rate")
@@ -45,12 +66,10 @@ def test_bad_rates_are_refused_with_the_reason(text, why):
 def test_rate_options_come_from_flags_variables_and_toml(tmp_path):
     conf = tmp_path / "swarm.toml"
     conf.write_text('max_upload_rate = "100MB/s"\nmax_download_rate = 5000000\n')
-    s = resolve_run(config=conf, env={"SWARM_MAX_PEER_UPLOAD_RATE": "80Mbit/s"},
-                    max_download_rate="1G")
+    s = resolve_run(config=conf, env={"SWARM_MAX_PEER_UPLOAD_RATE": "80Mbit/s"}, max_download_rate="1G")
     assert (s.max_upload_rate, s.max_download_rate, s.max_peer_upload_rate) == (100e6, 1e9, 10e6)
     nc = s.node_config()
-    assert (nc.max_upload_rate, nc.max_download_rate, nc.max_peer_upload_rate) == \
-        (100e6, 1e9, 10e6)
+    assert (nc.max_upload_rate, nc.max_download_rate, nc.max_peer_upload_rate) == (100e6, 1e9, 10e6)
     assert resolve_run(env={}).max_upload_rate is None
     with pytest.raises(ConfigError, match="SWARM_MAX_UPLOAD_RATE"):
         resolve_run(env={"SWARM_MAX_UPLOAD_RATE": "lots"})
@@ -61,8 +80,13 @@ def test_rate_options_come_from_flags_variables_and_toml(tmp_path):
 
 
 def test_format_rate():
-    assert [format_rate(r) for r in (None, 20e6, 1.5e9, 64e3, 999)] == \
-        ["unlimited", "20 MB/s", "1.5 GB/s", "64 kB/s", "999 B/s"]
+    assert [format_rate(r) for r in (None, 20e6, 1.5e9, 64e3, 999)] == [
+        "unlimited",
+        "20 MB/s",
+        "1.5 GB/s",
+        "64 kB/s",
+        "999 B/s",
+    ]
 
 
 # --- the bucket, pure ---------------------------------------------------------------------------
@@ -88,8 +112,7 @@ def test_bytes_released_by_any_time_stay_within_burst_plus_rate(rate, start, seq
 
 
 @settings(max_examples=200, deadline=None)
-@given(rate=st.floats(1e4, 1e9), sizes=st.lists(st.integers(1, 8 << 20), min_size=1,
-                                                max_size=60))
+@given(rate=st.floats(1e4, 1e9), sizes=st.lists(st.integers(1, 8 << 20), min_size=1, max_size=60))
 def test_a_caller_that_always_waits_gets_the_full_rate(rate, sizes):
     """Takes issued as soon as the previous wait ends finish exactly when the rate allows: the
     limit is reached, not only respected."""
@@ -153,6 +176,7 @@ async def test_meanwhile_runs_until_the_deadline(autojump_clock):
 
 async def _run_until_done(nursery, leechers, samples, watch, period=0.1):
     """Sample ``watch()`` every ``period`` virtual seconds until every leecher is complete."""
+
     async def sample():
         while True:
             samples.append((trio.current_time(), watch()))
@@ -178,8 +202,9 @@ async def test_upload_limit_holds_and_is_reached(model, autojump_clock):
     async with trio.open_nursery() as n:
         net = Net(n)
         bw = Bandwidth(Limits(upload=rate))
-        seed = net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct,
-                                        bandwidth=bw))
+        seed = net.add(
+            "seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct, bandwidth=bw)
+        )
         leech = net.add("leech", Transfer(m, DictStore(m), config=cfg(), run_blocking=direct))
         net.connect("seed", "leech")
         await _run_until_done(n, [leech], samples, lambda: seed.bytes_up)
@@ -201,8 +226,12 @@ async def test_download_limit_is_global_across_peers(model, autojump_clock):
         net = Net(n)
         for s in ("seed1", "seed2"):
             net.add(s, Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct))
-        leech = net.add("leech", Transfer(m, DictStore(m), config=cfg(), run_blocking=direct,
-                                          bandwidth=Bandwidth(Limits(download=rate))))
+        leech = net.add(
+            "leech",
+            Transfer(
+                m, DictStore(m), config=cfg(), run_blocking=direct, bandwidth=Bandwidth(Limits(download=rate))
+            ),
+        )
         net.connect("seed1", "leech")
         net.connect("seed2", "leech")
         await _run_until_done(n, [leech], samples, lambda: leech.bytes_down)
@@ -223,17 +252,30 @@ async def test_per_peer_upload_cap_is_per_peer(model, autojump_clock):
     samples = []
     async with trio.open_nursery() as n:
         net = Net(n)
-        seed = net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct,
-                                        bandwidth=Bandwidth(Limits(peer_upload=rate))))
+        seed = net.add(
+            "seed",
+            Transfer(
+                m,
+                DictStore(m, pieces),
+                config=cfg(),
+                run_blocking=direct,
+                bandwidth=Bandwidth(Limits(peer_upload=rate)),
+            ),
+        )
         # Not linked to each other and not uploading (so the seeder's least-copied-first policy
         # holds nothing back): everything comes from the seeder.
-        leechers = [net.add(name, Transfer(m, DictStore(m), config=cfg(), run_blocking=direct,
-                                           may_upload=False)) for name in ("a", "b")]
+        leechers = [
+            net.add(name, Transfer(m, DictStore(m), config=cfg(), run_blocking=direct, may_upload=False))
+            for name in ("a", "b")
+        ]
         for name in ("a", "b"):
             net.connect("seed", name)
-        await _run_until_done(n, leechers, samples,
-                              lambda: [seed.stats[p].bytes_up if p in seed.stats else 0
-                                       for p in ("a", "b")])
+        await _run_until_done(
+            n,
+            leechers,
+            samples,
+            lambda: [seed.stats[p].bytes_up if p in seed.stats else 0 for p in ("a", "b")],
+        )
     burst = rate * BURST_SECONDS
     for t, per_peer in samples:
         for sent in per_peer:
@@ -252,8 +294,9 @@ async def test_limits_change_at_run_time(model, autojump_clock):
     async with trio.open_nursery() as n:
         net = Net(n)
         bw = Bandwidth(Limits(upload=fast))
-        seed = net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct,
-                                        bandwidth=bw))
+        seed = net.add(
+            "seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct, bandwidth=bw)
+        )
         leech = net.add("leech", Transfer(m, DictStore(m), config=cfg(), run_blocking=direct))
         net.connect("seed", "leech")
 
@@ -282,10 +325,13 @@ async def test_unlimited_bandwidth_changes_nothing(model, autojump_clock):
     start = trio.current_time()
     async with trio.open_nursery() as n:
         net = Net(n)
-        net.add("seed", Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct,
-                                 bandwidth=Bandwidth()))
-        leech = net.add("leech", Transfer(m, DictStore(m), config=cfg(), run_blocking=direct,
-                                          bandwidth=Bandwidth()))
+        net.add(
+            "seed",
+            Transfer(m, DictStore(m, pieces), config=cfg(), run_blocking=direct, bandwidth=Bandwidth()),
+        )
+        leech = net.add(
+            "leech", Transfer(m, DictStore(m), config=cfg(), run_blocking=direct, bandwidth=Bandwidth())
+        )
         net.connect("seed", "leech")
         with trio.fail_after(20):
             await leech.completed.wait()
@@ -323,8 +369,17 @@ def test_limits_are_shown_and_changed_through_the_control_api(tmp_path):
         assert st["limits"] == {"upload": 20e6, "download": None, "peer_upload": None}
         assert client.limits(node.home) == st["limits"]
 
-        r = swarm_node("limits", "--home", str(node.home), "--download", "800Mbit/s",
-                       "--peer-upload", "5M", "--json", env=env)
+        r = swarm_node(
+            "limits",
+            "--home",
+            str(node.home),
+            "--download",
+            "800Mbit/s",
+            "--peer-upload",
+            "5M",
+            "--json",
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         want = {"upload": 20e6, "download": 100e6, "peer_upload": 5e6}
         assert json.loads(r.stdout) == want

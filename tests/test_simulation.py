@@ -21,18 +21,37 @@ from simulations.sim import Simulation, simulate
 MBIT = 1e6 / 8
 
 
-def _two_groups(n: int, size: str = "16 MiB", *, seed_up: str = "1 Gbit/s",
-                fetch_up: str = "100 Mbit/s", fetch_down: str = "1 Gbit/s", latency: str = "5 ms",
-                **extra: Any) -> dict[str, Any]:
+def _two_groups(
+    n: int,
+    size: str = "16 MiB",
+    *,
+    seed_up: str = "1 Gbit/s",
+    fetch_up: str = "100 Mbit/s",
+    fetch_down: str = "1 Gbit/s",
+    latency: str = "5 ms",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "name": "t",
-        "model": {"files": [{"path": "config.json", "size": "4 KiB"},
-                            {"path": "model.safetensors", "size": size}]},
+        "model": {
+            "files": [{"path": "config.json", "size": "4 KiB"}, {"path": "model.safetensors", "size": size}]
+        },
         "groups": {
-            "workers": {"role": "seed", "count": 1, "upload": seed_up, "download": "1 Gbit/s",
-                        "latency": latency},
-            "frontends": {"role": "fetch", "count": n, "upload": fetch_up, "download": fetch_down,
-                          "latency": latency, **extra},
+            "workers": {
+                "role": "seed",
+                "count": 1,
+                "upload": seed_up,
+                "download": "1 Gbit/s",
+                "latency": latency,
+            },
+            "frontends": {
+                "role": "fetch",
+                "count": n,
+                "upload": fetch_up,
+                "download": fetch_down,
+                "latency": latency,
+                **extra,
+            },
         },
     }
 
@@ -54,8 +73,14 @@ def test_units():
 
 def test_shipped_scenarios_load_and_bad_keys_are_errors():
     names = {p.stem for p in scenario.shipped()}
-    assert {"flash_crowd", "worker_churn", "rolling_weibull", "heterogeneous", "client_server",
-            "scale_1000"} <= names
+    assert {
+        "flash_crowd",
+        "worker_churn",
+        "rolling_weibull",
+        "heterogeneous",
+        "client_server",
+        "scale_1000",
+    } <= names
     for p in scenario.shipped():
         sc = scenario.load(p)
         b = bounds.for_scenario(sc)
@@ -89,8 +114,9 @@ def statistics_mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def _progressive_filling(flows: list[tuple[int, int, float]], up: list[float], down: list[float]
-                         ) -> list[float]:
+def _progressive_filling(
+    flows: list[tuple[int, int, float]], up: list[float], down: list[float]
+) -> list[float]:
     """Max-min fair rates by the textbook algorithm: raise all unfrozen flows together."""
     rate = [0.0] * len(flows)
     frozen = [False] * len(flows)
@@ -111,8 +137,9 @@ def _progressive_filling(flows: list[tuple[int, int, float]], up: list[float], d
                 for r in res[k]:
                     rem[r] -= inc
         for k, (_, _, cap) in enumerate(flows):
-            if not frozen[k] and (rate[k] >= cap - 1e-9
-                                  or any(rem[r] <= 1e-9 * max(up + down) for r in res[k])):
+            if not frozen[k] and (
+                rate[k] >= cap - 1e-9 or any(rem[r] <= 1e-9 * max(up + down) for r in res[k])
+            ):
                 frozen[k] = True
     return rate
 
@@ -147,15 +174,20 @@ def test_flow_rates_are_max_min_fair():
 
 
 def _churny() -> scenario.Scenario:
-    data = _two_groups(24, "24 MiB", session={"dist": "exponential", "mean": "20 s"},
-                       rejoin={"dist": "exponential", "mean": "2 s"})
+    data = _two_groups(
+        24,
+        "24 MiB",
+        session={"dist": "exponential", "mean": "20 s"},
+        rejoin={"dist": "exponential", "mean": "2 s"},
+    )
     data["groups"]["workers"]["count"] = 2
     data["groups"]["workers"]["session"] = {"dist": "weibull", "k": 0.5, "mean": "4 s"}
     data["groups"]["workers"]["rejoin"] = {"dist": "exponential", "mean": "1 s"}
     data["groups"]["frontends"]["arrival"] = {"process": "poisson", "rate": 8.0}
     data["network"] = {"jitter": "2 ms", "loss": 0.001}
-    data["events"] = [{"at": "1.5 s", "action": "leave", "group": "workers", "count": 1,
-                       "rejoin_after": "1 s"}]
+    data["events"] = [
+        {"at": "1.5 s", "action": "leave", "group": "workers", "count": 1, "rejoin_after": "1 s"}
+    ]
     return scenario.parse(data)
 
 
@@ -171,15 +203,22 @@ def test_same_seed_same_event_log_and_other_seeds_differ():
     assert la == lb
     assert la != lc
     # ... and in another process with another string hash seed.
-    code = ("import hashlib, sys; sys.path.insert(0, 'tests')\n"
-            "from test_simulation import _churny\n"
-            "from simulations import report\n"
-            "from simulations.sim import simulate\n"
-            "r = simulate(_churny(), 11)\n"
-            "print(hashlib.sha256(report.events_text(r).encode()).hexdigest())\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    code = (
+        "import hashlib, sys; sys.path.insert(0, 'tests')\n"
+        "from test_simulation import _churny\n"
+        "from simulations import report\n"
+        "from simulations.sim import simulate\n"
+        "r = simulate(_churny(), 11)\n"
+        "print(hashlib.sha256(report.events_text(r).encode()).hexdigest())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout.strip()
     assert out == hashlib.sha256(la.encode()).hexdigest()
 
 
@@ -224,9 +263,15 @@ def test_homogeneous_flash_crowd_median_within_15pct_of_kumar_ross():
 
 @pytest.mark.timeout(200)
 def test_client_server_baseline_matches_N_F_over_u_s():
-    sc = scenario.load(scenario.SCENARIO_DIR / "client_server.toml",
-                       {"model.files": [{"path": "config.json", "size": "4 KiB"},
-                                        {"path": "model.safetensors", "size": "256 MiB"}]})
+    sc = scenario.load(
+        scenario.SCENARIO_DIR / "client_server.toml",
+        {
+            "model.files": [
+                {"path": "config.json", "size": "4 KiB"},
+                {"path": "model.safetensors", "size": "256 MiB"},
+            ]
+        },
+    )
     b = bounds.for_scenario(sc)
     r = simulate(sc, 1, log_pieces=False)
     times = r.completion_times()
@@ -248,8 +293,12 @@ def test_client_server_baseline_matches_N_F_over_u_s():
 def test_shipped_scenarios_run_scaled_down(name):
     path = scenario.SCENARIO_DIR / f"{name}.toml"
     raw = scenario.load(path).raw
-    overrides: dict[str, Any] = {"model.files": [{"path": "config.json", "size": "4 KiB"},
-                                                 {"path": "model.safetensors", "size": "32 MiB"}]}
+    overrides: dict[str, Any] = {
+        "model.files": [
+            {"path": "config.json", "size": "4 KiB"},
+            {"path": "model.safetensors", "size": "32 MiB"},
+        ]
+    }
     for g, spec in raw["groups"].items():
         if spec.get("role", "fetch") == "fetch":
             overrides[f"groups.{g}.count"] = 12
@@ -257,8 +306,11 @@ def test_shipped_scenarios_run_scaled_down(name):
     r = simulate(sc, 2)
     assert r.stopped_by == "done"
     assert r.stats["engine_internal_errors"] == 0
-    assert r.stats["finished"] + r.stats["gone"] == r.stats["fetchers"] == sum(
-        g.count for g in sc.groups if g.role == "fetch")
+    assert (
+        r.stats["finished"] + r.stats["gone"]
+        == r.stats["fetchers"]
+        == sum(g.count for g in sc.groups if g.role == "fetch")
+    )
     if name != "heterogeneous":
         assert any(e[1] == "depart" for e in r.events)
 
@@ -284,8 +336,9 @@ def test_frontends_that_may_not_serve_are_never_asked():
     r = simulate(scenario.parse(data), 1)
     assert r.stats["finished"] == 6
     assert all(n.bytes_up == 0 for n in r.nodes if n.role == "fetch")
-    assert not any(e[1] == "connect" and e[2].startswith("frontends") and e[3].startswith("frontends")
-                   for e in r.events)
+    assert not any(
+        e[1] == "connect" and e[2].startswith("frontends") and e[3].startswith("frontends") for e in r.events
+    )
 
 
 def test_a_node_serving_corrupt_pieces_is_banned_and_the_fetch_still_completes():
@@ -299,8 +352,9 @@ def test_a_node_serving_corrupt_pieces_is_banned_and_the_fetch_still_completes()
 
 def test_progress_is_reported():
     seen = []
-    Simulation(scenario.parse(_two_groups(10)), 1,
-               progress=lambda t, done, total: seen.append((done, total))).run()
+    Simulation(
+        scenario.parse(_two_groups(10)), 1, progress=lambda t, done, total: seen.append((done, total))
+    ).run()
     assert seen and seen[-1] == (10, 10)
 
 
@@ -324,18 +378,38 @@ upload = "100 Mbit/s"
 announce = "start"
 """)
     out = tmp_path / "out"
-    assert cli.main(["run", str(toml), "--seeds", "2", "--jobs", "1", "--out", str(out),
-                     "--quiet"]) == 0
-    for f in ("summary.json", "events_seed1.csv", "events_seed2.csv", "completion_cdf.png",
-              "seeder_upload.png", "completion_over_bound.png"):
+    assert cli.main(["run", str(toml), "--seeds", "2", "--jobs", "1", "--out", str(out), "--quiet"]) == 0
+    for f in (
+        "summary.json",
+        "events_seed1.csv",
+        "events_seed2.csv",
+        "completion_cdf.png",
+        "seeder_upload.png",
+        "completion_over_bound.png",
+    ):
         assert (out / f).stat().st_size > 0, f
     doc = json.loads((out / "summary.json").read_text())
     assert doc["bounds"]["N"] == 8 and len(doc["per_seed"]) == 2
     assert doc["aggregate"]["completion_median"]["mean"] > 0
     assert (out / "events_seed1.csv").read_text().startswith("t,event,node,peer,value\n")
     sw = tmp_path / "sweep"
-    assert cli.main(["run", str(toml), "--seeds", "1", "--out", str(sw), "--quiet",
-                     "--sweep", "groups.frontends.count=4,8", "--no-plots"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(toml),
+                "--seeds",
+                "1",
+                "--out",
+                str(sw),
+                "--quiet",
+                "--sweep",
+                "groups.frontends.count=4,8",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((sw / "sweep.json").read_text())
     assert [p["bounds"]["N"] for p in doc["points"]] == [4, 8]
 
@@ -359,8 +433,23 @@ announce = "start"
     docs, logs = [], []
     for jobs, name in ((1, "seq"), (2, "par")):
         out = tmp_path / name
-        assert cli.main(["run", str(toml), "--seeds", "2", "--jobs", str(jobs), "--out", str(out),
-                         "--quiet", "--no-plots"]) == 0
+        assert (
+            cli.main(
+                [
+                    "run",
+                    str(toml),
+                    "--seeds",
+                    "2",
+                    "--jobs",
+                    str(jobs),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--no-plots",
+                ]
+            )
+            == 0
+        )
         doc = json.loads((out / "summary.json").read_text())
         for s in doc["per_seed"]:
             s.pop("wall_seconds")
@@ -383,9 +472,11 @@ def test_parallel_seeds_are_limited_to_the_memory_there_is():
 
 
 def test_simulations_never_import_the_network_stack():
-    code = ("import sys, simulations.cli, simulations.sim, simulations.report\n"
-            "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, simulations.cli, simulations.sim, simulations.report\n"
+        "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -394,8 +485,13 @@ def _departure(action: str, seed: int = 3) -> Any:
     2 s still find their records."""
     data = _two_groups(8, "32 MiB", latency="1 ms")
     data["groups"]["workers"]["count"] = 3
-    data["groups"]["late"] = {"role": "fetch", "count": 3, "upload": "100 Mbit/s",
-                              "latency": "1 ms", "arrival": {"process": "flash", "at": "2 s"}}
+    data["groups"]["late"] = {
+        "role": "fetch",
+        "count": 3,
+        "upload": "100 Mbit/s",
+        "latency": "1 ms",
+        "arrival": {"process": "flash", "at": "2 s"},
+    }
     data["events"] = [{"at": "1 s", "action": action, "group": "workers", "count": 2}]
     return simulate(scenario.parse(data), seed)
 
@@ -423,15 +519,19 @@ def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
     data = _two_groups(1, "64 MiB", seed_up="100 Mbit/s", latency="1 ms")
     data["network"] = {"blackhole_reset": "20 s"}
     data["events"] = [{"at": "1 s", "action": "vanish", "group": "frontends"}]
-    data["groups"]["slow"] = {"role": "fetch", "count": 1, "upload": "100 Mbit/s",
-                              "download": "8 Mbit/s", "latency": "1 ms"}  # keeps the run going
+    data["groups"]["slow"] = {
+        "role": "fetch",
+        "count": 1,
+        "upload": "100 Mbit/s",
+        "download": "8 Mbit/s",
+        "latency": "1 ms",
+    }  # keeps the run going
     data["stop_at"] = "40 s"
     r = simulate(scenario.parse(data), 1)
     worker_sees = [e for e in r.events if e[1] == "disconnect" and e[2] == "workers-0000"]
     assert worker_sees and 20.9 <= worker_sees[0][0] <= 21.5, worker_sees  # reset, not before
     assert r.stats["gone"] == 1 and r.stats["engine_internal_errors"] == 0
-    assert not any(e[1] == "disconnect" and e[2] == "workers-0000" and e[3] == "slow-0000"
-                   for e in r.events)
+    assert not any(e[1] == "disconnect" and e[2] == "workers-0000" and e[3] == "slow-0000" for e in r.events)
 
 
 def test_lookup_and_manifest_vote_wait_for_a_vanished_host_and_not_for_a_stopped_one():

@@ -86,8 +86,15 @@ def env(monkeypatch: pytest.MonkeyPatch, hub: FakeHub):
     from huggingface_hub import constants
 
     saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, constants.HF_HUB_OFFLINE)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODEL_EXPRESS_URL", "HF_TOKEN",
-                "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "MODEL_EXPRESS_URL",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     yield monkeypatch
@@ -117,8 +124,11 @@ def assert_same_files(snapshot: Path, served: Path, paths) -> None:
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
-                  for d, _, fs in os.walk(root) for f in fs)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+        for d, _, fs in os.walk(root)
+        for f in fs
+    )
 
 
 def free_port() -> int:
@@ -267,8 +277,11 @@ async def test_modelexpress_lands_files_in_the_hf_layout(
     assert not [n for n in os.listdir(repo / "blobs") if n.endswith(".incomplete")]
     assert mx.calls == {"EnsureModelDownloaded": 1, "ListModelFiles": 1, "StreamModelFiles": 1}
     assert hub.model_requests == []
-    assert {"event": "modelexpress_status", "status": "DOWNLOADED",
-            "message": "Model download completed successfully"} in events
+    assert {
+        "event": "modelexpress_status",
+        "status": "DOWNLOADED",
+        "message": "Model download completed successfully",
+    } in events
 
     # huggingface_hub finds the snapshot offline ...
     from huggingface_hub import snapshot_download
@@ -367,15 +380,17 @@ def test_modelexpress_client_rpcs_as_the_server_answers(mx: FakeModelExpress):
         assert listed and not any(p.endswith(MX_WEIGHT_SUFFIXES) for p in listed)
         chunks = list(client.stream_files(REPO, ["empty.txt"], revision="main"))
         assert [(c.relative_path, c.data, c.is_last_chunk, c.commit_hash) for c in chunks] == [
-            ("empty.txt", b"", True, COMMIT)]  # an empty file is one empty chunk
+            ("empty.txt", b"", True, COMMIT)
+        ]  # an empty file is one empty chunk
         with pytest.raises(ModelExpressNotFound, match="Selected file not found in model directory"):
             list(client.stream_files(REPO, ["config.json", "missing.json"]))
         with pytest.raises(ModelExpressNotFound, match="Failed to resolve revision"):
             client.ensure_downloaded("test-org/nope")
 
 
-async def test_modelexpress_pins_the_revision(cache: Path, served_dir: Path, tmp_path: Path,
-                                              mx: FakeModelExpress, env):
+async def test_modelexpress_pins_the_revision(
+    cache: Path, served_dir: Path, tmp_path: Path, mx: FakeModelExpress, env
+):
     """The revision goes to the server; its resolved commit pins the listing and the stream."""
     v2 = make_model_dir(tmp_path / "v2", weights_bytes=1 << 20, seed=9)
     mx.add_model(REPO, v2, OTHER_COMMIT, refs=("v2",))
@@ -613,17 +628,23 @@ async def test_config_json_alone_is_not_a_configs_set(cache: Path, hub: FakeHub)
     assert local_snapshot(req(cache / "b", configs_only=True)) is None  # no config.json
 
 
-ODD_CONFIGS = {"tokenizer.model.v3": b"\x0a\x05mistral", "vocab.bpe": b"#version: 0.2\nh e\n",
-               "source.spm": b"spm", "model.ckpt.index": b"tf-index"}
+ODD_CONFIGS = {
+    "tokenizer.model.v3": b"\x0a\x05mistral",
+    "vocab.bpe": b"#version: 0.2\nh e\n",
+    "source.spm": b"spm",
+    "model.ckpt.index": b"tf-index",
+}
 
 
 async def test_every_source_picks_configs_with_classify(cache: Path, tmp_path: Path, env):
     """tokenizer.model.v3 and vocab.bpe are configs for classify(), so for the Hub and ModelExpress
     too; model.ckpt.index (what ModelExpress's ignore_weights drops) is a weight everywhere."""
     served = make_model_dir(tmp_path / "odd", weights_bytes=1 << 20, extra_files=ODD_CONFIGS)
-    expected = sorted(p for p in files_under(served)
-                      if classify(p, (served / p).stat().st_size) == "config"
-                      and p not in (".gitattributes", "README.md"))
+    expected = sorted(
+        p
+        for p in files_under(served)
+        if classify(p, (served / p).stat().st_size) == "config" and p not in (".gitattributes", "README.md")
+    )
     assert {"tokenizer.model.v3", "vocab.bpe", "source.spm"} <= set(expected)
     assert "model.ckpt.index" not in expected
     with FakeHub() as hub, FakeModelExpress() as mx:
@@ -633,8 +654,9 @@ async def test_every_source_picks_configs_with_classify(cache: Path, tmp_path: P
         from_hub_ = await fetch_chain(req(cache / "hub", configs_only=True), swarm=None)
         assert from_hub_.source == "hub"
         assert files_under(from_hub_.path) == expected
-        from_mx = await fetch_chain(req(cache / "mx", configs_only=True), swarm=never_swarm,
-                                    modelexpress_url=mx.url)
+        from_mx = await fetch_chain(
+            req(cache / "mx", configs_only=True), swarm=never_swarm, modelexpress_url=mx.url
+        )
         assert from_mx.source == "modelexpress"
         assert files_under(from_mx.path) == expected
         assert mx.requests[-1][1].ignore_weights and mx.requests[1][1].ignore_weights
@@ -654,16 +676,21 @@ async def test_single_part_names(tmp_path: Path, served_dir: Path, hub: FakeHub,
     from huggingface_hub import snapshot_download
 
     found = await trio.to_thread.run_sync(
-        lambda: snapshot_download("gpt2", cache_dir=str(tmp_path / "hub"), local_files_only=True))
+        lambda: snapshot_download("gpt2", cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    )
     assert Path(found) == result.path
-    via_mx = await fetch_chain(FetchRequest("gpt2", cache_dir=tmp_path / "mx", timeout=30),
-                               swarm=never_swarm, modelexpress_url=mx.url)
+    via_mx = await fetch_chain(
+        FetchRequest("gpt2", cache_dir=tmp_path / "mx", timeout=30),
+        swarm=never_swarm,
+        modelexpress_url=mx.url,
+    )
     assert via_mx.path == tmp_path / "mx" / "models--gpt2" / "snapshots" / COMMIT
     assert mx.requests[0][1].model_name == "gpt2"
 
 
-async def test_modelexpress_cache_path_is_a_cache_root(cache: Path, tmp_path: Path,
-                                                      mx: FakeModelExpress, env):
+async def test_modelexpress_cache_path_is_a_cache_root(
+    cache: Path, tmp_path: Path, mx: FakeModelExpress, env
+):
     shared = tmp_path / "mx-shared"
     env.setenv("MODEL_EXPRESS_CACHE_PATH", str(shared))
     env.setenv("HF_HUB_OFFLINE", "1")
@@ -691,8 +718,15 @@ async def test_modelexpress_cache_path_is_a_cache_root(cache: Path, tmp_path: Pa
 
 
 def test_source_env_from_environ_and_over():
-    env = SourceEnv.from_environ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://m/",
-                                  "MODEL_EXPRESS_URL": "mx:8001", "MODEL_EXPRESS_CACHE_PATH": "/c"})
+    env = SourceEnv.from_environ(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_TOKEN": "hf_x",
+            "HF_ENDPOINT": "http://m/",
+            "MODEL_EXPRESS_URL": "mx:8001",
+            "MODEL_EXPRESS_CACHE_PATH": "/c",
+        }
+    )
     assert env == SourceEnv(True, "hf_x", "http://m/", "mx:8001", "/c")
     assert "hf_x" not in repr(env) and "hf_x" not in repr(FetchRequest(REPO, env=env))
     assert SourceEnv.from_environ({}) == SourceEnv()
@@ -703,8 +737,15 @@ def test_source_env_from_environ_and_over():
     assert SourceEnv(hub_offline=False).over(node) == SourceEnv(False, "node", None, "node:1")
     assert SourceEnv.from_json(env.to_json()) == env
     assert SourceEnv().to_json() == {}
-    for bad in ({"hf_endpoint": "ftp://x"}, {"hf_token": "a\nb"}, {"hub_offline": "1"},
-                {"modelexpress_cache": "rel/dir"}, {"hf_token": "x" * 5000}, {"other": "x"}, ["x"]):
+    for bad in (
+        {"hf_endpoint": "ftp://x"},
+        {"hf_token": "a\nb"},
+        {"hub_offline": "1"},
+        {"modelexpress_cache": "rel/dir"},
+        {"hf_token": "x" * 5000},
+        {"other": "x"},
+        ["x"],
+    ):
         with pytest.raises((TypeError, ValueError)):
             SourceEnv.from_json(bad)
 
@@ -730,8 +771,11 @@ async def test_the_requests_environment_decides(cache: Path, hub: FakeHub, mx: F
     assert hub.model_requests == []
 
     # The caller's ModelExpress wins over the node's.
-    result = await fetch_chain(req(cache / "c", env=SourceEnv(modelexpress_url=mx.url)),
-                               swarm=never_swarm, modelexpress_url=f"127.0.0.1:{free_port()}")
+    result = await fetch_chain(
+        req(cache / "c", env=SourceEnv(modelexpress_url=mx.url)),
+        swarm=never_swarm,
+        modelexpress_url=f"127.0.0.1:{free_port()}",
+    )
     assert result.source == "modelexpress"
 
 
@@ -759,8 +803,9 @@ def real_model_client():
     return module
 
 
-def test_the_real_modelexpress_client_accepts_the_fake(tmp_path: Path, served_dir: Path,
-                                                       mx: FakeModelExpress):
+def test_the_real_modelexpress_client_accepts_the_fake(
+    tmp_path: Path, served_dir: Path, mx: FakeModelExpress
+):
     """ModelExpress 0.7's own ModelCacheClient installs metadata, weights and a tagged revision from
     the fake server, and sees NOT_FOUND where the real server answers it."""
     mc = real_model_client()
@@ -785,22 +830,24 @@ def test_the_real_modelexpress_client_accepts_the_fake(tmp_path: Path, served_di
         pinned = client.install_metadata_snapshot(REPO, requested_revision=COMMIT)
         assert pinned == snap
 
-        for call in (lambda: client.ensure_downloaded("test-org/nope"),
-                     lambda: client.ensure_downloaded(REPO, revision="no-such-tag"),
-                     lambda: client.list_files(REPO, revision=OTHER_COMMIT[::-1])):
+        for call in (
+            lambda: client.ensure_downloaded("test-org/nope"),
+            lambda: client.ensure_downloaded(REPO, revision="no-such-tag"),
+            lambda: client.list_files(REPO, revision=OTHER_COMMIT[::-1]),
+        ):
             with pytest.raises(grpc.RpcError) as ei:
                 call()
             assert ei.value.code() == grpc.StatusCode.NOT_FOUND
         missing = mc.model_pb2.ModelFilesRequest(
-            model_name=REPO, file_selector=mc.model_pb2.ModelFileSelector(paths=["config.json", "nope"]))
+            model_name=REPO, file_selector=mc.model_pb2.ModelFileSelector(paths=["config.json", "nope"])
+        )
         with pytest.raises(grpc.RpcError) as ei:
             list(client.stub.StreamModelFiles(missing))
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
         assert "Selected file not found in model directory: nope" in ei.value.details()
 
 
-def test_the_real_modelexpress_client_refuses_a_server_from_before_2026(tmp_path: Path,
-                                                                       mx: FakeModelExpress):
+def test_the_real_modelexpress_client_refuses_a_server_from_before_2026(tmp_path: Path, mx: FakeModelExpress):
     """``pre_revisions`` plays the server the fake used to be: the real client refuses it as it
     would the real one (no resolved_revision; no chunk for an empty file)."""
     mc = real_model_client()
@@ -849,8 +896,9 @@ def test_our_stubs_and_the_real_package_load_in_one_process(order: str, protobuf
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     if protobuf == "python":
         env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
-    r = subprocess.run([sys.executable, "-c", COEXIST, order], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", COEXIST, order], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -867,15 +915,29 @@ async def test_single_part_name_through_the_swarm(tmp_path: Path):
     worker_cache = tmp_path / "w" / "cache"
     snap = make_hf_snapshot(worker_cache, "gpt2", COMMIT, weights_bytes=1 << 20)
     async with AsyncExitStack() as stack:
-        worker = Node(NodeConfig(home=tmp_path / "w" / "home", cache_dir=worker_cache,
-                                 serve_hf_cache=True, engine=engine, lookup_timeout=3.0))
+        worker = Node(
+            NodeConfig(
+                home=tmp_path / "w" / "home",
+                cache_dir=worker_cache,
+                serve_hf_cache=True,
+                engine=engine,
+                lookup_timeout=3.0,
+            )
+        )
         await stack.enter_async_context(worker.running())
         with trio.fail_after(20):
             while not worker.shared:
                 await trio.sleep(0.05)
-        front = Node(NodeConfig(home=tmp_path / "f" / "home", cache_dir=tmp_path / "f" / "cache",
-                                serve_hf_cache=False, engine=engine, lookup_timeout=3.0,
-                                bootstrap=tuple(worker.host.addrs[:1])))
+        front = Node(
+            NodeConfig(
+                home=tmp_path / "f" / "home",
+                cache_dir=tmp_path / "f" / "cache",
+                serve_hf_cache=False,
+                engine=engine,
+                lookup_timeout=3.0,
+                bootstrap=tuple(worker.host.addrs[:1]),
+            )
+        )
         await stack.enter_async_context(front.running())
         with trio.fail_after(30):
             got = await front.fetch(FetchRequest("gpt2", cache_dir=front.config.cache_dir))

@@ -145,9 +145,7 @@ def test_roundtrip_layout(tmp_path: Path, small_model) -> None:
     assert_snapshot_matches(snap, src, m, set(range(len(m.files))))
     repo = store.repo_dir(MODEL)
     assert (repo / "refs" / "main").read_text() == REV
-    assert sorted(p.name for p in (repo / "blobs").iterdir()) == sorted(
-        {f.blake3[7:] for f in m.files}
-    )
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == sorted({f.blake3[7:] for f in m.files})
     assert list((repo / ".swarm" / "partial").iterdir()) == []
     assert store.load_manifest(MODEL, REV) == m
     assert store.load_manifest_by_hash(MODEL, m.manifest_hash) == m
@@ -545,7 +543,10 @@ def test_resume_after_sigkill(tmp_path: Path, small_model) -> None:
     unflushed = [big[1]]  # would complete the file if it were written: it is not
     child = Child(
         child_plan(
-            tmp_path, m, src, cache,
+            tmp_path,
+            m,
+            src,
+            cache,
             [["write", flushed], ["flush"], ["say", "ready"], ["hang"]],
             flush_interval=3600,
         )
@@ -577,7 +578,10 @@ def test_sigkill_unflushed_piece_is_recovered_from_disk(tmp_path: Path, small_mo
     big = list(m.file_piece_range(fi))
     child = Child(
         child_plan(
-            tmp_path, m, src, cache,
+            tmp_path,
+            m,
+            src,
+            cache,
             [["write", big[:1]], ["flush"], ["write", big[1:2]], ["say", "ready"], ["hang"]],
             flush_interval=3600,
         )
@@ -598,8 +602,7 @@ def test_sigkill_unflushed_piece_is_recovered_from_disk(tmp_path: Path, small_mo
         assert dl.read_piece(big[1]) == reader.read_piece(big[1])
 
 
-def test_crash_before_any_flush_recovers_written_pieces(tmp_path: Path, small_model,
-                                                        monkeypatch) -> None:
+def test_crash_before_any_flush_recovers_written_pieces(tmp_path: Path, small_model, monkeypatch) -> None:
     """Killed before any resume state was written: the verified pieces on disk are re-hashed and
     kept at reopen (not fetched again), a piece damaged on disk afterwards is not, nor are the
     never-written ones (holes: not even read where the filesystem reports them)."""
@@ -608,9 +611,11 @@ def test_crash_before_any_flush_recovers_written_pieces(tmp_path: Path, small_mo
     big = list(m.file_piece_range(m.file_index("model-2.safetensors")))  # 3 pieces
     one = list(m.file_piece_range(m.file_index("model-1.safetensors")))  # 2 pieces
     written = [big[0], big[2], one[1]]
-    child = Child(child_plan(tmp_path, m, src, cache,
-                             [["write", written], ["say", "ready"], ["hang"]],
-                             flush_interval=3600))
+    child = Child(
+        child_plan(
+            tmp_path, m, src, cache, [["write", written], ["say", "ready"], ["hang"]], flush_interval=3600
+        )
+    )
     try:
         child.expect("ready")
     finally:
@@ -694,9 +699,18 @@ def test_two_processes_same_manifest(tmp_path: Path, small_model) -> None:
     go = tmp_path / "go"
     a = Child(
         child_plan(
-            tmp_path, m, src, cache,
-            [["write", order[:half]], ["say", "half"], ["wait_file", str(go)],
-             ["write", order[half:]], ["finalize"], ["close"]],
+            tmp_path,
+            m,
+            src,
+            cache,
+            [
+                ["write", order[:half]],
+                ["say", "half"],
+                ["wait_file", str(go)],
+                ["write", order[half:]],
+                ["finalize"],
+                ["close"],
+            ],
         )
     )
     b = None
@@ -829,8 +843,9 @@ def tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root (to make a full disk for real)")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -931,8 +946,13 @@ def test_permission_denied(small_model) -> None:
         mf = base / "m.mf"
         mf.write_bytes(m.encode())
         os.chmod(mf, 0o644)
-        plan = {"manifest": str(mf), "src": str(src), "cache": str(cache), "uid": uid,
-                "steps": [["write", [m.file_piece_range(m.file_index("config.json"))[0]]]]}
+        plan = {
+            "manifest": str(mf),
+            "src": str(src),
+            "cache": str(cache),
+            "uid": uid,
+            "steps": [["write", [m.file_piece_range(m.file_index("config.json"))[0]]]],
+        }
         child = Child(plan)
         try:
             detail = child.expect(("permission", "cannot-drop-root"))[0]
@@ -1009,7 +1029,8 @@ def _record_rereads(monkeypatch) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("order", ["in-order", "reversed", "one-early"])
 def test_whole_file_check_rereads_only_what_arrived_out_of_order(
-        tmp_path: Path, small_model, monkeypatch, order: str) -> None:
+    tmp_path: Path, small_model, monkeypatch, order: str
+) -> None:
     src, m = small_model
     seen = _record_rereads(monkeypatch)
     store = Store(tmp_path / "cache")
@@ -1054,6 +1075,7 @@ def test_threads_writing_in_random_order_publish_correct_files(tmp_path: Path, s
     for i in order:
         work.put(i)
     with store.open_download(m) as dl:
+
         def worker() -> None:
             while True:
                 try:
@@ -1074,7 +1096,8 @@ def test_threads_writing_in_random_order_publish_correct_files(tmp_path: Path, s
 
 @pytest.mark.parametrize("order", ["in-order", "reversed"])
 def test_manifest_whose_file_digest_disagrees_with_its_pieces_is_refused(
-        tmp_path: Path, small_model, order: str) -> None:
+    tmp_path: Path, small_model, order: str
+) -> None:
     """A (hostile) manifest can list a whole-file digest its pieces do not produce: every piece
     verifies, but the file must not be published under that digest."""
     import attrs
@@ -1100,7 +1123,8 @@ def test_manifest_whose_file_digest_disagrees_with_its_pieces_is_refused(
 
 @pytest.mark.parametrize("order", ["in-order", "reversed"])
 def test_direct_io_from_aligned_buffers_including_partial_last_pages(
-        tmp_path: Path, small_model, order: str) -> None:
+    tmp_path: Path, small_model, order: str
+) -> None:
     """The lane hands pieces over in page-aligned buffers: whole pages go to disk with O_DIRECT,
     a file's last partial page through the page cache (model-2 is 9 MiB + 1 byte: its last piece
     is 1 MiB of pages plus one byte). The result must be byte-identical either way."""

@@ -75,8 +75,7 @@ def test_one_worker_four_frontends_trade(tmp, model_dir):
     fronts: list[NodeProc] = []
     try:
         start_all([worker])
-        fronts = [NodeProc(tmp / "t1", f"front{i}", "--bootstrap", worker.addr, env=env)
-                  for i in range(4)]
+        fronts = [NodeProc(tmp / "t1", f"front{i}", "--bootstrap", worker.addr, env=env) for i in range(4)]
         start_all(fronts)
         paths = fetch_all(fronts)
         names = carried_files(2)
@@ -85,8 +84,10 @@ def test_one_worker_four_frontends_trade(tmp, model_dir):
         size = model_bytes(model_dir)
         up = model_stats(worker)["bytes_up"]
         front_up = [model_stats(f)["bytes_up"] for f in fronts]
-        print(f"worker uploaded {up / size:.2f}x the model; frontends uploaded "
-              f"{[round(u / size, 2) for u in front_up]}x")
+        print(
+            f"worker uploaded {up / size:.2f}x the model; frontends uploaded "
+            f"{[round(u / size, 2) for u in front_up]}x"
+        )
         assert up < 3.0 * size, f"worker uploaded {up / size:.2f}x the model size"
         assert sum(front_up) > 0.5 * size
     finally:
@@ -97,8 +98,7 @@ def test_one_worker_four_frontends_trade(tmp, model_dir):
 @pytest.mark.timeout(180)
 def test_frontend_fetches_from_three_workers_at_once(tmp, model_dir):
     env = base_env(tmp)
-    workers = [NodeProc(tmp / "t2", f"w{i}", "--serve", f"{MODEL}={model_dir}", env=env)
-               for i in range(3)]
+    workers = [NodeProc(tmp / "t2", f"w{i}", "--serve", f"{MODEL}={model_dir}", env=env) for i in range(3)]
     front = None
     try:
         start_all(workers[:1])
@@ -135,13 +135,11 @@ def test_worker_killed_mid_transfer(tmp, model_dir):
         killed = threading.Event()
 
         def on_event(ev: dict) -> None:
-            if ev.get("event") == "progress" and not killed.is_set() and \
-                    ev.get("have", 0) > size // 4:
+            if ev.get("event") == "progress" and not killed.is_set() and ev.get("have", 0) > size // 4:
                 killed.set()
                 os.kill(a.popen.pid, signal.SIGKILL)
 
-        path = client.fetch(MODEL, home=front.home, timeout=120, progress=False,
-                            on_event=on_event)
+        path = client.fetch(MODEL, home=front.home, timeout=120, progress=False, on_event=on_event)
         assert killed.is_set(), "the transfer finished before the kill"
         assert a.popen.wait(5) == -signal.SIGKILL
         same_files(model_dir, path, carried_files(2))

@@ -32,8 +32,7 @@ def test_testbed_rejects_what_only_the_simulator_runs():
 @pytest.mark.timeout(90)
 def test_smoke_run_matches_the_run_outputs_and_tears_down(tmp_path):
     path = scenario.SCENARIO_DIR / "testbed_smoke.toml"
-    doc = cli.run_testbed(path, {}, [1], tmp_path, lane="plaintext", plots=False, quiet=True,
-                          timeout=60.0)
+    doc = cli.run_testbed(path, {}, [1], tmp_path, lane="plaintext", plots=False, quiet=True, timeout=60.0)
     s = doc["per_seed"][0]
     assert s["completed"] == s["fetchers"] == 2, s["stats"].get("fetch_errors")
     assert doc["bounds"]["T_min"] > 0 and doc["bounds"]["T_client_server"] > 0
@@ -89,14 +88,26 @@ def test_sigint_tears_everything_down(tmp_path):
     import time
 
     env = dict(os.environ, PYTHONPATH=str(testbed.Path(testbed.__file__).resolve().parent.parent))
-    p = subprocess.Popen([sys.executable, "-m", "simulations", "testbed", "testbed_smoke", "--out",
-                          str(tmp_path), "--no-plots", "--quiet"], env=env,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulations",
+            "testbed",
+            "testbed_smoke",
+            "--out",
+            str(tmp_path),
+            "--no-plots",
+            "--quiet",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     prefix = f"{testbed.PREFIX}-{p.pid}-"
     try:
         deadline = time.monotonic() + 30
-        while not any(n.startswith(prefix) and n.endswith("h2")
-                      for n in testbed._our_namespaces()):
+        while not any(n.startswith(prefix) and n.endswith("h2") for n in testbed._our_namespaces()):
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
             time.sleep(0.05)
         p.send_signal(signal.SIGINT)

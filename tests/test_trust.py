@@ -84,7 +84,7 @@ def test_release_record_carries_seq_and_expiry(keys):
     assert (r.publisher, r.seq, r.expires, r.blob) == (peer_id_of(a), 42, 1_900_000_000, blob)
     # seq and expiry are signed: a relay cannot raise the seq or extend the expiry
     for at, new in ((1, 43), (9, 2_000_000_000)):
-        forged = blob[:at] + struct.pack(">Q", new) + blob[at + 8:]
+        forged = blob[:at] + struct.pack(">Q", new) + blob[at + 8 :]
         with pytest.raises(TrustError, match="does not match"):
             verify_release(forged, H)
 

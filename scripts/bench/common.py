@@ -21,9 +21,14 @@ REPO = HERE.parents[1]
 PY = sys.executable
 
 CONFIG_SET = (  # (name, share of the config set's bytes): 8 files, a tokenizer-heavy repo
-    ("tokenizer.json", 0.40), ("vocab.json", 0.20), ("merges.txt", 0.15),
-    ("tokenizer.model", 0.12), ("config.json", 0.04), ("tokenizer_config.json", 0.04),
-    ("generation_config.json", 0.03), ("special_tokens_map.json", 0.02),
+    ("tokenizer.json", 0.40),
+    ("vocab.json", 0.20),
+    ("merges.txt", 0.15),
+    ("tokenizer.model", 0.12),
+    ("config.json", 0.04),
+    ("tokenizer_config.json", 0.04),
+    ("generation_config.json", 0.03),
+    ("special_tokens_map.json", 0.02),
 )
 
 
@@ -91,9 +96,14 @@ class Child:
 
     def __init__(self, argv: list[str], log: Path, env: dict | None = None):
         self.log = open(log, "ab")  # noqa: SIM115 (closed in close())
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self.log, env={**os.environ, **(env or {})},
-                                  cwd=str(REPO))
+        self.p = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env={**os.environ, **(env or {})},
+            cwd=str(REPO),
+        )
 
     def send(self, **cmd) -> None:
         assert self.p.stdin is not None
@@ -109,8 +119,9 @@ class Child:
                 with contextlib.suppress(OSError):
                     self.p.send_signal(signal.SIGUSR1)
                 time.sleep(0.5)
-            raise TimeoutError(f"no answer from {self.p.args[1:3]} within {timeout:g} s "
-                               f"(see {self.log.name})")
+            raise TimeoutError(
+                f"no answer from {self.p.args[1:3]} within {timeout:g} s (see {self.log.name})"
+            )
         line = self.p.stdout.readline()
         if not line:
             raise RuntimeError(f"child {self.p.args[1:3]} exited (rc={self.p.poll()}); see {self.log.name}")
@@ -148,10 +159,17 @@ def machine() -> dict:
         except OSError:
             return ""
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next((int(ln.split()[1]) for ln in read("/proc/meminfo").splitlines()
-                if ln.startswith("MemTotal")), 0)
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in read("/proc/cpuinfo").splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (int(ln.split()[1]) for ln in read("/proc/meminfo").splitlines() if ln.startswith("MemTotal")), 0
+    )
     versions = {}
     for mod in ("trio", "libp2p", "cryptography", "blake3", "libtorrent"):
         try:
@@ -161,14 +179,19 @@ def machine() -> dict:
             versions[mod] = "not installed"
     try:
         from importlib.metadata import version
+
         versions["libp2p"] = version("libp2p")
     except Exception:
         pass
     df = subprocess.run(["df", "-hT", str(REPO)], capture_output=True, text=True).stdout.splitlines()
     return {
-        "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / (1 << 20), 1),
-        "kernel": platform.release(), "python": platform.python_version(),
-        "fs": df[-1].split()[1] if len(df) > 1 else "?", "versions": versions,
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fs": df[-1].split()[1] if len(df) > 1 else "?",
+        "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
@@ -209,8 +232,12 @@ class Load:
         c1 = sum(proc_jiffies(p) for p in self.pids)
         wall = max(time.time() - self.t0, 1e-6)
         other = max(0, (b1 - self.b0) - (c1 - self.c0)) / HZ
-        return {"other_cpu_s": other, "steal_s": (s1 - self.s0) / HZ, "wall_s": wall,
-                "ours_cpu_s": (c1 - self.c0) / HZ}
+        return {
+            "other_cpu_s": other,
+            "steal_s": (s1 - self.s0) / HZ,
+            "wall_s": wall,
+            "ours_cpu_s": (c1 - self.c0) / HZ,
+        }
 
 
 def wait_quiet(max_wait: float, busy_below: float = 0.3) -> float:

@@ -32,15 +32,23 @@ def settings(preset: str) -> dict:
     s = lt.default_settings()
     if preset == "hps":
         s.update(lt.high_performance_seed())
-    s.update({
-        "listen_interfaces": "127.0.0.1:0",
-        "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
-        "enable_outgoing_utp": False, "enable_incoming_utp": False,
-        "in_enc_policy": int(lt.enc_policy.disabled), "out_enc_policy": int(lt.enc_policy.disabled),
-        "allow_multiple_connections_per_ip": True,
-        "alert_mask": int(lt.alert.category_t.status_notification
-                          | lt.alert.category_t.error_notification),
-    })
+    s.update(
+        {
+            "listen_interfaces": "127.0.0.1:0",
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+            "in_enc_policy": int(lt.enc_policy.disabled),
+            "out_enc_policy": int(lt.enc_policy.disabled),
+            "allow_multiple_connections_per_ip": True,
+            "alert_mask": int(
+                lt.alert.category_t.status_notification | lt.alert.category_t.error_notification
+            ),
+        }
+    )
     return s
 
 
@@ -87,8 +95,7 @@ def main() -> None:
                     if not done and h.status().is_finished:
                         done = True
                 t1 = time.time()
-                reply(ok=True, t0=t0, t1=t1, seconds=t1 - t0,
-                      bytes_down=h.status().total_payload_download)
+                reply(ok=True, t0=t0, t1=t1, seconds=t1 - t0, bytes_down=h.status().total_payload_download)
             elif c == "status":
                 up = sum(h.status().total_payload_upload for h in handles)
                 reply(ok=True, bytes_up=up)

@@ -46,8 +46,9 @@ def dump_tasks() -> None:
             frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
             if frame is None:
                 break
-            out.append("  " * depth + f"    {frame.f_code.co_filename}:{frame.f_lineno} "
-                       f"{frame.f_code.co_name}")
+            out.append(
+                "  " * depth + f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+            )
             coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
@@ -100,10 +101,14 @@ async def main() -> None:
                 if c == "start":
                     t0 = time.time()
                     cfg = NodeConfig(
-                        home=Path(cmd["home"]), cache_dir=Path(cmd["cache"]),
+                        home=Path(cmd["home"]),
+                        cache_dir=Path(cmd["cache"]),
                         serve=tuple((m, Path(d)) for m, d in cmd.get("serve", ())),
-                        bootstrap=tuple(cmd.get("bootstrap", ())), serve_hf_cache=False,
-                        lane=cmd.get("lane", "encrypted"), direct_io=cmd.get("direct_io", True))
+                        bootstrap=tuple(cmd.get("bootstrap", ())),
+                        serve_hf_cache=False,
+                        lane=cmd.get("lane", "encrypted"),
+                        direct_io=cmd.get("direct_io", True),
+                    )
                     nursery.start_soon(run_node, cfg)
                     await ready.wait()
                     node = holder["node"]
@@ -111,8 +116,7 @@ async def main() -> None:
                     with trio.move_on_after(10):
                         while len(node.host.connected_peers()) < len(cfg.bootstrap):
                             await trio.sleep(0.01)
-                    reply(ok=True, addrs=node.host.addrs, peer_id=node.peer_id,
-                          start_s=time.time() - t0)
+                    reply(ok=True, addrs=node.host.addrs, peer_id=node.peer_id, start_s=time.time() - t0)
                 elif c == "fetch":
                     assert node is not None
                     at = cmd.get("at")
@@ -130,14 +134,28 @@ async def main() -> None:
                             if e.get("have") == e.get("total"):
                                 events["last_piece"] = time.time() - t0
 
-                    path = await node.fetch(FetchRequest(cmd["model"], cache_dir=node.config.cache_dir),
-                                            on_event=on_event)
+                    path = await node.fetch(
+                        FetchRequest(cmd["model"], cache_dir=node.config.cache_dir), on_event=on_event
+                    )
                     t1 = time.time()
                     st = node.status()
-                    lanes = sum(1 for sh in node.shared.values() for p in sh.transfer.peers.values()
-                                if type(p.link).__name__ == "LaneLink")
-                    reply(ok=True, t0=t0, t1=t1, seconds=t1 - t0, path=str(path), events=events,
-                          bytes_down=st["bytes_down"], bytes_up=st["bytes_up"], lane_links=lanes)
+                    lanes = sum(
+                        1
+                        for sh in node.shared.values()
+                        for p in sh.transfer.peers.values()
+                        if type(p.link).__name__ == "LaneLink"
+                    )
+                    reply(
+                        ok=True,
+                        t0=t0,
+                        t1=t1,
+                        seconds=t1 - t0,
+                        path=str(path),
+                        events=events,
+                        bytes_down=st["bytes_down"],
+                        bytes_up=st["bytes_up"],
+                        lane_links=lanes,
+                    )
                 elif c == "status":
                     st = node.status() if node else {}
                     reply(ok=True, bytes_up=st.get("bytes_up", 0), bytes_down=st.get("bytes_down", 0))
@@ -154,6 +172,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("BENCH_LOG", "WARNING"),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     trio.run(main)

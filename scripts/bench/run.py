@@ -74,6 +74,7 @@ class Bench:
         self.results: dict = {"a": {}, "b": {}, "c": {}, "r": [], "errors": []}
         try:
             import libtorrent  # noqa: F401
+
             self.have_lt = True
         except ImportError:
             self.have_lt = False
@@ -88,12 +89,26 @@ class Bench:
         self._n += 1
         return Child([PY, str(HERE / script)], self.logs / f"{self._n:03d}-{name}.log")
 
-    def node(self, name: str, lane: str, *, serve=(), bootstrap=(), home: Path | None = None,
-             send_only: bool = False) -> Child:
+    def node(
+        self,
+        name: str,
+        lane: str,
+        *,
+        serve=(),
+        bootstrap=(),
+        home: Path | None = None,
+        send_only: bool = False,
+    ) -> Child:
         c = self._child("node_proc.py", name)
         d = self.runs / name
-        c.send(cmd="start", home=str(home or d / "home"), cache=str(d / "cache"), lane=lane,
-               serve=[[m, str(p)] for m, p in serve], bootstrap=list(bootstrap))
+        c.send(
+            cmd="start",
+            home=str(home or d / "home"),
+            cache=str(d / "cache"),
+            lane=lane,
+            serve=[[m, str(p)] for m, p in serve],
+            bootstrap=list(bootstrap),
+        )
         if not send_only:
             c.started = c.recv(120)
         return c
@@ -110,8 +125,10 @@ class Bench:
         self.weights = make_weights_dir(self.data / f"weights-{a.size}", a.size, "weights")
         # One set per timed fetch (a retry needs a set the leecher does not hold yet) + a warm-up.
         n_sets = a.repeat * (a.retries + 1) + 1
-        self.configs = [make_config_dir(self.data / f"configs-{a.config_size}-{i}", a.config_size,
-                                        f"configs-{i}") for i in range(n_sets)]
+        self.configs = [
+            make_config_dir(self.data / f"configs-{a.config_size}-{i}", a.config_size, f"configs-{i}")
+            for i in range(n_sets)
+        ]
         self.config_models = [f"bench/configs-{i}" for i in range(n_sets)]
         self.torrents: dict[Path, Path] = {}
         if self.have_lt and any(v.startswith("lt-") for v in self.variants):
@@ -167,13 +184,18 @@ class Bench:
         procs: list[Child] = []
         try:
             if variant in LANE:
-                seed = self.node(f"{scen}-{variant}-{r}-seed", LANE[variant],
-                                 serve=[(WEIGHTS_MODEL, self.weights)],
-                                 home=self.work / "seed-home")
+                seed = self.node(
+                    f"{scen}-{variant}-{r}-seed",
+                    LANE[variant],
+                    serve=[(WEIGHTS_MODEL, self.weights)],
+                    home=self.work / "seed-home",
+                )
                 procs.append(seed)
                 boot = seed.started["addrs"][:1]
-                ls = [self.node(f"{scen}-{variant}-{r}-leech{i}", LANE[variant], bootstrap=boot,
-                                send_only=True) for i in range(n)]
+                ls = [
+                    self.node(f"{scen}-{variant}-{r}-leech{i}", LANE[variant], bootstrap=boot, send_only=True)
+                    for i in range(n)
+                ]
                 procs += ls
                 for c in ls:
                     c.started = c.recv(120)
@@ -186,17 +208,22 @@ class Bench:
                 seed = self._child("lt_proc.py", f"{scen}-{variant}-{r}-seed")
                 procs.append(seed)
                 sport = seed.call(cmd="start", preset=preset)["port"]
-                seed.call(cmd="seed", torrent=str(self.torrents[self.weights]),
-                          save_path=str(self.weights.parent))
+                seed.call(
+                    cmd="seed", torrent=str(self.torrents[self.weights]), save_path=str(self.weights.parent)
+                )
                 ls = [self._child("lt_proc.py", f"{scen}-{variant}-{r}-leech{i}") for i in range(n)]
                 procs += ls
                 ports = [c.call(cmd="start", preset=preset)["port"] for c in ls]
                 load = Load([c.p.pid for c in procs])
                 at = time.time() + 0.2
                 for i, c in enumerate(ls):
-                    c.send(cmd="fetch", torrent=str(self.torrents[self.weights]),
-                           save_path=str(self.runs / f"lt-leech{i}"), peers=[sport, *ports[:i]],
-                           at=at)
+                    c.send(
+                        cmd="fetch",
+                        torrent=str(self.torrents[self.weights]),
+                        save_path=str(self.runs / f"lt-leech{i}"),
+                        peers=[sport, *ports[:i]],
+                        at=at,
+                    )
             else:  # tcp
                 seed = self._child("tcp_proc.py", f"{scen}-tcp-{r}-seed")
                 procs.append(seed)
@@ -207,8 +234,13 @@ class Bench:
                 load = Load([c.p.pid for c in procs])
                 at = time.time() + 0.2
                 for i, c in enumerate(ls):
-                    c.send(cmd="fetch", port=port, sizes=[p.stat().st_size for p in files],
-                           dest=str(self.runs / f"tcp-leech{i}"), at=at)
+                    c.send(
+                        cmd="fetch",
+                        port=port,
+                        sizes=[p.stat().st_size for p in files],
+                        dest=str(self.runs / f"tcp-leech{i}"),
+                        at=at,
+                    )
             # A stuck fetch (seen once over libp2p streams in (b)) fails this repeat, not the run.
             done = [c.recv(self.args.fetch_timeout) for c in ls]
             ld = load.stop()
@@ -219,18 +251,22 @@ class Bench:
                 up = seed.call(cmd="status").get("bytes_up")
             seed_rss = seed.call(cmd="status")["rss_peak_kib"]
             run = {
-                "seconds": t1 - t0, "per_leecher": [d["seconds"] for d in done],
-                "bytes": size, "seeder_up": up,
-                "rss_kib": {"seeder": seed_rss,
-                            "leechers": [d["rss_peak_kib"] for d in done]},
+                "seconds": t1 - t0,
+                "per_leecher": [d["seconds"] for d in done],
+                "bytes": size,
+                "seeder_up": up,
+                "rss_kib": {"seeder": seed_rss, "leechers": [d["rss_peak_kib"] for d in done]},
                 "events": [d.get("events") for d in done],
                 "lane_links": [d.get("lane_links") for d in done],
                 "load": ld,
             }
-            print(f"  {scen} {variant:12s} #{r}: {run['seconds']:.2f} s "
-                  f"({size / run['seconds'] / 1e6 * n:.0f} MB/s aggregate) "
-                  f"seed up {human(up) if up else '-'} rss {max(run['rss_kib']['leechers']) // 1024} MiB"
-                  f" other-cpu {ld['other_cpu_s']:.1f}s steal {ld['steal_s']:.1f}s", flush=True)
+            print(
+                f"  {scen} {variant:12s} #{r}: {run['seconds']:.2f} s "
+                f"({size / run['seconds'] / 1e6 * n:.0f} MB/s aggregate) "
+                f"seed up {human(up) if up else '-'} rss {max(run['rss_kib']['leechers']) // 1024} MiB"
+                f" other-cpu {ld['other_cpu_s']:.1f}s steal {ld['steal_s']:.1f}s",
+                flush=True,
+            )
             return run
         finally:
             for c in procs:
@@ -250,11 +286,13 @@ class Bench:
         procs: list[Child] = []
         try:
             if variant in LANE:
-                seed = self.node(f"c-{variant}-seed", LANE[variant],
-                                 serve=list(zip(self.config_models, self.configs, strict=True)),
-                                 home=self.work / "seed-home-c")
-                leech = self.node(f"c-{variant}-leech", LANE[variant],
-                                  bootstrap=seed.started["addrs"][:1])
+                seed = self.node(
+                    f"c-{variant}-seed",
+                    LANE[variant],
+                    serve=list(zip(self.config_models, self.configs, strict=True)),
+                    home=self.work / "seed-home-c",
+                )
+                leech = self.node(f"c-{variant}-leech", LANE[variant], bootstrap=seed.started["addrs"][:1])
                 procs += [seed, leech]
                 leech.call(cmd="fetch", model=self.config_models[-1])  # warm-up, not timed
 
@@ -272,22 +310,31 @@ class Bench:
 
                 def fetch(i: int) -> dict:
                     d = self.configs[i]
-                    return leech.call(cmd="fetch", torrent=str(self.torrents[d]),
-                                      save_path=str(self.runs / f"lt-c{i}"), peers=[sport])
+                    return leech.call(
+                        cmd="fetch",
+                        torrent=str(self.torrents[d]),
+                        save_path=str(self.runs / f"lt-c{i}"),
+                        peers=[sport],
+                    )
 
                 fetch(len(self.configs) - 1)
             else:
                 seed = self._child("tcp_proc.py", "c-tcp-seed")
                 leech = self._child("tcp_proc.py", "c-tcp-leech")
                 procs += [seed, leech]
-                ports = [seed.call(cmd="serve", files=[str(p) for p in data_files(d)])["port"]
-                         for d in self.configs]
+                ports = [
+                    seed.call(cmd="serve", files=[str(p) for p in data_files(d)])["port"]
+                    for d in self.configs
+                ]
 
                 def fetch(i: int) -> dict:
                     files = data_files(self.configs[i])
-                    return leech.call(cmd="fetch", port=ports[i],
-                                      sizes=[p.stat().st_size for p in files],
-                                      dest=str(self.runs / f"tcp-c{i}"))
+                    return leech.call(
+                        cmd="fetch",
+                        port=ports[i],
+                        sizes=[p.stat().st_size for p in files],
+                        dest=str(self.runs / f"tcp-c{i}"),
+                    )
 
                 fetch(len(self.configs) - 1)
             next_set = iter(range(len(self.configs) - 1))
@@ -298,17 +345,26 @@ class Bench:
                     d = fetch(next(next_set))
                     ld = load.stop()
                     if attempt == self.args.retries or not self.disturbed(
-                            {"seconds": d["seconds"], "load": ld}):
+                        {"seconds": d["seconds"], "load": ld}
+                    ):
                         break
                     self.results["redone"] = self.results.get("redone", 0) + 1
                     print("    (disturbed by other load: again)", flush=True)
-                runs.append({"seconds": d["seconds"], "events": d.get("events"), "load": ld,
-                             "busy_before": busy, "attempt": attempt,
-                             "bytes": self.args.config_size,
-                             "lane_links": d.get("lane_links"),
-                             "rss_kib": {"leechers": [d["rss_peak_kib"]]}})
-                print(f"  c {variant:12s} #{i}: {d['seconds'] * 1000:.0f} ms {d.get('events', '')}",
-                      flush=True)
+                runs.append(
+                    {
+                        "seconds": d["seconds"],
+                        "events": d.get("events"),
+                        "load": ld,
+                        "busy_before": busy,
+                        "attempt": attempt,
+                        "bytes": self.args.config_size,
+                        "lane_links": d.get("lane_links"),
+                        "rss_kib": {"leechers": [d["rss_peak_kib"]]},
+                    }
+                )
+                print(
+                    f"  c {variant:12s} #{i}: {d['seconds'] * 1000:.0f} ms {d.get('events', '')}", flush=True
+                )
             seed_rss = seed.call(cmd="status")["rss_peak_kib"]
             for r in runs:
                 r["rss_kib"]["seeder"] = seed_rss
@@ -331,18 +387,29 @@ class Bench:
             w = make_weights_dir(self.data / f"weights-{size}", size, "weights")
             procs = []
             try:
-                seed = self.node(f"r-{size}-seed", "encrypted", serve=[(WEIGHTS_MODEL, w)],
-                                 home=self.work / f"seed-home-r{size}")
-                leech = self.node(f"r-{size}-leech", "encrypted",
-                                  bootstrap=seed.started["addrs"][:1])
+                seed = self.node(
+                    f"r-{size}-seed",
+                    "encrypted",
+                    serve=[(WEIGHTS_MODEL, w)],
+                    home=self.work / f"seed-home-r{size}",
+                )
+                leech = self.node(f"r-{size}-leech", "encrypted", bootstrap=seed.started["addrs"][:1])
                 procs = [seed, leech]
                 d = leech.call(cmd="fetch", model=WEIGHTS_MODEL, timeout=900)
                 s = seed.call(cmd="status")
-                self.results["r"].append({"size": size, "seconds": d["seconds"],
-                                          "leecher_kib": d["rss_peak_kib"],
-                                          "seeder_kib": s["rss_peak_kib"]})
-                print(f"  r {human(size)}: {d['seconds']:.2f} s leecher {d['rss_peak_kib'] // 1024} "
-                      f"MiB seeder {s['rss_peak_kib'] // 1024} MiB", flush=True)
+                self.results["r"].append(
+                    {
+                        "size": size,
+                        "seconds": d["seconds"],
+                        "leecher_kib": d["rss_peak_kib"],
+                        "seeder_kib": s["rss_peak_kib"],
+                    }
+                )
+                print(
+                    f"  r {human(size)}: {d['seconds']:.2f} s leecher {d['rss_peak_kib'] // 1024} "
+                    f"MiB seeder {s['rss_peak_kib'] // 1024} MiB",
+                    flush=True,
+                )
             except Exception as e:
                 self.results["errors"].append(f"r/{size}: {e!r}")
                 traceback.print_exc()
@@ -366,18 +433,37 @@ class Bench:
         self.fresh()
         procs, spies = [], []
         try:
-            seed = self.node("p-seed", "encrypted", serve=[(WEIGHTS_MODEL, self.weights)],
-                             home=self.work / "seed-home")
-            ls = [self.node(f"p-leech{i}", "encrypted", bootstrap=seed.started["addrs"][:1])
-                  for i in range(leechers)]
+            seed = self.node(
+                "p-seed", "encrypted", serve=[(WEIGHTS_MODEL, self.weights)], home=self.work / "seed-home"
+            )
+            ls = [
+                self.node(f"p-leech{i}", "encrypted", bootstrap=seed.started["addrs"][:1])
+                for i in range(leechers)
+            ]
             procs = [seed, *ls]
             outs = {}
             for name, c in (("seeder", seed), ("leecher", ls[0])):
                 outs[name] = self.work / f"{key}-{name}.txt"
-                spies.append(subprocess.Popen(
-                    [spy, "record", "-p", str(c.p.pid), "-o", str(outs[name]), "-f", "raw",
-                     "--threads", "--idle", "-r", "200"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                spies.append(
+                    subprocess.Popen(
+                        [
+                            spy,
+                            "record",
+                            "-p",
+                            str(c.p.pid),
+                            "-o",
+                            str(outs[name]),
+                            "-f",
+                            "raw",
+                            "--threads",
+                            "--idle",
+                            "-r",
+                            "200",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
             time.sleep(1.0)
             at = time.time() + 0.2
             for c in ls:
@@ -389,8 +475,11 @@ class Bench:
             for s in spies:
                 s.wait(30)
             spies = []
-            self.results[key] = {"seconds": max(x["seconds"] for x in done), "events": d["events"],
-                                 **{k: summarize_profile(v) for k, v in outs.items()}}
+            self.results[key] = {
+                "seconds": max(x["seconds"] for x in done),
+                "events": d["events"],
+                **{k: summarize_profile(v) for k, v in outs.items()},
+            }
         except Exception as e:
             self.results["errors"].append(f"{key}: {e!r}")
             traceback.print_exc()
@@ -448,17 +537,25 @@ def summarize_profile(path: Path, top: int = 14) -> dict:
         if len(frames) < 2:
             continue
         th = frames[0].split(": ", 1)[-1].strip()
-        kind = ("receiver thread (lane-rx)" if th.startswith("lane-rx") else
-                "trio event loop" if th == "MainThread" else
-                "stdin reader" if "readline" in th else "worker threads (to_thread)")
+        kind = (
+            "receiver thread (lane-rx)"
+            if th.startswith("lane-rx")
+            else "trio event loop"
+            if th == "MainThread"
+            else "stdin reader"
+            if "readline" in th
+            else "worker threads (to_thread)"
+        )
         if kind == "stdin reader":
             continue
         threads[kind] += int(n)
         leaf = frames[-1].split(" (")[0]
         where = frames[-1].rsplit("/", 1)[-1].rstrip(")")
         leaves[(kind, f"{leaf} ({where})")] += int(n)
-    return {"threads": {k: v / 200 for k, v in threads.items()},
-            "top": [(k[0], k[1], v / 200) for k, v in leaves.most_common(top)]}
+    return {
+        "threads": {k: v / 200 for k, v in threads.items()},
+        "top": [(k[0], k[1], v / 200) for k, v in leaves.most_common(top)],
+    }
 
 
 # --------------------------------------------------------------------------- the report
@@ -492,59 +589,81 @@ def report(meta: dict, res: dict, mach: dict) -> str:
     w = L.append
     w("# Benchmarks")
     w("")
-    w("Generated by `scripts/bench/run.py` "
-      f"({meta.get('argv_md') or '`' + (meta['argv'] or '(defaults)') + '`'}, "
-      f"{elapsed / 60:.1f} min) on {mach['date']}. "
-      "Do not edit by hand: rerun the script.")
+    w(
+        "Generated by `scripts/bench/run.py` "
+        f"({meta.get('argv_md') or '`' + (meta['argv'] or '(defaults)') + '`'}, "
+        f"{elapsed / 60:.1f} min) on {mach['date']}. "
+        "Do not edit by hand: rerun the script."
+    )
     w("")
     w("## Machine")
     w("")
     v = mach["versions"]
-    w(f"- {mach['nproc']} vCPU ({mach['cpu']}), {mach['mem_gib']} GiB RAM, Linux {mach['kernel']}, "
-      f"{mach['fs']} on a virtio disk; Python {mach['python']}")
-    w(f"- trio {v['trio']}, py-libp2p {v['libp2p']}, cryptography {v['cryptography']}, "
-      f"blake3 {v['blake3']}, libtorrent {v['libtorrent']}")
+    w(
+        f"- {mach['nproc']} vCPU ({mach['cpu']}), {mach['mem_gib']} GiB RAM, Linux {mach['kernel']}, "
+        f"{mach['fs']} on a virtio disk; Python {mach['python']}"
+    )
+    w(
+        f"- trio {v['trio']}, py-libp2p {v['libp2p']}, cryptography {v['cryptography']}, "
+        f"blake3 {v['blake3']}, libtorrent {v['libtorrent']}"
+    )
     w("")
     w("## Method")
     w("")
-    w(f"- Data: one model of {human(size)} (`model.safetensors` + `config.json`, pseudo-random bytes; "
-      f"swarm pieces of 4 MiB up to 4 GiB), and distinct 8-file config sets of "
-      f"{human(config_size)} (one per timed fetch), generated once. "
-      + ("The seeder's files are read once before each (a)/(b) run, so they are in the page "
-         "cache." if meta.get("warm_cache") else
-         "The seeder's files were not re-read before each run: other load on the VM may have "
-         "evicted them from the page cache (a cold read costs ~2.3 CPU-s per GiB here)."))
-    w("- Every node is its own OS process (`node_proc.py`, `lt_proc.py`, `tcp_proc.py`) on "
-      "127.0.0.1. Every leecher writes fresh files. (a) and (b) start new processes for every "
-      "repeat (leechers are up and connected to the seeder before the clock starts); (c) keeps one "
-      "warm seeder and one warm leecher (connected, and one untimed fetch of another config set "
-      "first).")
-    w("- Ours: `Node.fetch` timed inside the leecher, from the call to its return: DHT lookup, "
-      "manifest fetch, lane setup, pieces (blake3-verified, written), then per file fsync, a "
-      "whole-file blake3 re-read from disk and the atomic rename into the HF cache layout. "
-      "libtorrent: from `add_torrent` (metadata given, no DHT) to `torrent_finished`; it neither "
-      "fsyncs nor re-reads. TCP ceiling: `os.sendfile` -> `recv_into` -> O_DIRECT `pwrite`, no "
-      "hashing, no encryption, fsync per file.")
-    w("- libtorrent settings: its defaults (or `high_performance_seed`), plus DHT/LSD/UPnP/NAT-PMP "
-      "off, uTP off (TCP only), encryption disabled, `allow_multiple_connections_per_ip`; peers "
-      "connected with `connect_peer`; in (b) every pair of leechers is connected.")
-    w(f"- {repeat} repeats per cell: median [min-max]. Ratios are computed on medians against "
-      "libtorrent with default settings. RSS: peak resident set (VmHWM) of each node process, "
-      "the largest over repeats; libtorrent's includes the file pages it maps (it does disk I/O "
-      "through mmap).")
-    w("- Other load: this VM is shared with other work (test suites of other sessions ran during "
-      "some runs). Before each run the script waits (up to `--quiet-wait` s) for the CPUs to be "
-      "under 30% busy, records the CPU seconds used by processes other than the run's own during "
-      "the run (`other CPU-s`, median), and redoes a run (up to `--retries` times) when they used "
-      f"more than `--max-other` of one CPU; {res.get('redone', 0)} runs were redone this time, "
-      "and a run still disturbed after its retries is kept.")
+    w(
+        f"- Data: one model of {human(size)} (`model.safetensors` + `config.json`, pseudo-random bytes; "
+        f"swarm pieces of 4 MiB up to 4 GiB), and distinct 8-file config sets of "
+        f"{human(config_size)} (one per timed fetch), generated once. "
+        + (
+            "The seeder's files are read once before each (a)/(b) run, so they are in the page cache."
+            if meta.get("warm_cache")
+            else "The seeder's files were not re-read before each run: other load on the VM may have "
+            "evicted them from the page cache (a cold read costs ~2.3 CPU-s per GiB here)."
+        )
+    )
+    w(
+        "- Every node is its own OS process (`node_proc.py`, `lt_proc.py`, `tcp_proc.py`) on "
+        "127.0.0.1. Every leecher writes fresh files. (a) and (b) start new processes for every "
+        "repeat (leechers are up and connected to the seeder before the clock starts); (c) keeps one "
+        "warm seeder and one warm leecher (connected, and one untimed fetch of another config set "
+        "first)."
+    )
+    w(
+        "- Ours: `Node.fetch` timed inside the leecher, from the call to its return: DHT lookup, "
+        "manifest fetch, lane setup, pieces (blake3-verified, written), then per file fsync, a "
+        "whole-file blake3 re-read from disk and the atomic rename into the HF cache layout. "
+        "libtorrent: from `add_torrent` (metadata given, no DHT) to `torrent_finished`; it neither "
+        "fsyncs nor re-reads. TCP ceiling: `os.sendfile` -> `recv_into` -> O_DIRECT `pwrite`, no "
+        "hashing, no encryption, fsync per file."
+    )
+    w(
+        "- libtorrent settings: its defaults (or `high_performance_seed`), plus DHT/LSD/UPnP/NAT-PMP "
+        "off, uTP off (TCP only), encryption disabled, `allow_multiple_connections_per_ip`; peers "
+        "connected with `connect_peer`; in (b) every pair of leechers is connected."
+    )
+    w(
+        f"- {repeat} repeats per cell: median [min-max]. Ratios are computed on medians against "
+        "libtorrent with default settings. RSS: peak resident set (VmHWM) of each node process, "
+        "the largest over repeats; libtorrent's includes the file pages it maps (it does disk I/O "
+        "through mmap)."
+    )
+    w(
+        "- Other load: this VM is shared with other work (test suites of other sessions ran during "
+        "some runs). Before each run the script waits (up to `--quiet-wait` s) for the CPUs to be "
+        "under 30% busy, records the CPU seconds used by processes other than the run's own during "
+        "the run (`other CPU-s`, median), and redoes a run (up to `--retries` times) when they used "
+        f"more than `--max-other` of one CPU; {res.get('redone', 0)} runs were redone this time, "
+        "and a run still disturbed after its retries is kept."
+    )
     w("")
 
     def table(scen: str, title: str, ms: bool = False, agg: int = 1) -> None:
         w(f"## {title}")
         w("")
-        hdr = ("| variant | time | MB/s | vs libtorrent default | seeder RSS MiB | leecher RSS MiB "
-               "| other CPU-s |")
+        hdr = (
+            "| variant | time | MB/s | vs libtorrent default | seeder RSS MiB | leecher RSS MiB "
+            "| other CPU-s |"
+        )
         if scen == "b":
             hdr += " seeder upload |"
         w(hdr)
@@ -558,42 +677,54 @@ def report(meta: dict, res: dict, mach: dict) -> str:
             mbs = f"{nbytes * agg / st['median'] / 1e6:.0f}" if st else "-"
             ratio = "-"
             if st and lt:
-                ratio = (f"{lt['median'] / st['median']:.2f}x faster" if scen != "b" else
-                         f"{st['median'] / lt['median']:.2f}x the time")
+                ratio = (
+                    f"{lt['median'] / st['median']:.2f}x faster"
+                    if scen != "b"
+                    else f"{st['median'] / lt['median']:.2f}x the time"
+                )
             others = [r["load"]["other_cpu_s"] for r in runs if r.get("load")]
             other = f"{statistics.median(others):.2f}" if others else "-"
-            row = (f"| {VARIANTS[var]} | {fmt_s(st, ms)} | {mbs} | {ratio} | {sr or '-'} | "
-                   f"{lr or '-'} | {other} |")
+            row = (
+                f"| {VARIANTS[var]} | {fmt_s(st, ms)} | {mbs} | {ratio} | {sr or '-'} | "
+                f"{lr or '-'} | {other} |"
+            )
             if scen == "b":
                 ups = [r["seeder_up"] for r in runs if r.get("seeder_up")]
-                row += (f" {statistics.median(ups) / nbytes:.2f}x the model |" if ups and nbytes
-                        else " - |")
+                row += f" {statistics.median(ups) / nbytes:.2f}x the model |" if ups and nbytes else " - |"
             w(row)
         w("")
 
     if res["a"]:
         table("a", f"(a) {human(size)}, one seeder -> one leecher")
     if res["b"]:
-        table("b", f"(b) {human(size)}, one seeder -> four leechers that also trade "
-                   "(time until all four are done)", agg=4)
+        table(
+            "b",
+            f"(b) {human(size)}, one seeder -> four leechers that also trade (time until all four are done)",
+            agg=4,
+        )
         w("MB/s in (b) is aggregate (4 x the model / time).")
         w("")
     if res["c"]:
-        table("c", f"(c) {human(config_size)} config set (8 files), one seeder -> one leecher, "
-                   "warm nodes", ms=True)
+        table(
+            "c",
+            f"(c) {human(config_size)} config set (8 files), one seeder -> one leecher, warm nodes",
+            ms=True,
+        )
         ours = res["c"].get("ours-enc") or []
         if ours and ours[0].get("events"):
             ev = [r["events"] for r in ours if r.get("events")]
             man = statistics.median(e.get("manifest", 0) for e in ev)
             first = statistics.median(e.get("first_piece", 0) for e in ev)
             last = statistics.median(e.get("last_piece", 0) for e in ev)
-            w(f"Ours (encrypted), median split: DHT lookup + manifest {man * 1000:.0f} ms; link "
-              f"setup (lane, Hello/Bitfield, Interested/Unchoke, Requests) and the first piece "
-              f"{(first - man) * 1000:.0f} ms; the other pieces {(last - first) * 1000:.0f} ms "
-              f"(each single-piece file is fsynced and renamed inside the write of its piece; "
-              f"its verified piece digest is its file digest, so it is not re-read); finalize "
-              f"(snapshot symlinks, ref, directory fsyncs) "
-              f"{(stats(ours)['median'] - last) * 1000:.0f} ms.")
+            w(
+                f"Ours (encrypted), median split: DHT lookup + manifest {man * 1000:.0f} ms; link "
+                f"setup (lane, Hello/Bitfield, Interested/Unchoke, Requests) and the first piece "
+                f"{(first - man) * 1000:.0f} ms; the other pieces {(last - first) * 1000:.0f} ms "
+                f"(each single-piece file is fsynced and renamed inside the write of its piece; "
+                f"its verified piece digest is its file digest, so it is not re-read); finalize "
+                f"(snapshot symlinks, ref, directory fsyncs) "
+                f"{(stats(ours)['median'] - last) * 1000:.0f} ms."
+            )
             w("")
     if res["r"]:
         w("## (r) Peak RSS as the model grows (ours, encrypted lane, one run each)")
@@ -601,8 +732,10 @@ def report(meta: dict, res: dict, mach: dict) -> str:
         w("| model | time | leecher RSS MiB | seeder RSS MiB |")
         w("|---|---|---|---|")
         for r in res["r"]:
-            w(f"| {human(r['size'])} | {r['seconds']:.2f} s | {r['leecher_kib'] // 1024} | "
-              f"{r['seeder_kib'] // 1024} |")
+            w(
+                f"| {human(r['size'])} | {r['seconds']:.2f} s | {r['leecher_kib'] // 1024} | "
+                f"{r['seeder_kib'] // 1024} |"
+            )
         w("")
 
     w("## Targets")
@@ -615,61 +748,93 @@ def report(meta: dict, res: dict, mach: dict) -> str:
         return st["median"] if st else None
 
     def check(name: str, value: float | None, ok: bool | None, shown: str) -> None:
-        w(f"| {name} | {shown if value is not None else 'not run'} | "
-          f"{'met' if ok else 'MISSED' if ok is not None else '-'} |")
+        w(
+            f"| {name} | {shown if value is not None else 'not run'} | "
+            f"{'met' if ok else 'MISSED' if ok is not None else '-'} |"
+        )
 
     lta, ltb = med("a", "lt-default"), med("b", "lt-default")
     for var, goal in (("ours-enc", 2.0), ("ours-plain", 3.0)):
         o = med("a", var)
         r = lta / o if (o and lta) else None
-        check(f"(a) {var}: >= {goal:g}x libtorrent's MB/s", r, r >= goal if r else None,
-              f"{r:.2f}x" if r else "")
+        check(
+            f"(a) {var}: >= {goal:g}x libtorrent's MB/s",
+            r,
+            r >= goal if r else None,
+            f"{r:.2f}x" if r else "",
+        )
     for var in ("ours-enc", "ours-plain"):
         o = med("b", var)
         r = o / ltb if (o and ltb) else None
-        check(f"(b) {var}: <= 0.6x libtorrent's time", r, r <= 0.6 if r else None,
-              f"{r:.2f}x" if r else "")
+        check(f"(b) {var}: <= 0.6x libtorrent's time", r, r <= 0.6 if r else None, f"{r:.2f}x" if r else "")
         ups = [x["seeder_up"] for x in res["b"].get(var, []) if x.get("seeder_up")]
         u = statistics.median(ups) / size if ups else None
-        check(f"(b) {var}: seeder upload <= 2x the model", u, u <= 2.0 if u else None,
-              f"{u:.2f}x" if u else "")
+        check(
+            f"(b) {var}: seeder upload <= 2x the model", u, u <= 2.0 if u else None, f"{u:.2f}x" if u else ""
+        )
     for var in ("ours-enc", "ours-plain"):
         c = med("c", var)
-        check(f"(c) {var}: <= 0.15 s end to end", c, c <= 0.15 if c else None,
-              f"{c * 1000:.0f} ms" if c else "")
-    peaks = [x for s in ("a", "b", "c") for var in ("ours-enc", "ours-plain")
-             for x in rss_of(res[s].get(var, [])) if x]
+        check(
+            f"(c) {var}: <= 0.15 s end to end", c, c <= 0.15 if c else None, f"{c * 1000:.0f} ms" if c else ""
+        )
+    peaks = [
+        x
+        for s in ("a", "b", "c")
+        for var in ("ours-enc", "ours-plain")
+        for x in rss_of(res[s].get(var, []))
+        if x
+    ]
     peaks += [r["leecher_kib"] // 1024 for r in res["r"]] + [r["seeder_kib"] // 1024 for r in res["r"]]
     p = max(peaks) if peaks else None
-    check("peak RSS per node <= 200 MB (ours over the lane, all scenarios)", p,
-          p * 1.048576 <= 200 if p else None, f"{p} MiB = {p * 1.048576:.0f} MB" if p else "")
+    check(
+        "peak RSS per node <= 200 MB (ours over the lane, all scenarios)",
+        p,
+        p * 1.048576 <= 200 if p else None,
+        f"{p} MiB = {p * 1.048576:.0f} MB" if p else "",
+    )
     lp = [x for s in ("a", "b", "c") for x in rss_of(res[s].get("ours-libp2p", [])) if x]
     if lp:
-        check("(for comparison) peak RSS, ours over libp2p streams", max(lp),
-              max(lp) * 1.048576 <= 200, f"{max(lp)} MiB = {max(lp) * 1.048576:.0f} MB")
+        check(
+            "(for comparison) peak RSS, ours over libp2p streams",
+            max(lp),
+            max(lp) * 1.048576 <= 200,
+            f"{max(lp)} MiB = {max(lp) * 1.048576:.0f} MB",
+        )
     if res["r"]:
         ls = [r["leecher_kib"] for r in res["r"]]
         growth = (max(ls) - min(ls)) / 1024
-        check(f"RSS flat from {human(res['r'][0]['size'])} to {human(res['r'][-1]['size'])}",
-              growth, growth < 32, f"leecher peak varies by {growth:.0f} MiB")
+        check(
+            f"RSS flat from {human(res['r'][0]['size'])} to {human(res['r'][-1]['size'])}",
+            growth,
+            growth < 32,
+            f"leecher peak varies by {growth:.0f} MiB",
+        )
     w("")
 
-    for key, title in (("profile", "(a) ours, encrypted, one extra run under py-spy"),
-                       ("profile_b", "(b) ours, encrypted, one extra run under py-spy (the seeder "
-                                     "and the first of the four leechers)")):
+    for key, title in (
+        ("profile", "(a) ours, encrypted, one extra run under py-spy"),
+        (
+            "profile_b",
+            "(b) ours, encrypted, one extra run under py-spy (the seeder and the first of the four leechers)",
+        ),
+    ):
         prof = res.get(key)
         if not prof:
             continue
         w(f"## Profile: {title}")
         w("")
-        w(f"py-spy at 200 Hz, all threads, idle included (so waiting shows), over the whole process "
-          f"lifetime of the run ({prof['seconds']:.2f} s fetch). Seconds by thread kind, then the "
-          "functions threads were in most (leaf frames):")
+        w(
+            f"py-spy at 200 Hz, all threads, idle included (so waiting shows), over the whole process "
+            f"lifetime of the run ({prof['seconds']:.2f} s fetch). Seconds by thread kind, then the "
+            "functions threads were in most (leaf frames):"
+        )
         w("")
         for who in ("leecher", "seeder"):
             pr = prof[who]
-            w(f"**{who}**: " + ", ".join(f"{k} {v:.2f} s" for k, v in
-                                          sorted(pr["threads"].items(), key=lambda kv: -kv[1])))
+            w(
+                f"**{who}**: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(pr["threads"].items(), key=lambda kv: -kv[1]))
+            )
             w("")
             w("| thread | function | seconds |")
             w("|---|---|---|")
@@ -803,26 +968,45 @@ def main() -> int:
     ap.add_argument("--size", default="1G", help="model size for (a), (b) and (r) (default 1G)")
     ap.add_argument("--config-size", default="20M", help="config set size for (c) (default 20M)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 64 MiB model, 2 MiB config sets, 1 repeat, no profile")
-    ap.add_argument("--only", default="a,b,c,r,p,pb",
-                    help="scenarios (a,b,c,r, p/pb = profile of (a)/(b))")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 MiB model, 2 MiB config sets, 1 repeat, no profile",
+    )
+    ap.add_argument("--only", default="a,b,c,r,p,pb", help="scenarios (a,b,c,r, p/pb = profile of (a)/(b))")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workdir", default="/tmp/swarm-bench")
-    ap.add_argument("--out", default=None,
-                    help="report path (default docs/benchmarks.md; with --quick, in --workdir)")
+    ap.add_argument(
+        "--out", default=None, help="report path (default docs/benchmarks.md; with --quick, in --workdir)"
+    )
     ap.add_argument("--no-profile", dest="profile", action="store_false")
-    ap.add_argument("--fetch-timeout", type=float, default=150.0,
-                    help="seconds a transfer may take before the repeat counts as failed")
-    ap.add_argument("--max-other", type=float, default=0.25,
-                    help="redo a run when other processes used more than this share of one CPU")
+    ap.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=150.0,
+        help="seconds a transfer may take before the repeat counts as failed",
+    )
+    ap.add_argument(
+        "--max-other",
+        type=float,
+        default=0.25,
+        help="redo a run when other processes used more than this share of one CPU",
+    )
     ap.add_argument("--retries", type=int, default=2, help="redos per disturbed run (default 2)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="seconds to wait, before each run, for other load to drop (default 60)")
-    ap.add_argument("--merge", action="store_true",
-                    help="replace only the cells run now in --workdir/results.json")
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite the report from --workdir/results.json without running")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait, before each run, for other load to drop (default 60)",
+    )
+    ap.add_argument(
+        "--merge", action="store_true", help="replace only the cells run now in --workdir/results.json"
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from --workdir/results.json without running",
+    )
     args = ap.parse_args()
     if args.report_only:
         saved = json.loads((Path(args.workdir) / "results.json").read_text())
@@ -833,8 +1017,11 @@ def main() -> int:
     if args.quick:
         args.size, args.config_size, args.repeat, args.profile = "64M", "2M", 1, False
     if args.out is None:
-        args.out = (str(Path(args.workdir) / "benchmarks-quick.md") if args.quick
-                    else str(REPO / "docs" / "benchmarks.md"))
+        args.out = (
+            str(Path(args.workdir) / "benchmarks-quick.md")
+            if args.quick
+            else str(REPO / "docs" / "benchmarks.md")
+        )
     args.size = parse_size(args.size)
     args.config_size = parse_size(args.config_size)
     t = time.time()
@@ -842,9 +1029,15 @@ def main() -> int:
     res = b.run()
     elapsed = time.time() - t
     mach = machine()
-    meta = {"size": sum(p.stat().st_size for p in data_files(b.weights)),
-            "config_size": args.config_size, "repeat": args.repeat, "variants": b.variants,
-            "argv": " ".join(sys.argv[1:]), "elapsed": elapsed, "warm_cache": True}
+    meta = {
+        "size": sum(p.stat().st_size for p in data_files(b.weights)),
+        "config_size": args.config_size,
+        "repeat": args.repeat,
+        "variants": b.variants,
+        "argv": " ".join(sys.argv[1:]),
+        "elapsed": elapsed,
+        "warm_cache": True,
+    }
     saved_path = b.work / "results.json"
     if args.merge and saved_path.exists():  # redo some cells of an earlier run, keep the rest
         saved = json.loads(saved_path.read_text())
@@ -857,12 +1050,14 @@ def main() -> int:
         old["errors"] = old.get("errors", []) + [f"(merged run) {e}" for e in res["errors"]]
         old["redone"] = old.get("redone", 0) + res.get("redone", 0)
         cells = ", ".join(f"{s_}/{v}" for s_ in ("a", "b", "c") for v in res[s_])
-        meta0["argv_md"] = (meta0.get("argv_md") or f"`{meta0['argv'] or '(defaults)'}`") + \
-            f"; then `{meta['argv']}` redid {cells}"
+        meta0["argv_md"] = (
+            meta0.get("argv_md") or f"`{meta0['argv'] or '(defaults)'}`"
+        ) + f"; then `{meta['argv']}` redid {cells}"
         meta0["elapsed"] += elapsed
         res, meta = old, meta0
-    (b.work / "results.json").write_text(json.dumps({"machine": mach, "meta": meta, "results": res},
-                                                     indent=1, default=str))
+    (b.work / "results.json").write_text(
+        json.dumps({"machine": mach, "meta": meta, "results": res}, indent=1, default=str)
+    )
     Path(args.out).write_text(report(meta, res, mach))
     print(f"wrote {args.out} ({elapsed / 60:.1f} min); raw results in {b.work / 'results.json'}")
     return 1 if res["errors"] else 0

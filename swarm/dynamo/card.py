@@ -108,8 +108,9 @@ def _checked_file(obj: Any, where: str, custom: bool = False) -> CardFile:
     if not isinstance(checksum, str) or not _HASH_RE.fullmatch(checksum):
         raise CardError(f"{where}: checksum {checksum!r} is not 'blake3:<64 lowercase hex>'")
     size = obj.get("size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int)
-                             or not 0 <= size <= MAX_CARD_FILE_BYTES):
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_CARD_FILE_BYTES
+    ):
         raise CardError(f"{where}: size {size!r} is not a byte count up to {MAX_CARD_FILE_BYTES}")
     return CardFile(_file_name(location), checksum, size, location, custom)
 
@@ -121,7 +122,7 @@ def _slot_files(name: str, slot: Any) -> list[CardFile]:
         return []
     if not isinstance(slot, dict) or len(slot) != 1:
         raise CardError(f"{name}: expected one variant object")
-    (variant, inner), = slot.items()
+    ((variant, inner),) = slot.items()
     where = f"{name}.{variant}"
     if isinstance(inner, dict) and "file" in inner:
         return [_checked_file(inner["file"], where, custom=inner.get("is_custom") is True)]

@@ -101,8 +101,13 @@ def read_etcd_records(endpoints: tuple[str, ...]) -> list[tuple[str, bytes]]:
         return base64.b64encode(s.encode()).decode()
 
     # range_end: the prefix with its last byte + 1 ("/" + 1 == "0"), i.e. every key under it.
-    body = {"key": b64(_MDC_PREFIX), "range_end": b64(_MDC_PREFIX[:-1] + "0"),
-            "limit": MAX_RECORDS, "sort_order": "ASCEND", "sort_target": "KEY"}
+    body = {
+        "key": b64(_MDC_PREFIX),
+        "range_end": b64(_MDC_PREFIX[:-1] + "0"),
+        "limit": MAX_RECORDS,
+        "sort_order": "ASCEND",
+        "sort_target": "KEY",
+    }
     errors = []
     for ep in endpoints:
         try:
@@ -193,8 +198,13 @@ class Watcher:
             try:
                 await self.handle(key, card)
             except Exception as e:  # one card must not stop the watcher
-                log.warning("dynamo card %s (%s): %s; retrying in %.0f s", key, card.display_name,
-                            e, self.config.retry_interval)
+                log.warning(
+                    "dynamo card %s (%s): %s; retrying in %.0f s",
+                    key,
+                    card.display_name,
+                    e,
+                    self.config.retry_interval,
+                )
                 self.failed_at[key] = trio.current_time()
                 continue
             self.failed_at.pop(key, None)
@@ -217,8 +227,7 @@ class Watcher:
             path, revision = here
             m = await self.node.serve_directory(name, path, revision, keep=kept_files(card))
             self.served[key] = name
-            log.info("dynamo card %s: serving %s as %s (manifest %s)", key, path, name,
-                     m.hash_str[:20])
+            log.info("dynamo card %s: serving %s as %s (manifest %s)", key, path, name, m.hash_str[:20])
         if not self.config.prefetch:
             return
         if here is None:
@@ -228,8 +237,9 @@ class Watcher:
                 raise CardError(f"fetched files differ from the card: {'; '.join(differ[:3])}")
         await trio.to_thread.run_sync(install_mdc_cache, path, card, self.config.mdc_root)
         self.prefetched[key] = path
-        log.info("dynamo card %s: %s ready at %s and in Dynamo's metadata cache", key,
-                 card.display_name, path)
+        log.info(
+            "dynamo card %s: %s ready at %s and in Dynamo's metadata cache", key, card.display_name, path
+        )
 
     async def _prefetch(self, card: Card) -> Path:
         from swarm.client import _card_request

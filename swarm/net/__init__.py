@@ -32,7 +32,8 @@ class _DropLibp2pRootRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or not (
-            self.prefix and record.pathname.startswith(self.prefix))
+            self.prefix and record.pathname.startswith(self.prefix)
+        )
 
 
 _root_filter = _DropLibp2pRootRecords()
@@ -71,8 +72,12 @@ def _apply_quiet(level: int) -> None:
     lg.propagate = True
     # Some modules pin their own level (network.auto_connector: INFO, logging every 10 s).
     for name, obj in list(logging.root.manager.loggerDict.items()):
-        if name.startswith("libp2p.") and isinstance(obj, logging.Logger) and \
-                obj.level != logging.NOTSET and obj.level < level:
+        if (
+            name.startswith("libp2p.")
+            and isinstance(obj, logging.Logger)
+            and obj.level != logging.NOTSET
+            and obj.level < level
+        ):
             obj.setLevel(level)
     for name in _SPURIOUS_ERROR_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.CRITICAL))

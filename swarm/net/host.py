@@ -61,8 +61,14 @@ from swarm.net.links import StreamLink
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "NetError", "PeerAddr", "StreamLink", "SwarmHost", "manifest_key", "model_key",
-    "parse_psk", "quiet_libp2p_logs",
+    "NetError",
+    "PeerAddr",
+    "StreamLink",
+    "SwarmHost",
+    "manifest_key",
+    "model_key",
+    "parse_psk",
+    "quiet_libp2p_logs",
 ]
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
@@ -155,8 +161,7 @@ def _make_noise_writes_atomic() -> None:
                         await self.close()
                     except Exception as e:
                         log.debug("closing a stalled noise session: %r", e)
-                raise IOException(f"noise write stalled for {NOISE_WRITE_TIMEOUT:g} s: "
-                                  "connection closed")
+                raise IOException(f"noise write stalled for {NOISE_WRITE_TIMEOUT:g} s: connection closed")
         await trio.lowlevel.checkpoint_if_cancelled()
 
     atomic_write_msg._swarm_atomic = True  # type: ignore[attr-defined]
@@ -286,6 +291,7 @@ def _check_key(key: bytes) -> bytes:
         raise ValueError("DHT key must be 2..80 bytes (use model_key / manifest_key)")
     return bytes(key)
 
+
 class _ProviderBook:
     """The providers one lookup found, first-hand apart from hearsay, with bounded work per record.
 
@@ -334,13 +340,11 @@ class _ProviderBook:
                 except Exception:
                     continue
 
-    def result(self, limit: int, *,
-               connected_at: Callable[[str], list[str] | None]) -> list[PeerAddr]:
+    def result(self, limit: int, *, connected_at: Callable[[str], list[str] | None]) -> list[PeerAddr]:
         """First-hand providers in the order found, then hearsay in turn from each source; at
         most ``limit``. ``connected_at(pid)``: the addresses of a peer we are connected to (which
         hearsay does not replace), None for others."""
-        out = [PeerAddr(pid, tuple(addrs))
-               for pid, addrs in itertools.islice(self.first_hand.items(), limit)]
+        out = [PeerAddr(pid, tuple(addrs)) for pid, addrs in itertools.islice(self.first_hand.items(), limit)]
         taken = set(self.first_hand)
         rounds = itertools.zip_longest(*(list(told) for told in self.hearsay.values()))
         for pid in itertools.chain.from_iterable(rounds):
@@ -350,13 +354,21 @@ class _ProviderBook:
                 continue
             taken.add(pid)
             lists = [list(told[pid]) for told in self.hearsay.values() if pid in told]
-            addrs = dict.fromkeys(a for a in itertools.chain.from_iterable(  # each source in turn
-                itertools.zip_longest(*lists)) if a is not None)
+            addrs = dict.fromkeys(
+                a
+                for a in itertools.chain.from_iterable(  # each source in turn
+                    itertools.zip_longest(*lists)
+                )
+                if a is not None
+            )
             known = connected_at(pid)
-            out.append(PeerAddr(pid, known if known is not None else
-                                tuple(itertools.islice(addrs, MAX_ADDRS_PER_PROVIDER))))
+            out.append(
+                PeerAddr(
+                    pid,
+                    known if known is not None else tuple(itertools.islice(addrs, MAX_ADDRS_PER_PROVIDER)),
+                )
+            )
         return out
-
 
 
 # --------------------------------------------------------------------------- the host
@@ -370,10 +382,16 @@ class SwarmHost:
 
     NetError = NetError
 
-    def __init__(self, keypair: KeyPair, *, listen: Iterable[str] | None = None,
-                 bootstrap: Iterable[str] | None = None, psk: str | None = None,
-                 announce: Iterable[str] | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT):
+    def __init__(
+        self,
+        keypair: KeyPair,
+        *,
+        listen: Iterable[str] | None = None,
+        bootstrap: Iterable[str] | None = None,
+        psk: str | None = None,
+        announce: Iterable[str] | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ):
         self.keypair = keypair
         self.peer_id: str = peer_id_of(keypair)
         self._id = ID.from_base58(self.peer_id)
@@ -391,7 +409,8 @@ class SwarmHost:
         self.connect_timeout = connect_timeout
         self.security_options = {
             TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
-                keypair, noise_privkey=create_x25519_key_pair().private_key),
+                keypair, noise_privkey=create_x25519_key_pair().private_key
+            ),
         }
         self._host = new_host(
             key_pair=keypair,
@@ -435,8 +454,11 @@ class SwarmHost:
         _requiet()
         single: BaseException | None = None
         try:
-            async with self._host.run(listen_addrs=self._listen), \
-                    background_trio_service(self._dht), trio.open_nursery() as nursery:
+            async with (
+                self._host.run(listen_addrs=self._listen),
+                background_trio_service(self._dht),
+                trio.open_nursery() as nursery,
+            ):
                 self._running = True
                 try:
                     log.info("swarm host %s listening on %s", self.peer_id, ", ".join(self.addrs))
@@ -575,8 +597,7 @@ class SwarmHost:
                     # The addresses given (the caller's, or a provider record's) first; those we
                     # knew (from an earlier dial) after them, not given up for them: a record
                     # may be a third party's junk.
-                    tries = [addrs] + ([rest] if (rest := [a for a in known if a not in addrs])
-                                       else [])
+                    tries = [addrs] + ([rest] if (rest := [a for a in known if a not in addrs]) else [])
                 else:
                     tries = [known or await self._find_addrs(pid)]
                 if not tries[0]:
@@ -630,8 +651,10 @@ class SwarmHost:
             with trio.fail_after(self.connect_timeout):
                 await self._host.connect(info)
         except trio.TooSlowError:
-            raise NetError(f"connecting to {pid.to_base58()} timed out after "
-                           f"{self.connect_timeout:g} s (unreachable, or another PSK?)") from None
+            raise NetError(
+                f"connecting to {pid.to_base58()} timed out after "
+                f"{self.connect_timeout:g} s (unreachable, or another PSK?)"
+            ) from None
         except Exception as e:
             raise NetError(f"connecting to {pid.to_base58()} failed: {e}") from e
         log.debug("connected to %s in %.0f ms", pid, (trio.current_time() - t0) * 1000)
@@ -692,8 +715,7 @@ class SwarmHost:
             if not recs:
                 ps.providers.pop(key, None)
 
-    async def find_providers(self, key: bytes, *, timeout: float = 5.0,
-                             limit: int = 20) -> list[PeerAddr]:
+    async def find_providers(self, key: bytes, *, timeout: float = 5.0, limit: int = 20) -> list[PeerAddr]:
         """Peers providing ``key``, without us and without duplicates, at most ``limit``.
 
         Always asks the network (py-libp2p's own find_providers returns its local cache alone as
@@ -774,15 +796,17 @@ class SwarmHost:
                 closest = []
             await ask_all(closest)
             for _ in range(3):  # a few more hops through closer peers we are able to dial
-                more = [p for p in dict.fromkeys(closer) if p not in queried and (
-                    self._is_connected(p) or self._known_addrs(p))]
+                more = [
+                    p
+                    for p in dict.fromkeys(closer)
+                    if p not in queried and (self._is_connected(p) or self._known_addrs(p))
+                ]
                 closer.clear()
                 if not more:
                     break
                 await ask_all(more)
 
-    async def _get_providers_from(self, peer: ID, key: bytes
-                                  ) -> tuple[list[PeerInfo], list[ID]] | None:
+    async def _get_providers_from(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
         """One GET_PROVIDERS to ``peer``: (providers, closer peers); ([], []) on a failed request,
         None if no connection could be made (py-libp2p's closest-peer lookup also returns peers
         it merely has in its peerstore: asking those four times cost ~1 s per lookup).
@@ -821,8 +845,7 @@ class SwarmHost:
             return [], []
         if resp.type != KadMessage.MessageType.GET_PROVIDERS:
             return [], []
-        if len(resp.senderRecord) > MAX_SIGNED_RECORD_BYTES or not _consume_record(
-                resp, self._host, peer):
+        if len(resp.senderRecord) > MAX_SIGNED_RECORD_BYTES or not _consume_record(resp, self._host, peer):
             log.debug("GET_PROVIDERS from %s: bad sender record, answer dropped", peer)
             return [], []
         providers: list[PeerInfo] = []
@@ -851,7 +874,8 @@ class SwarmHost:
     # ------------------------------------------------------------------ manifest protocol
 
     def set_manifest_handler(
-            self, fn: Callable[[wire.ManifestRequest], list[tuple[bytes, bytes]]] | None) -> None:
+        self, fn: Callable[[wire.ManifestRequest], list[tuple[bytes, bytes]]] | None
+    ) -> None:
         """Serve MANIFEST_PROTOCOL with ``fn(request) -> [(manifest bytes, signature), ...]``
         (at most MAX_MANIFESTS_PER_REPLY are sent; ``fn`` may also be async). ``fn`` runs on the
         event loop: keep it quick. An exception in it is logged and answered with an Error frame.
@@ -860,8 +884,7 @@ class SwarmHost:
         if fn is None:
             self._host.remove_stream_handler(TProtocol(wire.MANIFEST_PROTOCOL))
         else:
-            self._host.set_stream_handler(TProtocol(wire.MANIFEST_PROTOCOL),
-                                          self._on_manifest_stream)
+            self._host.set_stream_handler(TProtocol(wire.MANIFEST_PROTOCOL), self._on_manifest_stream)
 
     async def _on_manifest_stream(self, stream) -> None:
         peer = _stream_peer(stream, full=True)
@@ -912,8 +935,10 @@ class SwarmHost:
     def _admit_manifest_stream(self, peer: str) -> bool:
         """Count an inbound manifest stream in, unless MAX_MANIFEST_STREAMS_PER_PEER (or
         MAX_MANIFEST_STREAMS in all) are being served already."""
-        if (self._manifest_streams.get(peer, 0) >= MAX_MANIFEST_STREAMS_PER_PEER
-                or sum(self._manifest_streams.values()) >= MAX_MANIFEST_STREAMS):
+        if (
+            self._manifest_streams.get(peer, 0) >= MAX_MANIFEST_STREAMS_PER_PEER
+            or sum(self._manifest_streams.values()) >= MAX_MANIFEST_STREAMS
+        ):
             return False
         self._manifest_streams[peer] = self._manifest_streams.get(peer, 0) + 1
         return True
@@ -925,8 +950,9 @@ class SwarmHost:
         else:
             self._manifest_streams.pop(peer, None)
 
-    async def fetch_manifests(self, peer: str | PeerAddr, request: wire.ManifestRequest, *,
-                              timeout: float = 10.0) -> list[wire.ManifestReply]:
+    async def fetch_manifests(
+        self, peer: str | PeerAddr, request: wire.ManifestRequest, *, timeout: float = 10.0
+    ) -> list[wire.ManifestReply]:
         """Ask ``peer`` for its manifests matching ``request``. NetError on any failure (cannot
         connect, refused, timed out, broke the protocol, count mismatch)."""
         wire.encode(request)  # ValueError for a request no peer would accept
@@ -934,8 +960,9 @@ class SwarmHost:
         try:
             with trio.fail_after(timeout):
                 stream = await self._open_stream(peer, wire.MANIFEST_PROTOCOL, timeout)
-                link = StreamLink(stream, frozenset({wire.ManifestReply.TYPE,
-                                                     wire.ManifestEnd.TYPE, wire.Error.TYPE}))
+                link = StreamLink(
+                    stream, frozenset({wire.ManifestReply.TYPE, wire.ManifestEnd.TYPE, wire.Error.TYPE})
+                )
                 try:
                     return await self._manifest_exchange(link, request)
                 finally:
@@ -950,8 +977,7 @@ class SwarmHost:
             raise NetError(f"manifest request to {who} failed: {e!r}") from e
 
     @staticmethod
-    async def _manifest_exchange(link: StreamLink, request: wire.ManifestRequest
-                                 ) -> list[wire.ManifestReply]:
+    async def _manifest_exchange(link: StreamLink, request: wire.ManifestRequest) -> list[wire.ManifestReply]:
         await link.send(request)
         replies: list[wire.ManifestReply] = []
         held = 0
@@ -962,13 +988,11 @@ class SwarmHost:
                     raise wire.ProtocolError("too many ManifestReply frames")
                 held += len(msg.manifest) + len(msg.signature)
                 if held > wire.MAX_MANIFEST_REPLY_BYTES:
-                    raise wire.ProtocolError(f"manifest reply over {wire.MAX_MANIFEST_REPLY_BYTES} "
-                                             "bytes")
+                    raise wire.ProtocolError(f"manifest reply over {wire.MAX_MANIFEST_REPLY_BYTES} bytes")
                 replies.append(msg)
             elif isinstance(msg, wire.ManifestEnd):
                 if msg.count != len(replies):
-                    raise wire.ProtocolError(f"ManifestEnd.count {msg.count} but "
-                                             f"{len(replies)} replies")
+                    raise wire.ProtocolError(f"ManifestEnd.count {msg.count} but {len(replies)} replies")
                 return replies
             elif isinstance(msg, wire.Error):
                 raise NetError(f"{link.peer_id[:16]} refused the manifest request: {msg.reason}")
@@ -977,8 +1001,7 @@ class SwarmHost:
 
     # ------------------------------------------------------------------ pieces protocol
 
-    def set_pieces_handler(
-            self, fn: Callable[[StreamLink, wire.Hello], Awaitable[None]] | None) -> None:
+    def set_pieces_handler(self, fn: Callable[[StreamLink, wire.Hello], Awaitable[None]] | None) -> None:
         """Serve PIECES_PROTOCOL: each inbound stream becomes a StreamLink; once its first message
         (a Hello, within HELLO_TIMEOUT) arrived, ``await fn(link, hello)`` runs for the lifetime
         of the link. Errors are contained and logged; the stream is closed when ``fn`` returns.
@@ -1048,15 +1071,16 @@ class SwarmHost:
     async def open_lane_stream(self, peer: str | PeerAddr, *, timeout: float | None = None):
         """A raw LANE_PROTOCOL stream to ``peer`` (connecting first if needed), for
         ``LaneService.dial``. NetError if unreachable or the peer does not serve the lane."""
-        return await self._open_stream(peer, wire.LANE_PROTOCOL,
-                                       timeout if timeout is not None else self.connect_timeout)
+        return await self._open_stream(
+            peer, wire.LANE_PROTOCOL, timeout if timeout is not None else self.connect_timeout
+        )
 
-    async def open_pieces_link(self, peer: str | PeerAddr, *,
-                               timeout: float | None = None) -> StreamLink:
+    async def open_pieces_link(self, peer: str | PeerAddr, *, timeout: float | None = None) -> StreamLink:
         """A StreamLink on a new PIECES_PROTOCOL stream to ``peer`` (connecting first if needed).
         The caller sends the Hello (``Transfer.serve_link`` does). NetError on failure."""
-        stream = await self._open_stream(peer, wire.PIECES_PROTOCOL,
-                                         timeout if timeout is not None else self.connect_timeout)
+        stream = await self._open_stream(
+            peer, wire.PIECES_PROTOCOL, timeout if timeout is not None else self.connect_timeout
+        )
         try:
             return StreamLink(stream, outbound=True)
         except Exception as e:
@@ -1065,9 +1089,13 @@ class SwarmHost:
 
     # ------------------------------------------------------------------ small queries
 
-    def set_query_handler(self, protocol: str,
-                          fn: Callable[[str, bytes], Awaitable[bytes]] | None, *,
-                          max_reply: int = MAX_QUERY_BYTES) -> None:
+    def set_query_handler(
+        self,
+        protocol: str,
+        fn: Callable[[str, bytes], Awaitable[bytes]] | None,
+        *,
+        max_reply: int = MAX_QUERY_BYTES,
+    ) -> None:
         """Serve ``protocol`` as one small query: the asker's bytes (up to MAX_QUERY_BYTES, ended
         by its close_write) in, ``await fn(peer_id, request)`` (up to ``max_reply`` bytes) out,
         then the stream closes. An exception in ``fn`` is logged and the stream reset. None stops
@@ -1091,8 +1119,15 @@ class SwarmHost:
 
         self._host.set_stream_handler(TProtocol(protocol), handler)
 
-    async def query(self, peer: str | PeerAddr, protocol: str, request: bytes, *,
-                    timeout: float = QUERY_TIMEOUT, max_reply: int = MAX_QUERY_BYTES) -> bytes:
+    async def query(
+        self,
+        peer: str | PeerAddr,
+        protocol: str,
+        request: bytes,
+        *,
+        timeout: float = QUERY_TIMEOUT,
+        max_reply: int = MAX_QUERY_BYTES,
+    ) -> bytes:
         """Send ``request`` on a new ``protocol`` stream to ``peer`` and return its reply (up to
         ``max_reply`` bytes). NetError on any failure."""
         if len(request) > MAX_QUERY_BYTES:
@@ -1168,8 +1203,7 @@ def _reply_budget(items: Iterable[tuple[bytes, bytes]]) -> list[wire.ManifestRep
             raise ValueError(f"manifest of {len(m)} bytes over MAX_MANIFEST_FRAME")
         total += len(m) + len(sig)
         if total > wire.MAX_MANIFEST_REPLY_BYTES:
-            log.warning("manifest reply cut at %d of its manifests (MAX_MANIFEST_REPLY_BYTES)",
-                        len(out))
+            log.warning("manifest reply cut at %d of its manifests (MAX_MANIFEST_REPLY_BYTES)", len(out))
             break
         out.append(wire.ManifestReply(m, sig))
     return out

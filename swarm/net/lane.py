@@ -345,8 +345,16 @@ class LaneLink:
     ``pieces_received``.
     """
 
-    def __init__(self, sock: socket.socket, keys: lc.LaneKeys, *, dialer: bool, peer_id: str,
-                 mode: int, pool_buffers: int = POOL_BUFFERS):
+    def __init__(
+        self,
+        sock: socket.socket,
+        keys: lc.LaneKeys,
+        *,
+        dialer: bool,
+        peer_id: str,
+        mode: int,
+        pool_buffers: int = POOL_BUFFERS,
+    ):
         self.peer_id = peer_id
         self.outbound = dialer
         self.mode = mode
@@ -356,8 +364,11 @@ class LaneLink:
         self.pieces_received = 0
         self._sock = sock
         self._fileno = sock.fileno()
-        out_key, in_key = ((keys.dialer_to_acceptor, keys.acceptor_to_dialer) if dialer
-                           else (keys.acceptor_to_dialer, keys.dialer_to_acceptor))
+        out_key, in_key = (
+            (keys.dialer_to_acceptor, keys.acceptor_to_dialer)
+            if dialer
+            else (keys.acceptor_to_dialer, keys.dialer_to_acceptor)
+        )
         self._sealer = lc.Sealer(out_key)
         self._opener = lc.Opener(in_key)
         self._send_lock = trio.Lock()
@@ -461,8 +472,7 @@ class LaneLink:
                 self._unref()
 
         try:
-            return await trio.to_thread.run_sync(run, limiter=self._limiter,
-                                                 abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
         except trio.Cancelled:
             self._broken = True
             self._shutdown(socket.SHUT_RDWR)
@@ -500,7 +510,7 @@ class LaneLink:
             self._send_piece_data(index, data)
             return len(data)
         buf = self._tx(n)
-        got = store.read_piece_into(index, buf[_PAGE: _PAGE + n])  # StoreError: nothing sent
+        got = store.read_piece_into(index, buf[_PAGE : _PAGE + n])  # StoreError: nothing sent
         if got != n:
             raise LinkClosed(f"store returned {got} bytes for piece {index} of {n}")
         self._send_buffered(index, buf, n)
@@ -510,7 +520,7 @@ class LaneLink:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
         buf = self._tx(n)
-        buf[_PAGE: _PAGE + n] = mv
+        buf[_PAGE : _PAGE + n] = mv
         self._send_buffered(index, buf, n)
 
     def _send_buffered(self, index: int, buf: memoryview, n: int) -> None:
@@ -520,7 +530,7 @@ class LaneLink:
                 self._sendall(record)
             else:
                 self._sendall(self._sealer.piece_prefix(index, n), socket.MSG_MORE)
-                self._sendall(buf[_PAGE: _PAGE + n])
+                self._sendall(buf[_PAGE : _PAGE + n])
         except BaseException:
             self._broken = True
             raise
@@ -575,8 +585,7 @@ class LaneLink:
     def _start_receiver(self) -> None:
         if self._closed:
             raise LinkClosed(f"lane to {self.peer_id[:16]} is closed")
-        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{self.peer_id[-8:]}",
-                                    daemon=True)
+        self._rx = threading.Thread(target=self._rx_main, name=f"lane-rx-{self.peer_id[-8:]}", daemon=True)
         self._ref()
         try:
             self._rx.start()
@@ -650,8 +659,7 @@ class LaneLink:
                 trio.from_thread.run_sync(self._to_trio.send_nowait, item, trio_token=self._token)
             except trio.WouldBlock:
                 trio.from_thread.run(self._to_trio.send, item, trio_token=self._token)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError,
-                trio.Cancelled):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError, trio.Cancelled):
             raise _Stop from None  # the link is closing, or the node is gone
 
     def _recv_into(self, mv: memoryview, boundary: bool = False) -> bool:
@@ -668,8 +676,7 @@ class LaneLink:
                 if self._closed:
                     raise _Stop from None
                 if (got or not boundary) and time.monotonic() - last > STALL_TIMEOUT:
-                    raise LinkClosed(f"lane from {self.peer_id[:16]} stalled inside a record"
-                                     ) from None
+                    raise LinkClosed(f"lane from {self.peer_id[:16]} stalled inside a record") from None
                 continue
             if n == 0:
                 if got == 0 and boundary:
@@ -871,9 +878,16 @@ class LaneService:
     held at once (MAX_SETUPS).
     """
 
-    def __init__(self, mode: str, local_id: str, *, bind_host: str = "127.0.0.1",
-                 on_link: Callable[[LaneLink, wire.Hello], Awaitable[None]] | None = None,
-                 pool_buffers: int = POOL_BUFFERS, max_setups: int = MAX_SETUPS):
+    def __init__(
+        self,
+        mode: str,
+        local_id: str,
+        *,
+        bind_host: str = "127.0.0.1",
+        on_link: Callable[[LaneLink, wire.Hello], Awaitable[None]] | None = None,
+        pool_buffers: int = POOL_BUFFERS,
+        max_setups: int = MAX_SETUPS,
+    ):
         if mode not in LANE_MODES:
             raise ValueError(f"lane mode must be one of {LANE_MODES}, got {mode!r}")
         self.mode = mode
@@ -977,7 +991,7 @@ class LaneService:
                     self.proofs_rejected += 1
                     log.info("lane connection with an unknown lane id: closed")
                     return
-                if not lc.check_proof(slot.keys, True, raw[lc.LANE_ID_BYTES:]):
+                if not lc.check_proof(slot.keys, True, raw[lc.LANE_ID_BYTES :]):
                     self.proofs_rejected += 1
                     log.warning("lane connection from %s: wrong proof, closed", slot.peer_id[:16])
                     slot.ready.set()  # the offer is void
@@ -1037,8 +1051,13 @@ class LaneService:
                 with trio.fail_after(OFFER_TIMEOUT):
                     magic, wanted, nonce_d = OFFER.unpack(await _read_exactly(stream, OFFER.size))
                 port = self.port
-                refuse = (magic != MAGIC or wanted not in lc.MODE_NAMES or self.mode == "off"
-                          or port is None or self.on_link is None)
+                refuse = (
+                    magic != MAGIC
+                    or wanted not in lc.MODE_NAMES
+                    or self.mode == "off"
+                    or port is None
+                    or self.on_link is None
+                )
                 if not refuse and self.setups_of(peer) >= MAX_SETUPS_PER_PEER:
                     self.setups_refused += 1
                     refuse = True
@@ -1047,8 +1066,11 @@ class LaneService:
                     return None
                 if len(self._setups) >= self.max_setups:
                     self._evict_setup()
-                mode = (lc.MODE_PLAINTEXT if wanted == lc.MODE_PLAINTEXT
-                        and self.mode == "plaintext" else lc.MODE_ENCRYPTED)
+                mode = (
+                    lc.MODE_PLAINTEXT
+                    if wanted == lc.MODE_PLAINTEXT and self.mode == "plaintext"
+                    else lc.MODE_ENCRYPTED
+                )
                 nonce_a = secrets.token_bytes(lc.NONCE_BYTES)
                 keys = lc.derive_keys(nonce_d, nonce_a, peer, self.local_id, mode, port)
                 slot = _Pending(keys, peer, mode)
@@ -1070,11 +1092,16 @@ class LaneService:
                     slot.abandoned = True  # from here on _check_proof keeps what it proves
                 await _close_stream(stream)
             if slot.sock is None:
-                log.info("lane from %s: no proven connection within %g s", peer[:16],
-                         PROOF_TIMEOUT)
+                log.info("lane from %s: no proven connection within %g s", peer[:16], PROOF_TIMEOUT)
                 return None
-            link = LaneLink(slot.sock, slot.keys, dialer=False, peer_id=peer, mode=slot.mode,
-                            pool_buffers=self.pool_buffers)
+            link = LaneLink(
+                slot.sock,
+                slot.keys,
+                dialer=False,
+                peer_id=peer,
+                mode=slot.mode,
+                pool_buffers=self.pool_buffers,
+            )
             taken = True
             self.lanes_accepted += 1
             return link
@@ -1110,8 +1137,9 @@ class LaneService:
 
     # -- dialer side of setup --
 
-    async def dial(self, open_stream: Callable[[], Awaitable[Any]], *,
-                   timeout: float = SETUP_TIMEOUT) -> LaneLink:
+    async def dial(
+        self, open_stream: Callable[[], Awaitable[Any]], *, timeout: float = SETUP_TIMEOUT
+    ) -> LaneLink:
         """Open a lane: ``open_stream()`` gives a LANE_PROTOCOL libp2p stream to the peer (for
         instance ``lambda: host.open_lane_stream(peer)``). LaneUnavailable on any failure: the
         caller falls back to a plain pieces stream."""
@@ -1128,8 +1156,7 @@ class LaneService:
                 peer = _stream_peer(stream)
                 nonce_d = secrets.token_bytes(lc.NONCE_BYTES)
                 await stream.write(OFFER.pack(MAGIC, self._wanted_mode, nonce_d))
-                magic, status, mode, port, nonce_a = ACCEPT.unpack(
-                    await _read_exactly(stream, ACCEPT.size))
+                magic, status, mode, port, nonce_a = ACCEPT.unpack(await _read_exactly(stream, ACCEPT.size))
                 if magic != MAGIC:
                     raise LaneUnavailable("not a lane answer")
                 if status != STATUS_OK:
@@ -1162,5 +1189,4 @@ class LaneService:
             if stream is not None:
                 await _close_stream(stream)
         self.lanes_opened += 1
-        return LaneLink(sock, keys, dialer=True, peer_id=peer, mode=mode,
-                        pool_buffers=self.pool_buffers)
+        return LaneLink(sock, keys, dialer=True, peer_id=peer, mode=mode, pool_buffers=self.pool_buffers)

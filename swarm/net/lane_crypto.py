@@ -92,7 +92,8 @@ checked in their wheels). pyproject.toml requires at least this."""
 if not (hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")):
     raise ImportError(
         f"the data lane needs cryptography>={'.'.join(map(str, CRYPTOGRAPHY_MIN))} "
-        f"(AESGCM.encrypt_into/decrypt_into); this is {cryptography.__version__}: upgrade it")
+        f"(AESGCM.encrypt_into/decrypt_into); this is {cryptography.__version__}: upgrade it"
+    )
 
 
 class LaneExhausted(Exception):
@@ -116,18 +117,28 @@ def _lp(b: bytes) -> bytes:
     return struct.pack(">H", len(b)) + b
 
 
-def derive_keys(dialer_nonce: bytes, acceptor_nonce: bytes, dialer_id: str, acceptor_id: str,
-                mode: int, port: int) -> LaneKeys:
+def derive_keys(
+    dialer_nonce: bytes, acceptor_nonce: bytes, dialer_id: str, acceptor_id: str, mode: int, port: int
+) -> LaneKeys:
     """Every key of one lane from both sides' random contributions and what they agreed on."""
     if len(dialer_nonce) != NONCE_BYTES or len(acceptor_nonce) != NONCE_BYTES:
         raise ValueError("lane nonces must be 32 bytes")
     transcript = hashlib.sha256(
-        b"swarm-lane/1\0" + bytes([mode]) + struct.pack(">H", port)
-        + _lp(dialer_id.encode()) + _lp(acceptor_id.encode())
-        + dialer_nonce + acceptor_nonce).digest()
-    okm = HKDF(algorithm=hashes.SHA256(), length=LANE_ID_BYTES + 4 * 32, salt=_SALT,
-               info=b"swarm-lane/1 keys " + transcript).derive(dialer_nonce + acceptor_nonce)
-    k = [okm[LANE_ID_BYTES + 32 * i: LANE_ID_BYTES + 32 * (i + 1)] for i in range(4)]
+        b"swarm-lane/1\0"
+        + bytes([mode])
+        + struct.pack(">H", port)
+        + _lp(dialer_id.encode())
+        + _lp(acceptor_id.encode())
+        + dialer_nonce
+        + acceptor_nonce
+    ).digest()
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=LANE_ID_BYTES + 4 * 32,
+        salt=_SALT,
+        info=b"swarm-lane/1 keys " + transcript,
+    ).derive(dialer_nonce + acceptor_nonce)
+    k = [okm[LANE_ID_BYTES + 32 * i : LANE_ID_BYTES + 32 * (i + 1)] for i in range(4)]
     return LaneKeys(okm[:LANE_ID_BYTES], transcript, k[0], k[1], k[2], k[3])
 
 
@@ -135,8 +146,9 @@ def make_proof(keys: LaneKeys, dialer: bool) -> bytes:
     """What one side sends on TCP to show it knows the lane secret."""
     key = keys.dialer_proof if dialer else keys.acceptor_proof
     label = b"dialer" if dialer else b"acceptor"
-    return hmac.new(key, b"swarm-lane/1 proof " + label + keys.lane_id + keys.transcript,
-                    hashlib.sha256).digest()
+    return hmac.new(
+        key, b"swarm-lane/1 proof " + label + keys.lane_id + keys.transcript, hashlib.sha256
+    ).digest()
 
 
 def check_proof(keys: LaneKeys, dialer: bool, proof: bytes) -> bool:
@@ -175,9 +187,9 @@ class Sealer:
         h0 = at - HEADER.size
         HEADER.pack_into(buf, h0, KIND_PIECE, index, length)
         header = bytes(buf[h0:at])
-        payload = buf[at: at + length]
-        self._aead.encrypt_into(self._next(), payload, header, buf[at: at + length + TAG])
-        return buf[h0: at + length + TAG]
+        payload = buf[at : at + length]
+        self._aead.encrypt_into(self._next(), payload, header, buf[at : at + length + TAG])
+        return buf[h0 : at + length + TAG]
 
     def piece_prefix(self, index: int, length: int) -> bytes:
         """Header + tag of a plaintext-mode PIECE record (the payload follows unencrypted)."""

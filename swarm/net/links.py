@@ -43,8 +43,9 @@ def _payload_view(data: object) -> object:
 class StreamLink:
     """One bidirectional message channel to one peer over one libp2p stream."""
 
-    def __init__(self, stream, allowed_types: frozenset[int] | None = wire.PIECES_TYPES, *,
-                 outbound: bool = False):
+    def __init__(
+        self, stream, allowed_types: frozenset[int] | None = wire.PIECES_TYPES, *, outbound: bool = False
+    ):
         self._stream = stream
         self.peer_id: str = stream.muxed_conn.peer_id.to_base58()
         self.outbound = outbound

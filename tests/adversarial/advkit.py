@@ -34,8 +34,9 @@ from swarm.store import SnapshotReader
 MiB = 1 << 20
 MODEL = "acme/adversarial"
 
-ENGINE = EngineConfig(tick=0.05, rechoke_interval=0.25, request_timeout=1.0, min_rate=8 * MiB,
-                      handshake_timeout=5.0)
+ENGINE = EngineConfig(
+    tick=0.05, rechoke_interval=0.25, request_timeout=1.0, min_rate=8 * MiB, handshake_timeout=5.0
+)
 """Fast timers: a request for a 4 MiB piece times out after 1.5 s instead of 9 s."""
 
 # --------------------------------------------------------------------------- the ledger
@@ -117,19 +118,29 @@ class HostilePeer:
     request (None: the honest manifest, unsigned). ``announce`` lists the DHT keys it provides.
     """
 
-    def __init__(self, tmp: Path, name: str, *, manifest: Manifest | None = None,
-                 pieces: dict[int, bytes] | None = None, pieces_mode: str = "honest",
-                 manifest_replies: list[tuple[bytes, bytes]] | None = None,
-                 announce: Iterable[bytes] | None = None, bootstrap: Iterable[str] = (),
-                 psk: str | None = None, slow_rate: int = 64 << 10):
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        *,
+        manifest: Manifest | None = None,
+        pieces: dict[int, bytes] | None = None,
+        pieces_mode: str = "honest",
+        manifest_replies: list[tuple[bytes, bytes]] | None = None,
+        announce: Iterable[bytes] | None = None,
+        bootstrap: Iterable[str] = (),
+        psk: str | None = None,
+        slow_rate: int = 64 << 10,
+    ):
         self.name = name
         self.manifest = manifest
         self.pieces = pieces or {}
         self.mode = pieces_mode
         self.slow_rate = slow_rate
         self.keypair = load_or_create_identity(tmp / f"{name}.key")
-        self.host = SwarmHost(self.keypair, listen=["/ip4/127.0.0.1/tcp/0"],
-                              bootstrap=list(bootstrap), psk=psk)
+        self.host = SwarmHost(
+            self.keypair, listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=list(bootstrap), psk=psk
+        )
         self.peer_id = self.host.peer_id
         if manifest_replies is None and manifest is not None:
             manifest_replies = [(manifest.encode(), b"")]
@@ -191,8 +202,14 @@ class HostilePeer:
         elif mode == "mislabel":
             # Another piece's bytes of no greater length (a longer one is refused from its header
             # as oversized, before its bytes are read: that is the "oversized" case).
-            other = next((j for j in range(1, n + 1) if self.pieces[(i + j) % n] != data
-                          and len(self.pieces[(i + j) % n]) <= len(data)), None)
+            other = next(
+                (
+                    j
+                    for j in range(1, n + 1)
+                    if self.pieces[(i + j) % n] != data and len(self.pieces[(i + j) % n]) <= len(data)
+                ),
+                None,
+            )
             lie = self.pieces[(i + other) % n] if other is not None else flip(data, 0)
             await link.send(wire.PieceData(i, lie))
         elif mode == "out-of-range":
@@ -211,7 +228,7 @@ class HostilePeer:
             await link.send_frame(wire.piece_header(i, len(data)))
             step = 16 << 10
             for off in range(0, len(data), step):
-                await link.send_frame(data[off: off + step])
+                await link.send_frame(data[off : off + step])
                 self.stats["slow_bytes"] += min(step, len(data) - off)
                 await trio.sleep(step / self.slow_rate)
         else:

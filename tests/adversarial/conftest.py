@@ -21,8 +21,9 @@ from swarm.manifest import build_manifest
 def adv_model(tmp_path_factory) -> tuple[Path, object, dict[int, bytes]]:
     """(directory, manifest, pieces): 32 MiB of weights in 2 shards (8 pieces of 4 MiB) plus the
     config set, with the manifest a node serving the directory announces."""
-    root = make_model_dir(tmp_path_factory.mktemp("adv-src"), weights_bytes=32 << 20,
-                          n_weight_files=2, seed=7)
+    root = make_model_dir(
+        tmp_path_factory.mktemp("adv-src"), weights_bytes=32 << 20, n_weight_files=2, seed=7
+    )
     m = build_manifest(root, MODEL, "local")
     # The revision a node serving the directory derives from its content (node._ManifestCache).
     m = attrs.evolve(m, revision=blake3.blake3(m.encode()).hexdigest()[:40])

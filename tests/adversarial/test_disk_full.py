@@ -24,8 +24,9 @@ def small_fs(tmp_path):
     """A 24 MiB tmpfs (the model is ~35 MB)."""
     d = tmp_path / "small-fs"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -56,8 +57,9 @@ async def test_disk_full_at_preallocation(tmp_path, adv_model, small_fs, error_l
     cache = small_fs / "hub"
     async with AsyncExitStack() as stack:
         seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),))
-        front = await start_node(stack, tmp_path, "front", bootstrap=tuple(seeder.host.addrs[:1]),
-                                 cache_dir=cache)
+        front = await start_node(
+            stack, tmp_path, "front", bootstrap=tuple(seeder.host.addrs[:1]), cache_dir=cache
+        )
         req = FetchRequest(MODEL, cache_dir=cache)
         with FinalPathWatcher(cache, [m]) as watch:
             with trio.fail_after(60), pytest.raises(FetchError) as ei:
@@ -79,11 +81,17 @@ async def test_disk_full_at_preallocation(tmp_path, adv_model, small_fs, error_l
         errors = [r.getMessage() for r in error_log if "transfer of" not in r.getMessage()]
         assert not errors, errors
         swarm_line = next(line for line in msg.splitlines() if "disk full" in line)
-        record("disk full: 24 MiB tmpfs, 35 MB model", error=swarm_line.strip()[:160],
-               snapshot_or_ref_after_failure=0, incomplete_bytes_kept=partial,
-               refetch_bytes_after_growing=t.bytes_down, model_bytes=m.total_size,
-               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
-               outcome="clear error; complete after the fs grew")
+        record(
+            "disk full: 24 MiB tmpfs, 35 MB model",
+            error=swarm_line.strip()[:160],
+            snapshot_or_ref_after_failure=0,
+            incomplete_bytes_kept=partial,
+            refetch_bytes_after_growing=t.bytes_down,
+            model_bytes=m.total_size,
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="clear error; complete after the fs grew",
+        )
 
 
 @pytest.mark.timeout(90)
@@ -97,8 +105,9 @@ async def test_disk_fills_up_mid_transfer(tmp_path, adv_model, small_fs, error_l
     filler = small_fs / "filler"
     async with AsyncExitStack() as stack:
         seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),))
-        front = await start_node(stack, tmp_path, "front", bootstrap=tuple(seeder.host.addrs[:1]),
-                                 cache_dir=cache)
+        front = await start_node(
+            stack, tmp_path, "front", bootstrap=tuple(seeder.host.addrs[:1]), cache_dir=cache
+        )
         filled = []
 
         def on_event(ev: dict) -> None:
@@ -120,8 +129,9 @@ async def test_disk_fills_up_mid_transfer(tmp_path, adv_model, small_fs, error_l
             # A snapshot directory appears only whole (one rename of a staged directory, every
             # link to a verified blob): it may exist if only the ref could not be written.
             for d in snapshot_dirs(cache):
-                assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                              if not p.is_dir()) == sorted(f.path for f in m.files), d
+                assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if not p.is_dir()) == sorted(
+                    f.path for f in m.files
+                ), d
             snap_after_failure = len(snapshot_dirs(cache))
             filler.unlink()
             with trio.fail_after(60):
@@ -131,7 +141,12 @@ async def test_disk_fills_up_mid_transfer(tmp_path, adv_model, small_fs, error_l
         assert_honest_alive([seeder, front])
         errors = [r.getMessage() for r in error_log if "transfer of" not in r.getMessage()]
         assert not errors, errors
-        record("disk full: filled by another writer at 60%", filler_bytes=filled[0],
-               error=str(ei.value)[-90:], complete_snapshots_after_failure=snap_after_failure,
-               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
-               outcome="DiskFull; complete once space was freed")
+        record(
+            "disk full: filled by another writer at 60%",
+            filler_bytes=filled[0],
+            error=str(ei.value)[-90:],
+            complete_snapshots_after_failure=snap_after_failure,
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="DiskFull; complete once space was freed",
+        )

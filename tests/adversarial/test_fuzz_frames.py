@@ -55,8 +55,11 @@ def frame(type_: int, body: bytes) -> bytes:
 
 
 any_frame = st.builds(frame, st.integers(0, 255), st.binary(max_size=200))
-oversized = st.builds(lambda t, extra: struct.pack(">IB", wire.frame_limit(t) + extra, t),
-                      st.integers(0, 255), st.integers(1, 2**20))
+oversized = st.builds(
+    lambda t, extra: struct.pack(">IB", wire.frame_limit(t) + extra, t),
+    st.integers(0, 255),
+    st.integers(1, 2**20),
+)
 
 
 # --------------------------------------------------------------------------- decoders
@@ -65,17 +68,21 @@ oversized = st.builds(lambda t, extra: struct.pack(">IB", wire.frame_limit(t) + 
 def _drain(dec: wire.FrameDecoder, data: bytes, chunk: int) -> list:
     out = []
     for k in range(0, len(data), chunk):
-        dec.feed(data[k: k + chunk])
+        dec.feed(data[k : k + chunk])
         while (m := dec.next_message()) is not None:
             out.append(m)
     return out
 
 
 @settings(FAST, max_examples=2500)
-@given(st.one_of(st.binary(max_size=600),
-                 st.lists(st.one_of(any_frame, oversized, st.binary(max_size=16)), max_size=8)
-                 .map(b"".join)),
-       st.sampled_from([wire.PIECES_TYPES, wire.MANIFEST_TYPES, None]), st.integers(1, 64))
+@given(
+    st.one_of(
+        st.binary(max_size=600),
+        st.lists(st.one_of(any_frame, oversized, st.binary(max_size=16)), max_size=8).map(b"".join),
+    ),
+    st.sampled_from([wire.PIECES_TYPES, wire.MANIFEST_TYPES, None]),
+    st.integers(1, 64),
+)
 def test_frame_decoder(data, allowed, chunk):
     TRIED["wire.FrameDecoder"] += 1
     dec = wire.FrameDecoder(allowed)
@@ -157,7 +164,7 @@ def test_manifest_decode(manifest_bytes, data):
         raw = good[:i] + data.draw(st.binary(min_size=1, max_size=8)) + good[i:]
     else:  # a header with counts and sizes from hypothesis, then the real body
         i = data.draw(st.integers(0, min(len(good), 120)))
-        raw = good[:i] + data.draw(st.binary(max_size=24)) + good[i + 8:]
+        raw = good[:i] + data.draw(st.binary(max_size=24)) + good[i + 8 :]
     try:
         m = Manifest.decode(raw)
     except ManifestError:
@@ -244,8 +251,15 @@ class Live:
         try:
             stream = await attacker._open_stream(self.target, protocol, 10)
         except Exception as e:
-            print("OPEN FAILED", repr(e)[:200], "node sees", self.node.host.connected_peers(),
-                  "attacker sees", attacker.connected_peers(), self.outcomes)
+            print(
+                "OPEN FAILED",
+                repr(e)[:200],
+                "node sees",
+                self.node.host.connected_peers(),
+                "attacker sees",
+                attacker.connected_peers(),
+                self.outcomes,
+            )
             raise
         got = pieces = 0
         dec = wire.FrameDecoder()
@@ -279,8 +293,9 @@ class Live:
             if scope.cancelled_caught:
                 self.outcomes["stream left open by the node"] += 1
             else:
-                self.outcomes["answered with pieces" if pieces else
-                              "answered" if got else "closed silently"] += 1
+                self.outcomes[
+                    "answered with pieces" if pieces else "answered" if got else "closed silently"
+                ] += 1
         finally:
             with trio.move_on_after(2):
                 try:
@@ -289,9 +304,9 @@ class Live:
                     pass
         self.slowest = max(self.slowest, trio.current_time() - t0)
 
-    async def tcp_batch(self, inputs: list[bytes], port: int | None = None,
-                        label: str = "lane tcp") -> None:
+    async def tcp_batch(self, inputs: list[bytes], port: int | None = None, label: str = "lane tcp") -> None:
         """Each input on its own TCP connection to ``port`` (the lane's by default)."""
+
         async def one(data: bytes) -> None:
             with trio.move_on_after(self.STREAM_TIMEOUT) as scope:
                 s = await trio.open_tcp_stream("127.0.0.1", port or self.node.lane.port)
@@ -311,8 +326,7 @@ class Live:
 
     async def honest_fetch(self) -> Path:
         async with AsyncExitStack() as stack:
-            front = await start_node(stack, self.tmp, "after-fuzz",
-                                     bootstrap=tuple(self.node.host.addrs[:1]))
+            front = await start_node(stack, self.tmp, "after-fuzz", bootstrap=tuple(self.node.host.addrs[:1]))
             with trio.fail_after(60):
                 return await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
 
@@ -357,47 +371,67 @@ def pieces_inputs(m: Manifest):
         st.builds(lambda i: wire.encode(wire.Request(i)), index),
         st.builds(lambda i: wire.encode(wire.Cancel(i)), index),
         st.builds(lambda i: wire.encode(wire.Reject(i)), index),
-        st.sampled_from([wire.encode(x) for x in (wire.Interested(), wire.NotInterested(),
-                                                   wire.Choke(), wire.Unchoke())]),
-        st.builds(lambda i, d: wire.encode(wire.PieceData(i, d)), index,
-                  st.binary(max_size=4096)),
+        st.sampled_from(
+            [wire.encode(x) for x in (wire.Interested(), wire.NotInterested(), wire.Choke(), wire.Unchoke())]
+        ),
+        st.builds(lambda i, d: wire.encode(wire.PieceData(i, d)), index, st.binary(max_size=4096)),
         st.builds(lambda s: wire.encode(wire.Error(s)), st.text(max_size=40)),
-        st.builds(lambda hh, k: wire.encode(wire.Hello(hh, k)),
-                  st.one_of(st.just(h), st.binary(min_size=32, max_size=32)), u32),
-        any_frame, oversized, st.binary(max_size=12),
+        st.builds(
+            lambda hh, k: wire.encode(wire.Hello(hh, k)),
+            st.one_of(st.just(h), st.binary(min_size=32, max_size=32)),
+            u32,
+        ),
+        any_frame,
+        oversized,
+        st.binary(max_size=12),
     )
-    hello = st.one_of(st.just(wire.encode(wire.Hello(h, n))),
-                      st.builds(lambda k: wire.encode(wire.Hello(h, k)), u32),
-                      st.builds(lambda hh: wire.encode(wire.Hello(hh, n)),
-                                st.binary(min_size=32, max_size=32)))
+    hello = st.one_of(
+        st.just(wire.encode(wire.Hello(h, n))),
+        st.builds(lambda k: wire.encode(wire.Hello(h, k)), u32),
+        st.builds(lambda hh: wire.encode(wire.Hello(hh, n)), st.binary(min_size=32, max_size=32)),
+    )
     bitfield = st.one_of(
-        st.builds(lambda s: wire.encode(wire.Bitfield(wire.pack_bitfield(s, n))),
-                  st.sets(st.integers(0, n - 1))),
-        st.builds(lambda b: wire.encode(wire.Bitfield(b)), st.binary(max_size=8)))
+        st.builds(
+            lambda s: wire.encode(wire.Bitfield(wire.pack_bitfield(s, n))), st.sets(st.integers(0, n - 1))
+        ),
+        st.builds(lambda b: wire.encode(wire.Bitfield(b)), st.binary(max_size=8)),
+    )
     session = st.tuples(hello, bitfield, st.lists(message, max_size=12)).map(
-        lambda t: t[0] + t[1] + b"".join(t[2]))
+        lambda t: t[0] + t[1] + b"".join(t[2])
+    )
     cut = st.tuples(session, st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])])
     # a well-behaved start (so the node unchokes and serves), then anything
-    polite_start = b"".join(wire.encode(x) for x in (
-        wire.Hello(h, n), wire.Bitfield(wire.pack_bitfield([], n)), wire.Interested()))
-    polite = st.lists(st.one_of(st.builds(lambda i: wire.encode(wire.Request(i)),
-                                          st.integers(0, n - 1)), message), max_size=8).map(
-        lambda msgs: polite_start + b"".join(msgs))
-    return st.one_of(st.binary(max_size=300), st.lists(message, max_size=6).map(b"".join),
-                     session, polite, cut)
+    polite_start = b"".join(
+        wire.encode(x)
+        for x in (wire.Hello(h, n), wire.Bitfield(wire.pack_bitfield([], n)), wire.Interested())
+    )
+    polite = st.lists(
+        st.one_of(st.builds(lambda i: wire.encode(wire.Request(i)), st.integers(0, n - 1)), message),
+        max_size=8,
+    ).map(lambda msgs: polite_start + b"".join(msgs))
+    return st.one_of(
+        st.binary(max_size=300), st.lists(message, max_size=6).map(b"".join), session, polite, cut
+    )
 
 
 def manifest_inputs():
-    text = st.one_of(st.just(MODEL), st.text(max_size=30),
-                     st.text(min_size=200, max_size=300))
-    req = st.builds(lambda mo, rv, hh: _req(mo, rv, hh), text, st.one_of(st.just(""), text),
-                    st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)))
+    text = st.one_of(st.just(MODEL), st.text(max_size=30), st.text(min_size=200, max_size=300))
+    req = st.builds(
+        lambda mo, rv, hh: _req(mo, rv, hh),
+        text,
+        st.one_of(st.just(""), text),
+        st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
+    )
     return st.one_of(
-        st.binary(max_size=300), any_frame, oversized, req,
+        st.binary(max_size=300),
+        any_frame,
+        oversized,
+        req,
         st.tuples(req, st.binary(min_size=1, max_size=40)).map(b"".join),
         st.tuples(req, st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])]),
-        st.builds(lambda b, k: frame(wire.ManifestRequest.TYPE, b[:k]), st.binary(max_size=80),
-                  st.integers(0, 80)),
+        st.builds(
+            lambda b, k: frame(wire.ManifestRequest.TYPE, b[:k]), st.binary(max_size=80), st.integers(0, 80)
+        ),
     )
 
 
@@ -405,18 +439,25 @@ def _req(model: str, revision: str, h: bytes) -> bytes:
     try:
         return wire.encode(wire.ManifestRequest(model, revision, h))
     except ValueError:  # longer than a name may be: send the frame anyway
-        body = (struct.pack(">H", len(model.encode())) + model.encode()
-                + struct.pack(">H", len(revision.encode())) + revision.encode()
-                + bytes([len(h)]) + h)
+        body = (
+            struct.pack(">H", len(model.encode()))
+            + model.encode()
+            + struct.pack(">H", len(revision.encode()))
+            + revision.encode()
+            + bytes([len(h)])
+            + h
+        )
         return frame(wire.ManifestRequest.TYPE, body)
 
 
 lane_offers = st.one_of(
     st.binary(max_size=80),
-    st.builds(lambda mode, nonce: struct.pack(">4sB32s", MAGIC, mode, nonce),
-              st.integers(0, 255), st.binary(min_size=32, max_size=32)),
-    st.builds(lambda magic, rest: magic + rest, st.binary(min_size=4, max_size=4),
-              st.binary(max_size=33)),
+    st.builds(
+        lambda mode, nonce: struct.pack(">4sB32s", MAGIC, mode, nonce),
+        st.integers(0, 255),
+        st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(lambda magic, rest: magic + rest, st.binary(min_size=4, max_size=4), st.binary(max_size=33)),
 )
 BATCH = 8
 
@@ -450,8 +491,10 @@ def test_live_manifest_protocol(live):
 @pytest.mark.timeout(120)
 def test_live_lane_setup(live):
     @settings(FAST, max_examples=40)
-    @given(st.lists(lane_offers, min_size=BATCH, max_size=BATCH),
-           st.lists(st.binary(max_size=120), min_size=BATCH, max_size=BATCH))
+    @given(
+        st.lists(lane_offers, min_size=BATCH, max_size=BATCH),
+        st.lists(st.binary(max_size=120), min_size=BATCH, max_size=BATCH),
+    )
     def run(offers, raw):
         TRIED["live /swarm/lane/1.0.0 offers"] += len(offers)
         TRIED["live lane TCP port"] += len(raw)
@@ -479,9 +522,12 @@ kad_inputs = st.one_of(
     st.binary(max_size=200),
     st.builds(lambda body: _varint(len(body)) + body, st.binary(max_size=300)),
     st.builds(lambda n, body: _varint(n) + body, st.integers(0, 2**40), st.binary(max_size=64)),
-    st.builds(lambda fields: (lambda b: _varint(len(b)) + b)(b"".join(
-        _varint(tag) + _varint(len(v)) + v for tag, v in fields)),
-        st.lists(st.tuples(st.integers(0, 120), st.binary(max_size=40)), max_size=6)),
+    st.builds(
+        lambda fields: (lambda b: _varint(len(b)) + b)(
+            b"".join(_varint(tag) + _varint(len(v)) + v for tag, v in fields)
+        ),
+        st.lists(st.tuples(st.integers(0, 120), st.binary(max_size=40)), max_size=6),
+    ),
 )
 KAD_PROTOCOL = "/ipfs/kad/1.0.0"
 
@@ -509,12 +555,19 @@ MS = _ms(b"/multistream/1.0.0")
 libp2p_port_inputs = st.one_of(
     st.binary(max_size=300),
     st.builds(lambda rest: MS + rest, st.binary(max_size=200)),
-    st.builds(lambda proto, rest: MS + _ms(proto) + rest,
-              st.one_of(st.sampled_from([b"/noise", b"/plaintext/2.0.0", b"/tls/1.0.0",
-                                         b"/yamux/1.0.0"]), st.binary(max_size=40)),
-              st.binary(max_size=200)),
-    st.builds(lambda n, body: MS + _ms(b"/noise") + struct.pack(">H", n) + body,
-              st.integers(0, 65535), st.binary(max_size=200)),
+    st.builds(
+        lambda proto, rest: MS + _ms(proto) + rest,
+        st.one_of(
+            st.sampled_from([b"/noise", b"/plaintext/2.0.0", b"/tls/1.0.0", b"/yamux/1.0.0"]),
+            st.binary(max_size=40),
+        ),
+        st.binary(max_size=200),
+    ),
+    st.builds(
+        lambda n, body: MS + _ms(b"/noise") + struct.pack(">H", n) + body,
+        st.integers(0, 65535),
+        st.binary(max_size=200),
+    ),
 )
 LIBP2P_BUILTINS = ("/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0")
 """py-libp2p's own handlers on every host (besides the DHT's)."""
@@ -527,8 +580,11 @@ def test_live_libp2p_builtins_and_port(live):
     port = int(live.node.host.addrs[0].split("/")[4])
 
     @settings(FAST, max_examples=40)
-    @given(st.sampled_from(LIBP2P_BUILTINS), st.lists(kad_inputs, min_size=BATCH, max_size=BATCH),
-           st.lists(libp2p_port_inputs, min_size=BATCH, max_size=BATCH))
+    @given(
+        st.sampled_from(LIBP2P_BUILTINS),
+        st.lists(kad_inputs, min_size=BATCH, max_size=BATCH),
+        st.lists(libp2p_port_inputs, min_size=BATCH, max_size=BATCH),
+    )
     def run(proto, inputs, raw):
         TRIED[f"live {proto}"] += len(inputs)
         TRIED["live libp2p TCP port"] += len(raw)
@@ -562,13 +618,18 @@ def test_live_node_still_serves_and_holds_nothing(live, adv_model):
     assert not live.errors, [r.getMessage() for r in live.errors][:5]
     fds_after = len(os.listdir("/proc/self/fd"))
     live_total = sum(v for k, v in TRIED.items() if k.startswith("live"))
-    record("fuzz: live node (pieces, manifest, lane offers, lane TCP, DHT, identify, ping, "
-           "libp2p TCP)", inputs=live_total,
-           **{k.replace("live ", ""): v for k, v in TRIED.items() if k.startswith("live")},
-           outcomes=dict(live.outcomes), slowest_stream_s=round(live.slowest, 2),
-           node_internal_errors=t.internal_errors, node_error_logs=len(live.errors),
-           fds_before=live.fds_before, fds_after=fds_after,
-           honest_fetch_after="complete")
+    record(
+        "fuzz: live node (pieces, manifest, lane offers, lane TCP, DHT, identify, ping, libp2p TCP)",
+        inputs=live_total,
+        **{k.replace("live ", ""): v for k, v in TRIED.items() if k.startswith("live")},
+        outcomes=dict(live.outcomes),
+        slowest_stream_s=round(live.slowest, 2),
+        node_internal_errors=t.internal_errors,
+        node_error_logs=len(live.errors),
+        fds_before=live.fds_before,
+        fds_after=fds_after,
+        honest_fetch_after="complete",
+    )
     assert fds_after <= live.fds_before + 24, (live.fds_before, fds_after)
 
 

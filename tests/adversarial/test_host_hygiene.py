@@ -43,8 +43,13 @@ async def test_stopped_hosts_leave_no_socket(tmp_path):
         after = open_sockets()
         assert b.connected_peers() == []
         assert after <= before, (before, after)
-    record("hygiene: 20 hosts connect and stop", sockets_before=before, sockets_after=after,
-           peers_still_seen=0, outcome="nothing left open")
+    record(
+        "hygiene: 20 hosts connect and stop",
+        sockets_before=before,
+        sockets_after=after,
+        peers_still_seen=0,
+        outcome="nothing left open",
+    )
 
 
 @pytest.mark.timeout(60)
@@ -65,8 +70,11 @@ async def test_peer_restarted_on_a_new_port_is_reachable_at_once(tmp_path):
             with trio.fail_after(5):
                 assert await a.connect(b2.addrs[0]) == b2.peer_id
             took = trio.current_time() - t0
-    record("hygiene: peer restarted on a new port", reconnect_s=round(took, 2),
-           outcome="reachable at once (was: refused 60 s, then stale address for 24 h)")
+    record(
+        "hygiene: peer restarted on a new port",
+        reconnect_s=round(took, 2),
+        outcome="reachable at once (was: refused 60 s, then stale address for 24 h)",
+    )
 
 
 @pytest.mark.timeout(90)
@@ -76,8 +84,10 @@ async def test_flash_crowd_of_lookups_finds_the_worker(tmp_path, adv_model):
     src, _m, _ = adv_model
     async with AsyncExitStack() as stack:
         worker = await start_node(stack, tmp_path, "worker", serve=((MODEL, src),))
-        fronts = [await start_node(stack, tmp_path, f"f{k}",
-                                   bootstrap=tuple(worker.host.addrs[:1])) for k in range(16)]
+        fronts = [
+            await start_node(stack, tmp_path, f"f{k}", bootstrap=tuple(worker.host.addrs[:1]))
+            for k in range(16)
+        ]
         found: dict[int, tuple[int, float]] = {}
 
         async def look(k: int) -> None:
@@ -91,5 +101,10 @@ async def test_flash_crowd_of_lookups_finds_the_worker(tmp_path, adv_model):
         missed = [k for k, (count, _) in found.items() if count == 0]
         slowest = max(t for _, t in found.values())
         assert not missed, found
-    record("hygiene: 16 simultaneous DHT lookups through one worker", lookups=16,
-           found=16 - len(missed), slowest_s=round(slowest, 2), outcome="all found")
+    record(
+        "hygiene: 16 simultaneous DHT lookups through one worker",
+        lookups=16,
+        found=16 - len(missed),
+        slowest_s=round(slowest, 2),
+        outcome="all found",
+    )

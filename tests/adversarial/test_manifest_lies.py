@@ -44,8 +44,15 @@ from swarm.trust import TrustPolicy, sign_manifest
 _U16 = struct.Struct(">H")
 
 
-def raw_manifest(model: str, revision: str, files: list[tuple], *, magic: bytes = b"SWMF",
-                 version: int = 1, count: int | None = None) -> bytes:
+def raw_manifest(
+    model: str,
+    revision: str,
+    files: list[tuple],
+    *,
+    magic: bytes = b"SWMF",
+    version: int = 1,
+    count: int | None = None,
+) -> bytes:
     """Canonical-format bytes with no validation: files are (path bytes, size, digest, log2 piece
     size, piece count, piece hashes blob)."""
     out = [magic, bytes([version])]
@@ -53,8 +60,15 @@ def raw_manifest(model: str, revision: str, files: list[tuple], *, magic: bytes 
         out += [_U16.pack(len(s)), s]
     out.append(struct.pack(">I", len(files) if count is None else count))
     for path, size, digest, log2, npieces, hashes in files:
-        out += [_U16.pack(len(path)), path, struct.pack(">Q", size), digest, bytes([log2]),
-                struct.pack(">I", npieces), hashes]
+        out += [
+            _U16.pack(len(path)),
+            path,
+            struct.pack(">Q", size),
+            digest,
+            bytes([log2]),
+            struct.pack(">I", npieces),
+            hashes,
+        ]
     return b"".join(out)
 
 
@@ -83,9 +97,21 @@ def malformed_manifests(m: Manifest) -> dict[str, bytes]:
         "trailing bytes": honest + b"\0",
         "bad magic": b"SWMX" + honest[4:],
         "version 2": honest[:4] + b"\x02" + honest[5:],
-        "duplicate paths": raw_manifest(MODEL, rev, [
-            (one.path.encode(), one.size, one.digest, one.piece_size.bit_length() - 1,
-             one.num_pieces, b"".join(one.piece_hashes))] * 2),
+        "duplicate paths": raw_manifest(
+            MODEL,
+            rev,
+            [
+                (
+                    one.path.encode(),
+                    one.size,
+                    one.digest,
+                    one.piece_size.bit_length() - 1,
+                    one.num_pieces,
+                    b"".join(one.piece_hashes),
+                )
+            ]
+            * 2,
+        ),
         "empty": b"",
     }
 
@@ -113,8 +139,9 @@ def lie(m: Manifest, how: str) -> Manifest:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory) -> Path:
     """A different model's files (same layout, other bytes)."""
-    return make_model_dir(tmp_path_factory.mktemp("other-src"), weights_bytes=8 << 20,
-                          n_weight_files=2, seed=99)
+    return make_model_dir(
+        tmp_path_factory.mktemp("other-src"), weights_bytes=8 << 20, n_weight_files=2, seed=99
+    )
 
 
 def test_every_malformed_manifest_is_refused_by_decode(adv_model):
@@ -126,8 +153,7 @@ def test_every_malformed_manifest_is_refused_by_decode(adv_model):
 
 
 @pytest.mark.timeout(60)
-async def test_malformed_and_foreign_manifests_are_ignored(tmp_path, adv_model, other_model,
-                                                           error_log):
+async def test_malformed_and_foreign_manifests_are_ignored(tmp_path, adv_model, other_model, error_log):
     """One honest node; one peer answering with 16 malformed manifests; one answering with a valid
     manifest of another model, one of another revision, and a manifest with a signature that is
     garbage. The fetch takes the honest manifest; nothing escapes the cache."""
@@ -141,11 +167,24 @@ async def test_malformed_and_foreign_manifests_are_ignored(tmp_path, adv_model, 
         honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),))
         boot = tuple(honest.host.addrs[:1])
         liars = [
-            HostilePeer(tmp_path, "malformed", manifest_replies=[(b, b"") for b in bad.values()],
-                        announce=[model_key(MODEL)], bootstrap=boot),
-            HostilePeer(tmp_path, "foreign", announce=[model_key(MODEL)], bootstrap=boot,
-                        manifest_replies=[(foreign.encode(), b""), (other_rev.encode(), b""),
-                                          (m.encode(), b"\x01garbage signature")]),
+            HostilePeer(
+                tmp_path,
+                "malformed",
+                manifest_replies=[(b, b"") for b in bad.values()],
+                announce=[model_key(MODEL)],
+                bootstrap=boot,
+            ),
+            HostilePeer(
+                tmp_path,
+                "foreign",
+                announce=[model_key(MODEL)],
+                bootstrap=boot,
+                manifest_replies=[
+                    (foreign.encode(), b""),
+                    (other_rev.encode(), b""),
+                    (m.encode(), b"\x01garbage signature"),
+                ],
+            ),
         ]
         for liar in liars:
             await stack.enter_async_context(liar.running())
@@ -161,10 +200,15 @@ async def test_malformed_and_foreign_manifests_are_ignored(tmp_path, adv_model, 
         assert not list(Path(front.config.cache_dir).glob("models--other--model"))
         assert_honest_alive([honest, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: 1 honest + 16 malformed + foreign model/revision + bad signature",
-               bad_manifests_offered=sum(liar.stats["manifests_sent"] for liar in liars),
-               kinds=len(bad) + 3, taken="honest", files_hashed=watch.checked,
-               bad_files_at_final_path=len(watch.violations), outcome="complete")
+        record(
+            "manifests: 1 honest + 16 malformed + foreign model/revision + bad signature",
+            bad_manifests_offered=sum(liar.stats["manifests_sent"] for liar in liars),
+            kinds=len(bad) + 3,
+            taken="honest",
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete",
+        )
 
 
 @pytest.mark.timeout(60)
@@ -179,9 +223,14 @@ async def test_valid_lies_from_a_minority_lose_the_vote(tmp_path, adv_model, err
         w1 = await start_node(stack, tmp_path, "w1", serve=((MODEL, src),), bootstrap=boot)
         liars = []
         for how, lm in lies.items():
-            p = HostilePeer(tmp_path, how.replace(" ", "-"), manifest=lm,
-                            pieces=pieces if how == "wrong hashes" else None,
-                            pieces_mode="honest", bootstrap=boot)
+            p = HostilePeer(
+                tmp_path,
+                how.replace(" ", "-"),
+                manifest=lm,
+                pieces=pieces if how == "wrong hashes" else None,
+                pieces_mode="honest",
+                bootstrap=boot,
+            )
             await stack.enter_async_context(p.running())
             liars.append(p)
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
@@ -193,10 +242,14 @@ async def test_valid_lies_from_a_minority_lose_the_vote(tmp_path, adv_model, err
         assert all(p.stats["manifest_requests"] for p in liars)
         assert_honest_alive([w0, w1, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: 2 honest + 3 valid lies (wrong hashes, wrong sizes, 1 TiB), open",
-               bad_manifests_offered=len(liars), taken="honest (2 votes of 5)",
-               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
-               outcome="complete")
+        record(
+            "manifests: 2 honest + 3 valid lies (wrong hashes, wrong sizes, 1 TiB), open",
+            bad_manifests_offered=len(liars),
+            taken="honest (2 votes of 5)",
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete",
+        )
 
 
 @pytest.mark.timeout(90)
@@ -212,12 +265,15 @@ async def test_colluding_majority_under_each_policy(tmp_path, adv_model, other_m
     async with AsyncExitStack() as stack:
         honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),))
         boot = tuple(honest.host.addrs[:1])
-        liars = [await start_node(stack, tmp_path, f"liar{k}", serve=((MODEL, other_model),),
-                                  bootstrap=boot) for k in range(2)]
+        liars = [
+            await start_node(stack, tmp_path, f"liar{k}", serve=((MODEL, other_model),), bootstrap=boot)
+            for k in range(2)
+        ]
         (lm,) = {sh.manifest for sh in liars[0].shared.values()}
         assert lm.manifest_hash != m.manifest_hash
-        relay = HostilePeer(tmp_path, "relay", bootstrap=boot,
-                            announce=[model_key(MODEL), manifest_key(m.manifest_hash)])
+        relay = HostilePeer(
+            tmp_path, "relay", bootstrap=boot, announce=[model_key(MODEL), manifest_key(m.manifest_hash)]
+        )
         # The liars' manifest, with the honest publisher's signature of the honest one pasted on.
         relay.manifest_replies = [(lm.encode(), sign_manifest(honest.keypair, m.manifest_hash))]
         await stack.enter_async_context(relay.running())
@@ -236,46 +292,56 @@ async def test_colluding_majority_under_each_policy(tmp_path, adv_model, other_m
         f_pin = await start_node(stack, tmp_path, "f-pin", bootstrap=boot)
         with FinalPathWatcher(f_pin.config.cache_dir, [m]) as w_pin:
             with trio.fail_after(30):
-                snap = await f_pin.fetch(FetchRequest(MODEL, cache_dir=f_pin.config.cache_dir),
-                                         manifest_hash=m.manifest_hash)
+                snap = await f_pin.fetch(
+                    FetchRequest(MODEL, cache_dir=f_pin.config.cache_dir), manifest_hash=m.manifest_hash
+                )
         w_pin.assert_clean()
         assert snap.name == m.revision and set(f_pin.shared) == {m.manifest_hash}
         outcomes["pinned"] = "honest"
 
         # trusted-publishers: only the honest publisher's signature counts
-        f_trust = await start_node(stack, tmp_path, "f-trust", bootstrap=boot,
-                                   trust=TrustPolicy("trusted-publishers",
-                                                     frozenset({honest.peer_id})))
+        f_trust = await start_node(
+            stack,
+            tmp_path,
+            "f-trust",
+            bootstrap=boot,
+            trust=TrustPolicy("trusted-publishers", frozenset({honest.peer_id})),
+        )
         with FinalPathWatcher(f_trust.config.cache_dir, [m]) as w_trust:
             with trio.fail_after(30):
-                snap = await f_trust.fetch(FetchRequest(MODEL,
-                                                        cache_dir=f_trust.config.cache_dir))
+                snap = await f_trust.fetch(FetchRequest(MODEL, cache_dir=f_trust.config.cache_dir))
         w_trust.assert_clean()
         assert snap.name == m.revision and set(f_trust.shared) == {m.manifest_hash}
         outcomes["trusted-publishers"] = "honest"
 
         # trusted-publishers trusting only a liar's key refuses the honest manifest, and vice
         # versa a publisher nobody signed with gets nothing at all
-        f_none = await start_node(stack, tmp_path, "f-none", bootstrap=boot,
-                                  trust=TrustPolicy("trusted-publishers",
-                                                    frozenset({f_open.peer_id})))
+        f_none = await start_node(
+            stack,
+            tmp_path,
+            "f-none",
+            bootstrap=boot,
+            trust=TrustPolicy("trusted-publishers", frozenset({f_open.peer_id})),
+        )
         with trio.fail_after(30), pytest.raises(ModelNotFound, match="not trusted"):
             await f_none.fetch(FetchRequest(MODEL, cache_dir=f_none.config.cache_dir))
         assert not list(Path(f_none.config.cache_dir).rglob("snapshots/*"))
         assert relay.stats["manifest_requests"] >= 1
         assert_honest_alive([honest, f_open, f_pin, f_trust, f_none])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: 1 honest vs 2 colluding liars (another model's files) + 1 relay",
-               open=outcomes["open"], pinned=outcomes["pinned"],
-               trusted_publishers=outcomes["trusted-publishers"],
-               untrusted_publisher="ModelNotFound (not trusted)",
-               bad_files_at_final_path=sum(len(w.violations) for w in (w_open, w_pin, w_trust)),
-               outcome="as documented per policy")
+        record(
+            "manifests: 1 honest vs 2 colluding liars (another model's files) + 1 relay",
+            open=outcomes["open"],
+            pinned=outcomes["pinned"],
+            trusted_publishers=outcomes["trusted-publishers"],
+            untrusted_publisher="ModelNotFound (not trusted)",
+            bad_files_at_final_path=sum(len(w.violations) for w in (w_open, w_pin, w_trust)),
+            outcome="as documented per policy",
+        )
 
 
 @pytest.mark.timeout(60)
-async def test_colluding_majority_with_unservable_lie_fails_clearly(tmp_path, adv_model,
-                                                                     error_log):
+async def test_colluding_majority_with_unservable_lie_fails_clearly(tmp_path, adv_model, error_log):
     """Two liars announce a manifest with wrong piece hashes and serve the honest bytes (which do
     not match it); one honest node. ``open`` takes the lie (two votes to one), bans both liars
     on their first piece, and fails with VerificationFailed; pinned to the honest hash, the same
@@ -287,14 +353,18 @@ async def test_colluding_majority_with_unservable_lie_fails_clearly(tmp_path, ad
         boot = tuple(honest.host.addrs[:1])
         liars = []
         for k in range(2):
-            p = HostilePeer(tmp_path, f"liar{k}", manifest=lm, pieces=pieces,
-                            pieces_mode="honest", bootstrap=boot)
+            p = HostilePeer(
+                tmp_path, f"liar{k}", manifest=lm, pieces=pieces, pieces_mode="honest", bootstrap=boot
+            )
             await stack.enter_async_context(p.running())
             liars.append(p)
         front = await start_node(stack, tmp_path, "front", bootstrap=boot, stall_timeout=3.0)
         t0 = trio.current_time()
-        with (FinalPathWatcher(front.config.cache_dir, [lm]) as watch, trio.fail_after(40),
-              pytest.raises(VerificationFailed) as ei):
+        with (
+            FinalPathWatcher(front.config.cache_dir, [lm]) as watch,
+            trio.fail_after(40),
+            pytest.raises(VerificationFailed) as ei,
+        ):
             await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
         elapsed = trio.current_time() - t0
         watch.assert_clean()
@@ -302,15 +372,19 @@ async def test_colluding_majority_with_unservable_lie_fails_clearly(tmp_path, ad
         snaps = list(Path(front.config.cache_dir).rglob("snapshots/*"))
         assert not snaps, snaps
         with trio.fail_after(30):
-            snap = await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir),
-                                     manifest_hash=m.manifest_hash)
+            snap = await front.fetch(
+                FetchRequest(MODEL, cache_dir=front.config.cache_dir), manifest_hash=m.manifest_hash
+            )
         assert snap.name == m.revision
         assert_honest_alive([honest, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: 2 colluding liars (wrong hashes, unservable) vs 1 honest, open",
-               open=f"VerificationFailed after {elapsed:.1f} s (stall_timeout 3 s)",
-               pinned="honest", bad_files_at_final_path=len(watch.violations),
-               outcome="clear error, then pinned fetch complete")
+        record(
+            "manifests: 2 colluding liars (wrong hashes, unservable) vs 1 honest, open",
+            open=f"VerificationFailed after {elapsed:.1f} s (stall_timeout 3 s)",
+            pinned="honest",
+            bad_files_at_final_path=len(watch.violations),
+            outcome="clear error, then pinned fetch complete",
+        )
 
 
 @pytest.mark.timeout(60)
@@ -320,8 +394,13 @@ async def test_only_bad_manifests_fail_clearly(tmp_path, adv_model, error_log):
     async with AsyncExitStack() as stack:
         anchor = await start_node(stack, tmp_path, "anchor")
         boot = tuple(anchor.host.addrs[:1])
-        liar = HostilePeer(tmp_path, "malformed", bootstrap=boot, announce=[model_key(MODEL)],
-                           manifest_replies=[(b, b"") for b in bad.values()])
+        liar = HostilePeer(
+            tmp_path,
+            "malformed",
+            bootstrap=boot,
+            announce=[model_key(MODEL)],
+            manifest_replies=[(b, b"") for b in bad.values()],
+        )
         await stack.enter_async_context(liar.running())
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
         with trio.fail_after(30), pytest.raises(ModelNotFound) as ei:
@@ -330,8 +409,12 @@ async def test_only_bad_manifests_fail_clearly(tmp_path, adv_model, error_log):
         assert front.shared == {}
         assert_honest_alive([anchor, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: only malformed manifests", bad_manifests_offered=len(bad),
-               error=str(ei.value)[:100], outcome="ModelNotFound")
+        record(
+            "manifests: only malformed manifests",
+            bad_manifests_offered=len(bad),
+            error=str(ei.value)[:100],
+            outcome="ModelNotFound",
+        )
 
 
 @pytest.mark.timeout(90)
@@ -345,16 +428,18 @@ async def test_manifest_flood(tmp_path, adv_model, error_log):
     async with AsyncExitStack() as stack:
         honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),))
         boot = tuple(honest.host.addrs[:1])
-        flood = HostilePeer(tmp_path, "flood", bootstrap=boot, announce=[model_key(MODEL)],
-                            manifest_replies=junk)
+        flood = HostilePeer(
+            tmp_path, "flood", bootstrap=boot, announce=[model_key(MODEL)], manifest_replies=junk
+        )
         await stack.enter_async_context(flood.running())
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
         t0 = trio.current_time()
         tracemalloc.start()
         try:
             with trio.fail_after(60):
-                snap = await front.fetch(FetchRequest(MODEL, configs_only=True,
-                                                      cache_dir=front.config.cache_dir))
+                snap = await front.fetch(
+                    FetchRequest(MODEL, configs_only=True, cache_dir=front.config.cache_dir)
+                )
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -363,7 +448,10 @@ async def test_manifest_flood(tmp_path, adv_model, error_log):
         assert flood.stats["manifest_requests"] >= 1
         assert_honest_alive([honest, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("manifests: 16 x 4 MiB garbage replies per request", fetch_s=round(elapsed, 2),
-               python_heap_peak_mib=round(peak / (1 << 20)),
-               junk_bytes_per_request=16 * (4 << 20), outcome="complete")
-
+        record(
+            "manifests: 16 x 4 MiB garbage replies per request",
+            fetch_s=round(elapsed, 2),
+            python_heap_peak_mib=round(peak / (1 << 20)),
+            junk_bytes_per_request=16 * (4 << 20),
+            outcome="complete",
+        )

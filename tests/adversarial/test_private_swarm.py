@@ -31,8 +31,16 @@ KEY_B = "b2" * 32
 
 async def _node(stack, tmp, name, **kw):
     """A node whose dials give up after 2 s (a peer with another key never answers)."""
-    node = Node(NodeConfig(home=tmp / name / "home", cache_dir=tmp / name / "cache",
-                           serve_hf_cache=False, engine=ENGINE, lookup_timeout=2.0, **kw))
+    node = Node(
+        NodeConfig(
+            home=tmp / name / "home",
+            cache_dir=tmp / name / "cache",
+            serve_hf_cache=False,
+            engine=ENGINE,
+            lookup_timeout=2.0,
+            **kw,
+        )
+    )
     node.host.connect_timeout = 2.0
     await stack.enter_async_context(node.running())
     return node
@@ -61,8 +69,9 @@ async def test_wrong_or_missing_swarm_key_cannot_connect(tmp_path, adv_model, er
                 await node.host.connect(boot[0])
             with trio.fail_after(20), pytest.raises(ModelNotFound):
                 await node.fetch(FetchRequest(MODEL, cache_dir=node.config.cache_dir))
-            results[what] = f"{type(ei.value).__name__}; fetch: ModelNotFound " \
-                            f"({trio.current_time() - t0:.1f} s)"
+            results[what] = (
+                f"{type(ei.value).__name__}; fetch: ModelNotFound ({trio.current_time() - t0:.1f} s)"
+            )
             assert node.host.connected_peers() == []
             assert not list(Path(node.config.cache_dir).rglob("snapshots/*"))
 
@@ -72,9 +81,13 @@ async def test_wrong_or_missing_swarm_key_cannot_connect(tmp_path, adv_model, er
         assert sorted(worker.host.connected_peers()) == [member.peer_id]
         assert_honest_alive([worker, member])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("private swarm: wrong / missing swarm key", member="fetch complete",
-               **{k.replace(" ", "_"): v for k, v in results.items()},
-               worker_connected_to=len(worker.host.connected_peers()), outcome="refused")
+        record(
+            "private swarm: wrong / missing swarm key",
+            member="fetch complete",
+            **{k.replace(" ", "_"): v for k, v in results.items()},
+            worker_connected_to=len(worker.host.connected_peers()),
+            outcome="refused",
+        )
 
 
 @pytest.mark.timeout(60)
@@ -125,9 +138,13 @@ async def test_plaintext_is_never_negotiated(tmp_path, adv_model, error_log):
             await lane.dial(lambda: node.host.open_lane_stream(liar_addr))
         assert_honest_alive([node])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("plaintext never negotiated", libp2p_refused="+".join(refused),
-               lane_plaintext_offer="answered encrypted",
-               lane_plaintext_answer="refused by the dialer", outcome="as required")
+        record(
+            "plaintext never negotiated",
+            libp2p_refused="+".join(refused),
+            lane_plaintext_offer="answered encrypted",
+            lane_plaintext_answer="refused by the dialer",
+            outcome="as required",
+        )
 
 
 async def _offer_security(host: str, port: int, protocol: str) -> bytes:
@@ -144,8 +161,8 @@ async def _offer_security(host: str, port: int, protocol: str) -> bytes:
                     break
                 buf += chunk
                 while buf and len(buf) > buf[0]:
-                    lines.append(buf[1: 1 + buf[0]])
-                    buf = buf[1 + buf[0]:]
+                    lines.append(buf[1 : 1 + buf[0]])
+                    buf = buf[1 + buf[0] :]
             return lines[1] if len(lines) > 1 else b""
 
 
@@ -160,8 +177,7 @@ def test_trust_and_psk_options_resolve_and_fail_clearly(tmp_path):
     keyfile = tmp_path / "swarm.key"
     keyfile.write_text(f"/key/swarm/psk/1.0.0/\n/base16/\n{KEY_A.upper()}\n")
     cfg = tmp_path / "swarm.toml"
-    cfg.write_text(f'psk = "swarm.key"\ntrust = "trusted-publishers"\n'
-                   f'trusted_publishers = ["{pub}"]\n')
+    cfg.write_text(f'psk = "swarm.key"\ntrust = "trusted-publishers"\ntrusted_publishers = ["{pub}"]\n')
     s = resolve_run(config=cfg, env={})
     assert (s.psk, s.trust, s.trusted_publishers) == (KEY_A, "trusted-publishers", (pub,))
     assert "psk" not in repr(s)
@@ -188,13 +204,19 @@ def test_trust_and_psk_options_resolve_and_fail_clearly(tmp_path):
             resolve_run(env={}, **kw)
     with pytest.raises(ConfigError, match="SWARM_TRUST"):
         resolve_run(env={"SWARM_TRUST": "closed"})
-    for text, match in [('trust = "x"', "trust"), ("trusted_publishers = 5", "list of peer id"),
-                        ('psk = "nope"', "psk")]:
+    for text, match in [
+        ('trust = "x"', "trust"),
+        ("trusted_publishers = 5", "list of peer id"),
+        ('psk = "nope"', "psk"),
+    ]:
         cfg.write_text(text + "\n")
         with pytest.raises(ConfigError, match=match):
             load_toml(cfg)
-    record("options: --psk / --trust / --trusted-publisher", bad_values_tried=len(bad) + 4,
-           outcome="ConfigError naming the option, each")
+    record(
+        "options: --psk / --trust / --trusted-publisher",
+        bad_values_tried=len(bad) + 4,
+        outcome="ConfigError naming the option, each",
+    )
 
 
 @pytest.mark.timeout(120)
@@ -211,25 +233,42 @@ def test_cli_private_swarm_and_trusted_publishers(tmp_path, adv_model):
     assert r.returncode == 0 and keyfile.stat().st_mode & 0o777 == 0o600, r.stderr
     key = keyfile.read_text().split()[-1]
     assert swarm_node("keygen", "--out", str(keyfile), env=env).returncode == 1  # never overwrites
-    for args, match in [(["--trust", "trusted-publishers"], "needs at least one"),
-                        (["--trusted-publisher", "nope"], "not the peer id"),
-                        (["--psk", "zz"], "--psk")]:
+    for args, match in [
+        (["--trust", "trusted-publishers"], "needs at least one"),
+        (["--trusted-publisher", "nope"], "not the peer id"),
+        (["--psk", "zz"], "--psk"),
+    ]:
         r = swarm_node("run", "--home", str(tmp_path / "bad"), *args, env=env, timeout=30)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
 
-    worker = NodeProc(tmp_path, "worker", "--serve", f"{MODEL}={src}", "--psk", str(keyfile),
-                      env=env)
+    worker = NodeProc(tmp_path, "worker", "--serve", f"{MODEL}={src}", "--psk", str(keyfile), env=env)
     nodes = [worker]
     try:
         worker.start().wait_ready()
         wid = worker.status["peer_id"]
-        good = NodeProc(tmp_path, "good", "--bootstrap", worker.addr, "--psk", key,
-                        "--trust", "trusted-publishers", "--trusted-publisher", wid, env=env)
-        distrust_env = dict(env, SWARM_PSK=key, SWARM_TRUST="trusted-publishers",
-                            SWARM_TRUSTED_PUBLISHERS="12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN")
+        good = NodeProc(
+            tmp_path,
+            "good",
+            "--bootstrap",
+            worker.addr,
+            "--psk",
+            key,
+            "--trust",
+            "trusted-publishers",
+            "--trusted-publisher",
+            wid,
+            env=env,
+        )
+        distrust_env = dict(
+            env,
+            SWARM_PSK=key,
+            SWARM_TRUST="trusted-publishers",
+            SWARM_TRUSTED_PUBLISHERS="12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        )
         distrust = NodeProc(tmp_path, "distrust", "--bootstrap", worker.addr, env=distrust_env)
-        outsider = NodeProc(tmp_path, "outsider", "--bootstrap", worker.addr,
-                            env=dict(env, SWARM_PSK="cd" * 32))
+        outsider = NodeProc(
+            tmp_path, "outsider", "--bootstrap", worker.addr, env=dict(env, SWARM_PSK="cd" * 32)
+        )
         nodes += [good, distrust, outsider]
         for n in nodes[1:]:
             n.start()
@@ -250,8 +289,9 @@ def test_cli_private_swarm_and_trusted_publishers(tmp_path, adv_model):
                 err = e
             refusals[name] = (err, time.monotonic() - t1)
 
-        threads = [threading.Thread(target=refused, args=a)
-                   for a in (("distrust", distrust), ("outsider", outsider))]
+        threads = [
+            threading.Thread(target=refused, args=a) for a in (("distrust", distrust), ("outsider", outsider))
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -264,11 +304,14 @@ def test_cli_private_swarm_and_trusted_publishers(tmp_path, adv_model):
         assert worker.popen.poll() is None
         assert not list(Path(distrust.cache).rglob("snapshots/*"))
         assert not list(Path(outsider.cache).rglob("snapshots/*"))
-        record("CLI: --psk FILE / hex / SWARM_PSK, --trust, --trusted-publisher (processes)",
-               trusted_fetch_s=round(good_s, 1), untrusted_publisher="refused: not trusted",
-               other_key=f"no providers ({outsider_s:.1f} s), 0 peers",
-               bad_cli_values="exit 2 each", outcome="as required")
+        record(
+            "CLI: --psk FILE / hex / SWARM_PSK, --trust, --trusted-publisher (processes)",
+            trusted_fetch_s=round(good_s, 1),
+            untrusted_publisher="refused: not trusted",
+            other_key=f"no providers ({outsider_s:.1f} s), 0 peers",
+            bad_cli_values="exit 2 each",
+            outcome="as required",
+        )
     finally:
         for n in nodes:
             n.stop()
-

@@ -38,8 +38,9 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory) -> Path:
     """96 MiB of weights in 2 shards: 24 pieces of 4 MiB, plus the config set."""
-    return make_model_dir(tmp_path_factory.mktemp("big-src"), weights_bytes=96 << 20,
-                          n_weight_files=2, seed=21)
+    return make_model_dir(
+        tmp_path_factory.mktemp("big-src"), weights_bytes=96 << 20, n_weight_files=2, seed=21
+    )
 
 
 def model_status(home: Path) -> dict:
@@ -60,8 +61,9 @@ def proc_fd_kinds(pid: int) -> dict[str, int]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        out["sockets" if target.startswith("socket:") else
-            "files" if target.startswith("/") else "other"] += 1
+        out[
+            "sockets" if target.startswith("socket:") else "files" if target.startswith("/") else "other"
+        ] += 1
     return out
 
 
@@ -86,8 +88,7 @@ def stop_all(nodes) -> None:
 @pytest.mark.timeout(150)
 def test_sigkill_two_of_three_seeders_mid_transfer(tmp_path, big_model):
     env = base_env(tmp_path)
-    seeders = [NodeProc(tmp_path, f"s{i}", "--serve", f"{MODEL}={big_model}", env=env)
-               for i in range(3)]
+    seeders = [NodeProc(tmp_path, f"s{i}", "--serve", f"{MODEL}={big_model}", env=env) for i in range(3)]
     front = None
     try:
         seeders[0].start().wait_ready()
@@ -109,8 +110,7 @@ def test_sigkill_two_of_three_seeders_mid_transfer(tmp_path, big_model):
 
         t0 = time.monotonic()
         with FinalPathWatcher(front.cache) as watch:
-            path = client.fetch(MODEL, home=front.home, timeout=120, progress=False,
-                                on_event=on_event)
+            path = client.fetch(MODEL, home=front.home, timeout=120, progress=False, on_event=on_event)
         elapsed = time.monotonic() - t0
         watch.assert_clean()
         assert killed_at, "the transfer finished before the kill"
@@ -121,18 +121,24 @@ def test_sigkill_two_of_three_seeders_mid_transfer(tmp_path, big_model):
         assert m["complete"]
         assert seeders[2].popen.poll() is None
         assert model_status(seeders[2].home)["complete"]
-        record("processes: SIGKILL 2 of 3 seeders at 30%", seeders_killed=2,
-               killed_at_fraction=round(killed_at[0] / size, 2), fetch_s=round(elapsed, 1),
-               bytes_down=m["bytes_down"], model_bytes=size,
-               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
-               bytes_lost=0, outcome="complete")
+        record(
+            "processes: SIGKILL 2 of 3 seeders at 30%",
+            seeders_killed=2,
+            killed_at_fraction=round(killed_at[0] / size, 2),
+            fetch_s=round(elapsed, 1),
+            bytes_down=m["bytes_down"],
+            model_bytes=size,
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            bytes_lost=0,
+            outcome="complete",
+        )
     finally:
         stop_all([front, *seeders])
 
 
 @pytest.mark.timeout(120)
-async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, big_model,
-                                                                     error_log):
+async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, big_model, error_log):
     """The only seeder dies at 30%: the fetch fails with a clear error once no peer can send
     anything (stall_timeout 3 s here, 60 s by default); nothing reaches a final path that should
     not; the seeder restarted, the same node fetches the rest (resume state kept)."""
@@ -142,8 +148,7 @@ async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, b
         await trio.to_thread.run_sync(lambda: seeder.start().wait_ready())
         size = sum((big_model / f).stat().st_size for f in carried_files(2))
         async with AsyncExitStack() as stack:
-            front = await start_node(stack, tmp_path, "front", bootstrap=(seeder.addr,),
-                                     stall_timeout=3.0)
+            front = await start_node(stack, tmp_path, "front", bootstrap=(seeder.addr,), stall_timeout=3.0)
             killed_at: list[int] = []
 
             def on_event(ev: dict) -> None:
@@ -154,8 +159,9 @@ async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, b
             t0 = trio.current_time()
             with FinalPathWatcher(front.config.cache_dir) as watch:
                 with trio.fail_after(60), pytest.raises(FetchError) as ei:
-                    await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir),
-                                      on_event=on_event)
+                    await front.fetch(
+                        FetchRequest(MODEL, cache_dir=front.config.cache_dir), on_event=on_event
+                    )
                 failed_after = trio.current_time() - t0
                 assert killed_at, "the transfer finished before the kill"
                 assert not isinstance(ei.value, VerificationFailed)
@@ -166,8 +172,7 @@ async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, b
                 await trio.to_thread.run_sync(lambda: seeder.start().wait_ready())
                 await front.host.connect(seeder.addr)  # it listens on a new port
                 with trio.fail_after(60):
-                    snap = await front.fetch(FetchRequest(MODEL,
-                                                          cache_dir=front.config.cache_dir))
+                    snap = await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
             watch.assert_clean()
             same_files(big_model, snap, carried_files(2))
             (t,) = [sh.transfer for sh in front.shared.values()]
@@ -176,12 +181,16 @@ async def test_sigkill_of_the_only_seeder_fails_clearly_then_resumes(tmp_path, b
             assert refetched <= size - killed_at[0], (refetched, size, killed_at)
             assert_honest_alive([front])
             assert not error_log, [r.getMessage() for r in error_log]
-        record("processes: SIGKILL of the only seeder at 30%, then it restarts",
-               killed_at_fraction=round(killed_at[0] / size, 2),
-               fails_after_s=round(failed_after, 1), error=str(ei.value)[:120],
-               bytes_fetched_after_restart=refetched, model_bytes=size,
-               bad_files_at_final_path=len(watch.violations),
-               outcome="FetchError, then resumed and complete")
+        record(
+            "processes: SIGKILL of the only seeder at 30%, then it restarts",
+            killed_at_fraction=round(killed_at[0] / size, 2),
+            fails_after_s=round(failed_after, 1),
+            error=str(ei.value)[:120],
+            bytes_fetched_after_restart=refetched,
+            model_bytes=size,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="FetchError, then resumed and complete",
+        )
     finally:
         seeder.stop()
 
@@ -195,8 +204,9 @@ def persisted_bytes(cache: Path, m: Manifest) -> tuple[int, int]:
     return complete, sum(marked.values())
 
 
-def disk_pieces(cache: Path, m: Manifest, verify: bool = True
-                ) -> tuple[int, dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+def disk_pieces(
+    cache: Path, m: Manifest, verify: bool = True
+) -> tuple[int, dict[tuple[str, int], int], dict[tuple[str, int], int]]:
     """What a killed fetcher left on disk, judged by the test itself (not by the store):
     (bytes of complete blobs, {(blob hex, piece k): bytes} marked in resume state files,
     {(blob hex, piece k): bytes} of ``*.incomplete`` pieces whose blake3 matches the manifest)."""
@@ -215,8 +225,11 @@ def disk_pieces(cache: Path, m: Manifest, verify: bool = True
                 marked[(fe.digest.hex(), k)] = fe.piece_span(k)[1]
     verified: dict[tuple[str, int], int] = {}
     if verify:
-        pieces = {(fe.digest.hex(), k): m.pieces[i] for fi, fe in enumerate(m.files)
-                  for k, i in enumerate(m.file_piece_range(fi))}
+        pieces = {
+            (fe.digest.hex(), k): m.pieces[i]
+            for fi, fe in enumerate(m.files)
+            for k, i in enumerate(m.file_piece_range(fi))
+        }
         for part in (repo / "blobs").glob("*.incomplete"):
             hex_ = part.name.removesuffix(".incomplete")
             with open(part, "rb") as fh:
@@ -245,8 +258,9 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
     piece_size = max(p.length for p in m.pieces)
     env = base_env(tmp_path)
     async with AsyncExitStack() as stack:
-        seeder = HostilePeer(tmp_path, "slow-seeder", manifest=m, pieces=pieces,
-                             pieces_mode="slow", slow_rate=8 * MiB)
+        seeder = HostilePeer(
+            tmp_path, "slow-seeder", manifest=m, pieces=pieces, pieces_mode="slow", slow_rate=8 * MiB
+        )
         await stack.enter_async_context(seeder.running())
         front = NodeProc(tmp_path, "front", "--bootstrap", seeder.host.addrs[0], env=env)
         try:
@@ -270,8 +284,7 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
 
             def first_fetch() -> BaseException | None:
                 try:
-                    client.fetch(MODEL, home=front.home, timeout=60, progress=False,
-                                 on_event=on_event)
+                    client.fetch(MODEL, home=front.home, timeout=60, progress=False, on_event=on_event)
                 except BaseException as e:
                     return e
                 return None
@@ -283,7 +296,8 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
                 await trio.to_thread.run_sync(front.popen.wait)
                 served_before = seeder.stats["slow_bytes"]
                 complete, marked, verified = await trio.to_thread.run_sync(
-                    lambda: disk_pieces(front.cache, m))
+                    lambda: disk_pieces(front.cache, m)
+                )
                 assert set(marked) <= set(verified), "the resume state claims a bad piece"
                 on_disk = complete + sum(verified.values())
                 recorded = complete + sum(marked.values())
@@ -292,12 +306,13 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
                 front.popen = None
                 await trio.to_thread.run_sync(lambda: front.start().wait_ready())
                 path = await trio.to_thread.run_sync(
-                    lambda: client.fetch(MODEL, home=front.home, timeout=60, progress=False))
+                    lambda: client.fetch(MODEL, home=front.home, timeout=60, progress=False)
+                )
                 after = await trio.to_thread.run_sync(lambda: model_status(front.home))
             watch.assert_clean()
             same_files(src, path, [f.path for f in m.files])
             refetched = after["bytes_down"]
-            restart_log = front.log.read_text(errors="replace")[len(log_before):]
+            restart_log = front.log.read_text(errors="replace")[len(log_before) :]
             recovered = sum(int(n) for n, _ in _RECOVERED.findall(restart_log))
             in_flight = served_before - on_disk  # sent by the seeder, not on disk at the kill
             # Nothing verified is lost: every piece reported written before the kill is on disk.
@@ -309,15 +324,24 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
             # What was sent before the kill and fetched again: the pieces in flight at the kill.
             assert 0 <= in_flight <= 2 * piece_size, (in_flight, served_before, on_disk)
             assert not error_log, [r.getMessage() for r in error_log]
-            record("processes: SIGKILL of the fetcher, restart", model_bytes=size,
-                   killed_when=killed[0], have_at_kill=have_at_kill,
-                   seeder_bytes_before_kill=served_before, verified_on_disk=on_disk,
-                   complete_blobs=complete, resume_state_bytes=recorded - complete,
-                   recovered_pieces=recovered, recovered_bytes=sum(unrecorded.values()),
-                   in_flight_bytes=in_flight, refetched_after_restart=refetched,
-                   fetched_twice=served_before + refetched - size, lost_bytes=0,
-                   bad_files_at_final_path=len(watch.violations),
-                   outcome="complete; refetch == model - verified on disk")
+            record(
+                "processes: SIGKILL of the fetcher, restart",
+                model_bytes=size,
+                killed_when=killed[0],
+                have_at_kill=have_at_kill,
+                seeder_bytes_before_kill=served_before,
+                verified_on_disk=on_disk,
+                complete_blobs=complete,
+                resume_state_bytes=recorded - complete,
+                recovered_pieces=recovered,
+                recovered_bytes=sum(unrecorded.values()),
+                in_flight_bytes=in_flight,
+                refetched_after_restart=refetched,
+                fetched_twice=served_before + refetched - size,
+                lost_bytes=0,
+                bad_files_at_final_path=len(watch.violations),
+                outcome="complete; refetch == model - verified on disk",
+            )
         finally:
             front.stop()
 
@@ -329,8 +353,9 @@ async def test_sigkill_of_the_fetcher_then_restart(tmp_path, adv_model, error_lo
 def small_model(tmp_path_factory):
     from swarm.manifest import build_manifest
 
-    src = make_model_dir(tmp_path_factory.mktemp("small-src"), weights_bytes=8 << 20,
-                         n_weight_files=2, seed=5)
+    src = make_model_dir(
+        tmp_path_factory.mktemp("small-src"), weights_bytes=8 << 20, n_weight_files=2, seed=5
+    )
     return src, build_manifest(src, MODEL, "local")
 
 
@@ -351,8 +376,7 @@ def test_sixteen_frontends_on_one_worker(tmp_path, small_model):
         fds_before = proc_fds(pid)
         kinds_before = proc_fd_kinds(pid)
         mem_before = proc_mem(pid)
-        fronts = [NodeProc(tmp_path, f"f{k}", "--bootstrap", worker.addr, env=env)
-                  for k in range(16)]
+        fronts = [NodeProc(tmp_path, f"f{k}", "--bootstrap", worker.addr, env=env) for k in range(16)]
         for f in fronts:
             f.start()
         wid = worker.status["peer_id"]
@@ -399,15 +423,22 @@ def test_sixteen_frontends_on_one_worker(tmp_path, small_model):
         fds_after = proc_fds(pid)
         mem_after = proc_mem(pid)
         assert worker.popen.poll() is None
-        record("processes: 16 frontend processes on 1 worker", frontends=16,
-               fetch_all_s=round(elapsed, 1),
-               worker_upload_x_model=round(st["bytes_up"] / m.total_size, 2),
-               worker_fds_before=fds_before, worker_fds_peak=peak[0], worker_fds_after=fds_after,
-               worker_fd_kinds_before=kinds_before, worker_fd_kinds_after=kinds_after,
-               snapshot_files=n_files,
-               worker_rss_before_mib=mem_before["VmRSS"] >> 20,
-               worker_rss_after_mib=mem_after["VmRSS"] >> 20,
-               worker_hwm_mib=mem_after["VmHWM"] >> 20, outcome="complete")
+        record(
+            "processes: 16 frontend processes on 1 worker",
+            frontends=16,
+            fetch_all_s=round(elapsed, 1),
+            worker_upload_x_model=round(st["bytes_up"] / m.total_size, 2),
+            worker_fds_before=fds_before,
+            worker_fds_peak=peak[0],
+            worker_fds_after=fds_after,
+            worker_fd_kinds_before=kinds_before,
+            worker_fd_kinds_after=kinds_after,
+            snapshot_files=n_files,
+            worker_rss_before_mib=mem_before["VmRSS"] >> 20,
+            worker_rss_after_mib=mem_after["VmRSS"] >> 20,
+            worker_hwm_mib=mem_after["VmHWM"] >> 20,
+            outcome="complete",
+        )
         assert kinds_after["sockets"] <= kinds_before["sockets"] + 2, (kinds_before, kinds_after)
         assert kinds_after["files"] <= kinds_before["files"] + n_files, (kinds_before, kinds_after)
         assert kinds_after["other"] <= kinds_before["other"] + 2, (kinds_before, kinds_after)

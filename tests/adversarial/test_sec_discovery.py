@@ -76,7 +76,7 @@ class LyingDhtPeer:
             tail.type = req.type
             tail.key = req.key
             # Serialized protobuf messages merge when concatenated: the canned answer + the key.
-            data = (self._answer if req.type == KadMessage.MessageType.GET_PROVIDERS else b"")
+            data = self._answer if req.type == KadMessage.MessageType.GET_PROVIDERS else b""
             data += tail.SerializeToString()
             await stream.write(varint.encode(len(data)) + data)
             self.answered += req.type == KadMessage.MessageType.GET_PROVIDERS
@@ -111,14 +111,16 @@ async def test_one_provider_with_30000_addresses_neither_freezes_the_loop_nor_is
     scan on the event loop (measured: the loop stood still 5.4 s)."""
     n_addrs = 30_000
     fake = made_up_id(tmp_path, "fake")
-    addrs = [multiaddr.Multiaddr(f"/ip4/10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/tcp/4001")
-             .to_bytes() for i in range(n_addrs)]
+    addrs = [
+        multiaddr.Multiaddr(f"/ip4/10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/tcp/4001").to_bytes()
+        for i in range(n_addrs)
+    ]
     watch = LoopWatch()
     async with AsyncExitStack() as stack:
-        liar = await stack.enter_async_context(
-            LyingDhtPeer(tmp_path, "liar", [(fake, addrs)]).running())
+        liar = await stack.enter_async_context(LyingDhtPeer(tmp_path, "liar", [(fake, addrs)]).running())
         asker = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "asker.key")).run())
+            SwarmHost(load_or_create_identity(tmp_path / "asker.key")).run()
+        )
         await asker.connect(liar.host.addrs[0])
         async with trio.open_nursery() as n:
             n.start_soon(watch.run)
@@ -129,9 +131,13 @@ async def test_one_provider_with_30000_addresses_neither_freezes_the_loop_nor_is
         assert liar.answered >= 1
     got = {p.peer_id: p.addrs for p in found}
     kept = len(got.get(fake.to_base58(), ()))
-    record("discovery: 1 provider with 30,000 addresses in one GET_PROVIDERS answer",
-           lookup_s=round(took, 2), loop_stalled_max_s=round(watch.worst, 3), addrs_kept=kept,
-           outcome="bounded")
+    record(
+        "discovery: 1 provider with 30,000 addresses in one GET_PROVIDERS answer",
+        lookup_s=round(took, 2),
+        loop_stalled_max_s=round(watch.worst, 3),
+        addrs_kept=kept,
+        outcome="bounded",
+    )
     assert 1 <= kept <= KEPT_ADDRS, kept
     assert watch.worst < 1.0, f"event loop stood still {watch.worst:.2f} s"
 
@@ -151,16 +157,19 @@ async def test_made_up_providers_do_not_hide_a_connected_first_hand_provider(tmp
     closed = multiaddr.Multiaddr(CLOSED).to_bytes()
     async with AsyncExitStack() as stack:
         front = await start_node(stack, tmp_path, "front")
-        honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),),
-                                  bootstrap=tuple(front.host.addrs[:1]))
+        honest = await start_node(
+            stack, tmp_path, "honest", serve=((MODEL, src),), bootstrap=tuple(front.host.addrs[:1])
+        )
         with trio.fail_after(20):
-            while honest.peer_id not in {p.peer_id.to_base58() for p in
-                                         front.host._dht.provider_store.get_providers(key)}:
+            while honest.peer_id not in {
+                p.peer_id.to_base58() for p in front.host._dht.provider_store.get_providers(key)
+            }:
                 await trio.sleep(0.05)
         # The honest record now lives with us only: the provider no longer answers for itself.
         honest.host.stop_providing(key)
         liar = await stack.enter_async_context(
-            LyingDhtPeer(tmp_path, "liar", [(f, [closed]) for f in fakes]).running())
+            LyingDhtPeer(tmp_path, "liar", [(f, [closed]) for f in fakes]).running()
+        )
         await liar.host.connect(front.host.addrs[0])
         t0 = trio.current_time()
         with trio.fail_after(60):
@@ -169,8 +178,11 @@ async def test_made_up_providers_do_not_hide_a_connected_first_hand_provider(tmp
         assert liar.answered >= 1
         assert all((snap / f.path).is_file() for f in m.files)
         assert_honest_alive([front, honest])
-    record("discovery: 1 DHT peer answers 20 made-up providers; honest one connected",
-           fetch_s=round(took, 2), outcome="complete (was: ModelNotFound in 0.8 s)")
+    record(
+        "discovery: 1 DHT peer answers 20 made-up providers; honest one connected",
+        fetch_s=round(took, 2),
+        outcome="complete (was: ModelNotFound in 0.8 s)",
+    )
 
 
 @pytest.mark.timeout(60)
@@ -180,9 +192,9 @@ async def test_a_third_party_address_does_not_replace_the_one_we_dialled(tmp_pat
     cleared for the record's address and the dial failed."""
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "a.key"), connect_timeout=3.0).run())
-        b = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "b.key")).run())
+            SwarmHost(load_or_create_identity(tmp_path / "a.key"), connect_timeout=3.0).run()
+        )
+        b = await stack.enter_async_context(SwarmHost(load_or_create_identity(tmp_path / "b.key")).run())
         await a.connect(b.addrs[0])
         await a._host.get_network().close_peer(ID.from_base58(b.peer_id))
         with trio.fail_after(5):
@@ -223,31 +235,42 @@ async def test_vanished_providers_do_not_hold_the_manifest_choice(tmp_path, adv_
     src, m, _ = adv_model
     async with AsyncExitStack() as stack:
         front = await start_node(stack, tmp_path, "front")
-        honest = await start_node(stack, tmp_path, "honest", serve=((MODEL, src),),
-                                  bootstrap=tuple(front.host.addrs[:1]))
+        honest = await start_node(
+            stack, tmp_path, "honest", serve=((MODEL, src),), bootstrap=tuple(front.host.addrs[:1])
+        )
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         store = front.host._dht.provider_store
         for key, name in ((manifest_key(m.manifest_hash), "pinned"), (model_key(MODEL), "name")):
             for k in range(8):
                 port = await nursery.start(_blackhole)
-                store.add_provider(key, PeerInfo(made_up_id(tmp_path, f"ghost-{name}{k}"), [
-                    multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
+                store.add_provider(
+                    key,
+                    PeerInfo(
+                        made_up_id(tmp_path, f"ghost-{name}{k}"),
+                        [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")],
+                    ),
+                )
             with trio.fail_after(20):
-                while honest.peer_id not in {p.peer_id.to_base58()
-                                             for p in store.get_providers(key)}:
+                while honest.peer_id not in {p.peer_id.to_base58() for p in store.get_providers(key)}:
                     await trio.sleep(0.05)
         req = FetchRequest(MODEL, cache_dir=front.config.cache_dir)
         took = {}
-        for what, pin in (("pinned", m.manifest_hash), ("by_name_1", None),
-                          ("by_name_2", None), ("by_name_3", None)):
+        for what, pin in (
+            ("pinned", m.manifest_hash),
+            ("by_name_1", None),
+            ("by_name_2", None),
+            ("by_name_3", None),
+        ):
             t0 = trio.current_time()
             manifest, _sig, _providers = await front._resolve(req, pin)
             took[what] = round(trio.current_time() - t0, 2)
             assert manifest.manifest_hash == m.manifest_hash
-    record("issue #12: 8 silent providers next to 1 honest", **{f"{k}_s": v for k, v in
-                                                               took.items()},
-           outcome="pinned: not waited for; by name: 2 s vote grace, then asked last")
+    record(
+        "issue #12: 8 silent providers next to 1 honest",
+        **{f"{k}_s": v for k, v in took.items()},
+        outcome="pinned: not waited for; by name: 2 s vote grace, then asked last",
+    )
     # The bound is the protocol timeout under test, not a speed target: waiting for the silent
     # providers takes at least MANIFEST_ASK_TIMEOUT (5 s); not waiting takes ~0.3 s.
     assert took["pinned"] < MANIFEST_ASK_TIMEOUT / 2, took
@@ -266,18 +289,21 @@ async def test_unread_manifest_requests_are_bounded_per_peer(tmp_path):
     streams = 16
     async with AsyncExitStack() as stack:
         server = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "server.key")).run())
+            SwarmHost(load_or_create_identity(tmp_path / "server.key")).run()
+        )
         server.set_manifest_handler(lambda req: manifests)
         flooder = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "flooder.key")).run())
+            SwarmHost(load_or_create_identity(tmp_path / "flooder.key")).run()
+        )
         await flooder.connect(server.addrs[0])
         tracemalloc.start()
         try:
             links = []
             for _ in range(streams):
                 s = await flooder._open_stream(server.peer_id, wire.MANIFEST_PROTOCOL, 10)
-                link = StreamLink(s, frozenset({wire.ManifestReply.TYPE, wire.ManifestEnd.TYPE,
-                                                wire.Error.TYPE}))
+                link = StreamLink(
+                    s, frozenset({wire.ManifestReply.TYPE, wire.ManifestEnd.TYPE, wire.Error.TYPE})
+                )
                 await link.send(wire.ManifestRequest(MODEL))
                 links.append(link)
             firsts = []
@@ -294,12 +320,17 @@ async def test_unread_manifest_requests_are_bounded_per_peer(tmp_path):
         for link in links:
             await link.aclose()
         asker = await stack.enter_async_context(
-            SwarmHost(load_or_create_identity(tmp_path / "asker.key")).run())
+            SwarmHost(load_or_create_identity(tmp_path / "asker.key")).run()
+        )
         replies = await asker.fetch_manifests(server.addrs[0], wire.ManifestRequest(MODEL))
         assert len(replies) == len(manifests)
-    record("discovery: 16 unread manifest requests from one peer (8 x 1 MiB reply)",
-           served_at_once=served, refused_busy=len(busy), heap_peak_mib=peak >> 20,
-           outcome="bounded")
+    record(
+        "discovery: 16 unread manifest requests from one peer (8 x 1 MiB reply)",
+        served_at_once=served,
+        refused_busy=len(busy),
+        heap_peak_mib=peak >> 20,
+        outcome="bounded",
+    )
     assert served <= 4, served
     assert len(busy) == streams - served and all("busy" in e.reason for e in busy)
     assert peak < 48 << 20, f"heap peak {peak >> 20} MiB"

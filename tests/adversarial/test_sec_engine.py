@@ -38,8 +38,7 @@ FLOOD_STREAMS = 64
 
 
 @pytest.mark.timeout(90)
-async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, adv_model,
-                                                                    error_log):
+async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, adv_model, error_log):
     """64 pieces streams from one peer, each sending Hello and never a Bitfield, held open for the
     whole fetch; the seeder's handshake timeout is longer than the test, so on the old engine the
     honest fetcher was refused until the end (TooSlowError). Now the flooder holds at most
@@ -47,8 +46,7 @@ async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, ad
     src, manifest, _pieces = adv_model
     slow_handshakes = attrs.evolve(ENGINE, handshake_timeout=120.0)
     async with AsyncExitStack() as stack:
-        seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),),
-                                  engine=slow_handshakes)
+        seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),), engine=slow_handshakes)
         boot = tuple(seeder.host.addrs[:1])
         target = PeerAddr(seeder.peer_id, (boot[0].rsplit("/p2p/", 1)[0],))
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
@@ -83,10 +81,14 @@ async def test_one_peer_cannot_fill_a_seeders_links_with_handshakes(tmp_path, ad
                     pass
         assert_honest_alive([seeder, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("engine: 64 Hello-only pieces streams from one peer vs the only seeder",
-               flood_streams=FLOOD_STREAMS, handshakes_held_by_flooder=held,
-               fetch_s=round(elapsed, 2), bad_files_at_final_path=len(watch.violations),
-               outcome="complete")
+        record(
+            "engine: 64 Hello-only pieces streams from one peer vs the only seeder",
+            flood_streams=FLOOD_STREAMS,
+            handshakes_held_by_flooder=held,
+            fetch_s=round(elapsed, 2),
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete",
+        )
 
 
 class ChokingPeer(HostilePeer):
@@ -116,8 +118,7 @@ CHOKED = 2.0
 
 
 @pytest.mark.timeout(120)
-async def test_providers_that_never_unchoke_do_not_block_new_dials(tmp_path, adv_model,
-                                                                   error_log):
+async def test_providers_that_never_unchoke_do_not_block_new_dials(tmp_path, adv_model, error_log):
     """``MAX_LINKS_PER_FETCH`` (16) providers that never unchoke are all the fetch finds at
     first; an honest seeder appears once they are all linked. The old engine counted the chokers
     as useful links and never dialed again (the fetch hung); now each is closed after
@@ -128,19 +129,20 @@ async def test_providers_that_never_unchoke_do_not_block_new_dials(tmp_path, adv
         boot = tuple(honest.host.addrs[:1])
         chokers = []
         for k in range(MAX_LINKS_PER_FETCH):
-            p = ChokingPeer(tmp_path, f"choker{k}", manifest=manifest, pieces=pieces,
-                            bootstrap=boot)
+            p = ChokingPeer(tmp_path, f"choker{k}", manifest=manifest, pieces=pieces, bootstrap=boot)
             await stack.enter_async_context(p.running())
             chokers.append(p)
-        front = await start_node(stack, tmp_path, "front", bootstrap=boot,
-                                 engine=attrs.evolve(ENGINE, choked_timeout=CHOKED))
+        front = await start_node(
+            stack, tmp_path, "front", bootstrap=boot, engine=attrs.evolve(ENGINE, choked_timeout=CHOKED)
+        )
         t0 = trio.current_time()
         with FinalPathWatcher(front.config.cache_dir, [manifest]) as watch:
             async with trio.open_nursery() as n:
                 n.start_soon(_fetch, front, 60)
                 with trio.fail_after(30):
-                    while front.shared == {} or len(
-                            next(iter(front.shared.values())).transfer.peers) < len(chokers):
+                    while front.shared == {} or len(next(iter(front.shared.values())).transfer.peers) < len(
+                        chokers
+                    ):
                         await trio.sleep(0.05)
                 linked = trio.current_time() - t0
                 await honest.serve_directory(MODEL, src)
@@ -152,10 +154,15 @@ async def test_providers_that_never_unchoke_do_not_block_new_dials(tmp_path, adv
         assert closed >= 1, [c.told for c in chokers]
         assert_honest_alive([honest, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record(f"engine: {len(chokers)} never-unchoking providers, then 1 honest",
-               chokers_linked_after_s=round(linked, 2), chokers_closed=closed,
-               choked_timeout_s=CHOKED, fetch_s=round(elapsed, 2),
-               bad_files_at_final_path=len(watch.violations), outcome="complete")
+        record(
+            f"engine: {len(chokers)} never-unchoking providers, then 1 honest",
+            chokers_linked_after_s=round(linked, 2),
+            chokers_closed=closed,
+            choked_timeout_s=CHOKED,
+            fetch_s=round(elapsed, 2),
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete",
+        )
 
 
 async def _fetch(node, limit: float) -> None:
@@ -173,11 +180,16 @@ async def test_only_never_unchoking_providers_fail_clearly(tmp_path, adv_model, 
         anchor = await start_node(stack, tmp_path, "anchor")
         boot = tuple(anchor.host.addrs[:1])
         for k in range(2):
-            p = ChokingPeer(tmp_path, f"choker{k}", manifest=manifest, pieces=pieces,
-                            bootstrap=boot)
+            p = ChokingPeer(tmp_path, f"choker{k}", manifest=manifest, pieces=pieces, bootstrap=boot)
             await stack.enter_async_context(p.running())
-        front = await start_node(stack, tmp_path, "front", bootstrap=boot, stall_timeout=3.0,
-                                 engine=attrs.evolve(ENGINE, choked_timeout=CHOKED))
+        front = await start_node(
+            stack,
+            tmp_path,
+            "front",
+            bootstrap=boot,
+            stall_timeout=3.0,
+            engine=attrs.evolve(ENGINE, choked_timeout=CHOKED),
+        )
         t0 = trio.current_time()
         with trio.fail_after(60), pytest.raises(FetchError) as ei:
             await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
@@ -187,6 +199,11 @@ async def test_only_never_unchoking_providers_fail_clearly(tmp_path, adv_model, 
         assert front.shared == {}
         assert_honest_alive([anchor, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("engine: only never-unchoking providers", fails_after_s=round(elapsed, 2),
-               choked_timeout_s=CHOKED, stall_timeout_s=3.0, error=str(ei.value)[:160],
-               outcome="FetchError")
+        record(
+            "engine: only never-unchoking providers",
+            fails_after_s=round(elapsed, 2),
+            choked_timeout_s=CHOKED,
+            stall_timeout_s=3.0,
+            error=str(ei.value)[:160],
+            outcome="FetchError",
+        )

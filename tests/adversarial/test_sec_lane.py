@@ -111,7 +111,7 @@ def open_records(data: bytes, keys: lc.LaneKeys) -> list[wire.Message]:
         end = at + hs + n + lc.TAG
         if end > len(data):
             break
-        out.append(_decode_frame(opener.open_frame(data[at: at + hs], data[at + hs: end])))
+        out.append(_decode_frame(opener.open_frame(data[at : at + hs], data[at + hs : end])))
         at = end
     return out
 
@@ -125,7 +125,8 @@ def seal_frames(sealer: lc.Sealer, *msgs: wire.Message) -> bytes:
 
 @pytest.mark.timeout(90)
 async def test_proven_lanes_without_hello_are_capped_per_peer_and_in_all(
-        tmp_path, adv_model, error_log, monkeypatch):
+    tmp_path, adv_model, error_log, monkeypatch
+):
     """Three attacker peers each open 24 proven lanes (right keys, right proof; one peer alone,
     then two at once) and never send a Hello, keeping every connection open. The seeder
     (max_peers = 8) holds at most MAX_SETUPS_PER_PEER of one peer's and 8 in all, with no
@@ -136,8 +137,9 @@ async def test_proven_lanes_without_hello_are_capped_per_peer_and_in_all(
     src, manifest, _pieces = adv_model
     max_peers, per_attacker, n_attackers = 8, 24, 3
     async with AsyncExitStack() as stack:
-        seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),),
-                                  engine=attrs.evolve(ENGINE, max_peers=max_peers))
+        seeder = await start_node(
+            stack, tmp_path, "seeder", serve=((MODEL, src),), engine=attrs.evolve(ENGINE, max_peers=max_peers)
+        )
         assert seeder.lane is not None and seeder.lane.port
         boot = tuple(seeder.host.addrs[:1])
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
@@ -203,20 +205,28 @@ async def test_proven_lanes_without_hello_are_capped_per_peer_and_in_all(
         assert_honest_alive([seeder, front])
         assert not error_log, [r.getMessage() for r in error_log]
         assert lane_mod.MAX_SETUPS_PER_PEER == PER_PEER
-        record("lane: 3 peers x 24 proven lanes that never send Hello (max_peers 8)",
-               attempts=n_attackers * per_attacker, attack_s=round(attack_s, 2),
-               proven=sum(len(v) for v in held.values()), refused_at_offer=refused,
-               held_by_seeder=sum(open_now.values()), evicted=seeder.lane.setups_evicted,
-               rx_threads=threads,
-               threads_before=threads_before, threads_during=threads_attack,
-               fds_before=fds_before, fds_during=fds_attack,
-               hellos_missing=seeder.lane.hellos_missing,
-               honest_fetch="complete over the lane")
+        record(
+            "lane: 3 peers x 24 proven lanes that never send Hello (max_peers 8)",
+            attempts=n_attackers * per_attacker,
+            attack_s=round(attack_s, 2),
+            proven=sum(len(v) for v in held.values()),
+            refused_at_offer=refused,
+            held_by_seeder=sum(open_now.values()),
+            evicted=seeder.lane.setups_evicted,
+            rx_threads=threads,
+            threads_before=threads_before,
+            threads_during=threads_attack,
+            fds_before=fds_before,
+            fds_during=fds_attack,
+            hellos_missing=seeder.lane.hellos_missing,
+            honest_fetch="complete over the lane",
+        )
 
 
 @pytest.mark.timeout(60)
 async def test_piece_record_before_hello_is_refused_from_its_header(
-        tmp_path, adv_model, error_log, monkeypatch):
+    tmp_path, adv_model, error_log, monkeypatch
+):
     """A proven lane whose first record is a PIECE header announcing 64 MiB: the seeder answers
     with an Error and closes at once, without a thread or a piece buffer. Before the fix its
     receiver thread took a 64 MiB buffer and waited for the payload until HELLO_TIMEOUT."""
@@ -244,16 +254,19 @@ async def test_piece_record_before_hello_is_refused_from_its_header(
         assert seeder.lane.hellos_missing == 1
         assert_honest_alive([seeder])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("lane: a 64 MiB PIECE record before Hello", answer=msgs[0].reason,
-               rx_threads=threads, outcome="closed at its header")
+        record(
+            "lane: a 64 MiB PIECE record before Hello",
+            answer=msgs[0].reason,
+            rx_threads=threads,
+            outcome="closed at its header",
+        )
 
 
 # --------------------------------------------------------------------------- finding 11
 
 
 @pytest.mark.timeout(60)
-async def test_lane_piece_longer_than_the_manifest_is_refused_from_its_header(
-        tmp_path, adv_model, error_log):
+async def test_lane_piece_longer_than_the_manifest_is_refused_from_its_header(tmp_path, adv_model, error_log):
     """After an honest-looking Hello and Bitfield, a PIECE record that names a weight piece (4 MiB
     in the manifest) with 64 MiB: the link is closed from the header, before a receive buffer is
     taken for it. Before the fix the receiver took a 64 MiB buffer and waited for the payload
@@ -269,9 +282,12 @@ async def test_lane_piece_longer_than_the_manifest_is_refused_from_its_header(
         tsock, keys = await prove_lane(ah, target, seeder.lane.port)
         sealer = lc.Sealer(keys.dialer_to_acceptor)
         n = manifest.num_pieces
-        await lane_mod._send_all(tsock, seal_frames(
-            sealer, wire.Hello(manifest.manifest_hash, n),
-            wire.Bitfield(wire.pack_bitfield([], n))))
+        await lane_mod._send_all(
+            tsock,
+            seal_frames(
+                sealer, wire.Hello(manifest.manifest_hash, n), wire.Bitfield(wire.pack_bitfield([], n))
+            ),
+        )
         t = seeder.shared[manifest.manifest_hash].transfer
         with trio.fail_after(10):
             while ah.peer_id not in t.peers:
@@ -286,20 +302,26 @@ async def test_lane_piece_longer_than_the_manifest_is_refused_from_its_header(
         msgs = open_records(data, keys)
         assert isinstance(msgs[0], wire.Hello) and isinstance(msgs[1], wire.Bitfield), msgs
         errors = [m for m in msgs if isinstance(m, wire.Error)]
-        assert errors and f"piece {w} of {wire.MAX_PIECE_BYTES} bytes, manifest says {piece_w}" \
-            in errors[-1].reason, msgs
+        assert (
+            errors
+            and f"piece {w} of {wire.MAX_PIECE_BYTES} bytes, manifest says {piece_w}" in errors[-1].reason
+        ), msgs
         with trio.fail_after(5):
             while ah.peer_id in t.peers:
                 await trio.sleep(0.02)
         assert t.internal_errors == 0
         assert_honest_alive([seeder])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("lane: a 64 MiB PIECE record for a 4 MiB piece after Hello",
-               answer=errors[-1].reason, outcome="closed at its header")
+        record(
+            "lane: a 64 MiB PIECE record for a 4 MiB piece after Hello",
+            answer=errors[-1].reason,
+            outcome="closed at its header",
+        )
 
 
-async def _pieces_stream_answer(ah: SwarmHost, target: PeerAddr, first: bytes,
-                                then: bytes = b"") -> list[wire.Message]:
+async def _pieces_stream_answer(
+    ah: SwarmHost, target: PeerAddr, first: bytes, then: bytes = b""
+) -> list[wire.Message]:
     """Open a pieces stream, write ``first``; once the seeder's first two frames are in (if
     ``then``), write ``then``; return every frame the seeder sends until it closes."""
     s = await ah._open_stream(target, wire.PIECES_PROTOCOL, 5)
@@ -327,7 +349,8 @@ async def _pieces_stream_answer(ah: SwarmHost, target: PeerAddr, first: bytes,
 
 @pytest.mark.timeout(60)
 async def test_pieces_stream_refuses_oversized_pieces_from_their_header(
-        tmp_path, adv_model, error_log, monkeypatch):
+    tmp_path, adv_model, error_log, monkeypatch
+):
     """/swarm/pieces/1.0.0: a PIECE frame of 64 MiB as the first frame, and after a Hello a
     PIECE frame of 64 MiB for a 4 MiB weight piece, are both refused from their
     header (an Error, then the stream ends). Before the fix the seeder buffered up to 64 MiB of
@@ -353,16 +376,19 @@ async def test_pieces_stream_refuses_oversized_pieces_from_their_header(
         bitfield = wire.encode(wire.Bitfield(wire.pack_bitfield([], n)))
         w = weight_pieces(manifest)[0]
         with trio.fail_after(8):
-            second = await _pieces_stream_answer(ah, target, hello + bitfield,
-                                                 wire.piece_header(w, big) + chunk)
+            second = await _pieces_stream_answer(
+                ah, target, hello + bitfield, wire.piece_header(w, big) + chunk
+            )
         errors = [m for m in second if isinstance(m, wire.Error)]
         piece_w = manifest.pieces[w].length
-        assert errors and f"piece {w} of {big} bytes, manifest says {piece_w}" \
-            in errors[-1].reason, second
+        assert errors and f"piece {w} of {big} bytes, manifest says {piece_w}" in errors[-1].reason, second
         (t,) = [sh.transfer for sh in seeder.shared.values()]
         assert t.internal_errors == 0 and ah.peer_id not in t.peers
         assert_honest_alive([seeder])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("pieces stream: 64 MiB PIECE first, and 64 MiB for a 4 MiB piece after Hello",
-               first_answer=first[0].reason, second_answer=errors[-1].reason,
-               outcome="refused from the header")
+        record(
+            "pieces stream: 64 MiB PIECE first, and 64 MiB for a 4 MiB piece after Hello",
+            first_answer=first[0].reason,
+            second_answer=errors[-1].reason,
+            outcome="refused from the header",
+        )

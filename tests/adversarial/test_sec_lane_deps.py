@@ -36,7 +36,8 @@ def _declared_floor() -> tuple[int, ...]:
 def test_declared_cryptography_floor_has_the_in_place_aead_calls():
     assert _declared_floor() >= INTO_SINCE, (
         f"pyproject.toml allows cryptography {_declared_floor()}, but AESGCM.encrypt_into and "
-        f"decrypt_into need {INTO_SINCE}")
+        f"decrypt_into need {INTO_SINCE}"
+    )
     assert lc.CRYPTOGRAPHY_MIN == INTO_SINCE
 
 
@@ -48,8 +49,8 @@ def test_installed_cryptography_has_what_the_lane_calls():
     keys = lc.derive_keys(b"d" * 32, b"a" * 32, "dialer", "acceptor", lc.MODE_ENCRYPTED, 1)
     payload = bytes(range(256)) * 16
     buf = memoryview(bytearray(4096 + len(payload) + lc.TAG))
-    buf[4096: 4096 + len(payload)] = payload
+    buf[4096 : 4096 + len(payload)] = payload
     record = lc.Sealer(keys.dialer_to_acceptor).seal_piece_into(5, buf, 4096, len(payload))
-    header, body = bytes(record[: lc.HEADER.size]), memoryview(bytearray(record[lc.HEADER.size:]))
+    header, body = bytes(record[: lc.HEADER.size]), memoryview(bytearray(record[lc.HEADER.size :]))
     lc.Opener(keys.dialer_to_acceptor).open_piece_into(header, body, len(payload))
     assert bytes(body[: len(payload)]) == payload

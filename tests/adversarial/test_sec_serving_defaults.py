@@ -62,28 +62,29 @@ async def test_default_node_does_not_serve_its_hf_cache(tmp_path, caplog):
         victim_cache = tmp_path / "victim" / "cache"
         make_hf_snapshot(victim_cache, "acme/gated", REV, weights_bytes=1 * MiB, n_weight_files=1)
         victim = await _node(stack, tmp_path, "victim", cache_dir=victim_cache)
-        outsider = await _node(stack, tmp_path, "outsider",
-                               bootstrap=tuple(victim.host.addrs[:1]))
+        outsider = await _node(stack, tmp_path, "outsider", bootstrap=tuple(victim.host.addrs[:1]))
         served = await _served_to(outsider, "acme/gated")
         assert not served, "a default node served its HF cache to an outsider"
         st = victim.status()["serving"]
         assert st["hf_cache"] is False and st["private_swarm"] is False
-        assert any("no swarm key: serving only --serve directories" in r.getMessage()
-                   for r in caplog.records)
+        assert any("no swarm key: serving only --serve directories" in r.getMessage() for r in caplog.records)
 
         # Controls: a private swarm serves its members by default; opening it is deliberate.
         member_src = await _node(stack, tmp_path, "psk-src", cache_dir=victim_cache, psk=KEY)
-        member = await _node(stack, tmp_path, "psk-member", psk=KEY,
-                             bootstrap=tuple(member_src.host.addrs[:1]))
+        member = await _node(
+            stack, tmp_path, "psk-member", psk=KEY, bootstrap=tuple(member_src.host.addrs[:1])
+        )
         assert await _served_to(member, "acme/gated"), "a private swarm does not serve its cache"
-        opened = await _node(stack, tmp_path, "opened", cache_dir=victim_cache,
-                             serve_hf_cache=True)
+        opened = await _node(stack, tmp_path, "opened", cache_dir=victim_cache, serve_hf_cache=True)
         asker = await _node(stack, tmp_path, "asker", bootstrap=tuple(opened.host.addrs[:1]))
         assert await _served_to(asker, "acme/gated"), "--serve-hf-cache did not open the cache"
-        assert any("--serve-hf-cache: every complete snapshot" in r.getMessage()
-                   for r in caplog.records)
-        record("defaults: HF cache exposure (#18 f10)", outsider="ModelNotFound",
-               private_swarm_member="served", explicit_serve_hf_cache="served")
+        assert any("--serve-hf-cache: every complete snapshot" in r.getMessage() for r in caplog.records)
+        record(
+            "defaults: HF cache exposure (#18 f10)",
+            outsider="ModelNotFound",
+            private_swarm_member="served",
+            explicit_serve_hf_cache="served",
+        )
 
 
 @pytest.fixture
@@ -95,8 +96,14 @@ def hub_env(monkeypatch, tmp_path):
     src = make_model_dir(tmp_path / "hub-src", weights_bytes=1 * MiB, n_weight_files=1)
     with FakeHub(token="hf_secret") as hub:
         hub.add_repo("acme/gated", src, REV)
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODEL_EXPRESS_URL",
-                    "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        for var in (
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "MODEL_EXPRESS_URL",
+            "HUGGING_FACE_HUB_TOKEN",
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+        ):
             monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
@@ -110,10 +117,10 @@ async def test_gated_hub_download_is_not_seeded_without_a_swarm_key(tmp_path, hu
         victim = await _node(stack, tmp_path, "victim")
         with trio.fail_after(60):
             result = await victim.fetch_with_fallback(
-                FetchRequest("acme/gated", cache_dir=victim.config.cache_dir, timeout=30.0))
+                FetchRequest("acme/gated", cache_dir=victim.config.cache_dir, timeout=30.0)
+            )
         assert result.source == "hub"
-        outsider = await _node(stack, tmp_path, "outsider",
-                               bootstrap=tuple(victim.host.addrs[:1]))
+        outsider = await _node(stack, tmp_path, "outsider", bootstrap=tuple(victim.host.addrs[:1]))
         served = await _served_to(outsider, "acme/gated")
         assert not served, "a gated repo pulled with HF_TOKEN was seeded to an outsider"
         record("defaults: gated Hub download seeding (#18 f10)", outsider="ModelNotFound")

@@ -53,8 +53,14 @@ async def test_cache_links_out_of_the_repo_are_not_served(tmp_path, error_log):
     into blobs/ whose blob links out); the victim serves its cache; a remote peer asks for each.
     An honest snapshot in the same cache is the control: it must still be served."""
     async with AsyncExitStack() as stack:
-        victim = Node(NodeConfig(home=tmp_path / "victim" / "home", engine=ENGINE,
-                                 cache_dir=tmp_path / "victim" / "cache", serve_hf_cache=True))
+        victim = Node(
+            NodeConfig(
+                home=tmp_path / "victim" / "home",
+                engine=ENGINE,
+                cache_dir=tmp_path / "victim" / "cache",
+                serve_hf_cache=True,
+            )
+        )
         await stack.enter_async_context(victim.running())
         secret_path = Path(victim.config.home) / "identity.key"
         secret = secret_path.read_bytes()
@@ -81,11 +87,18 @@ async def test_cache_links_out_of_the_repo_are_not_served(tmp_path, error_log):
             for model in [*planted, "acme/honest"]:
                 n.start_soon(one, model)
         assert got["acme/honest"] is not None, "the control snapshot was not served"
-        leaked = {m: "identity.key byte for byte" if got[m] == secret else repr(got[m])[:40]
-                  for m in planted if got[m] is not None}
+        leaked = {
+            m: "identity.key byte for byte" if got[m] == secret else repr(got[m])[:40]
+            for m in planted
+            if got[m] is not None
+        }
         assert leaked == {}, f"served through links out of the repo: {leaked}"
-        record("serving: HF-cache links out of the repo (#18 f7)", planted=len(planted),
-               served=len(leaked), control="served")
+        record(
+            "serving: HF-cache links out of the repo (#18 f7)",
+            planted=len(planted),
+            served=len(leaked),
+            control="served",
+        )
 
 
 def test_serve_directory_link_out_is_refused(tmp_path):

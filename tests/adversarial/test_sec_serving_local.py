@@ -25,8 +25,10 @@ from swarm.control import ControlServer, HomeLock
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by nobody (the test venv may not be)
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
-                                reason="needs root (to act as another user) and /usr/bin/python3")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+    reason="needs root (to act as another user) and /usr/bin/python3",
+)
 
 
 @pytest.fixture
@@ -51,8 +53,9 @@ def test_symlinked_lock_is_not_followed(tmp_path):
         HomeLock(home).acquire().release()
     except OSError as e:
         refused = str(e)
-    assert target.read_bytes() == b"ssh-ed25519 AAAA... precious\n", \
+    assert target.read_bytes() == b"ssh-ed25519 AAAA... precious\n", (
         "acquiring the lock truncated the target of a symlinked node.lock"
+    )
     assert refused is not None and "symlink" in refused, refused
     # A hard link to someone's file is refused as well (it would be truncated the same way).
     (home / "node.lock").unlink()
@@ -75,8 +78,12 @@ def test_unsafe_home_is_refused(tmp_path):
             HomeLock(home).acquire().release()
         os.chown(home, 0, 0)
     HomeLock(home).acquire().release()  # a home of our own, 0700: fine
-    record("local: node.lock symlink / unsafe home (#18 f14)", symlinked_lock="refused, target kept",
-           world_writable_home="refused", foreign_home="refused")
+    record(
+        "local: node.lock symlink / unsafe home (#18 f14)",
+        symlinked_lock="refused, target kept",
+        world_writable_home="refused",
+        foreign_home="refused",
+    )
 
 
 def test_bind_leaves_the_umask_alone(tmp_path, monkeypatch):
@@ -131,9 +138,15 @@ async def test_server_refuses_another_users_connection(shared_dir):
     async with trio.open_nursery() as n:
         await n.start(server.run)
         os.chmod(server.path, 0o666)
-        proc = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [SYSTEM_PYTHON, "-c", _CLIENT_AS_NOBODY, str(server.path)], user=NOBODY,
-            capture_output=True, text=True, timeout=30))
+        proc = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [SYSTEM_PYTHON, "-c", _CLIENT_AS_NOBODY, str(server.path)],
+                user=NOBODY,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        )
         n.cancel_scope.cancel()
     status = proc.stdout.strip()
     assert proc.returncode == 0, proc.stderr
@@ -164,8 +177,9 @@ def test_client_refuses_a_node_of_another_user(shared_dir):
     socket file's owner and (with the file handed to root) by the peer's credentials."""
     os.chmod(shared_dir, 0o1777)  # so that nobody can create the socket there
     sock = shared_dir / "control.sock"
-    proc = subprocess.Popen([SYSTEM_PYTHON, "-c", _SERVER_AS_NOBODY, str(sock)], user=NOBODY,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", _SERVER_AS_NOBODY, str(sock)], user=NOBODY, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         answers = {}
@@ -180,8 +194,10 @@ def test_client_refuses_a_node_of_another_user(shared_dir):
         assert impostor == {}, f"the client talked to another user's process: {impostor}"
         assert "owner uid 65534" in answers["socket owned by nobody"]
         assert "runs as uid 65534" in answers["socket chowned to root"]
-        record("local: client to another uid's socket (#18 f14)", **{
-            k.replace(" ", "_"): "refused" for k in answers})
+        record(
+            "local: client to another uid's socket (#18 f14)",
+            **{k.replace(" ", "_"): "refused" for k in answers},
+        )
     finally:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):

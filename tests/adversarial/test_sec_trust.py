@@ -36,8 +36,9 @@ HUB_REV = "c0ffee" * 6 + "c0de"  # a "real Hub commit"
 @pytest.fixture(scope="module")
 def evil(tmp_path_factory) -> tuple[Path, Manifest, dict[int, bytes]]:
     """The attacker's content under the honest model's name (another model's files)."""
-    root = make_model_dir(tmp_path_factory.mktemp("evil-src"), weights_bytes=8 << 20,
-                          n_weight_files=2, seed=1234)
+    root = make_model_dir(
+        tmp_path_factory.mktemp("evil-src"), weights_bytes=8 << 20, n_weight_files=2, seed=1234
+    )
     m = build_manifest(root, MODEL, "evil")
     return root, m, read_pieces(m, root)
 
@@ -51,24 +52,21 @@ def _node(tmp: Path, name: str, **kw) -> Node:
 
 
 def _links(snap: Path) -> dict[str, str]:
-    return {p.relative_to(snap).as_posix(): os.readlink(p) for p in snap.rglob("*")
-            if p.is_symlink()}
+    return {p.relative_to(snap).as_posix(): os.readlink(p) for p in snap.rglob("*") if p.is_symlink()}
 
 
 # --------------------------------------------------------------------------- finding 4
 
 
 @pytest.mark.timeout(90)
-async def test_fetched_unsigned_manifest_is_never_signed_after_restart(tmp_path, evil,
-                                                                       error_log):
+async def test_fetched_unsigned_manifest_is_never_signed_after_restart(tmp_path, evil, error_log):
     """A relay under ``open`` fetches the attacker's unsigned manifest, restarts (serving its HF
     cache), and must still serve it unsigned: a frontend trusting only the relay refuses it. A
     node with another home sharing that cache (no provenance record) serves it unsigned too. A
     snapshot the Hub client made in the relay's cache is the relay's to sign (it hashed it)."""
     _esrc, em, epieces = evil
     cache = tmp_path / "relay" / "cache"
-    hub_snap = make_hf_snapshot(cache, "acme/from-the-hub", HUB_REV, weights_bytes=1 << 20,
-                                n_weight_files=1)
+    hub_snap = make_hf_snapshot(cache, "acme/from-the-hub", HUB_REV, weights_bytes=1 << 20, n_weight_files=1)
     async with AsyncExitStack() as stack:
         anchor = await start_node(stack, tmp_path, "anchor")
         boot = tuple(anchor.host.addrs[:1])
@@ -85,8 +83,13 @@ async def test_fetched_unsigned_manifest_is_never_signed_after_restart(tmp_path,
         restarted = _node(tmp_path, "relay", bootstrap=boot, serve_hf_cache=True)
         await stack.enter_async_context(restarted.running())
         assert restarted.peer_id == relay_id
-        front = await start_node(stack, tmp_path, "front", bootstrap=boot,
-                                 trust=TrustPolicy("trusted-publishers", frozenset({relay_id})))
+        front = await start_node(
+            stack,
+            tmp_path,
+            "front",
+            bootstrap=boot,
+            trust=TrustPolicy("trusted-publishers", frozenset({relay_id})),
+        )
         with trio.fail_after(30), pytest.raises(ModelNotFound) as ei:
             await front.fetch(FetchRequest(MODEL, cache_dir=front.config.cache_dir))
         assert not list(Path(front.config.cache_dir).rglob("snapshots/*"))
@@ -104,9 +107,13 @@ async def test_fetched_unsigned_manifest_is_never_signed_after_restart(tmp_path,
         assert verify_signature(restarted.shared[hub_h].signature, hub_h) == relay_id
         assert_honest_alive([anchor, restarted, front, other])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("finding 4: unsigned manifest fetched by a relay, relay restarted",
-               relay_serves="unsigned", frontend_trusting_relay=str(ei.value)[:90],
-               other_home_same_cache="unsigned", hub_client_snapshot="signed by the relay")
+        record(
+            "finding 4: unsigned manifest fetched by a relay, relay restarted",
+            relay_serves="unsigned",
+            frontend_trusting_relay=str(ei.value)[:90],
+            other_home_same_cache="unsigned",
+            hub_client_snapshot="signed by the relay",
+        )
 
 
 # --------------------------------------------------------------------------- finding 5
@@ -160,9 +167,13 @@ async def test_a_tie_never_goes_to_a_ground_hash(tmp_path, adv_model, evil, erro
         assert set(f_held.shared) == {m.manifest_hash}
         assert_honest_alive([honest, f_tie, f_held])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("finding 5: one honest vs one liar with a ground hash, open", grind_tries=tries,
-               self_signed_liar="ModelNotFound (no majority)", unsigned_liar="honest taken",
-               node_holding_honest="keeps honest")
+        record(
+            "finding 5: one honest vs one liar with a ground hash, open",
+            grind_tries=tries,
+            self_signed_liar="ModelNotFound (no majority)",
+            unsigned_liar="honest taken",
+            node_holding_honest="keeps honest",
+        )
 
 
 def _fill(dl, pieces: dict[int, bytes]) -> None:
@@ -189,8 +200,9 @@ def test_lie_naming_a_hub_commit_leaves_its_snapshot_and_blobs_alone(tmp_path, e
     else:  # a file claiming the Hub blob's sha256 name as its blake3
         size = len(blob_bytes) + (1 if lie == "delete" else 0)
         ps = piece_size_for(size)
-        lm = Manifest(MODEL, lie, (FileEntry(weight, size, "blake3:" + blob.name, ps,
-                                             (bytes(32),) * -(-size // ps)),))
+        lm = Manifest(
+            MODEL, lie, (FileEntry(weight, size, "blake3:" + blob.name, ps, (bytes(32),) * -(-size // ps)),)
+        )
     try:
         with store.open_download(lm) as dl:
             if lie == "relink":
@@ -220,16 +232,19 @@ def test_manifest_larger_than_free_space_is_refused_before_preallocation(tmp_pat
     if size <= free:
         pytest.skip(f"{free} bytes free: more than a manifest may hold")
     ps = 64 << 20
-    fe = FileEntry("model.safetensors", size, "blake3:" + "ab" * 32, ps,
-                   (bytes(32),) * -(-size // ps))
+    fe = FileEntry("model.safetensors", size, "blake3:" + "ab" * 32, ps, (bytes(32),) * -(-size // ps))
     huge = Manifest(MODEL, "huge", (fe,))
     store = Store(cache)
     with pytest.raises(DiskFull, match="free") as ei:
         dl = store.open_download(huge)
         dl.close()
     assert not list(cache.rglob("*.incomplete"))
-    record("finding 5: manifest larger than the free space", manifest_bytes=size,
-           free_bytes=free, outcome=str(ei.value)[:80])
+    record(
+        "finding 5: manifest larger than the free space",
+        manifest_bytes=size,
+        free_bytes=free,
+        outcome=str(ei.value)[:80],
+    )
 
 
 # --------------------------------------------------------------------------- finding 6
@@ -256,32 +271,38 @@ async def test_old_signed_release_cannot_roll_a_node_back(tmp_path, adv_model, e
             trust = TrustPolicy("trusted-publishers", frozenset({pub.peer_id}))
             front = await start_node(s, tmp_path, "front", bootstrap=boot, trust=trust)
             with trio.fail_after(30):
-                snap = await front.fetch(FetchRequest(MODEL, **configs,
-                                                      cache_dir=front.config.cache_dir))
+                snap = await front.fetch(FetchRequest(MODEL, **configs, cache_dir=front.config.cache_dir))
             assert snap.name == ma.revision
         async with AsyncExitStack() as s:  # release B: the publisher restarted, directory changed
-            pub = await start_node(s, tmp_path, "publisher", serve=((MODEL, dir_b),),
-                                   bootstrap=boot)
+            pub = await start_node(s, tmp_path, "publisher", serve=((MODEL, dir_b),), bootstrap=boot)
             (mb,) = [sh.manifest for sh in pub.shared.values()]
             front = await start_node(s, tmp_path, "front", bootstrap=boot, trust=trust)
             with trio.fail_after(30):
-                snap = await front.fetch(FetchRequest(MODEL, **configs,
-                                                      cache_dir=front.config.cache_dir))
+                snap = await front.fetch(FetchRequest(MODEL, **configs, cache_dir=front.config.cache_dir))
             assert snap.name == mb.revision
             # Offered both (the publisher with B, a relay with A): the newer release wins.
-            relay = HostilePeer(tmp_path, "relay", bootstrap=boot, announce=_model_keys(),
-                                manifest_replies=[(ma.encode(), record_a)])
+            relay = HostilePeer(
+                tmp_path,
+                "relay",
+                bootstrap=boot,
+                announce=_model_keys(),
+                manifest_replies=[(ma.encode(), record_a)],
+            )
             await s.enter_async_context(relay.running())
             fresh = await start_node(s, tmp_path, "fresh", bootstrap=boot, trust=trust)
             with trio.fail_after(30):
-                snap = await fresh.fetch(FetchRequest(MODEL, **configs,
-                                                      cache_dir=fresh.config.cache_dir))
+                snap = await fresh.fetch(FetchRequest(MODEL, **configs, cache_dir=fresh.config.cache_dir))
             assert snap.name == mb.revision, "an older release beat the newer one"
             assert relay.stats["manifest_requests"] >= 1
         # The publisher is gone; a relay answers with release A and its genuine record. The
         # frontend, restarted again, remembers it saw B.
-        relay2 = HostilePeer(tmp_path, "relay2", bootstrap=boot, announce=_model_keys(),
-                             manifest_replies=[(ma.encode(), record_a)])
+        relay2 = HostilePeer(
+            tmp_path,
+            "relay2",
+            bootstrap=boot,
+            announce=_model_keys(),
+            manifest_replies=[(ma.encode(), record_a)],
+        )
         await stack.enter_async_context(relay2.running())
         front = await start_node(stack, tmp_path, "front", bootstrap=boot, trust=trust)
         with trio.fail_after(30), pytest.raises(ModelNotFound, match="older") as ei:
@@ -289,8 +310,11 @@ async def test_old_signed_release_cannot_roll_a_node_back(tmp_path, adv_model, e
         assert relay2.stats["manifest_requests"] >= 1
         assert_honest_alive([anchor, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("finding 6: old signed release relayed after a newer one", fresh_node="newer (B)",
-               node_that_saw_B=str(ei.value)[:100])
+        record(
+            "finding 6: old signed release relayed after a newer one",
+            fresh_node="newer (B)",
+            node_that_saw_B=str(ei.value)[:100],
+        )
 
 
 def _model_keys() -> list[bytes]:
@@ -300,8 +324,7 @@ def _model_keys() -> list[bytes]:
 
 
 @pytest.mark.timeout(90)
-async def test_expired_release_is_refused_by_name_but_not_when_pinned(tmp_path, adv_model,
-                                                                      error_log):
+async def test_expired_release_is_refused_by_name_but_not_when_pinned(tmp_path, adv_model, error_log):
     """A relay offers the publisher's genuine manifest with a genuine record that has expired (the
     publisher is gone): refused by name under ``trusted-publishers``; a fetch pinned to its hash
     still takes it (the hash is the authority)."""
@@ -314,12 +337,12 @@ async def test_expired_release_is_refused_by_name_but_not_when_pinned(tmp_path, 
         anchor = await start_node(stack, tmp_path, "anchor")
         boot = tuple(anchor.host.addrs[:1])
         async with AsyncExitStack() as s:  # the publisher, to get its key and peer id
-            pub = await start_node(s, tmp_path, "publisher", serve=((MODEL, src),),
-                                   bootstrap=boot)
+            pub = await start_node(s, tmp_path, "publisher", serve=((MODEL, src),), bootstrap=boot)
             key, pub_id = pub.keypair, pub.peer_id
         old = sign_release(key, m.manifest_hash, 7, int(time.time()) - EXPIRY_GRACE - 60)
-        relay = HostilePeer(tmp_path, "relay", manifest=m, pieces=pieces, bootstrap=boot,
-                            manifest_replies=[(m.encode(), old)])
+        relay = HostilePeer(
+            tmp_path, "relay", manifest=m, pieces=pieces, bootstrap=boot, manifest_replies=[(m.encode(), old)]
+        )
         await stack.enter_async_context(relay.running())
         trust = TrustPolicy("trusted-publishers", frozenset({pub_id}))
         front = await start_node(stack, tmp_path, "front", bootstrap=boot, trust=trust)
@@ -331,5 +354,4 @@ async def test_expired_release_is_refused_by_name_but_not_when_pinned(tmp_path, 
         assert snap.name == m.revision
         assert_honest_alive([anchor, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("finding 6: expired genuine release relayed", by_name=str(ei.value)[:90],
-               pinned="taken")
+        record("finding 6: expired genuine release relayed", by_name=str(ei.value)[:90], pinned="taken")

@@ -43,8 +43,9 @@ async def test_unresponsive_seeder_then_an_honest_one(tmp_path, adv_model, error
     async with AsyncExitStack() as stack:
         honest = await start_node(stack, tmp_path, "honest")  # serves nothing yet
         boot = tuple(honest.host.addrs[:1])
-        bad = HostilePeer(tmp_path, f"bad-{mode}", manifest=manifest, pieces=pieces,
-                          pieces_mode=mode, bootstrap=boot)
+        bad = HostilePeer(
+            tmp_path, f"bad-{mode}", manifest=manifest, pieces=pieces, pieces_mode=mode, bootstrap=boot
+        )
         await stack.enter_async_context(bad.running())
         front = await start_node(stack, tmp_path, "front", bootstrap=boot)
         t0 = trio.current_time()
@@ -52,8 +53,7 @@ async def test_unresponsive_seeder_then_an_honest_one(tmp_path, adv_model, error
             async with trio.open_nursery() as n:
                 n.start_soon(_fetch, front)
                 with trio.fail_after(20):
-                    key = "vanished" if mode == "vanish" else "links" if mode == "mute" \
-                        else "requests"
+                    key = "vanished" if mode == "vanish" else "links" if mode == "mute" else "requests"
                     while not bad.stats[key]:
                         await trio.sleep(0.02)
                     if mode in ("silent", "mute", "slow"):
@@ -66,11 +66,18 @@ async def test_unresponsive_seeder_then_an_honest_one(tmp_path, adv_model, error
             assert t.peer_stats(bad.peer_id).pieces_down == 0
         assert_honest_alive([honest, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record(f"slow: 1 {mode} seeder, then 1 honest", requests_to_bad_peer=bad.stats["requests"],
-               timeouts=t.timeouts, vanished=bad.stats["vanished"],
-               slow_bytes=bad.stats["slow_bytes"], fetch_s=round(elapsed, 2),
-               files_hashed=watch.checked, bad_files_at_final_path=len(watch.violations),
-               bytes_lost=0, outcome="complete")
+        record(
+            f"slow: 1 {mode} seeder, then 1 honest",
+            requests_to_bad_peer=bad.stats["requests"],
+            timeouts=t.timeouts,
+            vanished=bad.stats["vanished"],
+            slow_bytes=bad.stats["slow_bytes"],
+            fetch_s=round(elapsed, 2),
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            bytes_lost=0,
+            outcome="complete",
+        )
 
 
 async def _fetch(node) -> None:
@@ -86,8 +93,9 @@ async def test_only_unresponsive_seeders_fail_clearly(tmp_path, adv_model, error
         boot = tuple(anchor.host.addrs[:1])
         bad = []
         for mode in ("silent", "mute"):
-            p = HostilePeer(tmp_path, f"bad-{mode}", manifest=manifest, pieces=pieces,
-                            pieces_mode=mode, bootstrap=boot)
+            p = HostilePeer(
+                tmp_path, f"bad-{mode}", manifest=manifest, pieces=pieces, pieces_mode=mode, bootstrap=boot
+            )
             await stack.enter_async_context(p.running())
             bad.append(p)
         front = await start_node(stack, tmp_path, "front", bootstrap=boot, stall_timeout=3.0)
@@ -100,8 +108,12 @@ async def test_only_unresponsive_seeders_fail_clearly(tmp_path, adv_model, error
         assert front.shared == {}
         assert_honest_alive([anchor, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("slow: only silent + mute seeders", fails_after_s=round(elapsed, 2),
-               error=str(ei.value)[:140], outcome="FetchError")
+        record(
+            "slow: only silent + mute seeders",
+            fails_after_s=round(elapsed, 2),
+            error=str(ei.value)[:140],
+            outcome="FetchError",
+        )
 
 
 async def _idle_tcp(host: str, port: int, n: int, keep: list) -> None:
@@ -145,17 +157,29 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
             # leechers that ask and never read
             for ah in hosts[:2]:
                 s = await ah._open_stream(target, wire.PIECES_PROTOCOL, 5)
-                await s.write(b"".join(wire.encode(m) for m in [
-                    wire.Hello(h, n), wire.Bitfield(wire.pack_bitfield([], n)),
-                    wire.Interested(), *[wire.Request(i) for i in range(n)][:32]]))
+                await s.write(
+                    b"".join(
+                        wire.encode(m)
+                        for m in [
+                            wire.Hello(h, n),
+                            wire.Bitfield(wire.pack_bitfield([], n)),
+                            wire.Interested(),
+                            *[wire.Request(i) for i in range(n)][:32],
+                        ]
+                    )
+                )
                 streams.append(s)
 
             async def lane_leecher(ah: SwarmHost) -> None:
                 svc = LaneService("encrypted", ah.peer_id)
                 link = await svc.dial(lambda: ah.open_lane_stream(target))
                 lanes_up.append(link)
-                for m in [wire.Hello(h, n), wire.Bitfield(wire.pack_bitfield([], n)),
-                          wire.Interested(), *[wire.Request(i) for i in range(n)][:32]]:
+                for m in [
+                    wire.Hello(h, n),
+                    wire.Bitfield(wire.pack_bitfield([], n)),
+                    wire.Interested(),
+                    *[wire.Request(i) for i in range(n)][:32],
+                ]:
                     await link.send(m)
                 await attackers_done.wait()
                 await link.aclose()
@@ -194,8 +218,7 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
         fds_gone = open_fds()
         (t,) = [sh.transfer for sh in seeder.shared.values()]
         with trio.move_on_after(20):
-            while (set(t.peers) - {front.peer_id} or seeder.lane._handshakes
-                   or open_fds() > fds_before + 16):
+            while set(t.peers) - {front.peer_id} or seeder.lane._handshakes or open_fds() > fds_before + 16:
                 await trio.sleep(0.1)
         assert set(t.peers) <= {front.peer_id}, t.peers
         assert seeder.lane._handshakes == 0
@@ -204,13 +227,20 @@ async def test_idle_connections_and_never_reading_leechers(tmp_path, adv_model, 
         assert fds_after <= fds_before + 16, (fds_before, fds_attack, fds_gone, fds_after)
         assert_honest_alive([seeder, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("slow: 80 idle TCP + 32 idle streams + 4 never-reading leechers vs 1 seeder",
-               fetch_s=round(elapsed, 2), fds_before=fds_before, fds_during_attack=fds_attack,
-               fds_when_attackers_left=fds_gone, fds_after=fds_after,
-               fetcher_lanes=front_lanes, lane_proofs_rejected=seeder.lane.proofs_rejected,
-               lane_connections_refused=seeder.lane.connections_refused,
-               files_hashed=watch.checked,
-               bad_files_at_final_path=len(watch.violations), outcome="complete")
+        record(
+            "slow: 80 idle TCP + 32 idle streams + 4 never-reading leechers vs 1 seeder",
+            fetch_s=round(elapsed, 2),
+            fds_before=fds_before,
+            fds_during_attack=fds_attack,
+            fds_when_attackers_left=fds_gone,
+            fds_after=fds_after,
+            fetcher_lanes=front_lanes,
+            lane_proofs_rejected=seeder.lane.proofs_rejected,
+            lane_connections_refused=seeder.lane.connections_refused,
+            files_hashed=watch.checked,
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete",
+        )
 
 
 @pytest.mark.timeout(90)
@@ -272,8 +302,9 @@ async def test_lane_port_flood_does_not_lock_honest_peers_out(tmp_path, adv_mode
             elapsed = trio.current_time() - t0
             t = front.shared[manifest.manifest_hash].transfer
             lane_links = [p for p in t.peers.values() if isinstance(p.link, LaneLink)]
-            during = dict(stats, held=seeder.lane._handshakes,
-                          evicted=seeder.lane.connections_evicted - evicted_before)
+            during = dict(
+                stats, held=seeder.lane._handshakes, evicted=seeder.lane.connections_evicted - evicted_before
+            )
             attack.cancel_scope.cancel()
         watch.assert_clean()
         for fe in manifest.files:
@@ -288,11 +319,17 @@ async def test_lane_port_flood_does_not_lock_honest_peers_out(tmp_path, adv_mode
         assert seeder.lane._handshakes == 0
         assert_honest_alive([seeder, front])
         assert not error_log, [r.getMessage() for r in error_log]
-        record("slow: 64 idle TCP on the lane port (re-opened when closed) + pending offers",
-               idle_connections=n_idle, held_by_seeder=held,
-               attacker_connects=during["connects"], evicted_during_fetch=during["evicted"],
-               attacker_offers_taken=during["offers_taken"],
-               attacker_offers_refused=during["offers_refused"],
-               fetcher_lanes_opened=front.lane.lanes_opened,
-               seeder_lanes_accepted=seeder.lane.lanes_accepted, fetch_s=round(elapsed, 2),
-               bad_files_at_final_path=len(watch.violations), outcome="complete over the lane")
+        record(
+            "slow: 64 idle TCP on the lane port (re-opened when closed) + pending offers",
+            idle_connections=n_idle,
+            held_by_seeder=held,
+            attacker_connects=during["connects"],
+            evicted_during_fetch=during["evicted"],
+            attacker_offers_taken=during["offers_taken"],
+            attacker_offers_refused=during["offers_refused"],
+            fetcher_lanes_opened=front.lane.lanes_opened,
+            seeder_lanes_accepted=seeder.lane.lanes_accepted,
+            fetch_s=round(elapsed, 2),
+            bad_files_at_final_path=len(watch.violations),
+            outcome="complete over the lane",
+        )
