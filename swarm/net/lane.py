@@ -54,7 +54,6 @@ close) and SO_SNDTIMEO (STALL_TIMEOUT); ``settimeout()`` would make them non-blo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import mmap
@@ -72,6 +71,9 @@ import trio
 from swarm import wire
 from swarm.engine import LinkClosed
 from swarm.net import lane_crypto as lc
+from swarm.net.lane_pool import PAGE as _PAGE
+from swarm.net.lane_pool import BufferPool, PoolClosed, lend
+from swarm.net.lane_pool import capacity as _capacity
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,6 @@ its own connections before anyone else's. Connections arriving while no offer is
 closed at once: nobody can hold a valid lane id then."""
 SOCKET_BUFFER = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of lane sockets (the kernel doubles it)."""
-_PAGE = mmap.PAGESIZE
-_MIB = 1 << 20
 
 
 class LaneUnavailable(Exception):
@@ -254,70 +254,6 @@ def _blocking(tsock: trio.socket.SocketType) -> socket.socket:
     return sock
 
 
-def _capacity(size: int) -> int:
-    """Buffer size for ``size`` bytes: whole MiB above 1 MiB, whole pages below."""
-    if size > _MIB:
-        return -(-size // _MIB) * _MIB
-    return -(-size // _PAGE) * _PAGE
-
-
-class _BufferPool:
-    """At most ``count`` page-aligned anonymous buffers, lent one per received piece. Reusing
-    them matters here: fresh pages cost ~2-3 CPU-s per GiB on these VMs."""
-
-    def __init__(self, count: int):
-        self._cond = threading.Condition()
-        self._free: list[mmap.mmap] = []
-        self._count = count
-        self._made = 0
-        self._closed = False
-
-    def acquire(self, size: int) -> mmap.mmap:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise _Stop
-                if self._free:
-                    mm = self._free.pop()
-                    if len(mm) >= size:
-                        return mm
-                    self._made -= 1  # too small for this piece: let it go, make a bigger one
-                if self._made < self._count:
-                    self._made += 1
-                    break
-                self._cond.wait(IO_TICK)
-        return mmap.mmap(-1, _capacity(size))
-
-    def release(self, mm: mmap.mmap) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._free.append(mm)
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._free.clear()
-            self._cond.notify_all()
-
-
-def _lend(pool: _BufferPool, mm: mmap.mmap, n: int) -> Any:
-    """The first ``n`` bytes of ``mm`` as a bytes-like object with ``release()`` (the engine
-    calls it once the store is done with the piece; later calls do nothing)."""
-    view = (ctypes.c_ubyte * n).from_buffer(mm)
-    done = False
-
-    def release() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            pool.release(mm)
-
-    view.release = release
-    return view
-
-
 def _piece_length(store: Any, index: int) -> int | None:
     manifest = getattr(store, "manifest", None)
     if manifest is None or not 0 <= index < manifest.num_pieces:
@@ -374,7 +310,7 @@ class LaneLink:
         self._send_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)  # our own: never starves the store's threads
         self._tx_buf: mmap.mmap | None = None
-        self._pool = _BufferPool(pool_buffers)
+        self._pool = BufferPool(pool_buffers)
         self._to_trio, self._from_thread = trio.open_memory_channel[Any](CHANNEL_DEPTH)
         self._token = trio.lowlevel.current_trio_token()
         self._closed = False  # aclose() started
@@ -692,7 +628,7 @@ class LaneLink:
         try:
             self._rx_loop()
             end = LinkClosed(f"lane to {self.peer_id[:16]} closed by peer")
-        except _Stop:
+        except (_Stop, PoolClosed):
             end = None
         except lc.InvalidTag:
             end = wire.ProtocolError("lane record failed authentication")
@@ -766,7 +702,7 @@ class LaneLink:
                     else:
                         self._recv_into(mv[:n])
                     del mv
-                    data = _lend(self._pool, mm, n)
+                    data = lend(self._pool, mm, n)
                     lent = True
                 finally:
                     if not lent:
