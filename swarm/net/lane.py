@@ -71,6 +71,8 @@ import trio
 from swarm import wire
 from swarm.engine import LinkClosed
 from swarm.net import lane_crypto as lc
+from swarm.net.lane_codec import RecordReader
+from swarm.net.lane_codec import decode_frame as _decode_frame  # noqa: F401 (tests import it here)
 from swarm.net.lane_pool import PAGE as _PAGE
 from swarm.net.lane_pool import BufferPool, PoolClosed, lend
 from swarm.net.lane_pool import capacity as _capacity
@@ -307,6 +309,7 @@ class LaneLink:
         )
         self._sealer = lc.Sealer(out_key)
         self._opener = lc.Opener(in_key)
+        self._reader = RecordReader(self._opener, encrypted=mode == lc.MODE_ENCRYPTED)
         self._send_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)  # our own: never starves the store's threads
         self._tx_buf: mmap.mmap | None = None
@@ -320,8 +323,6 @@ class LaneLink:
         self._reason = ""
         self._refs = 1  # the link itself, the receiver thread, a send thread: the last closes
         self._refs_lock = threading.Lock()
-        self._lengths: Sequence[int] | None = None  # the manifest's piece lengths (expect_pieces)
-        self._greeted = False  # the peer's Hello came in: PIECE records may follow
         self._loop_reading = False  # a receive on the event loop is waiting for the socket
         self._in_record = False  # ... and has consumed part of a record
         self._rx: threading.Thread | None = None  # the receiver thread, once started
@@ -494,14 +495,14 @@ class LaneLink:
         """The manifest's piece lengths (the engine calls this once the Hello checked out): a
         PIECE record naming another index or longer than its piece is refused from its header,
         before a buffer is taken for it."""
-        self._lengths = lengths
+        self._reader.lengths = lengths
 
     async def receive(self) -> wire.Message:
         """The next message. LinkClosed when the lane ends, wire.ProtocolError for a record that
         fails authentication or breaks the protocol (the caller drops the link)."""
         if self._end is not None:
             raise self._copy(self._end)
-        if not self._greeted:
+        if not self._reader.greeted:
             return await self._receive_before_hello()
         if self._rx is None:
             self._start_receiver()
@@ -538,18 +539,10 @@ class LaneLink:
             raise LinkClosed(f"lane to {self.peer_id[:16]} is closed")
         self._loop_reading = True
         try:
-            header = bytes(await self._recv_on_loop(lc.HEADER.size))
-            kind, _index, n = lc.HEADER.unpack(header)
-            if kind != lc.KIND_FRAME:
-                raise wire.ProtocolError(f"lane record of kind {kind} before Hello")
-            if not 5 <= n <= wire.MAX_CONTROL_FRAME + 4:
-                raise wire.ProtocolError(f"lane frame of {n} bytes")
-            sealed = await self._recv_on_loop(n + lc.TAG)
+            record = self._reader.header(bytes(await self._recv_on_loop(lc.HEADER.size)))
+            sealed = await self._recv_on_loop(record.body)  # a FRAME: the reader refuses a PIECE
             self._in_record = False
-            try:
-                msg = _decode_frame(self._opener.open_frame(header, sealed))
-            except lc.InvalidTag:
-                raise wire.ProtocolError("lane record failed authentication") from None
+            return self._reader.frame(record, sealed)  # the Hello: greeted from here on
         except (wire.ProtocolError, LinkClosed, lc.LaneExhausted) as e:
             self._end = e if not isinstance(e, lc.LaneExhausted) else LinkClosed(str(e))
             raise self._copy(self._end) from None
@@ -559,9 +552,6 @@ class LaneLink:
             raise
         finally:
             self._loop_reading = False
-        if isinstance(msg, wire.Hello):
-            self._greeted = True
-        return msg
 
     async def _recv_on_loop(self, n: int) -> bytearray:
         """Exactly ``n`` bytes from the (blocking) socket without blocking the event loop."""
@@ -672,49 +662,38 @@ class LaneLink:
         hbuf = bytearray(lc.HEADER.size + lc.TAG)
         hv = memoryview(hbuf)
         hsize = lc.HEADER.size
-        encrypted = self.mode == lc.MODE_ENCRYPTED
+        reader = self._reader
         while True:
             if not self._recv_into(hv[:hsize], boundary=True):
                 return
-            kind, index, n = lc.HEADER.unpack_from(hbuf)
-            header = bytes(hv[:hsize])
-            if kind == lc.KIND_FRAME:
-                if not 5 <= n <= wire.MAX_CONTROL_FRAME + 4:
-                    raise wire.ProtocolError(f"lane frame of {n} bytes")
-                sealed = bytearray(n + lc.TAG)
+            record = reader.header(bytes(hv[:hsize]))  # refused before any byte of its body
+            if not record.is_piece:
+                sealed = bytearray(record.body)
                 self._recv_into(memoryview(sealed))
-                self._deliver(_decode_frame(self._opener.open_frame(header, sealed)))
-            elif kind == lc.KIND_PIECE:
-                if not 0 < n <= wire.MAX_PIECE_BYTES:
-                    raise wire.ProtocolError(f"lane piece of {n} bytes")
-                if self._lengths is not None:  # before any byte of it is taken (or a buffer)
-                    wire.check_piece_fits(self._lengths, index, n)
-                if not encrypted:  # authenticate the header before taking a buffer for it
-                    self._recv_into(hv[hsize:])
-                    self._opener.check_piece_prefix(header, hv[hsize:])
-                mm = self._pool.acquire(n + lc.TAG)
-                lent = False
-                try:
-                    mv = memoryview(mm)
-                    if encrypted:
-                        self._recv_into(mv[: n + lc.TAG])
-                        self._opener.open_piece_into(header, mv, n)
-                    else:
-                        self._recv_into(mv[:n])
-                    del mv
-                    data = lend(self._pool, mm, n)
-                    lent = True
-                finally:
-                    if not lent:
-                        self._pool.release(mm)
-                self.pieces_received += 1
-                try:
-                    self._deliver(wire.PieceData(index, data))
-                except BaseException:
-                    data.release()
-                    raise
-            else:
-                raise wire.ProtocolError(f"unknown lane record kind {kind}")
+                self._deliver(reader.frame(record, sealed))
+                continue
+            if record.prefix:  # plaintext: authenticate the header before taking a buffer
+                self._recv_into(hv[hsize : hsize + record.prefix])
+                reader.piece_prefix(record, hv[hsize : hsize + record.prefix])
+            n = record.length
+            mm = self._pool.acquire(n + lc.TAG)
+            lent = False
+            try:
+                mv = memoryview(mm)
+                self._recv_into(mv[: record.body])
+                reader.piece(record, mv)
+                del mv
+                data = lend(self._pool, mm, n)
+                lent = True
+            finally:
+                if not lent:
+                    self._pool.release(mm)
+            self.pieces_received += 1
+            try:
+                self._deliver(wire.PieceData(record.index, data))
+            except BaseException:
+                data.release()
+                raise
 
     # -- closing --
 
@@ -760,19 +739,6 @@ class LaneLink:
                     await trio.lowlevel.wait_readable(self._sock)
                 except OSError:
                     return
-
-
-def _decode_frame(frame: bytes) -> wire.Message:
-    """One pieces-protocol message from a FRAME record's plaintext (one whole wire frame)."""
-    if len(frame) < 5:
-        raise wire.ProtocolError("lane frame too short")
-    length, type_ = struct.unpack_from(">IB", frame)
-    if length != len(frame) - 4:
-        raise wire.ProtocolError("lane frame length mismatch")
-    if type_ not in wire.PIECES_TYPES or type_ == wire.PieceData.TYPE:
-        raise wire.ProtocolError(f"message type {type_} not allowed on the lane")
-    with memoryview(frame) as mv:
-        return wire.decode_body(type_, mv[5:])
 
 
 # --------------------------------------------------------------------------- setup
