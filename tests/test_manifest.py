@@ -23,6 +23,11 @@ from modelgen import (
 )
 
 import swarm.manifest as mf
+import swarm.manifest.build as mf_build
+import swarm.manifest.codec as mf_codec
+import swarm.manifest.kinds as mf_kinds
+import swarm.manifest.rules as mf_rules
+import swarm.manifest.values as mf_values
 from swarm.manifest import (
     EMPTY_DIGEST,
     MAX_FILES,
@@ -49,6 +54,18 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 # ---------------------------------------------------------------------------------------------
 # Reference helpers, written independently of the module under test
 # ---------------------------------------------------------------------------------------------
+
+
+MF_MODULES = (mf_rules, mf_kinds, mf_values, mf_codec, mf_build)
+
+
+def patch_mf(monkeypatch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Set ``name`` in every module of swarm/manifest/ that holds it (a limit is read where it is
+    checked: the file-list rules, the decoder, the build)."""
+    held = [m for m in MF_MODULES if hasattr(m, name)]
+    assert held, name
+    for m in held:
+        monkeypatch.setattr(m, name, value)
 
 
 def b3(data: bytes) -> bytes:
@@ -196,7 +213,7 @@ def manifests(draw, max_files: int = 8) -> Manifest:
     chosen: list[str] = []
     folded: set[str] = set()
     for p in draw(st.lists(paths, min_size=1, max_size=max_files)):
-        key = mf._fold(p)
+        key = mf_rules._fold(p)
         parts = key.split("/")
         prefixes = {"/".join(parts[:k]) for k in range(1, len(parts))}
         under = any(f.startswith(key + "/") for f in folded)
@@ -509,7 +526,7 @@ def test_bad_paths_rejected_everywhere(p: str) -> None:
 @given(paths, st.data())
 def test_case_collisions_rejected(p: str, data: st.DataObject) -> None:
     variant = p.swapcase()
-    assume(variant != p and mf._fold(variant) == mf._fold(p))
+    assume(variant != p and mf_rules._fold(variant) == mf_rules._fold(p))
     a, b = sorted([p, variant], key=str.encode)
     err = expect_error("files[1].path", Manifest, "o/m", "r", [fake_entry(a, 1), fake_entry(b, 2)])
     assert "collides with files[0].path" in err.reason
@@ -740,14 +757,14 @@ def test_max_path_bytes_real_limit() -> None:
 def test_max_files_and_manifest_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     m = Manifest("o/m", "r", [fake_entry(f"f{i}", 1) for i in range(5)])
     enc = m.encode()
-    monkeypatch.setattr(mf, "MAX_FILES", 4)
+    patch_mf(monkeypatch, "MAX_FILES", 4)
     expect_error("files", Manifest, "o/m", "r", m.files, match="MAX_FILES")
     expect_error("files", Manifest.decode, enc, match="MAX_FILES")
-    monkeypatch.setattr(mf, "MAX_FILES", 10)
-    monkeypatch.setattr(mf, "MAX_MANIFEST_BYTES", len(enc) - 1)
+    patch_mf(monkeypatch, "MAX_FILES", 10)
+    patch_mf(monkeypatch, "MAX_MANIFEST_BYTES", len(enc) - 1)
     expect_error("manifest", Manifest, "o/m", "r", m.files, match="MAX_MANIFEST_BYTES")
     expect_error("manifest", Manifest.decode, enc, match="MAX_MANIFEST_BYTES")
-    monkeypatch.setattr(mf, "MAX_MANIFEST_BYTES", len(enc))
+    patch_mf(monkeypatch, "MAX_MANIFEST_BYTES", len(enc))
     assert Manifest.decode(enc) == m
 
 
@@ -768,21 +785,21 @@ def test_limits_checked_before_hashing(tmp_path: Path, monkeypatch: pytest.Monke
     for i in range(3):
         (tmp_path / f"f{i}.json").write_text("{}")
     hashed = []
-    real = mf._hash_file
-    monkeypatch.setattr(mf, "_hash_file", lambda *a: hashed.append(a) or real(*a))
-    monkeypatch.setattr(mf, "MAX_FILES", 2)
+    real = mf_build._hash_file
+    patch_mf(monkeypatch, "_hash_file", lambda *a: hashed.append(a) or real(*a))
+    patch_mf(monkeypatch, "MAX_FILES", 2)
     expect_error("files", build_manifest, tmp_path, "o/m", "r", match="MAX_FILES")
-    monkeypatch.setattr(mf, "MAX_FILES", 10)
-    monkeypatch.setattr(mf, "MAX_TOTAL_BYTES", 5)
+    patch_mf(monkeypatch, "MAX_FILES", 10)
+    patch_mf(monkeypatch, "MAX_TOTAL_BYTES", 5)
     expect_error("files", build_manifest, tmp_path, "o/m", "r", match="MAX_TOTAL_BYTES")
-    monkeypatch.setattr(mf, "MAX_TOTAL_BYTES", 10)
-    monkeypatch.setattr(mf, "MAX_PIECES", 2)
+    patch_mf(monkeypatch, "MAX_TOTAL_BYTES", 10)
+    patch_mf(monkeypatch, "MAX_PIECES", 2)
     expect_error("files", build_manifest, tmp_path, "o/m", "r", match="MAX_PIECES")
-    monkeypatch.setattr(mf, "MAX_PIECES", 10)
-    monkeypatch.setattr(mf, "MAX_MANIFEST_BYTES", 100)
+    patch_mf(monkeypatch, "MAX_PIECES", 10)
+    patch_mf(monkeypatch, "MAX_MANIFEST_BYTES", 100)
     expect_error("manifest", build_manifest, tmp_path, "o/m", "r", match="MAX_MANIFEST_BYTES")
     assert hashed == []
-    monkeypatch.setattr(mf, "MAX_MANIFEST_BYTES", 1000)
+    patch_mf(monkeypatch, "MAX_MANIFEST_BYTES", 1000)
     assert len(build_manifest(tmp_path, "o/m", "r").files) == 3
     assert len(hashed) == 3
 
@@ -1020,10 +1037,10 @@ def test_build_agrees_with_direct_blake3(
     tmp_path_factory, files: dict[str, int], threads: int, chunk: int
 ) -> None:
     root = tmp_path_factory.mktemp("gen")
-    keys = {mf._fold(p) for p in files}
+    keys = {mf_rules._fold(p) for p in files}
     expected = []
     for i, (p, size) in enumerate(sorted(files.items(), key=lambda t: t[0].encode())):
-        parts = mf._fold(p).split("/")
+        parts = mf_rules._fold(p).split("/")
         assume(not any("/".join(parts[:k]) in keys for k in range(1, len(parts))))
         data = pseudo(size, i)
         assume(not should_skip(p))
@@ -1039,12 +1056,12 @@ def test_build_agrees_with_direct_blake3(
         seen.append(n)
         callers.add(threading.get_ident())
 
-    old = mf._CHUNK
-    mf._CHUNK = chunk  # exercise pieces spanning chunks as well as chunks holding whole pieces
+    old = mf_build._CHUNK
+    mf_build._CHUNK = chunk  # exercise pieces spanning chunks as well as chunks holding whole pieces
     try:
         m = build_manifest(root, "o/m", "r", threads=threads, progress=progress)
     finally:
-        mf._CHUNK = old
+        mf_build._CHUNK = old
     assert m == Manifest("o/m", "r", expected)
     assert sum(seen) == m.total_size
     assert callers <= {threading.get_ident()}  # progress runs on the calling thread
@@ -1183,7 +1200,7 @@ def test_build_rejects_case_collisions(tmp_path: Path) -> None:
 def test_build_error_in_progress_stops_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(4):
         write_pseudorandom(tmp_path / f"w{i}.bin", 6 * MiB, b"k%d" % i)
-    monkeypatch.setattr(mf, "_CHUNK", 64 * KiB)  # readers are mid-file when the error comes
+    patch_mf(monkeypatch, "_CHUNK", 64 * KiB)  # readers are mid-file when the error comes
 
     class Stop(Exception):
         pass
@@ -1198,12 +1215,12 @@ def test_build_error_in_progress_stops_hashing(tmp_path: Path, monkeypatch: pyte
 
 def test_build_detects_size_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.bin").write_bytes(b"\0" * 100)
-    real_scan = mf._scan
+    real_scan = mf_build._scan
 
     def scan_then_grow(root: str):
         jobs = real_scan(root)
         (tmp_path / "a.bin").write_bytes(b"\0" * 200)
         return jobs
 
-    monkeypatch.setattr(mf, "_scan", scan_then_grow)
+    patch_mf(monkeypatch, "_scan", scan_then_grow)
     expect_error("files['a.bin']", build_manifest, tmp_path, "o/m", "r", match="changed size")
