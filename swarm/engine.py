@@ -369,6 +369,7 @@ class Transfer:
             await trio.sleep(self.config.tick)
             now = trio.current_time()
             self._expire_requests(now)
+            self._expire_refusals(now)
             if self._paced_downloads():  # download credit came back: request again
                 self._fill_all()
             if now >= next_rechoke:
@@ -382,6 +383,17 @@ class Transfer:
                             await p.link.aclose()
                         except Exception:
                             log.debug("closing idle link to %s failed", p.id, exc_info=True)
+
+    def _expire_refusals(self, now: float) -> None:
+        """Ask again, once its back-off is over, for a piece a peer refused. Refusals were only
+        expired when a request was being made, so a fetcher whose last pieces every holder had
+        refused (a holder whose store dropped the piece and fetched it again, a seeder holding
+        it back) made no request again: it waited forever (tests/test_store_engine.py)."""
+        for p in self.peers.values():
+            if p.refused and any(until <= now for until in p.refused.values()):
+                for i in [i for i, until in p.refused.items() if until <= now]:
+                    del p.refused[i]
+                self._fill_requests(p)
 
     def _idle_links(self, now: float) -> list[_Peer]:
         """Links that carried nothing either way for ``idle_close`` seconds while we are complete:
