@@ -11,24 +11,31 @@ The path of one call:
 3. otherwise -> run an embedded node for the duration of the call (this imports libp2p, ~1 s).
 
 Steps 1 and 2 never import libp2p (nor the node). Errors are the typed ones of
-:mod:`swarm.sources` (``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout``, ``FetchError``),
+:mod:`swarm.fetchapi` (``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout``, ``FetchError``),
 carrying ``attempts``: which sources were tried and why each failed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from swarm.config import resolve_home, socket_path
+from swarm.config import resolve_home
+from swarm.home import (
+    NodeUnavailable,
+    check_socket_file,
+    peer_uid,
+    socket_path,
+    trusted_uid,
+    unix_socket_path,
+)
 
 __all__ = [
     "CacheRefusal",
@@ -54,63 +61,6 @@ QUERY_TIMEOUT = 30.0
 """Seconds for a status / peers / models answer."""
 READ_MARGIN = 30.0
 """Extra seconds the client waits past a fetch ``timeout`` for the node's own timeout answer."""
-_SOCKET_PATH_MAX = 100
-"""sun_path holds 108 bytes on Linux; longer socket paths are reached through /proc/self/fd."""
-
-
-class NodeUnavailable(ConnectionError):
-    """No swarm-node answers on the control socket of this home."""
-
-
-# --- the socket --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def unix_socket_path(path: os.PathLike | str) -> Iterator[str]:
-    """A path to ``bind``/``connect`` to for the socket at ``path``: itself, or, when it is too long
-    for ``sun_path``, ``/proc/self/fd/<dir fd>/<name>`` (valid while the context is open)."""
-    s = os.fspath(path)
-    if len(s.encode()) < _SOCKET_PATH_MAX:
-        yield s
-        return
-    fd = os.open(os.path.dirname(s) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(s)}"
-    finally:
-        os.close(fd)
-
-
-_UCRED = "3i"
-"""struct ucred (pid, uid, gid), the answer of SO_PEERCRED."""
-
-
-def peer_uid(sock: Any) -> int:
-    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
-    import socket
-    import struct
-
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
-    return struct.unpack(_UCRED, creds)[1]
-
-
-def trusted_uid(uid: int) -> bool:
-    """Control connections are made to (and taken from) this user and root only: a node of
-    another user's could answer a fetch with a path of its choosing."""
-    return uid in (os.geteuid(), 0)
-
-
-def _check_socket_file(sock_path: Path) -> None:
-    """Refuse a control socket that is not a socket belonging to this user or root."""
-    import stat
-
-    try:
-        st = os.lstat(sock_path)
-    except OSError as e:
-        raise NodeUnavailable(f"no swarm-node answers on {sock_path} ({e})") from None
-    if not stat.S_ISSOCK(st.st_mode) or not trusted_uid(st.st_uid):
-        raise NodeUnavailable(
-            f"{sock_path} is not a socket of this user's or root's (owner uid {st.st_uid}): not talking to it"
-        )
 
 
 def _home(home: os.PathLike | str | None) -> Path:
@@ -136,7 +86,7 @@ def _connect(home: Path, read_timeout: float | None) -> Any:
     sock_path = socket_path(home)
     if not sock_path.exists():
         raise NodeUnavailable(f"no swarm-node is running with home {home} (no {sock_path})")
-    _check_socket_file(sock_path)
+    check_socket_file(sock_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(CONNECT_TIMEOUT)
     try:
@@ -347,38 +297,28 @@ def _observer(
 # --- selection and copies ----------------------------------------------------------------------
 
 
-def _norm_patterns(p: str | Iterable[str] | None) -> list[str] | None:
-    if p is None:
-        return None
-    items = [p] if isinstance(p, str) else list(p)
-    return [x + "*" if x.endswith("/") else x for x in items]
-
-
 def _selected_files(snapshot: Path, req: Any) -> list[str]:
-    """Files of ``snapshot`` (relative POSIX paths) that the request asks for."""
-    from swarm.manifest import classify
+    """Files of ``snapshot`` (relative POSIX paths, sorted) that the request asks for
+    (:func:`swarm.selection.select_files`)."""
+    from swarm.selection import select_files
 
-    allow = _norm_patterns(req.allow_patterns)
-    ignore = _norm_patterns(req.ignore_patterns)
-    out = []
+    present: dict[str, int] = {}
     for dirpath, dirs, files in os.walk(snapshot):
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, snapshot).replace(os.sep, "/")
-            if allow is not None and not any(fnmatch.fnmatchcase(rel, p) for p in allow):
+            try:
+                present[rel] = os.path.getsize(full) if req.configs_only else -1
+            except OSError:
                 continue
-            if ignore is not None and any(fnmatch.fnmatchcase(rel, p) for p in ignore):
-                continue
-            if req.configs_only:
-                try:
-                    size = os.path.getsize(full)
-                except OSError:
-                    continue
-                if classify(rel, size) != "config":
-                    continue
-            out.append(rel)
-    return out
+    return select_files(
+        present,
+        allow_patterns=req.allow_patterns,
+        ignore_patterns=req.ignore_patterns,
+        configs_only=req.configs_only,
+        sizes=present,
+    )
 
 
 LINK_MIN_BYTES = 64 << 20
@@ -500,7 +440,7 @@ def _request(
 ) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
     MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
-    from swarm.sources import FetchRequest, SourceEnv
+    from swarm.fetchapi import FetchRequest, SourceEnv
 
     kw: dict[str, Any] = {}
     if cache_dir is not None:
@@ -521,7 +461,8 @@ def _request(
 
 def _fast_path(req: Any) -> Any | None:
     """A complete local snapshot, as a FetchResult, or None."""
-    from swarm.sources import Attempt, FetchResult, local_snapshot
+    from swarm.fetchapi import Attempt, FetchResult
+    from swarm.sources.local import local_snapshot
 
     try:
         path = local_snapshot(req)
@@ -536,54 +477,9 @@ def _fast_path(req: Any) -> Any | None:
     return FetchResult(path, "local-cache", path.name, (Attempt("local-cache", "ok", f"snapshot at {path}"),))
 
 
-def _body(req: Any) -> dict:
-    return {
-        "repo_id": req.repo_id,
-        "revision": req.revision,
-        "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
-        "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
-        "configs_only": req.configs_only,
-        "timeout": req.timeout,
-        "env": req.env.to_json(),
-        **({"expect": [list(e) for e in req.expect]} if req.expect else {}),
-    }
-
-
-def _raise_error(event: dict) -> None:
-    from swarm import sources
-
-    attempts = tuple(
-        sources.Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")), str(a.get("reason", "")))
-        for a in event.get("attempts") or ()
-        if isinstance(a, dict)
-    )
-    cls = {
-        "ModelNotFound": sources.ModelNotFound,
-        "VerificationFailed": sources.VerificationFailed,
-        "FetchTimeout": sources.FetchTimeout,
-    }.get(event.get("type"), sources.FetchError)
-    raise cls(str(event.get("message") or "fetch failed"), attempts)
-
-
-def _result(event: dict) -> Any:
-    from swarm.sources import Attempt, FetchResult
-
-    attempts = tuple(
-        Attempt(str(a.get("source", "?")), str(a.get("outcome", "?")), str(a.get("reason", "")))
-        for a in event.get("attempts") or ()
-        if isinstance(a, dict)
-    )
-    return FetchResult(
-        Path(event["path"]),
-        str(event.get("source") or "?"),
-        str(event.get("revision") or Path(event["path"]).name),
-        attempts,
-    )
-
-
 def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
     """One NDJSON line: the FetchResult if final, raises if it is an error, else None."""
-    from swarm.sources import FetchError
+    from swarm.fetchapi import FetchError, decode_event
 
     line = line.strip()
     if not line:
@@ -594,18 +490,15 @@ def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
         raise FetchError(f"the node sent a bad event line: {line[:200]!r}") from None
     if not isinstance(event, dict):
         return None
-    kind = event.get("event")
-    if kind == "result":
-        return _result(event)
-    if kind == "error":
-        _raise_error(event)
-    with contextlib.suppress(Exception):
-        emit(event)
-    return None
+    result = decode_event(event)  # raises the error of an "error" event
+    if result is None:
+        with contextlib.suppress(Exception):
+            emit(event)
+    return result
 
 
 def _bad_status(r: Any, sock: Path) -> Exception:
-    from swarm.sources import FetchError
+    from swarm.fetchapi import FetchError
 
     try:
         msg = r.json().get("error", "")
@@ -618,13 +511,13 @@ def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     """Fetch through the running node; NodeUnavailable when none answers."""
     import http.client
 
-    from swarm.sources import FetchError, FetchTimeout
+    from swarm.fetchapi import FetchError, FetchTimeout, request_json
 
     sock = socket_path(home)
     read = None if req.timeout is None else req.timeout + READ_MARGIN
     conn = _connect(home, read)
     try:
-        body = json.dumps(_body(req)).encode()
+        body = json.dumps(request_json(req)).encode()
         conn.request("POST", "/v1/fetch", body=body, headers={"content-type": "application/json"})
         r = conn.getresponse()
         if r.status != 200:
@@ -652,7 +545,7 @@ def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
 async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     import httpx
 
-    from swarm.sources import FetchError
+    from swarm.fetchapi import FetchError, request_json
 
     sock = socket_path(home)
     if not sock.exists():
@@ -668,7 +561,7 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
                     base_url="http://swarm-node",
                     timeout=_timeout(read),
                 ) as c,
-                c.stream("POST", "/v1/fetch", json=_body(req)) as r,
+                c.stream("POST", "/v1/fetch", json=request_json(req)) as r,
             ):
                 sent = True
                 if r.status_code != 200:
@@ -683,7 +576,7 @@ async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) ->
             raise _unavailable(home, e) from None
         raise FetchError(f"lost the swarm-node on {sock}: {e}") from None
     except httpx.TimeoutException:
-        from swarm.sources import FetchTimeout
+        from swarm.fetchapi import FetchTimeout
 
         raise FetchTimeout(
             f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
@@ -699,8 +592,8 @@ async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
 
     from swarm.config import DEFAULT_LISTEN, resolve_run
     from swarm.control import HomeBusy, HomeLock
+    from swarm.fetchapi import FetchTimeout
     from swarm.node import Node
-    from swarm.sources import FetchTimeout
 
     settings = resolve_run(home=home, serve=None, no_serve_hf_cache=True)
     # A node that lives for one fetch dials out; it listens on loopback only unless told otherwise.
@@ -741,7 +634,7 @@ def fetch_result(
     on_event: Callable[[dict], None] | None = None,
     progress: bool | None = None,
 ) -> Any:
-    """Like :func:`fetch`, returning the whole ``swarm.sources.FetchResult`` (path, source,
+    """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
     req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
     local = _fast_path(req)
@@ -828,7 +721,7 @@ def fetch(
     (dicts). ``progress``: tqdm bars on stderr (default: when stderr is a terminal).
 
     Raises ``ModelNotFound``, ``VerificationFailed``, ``FetchTimeout`` or ``FetchError`` (from
-    ``swarm.sources``), whose ``attempts`` say which sources were tried and why each failed.
+    ``swarm.fetchapi``), whose ``attempts`` say which sources were tried and why each failed.
     """
     return fetch_result(
         repo_id,
@@ -883,7 +776,7 @@ def _card_request(
     card: Any, weights: bool, cache_dir: os.PathLike | str | None, timeout: float | None
 ) -> Any:
     from swarm.dynamo.card import CardError, fnmatch_exact, swarm_name
-    from swarm.sources import FetchRequest
+    from swarm.fetchapi import FetchRequest
 
     if not card.carried:
         raise CardError(f"the card of {card.display_name} lists no files to fetch")
@@ -902,7 +795,7 @@ def _card_request(
 
 def _matching_card(result: Any, card: Any) -> Any:
     from swarm.dynamo.card import dir_mismatches
-    from swarm.sources import VerificationFailed
+    from swarm.fetchapi import VerificationFailed
 
     differ = dir_mismatches(result.path, card.expect())
     if differ:

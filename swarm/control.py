@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import inspect
 import json
 import logging
@@ -73,16 +72,23 @@ import h11
 import trio
 
 import swarm
-from swarm.client import peer_uid, trusted_uid, unix_socket_path
-from swarm.config import socket_path
-from swarm.sources import (
-    Attempt,
+from swarm.fetchapi import (
     FetchError,
     FetchRequest,
-    FetchTimeout,
-    ModelNotFound,
-    SourceEnv,
-    VerificationFailed,
+    error_event,
+    jsonable,
+    request_from_json,
+    result_event,
+)
+from swarm.home import (  # HomeBusy, HomeLock, UnsafeHome, check_home: here too for callers
+    HomeBusy,
+    HomeLock,
+    UnsafeHome,
+    check_home,
+    peer_uid,
+    socket_path,
+    trusted_uid,
+    unix_socket_path,
 )
 
 log = logging.getLogger(__name__)
@@ -93,10 +99,6 @@ MAX_HEADER_BYTES = 16 * 1024
 """Request line plus headers. Our clients send < 1 KiB; this is h11's default and well above it."""
 MAX_BODY_BYTES = 64 * 1024
 """A fetch request is a name, a revision and two pattern lists: a few hundred bytes in practice."""
-MAX_PATTERNS = 1000
-"""Patterns per list; huggingface_hub users pass a handful."""
-MAX_PATTERN_CHARS = 1024
-"""Length of one pattern (a relative path glob; paths are at most 1024 bytes in a manifest)."""
 REQUEST_READ_TIMEOUT = 10.0
 """Seconds a client has to send its whole request; a stuck or idle connection is dropped after it."""
 RESPONSE_SEND_TIMEOUT = 30.0
@@ -117,159 +119,9 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
-_FETCH_KEYS = {
-    "repo_id",
-    "revision",
-    "allow_patterns",
-    "ignore_patterns",
-    "configs_only",
-    "timeout",
-    "env",
-    "expect",
-}
-_ERROR_TYPES = ("ModelNotFound", "VerificationFailed", "FetchTimeout", "FetchError")
-
-
-class HomeBusy(RuntimeError):
-    """Another swarm-node runs with this home (two nodes on one home would fight over its state)."""
-
-
-class UnsafeHome(PermissionError):
-    """The home directory (or a file the node opens in it) could be changed by another user: it
-    holds the node's identity key and control socket, so the node refuses it."""
-
-
-# --- the home lock -----------------------------------------------------------------------------
-
-
-def check_home(home: Path | str) -> None:
-    """Refuse a home owned by another user or writable by group or others (UnsafeHome): whoever
-    can write there can swap the identity key, the lock or the control socket."""
-    home = Path(home)
-    st = os.stat(home)
-    if st.st_uid != os.geteuid():
-        raise UnsafeHome(
-            f"home {home} belongs to uid {st.st_uid}, not to this user "
-            f"(uid {os.geteuid()}): use a home of your own"
-        )
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid)):
-        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
-        raise UnsafeHome(
-            f"home {home} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 {home}"
-        )
-
-
-def _own_group(gid: int) -> bool:
-    """A user-private group (umask 002 systems): named after this user, no other members."""
-    import grp
-    import pwd
-
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        group = grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
-
-
-class HomeLock:
-    """An exclusive ``flock`` on ``<home>/node.lock`` held for a node's lifetime. The home must
-    be safe (:func:`check_home`); the lock is opened without following a symlink and must be a
-    plain file of ours (a planted ``node.lock -> ~/.ssh/authorized_keys`` was truncated)."""
-
-    def __init__(self, home: Path | str):
-        self.path = Path(home) / "node.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> HomeLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        check_home(self.path.parent)
-        try:
-            fd = os.open(
-                self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
-            )
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafeHome(f"{self.path} is a symlink; remove it") from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise UnsafeHome(
-                f"{self.path} is not a plain file of this user's (a hard link, a "
-                f"device or someone else's); remove it"
-            )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (pid {int(self.path.read_text().strip())})"
-            raise HomeBusy(f"another swarm-node is running with home {self.path.parent}{holder}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> HomeLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # --- events ------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, Attempt):
-        return {"source": value.source, "outcome": value.outcome, "reason": value.reason}
-    return str(value)
-
-
-def _attempts(attempts: Any) -> list[dict]:
-    return [_jsonable(a) for a in (attempts or ())]
-
-
-def result_event(result: Any) -> dict:
-    return {
-        "event": "result",
-        "path": str(result.path),
-        "source": result.source,
-        "revision": result.revision,
-        "attempts": _attempts(result.attempts),
-    }
-
-
-def error_event(exc: BaseException) -> dict:
-    kind = "FetchError"
-    for cls in (ModelNotFound, VerificationFailed, FetchTimeout):
-        if isinstance(exc, cls):
-            kind = cls.__name__
-    return {
-        "event": "error",
-        "type": kind,
-        "message": str(exc),
-        "attempts": _attempts(getattr(exc, "attempts", ())),
-    }
 
 
 class _Subscriber:
@@ -314,7 +166,7 @@ class _Job:
 
     def emit(self, event: dict) -> None:
         try:
-            event = _jsonable(dict(event))
+            event = jsonable(dict(event))
         except Exception:  # an odd event must not break the fetch
             return
         kind = event.get("event")
@@ -816,62 +668,10 @@ class ControlServer:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise _BadRequest(400, f"body is not JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise _BadRequest(400, "body must be a JSON object")
-        unknown = sorted(set(obj) - _FETCH_KEYS)
-        if unknown:
-            raise _BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
-        repo_id = obj.get("repo_id")
-        if not isinstance(repo_id, str) or not repo_id:
-            raise _BadRequest(400, "repo_id must be a non-empty string")
-        revision = obj.get("revision")
-        if revision is not None and not isinstance(revision, str):
-            raise _BadRequest(400, "revision must be a string or null")
-        configs_only = obj.get("configs_only", False)
-        if not isinstance(configs_only, bool):
-            raise _BadRequest(400, "configs_only must be true or false")
-        timeout = obj.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e9
-        ):
-            raise _BadRequest(400, "timeout must be a positive number of seconds or null")
-        pats = {}
-        for name in ("allow_patterns", "ignore_patterns"):
-            v = obj.get(name)
-            if isinstance(v, str):
-                v = [v]
-            if v is not None:
-                if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
-                    raise _BadRequest(400, f"{name} must be a string, a list of strings or null")
-                if len(v) > MAX_PATTERNS or any(len(p) > MAX_PATTERN_CHARS for p in v):
-                    raise _BadRequest(
-                        400,
-                        f"{name}: at most {MAX_PATTERNS} patterns of at most {MAX_PATTERN_CHARS} characters",
-                    )
-            pats[name] = v
-        expect = obj.get("expect")
-        if expect is not None and (
-            not isinstance(expect, list) or not all(isinstance(e, list) and len(e) == 3 for e in expect)
-        ):
-            raise _BadRequest(400, "expect must be a list of [path, checksum, size] or null")
         try:
-            env = SourceEnv.from_json(obj.get("env"))
-        except (ValueError, TypeError) as e:  # the messages name fields, never values
-            raise _BadRequest(400, f"bad env: {e}") from None
-        try:
-            req = FetchRequest(
-                repo_id=repo_id,
-                revision=revision,
-                configs_only=configs_only,
-                allow_patterns=pats["allow_patterns"],
-                ignore_patterns=pats["ignore_patterns"],
-                expect=expect,
-                cache_dir=self._cache_dir(),
-                env=env,
-            )
-        except (ValueError, TypeError) as e:
-            raise _BadRequest(400, f"bad fetch request: {e}") from None
-        return req, (float(timeout) if timeout is not None else None)
+            return request_from_json(obj, self._cache_dir())
+        except ValueError as e:
+            raise _BadRequest(400, str(e)) from None
 
     def _cache_dir(self) -> Path:
         if self.node is not None:

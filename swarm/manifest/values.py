@@ -4,7 +4,6 @@ bytes are in swarm/manifest/codec.py)."""
 from __future__ import annotations
 
 import bisect
-import fnmatch
 import functools
 from collections.abc import Iterable
 
@@ -106,15 +105,6 @@ class FileEntry:
             raise IndexError(f"piece {k} out of range for {self.path!r}")
         offset = k * self.piece_size
         return offset, min(self.piece_size, self.size - offset)
-
-
-def _patterns(patterns: str | Iterable[str] | None) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    # huggingface_hub semantics: "dir/" means everything under dir.
-    return [p + "*" if p.endswith("/") else p for p in patterns]
 
 
 @attrs.frozen(slots=False, cache_hash=True)
@@ -243,18 +233,17 @@ class Manifest:
         ``"dir/*"``).  ``configs_only`` keeps only ``kind == "config"`` files.  The manifest and its
         hash are unchanged.
         """
-        allow = _patterns(allow_patterns)
-        ignore = _patterns(ignore_patterns)
-        out = set()
-        for i, f in enumerate(self.files):
-            if configs_only and f.kind != "config":
-                continue
-            if allow is not None and not any(fnmatch.fnmatchcase(f.path, p) for p in allow):
-                continue
-            if ignore is not None and any(fnmatch.fnmatchcase(f.path, p) for p in ignore):
-                continue
-            out.add(i)
-        return frozenset(out)
+        from swarm.selection import select_files  # the one selection function
+
+        kinds = {f.path: f.kind for f in self.files}
+        chosen = select_files(
+            kinds,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            configs_only=configs_only,
+            kinds=kinds,
+        )
+        return frozenset(self._by_path[p] for p in chosen)
 
     def subset(self, file_indices: Iterable[int]) -> Manifest:
         """A new manifest (with its own hash) holding only the given files."""
