@@ -1,5 +1,6 @@
-"""The one place the simulator imports swarm's code from: the real engine and the real discovery
-policies (swarm/discovery.py, the objects swarm/node.py drives), unchanged."""
+"""The one place the simulator imports swarm's code from: the real engine's core
+(swarm/engine/core.py, which the node's trio runner drives; simulations/driver.py drives it here)
+and the real discovery policies (swarm/discovery.py, the objects swarm/node.py drives), unchanged."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from swarm.discovery import (
     ManifestAsk,
     ProviderScores,
 )
-from swarm.engine import EngineConfig, LinkClosed, Transfer
-from swarm.store import PieceHashMismatch
+from swarm.engine import EngineConfig, LinkClosed, TransferCore
+from swarm.engine.peer import Drop, PeerState
+from swarm.store import PieceHashMismatch, StoreError
 
 __all__ = [
     "FEW_PEERS",
@@ -29,12 +31,15 @@ __all__ = [
     "MANIFEST_ASK_FANOUT",
     "MANIFEST_VOTE_GRACE",
     "ConnectPolicy",
+    "Drop",
     "EngineConfig",
     "LinkClosed",
     "LinkState",
     "LookupSchedule",
     "ManifestAsk",
+    "PeerState",
     "PieceHashMismatch",
     "ProviderScores",
-    "Transfer",
+    "StoreError",
+    "TransferCore",
 ]

@@ -15,25 +15,25 @@ other ends until nothing moves (a worklist; in practice a few resources). This i
 of the distributed max-min algorithm, i.e. the same allocation a global progressive filling gives,
 computed locally. ``cap_f`` is the optional per-flow cap (TCP window / RTT, Mathis loss rate).
 
-A flow's sender task is parked until the flow's finish time; when its rate changes, the remaining
-bytes are settled and a new finish time is put on the timeline (the old entry goes stale; no task is
-cancelled and re-slept). So a sender blocks in ``send(PieceData)`` while its piece is on the wire,
-which is the back-pressure of a TCP stream: control messages queued behind it wait, as on one yamux
-stream.
+A flow's sender (the link end that sends the piece) is told when the flow finishes; when its rate
+changes, the remaining bytes are settled and a new finish time is put on the timeline (the old entry
+goes stale). A link end sends nothing else while its piece is on the wire, which is the
+back-pressure of a TCP stream: control messages queued behind it wait, as on one yamux stream.
 
 Latency
 -------
 One-way delay between a and b is ``latency(a) + latency(b)`` (access latency of each node to a
 core with no congestion), plus optional jitter. A message is visible to the receiver that much
 later; messages on one link keep their order. Each receiving link end keeps a FIFO of
-(deliver_at, message); a reader with nothing due parks, and the timeline wakes it when its head is
-due, so a delivery costs no extra task and a burst of due messages is read in one go.
+(deliver_at, message) (``simulations/driver.py``: ``LinkEnd``); the timeline hands it the messages
+due when its head is due, so a burst of due messages is read in one go.
 
 Timeline
 --------
-One task serves a heap of (time, seq, action) for the whole simulation: link wake-ups, flow finishes
-and the simulator's own actions (arrivals, departures, DHT lookups). Tasks wait with
-``trio.lowlevel.wait_task_rescheduled`` and are woken with ``reschedule``: no cancel scope per wait.
+One loop serves a heap of timed actions for the whole simulation: message deliveries, flow finishes,
+engine ticks and the simulator's own actions (arrivals, departures, DHT lookups), in (time,
+insertion) order, plus actions to run as soon as the current one returns (``soon``). No trio: the
+engine's core (``swarm.engine.TransferCore``) is driven by plain calls.
 """
 
 from __future__ import annotations
@@ -44,19 +44,7 @@ import random
 from collections import deque
 from typing import Any
 
-import trio
-import trio.lowlevel
-import trio.testing
-
-from simulations._engine import LinkClosed
-from swarm import wire
-
 INF = math.inf
-_PieceData = wire.PieceData
-_SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
-_reschedule = trio.lowlevel.reschedule
-_current_task = trio.lowlevel.current_task
-_park = trio.lowlevel.wait_task_rescheduled
 
 #: Relative change of a level below which propagation stops.
 LEVEL_TOLERANCE = 1e-9
@@ -65,56 +53,66 @@ MAX_LEVEL_STEPS = 20_000
 
 
 class Timeline:
-    """Timed actions served by one task (``run``), in (time, insertion) order.
+    """Timed actions run by ``run``, in (time, insertion) order, and actions run as soon as the
+    current one returns (``soon``).
 
     Actions due at the same instant share one bucket (times are mostly on the network's grid), so
     the heap holds distinct times only."""
 
-    def __init__(self, clock: trio.abc.Clock | None = None):
+    def __init__(self) -> None:
+        self.t = 0.0
         self.times: list[float] = []
         self.buckets: dict[float, list[tuple[Any, tuple]]] = {}
-        self.scope: trio.CancelScope | None = None
-        self.clock = clock
+        self.ready: deque[tuple[Any, tuple]] = deque()
         self.actions = 0
-        # MockClock with rate 0 keeps virtual time in ``_virtual_base``: reading it is ~10x cheaper
-        # than trio.current_time() (which also calls perf_counter and discards it).
-        if not (
-            isinstance(clock, trio.testing.MockClock)
-            and clock.rate == 0
-            and isinstance(getattr(clock, "_virtual_base", None), float)
-        ):
-            self.now = trio.current_time  # type: ignore[method-assign]
+        self.stopped = False
 
     def now(self) -> float:
-        return self.clock._virtual_base  # type: ignore[union-attr]
+        return self.t
 
     def at(self, t: float, fn: Any, *args: Any) -> None:
+        if t < self.t:
+            t = self.t
         b = self.buckets.get(t)
         if b is None:
             self.buckets[t] = [(fn, args)]
             heapq.heappush(self.times, t)
-            cs = self.scope
-            if cs is not None and t < cs.deadline:
-                cs.deadline = t
         else:
             b.append((fn, args))
 
-    async def run(self) -> None:
+    def soon(self, fn: Any, *args: Any) -> None:
+        self.ready.append((fn, args))
+
+    def stop(self) -> None:
+        """Run nothing more (``run`` returns once the current action does)."""
+        self.stopped = True
+
+    def run(self) -> None:
         times = self.times
         buckets = self.buckets
+        ready = self.ready
         pop = heapq.heappop
-        while True:
-            now = self.now()
-            while times and times[0] <= now:
-                bucket = buckets.pop(pop(times))
-                self.actions += len(bucket)
-                for fn, args in bucket:
-                    fn(*args)
-            cs = trio.CancelScope(deadline=times[0] if times else INF)
-            self.scope = cs
-            with cs:
-                await trio.sleep_forever()
-            self.scope = None
+        while not self.stopped:
+            while ready:
+                fn, args = ready.popleft()
+                self.actions += 1
+                fn(*args)
+                if self.stopped:
+                    return
+            if not times:
+                return
+            t = pop(times)
+            self.t = t
+            bucket = buckets.pop(t)
+            self.actions += len(bucket)
+            for fn, args in bucket:
+                fn(*args)
+                while ready:
+                    fn2, args2 = ready.popleft()
+                    self.actions += 1
+                    fn2(*args2)
+                if self.stopped:
+                    return
 
 
 class Resource:
@@ -175,12 +173,12 @@ class Flow:
         "cap",
         "dst_res",
         "frozen",
+        "owner",
         "rate",
         "remaining",
         "size",
         "src_res",
         "t",
-        "task",
         "version",
     )
 
@@ -192,15 +190,11 @@ class Flow:
         self.cap = cap
         self.rate = 0.0
         self.t = now
-        self.task: Any = None  # the sender, while parked
+        self.owner: Any = None  # the sending link end, told by ``_flow_over(flow)`` when it ends
         self.version = 0
         self.active = False
         self.aborted = False
         self.frozen = False  # its receiver vanished: no bandwidth, the sender stays blocked
-
-    def abort_park(self, _raise_cancel: Any) -> Any:
-        self.task = None
-        return _SUCCEEDED
 
 
 class Network:
@@ -286,10 +280,10 @@ class Network:
 
     @staticmethod
     def _wake_sender(f: Flow) -> None:
-        t = f.task
-        if t is not None:
-            f.task = None
-            _reschedule(t)
+        owner = f.owner
+        if owner is not None:
+            f.owner = None
+            owner._flow_over(f)
 
     def _rebalance(self, start: list[Resource], touched: Flow | None, now: float) -> None:
         work = deque(start)
@@ -373,25 +367,14 @@ class Network:
             out += f.rate * (now - f.t)
         return out
 
-    async def transmit(self, link: SimLink, nbytes: int) -> None:
-        """Move ``nbytes`` from the link's owner to its peer at the fair-share rate; returns when the
-        last byte has left (the caller then delivers after the propagation delay)."""
+    def transmit(self, owner: Any, src: Port, dst: Port, nbytes: int, cap: float) -> Flow:
+        """Start moving ``nbytes`` from ``src`` to ``dst`` at the fair-share rate; ``owner`` is
+        told (``_flow_over``) when the last byte has left or the flow was aborted."""
         now = self.tl.now()
-        f = Flow(link.port, link.remote.port, nbytes, link.flow_cap, now)
-        link.flow = f
-        f.task = _current_task()
+        f = Flow(src, dst, nbytes, cap, now)
+        f.owner = owner
         self.start_flow(f, now)
-        try:
-            await _park(f.abort_park)
-        finally:
-            link.flow = None
-            if f.active:  # cancelled from outside (our node left)
-                f.aborted = True
-                self.end_flow(f, self.tl.now())
-        if f.aborted:
-            self.flows_aborted += 1
-            raise LinkClosed("connection lost while sending a piece")
-        self.flows_done += 1
+        return f
 
     def abort(self, f: Flow) -> None:
         if f.active:
@@ -410,17 +393,13 @@ class Network:
             self.end_flow(f, self.tl.now())
         f.frozen = True
 
-    async def stall(self, link: SimLink, nbytes: int) -> None:
-        """A piece sent on a link whose peer vanished: blocks until the link end is closed."""
-        f = Flow(link.port, link.remote.port, nbytes, link.flow_cap, self.tl.now())
+    def stall(self, owner: Any, src: Port, dst: Port, nbytes: int, cap: float) -> Flow:
+        """A piece sent on a link whose peer vanished: its sender stays blocked until the flow is
+        aborted (its link end closed, or TCP gave up)."""
+        f = Flow(src, dst, nbytes, cap, self.tl.now())
         f.frozen = True
-        link.flow = f
-        f.task = _current_task()
-        try:
-            await _park(f.abort_park)
-        finally:
-            link.flow = None
-        raise LinkClosed("connection reset: the peer stopped answering")
+        f.owner = owner
+        return f
 
     # ------------------------------------------------------------------ messages
 
@@ -430,7 +409,7 @@ class Network:
         g = self.grid
         return math.ceil(t / g - 1e-6) * g
 
-    def deliver_at(self, link: SimLink, now: float) -> float:
+    def deliver_at(self, link: Any, now: float) -> float:
         at = now + link.delay
         if self.jitter:
             at += self.rng.uniform(0.0, self.jitter)
@@ -444,167 +423,3 @@ class Network:
             at = last
         link.last_at = at
         return at
-
-    def connect(self, a: Port, a_id: str, b: Port, b_id: str) -> tuple[SimLink, SimLink]:
-        """Two ends of one connection: the first is held by ``a`` and names ``b_id`` as its peer."""
-        d = self.delay(a, b)
-        cap = self.flow_cap(a, b)
-        ab = SimLink(self, a, b_id, d, cap)
-        ba = SimLink(self, b, a_id, d, cap)
-        ab.remote, ba.remote = ba, ab
-        return ab, ba
-
-
-_CLOSED: Any = object()
-
-
-class SimLink:
-    """One end of a simulated connection, held by ``port``'s node; implements engine.PeerLink.
-
-    Messages are wire message objects (never encoded): piece payloads are length stand-ins.
-    """
-
-    __slots__ = (
-        "closed",
-        "dead",
-        "delay",
-        "eof",
-        "flow",
-        "flow_cap",
-        "inbox",
-        "last_at",
-        "net",
-        "parked",
-        "peer_id",
-        "port",
-        "remote",
-        "reset_at",
-        "tl",
-    )
-
-    def __init__(self, net: Network, port: Port, peer_id: str, delay: float, flow_cap: float):
-        self.net = net
-        self.tl = net.tl
-        self.port = port
-        self.peer_id = peer_id
-        self.delay = delay
-        self.flow_cap = flow_cap
-        self.remote: SimLink = self
-        # A list, not a deque: an inbox holds a few messages at a time, and an empty deque costs
-        # ~760 bytes against a list's 56 (one per link end: ~40 per node at scale).
-        self.inbox: list[tuple[float, Any]] = []
-        self.parked: Any = None  # our reader task while it waits
-        self.last_at = 0.0  # last delivery time on the remote's inbox (keeps order)
-        self.flow: Flow | None = None
-        self.closed = False  # this end was closed (aclose or its node left)
-        self.eof = False  # the other end's close has arrived here
-        self.dead = False  # one end's host vanished: nothing crosses, nothing is closed
-        self.reset_at = INF  # when TCP gives up retransmitting to a vanished peer (see vanish)
-
-    def _push(self, at: float, msg: Any) -> None:
-        """Queue ``msg`` on this (receiving) end, visible at ``at``."""
-        inbox = self.inbox
-        inbox.append((at, msg))
-        if self.parked is not None and len(inbox) == 1:
-            self.tl.at(at, self._wake)
-
-    def _wake(self) -> None:
-        t = self.parked
-        if t is not None:
-            self.parked = None
-            _reschedule(t)
-
-    def _abort_park(self, _raise_cancel: Any) -> Any:
-        self.parked = None
-        return _SUCCEEDED
-
-    async def send(self, msg: wire.Message) -> None:
-        if self.dead:
-            await self._send_dead(msg)
-            return
-        if self.closed or self.remote.closed:
-            raise LinkClosed("link closed")
-        net = self.net
-        if type(msg) is _PieceData:
-            await net.transmit(self, len(msg.data))
-            if self.closed or self.remote.closed:
-                raise LinkClosed("link closed")
-        net.messages += 1
-        counts = net.msg_counts
-        t = type(msg)
-        counts[t] = counts.get(t, 0) + 1
-        self.remote._push(net.deliver_at(self, self.tl.now()), msg)
-
-    async def receive(self) -> wire.Message:
-        inbox = self.inbox
-        while True:
-            if self.closed:
-                raise LinkClosed("link closed")
-            if inbox:
-                at, msg = inbox[0]
-                if at <= self.tl.now():
-                    del inbox[0]
-                    if msg is _CLOSED:
-                        self.eof = True
-                        raise LinkClosed("peer closed")
-                    return msg
-                self.tl.at(at, self._wake)
-            elif self.eof:
-                raise LinkClosed("peer closed")
-            self.parked = _current_task()
-            await _park(self._abort_park)
-
-    async def _send_dead(self, msg: wire.Message) -> None:
-        """The peer vanished: a message is buffered and never arrives; once unacknowledged data
-        waits, TCP resets the connection after ``Network.blackhole_reset`` seconds of retries."""
-        if self.closed:
-            raise LinkClosed("link closed")
-        if self.reset_at == INF and self.net.blackhole_reset < INF:
-            self.reset_at = self.tl.now() + self.net.blackhole_reset
-            self.tl.at(self.reset_at, self._reset)
-        if type(msg) is _PieceData:
-            await self.net.stall(self, len(msg.data))
-
-    def _reset(self) -> None:
-        if not self.closed and not self.eof:
-            self._push(self.tl.now(), _CLOSED)
-            if self.flow is not None:
-                self.net.abort(self.flow)
-
-    def vanish(self) -> None:
-        """Called on the end held by a host that vanished: from now on nothing crosses this link
-        either way and neither end sees it close; the peer's piece in flight to us stops using
-        bandwidth but keeps its sender blocked; data it had unacknowledged starts TCP's
-        retransmission clock."""
-        remote = self.remote
-        self.dead = remote.dead = True
-        if remote.flow is not None:
-            self.net.freeze(remote.flow)
-            if remote.reset_at == INF and self.net.blackhole_reset < INF:
-                remote.reset_at = self.tl.now() + self.net.blackhole_reset
-                self.tl.at(remote.reset_at, remote._reset)
-        if self.flow is not None:
-            self.net.abort(self.flow)
-
-    def close(self) -> None:
-        """Close this end now (synchronous): the peer sees end-of-stream after the one-way delay;
-        pieces in flight either way are aborted. On a dead link (see ``vanish``) nothing reaches
-        the other end and only our own piece in flight is aborted."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.dead:
-            if self.flow is not None:
-                self.net.abort(self.flow)
-            self._wake()
-            return
-        remote = self.remote
-        for f in (self.flow, remote.flow):
-            if f is not None:
-                self.net.abort(f)
-        if not remote.closed:
-            remote._push(self.net.deliver_at(self, self.tl.now()), _CLOSED)
-        self._wake()
-
-    async def aclose(self) -> None:
-        self.close()

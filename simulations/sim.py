@@ -1,19 +1,16 @@
 """One simulation run: a scenario, one seed, the real engine, virtual time.
 
-Every node runs an unmodified ``swarm.engine.Transfer`` over ``SimLink`` objects, inside
-``trio.run(..., clock=MockClock(autojump_threshold=0))``: time only moves when every task waits, and
-then jumps to the next deadline. Nothing here reads the wall clock, opens a socket or starts a thread.
-
-Everything that is not the engine is driven by one scheduler task over a heap of timed actions
-(arrivals, departures, DHT lookups, dials, scheduled events, samples), so churn and discovery cost no
-task per node. Per node there is the engine's own ``run()`` timer task, and per link end the
-``serve_link`` task (the engine's reader) plus the engine's writer task.
+Every node runs the node's own engine core, an unmodified ``swarm.engine.TransferCore``, driven by
+``simulations/driver.py`` (``SimTransfer``) over ``LinkEnd`` objects of the simulated network. There
+is no event loop but the timeline (``simulations/network.py``): a heap of timed actions (message
+deliveries, flow finishes, engine ticks, arrivals, departures, DHT lookups, dials, scheduled
+events, samples) run in (time, insertion) order. Nothing here reads the wall clock, opens a
+socket, starts a thread or imports trio.
 
 Determinism: one root seed. Node ``x`` draws engine choices from ``Random(f"{seed}/{x}/{session}")``
 and its own discovery choices from ``Random(f"{seed}/{x}/sim")``; the network (jitter, loss) has
-``Random(f"{seed}/net")``; trio's scheduler is made deterministic (``_ALLOW_DETERMINISTIC_SCHEDULING``
-and its private ``_r`` seeded; private API of trio 0.35, see ``_deterministic_trio``). Nothing iterates
-a set of objects.
+``Random(f"{seed}/net")``. Actions at one instant run in the order they were scheduled, and nothing
+iterates a set of objects, so a seed gives one event log.
 """
 
 from __future__ import annotations
@@ -26,9 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-import trio
-import trio.lowlevel
-import trio.testing
 
 from simulations._engine import (
     FIRST_LOOKUPS,
@@ -40,16 +34,12 @@ from simulations._engine import (
     ManifestAsk,
     PieceHashMismatch,
     ProviderScores,
-    Transfer,
 )
-from simulations.network import Network, Port, SimLink, Timeline
+from simulations.driver import LinkEnd, SimTransfer, connect
+from simulations.network import Network, Port, Timeline
 from simulations.scenario import Group, Scenario
 
 INF = math.inf
-#: Nodes whose tasks are cancelled together when a run stops (see ``Simulation._teardown``), and
-#: scheduler rounds given to each batch to unwind (a node's tasks nest four nurseries deep).
-TEARDOWN_BATCH = 200
-TEARDOWN_ROUNDS = 10
 
 
 # --------------------------------------------------------------------------- store
@@ -104,23 +94,6 @@ class SimStore:
         return len(self._have) == len(self.lengths)
 
 
-def _run_blocking_for(hash_rate: float) -> Callable[..., Any]:
-    """The engine's ``run_blocking``: calls directly (no thread); verifying a received piece costs
-    ``len / hash_rate`` seconds of virtual time if ``hash_rate`` is set."""
-    if not hash_rate:
-
-        async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
-            return fn(*args)
-    else:
-
-        async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
-            if getattr(fn, "__name__", "") == "write_piece":
-                await trio.sleep(len(args[1]) / hash_rate)
-            return fn(*args)
-
-    return run_blocking
-
-
 # --------------------------------------------------------------------------- nodes
 
 
@@ -140,11 +113,8 @@ class Node:
         self.online = False
         self.vanished = False  # offline because its host's link went dark (see Simulation._vanish)
         self.gone = False  # left for good without the model
-        self.scope: trio.CancelScope | None = None
-        self.nursery: trio.Nursery | None = None
-        self.pending: list[SimLink] = []
-        self.transfer: Transfer | None = None
-        self.links: dict[str, SimLink] = {}
+        self.transfer: SimTransfer | None = None
+        self.links: dict[str, LinkEnd] = {}
         self.dialing: dict[str, None] = {}
         self.scores = ProviderScores()  # swarm.discovery, as in swarm/node.py: outlives sessions
         self.ask: ManifestAsk[Node] | None = None  # the manifest requests of this session
@@ -161,7 +131,6 @@ class Node:
         self.lookups = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.run_blocking = _run_blocking_for(group.hash_rate)
 
     @property
     def fetches(self) -> bool:
@@ -210,34 +179,8 @@ class SimResult:
 
 
 @contextlib.contextmanager
-def _deterministic_trio(seed: int) -> Iterator[None]:
-    """Make trio's run-queue order a function of ``seed``.
-
-    trio shuffles each batch of runnable tasks (``trio._core._run``, checked against trio 0.35).
-    With ``_ALLOW_DETERMINISTIC_SCHEDULING`` it sorts the batch by task creation counter and then
-    shuffles with its module-level ``_r``, which we seed. Both are private; if they disappear, runs
-    are still correct but no longer bit-for-bit repeatable.
-    """
-    from trio._core import _run as trio_run
-
-    has = hasattr(trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING") and hasattr(trio_run, "_r")
-    if not has:  # pragma: no cover - a trio that moved its internals
-        yield
-        return
-    old_flag = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
-    old_state = trio_run._r.getstate()
-    trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
-    trio_run._r.seed(seed)
-    try:
-        yield
-    finally:
-        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = old_flag  # type: ignore[misc]
-        trio_run._r.setstate(old_state)
-
-
-@contextlib.contextmanager
 def _quiet_gc() -> Iterator[None]:
-    """No cyclic GC passes during a run: with ~10^4 live tasks every full pass walks them all.
+    """No cyclic GC passes during a run: with ~10^6 live objects every full pass walks them all.
     Garbage is collected once at the end."""
     was = gc.isenabled()
     gc.collect()
@@ -270,8 +213,7 @@ class Simulation:
         self.log_pieces = scenario.log_pieces if log_pieces is None else log_pieces
         self.manifest = scenario.manifest
         lengths = [p.length for p in self.manifest.pieces]
-        self.clock = trio.testing.MockClock(autojump_threshold=0)
-        self.tl = Timeline(self.clock)
+        self.tl = Timeline()
         self.net = Network(
             self.tl,
             random.Random(f"{seed}/net"),
@@ -308,8 +250,6 @@ class Simulation:
         self.mean_latency = sum(n.port.latency for n in self.nodes) / len(self.nodes) if self.nodes else 0.0
         self.events: list[tuple] = []
         self.samples: list[tuple] = []
-        self._nursery: trio.Nursery | None = None
-        self._timeline_scope = trio.CancelScope()
         self.stopped_by = "stop_at"
         self.end_time = 0.0
         self._stopping = False
@@ -319,42 +259,36 @@ class Simulation:
         self.engine_errors = 0  # Transfer.internal_errors: bugs the engine caught and logged
         self.engine_failures = 0  # transfers that failed on a store error
         self.bans = 0  # peers banned (sessions x peers)
-        self.link_ends = 0  # link ends held by nodes now (each costs the engine two tasks)
+        self.link_ends = 0  # link ends held by nodes now
         self.peak_link_ends = 0
 
     # ------------------------------------------------------------------ running
 
     def run(self) -> SimResult:
-        with _deterministic_trio(self.seed), _quiet_gc():
-            trio.run(self._main, clock=self.clock)
+        with _quiet_gc():
+            self._main()
+            self.tl.run()
         return self._result()
 
-    async def _main(self) -> None:
+    def _main(self) -> None:
         sc = self.sc
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for g in sc.groups:
-                members = [n for n in self.nodes if n.group is g]
-                times = g.arrival.times_for(len(members), random.Random(f"{self.seed}/arrivals/{g.name}"))
-                for node, t in zip(members, times, strict=True):
-                    self.at(t, self._arrive, node)
-            for i, ev in enumerate(sc.events):
-                self.at(ev.at, self._event, i)
-            self.at(sc.stop_at, self._stop, "stop_at")
-            self.at(0.0, self._sample)
-            if self.fetchers == 0:
-                self.at(0.0, self._stop, "done")
-            nursery.start_soon(self._run_timeline)
-
-    async def _run_timeline(self) -> None:
-        with self._timeline_scope:
-            await self.tl.run()
+        for g in sc.groups:
+            members = [n for n in self.nodes if n.group is g]
+            times = g.arrival.times_for(len(members), random.Random(f"{self.seed}/arrivals/{g.name}"))
+            for node, t in zip(members, times, strict=True):
+                self.at(t, self._arrive, node)
+        for i, ev in enumerate(sc.events):
+            self.at(ev.at, self._event, i)
+        self.at(sc.stop_at, self._stop, "stop_at")
+        self.at(0.0, self._sample)
+        if self.fetchers == 0:
+            self.at(0.0, self._stop, "done")
 
     def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
         self.tl.at(t, fn, *args)
 
     def _stop(self, why: str) -> None:
-        if self._nursery is None or self._stopping:
+        if self._stopping:
             return
         now = self.tl.now()
         self.stopped_by = why
@@ -366,24 +300,9 @@ class Simulation:
             if node.online and node.transfer is not None:
                 self._retire(node, node.transfer)
                 node.transfer = None
-        self._timeline_scope.cancel()  # nothing is delivered or scheduled any more
-        self._nursery.start_soon(self._teardown)
+        self.tl.stop()  # nothing is delivered or scheduled any more
 
-    async def _teardown(self) -> None:
-        """Unwind the nodes' tasks a batch at a time, then everything else. Cancelling all at
-        once held every task's unwinding state together: the peak RSS of a run was at its end
-        (300 nodes: 279 MB peak, 220 MB when the run stopped; 255 MB peak in batches). Virtual
-        time stands still meanwhile (this task is always runnable); the results were taken above."""
-        assert self._nursery is not None
-        batch = [n.scope for n in self.nodes if n.scope is not None and not n.scope.cancel_called]
-        for i in range(0, len(batch), TEARDOWN_BATCH):
-            for scope in batch[i : i + TEARDOWN_BATCH]:
-                scope.cancel()
-            for _ in range(TEARDOWN_ROUNDS):
-                await trio.lowlevel.checkpoint()
-        self._nursery.cancel_scope.cancel()
-
-    def _retire(self, node: Node, tr: Transfer) -> None:
+    def _retire(self, node: Node, tr: SimTransfer) -> None:
         """Fold a finished session's counters into the node's."""
         node.bytes_up += tr.bytes_up
         node.bytes_down += tr.bytes_down
@@ -412,20 +331,20 @@ class Simulation:
         if node.first_arrival is None:
             node.first_arrival = now
         self.log(now, "arrive", node.id, "", sess)
-        tr = Transfer(
+        tr = SimTransfer(
             self.manifest,
             node.store,
+            self.tl,
             config=self.configs[g.name],
             rng=random.Random(f"{self.seed}/{node.id}/{sess}"),
-            run_blocking=node.run_blocking,
             may_upload=g.serve,
+            hash_rate=g.hash_rate,
             on_piece=lambda i, n, node=node: self._on_piece(node, i, n),
+            on_link_over=lambda end, node=node: self._link_over(node, end),
         )
         node.transfer = tr
-        node.scope = trio.CancelScope()
+        tr.start()
         node.announced_at = None
-        assert self._nursery is not None
-        self._nursery.start_soon(self._session, node, tr)
         if (
             g.announce == "start"
             or (g.announce == "first_piece" and node.store._have)
@@ -440,21 +359,6 @@ class Simulation:
         if node.fetches and not tr.done:
             node.ask = node.connect = None
             self._lookup(node, now, first=True)
-
-    async def _session(self, node: Node, tr: Transfer) -> None:
-        assert node.scope is not None
-        with node.scope:
-            async with trio.open_nursery() as n:
-                node.nursery = n
-                n.start_soon(tr.run)
-                pending, node.pending = node.pending, []
-                for link in pending:
-                    n.start_soon(self._serve, node, tr, link)
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    if node.nursery is n:  # a new session may already have started
-                        node.nursery = None
 
     def _depart(
         self,
@@ -487,16 +391,10 @@ class Simulation:
             node.record_until = last + self.sc.dht.record_ttl
             node.announced_at = None
             self._valid_cache = None
-        for link in [*node.links.values(), *node.pending]:
-            if vanish:
-                link.vanish()
-            link.close()
-        self.link_ends -= len(node.pending)  # attached but never served
-        node.pending = []
+        if tr is not None:
+            self.link_ends -= len(tr.shutdown(vanish))
         node.links.clear()
         node.dialing.clear()
-        if node.scope is not None:
-            node.scope.cancel()
         self.log(now, "depart", node.id, "", why)
         if rejoin_after is None and why == "session" and node.group.rejoin is not None:
             rejoin_after = node.group.rejoin.sample(node.rng)
@@ -729,35 +627,31 @@ class Simulation:
         for x, y in ((node, peer), (peer, node)):  # a link left over from before y vanished
             old = x.links.get(y.id)
             if old is not None and old.dead:
-                old.close()
                 del x.links[y.id]
+                if x.transfer is not None:
+                    x.transfer.lost(old)
         if peer.id in node.links or node.id in peer.links:
             return
-        a, b = self.net.connect(node.port, node.id, peer.port, peer.id)
+        a, b = connect(self.net, node.port, node.id, peer.port, peer.id)
         self.log(now, "connect", node.id, peer.id)
         self._attach(node, a)
         self._attach(peer, b)
 
-    def _attach(self, node: Node, link: SimLink) -> None:
+    def _attach(self, node: Node, link: LinkEnd) -> None:
         node.links[link.peer_id] = link
         self.link_ends += 1
         if self.link_ends > self.peak_link_ends:
             self.peak_link_ends = self.link_ends
-        if node.nursery is None or node.transfer is None:
-            node.pending.append(link)
-        else:
-            node.nursery.start_soon(self._serve, node, node.transfer, link)
+        assert node.transfer is not None
+        node.transfer.serve(link)
 
-    async def _serve(self, node: Node, tr: Transfer, link: SimLink) -> None:
-        try:
-            await tr.serve_link(link)
-        finally:
-            self.link_ends -= 1
-            link.close()
-            if node.links.get(link.peer_id) is link:
-                del node.links[link.peer_id]
-                if node.online and not self._stopping:
-                    self.log(self.tl.now(), "disconnect", node.id, link.peer_id)
+    def _link_over(self, node: Node, link: LinkEnd) -> None:
+        """A link end a node's transfer served is over (``SimTransfer.on_link_over``)."""
+        self.link_ends -= 1
+        if node.links.get(link.peer_id) is link:
+            del node.links[link.peer_id]
+            if node.online and not self._stopping:
+                self.log(self.tl.now(), "disconnect", node.id, link.peer_id)
 
     # ------------------------------------------------------------------ events, samples
 

@@ -1,7 +1,10 @@
 """The engine over in-process links: several peers at once, bad peers, vanishing peers.
 
 These drive the real ``Transfer`` over ``MemoryLink`` pairs (real wire encoding) with a dict-backed
-piece store that verifies blake3 like the disk store does. Disk and network are tested elsewhere."""
+piece store that verifies blake3 like the disk store does. Disk and network are tested elsewhere.
+Every test but the one over the real store (worker threads: virtual time would jump while they
+work) runs on trio's MockClock (``autojump_clock``): timeouts are virtual, a slow machine cannot
+make them fire."""
 
 import random
 
@@ -92,7 +95,7 @@ class Net:
         self.nursery.start_soon(self.t[b].serve_link, lb)
 
 
-async def test_one_seeder_one_leecher(model):
+async def test_one_seeder_one_leecher(model, autojump_clock):
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
@@ -109,7 +112,7 @@ async def test_one_seeder_one_leecher(model):
     assert seed.bytes_up == m.total_size
 
 
-async def test_configs_complete_before_any_weight_piece(model):
+async def test_configs_complete_before_any_weight_piece(model, autojump_clock):
     m, pieces = model
     configs = m.config_piece_indices()
     assert configs and len(configs) < m.num_pieces
@@ -127,7 +130,7 @@ async def test_configs_complete_before_any_weight_piece(model):
     assert set(store.writes[: len(configs)]) == configs
 
 
-async def test_four_leechers_trade_and_seeder_uploads_less_than_four_copies(model):
+async def test_four_leechers_trade_and_seeder_uploads_less_than_four_copies(model, autojump_clock):
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
@@ -158,7 +161,7 @@ async def test_four_leechers_trade_and_seeder_uploads_less_than_four_copies(mode
     assert all(t.store.pieces == pieces for t in leeches)
 
 
-async def test_corrupt_peer_is_banned_and_download_completes(model):
+async def test_corrupt_peer_is_banned_and_download_completes(model, autojump_clock):
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
@@ -177,7 +180,7 @@ async def test_corrupt_peer_is_banned_and_download_completes(model):
     assert "honest" not in leech.banned
 
 
-async def test_peer_vanishing_mid_transfer(model):
+async def test_peer_vanishing_mid_transfer(model, autojump_clock):
     m, pieces = model
     async with trio.open_nursery() as n:
         net = Net(n)
@@ -340,7 +343,7 @@ async def test_a_stuck_peer_queue_times_out_as_a_whole(model, autojump_clock):
         n.cancel_scope.cancel()
 
 
-async def test_protocol_violation_drops_only_that_link(model):
+async def test_protocol_violation_drops_only_that_link(model, autojump_clock):
     m, pieces = model
     async with trio.open_nursery() as n:
         store = DictStore(m)
@@ -402,7 +405,7 @@ async def test_a_peer_that_broke_the_protocol_is_not_linked_again_for_a_while(mo
         n.cancel_scope.cancel()
 
 
-async def test_wrong_manifest_hello_is_refused(model):
+async def test_wrong_manifest_hello_is_refused(model, autojump_clock):
     m, _ = model
     leech = Transfer(m, DictStore(m), config=cfg(), run_blocking=direct)
     la, lb = link_pair("other", "leech")
@@ -680,7 +683,7 @@ async def test_waiting_our_turn_at_a_busy_seeder_is_not_choking(model, autojump_
 # ---------------------------------------------------------------- the engine over the real store
 
 
-async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):
+async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):  # wall clock: threads
     """A piece rots on disk after it was verified and written, before its file completes: the
     store's whole-file check at completion finds it and drops it (``Download._drop``). The engine
     did not learn it: it counted the file as complete, ``completed`` fired, and ``finalize``

@@ -151,7 +151,7 @@ def test_flow_rates_are_max_min_fair():
         up = [float(rng.choice([10, 50, 100, 1000])) for _ in range(n)]
         down = [float(rng.choice([10, 30, 100, 1000])) for _ in range(n)]
         ports = [Port(f"p{i}", up[i], down[i], 0.01) for i in range(n)]
-        net = Network(Timeline(None), random.Random(0))
+        net = Network(Timeline(), random.Random(0))
         live = []
         for _ in range(rng.randint(1, 14)):
             a, b = rng.sample(range(n), 2)

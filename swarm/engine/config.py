@@ -1,0 +1,140 @@
+"""The engine's interfaces and settings: ``PeerLink`` and ``PieceStore`` (what a transfer talks
+through and stores into), ``EngineConfig`` and the per-peer counters ``PeerStats``."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+
+from swarm import wire
+
+
+class LinkClosed(Exception):
+    """The other side of a link went away."""
+
+
+class PeerLink(Protocol):
+    """One bidirectional message channel to one peer about one manifest."""
+
+    peer_id: str
+
+    async def send(self, msg: wire.Message) -> None: ...
+
+    async def receive(self) -> wire.Message:
+        """The next message; raises LinkClosed when the peer is gone, wire.ProtocolError when
+        it sent garbage."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    # optional: def expect_pieces(lengths) -> None   (called once the peer's Hello checked out:
+    # the link refuses a piece longer than the manifest's before taking memory for it)
+
+
+class PieceStore(Protocol):
+    """Where verified pieces live. ``write_piece`` verifies and raises PieceHashMismatch."""
+
+    @property
+    def have(self) -> frozenset[int]: ...
+
+    def read_piece(self, index: int) -> Any: ...
+
+    def write_piece(self, index: int, data: Any) -> bool: ...
+
+    # optional: take_dropped() -> frozenset[int]: held pieces the store has dropped since the last
+    # call (they failed re-verification on disk); the transfer fetches them again.
+
+
+@attrs.frozen
+class EngineConfig:
+    pipeline_depth: int = 4
+    """Requests outstanding per peer: enough to keep a fast link busy across one round trip."""
+    upload_slots: int = 4
+    """Peers served at once (see choker)."""
+    slot_hold: float = 2.0
+    """Seconds a peer keeps an upload slot before fair rotation may take it."""
+    rechoke_interval: float = 1.0
+    """How often upload slots are re-dealt and rates sampled."""
+    tick: float = 0.25
+    """How often request deadlines are checked."""
+    request_timeout: float = 5.0
+    """Base seconds a request may take before we ask someone else ..."""
+    min_rate: float = 256 << 10
+    """... plus its length at this rate (bytes/s): a 4 MiB piece gets 21 s, a config piece ~5 s.
+    256 KiB/s = 2 Mbit/s per piece flow: a 20 Mbit/s host receiving from seven peers at once
+    gets ~350 KiB/s on each; at 1 MiB/s (9 s for 4 MiB) such pieces timed out, were asked again
+    elsewhere and still arrived: on ``tb_flash_crowd`` the worker uploaded 4.1x the model and the
+    last frontend finished at 4.4x T_min instead of 2.4x / 2.6x (simulator, 5 seeds).
+    The clock of a request starts when the peer can start serving it: when it was sent or when
+    the peer last answered one of ours, whichever is later (a peer serves our requests in turn;
+    see ``TransferCore._queue_deadline``). Counted from sending, the fourth of four pipelined 4 MiB
+    requests at a peer sending 2.5 MB/s to four peers waited ~27 s, timed out and was asked again
+    elsewhere while the peer still sent it: the worker uploaded 4.4x the model in the simulator's
+    ``tb_flash_crowd`` (ENGINE_REQUESTS.md A5)."""
+    handshake_timeout: float = 10.0
+    """Seconds for a new link to exchange Hello and Bitfield."""
+    max_queued_requests: int = 64
+    """Requests a peer may queue with us; more is a protocol violation (memory bound)."""
+    max_wasted_bytes: int = 64 << 20
+    """Unrequested piece bytes tolerated from one peer (late endgame copies) before dropping it."""
+    max_timeouts: int = 3
+    """Consecutive timed-out requests after which a peer counts as snubbed (one request at a time)."""
+    max_peers: int = 64
+    """Links per transfer, handshakes included."""
+    handshakes_per_peer: int = 2
+    """Links of one peer id in their handshake (not yet past the Bitfield exchange) at once. Two:
+    two peers that dial each other at the same moment each hold an inbound and an outbound link
+    of the pair until one wins (``_replaces``). Unbounded, one peer filled ``max_peers`` with 64
+    pieces streams that sent Hello and never a Bitfield, and an honest fetch took 8.5 s instead
+    of 0.1 s (security review, finding 8)."""
+    handshakes_per_address: int = 8
+    """Inbound links from one IP address in their handshake at once (peer ids cost nothing to
+    make, addresses do). An honest handshake lasts one round trip, so eight leave room for a few
+    nodes behind one NAT dialing us at the same moment; only links that tell their address count
+    (``serve_link(address=...)``)."""
+    reserved_outbound: int = 16
+    """Of ``max_peers``, links kept for those we open ourselves (providers we chose) while we
+    still fetch: inbound links take at most ``max_peers - reserved_outbound``, so strangers
+    dialing us cannot fill the budget and keep a fetch from its providers. 16 = the outbound
+    links a node's fetch opens (``node.MAX_LINKS_PER_FETCH``). A complete transfer dials nobody
+    and gives every slot to inbound links. Links that cannot tell who opened them (memory links,
+    the simulator's) are not counted as inbound."""
+    choked_timeout: float = 60.0
+    """Seconds a peer holding pieces we want may keep us choked while we are interested (counted
+    from its last answer to a request of ours, see ``starved_for``) before it no longer counts as
+    a source (the fetch dials others, the stall watchdog may fire); its link is
+    closed unless the peer is interested in us (we may serve it; it may unchoke us in return), and
+    it may be dialed again later. A seeder's choker (swarm/choker.py) rotates its
+    ``DEFAULT_SLOTS`` = 4 slots every ``DEFAULT_HOLD`` = 2 s among interested peers, so with a
+    full ``max_peers`` = 64 of them our turn comes within 64 / 4 x 2 s = 32 s, plus up to one hold
+    of jitter and one ``rechoke_interval``: about 35 s. 60 s leaves that worst case a margin of
+    ~1.7x; a peer that is choking us that long does not serve us. Without it a provider that never
+    unchoked stalled a fetch forever (security review, finding 9)."""
+    fault_cooldown: float = 60.0
+    """Seconds a peer whose link we dropped for breaking the protocol (a bad frame, an index out of
+    range, a piece longer than the manifest's) may not link to this transfer again. Not a ban: in
+    encrypted lane mode a piece header is checked before it is authenticated, so an on-path
+    attacker could make an honest peer look faulty; a minute keeps a broken peer from being
+    re-dialed over and over while costing an honest one little."""
+    first_copy_window: float = 3.0
+    """A seeder serving several peers sends each piece once before it sends any piece twice, unless
+    the first copy is older than this (seconds): peers get the rest from each other."""
+    reject_backoff: float = 1.0
+    """Seconds we do not re-ask a peer for a piece it rejected."""
+    idle_close: float = 10.0
+    """Seconds a link of a complete transfer may carry nothing either way before we close it."""
+    writes_per_link: int = 2
+    """Received pieces of one link being verified and written at once: with two, piece k+1 is
+    hashed while piece k is on its way to disk (one at a time left the data lane's receiver
+    waiting for the disk; the lane lends at most three buffers per link, so memory stays bounded)."""
+
+
+@attrs.define
+class PeerStats:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    pieces_up: int = 0
+    pieces_down: int = 0
+    bad_pieces: int = 0
+    banned: bool = False
