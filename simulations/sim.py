@@ -321,6 +321,7 @@ class Simulation:
         self.bans = 0  # peers banned (sessions x peers)
         self.link_ends = 0  # link ends held by nodes now (each costs the engine two tasks)
         self.peak_link_ends = 0
+        self.wasted_bytes = 0  # piece bytes received late or twice, of ended sessions
 
     # ------------------------------------------------------------------ running
 
@@ -421,13 +422,18 @@ class Simulation:
             may_upload=g.serve,
             on_piece=lambda i, n, node=node: self._on_piece(node, i, n),
         )
+        if node.transfer is not None:  # the previous session's
+            self.wasted_bytes += node.transfer.wasted_bytes
         node.transfer = tr
         node.scope = trio.CancelScope()
         node.announced_at = None
         assert self._nursery is not None
         self._nursery.start_soon(self._session, node, tr)
         if (
-            g.announce == "start"
+            (
+                g.announce == "start"
+                and not (self.sc.startup.announce_at_manifest and node.fetches and not tr.done)
+            )
             or (g.announce == "first_piece" and node.store._have)
             or (g.announce == "complete" and tr.done)
         ):
@@ -514,6 +520,7 @@ class Simulation:
         node.last_piece_at = now
         if node.first_piece_at is None:
             node.first_piece_at = now
+            self.log(now, "first_piece", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
         g = node.group
         if g.announce == "first_piece" and node.announced_at is None:
             self._announce(node, now)
@@ -584,7 +591,7 @@ class Simulation:
 
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
-        delay = self._lookup_delay(node)
+        delay = self.sc.startup.lookup_delay(self._lookup_delay(node))
         if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
             dht = self.sc.dht
             delay = max(delay, dht.lookup_timeout_first if first else dht.lookup_timeout)
@@ -681,6 +688,9 @@ class Simulation:
                 settled=dht.lookup_retry_linked,
             ),
         )
+        self.log(now, "manifest", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
+        if node.group.announce == "start":  # startup.py: the manifest is chosen
+            self._announce(node, now)
         held = {p.id for p in answered}
         self._lookup_done(node, sess, answered + [p for p in plan.providers if p.id not in held])
 
@@ -714,7 +724,8 @@ class Simulation:
             wait = self.sc.network.dial_timeout if peer.vanished else rtt
             self.at(now + wait, self._dial_done, node, peer, node.session)
             return
-        self.at(now + self.sc.network.connect_rtts * rtt, self._dial_done, node, peer, node.session)
+        setup = self.sc.startup.connect_delay(self.sc.network.connect_rtts * rtt)
+        self.at(now + setup, self._dial_done, node, peer, node.session)
 
     def _dial_done(self, node: Node, peer: Node, sess: int) -> None:
         if not node.online or sess != node.session:
@@ -834,6 +845,8 @@ class Simulation:
             "gone": self.gone,
             "bytes_up": sum(n.bytes_up for n in self.nodes),
             "bytes_down": sum(n.bytes_down for n in self.nodes),
+            "wasted_bytes": self.wasted_bytes
+            + sum(n.transfer.wasted_bytes for n in self.nodes if n.transfer is not None),
         }
         return SimResult(
             self.sc.name, self.seed, self.end_time, self.stopped_by, nodes, self.events, self.samples, stats

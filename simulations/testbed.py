@@ -885,11 +885,15 @@ def signals_raise() -> Iterator[None]:
 
 
 def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides that make the simulator model the testbed's network: latency of every group."""
-    from simulations import scenario
+    """Overrides that make the simulator model the testbed: latency of every group, and the start
+    of a fetch measured on it (``simulations.startup.TESTBED``) unless the scenario or the caller
+    set ``startup`` keys."""
+    from simulations import scenario, startup
 
     sc = scenario.load(sc_path, overrides)
     out = dict(overrides)
+    if "startup" not in sc.raw and not any(k.startswith("startup.") for k in overrides):
+        out.update(startup.overrides(startup.TESTBED))
     for g in sc.groups:
         out[f"groups.{g.name}.latency"] = TESTBED_LATENCY
     return out
