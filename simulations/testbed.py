@@ -808,6 +808,7 @@ class Testbed:
             "cpu_seconds_per_mb": {  # CPU per MB the host moved (up + down), during the run
                 h.id: cpu[h.id] / mb for h in self.hosts if (mb := (moved[h.id]) / 1e6) > 0
             },
+            "mb_moved": {h.id: moved[h.id] / 1e6 for h in self.hosts},
             "wasted_bytes": {h.id: h.wasted + h.cur_wasted for h in self.hosts},
             "request_timeouts": {h.id: h.timeouts + h.cur_timeouts for h in self.hosts},
             "start_of_fetch": _start_of_fetch(self.hosts),
