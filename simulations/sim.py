@@ -321,7 +321,7 @@ class Simulation:
         self.bans = 0  # peers banned (sessions x peers)
         self.link_ends = 0  # link ends held by nodes now (each costs the engine two tasks)
         self.peak_link_ends = 0
-        self.wasted_bytes = 0  # piece bytes received late or twice, of ended sessions
+        self.wasted_bytes = 0  # piece bytes received late or twice (Transfer.wasted_bytes)
 
     # ------------------------------------------------------------------ running
 
@@ -388,6 +388,7 @@ class Simulation:
         """Fold a finished session's counters into the node's."""
         node.bytes_up += tr.bytes_up
         node.bytes_down += tr.bytes_down
+        self.wasted_bytes += tr.wasted_bytes
         self.engine_errors += getattr(tr, "internal_errors", 0)
         self.bans += len(tr.banned)
         if getattr(tr, "error", None) is not None:
@@ -422,8 +423,6 @@ class Simulation:
             may_upload=g.serve,
             on_piece=lambda i, n, node=node: self._on_piece(node, i, n),
         )
-        if node.transfer is not None:  # the previous session's
-            self.wasted_bytes += node.transfer.wasted_bytes
         node.transfer = tr
         node.scope = trio.CancelScope()
         node.announced_at = None
@@ -845,8 +844,7 @@ class Simulation:
             "gone": self.gone,
             "bytes_up": sum(n.bytes_up for n in self.nodes),
             "bytes_down": sum(n.bytes_down for n in self.nodes),
-            "wasted_bytes": self.wasted_bytes
-            + sum(n.transfer.wasted_bytes for n in self.nodes if n.transfer is not None),
+            "wasted_bytes": self.wasted_bytes,
         }
         return SimResult(
             self.sc.name, self.seed, self.end_time, self.stopped_by, nodes, self.events, self.samples, stats
