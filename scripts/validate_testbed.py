@@ -75,6 +75,55 @@ def resimulate(names: list[str], out: Path) -> None:
         print(f"{name}: simulated again", file=sys.stderr, flush=True)
 
 
+def cpu_fit(docs: list[dict]) -> dict | None:
+    """Least squares over every host of every run: CPU seconds = a x run seconds + b x MB the
+    host moved (up + down). a: a node's cost of being there (cores), b: seconds per MB."""
+    rows = []
+    for doc in docs:
+        for s in doc["per_seed"]:
+            st, T = s["stats"], s["end_time"]
+            per_mb = st.get("cpu_seconds_per_mb", {})
+            for h, cpu in st.get("cpu_seconds", {}).items():
+                mb = st.get("mb_moved", {}).get(h)
+                if mb is None and per_mb.get(h):
+                    mb = cpu / per_mb[h]
+                if mb is not None and T > 0:
+                    rows.append((T, mb, cpu))
+    if len(rows) < 3:
+        return None
+    stt = sum(t * t for t, _m, _c in rows)
+    stm = sum(t * m for t, m, _c in rows)
+    smm = sum(m * m for _t, m, _c in rows)
+    stc = sum(t * c for t, _m, c in rows)
+    smc = sum(m * c for _t, m, c in rows)
+    det = stt * smm - stm * stm
+    if det <= 0:
+        return None
+    a = (stc * smm - smc * stm) / det
+    b = (smc * stt - stc * stm) / det
+    return {"core_idle": a, "s_per_mb": b, "hosts": len(rows)}
+
+
+def budget_lines(fit: dict | None) -> list[str]:
+    if fit is None:
+        return []
+    a, b = fit["core_idle"], fit["s_per_mb"]
+    line = 100e6 / 8 / 1e6  # MB/s at 100 Mbit/s
+    per_host = a + b * 2 * line  # a fetching host at line rate moves ~its download + as much up
+    fits = int(2 / per_host) if per_host > 0 else 0
+    rate_for_16 = ((2 / 16 - a) / (2 * b) * 8) if b > 0 else float("inf")
+    return [
+        f"CPU model, least squares over {fit['hosts']} host-runs of the runs above: a node costs "
+        f"**{a:.3f} core** while it runs plus **{b * 1000:.0f} ms per MB** it moves (up + down). "
+        f"A host fetching at 100 Mbit/s and serving as much moves ~{2 * line:.0f} MB/s: "
+        f"~{per_host:.2f} core, so 16 such hosts need ~{16 * per_host:.1f} cores and 2 cores carry "
+        f"~{fits}; 16 hosts fit in 2 cores (with nothing else running) up to ~{rate_for_16:.0f} "
+        "Mbit/s per host. These figures are from a machine shared with other jobs (see machine "
+        "busy): CPU time includes the cost of contention.",
+        "",
+    ]
+
+
 def _row(cmp: dict, key: str) -> dict:
     return next(r for r in cmp["rows"] if r["key"] == key)
 
@@ -90,20 +139,24 @@ def section(names: list[str], out: Path) -> str:
         "Error: simulator mean / testbed mean - 1.",
         "",
         "| scenario | hosts | T_min s | median: sim / testbed | error | last: sim / testbed | "
-        "error | within 10% | CPU per host (mean, max) | machine busy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "error | within 10% | CPU per host (mean, max) | machine busy | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     details = []
+    docs = []
     for name in names:
         d = out / name
         cmp = json.loads((d / "compare.json").read_text())
         tb = json.loads((d / "testbed" / "summary.json").read_text())
+        docs.append(tb)
         med, last = _row(cmp, "median"), _row(cmp, "max")
         ok = all(r["sim_error"] is not None and abs(r["sim_error"]) <= TARGET for r in (med, last))
         stats = [s["stats"] for s in tb["per_seed"]]
         cpu_mean = sum(s["cpu_per_host_mean"] for s in stats) / len(stats)
         cpu_max = max(s["cpu_per_host_max"] for s in stats)
         busy = [s["machine_busy"] for s in stats]
+        loads = [float(s["loadavg"][0]) for s in stats if s.get("loadavg")]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
         hosts = sum(g["nodes"] for g in tb["per_seed"][0]["groups"].values())
         lines.append(
             f"| {cmp['scenario']} | {hosts} | {cmp['T_min']:.2f} | "
@@ -111,7 +164,8 @@ def section(names: list[str], out: Path) -> str:
             f"{med['sim_error'] * 100:+.0f}% | "
             f"{last['sim']['mean']:.2f} / {last['testbed']['mean']:.2f} +/- {last['testbed']['sd']:.2f} | "
             f"{last['sim_error'] * 100:+.0f}% | {'yes' if ok else '**no**'} | "
-            f"{cpu_mean * 100:.0f}%, {cpu_max * 100:.0f}% | {min(busy) * 100:.0f}-{max(busy) * 100:.0f}% |"
+            f"{cpu_mean * 100:.0f}%, {cpu_max * 100:.0f}% | "
+            f"{min(busy) * 100:.0f}-{max(busy) * 100:.0f}% | {load} |"
         )
         fig = FIGURES / f"testbed_{name}.png"
         if (d / "compare.png").exists():
@@ -134,8 +188,10 @@ def section(names: list[str], out: Path) -> str:
         "",
         "CPU per host: node CPU seconds over the run's wall time (1 = one core). "
         "Machine busy: all CPUs over the run, from /proc/stat, other jobs on the machine "
-        "included; above 90% a run is flagged CPU-bound in its summary.json.",
+        "included; above 90% a run is flagged CPU-bound in its summary.json. Load: the "
+        "1-minute load average at each run's end (2 cores).",
         "",
+        *budget_lines(cpu_fit(docs)),
     ]
     return "\n".join(lines + details + [END]) + "\n"
 

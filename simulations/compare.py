@@ -20,6 +20,9 @@ QUANTITIES = (
     ("p90", "p90 completion (s)"),
     ("max", "last completion (s)"),
     ("seed_upload", "worker upload / model"),
+    ("wasted", "piece bytes received twice or late / model"),
+    ("manifest", "arrival to manifest, median over hosts (s)"),
+    ("first_piece", "arrival to first piece, median over hosts (s)"),
 )
 
 
@@ -31,6 +34,13 @@ def _values(doc: dict[str, Any], key: str) -> list[float]:
             seeds = doc.get("seed_groups") or []
             up = sum(s["groups"][g]["bytes_up"] for g in seeds if g in s["groups"])
             out.append(up / F if F else 0.0)
+        elif key == "wasted":
+            if s.get("wasted_bytes") is not None and F:
+                out.append(s["wasted_bytes"] / F)
+        elif key in ("manifest", "first_piece"):
+            v = (s.get("start") or {}).get(key)
+            if v is not None:
+                out.append(v)
         else:
             v = s["completion"][key]
             if v is not None:
@@ -130,7 +140,7 @@ def figure(cmp: dict[str, Any], sim_curves: list[Curve], tb_curves: list[Curve],
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(f"{cmp['scenario']}: completion CDF")
-    rows = [r for r in cmp["rows"] if r["key"] != "seed_upload"]
+    rows = [r for r in cmp["rows"] if r["key"] in ("median", "p90", "max")]
     xs = range(len(rows))
     w = 0.38
     for off, side, color in ((-w / 2, "sim", "C0"), (w / 2, "testbed", "C3")):

@@ -10,6 +10,7 @@ Plots (matplotlib, only imported here):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -100,6 +101,25 @@ def events_text(result: SimResult) -> str:
     return "".join(f"{t:.6f},{ev},{node},{peer},{value}\n" for t, ev, node, peer, value in result.events)
 
 
+def start_of_fetch(result: SimResult) -> dict[str, float | None]:
+    """Median over fetching hosts of the seconds from arrival to the manifest chosen and to the
+    first piece (each host's first ``manifest`` / ``first_piece`` event; both sides log them)."""
+    firsts: dict[str, dict[str, float]] = {"manifest": {}, "first_piece": {}}
+    for _t, ev, node, _peer, value in result.events:
+        if ev in firsts and node not in firsts[ev]:
+            with contextlib.suppress(TypeError, ValueError):
+                firsts[ev][node] = float(value)
+    return {k: quantile(sorted(v.values()), 0.5) for k, v in firsts.items()}
+
+
+def _wasted(stats: dict[str, Any]) -> int | None:
+    """Piece bytes received late or twice, all hosts (the testbed keeps them per host)."""
+    w = stats.get("wasted_bytes")
+    if isinstance(w, dict):
+        return int(sum(w.values()))
+    return int(w) if w is not None else None
+
+
 def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None = None) -> dict[str, Any]:
     times = result.completion_times()
     fetchers = [n for n in result.nodes if n.role == "fetch"]
@@ -124,6 +144,8 @@ def seed_summary(result: SimResult, bounds: dict[str, Any], wall: float | None =
             "max": times[-1] if times else None,
         },
         "configs_ready_median": quantile(cfg, 0.5),
+        "start": start_of_fetch(result),
+        "wasted_bytes": _wasted(result.stats),
         "stats": result.stats,
         "groups": {},
     }

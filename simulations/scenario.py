@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from simulations import units
+from simulations import startup, units
 from simulations._engine import (
     FEW_PEERS,
     LOOKUP_RETRY,
@@ -27,6 +27,8 @@ from simulations._engine import (
     MANIFEST_ASK_FANOUT,
     EngineConfig,
 )
+from simulations.startup import DEFAULT as STARTUP_DEFAULT
+from simulations.startup import StartupModel
 from swarm.manifest import EMPTY_DIGEST, HASH_PREFIX, FileEntry, Manifest, piece_size_for
 
 
@@ -425,6 +427,8 @@ class Scenario:
     sample_interval: float
     log_pieces: bool
     raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+    startup: StartupModel = STARTUP_DEFAULT
+    """The start of a fetch on a real node (simulations/startup.py): the ``[startup]`` table."""
 
     @property
     def file_bytes(self) -> int:
@@ -461,6 +465,7 @@ _TOP_KEYS = {
     "stop_at",
     "sample_interval",
     "log_pieces",
+    "startup",
 }
 
 
@@ -538,6 +543,7 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         sample_interval=units.duration(d.get("sample_interval", 1.0), "sample_interval"),
         log_pieces=bool(d.get("log_pieces", True)),
         raw=copy.deepcopy(dict(data)),
+        startup=startup.parse(_table(d.get("startup", {}), "startup")),
     )
     try:
         sc.engine_config(groups[0])

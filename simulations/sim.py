@@ -261,6 +261,7 @@ class Simulation:
         self.bans = 0  # peers banned (sessions x peers)
         self.link_ends = 0  # link ends held by nodes now
         self.peak_link_ends = 0
+        self.wasted_bytes = 0  # piece bytes received late or twice (Transfer.wasted_bytes)
 
     # ------------------------------------------------------------------ running
 
@@ -306,6 +307,7 @@ class Simulation:
         """Fold a finished session's counters into the node's."""
         node.bytes_up += tr.bytes_up
         node.bytes_down += tr.bytes_down
+        self.wasted_bytes += tr.wasted_bytes
         self.engine_errors += getattr(tr, "internal_errors", 0)
         self.bans += len(tr.banned)
         if getattr(tr, "error", None) is not None:
@@ -346,7 +348,10 @@ class Simulation:
         tr.start()
         node.announced_at = None
         if (
-            g.announce == "start"
+            (
+                g.announce == "start"
+                and not (self.sc.startup.announce_at_manifest and node.fetches and not tr.done)
+            )
             or (g.announce == "first_piece" and node.store._have)
             or (g.announce == "complete" and tr.done)
         ):
@@ -412,6 +417,7 @@ class Simulation:
         node.last_piece_at = now
         if node.first_piece_at is None:
             node.first_piece_at = now
+            self.log(now, "first_piece", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
         g = node.group
         if g.announce == "first_piece" and node.announced_at is None:
             self._announce(node, now)
@@ -482,7 +488,7 @@ class Simulation:
 
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
-        delay = self._lookup_delay(node)
+        delay = self.sc.startup.lookup_delay(self._lookup_delay(node))
         if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
             dht = self.sc.dht
             delay = max(delay, dht.lookup_timeout_first if first else dht.lookup_timeout)
@@ -579,6 +585,9 @@ class Simulation:
                 settled=dht.lookup_retry_linked,
             ),
         )
+        self.log(now, "manifest", node.id, "", f"{now - (node.first_arrival or 0):.6f}")
+        if node.group.announce == "start":  # startup.py: the manifest is chosen
+            self._announce(node, now)
         held = {p.id for p in answered}
         self._lookup_done(node, sess, answered + [p for p in plan.providers if p.id not in held])
 
@@ -612,7 +621,8 @@ class Simulation:
             wait = self.sc.network.dial_timeout if peer.vanished else rtt
             self.at(now + wait, self._dial_done, node, peer, node.session)
             return
-        self.at(now + self.sc.network.connect_rtts * rtt, self._dial_done, node, peer, node.session)
+        setup = self.sc.startup.connect_delay(self.sc.network.connect_rtts * rtt)
+        self.at(now + setup, self._dial_done, node, peer, node.session)
 
     def _dial_done(self, node: Node, peer: Node, sess: int) -> None:
         if not node.online or sess != node.session:
@@ -728,6 +738,7 @@ class Simulation:
             "gone": self.gone,
             "bytes_up": sum(n.bytes_up for n in self.nodes),
             "bytes_down": sum(n.bytes_down for n in self.nodes),
+            "wasted_bytes": self.wasted_bytes,
         }
         return SimResult(
             self.sc.name, self.seed, self.end_time, self.stopped_by, nodes, self.events, self.samples, stats

@@ -70,6 +70,15 @@ CMD_TIMEOUT = 30.0
 EXTRA_NODE_FLAGS: tuple[str, ...] = ()
 """Flags added to every ``swarm-node run`` (e.g. an opt-in to listen beyond loopback)."""
 EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
+QUIET_CORE_PER_HOST = 0.10
+"""The run's clock starts once the nodes are quiet: every node connected to a peer and their CPU
+over the last ``QUIET_WINDOW`` below this many cores per host (start-up, DHT bootstrap and the
+workers' first announce are over), so none of that lands in a completion time."""
+QUIET_WINDOW = 1.0
+QUIET_MIN = 2.0
+"""Seconds the nodes are left alone at least after the last one is ready."""
+QUIET_TIMEOUT = 30.0
+"""Seconds after which the run starts anyway (``stats.quiet_timeout`` says so)."""
 
 
 class TestbedError(RuntimeError):
@@ -353,6 +362,12 @@ class Host:
         self.first_arrival: float | None = None
         self.completed_at: float | None = None
         self.configs_at: float | None = None
+        self.manifest_at: float | None = None  # the node chose the manifest (since t = 0)
+        self.first_piece_at: float | None = None
+        self.wasted = 0  # piece bytes received twice or late (of finished processes)
+        self.cur_wasted = 0
+        self.timeouts = 0
+        self.cur_timeouts = 0
         self.departures = 0
         self.bytes_up = 0  # of finished processes
         self.bytes_down = 0
@@ -373,7 +388,7 @@ class Host:
                 start_new_session=True,
             )
         self.session += 1
-        self.cur_up = self.cur_down = 0
+        self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
 
     def cpu_now(self) -> float:
         c = _cpu_seconds(self.proc.pid) if self.proc is not None else None
@@ -387,6 +402,9 @@ class Host:
         with contextlib.suppress(Exception):
             st = client.status(self.home)
             self.cur_up, self.cur_down = int(st.get("bytes_up") or 0), int(st.get("bytes_down") or 0)
+            ms = st.get("models") or []
+            self.cur_wasted = sum(int(m.get("wasted_bytes") or 0) for m in ms)
+            self.cur_timeouts = sum(int(m.get("timeouts") or 0) for m in ms)
 
     def stop(self, sig: int) -> None:
         """End the process with ``sig`` (SIGKILL after STOP_GRACE), keeping its counters."""
@@ -408,7 +426,9 @@ class Host:
         self.cpu += c or 0.0
         self.bytes_up += self.cur_up
         self.bytes_down += self.cur_down
-        self.cur_up = self.cur_down = 0
+        self.wasted += self.cur_wasted
+        self.timeouts += self.cur_timeouts
+        self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
         self.proc = None
 
     def wait_ready(self, deadline: float, *, serving: bool = False) -> None:
@@ -508,6 +528,7 @@ class Testbed:
         self.threads: list[threading.Thread] = []
         self.model_dir: Path | None = None
         self.seeds: list[Host] = []
+        self.quiet: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -545,6 +566,40 @@ class Testbed:
             h.start(self._node_cmd(h), self.env)
         for h in rest:
             h.wait_ready(time.monotonic() + READY_TIMEOUT, serving=h.group.role == "seed")
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait until every node has a peer and the nodes' CPU is quiet (``QUIET_*``): the
+        clock starts after start-up, bootstrap and the workers' first announce."""
+        t0 = time.monotonic()
+        prev = (t0, sum(h.cpu_now() for h in self.hosts))
+        rate = math.inf
+        while True:
+            time.sleep(QUIET_WINDOW / 2)
+            now = time.monotonic()
+            cpu = sum(h.cpu_now() for h in self.hosts)
+            if now - prev[0] >= QUIET_WINDOW:
+                rate = (cpu - prev[1]) / (now - prev[0]) / max(1, len(self.hosts))
+                prev = (now, cpu)
+            waited = now - t0
+            if waited >= QUIET_TIMEOUT:
+                self.quiet = {"seconds": waited, "core_per_host": rate, "timeout": True}
+                break
+            if waited < QUIET_MIN or rate > QUIET_CORE_PER_HOST:
+                continue
+            if all(self._has_peer(h) for h in self.hosts):
+                self.quiet = {"seconds": waited, "core_per_host": rate, "timeout": False}
+                break
+        self.say(f"nodes quiet after {self.quiet['seconds']:.1f} s ({rate:.3f} core per host)")
+
+    @staticmethod
+    def _has_peer(h: Host) -> bool:
+        from swarm import client
+
+        try:
+            return bool(client.status(h.home).get("peers"))
+        except Exception:
+            return False
 
     # ------------------------------------------------------------------ schedule
 
@@ -578,9 +633,20 @@ class Testbed:
         from swarm import client
 
         def on_event(e: dict) -> None:
-            if e.get("event") == "configs_ready" and h.configs_at is None:
+            kind = e.get("event")
+            since = f"{self.now() - (h.first_arrival or 0):.6f}"
+            if kind == "manifest":  # the node resolved and chose the manifest
+                if h.manifest_at is None:
+                    h.manifest_at = self.now()
+                self.log("manifest", h.id, "", since)
+            elif kind == "progress":  # a piece is in and verified
+                if h.first_piece_at is None:
+                    h.first_piece_at = self.now()
+                    self.log("first_piece", h.id, "", since)
+                self.log("piece", h.id, "", e.get("have", ""))
+            elif kind == "configs_ready" and h.configs_at is None:
                 h.configs_at = self.now()
-                self.log("configs_ready", h.id, "", f"{h.configs_at - (h.first_arrival or 0):.6f}")
+                self.log("configs_ready", h.id, "", since)
 
         try:
             client.fetch_result(
@@ -716,6 +782,7 @@ class Testbed:
         for h in self.hosts:  # collect counters before teardown
             h.poll_bytes()
         machine = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
+        moved = {h.id: h.bytes_up + h.cur_up + h.bytes_down + h.cur_down for h in self.hosts}
         nodes = tuple(
             NodeResult(
                 h.id,
@@ -738,6 +805,14 @@ class Testbed:
             "gone": self.gone,
             "fetch_errors": {h.id: h.fetch_error for h in self.hosts if h.fetch_error},
             "cpu_seconds": cpu,
+            "cpu_seconds_per_mb": {  # CPU per MB the host moved (up + down), during the run
+                h.id: cpu[h.id] / mb for h in self.hosts if (mb := (moved[h.id]) / 1e6) > 0
+            },
+            "mb_moved": {h.id: moved[h.id] / 1e6 for h in self.hosts},
+            "wasted_bytes": {h.id: h.wasted + h.cur_wasted for h in self.hosts},
+            "request_timeouts": {h.id: h.timeouts + h.cur_timeouts for h in self.hosts},
+            "start_of_fetch": _start_of_fetch(self.hosts),
+            "quiet": self.quiet,
             "cpu_per_host_mean": sum(cpu.values()) / max(1, len(cpu)) / max(end, 1e-9),
             "cpu_per_host_max": max(cpu.values(), default=0.0) / max(end, 1e-9),
             "machine_busy": machine,
@@ -772,6 +847,26 @@ class Testbed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _start_of_fetch(hosts: list[Host]) -> dict[str, Any]:
+    """Seconds from a fetching host's first arrival to its manifest and to its first piece:
+    mean, min and max over the hosts that got there."""
+
+    def stat(vals: list[float]) -> dict[str, float] | None:
+        if not vals:
+            return None
+        return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+    out: dict[str, Any] = {}
+    for key in ("manifest_at", "first_piece_at"):
+        vals = [
+            getattr(h, key) - h.first_arrival
+            for h in hosts
+            if h.group.role == "fetch" and h.first_arrival is not None and getattr(h, key) is not None
+        ]
+        out[key.removesuffix("_at")] = stat(vals)
+    return out
+
+
 CPU_BOUND_BUSY = 0.9
 """Machine CPU busy fraction over a run above which its result is flagged as CPU-bound."""
 
@@ -791,11 +886,15 @@ def signals_raise() -> Iterator[None]:
 
 
 def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides that make the simulator model the testbed's network: latency of every group."""
-    from simulations import scenario
+    """Overrides that make the simulator model the testbed: latency of every group, and the start
+    of a fetch measured on it (``simulations.startup.TESTBED``) unless the scenario or the caller
+    set ``startup`` keys."""
+    from simulations import scenario, startup
 
     sc = scenario.load(sc_path, overrides)
     out = dict(overrides)
+    if "startup" not in sc.raw and not any(k.startswith("startup.") for k in overrides):
+        out.update(startup.overrides(startup.TESTBED))
     for g in sc.groups:
         out[f"groups.{g.name}.latency"] = TESTBED_LATENCY
     return out

@@ -70,6 +70,14 @@ def test_cleanup_removes_namespaces_of_killed_runs_only():
         subprocess.run(["ip", "netns", "add", ns], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
     try:
+        import time
+
+        deadline = time.monotonic() + 10  # `ip netns exec` joins the namespace after it starts
+        while not subprocess.run(
+            ["ip", "netns", "pids", stale], capture_output=True, text=True
+        ).stdout.strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         removed = testbed.cleanup_stale()
         assert stale in removed and mine not in removed
         assert sleeper.wait(timeout=10) != 0  # its processes were killed

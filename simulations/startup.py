@@ -1,0 +1,87 @@
+"""The start of a fetch on a real node, as the simulator models it (issue #11 item 4).
+
+The namespace testbed (``swarm-sim testbed``) showed the simulator's fetches starting almost at
+once, where a real node's take seconds: from the client's call to the node having chosen a
+manifest, and from there to its first piece. Three things make up the difference, each a named
+model parameter here (``simulations/sim.py`` calls into this module in a few places only):
+
+- ``announce="manifest"``: a fetching node announces itself once it has chosen the manifest (it
+  announces under the manifest's key, which it cannot know before; swarm/node.py starts
+  ``_announce`` in the nursery that runs the transfer, after ``_resolve``). The simulator used to
+  put a fetcher's provider record in the DHT at its arrival, so a flash crowd found each other
+  before any of them could answer.
+- ``lookup_round``: a DHT lookup (``find_providers``) in a small swarm never reaches its limit of
+  20 first-hand providers, so it runs to its end: the iterative closest-peer lookup, then
+  GET_PROVIDERS to every peer found, dialling the ones it is not linked to. The hop model
+  (``DHTParams.bits_per_hop``) gives a few round trips (well under a millisecond on the testbed);
+  a real lookup takes this long at least.
+- ``link_setup``: a new link (dial, TCP, multistream, the lane's handshake, yamux, the swarm
+  protocol's streams) takes this long before it carries a request, on top of the
+  ``NetworkParams.connect_rtts`` round trips: Python work on both ends, most of it waiting for the
+  CPU. It applies to the connect loop's dials (a manifest request goes over the connection the
+  DHT lookup already made to that provider).
+
+A scenario sets them in a ``[startup]`` table (``--set startup.link_setup=2``). The delays are
+machine-dependent (Python waiting for a CPU), so a scenario's default is ``DEFAULT``: the node's
+behaviour (announce at the manifest) with no delays, the idealised start every shipped scenario
+and test assumes. ``TESTBED`` is what the namespace testbed measured (docs/simulation.md, Testbed
+validation: 6-8 hosts at 5-40 Mbit/s on a shared 2-core machine, plaintext lane);
+``simulations.testbed.for_testbed`` gives it to the simulator's side of ``--compare``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class StartupModel:
+    announce_at_manifest: bool = True
+    """A fetcher whose group announces at ``start`` does so when its manifest is chosen, not at
+    its arrival (swarm/node.py)."""
+    lookup_round: float = 0.0
+    """Seconds a DHT lookup takes at least (a lookup that cannot fill its provider limit runs to
+    its end)."""
+    link_setup: float = 0.0
+    """Seconds a new link takes, beyond ``connect_rtts`` round trips, before it carries a request."""
+
+    def lookup_delay(self, hops_delay: float) -> float:
+        """A lookup's duration given the hop model's."""
+        return max(hops_delay, self.lookup_round)
+
+    def connect_delay(self, rtts_delay: float) -> float:
+        """A new link's set-up time given the round trips' (dial or manifest request)."""
+        return rtts_delay + self.link_setup
+
+
+DEFAULT = StartupModel()
+"""A scenario's start unless its ``[startup]`` table says otherwise: no delays."""
+TESTBED = StartupModel(lookup_round=1.0, link_setup=1.5)
+"""Calibrated on the namespace testbed (see the module docstring)."""
+KEYS = tuple(a.name for a in attrs.fields(StartupModel))
+
+
+def parse(table: Mapping[str, Any], where: str = "startup") -> StartupModel:
+    """A scenario's ``[startup]`` table (durations in seconds or as strings like "1.5 s")."""
+    from simulations import units
+    from simulations.scenario import ScenarioError
+
+    extra = sorted(set(table) - set(KEYS))
+    if extra:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(extra)} (allowed: {', '.join(KEYS)})")
+    m = StartupModel(
+        announce_at_manifest=bool(table.get("announce_at_manifest", DEFAULT.announce_at_manifest)),
+        lookup_round=units.duration(table.get("lookup_round", DEFAULT.lookup_round), f"{where}.lookup_round"),
+        link_setup=units.duration(table.get("link_setup", DEFAULT.link_setup), f"{where}.link_setup"),
+    )
+    if m.lookup_round < 0 or m.link_setup < 0:
+        raise ScenarioError(f"{where}: delays must be >= 0")
+    return m
+
+
+def overrides(model: StartupModel) -> dict[str, Any]:
+    """``--set``-style overrides that give a scenario ``model``."""
+    return {f"startup.{k}": getattr(model, k) for k in KEYS}
