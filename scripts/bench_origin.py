@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import select
 import signal
@@ -59,6 +60,12 @@ def child(spec: dict) -> None:
     from swarm.node import Node, NodeConfig
     from swarm.sources import FetchRequest, SourceEnv
 
+    if spec.get("log"):  # the node's own INFO log (stderr: node.log), timestamped
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s",
+            datefmt="%H:%M:%S",
+        )
     quiet_libp2p_logs()
 
     def say(**kw) -> None:
@@ -72,6 +79,8 @@ def child(spec: dict) -> None:
             serve=tuple((MODEL, Path(d)) for d in spec.get("serve", ())),
             bootstrap=tuple(spec.get("bootstrap", ())),
             serve_hf_cache=True,
+            **({"listen": tuple(spec["listen"])} if spec.get("listen") else {}),
+            **({"lane": spec["lane"]} if spec.get("lane") else {}),
         )
         node = Node(cfg)
         if not spec.get("origin_once", True):
@@ -91,6 +100,8 @@ def child(spec: dict) -> None:
             def on_event(e: dict) -> None:
                 if e.get("event") == "origin_pull":
                     say(event="pull", t=time.time() - t0)
+                elif e.get("event") in ("manifest", "configs_ready", "done"):
+                    say(event=e["event"], t=time.time() - t0)
 
             req = FetchRequest(
                 MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=SourceEnv(hf_endpoint=spec["endpoint"])
@@ -110,12 +121,14 @@ def child(spec: dict) -> None:
 
 
 class Proc:
-    def __init__(self, spec: dict, log: Path) -> None:
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", ns): where the node runs
+
+    def __init__(self, spec: dict, log: Path, prefix: tuple[str, ...] = ()) -> None:
         self.log = open(log, "ab")  # noqa: SIM115 (closed in stop())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SWARM_"))}
         env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(Path(spec["home"]) / "hf"), PYTHONUNBUFFERED="1")
         self.p = subprocess.Popen(
-            [sys.executable, __file__, "--child", json.dumps(spec)],
+            [*prefix, sys.executable, __file__, "--child", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -166,7 +179,11 @@ def run_crowd(
     serve: Path | None,
     kill_at: float | None,
     model_bytes: int,
+    place=None,
+    log: bool = False,
 ) -> dict:
+    """One crowd; ``place(i)``: (extra spec fields, command prefix) of node ``i`` (the testbed puts
+    each in a namespace of its own, scripts/bench_origin_testbed.py)."""
     root = tmp / name
     procs: list[Proc] = []
     peer_ids: list[str] = []
@@ -181,9 +198,12 @@ def run_crowd(
                 "bootstrap": boot[:1],
                 "origin_once": origin_once,
                 "serve": [str(serve)] if serve is not None and i == 0 else [],
+                "log": log,
             }
+            extra, prefix = place(i) if place is not None else ({}, ())
+            spec.update(extra)
             (root / f"n{i}").mkdir(parents=True, exist_ok=True)
-            p = Proc(spec, root / f"n{i}" / "node.log")
+            p = Proc(spec, root / f"n{i}" / "node.log", prefix)
             got: list[dict] = []
             end = time.time() + 60
             while not got and time.time() < end:
@@ -202,6 +222,7 @@ def run_crowd(
             p.send(cmd="fetch", at=at)
         results: dict[int, dict] = {}
         pulls: list[tuple[float, int]] = []
+        timeline: dict[int, dict] = {}  # node -> {event: seconds}: manifest, configs_ready, done, end
         killed = None
         deadline = time.time() + 900
         while len(results) + (killed is not None) < len(fetchers) and time.time() < deadline:
@@ -211,8 +232,11 @@ def run_crowd(
                 for msg in p.lines(0.01):
                     if msg.get("event") == "pull":
                         pulls.append((msg["t"], i))
+                    elif msg.get("event"):
+                        timeline.setdefault(i, {})[msg["event"]] = round(msg["t"], 2)
                     elif "done" in msg:
                         results[i] = msg
+                        timeline.setdefault(i, {})["end"] = round(msg["seconds"], 2)
             if kill_at is not None and killed is None and pulls and hub.bytes_served >= kill_at * model_bytes:
                 killed = min(pulls)[1]
                 fetchers[killed].p.send_signal(signal.SIGKILL)
@@ -229,6 +253,8 @@ def run_crowd(
             "first_s": min((r["seconds"] for r in ok), default=float("nan")),
             "pulls": len(pulls),
             "sources": sorted({r.get("source", "") for r in ok}),
+            "timeline": {i: timeline[i] for i in sorted(timeline)},
+            "pullers": [i for _t, i in sorted(pulls)],
         }
         if killed is not None:
             out["killed_at_s"] = round(kill_time, 2)

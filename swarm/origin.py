@@ -51,11 +51,17 @@ LOOKUP_TIMEOUT = 1.5
 """Seconds one lookup of interested peers (or of the model's providers) may take."""
 POLL = 0.25
 """Seconds between state queries to the puller (a ~200-byte exchange)."""
-PROBE_TIMEOUT = 1.0
-"""Seconds one state query may take; a live node answers in milliseconds."""
+PROBE_TIMEOUT = 2.0
+"""Seconds one state query may take. A live node answers in milliseconds when idle, but a node
+hashing a model on a loaded host took over 1 s to open a stream (namespace testbed, 8 nodes on 2
+vCPUs: at 1 s, followers dropped a puller that had just seeded and elected again, ~10 s lost)."""
 PROBE_FAILURES = 3
-"""Failed state queries in a row after which the puller counts as gone (a dead process refuses the
-connection at once: ~0.75 s with POLL; a hung host times out: ~3 s)."""
+"""Refused state queries in a row (connection refused or reset: a dead process) after which the
+puller counts as gone: ~0.75 s with POLL. Queries that time out count only through
+SILENT_TIMEOUT."""
+SILENT_TIMEOUT = 8.0
+"""Seconds without any answer from the puller (state, file listing or mirrored bytes) after which
+it counts as gone: a host that vanished (no RST) or hangs. A busy one answers within this."""
 STALL_TIMEOUT = 3.0
 """Seconds without any progress reported by the puller (bytes of its download) before it is
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
@@ -139,6 +145,7 @@ class _Interest:
     blobs: Path | None = None  # where our pull writes (the repo's blobs/), while pulling
     have: int = 0  # bytes our copy of the puller's partial files holds
     building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
+    heard: float = 0.0  # trio time of the followed puller's last answer of any kind
 
 
 def _count(v: object) -> bool:
@@ -304,6 +311,7 @@ class OriginCoordinator:
         (resuming the partial files in ``blobs``), verifies and seeds, calling the function it is
         given once the download is over (the manifest is built next: progress then ticks)."""
         mkey = model_key(repo_id)
+        t0 = trio.current_time()
         if await self._providers(mkey):
             return await swarm_fetch()
         key = origin_key(repo_id, ref)
@@ -312,7 +320,14 @@ class OriginCoordinator:
             return await swarm_fetch()
         it = self.interests[key] = _Interest()
         try:
+            t1 = trio.current_time()
             await self.host.provide(key)
+            log.info(
+                "origin: no provider of %s (lookup %.1f s); interest announced in %.1f s",
+                repo_id,
+                t1 - t0,
+                trio.current_time() - t1,
+            )
             await trio.sleep(ELECTION_SETTLE)
             return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
         except BaseException:
@@ -345,28 +360,39 @@ class OriginCoordinator:
                 " as its backup" if backup else "",
                 extra={"event": "origin_follow", "leader": leader, "backup": backup},
             )
+            it.heard = trio.current_time()
             async with trio.open_nursery() as n:
                 if backup:  # next in line: keep a copy of its partial files to resume from
                     n.start_soon(self._mirror, key, leader, blobs, it)
-                seeded = await self._follow(key, leader, it)
+                why = await self._follow(key, leader, it)
                 n.cancel_scope.cancel()
-            if seeded:
+            if why is None:
                 it.state = "seeded"
+                log.info("origin: %s seeded; fetching through the swarm", leader[:12])
                 return await swarm_fetch((leader,))
             log.warning(
-                "origin: puller %s gone or stalled; electing again",
+                "origin: puller %s %s; electing again",
                 leader[:12],
-                extra={"event": "origin_replace", "leader": leader},
+                why,
+                extra={"event": "origin_replace", "leader": leader, "reason": why},
             )
             excluded.add(leader)
+            if await self._providers(mkey):  # it (or another) seeded while we could not tell
+                it.state = "seeded"
+                return await swarm_fetch((leader,))
 
     async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]) -> Path | None:
         """Our pull; None if we gave way to a closer puller (two elected at once)."""
         it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
         it.building = False
 
+        started = trio.current_time()
+        done_at: list[float] = []
+
         def downloaded() -> None:
             it.building = True
+            done_at.append(trio.current_time())
+            log.info("origin: pulled and verified in %.1f s; building the manifest", done_at[0] - started)
 
         log.info("origin: pulling from the origin", extra={"event": "origin_pull"})
         result: list[Path] = []
@@ -389,6 +415,10 @@ class OriginCoordinator:
                 await trio.sleep_forever()
         if result:
             it.state = "seeded"
+            log.info(
+                "origin: seeded %.1f s after the download",
+                trio.current_time() - (done_at[0] if done_at else started),
+            )
             return result[0]
         it.state, it.blobs = "waiting", None
         return None
@@ -427,6 +457,7 @@ class OriginCoordinator:
                     leader, ORIGIN_PROTOCOL, _query(key, op="files"), timeout=PROBE_TIMEOUT
                 )
                 listing = _parse_listing(raw)
+                it.heard = trio.current_time()  # an answer: the puller is alive
                 for name, size in listing:
                     await self._mirror_file(key, leader, blobs, name, size)
                 it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
@@ -466,6 +497,7 @@ class OriginCoordinator:
         following progress), else the live interested peer holding most bytes to resume from
         (the dead puller's backup), ties to the closest (maybe us). None when the model has
         providers now."""
+        t0 = trio.current_time()
         found = await self._providers(key)
         others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
         others.sort(key=lambda p: distance(p.peer_id, key))
@@ -505,34 +537,52 @@ class OriginCoordinator:
             if leader == self.peer_id and await self._providers(mkey):
                 return None  # a last look before pulling: someone may have seeded it meanwhile
         rest = live - {leader}
+        log.info(
+            "origin: election in %.1f s: %d interested found, %d answered, %d active; leader %s",
+            trio.current_time() - t0,
+            len(others),
+            len(states),
+            len(active),
+            leader[:12],
+        )
         return leader, bool(rest) and min(rest, key=rank) == self.peer_id
 
-    async def _follow(self, key: bytes, leader: str, it: _Interest) -> bool:
-        """Wait while ``leader``'s pull goes on: True once seeded, False if it is gone, failed or
-        stalled (no change in its state or progress for STALL_TIMEOUT while it pulls, WAIT_GRACE
-        while it waits)."""
-        failures = 0
+    async def _follow(self, key: bytes, leader: str, it: _Interest) -> str | None:
+        """Wait while ``leader``'s pull goes on: None once seeded, else why it was given up: gone
+        (``PROBE_FAILURES`` refused queries in a row, or no answer of any kind for
+        ``SILENT_TIMEOUT``), failed, or stalled (no change in its state or progress for
+        STALL_TIMEOUT while it pulls, WAIT_GRACE while it waits)."""
+        refused = 0
         last: tuple[str, int] | None = None
         since = trio.current_time()
         while True:
             try:
                 st = await self.ask(leader, key)
             except (NetError, ValueError) as e:
-                failures += 1
-                if failures >= PROBE_FAILURES:
-                    log.info("origin: %s stopped answering: %s", leader[:12], e)
-                    return False
+                now = trio.current_time()
+                if isinstance(e, ValueError) or not _timed_out(e):
+                    refused += 1
+                if refused >= PROBE_FAILURES:
+                    return f"refused {refused} state queries in a row ({e})"
+                if now - it.heard > SILENT_TIMEOUT:
+                    return f"did not answer for {now - it.heard:.1f} s ({e})"
                 await trio.sleep(POLL)
                 continue
-            failures = 0
+            refused = 0
+            now = it.heard = trio.current_time()
             if st.state == "seeded":
-                return True
+                return None
             if st.state in ("failed", "none"):
-                return False
+                return f"reports {st.state}"
             it.progress = st.progress
-            now = trio.current_time()
             if (st.state, st.progress) != last:
                 last, since = (st.state, st.progress), now
             elif now - since > (STALL_TIMEOUT if st.state == "pulling" else WAIT_GRACE):
-                return False
+                return f"made no progress for {now - since:.1f} s ({st.state})"
             await trio.sleep(POLL)
+
+
+def _timed_out(e: Exception) -> bool:
+    """Whether a query failed by timing out (a busy or unreachable peer) rather than by being
+    refused or reset (a dead process: its kernel answers at once)."""
+    return "timed out" in str(e)

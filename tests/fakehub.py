@@ -97,7 +97,10 @@ class FakeHub:
         delay: float = 0.0,
         rate: float | None = None,
         hang_after: int | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
+        self.host, self.port = host, port  # where it listens (another address: a testbed namespace's)
         self.repos: dict[str, _Repo] = {}
         self.token = token  # when set, requests must carry "Authorization: Bearer <token>"
         self.delay = delay  # seconds to sleep before answering each request
@@ -154,7 +157,7 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakehub", daemon=True)
         self._thread.start()
