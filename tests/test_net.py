@@ -21,8 +21,8 @@ import trio
 
 from swarm import wire
 from swarm.engine import EngineConfig, LinkClosed, Transfer
-from swarm.net import host as host_mod
 from swarm.net import quiet_libp2p_logs
+from swarm.net import requests as requests_mod
 from swarm.net.host import (
     NetError,
     PeerAddr,
@@ -495,7 +495,7 @@ async def test_garbage_on_pieces_protocol(tmp_path):
 
 
 async def test_pieces_stream_without_hello_is_closed(tmp_path, monkeypatch):
-    monkeypatch.setattr(host_mod, "HELLO_TIMEOUT", 0.3)
+    monkeypatch.setattr(requests_mod, "HELLO_TIMEOUT", 0.3)
     reached = []
 
     async def on_link(link, hello):
