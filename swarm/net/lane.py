@@ -50,6 +50,7 @@ import trio
 
 from swarm import wire
 from swarm.engine import LinkClosed
+from swarm.net import compat
 from swarm.net import lane_crypto as lc
 from swarm.net.lane_codec import decode_frame as _decode_frame  # noqa: F401 (tests import it here)
 from swarm.net.lane_link import POOL_BUFFERS, STALL_TIMEOUT, LaneLink, blocking_socket  # noqa: F401 (re-exported)
@@ -146,7 +147,7 @@ def bind_host_of(listen: list[str] | tuple[str, ...]) -> str:
 
 
 def _stream_peer(stream: Any) -> str:
-    return stream.muxed_conn.peer_id.to_base58()
+    return compat.stream_peer_id(stream)
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes:

@@ -335,7 +335,7 @@ async def _read_to_end(stream, limit: int) -> bytes:
     while True:
         try:
             chunk = await stream.read(limit + 1 - len(data))
-        except Exception as e:  # py-libp2p signals EOF with StreamEOF (or a closed stream)
+        except Exception as e:  # the end of the stream, in py-libp2p 0.8.1 (compat)
             if compat.is_stream_eof(e):
                 break
             raise
