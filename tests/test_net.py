@@ -710,3 +710,13 @@ def test_libp2p_version_is_checked_and_private_api_stays_in_compat():
             continue
         text = path.read_text()
         assert not [p for p in private if p in text], path.name
+
+
+def test_net_modules_stay_small():
+    """Issue #13: no module over ~600 lines in swarm/net (each file does one job)."""
+    from pathlib import Path
+
+    import swarm.net
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in Path(swarm.net.__file__).parent.glob("*.py")}
+    assert max(sizes.values()) <= 650, sizes
