@@ -21,8 +21,8 @@ import trio
 
 from swarm import wire
 from swarm.engine import EngineConfig, LinkClosed, Transfer
-from swarm.net import host as host_mod
 from swarm.net import quiet_libp2p_logs
+from swarm.net import requests as requests_mod
 from swarm.net.host import (
     NetError,
     PeerAddr,
@@ -495,7 +495,7 @@ async def test_garbage_on_pieces_protocol(tmp_path):
 
 
 async def test_pieces_stream_without_hello_is_closed(tmp_path, monkeypatch):
-    monkeypatch.setattr(host_mod, "HELLO_TIMEOUT", 0.3)
+    monkeypatch.setattr(requests_mod, "HELLO_TIMEOUT", 0.3)
     reached = []
 
     async def on_link(link, hello):
@@ -659,3 +659,64 @@ async def test_manifest_reply_budget_is_enforced():
         await SwarmHost._manifest_exchange(
             _ScriptedLink([wire.ManifestReply(b"m")] * (wire.MAX_MANIFESTS_PER_REPLY + 1)), request
         )
+
+
+def test_manifest_exchange_rules_without_io():
+    from swarm.net import manifest_exchange as mx
+
+    c = mx.ReplyCollector()
+    assert c.feed(wire.ManifestReply(b"m", b"s")) is None
+    with pytest.raises(wire.ProtocolError, match="count 2 but 1"):
+        c.feed(wire.ManifestEnd(2))
+    with pytest.raises(mx.Refused, match="busy"):
+        mx.ReplyCollector().feed(wire.Error(mx.BUSY))
+    with pytest.raises(wire.ProtocolError, match="unexpected Have"):
+        mx.ReplyCollector().feed(wire.Have(1))
+    with pytest.raises(wire.ProtocolError, match="expected ManifestRequest"):
+        mx.check_request(wire.Have(1))
+    big = (b"x" * (12 << 20), b"")
+    assert len(mx.reply_budget([big, big, big])) == 2  # cut to fit MAX_REPLY_BYTES, not refused
+    assert len(mx.reply_budget([(b"m", b"")] * (mx.MAX_REPLIES + 5))) == mx.MAX_REPLIES
+    with pytest.raises(ValueError, match="signature"):
+        mx.reply_budget([(b"m", b"s" * (wire.MAX_SIGNATURE_BYTES + 1))])
+
+
+def test_libp2p_version_is_checked_and_private_api_stays_in_compat():
+    import warnings
+    from pathlib import Path
+
+    from swarm.net import compat
+
+    assert compat.check_libp2p_version(compat.LIBP2P_VERSION)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not compat.check_libp2p_version("0.9.0")
+    assert any("pinned to py-libp2p 0.8.1" in str(w.message) for w in caught)
+    # The private py-libp2p API swarm relies on is named in compat.py only.
+    private = (
+        "muxed_conn",
+        "get_network().connections",
+        "unblock_peer",
+        "providing_keys",
+        "maybe_consume_signed_record",
+        "env_to_send_in_RPC",
+        "read_varint_prefixed_bytes_limited",
+        "BaseNoiseMsgReadWriter",
+        "StreamEOF",
+    )
+    net = Path(compat.__file__).parent
+    for path in net.glob("*.py"):
+        if path.name == "compat.py":
+            continue
+        text = path.read_text()
+        assert not [p for p in private if p in text], path.name
+
+
+def test_net_modules_stay_small():
+    """Issue #13: no module over ~600 lines in swarm/net (each file does one job)."""
+    from pathlib import Path
+
+    import swarm.net
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in Path(swarm.net.__file__).parent.glob("*.py")}
+    assert max(sizes.values()) <= 650, sizes

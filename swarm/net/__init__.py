@@ -2,7 +2,13 @@
 
 - ``identity``: the node's persistent Ed25519 key (its peer id).
 - ``links``: ``StreamLink``, an ``engine.PeerLink`` over one libp2p stream.
-- ``host``: ``SwarmHost`` (noise-only host, Kademlia DHT, manifest and pieces protocols).
+- ``host``: ``SwarmHost`` (noise-only host, Kademlia DHT, manifest and pieces protocols), with
+  ``providers`` (DHT provider records), ``requests`` (protocol handlers), ``addrs`` (keys,
+  addresses, NetError) and ``manifest_exchange`` (the manifest exchange's rules, pure).
+- ``lane``: the direct TCP data lane's setup and listener, with ``lane_link`` (``LaneLink`` and
+  its threads), ``lane_codec`` (records, sans-I/O), ``lane_crypto`` (keys, proofs, sealing) and
+  ``lane_pool`` (piece buffers).
+- ``compat``: every py-libp2p workaround and private-API use, pinned to py-libp2p 0.8.1.
 
 Importing this package itself does not import libp2p (the submodules do; ~1 s, ~86 MB).
 """

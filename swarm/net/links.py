@@ -20,6 +20,7 @@ import trio
 
 from swarm import wire
 from swarm.engine import LinkClosed
+from swarm.net import compat
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class StreamLink:
         self, stream, allowed_types: frozenset[int] | None = wire.PIECES_TYPES, *, outbound: bool = False
     ):
         self._stream = stream
-        self.peer_id: str = stream.muxed_conn.peer_id.to_base58()
+        self.peer_id: str = compat.stream_peer_id(stream)
         self.outbound = outbound
         """True if we opened the stream (a tie-break for two simultaneous links between two
         peers: both sides can agree to keep the one opened by the smaller peer id)."""

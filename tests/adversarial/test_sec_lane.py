@@ -19,9 +19,9 @@ import trio
 from advkit import ENGINE, MODEL, assert_honest_alive, record, start_node, weight_pieces
 
 from swarm import wire
-from swarm.net import host as host_mod
 from swarm.net import lane as lane_mod
 from swarm.net import lane_crypto as lc
+from swarm.net import requests as requests_mod
 from swarm.net.host import PeerAddr, SwarmHost
 from swarm.net.identity import load_or_create_identity
 from swarm.net.lane import ACCEPT, MAGIC, OFFER, LaneLink, _decode_frame, _read_exactly
@@ -355,7 +355,7 @@ async def test_pieces_stream_refuses_oversized_pieces_from_their_header(
     PIECE frame of 64 MiB for a 4 MiB weight piece, are both refused from their
     header (an Error, then the stream ends). Before the fix the seeder buffered up to 64 MiB of
     either before looking at it."""
-    monkeypatch.setattr(host_mod, "HELLO_TIMEOUT", 60.0)
+    monkeypatch.setattr(requests_mod, "HELLO_TIMEOUT", 60.0)
     src, manifest, _pieces = adv_model
     async with AsyncExitStack() as stack:
         seeder = await start_node(stack, tmp_path, "seeder", serve=((MODEL, src),))
