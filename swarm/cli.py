@@ -620,19 +620,32 @@ def _positive_int(value: str) -> int:
 
 
 def _add_home(p: argparse.ArgumentParser) -> None:
-    from swarm.config import add_arguments
-
-    add_arguments(p, ["home"])  # flag, help and variable from the option table (swarm/config/)
+    p.add_argument(
+        "--home",
+        metavar="DIR",
+        help="node state directory: identity, piece state, control socket "
+        "(env SWARM_HOME; default: the user cache dir)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
 
 
+LANE_HELP = (
+    "how piece bytes travel: over a direct TCP data lane set up through the authenticated libp2p "
+    "connection, 'encrypted' (AES-256-GCM, the default) or 'plaintext' (piece bytes unencrypted "
+    "on the wire: for trusted networks only; used only when both ends are set to plaintext, an "
+    "encrypted peer never accepts it; control messages stay encrypted and every piece is still "
+    "verified with blake3); or 'off' (libp2p streams only). A link falls back to a libp2p stream "
+    "whenever the lane cannot be opened"
+)
+
+
 def _add_lane(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    from swarm.config import LANE_MODES, option
+    from swarm.config import LANE_MODES
 
     where = (
         f"default {default}" if default is not None else "env SWARM_LANE, config key lane; default encrypted"
     )
-    p.add_argument("--lane", choices=LANE_MODES, default=default, help=f"{option('lane').help} ({where})")
+    p.add_argument("--lane", choices=LANE_MODES, default=default, help=f"{LANE_HELP} ({where})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -651,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from swarm.config import add_run_arguments
 
-    add_run_arguments(run)  # every option of the table in swarm/config/options.py
+    add_run_arguments(run)  # every option of the table in swarm/config.py
     run.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
