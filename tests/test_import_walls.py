@@ -34,11 +34,21 @@ LOW = (
     "swarm.cache_admin",
     "swarm.confine",
     "swarm.logfmt",
+    "swarm.dynamo.card",
     "simulations",
 )
 """The engine, the pure values and decisions, the store, and the simulator that drives them."""
 
-CLIENT = ("swarm.client", "swarm.fetchapi", "swarm.selection", "swarm.home", "swarm.config")
+CLIENT = (
+    "swarm.client",
+    "swarm.control_client",
+    "swarm.delivery",
+    "swarm.fetchapi",
+    "swarm.selection",
+    "swarm.home",
+    "swarm.config",
+    "swarm.sources",
+)
 """``import swarm; swarm.fetch(...)`` and what it uses: it talks to a running node over the control
 socket, so it needs neither libp2p (~1 s and ~86 MB to import) nor the node."""
 
