@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes docs/configuration.md from the option table in swarm/config.py (OPTIONS).
+"""Writes docs/configuration.md from the option table in swarm/config/options.py (OPTIONS).
 
 Usage: ``.venv/bin/python scripts/gen_config_reference.py`` (tests/test_cli.py fails when the file
 and the table differ)."""

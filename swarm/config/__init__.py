@@ -47,7 +47,7 @@ from swarm.config.base import (
     default_home,
     socket_path,
 )
-from swarm.config.options import OPTIONS, Option
+from swarm.config.options import KINDS, OPTIONS, Option, option
 from swarm.config.parse import (
     MIN_RATE,
     RATE_DOC,
@@ -63,12 +63,13 @@ from swarm.config.parse import (
     parse_size,
 )
 from swarm.config.resolve import RunSettings, bootstrap_from_env, load_toml, resolve_home, resolve_run
-from swarm.config.views import add_run_arguments, reference_markdown
+from swarm.config.views import add_arguments, add_run_arguments, reference_markdown
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_LANE",
     "DEFAULT_LISTEN",
+    "KINDS",
     "LANE_MODES",
     "LOG_FORMATS",
     "MIN_RATE",
@@ -80,6 +81,7 @@ __all__ = [
     "ConfigError",
     "Option",
     "RunSettings",
+    "add_arguments",
     "add_run_arguments",
     "bootstrap_from_env",
     "check_hostport",
@@ -90,6 +92,7 @@ __all__ = [
     "default_home",
     "format_rate",
     "load_toml",
+    "option",
     "parse_psk_option",
     "parse_rate",
     "parse_serve",

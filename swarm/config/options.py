@@ -3,8 +3,9 @@ flags, the ``SWARM_*`` variables, the TOML keys and the reference in docs/config
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+import attrs
 
 from swarm.config.base import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -17,8 +18,25 @@ from swarm.config.base import (
 
 # --- the option table --------------------------------------------------------------------------
 
+KINDS = (
+    "path",
+    "addrs",
+    "peer_addrs",
+    "serve",
+    "switch",
+    "choice",
+    "psk",
+    "peer_ids",
+    "hostport",
+    "seconds",
+    "size",
+    "rate",
+)
+"""How an option's values are read (see ``Option``)."""
+_LIST_KINDS = ("addrs", "peer_addrs", "serve", "peer_ids")
 
-@dataclass(frozen=True)
+
+@attrs.frozen
 class Option:
     """One setting of ``swarm-node run``. ``kind`` decides how its values are read:
 
@@ -36,7 +54,7 @@ class Option:
     """
 
     key: str
-    kind: str
+    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
     help: str
     default: Any = None
     default_doc: str = "none"
@@ -54,11 +72,19 @@ class Option:
         return "SWARM_" + self.key.upper()
 
     @property
+    def cli_off(self) -> str:
+        """A switch's ``--no-x`` flag."""
+        return "--no-" + self.cli[2:]
+
+    @property
+    def env_off(self) -> str:
+        """A switch's ``SWARM_NO_X`` variable."""
+        return "SWARM_NO_" + self.key.upper()
+
+    @property
     def is_list(self) -> bool:
         return self.kind in _LIST_KINDS
 
-
-_LIST_KINDS = ("addrs", "peer_addrs", "serve", "peer_ids")
 
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -205,6 +231,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
+
+
+def option(key: str) -> Option:
+    """The entry of ``OPTIONS`` for ``key`` (KeyError if there is none)."""
+    return _BY_KEY[key]
+
+
 _NODE_KEYS = (
     "home",
     "cache_dir",

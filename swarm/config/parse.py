@@ -41,7 +41,6 @@ def _check_multiaddr(addr: str, where: str, *, need_peer_id: bool) -> str:
 
 _PSK_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SWARM_KEY = re.compile(r"/key/swarm/psk/1\.0\.0/\s*/base16/\s*([0-9a-fA-F]{64})\s*")
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 def _psk_text(text: str) -> str | None:
@@ -81,14 +80,13 @@ def parse_psk_option(value: str, where: str, base: Path | None = None) -> str:
 
 
 def _b58decode(s: str) -> bytes | None:
-    n = 0
-    for c in s:
-        i = _B58.find(c)
-        if i < 0:
-            return None
-        n = n * 58 + i
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
-    return b"\0" * (len(s) - len(s.lstrip("1"))) + raw
+    """Base58 (bitcoin alphabet, as libp2p peer ids use) to bytes; None if ``s`` is not base58."""
+    import base58  # only here: the client path never checks a publisher
+
+    try:
+        return base58.b58decode(s)
+    except ValueError:
+        return None
 
 
 def check_publisher_id(peer_id: str, where: str) -> str:

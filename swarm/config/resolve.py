@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm.config.base import ConfigError, default_cache_dir, default_home
-from swarm.config.options import _BY_KEY, _NODE_KEYS, OPTIONS, Option
+from swarm.config.options import _BY_KEY, _NODE_KEYS, OPTIONS, Option, option
 from swarm.config.parse import (
     _check_multiaddr,
     _parse_bool,
@@ -121,11 +121,6 @@ def load_toml(path: Path | str) -> dict[str, Any]:
     return out
 
 
-def _config_file(cli_config: str | os.PathLike | None, env: Mapping[str, str]) -> dict[str, Any]:
-    path = cli_config or env.get("SWARM_CONFIG") or None
-    return load_toml(path) if path else {}
-
-
 def resolve_home(
     cli_home: str | os.PathLike | None = None,
     *,
@@ -135,14 +130,32 @@ def resolve_home(
     """The home directory a command talks to: ``--home`` > ``SWARM_HOME`` > the config file's
     ``home`` > the default. ``fetch``, ``status`` and ``swarm.fetch`` find the running node here."""
     env = os.environ if env is None else env
-    if cli_home:
-        return Path(cli_home).expanduser().absolute()
-    if env.get("SWARM_HOME"):
-        return Path(env["SWARM_HOME"]).expanduser().absolute()
-    toml = _config_file(cli_config, env)
-    if "home" in toml:
-        return Path(toml["home"]).absolute()
-    return default_home()
+    toml_path = cli_config or env.get("SWARM_CONFIG") or None
+    home, _where = _pick(option("home"), {"home": cli_home}, env, _LazyToml(toml_path), str(toml_path))
+    return default_home() if home is None else Path(home).absolute()
+
+
+class _LazyToml(Mapping):
+    """The TOML file's values, read only when the command line and the variables left the option
+    unset (``resolve_home`` with ``--home`` given never reads, so never fails on, the file)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self._path = path
+        self._values: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._values is None:
+            self._values = load_toml(self._path) if self._path else {}
+        return self._values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 class RunSettings:
@@ -179,7 +192,7 @@ def _given(opt: Option, given: Mapping[str, Any]) -> tuple[Any, bool]:
     if opt.kind == "switch":
         off = given.get("no_" + opt.key)
         if value and off:
-            raise ConfigError(f"{opt.cli} and --no-{opt.cli[2:]} contradict each other")
+            raise ConfigError(f"{opt.cli} and {opt.cli_off} contradict each other")
         if off:
             return False, True
         return value, value is not None
@@ -189,7 +202,9 @@ def _given(opt: Option, given: Mapping[str, Any]) -> tuple[Any, bool]:
 def _pick(
     opt: Option, given: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any], toml_where: str
 ) -> tuple[Any, str | None]:
-    """(value, where it came from); where is None for the default."""
+    """The one place the order of precedence lives: the command line (``given``), else the
+    variable, else the TOML file, else the default. Returns (value, where it came from); where is
+    None for the default."""
     value, is_given = _given(opt, given)
     if is_given:
         if opt.kind == "switch":
@@ -198,7 +213,7 @@ def _pick(
             items = tuple(_from_text(opt, str(v), opt.cli) for v in value)
             return (_unique_serve(items, opt.cli) if opt.kind == "serve" else items), opt.cli
         return _from_text(opt, str(value), opt.cli), opt.cli
-    var, off_var = opt.env, "SWARM_NO_" + opt.key.upper()
+    var, off_var = opt.env, opt.env_off
     if opt.kind == "switch" and env.get(off_var, "").strip():
         if env.get(var, "").strip():
             raise ConfigError(f"set only one of {var} and {off_var}")
@@ -256,7 +271,4 @@ def resolve_run(
 def bootstrap_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """``SWARM_BOOTSTRAP`` (comma-separated), checked; used by the embedded node of swarm.fetch."""
     env = os.environ if env is None else env
-    return tuple(
-        _check_multiaddr(a, "SWARM_BOOTSTRAP", need_peer_id=True)
-        for a in _split_list(env.get("SWARM_BOOTSTRAP", ""))
-    )
+    return _pick(option("bootstrap"), {}, env, {}, "")[0]

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Any
 
-from swarm.config.options import _KIND_DOC, OPTIONS
+from swarm.config.options import _KIND_DOC, OPTIONS, option
 from swarm.config.parse import RATE_DOC
 
 # --- generated views of the table --------------------------------------------------------------
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every option of ``OPTIONS`` as a flag of ``parser`` (``dest`` is the option's key; nothing
-    is defaulted here, so ``resolve_run`` can tell what the command line set)."""
-    for opt in OPTIONS:
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    keys: Iterable[str] | None = None,
+    *,
+    group: str | None = None,
+) -> None:
+    """The options ``keys`` (every one of ``OPTIONS`` if None) as flags of ``parser``, inside a new
+    argument group titled ``group`` if given. ``dest`` is the option's key and nothing is
+    defaulted here, so ``resolve_run`` / ``resolve_home`` can tell what the command line set."""
+    target = parser.add_argument_group(group) if group else parser
+    for opt in OPTIONS if keys is None else [option(k) for k in keys]:
         doc = f"{opt.help} (env {opt.env}; config key {opt.key}; default {opt.default_doc})"
         doc = doc.replace("%", "%%")
         kw: dict[str, Any] = {"dest": opt.key, "help": doc, "default": None}
@@ -27,7 +35,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             if opt.choices:
                 kw["choices"] = opt.choices
                 kw["metavar"] = "{" + ",".join(opt.choices) + "}"
-        parser.add_argument(opt.cli, **kw)
+        target.add_argument(opt.cli, **kw)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``OPTIONS`` as a flag of ``parser`` (``swarm-node run``)."""
+    add_arguments(parser)
 
 
 def reference_markdown() -> str:
@@ -35,9 +48,9 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `swarm/config.py` (`OPTIONS`) by `scripts/gen_config_reference.py`; a test",
-        "fails when this file and the table differ. Every setting of `swarm-node run` comes from, in",
-        "this order: the command line, a `SWARM_*` variable (an empty one counts as unset), the TOML",
+        "Generated from `swarm/config/options.py` (`OPTIONS`) by `scripts/gen_config_reference.py`; a",
+        "test fails when this file and the table differ. Every setting of `swarm-node run` comes from,",
+        "in this order: the command line, a `SWARM_*` variable (an empty one counts as unset), the TOML",
         "file named by `--config` or `SWARM_CONFIG` (relative paths are relative to the file), the",
         "default. Lists are taken whole from the first place that sets them; in variables they are",
         "comma-separated. Switches have `--x` / `--no-x` flags and `SWARM_X` / `SWARM_NO_X`",
@@ -47,8 +60,8 @@ def reference_markdown() -> str:
         "|---|---|---|---|---|---|",
     ]
     for o in OPTIONS:
-        flag = f"`{o.cli}` / `--no-{o.cli[2:]}`" if o.kind == "switch" else f"`{o.cli}`"
-        var = f"`{o.env}` / `SWARM_NO_{o.key.upper()}`" if o.kind == "switch" else f"`{o.env}`"
+        flag = f"`{o.cli}` / `{o.cli_off}`" if o.kind == "switch" else f"`{o.cli}`"
+        var = f"`{o.env}` / `{o.env_off}`" if o.kind == "switch" else f"`{o.env}`"
         kind = _KIND_DOC[o.kind] + (f": {', '.join(o.choices)}" if o.choices else "")
         meaning = o.help.replace("|", "\\|")
         lines.append(f"| `{o.key}` | {flag} | {var} | {kind} | {o.default_doc} | {meaning} |")
