@@ -108,7 +108,7 @@ def atomic_write(tmp_dir: Path, dest: Path, data: bytes, *, durable: bool = True
     """Write ``dest`` via a tmp file in ``tmp_dir`` + fsync + rename (same filesystem). Without
     ``durable`` the fsyncs are skipped: readers still never see a partial file, but after a power
     loss it may be missing or torn (only for files validated on read). Raises OSError."""
-    tmp = tmp_dir / f"w-{os.getpid()}-{secrets.token_hex(6)}"
+    tmp = tmp_dir / f".w-{os.getpid()}-{secrets.token_hex(6)}"  # hidden where it is staged beside dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
