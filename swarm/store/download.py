@@ -14,7 +14,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import stat
 import threading
 import time
@@ -24,10 +23,9 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from swarm.manifest import EMPTY_DIGEST, Manifest
+from swarm.manifest import Manifest
 from swarm.store import resume
 from swarm.store.errors import (
-    DiskFull,
     ForeignBlob,
     PieceHashMismatch,
     PieceNotAvailable,
@@ -45,10 +43,9 @@ from swarm.store.fileio import (
     pwrite_all,
     unlink_quiet,
 )
-from swarm.store.hashing import hash_fd
 from swarm.store.layout import check_ref
 from swarm.store.locks import DownloadLock, Held
-from swarm.store.partfile import PartFile
+from swarm.store.partfile import PartFile, check_room
 
 if TYPE_CHECKING:
     from swarm.store.store import Store
@@ -76,6 +73,7 @@ class Download:
         self._store = store
         self._lock_handle = lock
         self._layout = store.layout(manifest.model)
+        self._tmp = self._layout.meta / "tmp"  # made by open_download
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._flush_lock = threading.Lock()
@@ -120,7 +118,11 @@ class Download:
         except OSError as exc:
             raise wrap_os_error(exc, "checking", f.final_path) from exc
         if st is not None:
-            if stat.S_ISREG(st.st_mode) and st.st_size == fe.size and self._adoptable(f, st, rehash=f.wanted):
+            if (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size == fe.size
+                and f.adoptable(st, rehash=f.wanted, tmp_dir=self._tmp)
+            ):
                 self._mark_final(f)
                 unlink_quiet(f.state_path)
                 return
@@ -139,75 +141,11 @@ class Download:
             return
         self._restore(f)
 
-    def _marker(self, f: PartFile) -> Path:
-        return self._layout.meta / "verified" / f.hex
-
-    @staticmethod
-    def _identity(st: os.stat_result) -> str:
-        return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
-
-    def _adoptable(self, f: PartFile, st: os.stat_result, *, rehash: bool) -> bool:
-        """Whether ``blobs/<hex>`` (of the manifest's size) is the file the manifest describes:
-        swarm verified it there itself (its marker matches), or (``rehash``: a wanted file) it
-        hashes to its name now. Only then is it used; nothing else is read as ours."""
-        if st.st_size == 0:  # a manifest's empty file has the empty digest (validated)
-            return True
-        try:
-            if self._marker(f).read_text() == self._identity(st):
-                return True
-        except (OSError, ValueError):
-            pass
-        if not rehash:
-            return False
-        with io_errors("checking", f.final_path):
-            fd = os.open(f.final_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                ok = hash_fd(fd, st.st_size) == f.entry.digest
-            finally:
-                os.close(fd)
-        if ok:
-            self._mark_verified(f)
-        else:
-            log.warning("%s does not hash to its name; not using it", f.final_path)
-        return ok
-
-    def _mark_verified(self, f: PartFile) -> None:
-        """Record that the blob at ``f.final_path`` was verified by us (a cache: losing it costs
-        one re-hash, so it is not fsynced)."""
-        try:
-            st = os.stat(f.final_path)
-            self._store._atomic_write(
-                self.manifest.model, self._marker(f), self._identity(st).encode(), durable=False
-            )
-        except (OSError, StoreError) as exc:
-            log.info("cannot record %s as verified: %s", f.final_path, exc)
-
     def _check_room(self) -> None:
         """DiskFull, before a byte is preallocated, if the files still to fetch need more space
-        than the filesystem has free (a manifest may name files of up to 4 TiB: refused here rather
-        than reserved, or created sparse where preallocation is not supported)."""
-        need = 0
-        for f in self._files:
-            if not f.wanted or f.final:
-                continue
-            try:
-                held = os.stat(f.part_path).st_blocks * 512
-            except OSError:
-                held = 0
-            need += max(0, f.entry.size - held)
-        if not need:
-            return
-        blobs = self._layout.blobs
-        with io_errors("checking free space in", blobs):
-            vfs = os.statvfs(blobs)
-        free = vfs.f_bavail * vfs.f_frsize
-        if need > free:
-            raise DiskFull(
-                f"disk full: {self.manifest.model}@{self.manifest.revision} needs "
-                f"{need:,} more bytes, {free:,} free in {blobs} "
-                f"({os.strerror(errno.ENOSPC)}); nothing was reserved",
-                path=blobs,
-            )
+        than the filesystem has free (``partfile.check_room``)."""
+        what = f"{self.manifest.model}@{self.manifest.revision}"
+        check_room([f for f in self._files if f.wanted and not f.final], self._layout.blobs, what)
 
     def _mark_final(self, f: PartFile) -> None:
         with self._lock:
@@ -217,21 +155,7 @@ class Download:
             self._have_cache = None
 
     def _publish_empty(self, f: PartFile) -> None:
-        if f.entry.digest != EMPTY_DIGEST:  # Manifest validation forbids this; stay safe
-            raise StoreError(f"{f.entry.path}: empty file with a non-empty digest in the manifest")
-        tmp = self._store._tmp_dir(self.manifest.model) / f"e-{os.getpid()}-{secrets.token_hex(6)}"
-        with io_errors("creating", f.final_path):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.replace(tmp, f.final_path)
-            except BaseException:
-                unlink_quiet(tmp)
-                raise
-        fsync_dir(f.final_path.parent)
+        f.publish_empty(self._tmp)
         self._mark_final(f)
 
     def _restore(self, f: PartFile) -> None:
@@ -515,7 +439,7 @@ class Download:
             self._blobs_dirty = True
             with self._lock:
                 f.make_final()
-            self._mark_verified(f)
+            f.mark_verified(self._tmp)
             unlink_quiet(f.state_path)
             if fe.num_pieces <= 1:  # small file: later reads use short-lived fds (see use_fd)
                 f.close_when_unused_locked()

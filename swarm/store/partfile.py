@@ -6,15 +6,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-from swarm.manifest import FileEntry
-from swarm.store.errors import io_errors
-from swarm.store.fileio import open_direct, unlink_quiet
-from swarm.store.hashing import FileHash
+from swarm.manifest import EMPTY_DIGEST, FileEntry
+from swarm.store.errors import DiskFull, StoreError, io_errors
+from swarm.store.fileio import atomic_write, fsync_dir, open_direct, unlink_quiet
+from swarm.store.hashing import FileHash, hash_fd
 from swarm.store.layout import RepoLayout
+
+log = logging.getLogger(__name__)
 
 
 class FileState(enum.Enum):
@@ -47,6 +52,7 @@ class PartFile:
         "index",
         "ino",
         "lock",
+        "marker",
         "part_path",
         "state",
         "state_path",
@@ -62,6 +68,7 @@ class PartFile:
         self.final_path = repo.blob(self.hex)
         self.part_path = repo.incomplete(self.hex)
         self.state_path = repo.meta / "partial" / f"{self.hex}.pieces"
+        self.marker = repo.meta / "verified" / self.hex  # "<identity>" of a blob swarm verified
         self.wanted = wanted
         self.state = FileState.ABSENT
         self.count = 0  # pieces of this file in have
@@ -93,6 +100,60 @@ class PartFile:
         """The verified file is at ``final_path``."""
         self.count = self.entry.num_pieces
         self.state = FileState.FINAL
+
+    # -- the final blob --
+
+    def adoptable(self, st: os.stat_result, *, rehash: bool, tmp_dir: Path) -> bool:
+        """Whether ``blobs/<hex>`` (``st``, of the manifest's size) is the file the manifest
+        describes: swarm verified it there itself (its marker matches), or (``rehash``: a wanted
+        file) it hashes to its name now. Only then is it used; nothing else is read as ours."""
+        if st.st_size == 0:  # a manifest's empty file has the empty digest (validated)
+            return True
+        try:
+            if self.marker.read_text() == identity(st):
+                return True
+        except (OSError, ValueError):
+            pass
+        if not rehash:
+            return False
+        with io_errors("checking", self.final_path):
+            fd = os.open(self.final_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ok = hash_fd(fd, st.st_size) == self.entry.digest
+            finally:
+                os.close(fd)
+        if ok:
+            self.mark_verified(tmp_dir)
+        else:
+            log.warning("%s does not hash to its name; not using it", self.final_path)
+        return ok
+
+    def mark_verified(self, tmp_dir: Path) -> None:
+        """Record that the blob at ``final_path`` was verified by us (a cache: losing it costs
+        one re-hash, so it is not fsynced)."""
+        try:
+            st = os.stat(self.final_path)
+            atomic_write(tmp_dir, self.marker, identity(st).encode(), durable=False)
+        except OSError as exc:
+            log.info("cannot record %s as verified: %s", self.final_path, exc)
+
+    def publish_empty(self, tmp_dir: Path) -> None:
+        """Create the (empty) final blob at once: an empty file has nothing to fetch."""
+        if self.entry.digest != EMPTY_DIGEST:  # Manifest validation forbids this; stay safe
+            raise StoreError(f"{self.entry.path}: empty file with a non-empty digest in the manifest")
+        tmp = tmp_dir / f"e-{os.getpid()}-{secrets.token_hex(6)}"
+        with io_errors("creating", self.final_path):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, self.final_path)
+            except BaseException:
+                unlink_quiet(tmp)
+                raise
+        fsync_dir(self.final_path.parent)
 
     # -- file descriptors --
 
@@ -192,3 +253,32 @@ class PartFile:
                 path = self.final_path if self.final else self.part_path
                 self.dfd = open_direct(path, os.O_RDONLY if self.final else os.O_RDWR)
             return self.dfd
+
+
+def identity(st: os.stat_result) -> str:
+    """What ``.swarm/verified/<hex>`` records of a blob: device, inode, size and mtime."""
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+
+def check_room(files: list[PartFile], blobs: Path, what: str) -> None:
+    """DiskFull, before a byte is preallocated, if ``files`` (still to fetch) need more space than
+    the filesystem has free (a manifest may name files of up to 4 TiB: refused here rather than
+    reserved, or created sparse where preallocation is not supported)."""
+    need = 0
+    for f in files:
+        try:
+            held = os.stat(f.part_path).st_blocks * 512
+        except OSError:
+            held = 0
+        need += max(0, f.entry.size - held)
+    if not need:
+        return
+    with io_errors("checking free space in", blobs):
+        vfs = os.statvfs(blobs)
+    free = vfs.f_bavail * vfs.f_frsize
+    if need > free:
+        raise DiskFull(
+            f"disk full: {what} needs {need:,} more bytes, {free:,} free in {blobs} "
+            f"({os.strerror(errno.ENOSPC)}); nothing was reserved",
+            path=blobs,
+        )
