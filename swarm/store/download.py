@@ -45,7 +45,7 @@ from swarm.store.fileio import (
 )
 from swarm.store.layout import check_ref
 from swarm.store.locks import DownloadLock, Held
-from swarm.store.partfile import PartFile, check_room
+from swarm.store.partfile import FileState, PartFile, check_room
 
 if TYPE_CHECKING:
     from swarm.store.store import Store
@@ -252,6 +252,10 @@ class Download:
     @property
     def missing(self) -> frozenset[int]:
         return self.wanted_pieces - self.have
+
+    def file_state(self, index: int) -> FileState:
+        """Where file ``index`` of the manifest stands: absent, partial or final."""
+        return self._files[index].state
 
     def take_dropped(self) -> frozenset[int]:
         """Pieces that were held and have been dropped since the last call (they failed
