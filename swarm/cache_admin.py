@@ -1,8 +1,8 @@
 """Cache management: what the HF cache holds, removing snapshots, least-recently-used eviction
 under ``--max-cache-size``, and collecting abandoned ``.incomplete`` files.
 
-The store (``swarm/store.py``) owns the layout and the crash-safe removal; this module decides
-what may go. Words used here and in ``swarm-node models``:
+The store (``swarm/store/``: its ``layout`` module owns the cache layout, ``admin`` the crash-safe
+removal) does the work; this module decides what may go. Words used here and in ``swarm-node models``:
 
 - **fetched**: a snapshot directory a swarm download created (``Store.snapshot_owner``). Only
   these are ever evicted; snapshots the Hub client made are counted but left to the operator
@@ -44,6 +44,7 @@ import attrs
 
 from swarm.manifest import ManifestError, validate_model_name, validate_revision
 from swarm.store import LockTimeout, Store, StoreError
+from swarm.store.layout import INCOMPLETE
 
 __all__ = [
     "GC_INTERVAL",
@@ -146,10 +147,10 @@ def parse_target(text: str) -> tuple[str, str | None]:
 def _blob_sizes(store: Store, model: str) -> dict[str, int]:
     out = {}
     try:
-        with os.scandir(store.repo_dir(model) / "blobs") as it:
+        with os.scandir(store.layout(model).blobs) as it:
             for e in it:
                 try:
-                    if e.is_file(follow_symlinks=False) and not e.name.endswith(".incomplete"):
+                    if e.is_file(follow_symlinks=False) and not e.name.endswith(INCOMPLETE):
                         out[e.name] = e.stat(follow_symlinks=False).st_size
                 except OSError:
                     continue

@@ -40,6 +40,7 @@ from swarm.sources import (
     _selected,
     hub_mismatch,
 )
+from swarm.store.layout import RepoLayout
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None, stop: thr
     import httpx
 
     commit, files = list_hub(req, endpoint, token)
-    repo = req.repo_dir
-    blobs, snap = repo / "blobs", repo / "snapshots" / commit
+    repo = RepoLayout(req.repo_dir)
+    blobs, snap = repo.blobs, repo.snapshot(commit)
     blobs.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = httpx.Timeout(
@@ -114,18 +115,9 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None, stop: thr
             if not blob.exists():
                 url = f"{endpoint}/{req.repo_id}/resolve/{commit}/{quote(f.path)}"
                 _fetch_verified(client, url, blobs / (f.etag + PARTIAL_SUFFIX), blob, f, stop)
-            link = snap / f.path
-            link.parent.mkdir(parents=True, exist_ok=True)
-            target = os.path.relpath(blob, link.parent)
-            if not (link.is_symlink() and os.readlink(link) == target):
-                link.unlink(missing_ok=True)
-                link.symlink_to(target)
+            repo.link(snap, f.path, f.etag)
     if req.revision != commit:
-        ref = repo / "refs" / req.ref
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        repo.write_ref(req.ref, commit)
     return snap
 
 

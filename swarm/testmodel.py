@@ -23,6 +23,8 @@ from pathlib import Path
 
 import blake3
 
+from swarm.store.layout import RepoLayout, repo_folder_name
+
 __all__ = [
     "CARRIED_CONFIGS",
     "DEFAULT_REVISION",
@@ -331,11 +333,6 @@ def make_model_dir(
     return root
 
 
-def repo_folder_name(repo_id: str) -> str:
-    """``org/name`` -> ``models--org--name`` (the hub cache's folder for a model repo)."""
-    return "models--" + repo_id.replace("/", "--")
-
-
 def _blob_name(path: Path) -> str:
     """sha256 for LFS-style files (weights, anything over 10 MB), git blob sha1 otherwise."""
     size = path.stat().st_size
@@ -364,10 +361,10 @@ def make_hf_snapshot(
     are relative symlinks into ``../../blobs`` (deeper for nested paths); ``refs/<ref>`` holds the
     revision.
     """
-    repo = Path(cache_dir) / repo_folder_name(repo_id)
-    blobs = repo / "blobs"
-    snapshot = repo / "snapshots" / revision
-    staging = repo / f".staging-{revision}"
+    repo = RepoLayout.of(cache_dir, repo_id)
+    blobs = repo.blobs
+    snapshot = repo.snapshot(revision)
+    staging = repo.root / f".staging-{revision}"
     if staging.exists():
         shutil.rmtree(staging)
     blobs.mkdir(parents=True, exist_ok=True)
@@ -380,16 +377,9 @@ def make_hf_snapshot(
                 rel = src.relative_to(staging)
                 blob = _blob_name(src)
                 os.replace(src, blobs / blob)
-                link = snapshot / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                up = "../" * (len(rel.parts) + 1)
-                link.symlink_to(f"{up}blobs/{blob}")
+                repo.link(snapshot, rel.as_posix(), blob)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if ref is not None:
-        refs = repo / "refs"
-        refs.mkdir(exist_ok=True)
-        (refs / ref).write_text(revision)
+        repo.write_ref(ref, revision)
     return snapshot

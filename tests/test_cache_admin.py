@@ -311,7 +311,7 @@ def unlink(path, *a, **kw):  # the process dies as it deletes the first blob
     if "/blobs/" in os.fspath(path):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_unlink(path, *a, **kw)
-store_mod.os.unlink = unlink
+os.unlink = unlink
 store = store_mod.Store(sys.argv[1])
 with store.repo_exclusive("org/m"):
     store.remove_snapshot("org/m", sys.argv[2])

@@ -33,8 +33,12 @@ from swarm.store import (
     Store,
     StoreError,
     StorePermissionError,
+    fileio,
+    hashing,
     private_revision,
+    resume,
 )
+from swarm.store import errors as store_errors
 
 MiB = 1 << 20
 MODEL = "test-org/store-model"
@@ -468,13 +472,14 @@ class Child:
 CHILD = r"""
 import json, os, sys, time
 import swarm.store as S
+import swarm.store.download as D
 from swarm.manifest import Manifest
 
 plan = json.loads(sys.argv[1])
 m = Manifest.decode(open(plan["manifest"], "rb").read())
 if plan.get("flush_interval"):
-    S.FLUSH_INTERVAL = plan["flush_interval"]
-    S.FLUSH_BYTES = 1 << 60
+    D.FLUSH_INTERVAL = plan["flush_interval"]
+    D.FLUSH_BYTES = 1 << 60
 
 def say(*words):
     print(*words, flush=True)
@@ -629,20 +634,20 @@ def test_crash_before_any_flush_recovers_written_pieces(tmp_path: Path, small_mo
         fh.seek(m.pieces[big[2]].offset + 1000)
         fh.write(b"\xde\xad")
     reads = []
-    real_pread_into = store_mod._pread_into
+    real_pread_into = resume.pread_into
 
     def counting_pread_into(fd, buf, offset):
         reads.append(offset)
         return real_pread_into(fd, buf, offset)
 
-    monkeypatch.setattr(store_mod, "_pread_into", counting_pread_into)
+    monkeypatch.setattr(resume, "pread_into", counting_pread_into)
     reader = SnapshotReader(src, m)
     with store.open_download(m, lock_timeout=10) as dl:
-        monkeypatch.setattr(store_mod, "_pread_into", real_pread_into)
+        monkeypatch.setattr(resume, "pread_into", real_pread_into)
         assert dl.have == {big[0], one[1]}
         assert dl.recovered_pieces == 2 and not dl._unconfirmed
         with os.fdopen(os.open(part, os.O_RDONLY), "rb") as fh:
-            holes_known = store_mod.Download._data_extents(fh.fileno(), part.stat().st_size) is not None
+            holes_known = fileio.data_extents(fh.fileno(), part.stat().st_size) is not None
         # Only the three written pieces were read, not the holes around them.
         assert len(reads) == len(written) if holes_known else len(reads) <= 5, reads
         assert dl.read_piece(big[0]) == reader.read_piece(big[0])
@@ -972,13 +977,13 @@ def test_permission_denied(small_model) -> None:
 
 
 def test_errors_carry_errno(tmp_path: Path) -> None:
-    e = store_mod._wrap(OSError(errno.ENOSPC, "No space left on device"), "writing", tmp_path)
+    e = store_errors.wrap_os_error(OSError(errno.ENOSPC, "No space left on device"), "writing", tmp_path)
     assert isinstance(e, DiskFull) and e.path == str(tmp_path)
-    e = store_mod._wrap(OSError(errno.EDQUOT, "Disk quota exceeded"), "writing", tmp_path)
+    e = store_errors.wrap_os_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "writing", tmp_path)
     assert isinstance(e, DiskFull)
-    e = store_mod._wrap(OSError(errno.EACCES, "Permission denied"), "writing", tmp_path)
+    e = store_errors.wrap_os_error(OSError(errno.EACCES, "Permission denied"), "writing", tmp_path)
     assert isinstance(e, StorePermissionError)
-    e = store_mod._wrap(OSError(errno.EIO, "I/O error"), "writing", tmp_path)
+    e = store_errors.wrap_os_error(OSError(errno.EIO, "I/O error"), "writing", tmp_path)
     assert type(e) is StoreError and str(tmp_path) in str(e)
 
 
@@ -1016,14 +1021,14 @@ def test_snapshot_reader(tmp_path: Path, small_model) -> None:
 def _record_rereads(monkeypatch) -> list[tuple[int, int]]:
     """(file size, first byte re-read from disk) of every whole-file check."""
     seen: list[tuple[int, int]] = []
-    for name in ("_hash_fd", "_hash_fd_direct"):
-        real = getattr(store_mod, name)
+    for name in ("hash_fd", "hash_fd_direct"):
+        real = getattr(hashing, name)
 
         def wrapped(fd, size, hasher=None, start=0, _real=real):
             seen.append((size, start))
             return _real(fd, size, hasher, start)
 
-        monkeypatch.setattr(store_mod, name, wrapped)
+        monkeypatch.setattr(hashing, name, wrapped)
     return seen
 
 

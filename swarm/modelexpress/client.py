@@ -19,7 +19,7 @@ every request, ``resolved_revision`` in the status updates.  The flow of
    lacks is ``NOT_FOUND``).  Each file is written to a unique ``blobs/<uuid>.modelexpress.incomplete``
    temp file, checked (contiguous offsets, size equal to the announced ``total_size`` and to the
    listing; an empty file is one empty chunk), hashed with blake3 on the way, then renamed to
-   ``blobs/<blake3 hex>`` -- the store's blob naming (swarm/store.py), since ModelExpress does not
+   ``blobs/<blake3 hex>`` -- the store's blob naming (swarm/store/layout.py), since ModelExpress does not
    tell us the Hub's etags.  ``snapshots/<commit>/<path>`` become relative symlinks into ``blobs/``
    (each made under a temp name and renamed over), and the ref is written last, atomically:
    ``refs/main`` for the default branch, ``refs/<name>`` for a branch or tag, none for a commit (as
@@ -55,6 +55,8 @@ import grpc
 
 from swarm.manifest import ManifestError, validate_model_name, validate_path, validate_revision
 from swarm.modelexpress import model_pb2, model_pb2_grpc
+from swarm.store.fileio import fsync_dir
+from swarm.store.layout import RepoLayout
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -138,10 +140,6 @@ def parse_url(url: str) -> tuple[str, bool]:
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     return f"{host}:{port}", secure
-
-
-def _repo_folder_name(model: str) -> str:
-    return "models--" + model.replace("/", "--")
 
 
 class _Deadline:
@@ -379,9 +377,9 @@ class ModelExpressClient:
             found = skip_stream(resolved)
             if found is not None:
                 ref = _ref_name(revision)
-                repo = Path(cache_dir) / _repo_folder_name(model)
-                if ref is not None and resolved is not None and found == repo / "snapshots" / resolved:
-                    _write_ref(repo, ref, resolved)  # in our cache, found by commit: name it
+                repo = RepoLayout.of(cache_dir, model)
+                if ref is not None and resolved is not None and found == repo.snapshot(resolved):
+                    repo.write_ref(ref, resolved)  # in our cache, found by commit: name it
                 emit({"event": "modelexpress_shared", "path": str(found)})
                 return found
         # Later calls name the resolved commit, not the branch: a branch that moves in between
@@ -397,7 +395,7 @@ class ModelExpressClient:
                 raise ModelExpressNotFound(f"ModelExpress at {self.target} has no {what} for {model}")
             expected = {f.path: f.size for f in chosen}
             selector = sorted(expected)  # always: the stream then holds what the listing said
-        writer = _SnapshotWriter(Path(cache_dir) / _repo_folder_name(model), self.target, expected, want)
+        writer = _SnapshotWriter(RepoLayout.of(cache_dir, model), self.target, expected, want)
         try:
             commit = None
             first = True
@@ -488,40 +486,12 @@ def _ref_name(revision: str | None) -> str | None:
     return None if _as_commit(revision) else revision
 
 
-def _write_ref(repo: Path, ref: str, revision: str) -> None:
-    """``repo/refs/<ref>`` := ``revision``, atomically (a temp file renamed over)."""
-    dest = repo / "refs" / ref
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if dest.read_text() == revision:
-            return
-    except OSError:
-        pass
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.write_text(revision)
-    os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _SnapshotWriter:
     """Receives FileChunks of one model and lays the files out in the HF cache layout."""
 
-    def __init__(self, repo: Path, target: str, expected: dict[str, int] | None, want: WantFn | None):
+    def __init__(self, repo: RepoLayout, target: str, expected: dict[str, int] | None, want: WantFn | None):
         self.repo = repo
-        self.blobs = repo / "blobs"
+        self.blobs = repo.blobs
         self.target = target
         self.expected = expected
         self.want = want
@@ -617,11 +587,11 @@ class _SnapshotWriter:
                 raise self._bad(f"stream ended without {path!r}")
         if not self.files:
             raise ModelExpressNotFound(f"ModelExpress at {self.target} streamed no files")
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         return self.files
 
     def link(self, revision: str, files: dict[str, tuple[str, int]]) -> Path:
-        snapshot = self.repo / "snapshots" / revision
+        snapshot = self.repo.snapshot(revision)
         snapshot.mkdir(parents=True, exist_ok=True)
         real_snapshot = os.path.realpath(snapshot)
         for path, (blob, _size) in sorted(files.items()):
@@ -630,24 +600,14 @@ class _SnapshotWriter:
             real_parent = os.path.realpath(link.parent)
             if real_parent != real_snapshot and not real_parent.startswith(real_snapshot + os.sep):
                 raise self._bad(f"{path!r} resolves outside the snapshot directory")
-            target = "../" * (2 + path.count("/")) + "blobs/" + blob
-            if link.is_symlink() and os.readlink(link) == target:
-                continue
             if link.is_dir() and not link.is_symlink():
                 raise self._bad(f"{path!r} is a directory in {snapshot}")
-            tmp = link.parent / f".{link.name}.{uuid.uuid4().hex[:12]}.tmp"
-            os.symlink(target, tmp)
-            try:
-                os.replace(tmp, link)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-        _fsync_dir(snapshot)
+            self.repo.link(snapshot, path, blob)
+        fsync_dir(snapshot)
         return snapshot
 
     def write_ref(self, ref: str, revision: str) -> None:
-        _write_ref(self.repo, ref, revision)
+        self.repo.write_ref(ref, revision)
 
     def cleanup(self) -> None:
         if self._cur is not None:

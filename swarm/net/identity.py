@@ -19,6 +19,8 @@ from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
 from libp2p.crypto.pb import crypto_pb2
 from libp2p.peer.id import ID
 
+from swarm.store.fileio import fsync_dir
+
 log = logging.getLogger(__name__)
 
 __all__ = ["KeyPair", "load_or_create_identity", "peer_id_of"]
@@ -93,24 +95,11 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
             if path.exists():
                 return False
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_mode(path: Path) -> None:

@@ -30,7 +30,7 @@ from procs import NodeProc, base_env, same_files
 from swarm import client
 from swarm.manifest import Manifest
 from swarm.sources import FetchError, FetchRequest, VerificationFailed
-from swarm.store import _decode_state
+from swarm.store.resume import decode_state
 
 MiB = 1 << 20
 
@@ -215,7 +215,7 @@ def disk_pieces(
     complete = sum(by_hex[b.name].size for b in (repo / "blobs").glob("*") if b.name in by_hex)
     marked: dict[tuple[str, int], int] = {}
     for state in (repo / ".swarm" / "partial").glob("*.pieces"):
-        decoded = _decode_state(state.read_bytes())
+        decoded = decode_state(state.read_bytes())
         if decoded is None:
             continue
         header, bits = decoded
