@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO, settings.log_format)
     import trio
 
-    from swarm.control import HomeBusy, HomeLock
+    from swarm.home import HomeBusy, HomeLock
 
     try:
         lock = HomeLock(settings.home).acquire()
