@@ -143,6 +143,7 @@ def _request(
     configs_only: bool,
     cache_dir: os.PathLike | str | None,
     timeout: float | None,
+    env: Any = None,
 ) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
     MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
@@ -160,9 +161,23 @@ def _request(
         ignore_patterns=ignore_patterns,
         configs_only=bool(configs_only),
         timeout=timeout,
-        env=SourceEnv.from_environ(),
+        env=SourceEnv.from_environ() if env is None else env,
         **kw,
     )
+
+
+def _may_be_local(repo_id: Any, cache_dir: os.PathLike | str | None, env: Any) -> bool:
+    """False when no cache root the fast path looks in (``cache_dir`` or the default, the
+    ModelExpress cache) has a directory for ``repo_id``: then there is no local snapshot, and the
+    request goes to the node before the checks of a FetchRequest are even loaded."""
+    from swarm.fetchapi import default_cache_dir, repo_folder
+
+    if not isinstance(repo_id, str):
+        return True  # let the FetchRequest say what is wrong
+    roots = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
+    if env.modelexpress_cache is not None:
+        roots.append(Path(env.modelexpress_cache))
+    return any((root / repo_folder(repo_id)).is_dir() for root in roots)
 
 
 def _fast_path(req: Any) -> Any | None:
@@ -233,15 +248,30 @@ def fetch_result(
 ) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
-    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
-    local = _fast_path(req)
-    if local is not None:
-        return deliver(local, req, False, local_dir)
+    from swarm.fetchapi import SourceEnv, request_body
+
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    env = SourceEnv.from_environ()
+    args = (repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout, env)
+    made: dict[str, Any] = {}
+
+    def request() -> Any:
+        if "req" not in made:
+            made["req"] = _request(*args)
+        return made["req"]
+
+    if _may_be_local(repo_id, cache_dir, env):
+        local = _fast_path(request())
+        if local is not None:
+            return deliver(local, request(), False, local_dir)
+    # Sent first, checked here while the node works on it (the node refuses what we would).
+    body = request_body(repo_id, revision, allow_patterns, ignore_patterns, configs_only, timeout, env)
     h = _home(home)
     emit, close = _observer(on_event, progress, repo_id)
     try:
         try:
-            result = fetch_via_node(req, h, emit)
+            result = fetch_via_node(body, h, emit, after_send=request)
         except NodeUnavailable:
             import trio
 
@@ -253,10 +283,10 @@ def fetch_result(
                 raise RuntimeError(
                     "swarm.fetch() called from trio code with no node running: use `await swarm.afetch(...)`"
                 ) from None
-            result = trio.run(_embedded, req, h, emit)
+            result = trio.run(_embedded, request(), h, emit)
     finally:
         close()
-    return deliver(result, req, cache_dir is not None, local_dir)
+    return deliver(result, request(), cache_dir is not None, local_dir)
 
 
 async def afetch_result(
@@ -284,7 +314,9 @@ async def afetch_result(
     emit, close = _observer(on_event, progress, repo_id)
     try:
         try:
-            result = await afetch_via_node(req, h, emit)
+            from swarm.fetchapi import request_json
+
+            result = await afetch_via_node(request_json(req), h, emit)
         except NodeUnavailable:
             result = await _embedded(req, h, emit)
     finally:
@@ -429,7 +461,9 @@ def fetch_card_result(
         emit, close = _observer(on_event, progress, req.repo_id)
         try:
             try:
-                result = fetch_via_node(req, h, emit)
+                from swarm.fetchapi import request_json
+
+                result = fetch_via_node(request_json(req), h, emit)
             except NodeUnavailable:
                 import trio
 

@@ -206,24 +206,30 @@ def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
 
 
 def fetch_via_node(
-    req: Any,
+    body: dict,
     home: Path,
     emit: Callable[[dict], None],
     on_connect: Callable[[Any], None] | None = None,
+    after_send: Callable[[], None] | None = None,
 ) -> Any:
-    """Fetch ``req`` through the running node (``POST /v1/fetch``): its events to ``emit``, then
-    the FetchResult, or its error raised; NodeUnavailable when no node answers. ``on_connect``
-    gets the connection once it is open (the async variant closes it to cancel)."""
-    from swarm.fetchapi import FetchError, FetchTimeout, request_json
+    """Fetch through the running node (``POST /v1/fetch`` with ``body``, see
+    :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult, or its
+    error raised; NodeUnavailable when no node answers. ``on_connect`` gets the connection once it
+    is open (the async variant closes it to cancel); ``after_send`` runs once the request is sent,
+    while the node works on it (what it raises ends the call)."""
+    from swarm.fetchapi import FetchError, FetchTimeout
 
     sock = socket_path(home)
-    read = None if req.timeout is None else req.timeout + READ_MARGIN
+    repo_id, timeout = body.get("repo_id"), body.get("timeout")
+    read = None if timeout is None else timeout + READ_MARGIN
     conn = connect(home, read)
     if on_connect is not None:
         on_connect(conn)
     try:
-        body = json.dumps(request_json(req)).encode()
-        conn.request("POST", "/v1/fetch", body=body, headers={"content-type": "application/json"})
+        data = json.dumps(body).encode()
+        conn.request("POST", "/v1/fetch", body=data, headers={"content-type": "application/json"})
+        if after_send is not None:
+            after_send()
         r = conn.getresponse()
         if r.status != 200:
             raw = r.read()
@@ -238,16 +244,16 @@ def fetch_via_node(
                 return result
     except TimeoutError:
         raise FetchTimeout(
-            f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
+            f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
         ) from None
     except (OSError, http.client.HTTPException) as e:
         raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
     finally:
         conn.close()
-    raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
+    raise FetchError(f"the swarm-node on {sock} ended the fetch of {repo_id} without a result")
 
 
-async def afetch_via_node(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
+async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) -> Any:
     """:func:`fetch_via_node` for trio code: the same ``http.client`` client in a worker thread,
     its events passed to ``emit`` on the trio thread. Cancelling it closes the connection (the
     node goes on with the download for others; a retry joins it)."""
@@ -267,7 +273,7 @@ async def afetch_via_node(req: Any, home: Path, emit: Callable[[dict], None]) ->
     done = False
     try:
         result = await trio.to_thread.run_sync(
-            partial(fetch_via_node, req, home, from_thread, on_connect), abandon_on_cancel=True
+            partial(fetch_via_node, body, home, from_thread, on_connect), abandon_on_cancel=True
         )
         done = True
         return result
