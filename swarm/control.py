@@ -32,7 +32,7 @@ per connection (``Connection: close``). Routes:
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
     "ignore_patterns": null, "configs_only": false, "timeout": null, "env": {}, "expect": null}``
     (only ``repo_id`` is required; unknown keys are refused).  ``env`` is the caller's environment
-    for the sources (``swarm.sources.SourceEnv``: ``hub_offline``, ``hf_token``, ``hf_endpoint``,
+    for the sources (``swarm.fetchapi.SourceEnv``: ``hub_offline``, ``hf_token``, ``hf_endpoint``,
     ``modelexpress_url``, ``modelexpress_cache``; what the caller has not set is left out and the
     node's own environment applies); the token is never logged nor echoed.  ``expect``: ``[[path,
     "blake3:<hex>", size or null], ...]``, files the result must hold with exactly these bytes (a

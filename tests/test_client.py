@@ -282,6 +282,23 @@ def test_import_swarm_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.timeout(60)
+def test_the_client_side_of_the_socket_stays_light():
+    """What a fetch through a running node loads (issue #13): no trio, httpx, h11 nor libp2p, and
+    neither side of the control socket imports the other."""
+    code = (
+        "import sys, swarm.client, swarm.control_client, swarm.delivery, swarm.fetchapi, swarm.home, "
+        "swarm.selection, swarm.sources.local; "
+        "print(sorted(m for m in ('libp2p', 'trio', 'httpx', 'h11', 'swarm.control', 'swarm.node') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import sys, swarm.control; print('swarm.client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # --- the control server in process, with a stand-in node (no libp2p) ---------------------------
 
 
