@@ -10,10 +10,8 @@ a worker thread for trio code. Never imports trio at import, nor libp2p.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
-import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -57,8 +55,12 @@ def _unavailable(home: Path, exc: BaseException) -> NodeUnavailable:
 
 
 def connect(home: Path, read_timeout: float | None) -> Any:
-    """An ``http.client`` connection to the node's socket (the sync client uses the standard
-    library: it imports in ~20 ms where httpx takes ~100 ms). NodeUnavailable if none answers."""
+    """An ``http.client`` connection to the node's socket (the standard library: it imports in
+    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
+    NodeUnavailable if none answers."""
+    import http.client
+    import socket
+
     sock_path = socket_path(home)
     if not sock_path.exists():
         raise NodeUnavailable(f"no swarm-node is running with home {home} (no {sock_path})")
@@ -86,6 +88,8 @@ def connect(home: Path, read_timeout: float | None) -> Any:
 def _ask(
     method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
 ) -> tuple[int, dict]:
+    import http.client
+
     h = resolve_home(home)
     conn = connect(h, QUERY_TIMEOUT)
     try:
@@ -217,6 +221,8 @@ def fetch_via_node(
     error raised; NodeUnavailable when no node answers. ``on_connect`` gets the connection once it
     is open (the async variant closes it to cancel); ``after_send`` runs once the request is sent,
     while the node works on it (what it raises ends the call)."""
+    import http.client
+
     from swarm.fetchapi import FetchError, FetchTimeout
 
     sock = socket_path(home)
@@ -286,6 +292,8 @@ async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) 
 
 def _abort(conn: Any) -> None:
     """Make a blocked read of ``conn`` in another thread return at once."""
+    import socket
+
     sock = getattr(conn, "sock", None)
     if sock is not None:
         with contextlib.suppress(OSError):
