@@ -35,6 +35,7 @@ __all__ = [
     "decode_event",
     "default_cache_dir",
     "error_event",
+    "error_json",
     "jsonable",
     "repo_folder",
     "request_body",
