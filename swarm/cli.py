@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-import swarm
+from swarm.cli_parser import build_parser
 
 __all__ = ["build_parser", "format_cache", "format_status", "main", "run_settings"]
 
@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO, settings.log_format)
     import trio
 
-    from swarm.control import HomeBusy, HomeLock
+    from swarm.home import HomeBusy, HomeLock
 
     try:
         lock = HomeLock(settings.home).acquire()
@@ -226,15 +226,6 @@ def cmd_dynamo_watch(args: argparse.Namespace) -> int:
 
 
 # --- fetch -------------------------------------------------------------------------------------
-
-
-def _result_json(result: Any) -> dict:
-    return {
-        "path": str(result.path),
-        "source": result.source,
-        "revision": result.revision,
-        "attempts": [{"source": a.source, "outcome": a.outcome, "reason": a.reason} for a in result.attempts],
-    }
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -278,29 +269,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:
-        from swarm.sources import FetchError
+        from swarm.fetchapi import FetchError, error_json
 
         leaf = _leaf(e)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "error": type(leaf).__name__,
-                        "message": str(leaf),
-                        "attempts": [
-                            {"source": a.source, "outcome": a.outcome, "reason": a.reason}
-                            for a in getattr(leaf, "attempts", ())
-                        ],
-                    }
-                ),
-                flush=True,
-            )
+            told = error_json(leaf)  # the node's error event, named by its own class here
+            answer = {"error": type(leaf).__name__, "message": told["message"], "attempts": told["attempts"]}
+            print(json.dumps(answer), flush=True)
         code = (
             EXIT_USAGE if isinstance(leaf, ValueError) and not isinstance(leaf, FetchError) else EXIT_FAILURE
         )
         return _fail(_one_line(leaf), code)
     if args.json:
-        print(json.dumps(_result_json(result)), flush=True)
+        from swarm.fetchapi import result_json
+
+        print(json.dumps(result_json(result)), flush=True)
     else:
         print(result.path, flush=True)
     return 0
@@ -596,237 +579,30 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- parser ------------------------------------------------------------------------------------
+# --- main --------------------------------------------------------------------------------------
 
-
-def _positive(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
-    return v
-
-
-def _positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return v
-
-
-def _add_home(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--home",
-        metavar="DIR",
-        help="node state directory: identity, piece state, control socket "
-        "(env SWARM_HOME; default: the user cache dir)",
-    )
-    p.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
-
-
-LANE_HELP = (
-    "how piece bytes travel: over a direct TCP data lane set up through the authenticated libp2p "
-    "connection, 'encrypted' (AES-256-GCM, the default) or 'plaintext' (piece bytes unencrypted "
-    "on the wire: for trusted networks only; used only when both ends are set to plaintext, an "
-    "encrypted peer never accepts it; control messages stay encrypted and every piece is still "
-    "verified with blake3); or 'off' (libp2p streams only). A link falls back to a libp2p stream "
-    "whenever the lane cannot be opened"
-)
-
-
-def _add_lane(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    from swarm.config import LANE_MODES
-
-    where = (
-        f"default {default}" if default is not None else "env SWARM_LANE, config key lane; default encrypted"
-    )
-    p.add_argument("--lane", choices=LANE_MODES, default=default, help=f"{LANE_HELP} ({where})")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="swarm-node", description="Peer-to-peer delivery of ML model files."
-    )
-    parser.add_argument("--version", action="version", version=f"swarm {swarm.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    run = sub.add_parser(
-        "run",
-        help="run the long-lived node",
-        description="Run the node until SIGINT/SIGTERM. Every option can also be "
-        "set as a SWARM_* variable or in the --config TOML file.",
-    )
-    from swarm.config import add_run_arguments
-
-    add_run_arguments(run)  # every option of the table in swarm/config.py
-    run.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    run.set_defaults(func=cmd_run)
-
-    fetch = sub.add_parser(
-        "fetch",
-        help="fetch a model; prints its local path",
-        description="Fetch through the running node (or an embedded one) and print the snapshot path last.",
-    )
-    fetch.add_argument("repo_id", metavar="ORG/NAME", nargs="?")
-    fetch.add_argument(
-        "--card",
-        metavar="CARD.json",
-        help="fetch exactly the files of a Dynamo ModelDeploymentCard (or its "
-        "discovery record), refusing other bytes",
-    )
-    fetch.add_argument(
-        "--weights",
-        action="store_true",
-        help="with --card: also the weights of the snapshot the card describes",
-    )
-    fetch.add_argument(
-        "--mdc-cache",
-        nargs="?",
-        const=True,
-        metavar="DIR",
-        help="with --card: also put the files into Dynamo's metadata cache (default ~/.cache/dynamo/mdc)",
-    )
-    fetch.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
-    fetch.add_argument("--configs-only", action="store_true", help="only config and tokenizer files")
-    fetch.add_argument(
-        "--include",
-        action="append",
-        metavar="GLOB",
-        help="only files matching GLOB (repeatable; huggingface_hub allow_patterns)",
-    )
-    fetch.add_argument(
-        "--exclude",
-        action="append",
-        metavar="GLOB",
-        help="skip files matching GLOB (repeatable; ignore_patterns)",
-    )
-    fetch.add_argument("--cache-dir", metavar="DIR", help="hub cache to return the snapshot in")
-    fetch.add_argument("--local-dir", metavar="DIR", help="also copy the files into DIR")
-    fetch.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this")
-    fetch.add_argument("--json", action="store_true", help="print {path, source, revision, attempts} as JSON")
-    _add_home(fetch)
-    fetch.set_defaults(func=cmd_fetch)
-
-    watch = sub.add_parser(
-        "dynamo-watch",
-        help="run the node and prefetch every model Dynamo registers",
-        description="Run the node (all `run` options) and follow Dynamo's file discovery: every "
-        "registered ModelDeploymentCard's files are fetched through the swarm, checked "
-        "against the card and put into Dynamo's metadata cache; models this host has "
-        "are served. See docs/dynamo.md.",
-    )
-    for action in run._actions:
-        if action.dest != "help":
-            watch._add_action(action)
-    watch.add_argument(
-        "--kv", metavar="DIR", help="Dynamo's file discovery directory (default: env DYN_FILE_KV)"
-    )
-    watch.add_argument(
-        "--etcd", metavar="URL[,URL...]", help="Dynamo's etcd discovery instead (default: env ETCD_ENDPOINTS)"
-    )
-    watch.add_argument(
-        "--weights", action="store_true", help="also fetch the weights (a host where workers will start)"
-    )
-    watch.add_argument(
-        "--mdc-cache", metavar="DIR", help="Dynamo's metadata cache (default ~/.cache/dynamo/mdc)"
-    )
-    watch.set_defaults(func=cmd_dynamo_watch)
-
-    status = sub.add_parser("status", help="the running node's peer id, addresses, peers, models")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_home(status)
-    status.set_defaults(func=cmd_status)
-
-    models = sub.add_parser(
-        "models",
-        help="what the HF cache holds: size, last use, served, in use, evictable",
-        description="List the snapshots of the HF cache, from the running node (or, with none, "
-        "from the cache itself).",
-    )
-    models.add_argument("--json", action="store_true", help="machine-readable output")
-    models.add_argument(
-        "--cache-dir", metavar="DIR", help="read this cache directly instead of asking the node"
-    )
-    _add_home(models)
-    models.set_defaults(func=cmd_models)
-
-    rm = sub.add_parser(
-        "rm",
-        help="remove a model (or one revision) from the HF cache",
-        description="Remove ORG/NAME (every revision) or ORG/NAME@REVISION: the snapshot, the "
-        "refs naming it, and the blobs no other snapshot links. Refused while a "
-        "download of the model runs, and (unless --force) while the snapshot is in "
-        "use (handed to a caller in the last 10 minutes).",
-    )
-    rm.add_argument("target", metavar="ORG/NAME[@REV]")
-    rm.add_argument(
-        "--force",
-        action="store_true",
-        help="remove even if recently handed to a caller (never during a download)",
-    )
-    rm.add_argument("--json", action="store_true", help="machine-readable output")
-    rm.add_argument(
-        "--cache-dir", metavar="DIR", help="work on this cache directly instead of through the node"
-    )
-    _add_home(rm)
-    rm.set_defaults(func=cmd_rm)
-
-    peers = sub.add_parser("peers", help="the running node's connected peers")
-    peers.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_home(peers)
-    peers.set_defaults(func=cmd_peers)
-    limits = sub.add_parser(
-        "limits",
-        help="show or change the running node's bandwidth limits",
-        description="Show the running node's bandwidth limits, or change them at once for every "
-        "transfer (not saved: a restart takes the configured max_*_rate options). "
-        "RATE: bytes per second with a decimal SI prefix (k, M, G, T = 10^3n; Ki, "
-        "Mi, Gi = 2^10n) and unit B (bytes, the default) or bit: 20M = 20MB/s = "
-        "160Mbit/s; 0 or none = unlimited.",
-    )
-    limits.add_argument("--upload", metavar="RATE", help="all uploads together")
-    limits.add_argument("--download", metavar="RATE", help="all downloads together")
-    limits.add_argument("--peer-upload", dest="peer_upload", metavar="RATE", help="uploads to any one peer")
-    limits.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_home(limits)
-    limits.set_defaults(func=cmd_limits)
-
-    demo = sub.add_parser(
-        "demo",
-        help="a local swarm on 127.0.0.1: one worker, N frontends",
-        description="Start one worker serving a generated model and N frontends "
-        "that fetch it concurrently; print times and bytes.",
-    )
-    demo.add_argument("--size-mb", type=_positive_int, default=300, help="weights size (MB)")
-    demo.add_argument("--frontends", type=_positive_int, default=3, help="number of frontends")
-    demo.add_argument("--timeout", type=_positive, default=300.0, help="give up after this many seconds")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    _add_lane(demo, default="encrypted")
-    demo.set_defaults(func=cmd_demo)
-
-    keygen = sub.add_parser(
-        "keygen",
-        help="print a new random swarm key (private network PSK)",
-        description="Print a new random 32-byte swarm key as 64 hex digits, or "
-        "write it as a go-style swarm.key file (mode 0600).",
-    )
-    keygen.add_argument("--out", metavar="FILE", help="write a swarm.key file (never overwritten)")
-    keygen.set_defaults(func=cmd_keygen)
-    return parser
+COMMANDS = {
+    "run": cmd_run,
+    "fetch": cmd_fetch,
+    "dynamo-watch": cmd_dynamo_watch,
+    "status": cmd_status,
+    "models": cmd_models,
+    "rm": cmd_rm,
+    "peers": cmd_peers,
+    "limits": cmd_limits,
+    "demo": cmd_demo,
+    "keygen": cmd_keygen,
+}
+"""What each subcommand of :func:`swarm.cli_parser.build_parser` runs."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A command line naming a subcommand first gets a parser of that one only (a quicker start).
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

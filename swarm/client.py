@@ -18,9 +18,7 @@ carrying ``attempts``: which sources were tried and why each failed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -28,14 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from swarm.config import resolve_home
-from swarm.home import (
+from swarm.control_client import (  # the queries: here too, as swarm.client.status(...) etc.
+    CacheRefusal,
     NodeUnavailable,
-    check_socket_file,
-    peer_uid,
-    socket_path,
-    trusted_uid,
-    unix_socket_path,
+    afetch_via_node,
+    cache,
+    fetch_via_node,
+    limits,
+    models,
+    node_running,
+    peers,
+    remove,
+    status,
 )
+from swarm.delivery import deliver
+from swarm.home import unix_socket_path
 
 __all__ = [
     "CacheRefusal",
@@ -55,179 +60,9 @@ __all__ = [
     "unix_socket_path",
 ]
 
-CONNECT_TIMEOUT = 5.0
-"""Seconds to connect to the local control socket (it is local: a live node answers at once)."""
-QUERY_TIMEOUT = 30.0
-"""Seconds for a status / peers / models answer."""
-READ_MARGIN = 30.0
-"""Extra seconds the client waits past a fetch ``timeout`` for the node's own timeout answer."""
-
 
 def _home(home: os.PathLike | str | None) -> Path:
     return resolve_home(home)
-
-
-def _timeout(read: float | None):
-    import httpx
-
-    return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=30.0, pool=CONNECT_TIMEOUT)
-
-
-def _unavailable(home: Path, exc: BaseException) -> NodeUnavailable:
-    return NodeUnavailable(f"no swarm-node answers on {socket_path(home)} ({exc})")
-
-
-def _connect(home: Path, read_timeout: float | None) -> Any:
-    """An ``http.client`` connection to the node's socket (the sync client uses the standard
-    library: it imports in ~20 ms where httpx takes ~100 ms). NodeUnavailable if none answers."""
-    import http.client
-    import socket
-
-    sock_path = socket_path(home)
-    if not sock_path.exists():
-        raise NodeUnavailable(f"no swarm-node is running with home {home} (no {sock_path})")
-    check_socket_file(sock_path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CONNECT_TIMEOUT)
-    try:
-        with unix_socket_path(sock_path) as p:
-            s.connect(p)
-        uid = peer_uid(s)
-    except OSError as e:
-        s.close()
-        raise _unavailable(home, e) from None
-    if not trusted_uid(uid):
-        s.close()
-        raise NodeUnavailable(
-            f"the process on {sock_path} runs as uid {uid}, not as this user or root: not talking to it"
-        )
-    s.settimeout(read_timeout)
-    conn = http.client.HTTPConnection("swarm-node")
-    conn.sock = s
-    return conn
-
-
-def _ask(
-    method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
-) -> tuple[int, dict]:
-    import http.client
-
-    h = _home(home)
-    conn = _connect(h, QUERY_TIMEOUT)
-    try:
-        if body is None:
-            conn.request(method, route)
-        else:
-            conn.request(
-                method, route, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-            )
-        r = conn.getresponse()
-        raw = r.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer {route}: {e}") from None
-    finally:
-        conn.close()
-    try:
-        answer = json.loads(raw)
-    except ValueError:
-        answer = {"error": raw.decode("utf-8", "replace").strip()[:200]}
-    return r.status, answer
-
-
-def _get(route: str, home: os.PathLike | str | None) -> dict:
-    h = _home(home)
-    code, body = _ask("GET", route, h)
-    if code != 200:
-        raise NodeUnavailable(
-            f"swarm-node on {socket_path(h)}: HTTP {code}: "
-            f"{body.get('error', '') if isinstance(body, dict) else body}"
-        )
-    return body
-
-
-def status(home: os.PathLike | str | None = None) -> dict:
-    """The running node's status (``GET /v1/status``); NodeUnavailable if none answers."""
-    return _get("/v1/status", home)
-
-
-def peers(home: os.PathLike | str | None = None) -> list:
-    return _get("/v1/peers", home)["peers"]
-
-
-def models(home: os.PathLike | str | None = None) -> list:
-    return _get("/v1/models", home)["models"]
-
-
-def cache(home: os.PathLike | str | None = None) -> dict:
-    """The node's view of its HF cache (``GET /v1/cache``, see ``swarm.cache_admin.report``)."""
-    return _get("/v1/cache", home)
-
-
-class CacheRefusal(RuntimeError):
-    """``remove`` refused: not cached (``status`` 404) or in use (409; ``in_use`` says why)."""
-
-    def __init__(self, message: str, status: int, in_use: list[str]) -> None:
-        super().__init__(message)
-        self.status = status
-        self.in_use = in_use
-
-
-def remove(target: str, *, force: bool = False, home: os.PathLike | str | None = None) -> list:
-    """Remove ``org/name[@revision]`` from the running node's cache (``POST /v1/rm``); returns
-    ``[{"model", "revision", "bytes"}]``. :class:`CacheRefusal` when absent or in use."""
-    h = _home(home)
-    code, body = _ask("POST", "/v1/rm", h, {"target": target, "force": force})
-    if code in (404, 409):
-        raise CacheRefusal(str(body.get("error", "")), code, list(body.get("in_use", [])))
-    if code != 200:
-        raise NodeUnavailable(
-            f"swarm-node on {socket_path(h)}: HTTP {code}: "
-            f"{body.get('error', '') if isinstance(body, dict) else body}"
-        )
-    return body["removed"]
-
-
-def limits(home: os.PathLike | str | None = None, **changes: float | str | None) -> dict:
-    """The running node's bandwidth limits in bytes/s (None = unlimited): ``{"upload",
-    "download", "peer_upload"}``. Keyword arguments change them first (``upload="20MB/s"``,
-    ``download=None`` for unlimited; ``PUT /v1/limits``). ValueError for a bad value (the node
-    refused it and changed nothing), NodeUnavailable if no node answers."""
-    import http.client
-
-    if not changes:
-        return _get("/v1/limits", home)
-    h = _home(home)
-    conn = _connect(h, QUERY_TIMEOUT)
-    try:
-        conn.request(
-            "PUT",
-            "/v1/limits",
-            body=json.dumps(changes).encode(),
-            headers={"content-type": "application/json"},
-        )
-        r = conn.getresponse()
-        raw = r.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer /v1/limits: {e}") from None
-    finally:
-        conn.close()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = {"error": raw.decode("utf-8", "replace").strip()[:200]}
-    if r.status == 400:
-        raise ValueError(body.get("error", "bad limits"))
-    if r.status != 200:
-        raise NodeUnavailable(f"swarm-node on {socket_path(h)}: HTTP {r.status}: {body.get('error', '')}")
-    return body
-
-
-def node_running(home: os.PathLike | str | None = None) -> bool:
-    try:
-        status(home)
-    except NodeUnavailable:
-        return False
-    return True
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -297,135 +132,6 @@ def _observer(
 # --- selection and copies ----------------------------------------------------------------------
 
 
-def _selected_files(snapshot: Path, req: Any) -> list[str]:
-    """Files of ``snapshot`` (relative POSIX paths, sorted) that the request asks for
-    (:func:`swarm.selection.select_files`)."""
-    from swarm.selection import select_files
-
-    present: dict[str, int] = {}
-    for dirpath, dirs, files in os.walk(snapshot):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, snapshot).replace(os.sep, "/")
-            try:
-                present[rel] = os.path.getsize(full) if req.configs_only else -1
-            except OSError:
-                continue
-    return select_files(
-        present,
-        allow_patterns=req.allow_patterns,
-        ignore_patterns=req.ignore_patterns,
-        configs_only=req.configs_only,
-        sizes=present,
-    )
-
-
-LINK_MIN_BYTES = 64 << 20
-"""Files this large are hard-linked into ``local_dir`` when possible (weights: a copy costs time and
-disk); smaller ones (configs, which people edit in place) are copied, so an edit never reaches the
-verified blob the node serves to its peers."""
-
-
-def _place(src: Path, dest: Path, *, link: bool = True) -> None:
-    """Make ``dest`` a copy of the file ``src`` (a hard link when ``link`` and possible), atomically."""
-    src = src.resolve()
-    with contextlib.suppress(OSError):
-        if not dest.is_symlink() and dest.exists():
-            if os.path.samefile(src, dest):
-                return
-            a, b = src.stat(), dest.stat()
-            if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
-                return  # our earlier copy (copy2 keeps the mtime) of an immutable blob
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.swarm-{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        try:
-            if not link:
-                raise OSError("copy")
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _to_local_dir(snapshot: Path, local_dir: Path, req: Any) -> Path:
-    local_dir = Path(local_dir).expanduser().absolute()
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for rel in _selected_files(snapshot, req):
-        src = snapshot / rel
-        _place(src, local_dir / rel, link=src.stat().st_size >= LINK_MIN_BYTES)
-    return local_dir
-
-
-def _blob_name(src: Path) -> str:
-    """The blob name of a file in the node's cache (its name under ``blobs/``), else its blake3."""
-    if src.parent.name == "blobs":
-        return src.name
-    import blake3
-
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(src, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _to_cache(snapshot: Path, cache_dir: Path, req: Any, revision: str) -> Path:
-    """Lay the requested files of ``snapshot`` out in the hub cache ``cache_dir`` (blobs linked or
-    copied, snapshot symlinks, ``refs/<branch>``); the new snapshot directory."""
-    repo = Path(cache_dir).expanduser().absolute() / ("models--" + req.repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / revision
-    for rel in _selected_files(snapshot, req):
-        src = (snapshot / rel).resolve()
-        blob = repo / "blobs" / _blob_name(src)
-        _place(src, blob)
-        link = snap / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        target = os.path.relpath(blob, link.parent)
-        with contextlib.suppress(OSError):
-            if os.readlink(link) == target:
-                continue
-        tmp = link.parent / f".{link.name}.swarm-{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-    ref = req.revision or "main"
-    if ref != revision:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        tmp = repo / "refs" / f".{os.getpid()}.tmp"
-        tmp.write_text(revision)
-        dest = repo / "refs" / ref
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-    return snap
-
-
-def _deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLike | str | None) -> Any:
-    """Apply ``cache_dir`` / ``local_dir`` to a result whose snapshot may live in the node's cache."""
-    import attrs
-
-    path = Path(result.path)
-    if cache_dir_given:
-        want = Path(req.cache_dir).expanduser().absolute()
-        try:
-            inside = path.resolve().is_relative_to(want.resolve())
-        except OSError:
-            inside = False
-        if not inside:
-            path = _to_cache(path, want, req, result.revision)
-    if local_dir is not None:
-        path = _to_local_dir(path, Path(local_dir), req)
-    return attrs.evolve(result, path=path)
-
-
 # --- fetch -------------------------------------------------------------------------------------
 
 
@@ -437,6 +143,7 @@ def _request(
     configs_only: bool,
     cache_dir: os.PathLike | str | None,
     timeout: float | None,
+    env: Any = None,
 ) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
     MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
@@ -454,9 +161,23 @@ def _request(
         ignore_patterns=ignore_patterns,
         configs_only=bool(configs_only),
         timeout=timeout,
-        env=SourceEnv.from_environ(),
+        env=SourceEnv.from_environ() if env is None else env,
         **kw,
     )
+
+
+def _may_be_local(repo_id: Any, cache_dir: os.PathLike | str | None, env: Any) -> bool:
+    """False when no cache root the fast path looks in (``cache_dir`` or the default, the
+    ModelExpress cache) has a directory for ``repo_id``: then there is no local snapshot, and the
+    request goes to the node before the checks of a FetchRequest are even loaded."""
+    from swarm.fetchapi import default_cache_dir, repo_folder
+
+    if not isinstance(repo_id, str):
+        return True  # let the FetchRequest say what is wrong
+    roots = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
+    if env.modelexpress_cache is not None:
+        roots.append(Path(env.modelexpress_cache))
+    return any((root / repo_folder(repo_id)).is_dir() for root in roots)
 
 
 def _fast_path(req: Any) -> Any | None:
@@ -477,122 +198,13 @@ def _fast_path(req: Any) -> Any | None:
     return FetchResult(path, "local-cache", path.name, (Attempt("local-cache", "ok", f"snapshot at {path}"),))
 
 
-def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
-    """One NDJSON line: the FetchResult if final, raises if it is an error, else None."""
-    from swarm.fetchapi import FetchError, decode_event
-
-    line = line.strip()
-    if not line:
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        raise FetchError(f"the node sent a bad event line: {line[:200]!r}") from None
-    if not isinstance(event, dict):
-        return None
-    result = decode_event(event)  # raises the error of an "error" event
-    if result is None:
-        with contextlib.suppress(Exception):
-            emit(event)
-    return result
-
-
-def _bad_status(r: Any, sock: Path) -> Exception:
-    from swarm.fetchapi import FetchError
-
-    try:
-        msg = r.json().get("error", "")
-    except Exception:
-        msg = r.text.strip()[:200]
-    return FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status_code}: {msg}")
-
-
-def _via_node_sync(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
-    """Fetch through the running node; NodeUnavailable when none answers."""
-    import http.client
-
-    from swarm.fetchapi import FetchError, FetchTimeout, request_json
-
-    sock = socket_path(home)
-    read = None if req.timeout is None else req.timeout + READ_MARGIN
-    conn = _connect(home, read)
-    try:
-        body = json.dumps(request_json(req)).encode()
-        conn.request("POST", "/v1/fetch", body=body, headers={"content-type": "application/json"})
-        r = conn.getresponse()
-        if r.status != 200:
-            raw = r.read()
-            try:
-                msg = json.loads(raw).get("error", "")
-            except (ValueError, AttributeError):
-                msg = raw.decode("utf-8", "replace").strip()[:200]
-            raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
-        while line := r.readline():
-            result = _handle_line(line.decode("utf-8", "replace"), emit)
-            if result is not None:
-                return result
-    except TimeoutError:
-        raise FetchTimeout(
-            f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:
-        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
-    finally:
-        conn.close()
-    raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
-
-
-async def _via_node_async(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
-    import httpx
-
-    from swarm.fetchapi import FetchError, request_json
-
-    sock = socket_path(home)
-    if not sock.exists():
-        raise NodeUnavailable(f"no {sock}")
-    _connect(home, CONNECT_TIMEOUT).close()  # who answers there (owner, peer uid); httpx hides it
-    read = None if req.timeout is None else req.timeout + READ_MARGIN
-    sent = False
-    try:
-        with unix_socket_path(sock) as p:
-            async with (
-                httpx.AsyncClient(
-                    transport=httpx.AsyncHTTPTransport(uds=p),
-                    base_url="http://swarm-node",
-                    timeout=_timeout(read),
-                ) as c,
-                c.stream("POST", "/v1/fetch", json=request_json(req)) as r,
-            ):
-                sent = True
-                if r.status_code != 200:
-                    await r.aread()
-                    raise _bad_status(r, sock)
-                async for line in r.aiter_lines():
-                    result = _handle_line(line, emit)
-                    if result is not None:
-                        return result
-    except httpx.ConnectError as e:
-        if not sent:
-            raise _unavailable(home, e) from None
-        raise FetchError(f"lost the swarm-node on {sock}: {e}") from None
-    except httpx.TimeoutException:
-        from swarm.fetchapi import FetchTimeout
-
-        raise FetchTimeout(
-            f"cannot fetch {req.repo_id}: the swarm-node on {sock} did not answer within {req.timeout:g} s"
-        ) from None
-    except httpx.HTTPError as e:
-        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e}") from None
-    raise FetchError(f"the swarm-node on {sock} ended the fetch of {req.repo_id} without a result")
-
-
 async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     """Run a node for the duration of this fetch (imports libp2p)."""
     import trio
 
     from swarm.config import DEFAULT_LISTEN, resolve_run
-    from swarm.control import HomeBusy, HomeLock
     from swarm.fetchapi import FetchTimeout
+    from swarm.home import HomeBusy, HomeLock
     from swarm.node import Node
 
     settings = resolve_run(home=home, serve=None, no_serve_hf_cache=True)
@@ -636,15 +248,30 @@ def fetch_result(
 ) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
-    req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
-    local = _fast_path(req)
-    if local is not None:
-        return _deliver(local, req, False, local_dir)
+    from swarm.fetchapi import SourceEnv, request_body
+
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    env = SourceEnv.from_environ()
+    args = (repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout, env)
+    made: dict[str, Any] = {}
+
+    def request() -> Any:
+        if "req" not in made:
+            made["req"] = _request(*args)
+        return made["req"]
+
+    if _may_be_local(repo_id, cache_dir, env):
+        local = _fast_path(request())
+        if local is not None:
+            return deliver(local, request(), False, local_dir)
+    # Sent first, checked here while the node works on it (the node refuses what we would).
+    body = request_body(repo_id, revision, allow_patterns, ignore_patterns, configs_only, timeout, env)
     h = _home(home)
     emit, close = _observer(on_event, progress, repo_id)
     try:
         try:
-            result = _via_node_sync(req, h, emit)
+            result = fetch_via_node(body, h, emit, after_send=request)
         except NodeUnavailable:
             import trio
 
@@ -656,10 +283,10 @@ def fetch_result(
                 raise RuntimeError(
                     "swarm.fetch() called from trio code with no node running: use `await swarm.afetch(...)`"
                 ) from None
-            result = trio.run(_embedded, req, h, emit)
+            result = trio.run(_embedded, request(), h, emit)
     finally:
         close()
-    return _deliver(result, req, cache_dir is not None, local_dir)
+    return deliver(result, request(), cache_dir is not None, local_dir)
 
 
 async def afetch_result(
@@ -682,17 +309,19 @@ async def afetch_result(
     req = _request(repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout)
     local = await trio.to_thread.run_sync(_fast_path, req)
     if local is not None:
-        return await trio.to_thread.run_sync(_deliver, local, req, False, local_dir)
+        return await trio.to_thread.run_sync(deliver, local, req, False, local_dir)
     h = _home(home)
     emit, close = _observer(on_event, progress, repo_id)
     try:
         try:
-            result = await _via_node_async(req, h, emit)
+            from swarm.fetchapi import request_json
+
+            result = await afetch_via_node(request_json(req), h, emit)
         except NodeUnavailable:
             result = await _embedded(req, h, emit)
     finally:
         close()
-    return await trio.to_thread.run_sync(_deliver, result, req, cache_dir is not None, local_dir)
+    return await trio.to_thread.run_sync(deliver, result, req, cache_dir is not None, local_dir)
 
 
 def fetch(
@@ -832,7 +461,9 @@ def fetch_card_result(
         emit, close = _observer(on_event, progress, req.repo_id)
         try:
             try:
-                result = _via_node_sync(req, h, emit)
+                from swarm.fetchapi import request_json
+
+                result = fetch_via_node(request_json(req), h, emit)
             except NodeUnavailable:
                 import trio
 
@@ -850,7 +481,7 @@ def fetch_card_result(
     result = _matching_card(result, card)
     if mdc_cache:
         install_mdc_cache(result.path, card, None if mdc_cache is True else Path(mdc_cache))
-    return _deliver(result, req, cache_dir is not None, local_dir)
+    return deliver(result, req, cache_dir is not None, local_dir)
 
 
 def fetch_card(

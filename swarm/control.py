@@ -32,7 +32,7 @@ per connection (``Connection: close``). Routes:
     Body: JSON ``{"repo_id": "org/name", "revision": null, "allow_patterns": null,
     "ignore_patterns": null, "configs_only": false, "timeout": null, "env": {}, "expect": null}``
     (only ``repo_id`` is required; unknown keys are refused).  ``env`` is the caller's environment
-    for the sources (``swarm.sources.SourceEnv``: ``hub_offline``, ``hf_token``, ``hf_endpoint``,
+    for the sources (``swarm.fetchapi.SourceEnv``: ``hub_offline``, ``hf_token``, ``hf_endpoint``,
     ``modelexpress_url``, ``modelexpress_cache``; what the caller has not set is left out and the
     node's own environment applies); the token is never logged nor echoed.  ``expect``: ``[[path,
     "blake3:<hex>", size or null], ...]``, files the result must hold with exactly these bytes (a
@@ -61,7 +61,6 @@ import os
 import socket
 import stat
 import tempfile
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -72,11 +71,23 @@ import h11
 import trio
 
 import swarm
+from swarm.control_http import (
+    LIMITS_ROUTE,
+    MAX_HEADER_BYTES,
+    RM_KEYS,
+    BadRequest,
+    json_object,
+    parse_limits,
+    read_request,
+    send_body,
+    send_error,
+    send_json,
+)
+from swarm.control_jobs import Job, job_key, stream_job
 from swarm.fetchapi import (
     FetchError,
     FetchRequest,
     error_event,
-    jsonable,
     request_from_json,
     result_event,
 )
@@ -93,148 +104,16 @@ from swarm.home import (  # HomeBusy, HomeLock, UnsafeHome, check_home: here too
 
 log = logging.getLogger(__name__)
 
+_BadRequest = BadRequest  # the name tests and older callers know
+
 __all__ = ["ControlServer", "HomeBusy", "HomeLock", "UnsafeHome", "check_home", "error_event", "result_event"]
 
-MAX_HEADER_BYTES = 16 * 1024
-"""Request line plus headers. Our clients send < 1 KiB; this is h11's default and well above it."""
-MAX_BODY_BYTES = 64 * 1024
-"""A fetch request is a name, a revision and two pattern lists: a few hundred bytes in practice."""
 REQUEST_READ_TIMEOUT = 10.0
 """Seconds a client has to send its whole request; a stuck or idle connection is dropped after it."""
-RESPONSE_SEND_TIMEOUT = 30.0
-"""Seconds one write to a client may block (a client that stops reading is dropped)."""
 MAX_CONNECTIONS = 512
 """Open control connections at once; more are answered 503 at once (each costs a task and a fd)."""
-MAX_QUEUED_EVENTS = 256
-"""Events waiting for one slow reader; progress events coalesce, so only bursts of others count."""
 LIVE_PROBE_TIMEOUT = 2.0
 """Seconds to wait for a connection to an existing socket file before calling it stale."""
-
-_REASONS = {
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-
-
-# --- events ------------------------------------------------------------------------------------
-
-
-class _Subscriber:
-    """One waiting connection's queue of events (progress coalesced, bounded)."""
-
-    def __init__(self) -> None:
-        self.events: deque[dict] = deque()
-        self._wake = trio.Event()
-
-    def put(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "progress" and self.events and self.events[-1].get("event") == "progress":
-            self.events[-1] = event
-        else:
-            if len(self.events) >= MAX_QUEUED_EVENTS:
-                # Drop the oldest informational event; final events are put last and never dropped.
-                self.events.popleft()
-            self.events.append(event)
-        self._wake.set()
-
-    async def get(self) -> dict:
-        while not self.events:
-            self._wake = trio.Event()
-            await self._wake.wait()
-        return self.events.popleft()
-
-
-class _Job:
-    """One fetch running on the node, watched by any number of connections."""
-
-    REPLAYED = ("source", "attempt", "manifest", "progress", "configs_ready")
-
-    def __init__(self, key: tuple, req: FetchRequest) -> None:
-        self.key = key
-        self.req = req
-        self.subscribers: set[_Subscriber] = set()
-        self.history: list[dict] = []  # what a late joiner is told first (progress kept last only)
-        self.attempts: list[dict] = []
-        self.current_source: str | None = None
-        self.final: dict | None = None
-        self.done = trio.Event()
-
-    def emit(self, event: dict) -> None:
-        try:
-            event = jsonable(dict(event))
-        except Exception:  # an odd event must not break the fetch
-            return
-        kind = event.get("event")
-        if kind == "source":
-            self.current_source = event.get("source")
-        elif kind == "attempt":
-            self.attempts.append({k: event.get(k) for k in ("source", "outcome", "reason")})
-        if kind in self.REPLAYED:
-            if kind == "progress" and self.history and self.history[-1].get("event") == "progress":
-                self.history[-1] = event
-            elif len(self.history) < MAX_QUEUED_EVENTS:
-                self.history.append(event)
-        for s in self.subscribers:
-            s.put(event)
-
-    def subscribe(self) -> _Subscriber:
-        s = _Subscriber()
-        for e in self.history:
-            s.put(e)
-        if self.final is not None:
-            s.put(self.final)
-        else:
-            self.subscribers.add(s)
-        return s
-
-    def finish(self, final: dict) -> None:
-        self.final = final
-        for s in self.subscribers:
-            s.put(final)
-        self.subscribers.clear()
-        self.done.set()
-
-    def timeout_event(self, timeout: float) -> dict:
-        attempts = list(self.attempts)
-        if self.current_source is not None:
-            attempts.append(
-                {
-                    "source": self.current_source,
-                    "outcome": "failed",
-                    "reason": f"still running after {timeout:g} s (the node goes on with it)",
-                }
-            )
-        lines = [f"cannot fetch {self.req.repo_id}@{self.req.ref}: timed out after {timeout:g} s"]
-        lines += [f"  {a['source']}: {a['outcome']}: {a['reason']}" for a in attempts]
-        return {"event": "error", "type": "FetchTimeout", "message": "\n".join(lines), "attempts": attempts}
-
-
-_RM_KEYS = frozenset({"target", "force"})
-"""Fields of a ``POST /v1/rm`` body."""
-
-
-def _json_object(body: bytes, keys: frozenset[str]) -> dict:
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _BadRequest(400, f"body is not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise _BadRequest(400, "body must be a JSON object")
-    unknown = sorted(set(obj) - keys)
-    if unknown:
-        raise _BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
-    return obj
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -270,7 +149,7 @@ class ControlServer:
         self._ready = trio.Event()
         if node is not None:
             self._ready.set()
-        self._jobs: dict[tuple, _Job] = {}
+        self._jobs: dict[tuple, Job] = {}
         self._connections = 0
         self._nursery: trio.Nursery | None = None
         self._inode: tuple[int, int] | None = None
@@ -399,16 +278,16 @@ class ControlServer:
                 )
                 return
             if self._connections > MAX_CONNECTIONS:
-                await self._send_error(stream, 503, "too many control connections")
+                await send_error(stream, 503, "too many control connections")
                 return
             try:
                 with trio.fail_after(REQUEST_READ_TIMEOUT):
-                    request, body = await self._read_request(stream, conn)
+                    request, body = await read_request(stream, conn)
             except trio.TooSlowError:
-                await self._send_error(stream, 408, "request not received in time")
+                await send_error(stream, 408, "request not received in time")
                 return
-            except _BadRequest as e:
-                await self._send_error(stream, e.status, str(e))
+            except BadRequest as e:
+                await send_error(stream, e.status, str(e))
                 return
             if request is None:
                 return  # the client closed before sending anything
@@ -421,94 +300,6 @@ class ControlServer:
             self._connections -= 1
             with contextlib.suppress(Exception):
                 await stream.aclose()
-
-    async def _read_request(
-        self, stream: trio.SocketStream, conn: h11.Connection
-    ) -> tuple[h11.Request | None, bytes]:
-        request: h11.Request | None = None
-        body = bytearray()
-        received = 0
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as e:
-                raise _BadRequest(e.error_status_hint or 400, f"bad HTTP request: {e}") from None
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(64 * 1024)
-                received += len(data)
-                conn.receive_data(data)  # b"" marks EOF
-                continue
-            if isinstance(event, h11.Request):
-                # h11 bounds only an *incomplete* head; a complete one that came in one read
-                # is measured here.
-                if received - len(conn.trailing_data[0]) > MAX_HEADER_BYTES:
-                    raise _BadRequest(431, f"request head over {MAX_HEADER_BYTES} bytes")
-                request = event
-                for name, value in event.headers:
-                    if name == b"content-length":
-                        try:
-                            n = int(value)
-                        except ValueError:
-                            raise _BadRequest(400, "bad Content-Length") from None
-                        if n > MAX_BODY_BYTES:
-                            raise _BadRequest(413, f"request body over {MAX_BODY_BYTES} bytes")
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY_BYTES:
-                    raise _BadRequest(413, f"request body over {MAX_BODY_BYTES} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                if request is None:
-                    return None, b""
-                raise _BadRequest(400, "connection closed mid-request")
-
-    async def _send_error(self, stream: trio.SocketStream, status: int, message: str) -> None:
-        """An error answer written directly (h11 refuses to answer a request it could not parse or
-        has not seen); the connection is closed after it."""
-        body = (json.dumps({"error": message}) + "\n").encode()
-        reason = _REASONS.get(status, "Error")
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        ).encode()
-        with contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError
-        ):
-            with trio.fail_after(RESPONSE_SEND_TIMEOUT):
-                await stream.send_all(head + body)
-
-    async def _send(self, stream: trio.SocketStream, conn: h11.Connection, event: Any) -> None:
-        data = conn.send(event)
-        if data:
-            with trio.fail_after(RESPONSE_SEND_TIMEOUT):
-                await stream.send_all(data)
-
-    def _headers(self, content_type: str, length: int | None = None) -> list[tuple[str, str]]:
-        h = [
-            ("content-type", content_type),
-            ("connection", "close"),
-            ("server", f"swarm-node/{swarm.__version__}"),
-        ]
-        if length is not None:
-            h.append(("content-length", str(length)))
-        return h
-
-    async def _send_json(
-        self, stream: trio.SocketStream, conn: h11.Connection, status: int, obj: Any
-    ) -> None:
-        await self._send_body(stream, conn, status, "application/json", (json.dumps(obj) + "\n").encode())
-
-    async def _send_body(
-        self, stream: trio.SocketStream, conn: h11.Connection, status: int, content_type: str, data: bytes
-    ) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        await self._send(
-            stream, conn, h11.Response(status_code=status, headers=self._headers(content_type, len(data)))
-        )
-        await self._send(stream, conn, h11.Data(data=data))
-        await self._send(stream, conn, h11.EndOfMessage())
 
     async def _route(
         self,
@@ -538,38 +329,38 @@ class ControlServer:
             }
         )
         if target not in routes:
-            await self._send_json(stream, conn, 404, {"error": f"no route {target}"})
+            await send_json(stream, conn, 404, {"error": f"no route {target}"})
             return
         want, handler = routes[target]
         if method != want:
-            await self._send_json(stream, conn, 405, {"error": f"{target} takes {want}"})
+            await send_json(stream, conn, 405, {"error": f"{target} takes {want}"})
             return
         if handler is not None:
             if not self._ready.is_set():
-                await self._send_json(stream, conn, 503, {"error": "the node is starting"})
+                await send_json(stream, conn, 503, {"error": "the node is starting"})
                 return
             if inspect.iscoroutinefunction(handler):  # the cache routes: disk work in a thread
                 try:
                     status, answer = await handler(body)
-                except _BadRequest as e:
-                    await self._send_json(stream, conn, e.status, {"error": str(e)})
+                except BadRequest as e:
+                    await send_json(stream, conn, e.status, {"error": str(e)})
                     return
-                await self._send_json(stream, conn, status, answer)
+                await send_json(stream, conn, status, answer)
                 return
             answer = handler()
             if isinstance(answer, bytes):  # the metrics exposition
-                from swarm.metrics import CONTENT_TYPE  # not at import: the client imports us
+                from swarm.metrics import CONTENT_TYPE
 
-                await self._send_body(stream, conn, 200, CONTENT_TYPE, answer)
+                await send_body(stream, conn, 200, CONTENT_TYPE, answer)
             else:
-                await self._send_json(stream, conn, 200, answer)
+                await send_json(stream, conn, 200, answer)
             return
         try:
             req, timeout = self._parse_fetch(body)
-        except _BadRequest as e:
-            await self._send_json(stream, conn, e.status, {"error": str(e)})
+        except BadRequest as e:
+            await send_json(stream, conn, e.status, {"error": str(e)})
             return
-        await self._fetch(stream, conn, req, timeout)
+        await stream_job(stream, conn, self._job_for(req), timeout)
 
     # -- GET routes --
 
@@ -624,16 +415,16 @@ class ControlServer:
         return 200, await self.node.cache_report()
 
     async def _rm(self, body: bytes) -> tuple[int, dict]:
-        from swarm import cache_admin  # not at import: the client imports us
+        from swarm import cache_admin  # on first use: it imports the store
 
-        obj = _json_object(body, _RM_KEYS)
+        obj = json_object(body, RM_KEYS)
         target, force = obj.get("target"), obj.get("force", False)
         if not isinstance(target, str) or not isinstance(force, bool):
-            raise _BadRequest(400, "target must be ORG/NAME[@REVISION] and force true or false")
+            raise BadRequest(400, "target must be ORG/NAME[@REVISION] and force true or false")
         try:
             model, revision = cache_admin.parse_target(target)
         except ValueError as e:
-            raise _BadRequest(400, str(e)) from None
+            raise BadRequest(400, str(e)) from None
         try:
             done = await self.node.remove_cached(model, revision, force=force)
         except cache_admin.NotCached as e:
@@ -648,18 +439,18 @@ class ControlServer:
         self, stream: trio.SocketStream, conn: h11.Connection, method: str, body: bytes
     ) -> None:
         if method not in ("GET", "PUT"):
-            await self._send_json(stream, conn, 405, {"error": f"{LIMITS_ROUTE} takes GET or PUT"})
+            await send_json(stream, conn, 405, {"error": f"{LIMITS_ROUTE} takes GET or PUT"})
             return
         if not self._ready.is_set():
-            await self._send_json(stream, conn, 503, {"error": "the node is starting"})
+            await send_json(stream, conn, 503, {"error": "the node is starting"})
             return
         if method == "PUT":
             try:
                 self.node.set_limits(parse_limits(body, self.node.bandwidth.limits))
-            except _BadRequest as e:
-                await self._send_json(stream, conn, e.status, {"error": str(e)})
+            except BadRequest as e:
+                await send_json(stream, conn, e.status, {"error": str(e)})
                 return
-        await self._send_json(stream, conn, 200, self.node.bandwidth.limits.as_dict())
+        await send_json(stream, conn, 200, self.node.bandwidth.limits.as_dict())
 
     # -- fetch --
 
@@ -667,11 +458,11 @@ class ControlServer:
         try:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise _BadRequest(400, f"body is not JSON: {e}") from None
+            raise BadRequest(400, f"body is not JSON: {e}") from None
         try:
             return request_from_json(obj, self._cache_dir())
         except ValueError as e:
-            raise _BadRequest(400, str(e)) from None
+            raise BadRequest(400, str(e)) from None
 
     def _cache_dir(self) -> Path:
         if self.node is not None:
@@ -680,26 +471,17 @@ class ControlServer:
 
         return default_cache_dir()
 
-    def _job_for(self, req: FetchRequest) -> _Job:
-        # Callers with another environment (offline, token, endpoint, ModelExpress) get their own job.
-        key = (
-            req.repo_id,
-            req.revision,
-            req.configs_only,
-            req.allow_patterns,
-            req.ignore_patterns,
-            req.expect,
-            req.env,
-        )
+    def _job_for(self, req: FetchRequest) -> Job:
+        key = job_key(req)
         job = self._jobs.get(key)
         if job is None:
-            job = _Job(key, req)
+            job = Job(key, req)
             self._jobs[key] = job
             assert self._nursery is not None
             self._nursery.start_soon(self._run_job, job)
         return job
 
-    async def _run_job(self, job: _Job) -> None:
+    async def _run_job(self, job: Job) -> None:
         final: dict | None = None
         try:
             await self._ready.wait()
@@ -734,59 +516,3 @@ class ControlServer:
     async def _default_fetch(self, req: FetchRequest, *, on_event: Callable[[dict], None]) -> Any:
         kw = {} if self.modelexpress_url is None else {"modelexpress_url": self.modelexpress_url}
         return await self.node.fetch_with_fallback(req, on_event=on_event, **kw)
-
-    async def _fetch(
-        self, stream: trio.SocketStream, conn: h11.Connection, req: FetchRequest, timeout: float | None
-    ) -> None:
-        job = self._job_for(req)
-        sub = job.subscribe()
-        try:
-            await self._send(
-                stream, conn, h11.Response(status_code=200, headers=self._headers("application/x-ndjson"))
-            )
-            deadline = trio.current_time() + timeout if timeout is not None else float("inf")
-            while True:
-                event = None
-                with trio.move_on_at(deadline):
-                    event = await sub.get()
-                if event is None:
-                    event = job.timeout_event(timeout or 0.0)
-                await self._send(stream, conn, h11.Data(data=(json.dumps(event) + "\n").encode()))
-                if event.get("event") in ("result", "error"):
-                    break
-            await self._send(stream, conn, h11.EndOfMessage())
-        finally:
-            job.subscribers.discard(sub)
-
-
-# --- bandwidth limits --------------------------------------------------------------------------
-
-LIMITS_ROUTE = "/v1/limits"
-_LIMIT_KEYS = ("upload", "download", "peer_upload")
-
-
-def parse_limits(body: bytes, current: Any) -> Any:
-    """A ``PUT /v1/limits`` body applied to ``current`` (a ``swarm.ratelimit.Limits``): the keys
-    it names change, the others stay. Raises _BadRequest (400) naming the bad key."""
-    import attrs
-
-    from swarm.config import ConfigError, parse_rate
-
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _BadRequest(400, f"body is not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise _BadRequest(400, 'body must be a JSON object like {"upload": "20MB/s"}')
-    unknown = set(obj) - set(_LIMIT_KEYS)
-    if unknown:
-        raise _BadRequest(
-            400, f"unknown limit(s) {', '.join(sorted(unknown))} (known: {', '.join(_LIMIT_KEYS)})"
-        )
-    changes = {}
-    for key, value in obj.items():
-        try:
-            changes[key] = None if value is None else parse_rate(value, key)
-        except ConfigError as e:
-            raise _BadRequest(400, str(e)) from None
-    return attrs.evolve(current, **changes)

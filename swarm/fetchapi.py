@@ -6,7 +6,8 @@ answer (``result`` / ``error`` last).
 
 The client (``swarm.fetch``), the control server (``swarm.control``), the sources
 (``swarm.sources``) and the CLI all take these from here; this module imports neither trio nor
-libp2p (only attrs and ``swarm.manifest``'s validators), so the client path stays light.
+libp2p; ``swarm.manifest`` (for its name checks) only once a request is made, so the client can
+send a request to the node before it loads them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
-from swarm.manifest import validate_model_name, validate_path, validate_revision
 
 __all__ = [
     "SOURCES",
@@ -36,7 +35,10 @@ __all__ = [
     "decode_event",
     "default_cache_dir",
     "error_event",
+    "error_json",
     "jsonable",
+    "repo_folder",
+    "request_body",
     "request_from_json",
     "request_json",
     "result_event",
@@ -201,6 +203,8 @@ def _check_revision(_inst: object, _attr: object, value: str | None) -> None:
     if value is None:
         return
     # A branch, a tag or a commit; HF refs may contain "/" (refs/pr/1), each part a safe name.
+    from swarm.manifest import validate_revision
+
     for part in str(value).split("/"):
         validate_revision(part)
 
@@ -213,6 +217,8 @@ _DIGEST_RE = re.compile(r"blake3:[0-9a-f]{64}")
 def _expect(value: Iterable | None) -> tuple[tuple[str, str, int | None], ...] | None:
     if value is None:
         return None
+    from swarm.manifest import validate_path
+
     out = []
     for item in value:
         path, checksum, size = item
@@ -228,7 +234,14 @@ def _expect(value: Iterable | None) -> tuple[tuple[str, str, int | None], ...] |
 
 
 def _check_repo(_inst: object, _attr: object, value: str) -> None:
+    from swarm.manifest import validate_model_name
+
     validate_model_name(value)
+
+
+def repo_folder(repo_id: str) -> str:
+    """The directory of a model in a hub cache: ``models--org--name``."""
+    return "models--" + repo_id.replace("/", "--")
 
 
 @attrs.frozen
@@ -258,7 +271,7 @@ class FetchRequest:
 
     @property
     def repo_dir(self) -> Path:
-        return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
+        return self.cache_dir / repo_folder(self.repo_id)
 
 
 @attrs.frozen
@@ -323,15 +336,43 @@ ERROR_TYPES: dict[str, type[FetchError]] = {
 
 def request_json(req: FetchRequest) -> dict:
     """The ``POST /v1/fetch`` body of ``req`` (the cache dir is the node's, so it is not sent)."""
+    return request_body(
+        req.repo_id,
+        req.revision,
+        req.allow_patterns,
+        req.ignore_patterns,
+        req.configs_only,
+        req.timeout,
+        req.env,
+        req.expect,
+    )
+
+
+def request_body(
+    repo_id: str,
+    revision: str | None,
+    allow_patterns: str | Iterable[str] | None,
+    ignore_patterns: str | Iterable[str] | None,
+    configs_only: bool,
+    timeout: float | None,
+    env: SourceEnv,
+    expect: Iterable | None = None,
+) -> dict:
+    """:func:`request_json` from the arguments themselves, unchecked (the node checks them with
+    :func:`request_from_json`): what the client sends before it builds its own FetchRequest."""
+
+    def pats(p: str | Iterable[str] | None) -> list[str] | None:
+        return None if p is None else [p] if isinstance(p, str) else list(p)
+
     return {
-        "repo_id": req.repo_id,
-        "revision": req.revision,
-        "allow_patterns": list(req.allow_patterns) if req.allow_patterns is not None else None,
-        "ignore_patterns": list(req.ignore_patterns) if req.ignore_patterns is not None else None,
-        "configs_only": req.configs_only,
-        "timeout": req.timeout,
-        "env": req.env.to_json(),
-        **({"expect": [list(e) for e in req.expect]} if req.expect else {}),
+        "repo_id": repo_id,
+        "revision": revision,
+        "allow_patterns": pats(allow_patterns),
+        "ignore_patterns": pats(ignore_patterns),
+        "configs_only": bool(configs_only),
+        "timeout": timeout,
+        "env": env.to_json(),
+        **({"expect": [list(e) for e in expect]} if expect else {}),
     }
 
 

@@ -282,6 +282,23 @@ def test_import_swarm_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.timeout(60)
+def test_the_client_side_of_the_socket_stays_light():
+    """What a fetch through a running node loads (issue #13): no trio, httpx, h11 nor libp2p, and
+    neither side of the control socket imports the other."""
+    code = (
+        "import sys, swarm.client, swarm.control_client, swarm.delivery, swarm.fetchapi, swarm.home, "
+        "swarm.selection, swarm.sources.local; "
+        "print(sorted(m for m in ('libp2p', 'trio', 'httpx', 'h11', 'swarm.control', 'swarm.node') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import sys, swarm.control; print('swarm.client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # --- the control server in process, with a stand-in node (no libp2p) ---------------------------
 
 
@@ -376,6 +393,50 @@ async def test_control_joins_identical_fetches_and_types_errors(tmp_path, home, 
         assert ei.value.attempts == attempts and str(ei.value) == "cannot fetch acme/bad: no"
         n.cancel_scope.cancel()
     assert not (home / "control.sock").exists()
+
+
+class ChattyFetcher:
+    """Tells progress once per piece, all at once (as a fast transfer does), then is done."""
+
+    def __init__(self, path: Path, pieces: int = 2000) -> None:
+        self.path = path
+        self.pieces = pieces
+
+    async def __call__(self, req, *, on_event):
+        on_event({"event": "source", "source": "swarm"})
+        for k in range(1, self.pieces + 1):
+            on_event({"event": "progress", "have": k, "total": self.pieces})
+        on_event({"event": "done"})
+        return FetchResult(self.path, "swarm", self.path.name, (Attempt("swarm", "ok", "snapshot"),))
+
+
+@pytest.mark.timeout(60)
+async def test_progress_is_sent_at_most_every_tenth_second_and_afetch_can_be_cancelled(
+    tmp_path, home, offline
+):
+    snap = tmp_path / "snap" / "abc"
+    snap.mkdir(parents=True)
+    server = ControlServer(home, FakeNode(tmp_path / "cache"), fetcher=ChattyFetcher(snap))
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        seen: list[dict] = []
+        assert await swarm.afetch("acme/m", home=home, progress=False, on_event=seen.append) == snap
+        progress = [e for e in seen if e["event"] == "progress"]
+        # 2000 events within one 0.1 s window: the first, then the latest one before "done".
+        assert 1 <= len(progress) <= 5
+        assert progress[-1] == {"event": "progress", "have": 2000, "total": 2000}
+        assert [e["event"] for e in seen][-1] == "done"
+
+        # Cancelling afetch ends the call (its worker thread's connection is shut down); the
+        # node's job goes on and a later request joins it.
+        blocker = FakeFetcher(snap)
+        server._fetcher = blocker
+        with trio.move_on_after(0.5) as scope:
+            await swarm.afetch("acme/slow", home=home, progress=False)
+        assert scope.cancelled_caught
+        blocker.release.set()
+        assert await swarm.afetch("acme/slow", home=home, progress=False) == snap
+        n.cancel_scope.cancel()
 
 
 async def test_control_socket_lifecycle(tmp_path, home, monkeypatch):

@@ -1,4 +1,4 @@
-"""The fallback chain (swarm/sources.py) with real clients against loopback servers.
+"""The fallback chain (swarm/sources/) with real clients against loopback servers.
 
 huggingface_hub talks HTTP to tests/fakehub.py (selected with HF_ENDPOINT); the ModelExpress client
 talks gRPC to tests/fake_modelexpress.py.  Nothing leaves 127.0.0.1.
