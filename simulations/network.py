@@ -403,12 +403,6 @@ class Network:
 
     # ------------------------------------------------------------------ messages
 
-    def ceil(self, t: float) -> float:
-        """``t`` rounded up to the time grid: events that fall within one grid step share one
-        instant, so many wake-ups are served by one pass of the event loop."""
-        g = self.grid
-        return math.ceil(t / g - 1e-6) * g
-
     def deliver_at(self, link: Any, now: float) -> float:
         at = now + link.delay
         if self.jitter:

@@ -6,9 +6,9 @@ so a piece larger than the burst is not refused, only delayed; over any run the 
 has ended by time T stay within ``burst + rate * (T - start)`` (tests/test_ratelimit.py checks
 this with hypothesis).
 
-``Throttle`` is its async wrapper on trio's clock (``trio.current_time``/``sleep_until``: the
-simulator's virtual clock works too). ``Bandwidth`` is the node's set of them: one upload bucket,
-one download bucket, one upload bucket per peer; the engine (swarm/engine.py) takes upload tokens
+``Throttle`` is its async wrapper on trio's clock (``trio.current_time``/``sleep_until``: trio's
+MockClock works too). ``Bandwidth`` is the node's set of them: one upload bucket,
+one download bucket, one upload bucket per peer; the engine (swarm/engine/) takes upload tokens
 before it sends a piece (both the data lane and libp2p streams) and paces its requests by the
 download bucket. Limits change at run time (``set_limits``: the control API's ``PUT /v1/limits``).
 Unlimited (the default) costs one attribute test per piece.

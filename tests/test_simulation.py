@@ -350,6 +350,17 @@ def test_a_node_serving_corrupt_pieces_is_banned_and_the_fetch_still_completes()
     assert r.stats["engine_internal_errors"] == 0
 
 
+def test_verifying_takes_hash_rate_time_at_most_writes_per_link_pieces_at_once():
+    # one leecher whose hashing (10 MB/s) is far slower than its network: the engine verifies two
+    # pieces at once (EngineConfig.writes_per_link) and reads nothing more meanwhile
+    data = _two_groups(1, "32 MiB", fetch_down="1 Gbit/s", hash_rate="10 MB/s")
+    r = simulate(scenario.parse(data), 1)
+    (t,) = r.completion_times()
+    size = 32 * 2**20 + 4096
+    assert r.stats["finished"] == 1 and r.stats["engine_internal_errors"] == 0
+    assert size / (2 * 10e6) <= t < size / 10e6  # two at a time, not one, not unbounded
+
+
 def test_progress_is_reported():
     seen = []
     Simulation(
@@ -472,9 +483,10 @@ def test_parallel_seeds_are_limited_to_the_memory_there_is():
 
 
 def test_simulations_never_import_the_network_stack():
+    # nor trio: the simulator drives the engine's sans-I/O core from its own timeline
     code = (
         "import sys, simulations.cli, simulations.sim, simulations.report\n"
-        "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p'))]\n"
+        "bad = [m for m in sys.modules if m.startswith(('swarm.net', 'libp2p', 'trio'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

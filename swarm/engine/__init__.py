@@ -9,11 +9,27 @@
   libp2p layer, the fast data lane and the simulator each implement.
 
 The engine decides with ``swarm.picker`` and ``swarm.choker``; it never imports libp2p, and the
-core never imports trio.
+core never imports trio (``Transfer`` is imported on first use, so the simulator, which drives the
+core itself, runs without trio).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from swarm.engine.config import EngineConfig, LinkClosed, PeerLink, PeerStats, PieceStore
 from swarm.engine.core import TransferCore
-from swarm.engine.runner import Transfer
+
+if TYPE_CHECKING:
+    from swarm.engine.runner import Transfer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Transfer":
+        from swarm.engine.runner import Transfer
+
+        return Transfer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["EngineConfig", "LinkClosed", "PeerLink", "PeerStats", "PieceStore", "Transfer", "TransferCore"]
