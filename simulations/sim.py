@@ -505,8 +505,8 @@ class Simulation:
         self.log(now, "depart", node.id, "", why)
         if rejoin_after is None and why == "session" and node.group.rejoin is not None:
             rejoin_after = node.group.rejoin.sample(node.rng)
-        if rejoin_after is not None and rejoin_after < INF:
-            self.at(now + rejoin_after, self._arrive, node)
+        if rejoin_after is not None and rejoin_after < INF:  # + a new process's start-up
+            self.at(now + rejoin_after + self.sc.startup.node_start, self._arrive, node)
         elif node.fetches and node.completed_at is None:
             node.gone = True
             self.gone += 1

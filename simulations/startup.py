@@ -2,7 +2,8 @@
 
 The namespace testbed (``swarm-sim testbed``) showed the simulator's fetches starting almost at
 once, where a real node's take seconds: from the client's call to the node having chosen a
-manifest, and from there to its first piece. Three things make up the difference, each a named
+manifest, and from there to its first piece, and a restarted host coming back at once. Four
+things make up the difference, each a named
 model parameter here (``simulations/sim.py`` calls into this module in a few places only):
 
 - ``announce="manifest"``: a fetching node announces itself once it has chosen the manifest (it
@@ -15,6 +16,9 @@ model parameter here (``simulations/sim.py`` calls into this module in a few pla
   GET_PROVIDERS to every peer found, dialling the ones it is not linked to. The hop model
   (``DHTParams.bits_per_hop``) gives a few round trips (well under a millisecond on the testbed);
   a real lookup takes this long at least.
+- ``node_start``: a host that comes back (``rejoin_after``) runs a new process, which takes
+  seconds to import, start libp2p and join before it can fetch; the simulator's host used to be
+  back at once.
 - ``link_setup``: a new link (dial, TCP, multistream, the lane's handshake, yamux, the swarm
   protocol's streams) takes this long before it carries a request, on top of the
   ``NetworkParams.connect_rtts`` round trips: Python work on both ends, most of it waiting for the
@@ -48,6 +52,11 @@ class StartupModel:
     link_setup: float = 0.0
     """Seconds a new link takes, beyond ``connect_rtts`` round trips, before it carries a request."""
 
+    node_start: float = 0.0
+    """Seconds a host that left takes, once it comes back (``rejoin_after``, a session's rejoin),
+    before it is online: a new ``swarm-node`` process imports, opens its store, starts libp2p
+    and joins the DHT."""
+
     def lookup_delay(self, hops_delay: float) -> float:
         """A lookup's duration given the hop model's."""
         return max(hops_delay, self.lookup_round)
@@ -76,8 +85,9 @@ def parse(table: Mapping[str, Any], where: str = "startup") -> StartupModel:
         announce_at_manifest=bool(table.get("announce_at_manifest", DEFAULT.announce_at_manifest)),
         lookup_round=units.duration(table.get("lookup_round", DEFAULT.lookup_round), f"{where}.lookup_round"),
         link_setup=units.duration(table.get("link_setup", DEFAULT.link_setup), f"{where}.link_setup"),
+        node_start=units.duration(table.get("node_start", DEFAULT.node_start), f"{where}.node_start"),
     )
-    if m.lookup_round < 0 or m.link_setup < 0:
+    if m.lookup_round < 0 or m.link_setup < 0 or m.node_start < 0:
         raise ScenarioError(f"{where}: delays must be >= 0")
     return m
 

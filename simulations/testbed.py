@@ -715,8 +715,10 @@ class Testbed:
                 self.fabric.set_port(h.net, up=True)  # type: ignore[union-attr]
                 h.vanished = False
             if h.proc is None:
+                began = self.now()
                 h.start(self._node_cmd(h), self.env)
                 h.wait_ready(time.monotonic() + READY_TIMEOUT, serving=h.group.role == "seed")
+                self.log("node_start", h.id, "", f"{self.now() - began:.6f}")  # startup.node_start
         except TestbedError as e:
             self.log("rejoin_failed", h.id, "", str(e).splitlines()[0])
             return
