@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from simulations import startup
 from simulations._engine import (
     FIRST_LOOKUPS,
     LOOKUP_FIRST,
@@ -120,6 +121,7 @@ class Node:
         self.ask: ManifestAsk[Node] | None = None  # the manifest requests of this session
         self.ask_found: list[Node] = []  # the providers of the lookup being asked, answered first
         self.connect: ConnectPolicy[Node] | None = None  # this session's connect loop
+        self.draining = False  # leaving gracefully (startup.leave)
         self.first_arrival: float | None = None
         self.completed_at: float | None = None
         self.configs_at: float | None = None
@@ -382,6 +384,7 @@ class Simulation:
             return
         now = self.tl.now()
         node.online = False
+        node.draining = False
         node.vanished = vanish
         self.vanished += vanish
         self.online -= 1
@@ -403,8 +406,8 @@ class Simulation:
         self.log(now, "depart", node.id, "", why)
         if rejoin_after is None and why == "session" and node.group.rejoin is not None:
             rejoin_after = node.group.rejoin.sample(node.rng)
-        if rejoin_after is not None and rejoin_after < INF:
-            self.at(now + rejoin_after, self._arrive, node)
+        if rejoin_after is not None and rejoin_after < INF:  # + a new process's start-up
+            self.at(now + rejoin_after + self.sc.startup.node_start, self._arrive, node)
         elif node.fetches and node.completed_at is None:
             node.gone = True
             self.gone += 1
@@ -439,7 +442,9 @@ class Simulation:
         if g.announce == "complete" and node.announced_at is None:
             self._announce(node, now)
         if g.after_finish is not None:
-            self.at(now + g.after_finish.sample(node.rng), self._depart, node, "finished", node.session)
+            self.at(
+                now + g.after_finish.sample(node.rng), startup.leave, self, node, "finished", node.session
+            )
         self.finished += 1
         if self.progress is not None and self.finished >= self._next_progress * self.fetchers:
             while self._next_progress * self.fetchers <= self.finished:
@@ -617,7 +622,8 @@ class Simulation:
         self.dials += 1
         self.log(now, "dial", node.id, peer.id)
         rtt = 2 * Network.delay(node.port, peer.port)
-        if not peer.online:  # a vanished host never answers; a stopped node's host refuses
+        if not peer.online or peer.draining:  # a vanished host never answers; a stopped (or
+            # draining, startup.leave) node refuses
             wait = self.sc.network.dial_timeout if peer.vanished else rtt
             self.at(now + wait, self._dial_done, node, peer, node.session)
             return
@@ -629,7 +635,7 @@ class Simulation:
             return
         node.dialing.pop(peer.id, None)
         now = self.tl.now()
-        if not peer.online:
+        if not peer.online or peer.draining:
             self.dial_failures += 1
             node.scores.note_failed(peer.id, now)  # node.py's _link_to
             self.log(now, "dial_failed", node.id, peer.id)
@@ -685,7 +691,10 @@ class Simulation:
         for n in chosen:
             if ev.action != "join":
                 after = ev.rejoin_after.sample(rng) if ev.rejoin_after is not None else INF
-                self._depart(n, "event", rejoin_after=after, vanish=ev.action == "vanish")
+                if ev.action == "leave":  # SIGTERM: drains first (startup.py)
+                    startup.leave(self, n, "event", rejoin_after=after)
+                else:
+                    self._depart(n, "event", rejoin_after=after, vanish=ev.action == "vanish")
             else:
                 self._arrive(n)
 

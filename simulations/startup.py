@@ -2,7 +2,8 @@
 
 The namespace testbed (``swarm-sim testbed``) showed the simulator's fetches starting almost at
 once, where a real node's take seconds: from the client's call to the node having chosen a
-manifest, and from there to its first piece. Three things make up the difference, each a named
+manifest, and from there to its first piece; a restarted host coming back at once and a leaving
+host gone at once. Five things make up the difference, each a named
 model parameter here (``simulations/sim.py`` calls into this module in a few places only):
 
 - ``announce="manifest"``: a fetching node announces itself once it has chosen the manifest (it
@@ -15,6 +16,11 @@ model parameter here (``simulations/sim.py`` calls into this module in a few pla
   GET_PROVIDERS to every peer found, dialling the ones it is not linked to. The hop model
   (``DHTParams.bits_per_hop``) gives a few round trips (well under a millisecond on the testbed);
   a real lookup takes this long at least.
+- ``node_start``: a host that comes back (``rejoin_after``) runs a new process, which takes
+  seconds to import, start libp2p and join before it can fetch; the simulator's host used to be
+  back at once.
+- ``drain``: a node that leaves gracefully (SIGTERM) keeps sending the pieces it was asked for,
+  for up to ``drain_timeout``; the simulator's was gone at once.
 - ``link_setup``: a new link (dial, TCP, multistream, the lane's handshake, yamux, the swarm
   protocol's streams) takes this long before it carries a request, on top of the
   ``NetworkParams.connect_rtts`` round trips: Python work on both ends, most of it waiting for the
@@ -48,6 +54,17 @@ class StartupModel:
     link_setup: float = 0.0
     """Seconds a new link takes, beyond ``connect_rtts`` round trips, before it carries a request."""
 
+    node_start: float = 0.0
+    """Seconds a host that left takes, once it comes back (``rejoin_after``, a session's rejoin),
+    before it is online: a new ``swarm-node`` process imports, opens its store, starts libp2p
+    and joins the DHT."""
+
+    drain: float = 0.0
+    """Seconds a gracefully leaving node (a ``leave`` event, ``after_finish``: SIGTERM on the
+    testbed) drains before it is gone: it takes no new requests or links but sends the pieces
+    peers already asked of it (swarm/node.py ``Node.drain``, ``drain_timeout`` = 10 s). 0: it is
+    gone at once, its pieces in flight aborted."""
+
     def lookup_delay(self, hops_delay: float) -> float:
         """A lookup's duration given the hop model's."""
         return max(hops_delay, self.lookup_round)
@@ -57,9 +74,44 @@ class StartupModel:
         return rtts_delay + self.link_setup
 
 
+DRAIN_POLL = 0.05
+"""Seconds between a draining node's checks of its pending uploads (swarm/node.py DRAIN_POLL)."""
+
+
+def leave(sim: Any, node: Any, why: str, sess: int | None = None, rejoin_after: float | None = None) -> None:
+    """A graceful departure in ``sim`` (a ``simulations.sim.Simulation``): drain, then depart.
+    ``rejoin_after`` counts from now, as the testbed's timer does from the signal."""
+    tr = node.transfer
+    limit = sim.sc.startup.drain
+    if not node.online or (sess is not None and sess != node.session):
+        return
+    if tr is None or limit <= 0 or node.draining:
+        sim._depart(node, why, sess, rejoin_after)
+        return
+    tr.stop_uploading()
+    node.draining = True
+    now = sim.tl.now()
+    _drained(sim, node, why, node.session, rejoin_after, now, now + limit)
+
+
+def _drained(
+    sim: Any, node: Any, why: str, sess: int, rejoin_after: float | None, began: float, until: float
+) -> None:
+    if not node.online or sess != node.session:
+        return
+    now = sim.tl.now()
+    tr = node.transfer
+    if tr is None or not tr.uploads_pending or now >= until:
+        if rejoin_after is not None:
+            rejoin_after = max(0.0, rejoin_after - (now - began))
+        sim._depart(node, why, sess, rejoin_after)
+        return
+    sim.at(min(until, now + DRAIN_POLL), _drained, sim, node, why, sess, rejoin_after, began, until)
+
+
 DEFAULT = StartupModel()
 """A scenario's start unless its ``[startup]`` table says otherwise: no delays."""
-TESTBED = StartupModel(lookup_round=1.0, link_setup=1.5)
+TESTBED = StartupModel(lookup_round=1.4, link_setup=1.0, node_start=6.0, drain=10.0)
 """Calibrated on the namespace testbed (see the module docstring)."""
 KEYS = tuple(a.name for a in attrs.fields(StartupModel))
 
@@ -76,8 +128,10 @@ def parse(table: Mapping[str, Any], where: str = "startup") -> StartupModel:
         announce_at_manifest=bool(table.get("announce_at_manifest", DEFAULT.announce_at_manifest)),
         lookup_round=units.duration(table.get("lookup_round", DEFAULT.lookup_round), f"{where}.lookup_round"),
         link_setup=units.duration(table.get("link_setup", DEFAULT.link_setup), f"{where}.link_setup"),
+        node_start=units.duration(table.get("node_start", DEFAULT.node_start), f"{where}.node_start"),
+        drain=units.duration(table.get("drain", DEFAULT.drain), f"{where}.drain"),
     )
-    if m.lookup_round < 0 or m.link_setup < 0:
+    if min(m.lookup_round, m.link_setup, m.node_start, m.drain) < 0:
         raise ScenarioError(f"{where}: delays must be >= 0")
     return m
 

@@ -63,8 +63,10 @@ TESTBED_LATENCY = 0.0001
 """One-way latency (s) the simulator is given for a testbed host (veth + bridge, no netem)."""
 READY_TIMEOUT = 60.0
 """Seconds a node may take to start (import, listen, hash a served model) on a busy machine."""
-STOP_GRACE = 5.0
-"""Seconds a node gets after SIGTERM before SIGKILL."""
+STOP_GRACE = 15.0
+"""Seconds a node gets after SIGTERM before SIGKILL: more than its drain (the node keeps sending
+the pieces peers already asked of it for up to ``drain_timeout``, 10 s by default); a shorter
+grace cut a leaving worker's drain short (it used to be 5 s)."""
 CMD_TIMEOUT = 30.0
 """Seconds any one ``ip``/``tc`` command may take."""
 EXTRA_NODE_FLAGS: tuple[str, ...] = ()
@@ -354,6 +356,7 @@ class Host:
         self.log = root / nid / "node.log"
         self.home.parent.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
+        self.stopping: threading.Thread | None = None  # a stop under way (see Testbed._depart)
         self.peer_id = ""
         self.online = False
         self.gone = False
@@ -417,9 +420,13 @@ class Host:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(sig)
-            try:
-                p.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + STOP_GRACE
+            while p.poll() is None and time.monotonic() < deadline:  # a draining node's counters
+                c = _cpu_seconds(p.pid) or c
+                if sig != signal.SIGKILL:
+                    self.poll_bytes()
+                time.sleep(0.1)
+            if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 p.wait()
@@ -683,7 +690,11 @@ class Testbed:
             self.fabric.set_port(h.net, up=False)  # type: ignore[union-attr]
             h.vanished = True
         else:
-            h.stop(how)  # type: ignore[arg-type]
+            # The host leaves when it is signalled; the process may take up to STOP_GRACE to
+            # exit (a SIGTERMed node drains). That runs aside: the schedule keeps its times (a
+            # draining worker once held every later event back by 5 s).
+            h.stopping = threading.Thread(target=h.stop, args=(how,), daemon=True)
+            h.stopping.start()
         self.log("depart", h.id, "", why)
         if rejoin_after is not None and rejoin_after < math.inf:
             _later(rejoin_after, self._rejoin, h)
@@ -696,13 +707,18 @@ class Testbed:
         if h.online or h.gone or self._stopping:
             return
         try:
+            if h.stopping is not None:  # the process signalled at departure has exited
+                h.stopping.join()
+                h.stopping = None
             if h.vanished:
                 h.stop(signal.SIGKILL)
                 self.fabric.set_port(h.net, up=True)  # type: ignore[union-attr]
                 h.vanished = False
             if h.proc is None:
+                began = self.now()
                 h.start(self._node_cmd(h), self.env)
                 h.wait_ready(time.monotonic() + READY_TIMEOUT, serving=h.group.role == "seed")
+                self.log("node_start", h.id, "", f"{self.now() - began:.6f}")  # startup.node_start
         except TestbedError as e:
             self.log("rejoin_failed", h.id, "", str(e).splitlines()[0])
             return

@@ -123,3 +123,39 @@ def test_sigint_tears_everything_down(tmp_path):
     finally:
         p.kill()
     assert not [n for n in testbed._our_namespaces() if n.startswith(prefix)]
+
+
+@pytest.mark.timeout(60)
+def test_startup_table_and_the_testbed_calibration():
+    from simulations import startup
+
+    path = scenario.SCENARIO_DIR / "tb_flash_crowd.toml"
+    assert scenario.load(path).startup == startup.DEFAULT
+    assert scenario.load(path, testbed.for_testbed(path, {})).startup == startup.TESTBED
+    mine = testbed.for_testbed(path, {"startup.link_setup": 0.25})
+    assert scenario.load(path, mine).startup == startup.StartupModel(link_setup=0.25)
+    with pytest.raises(scenario.ScenarioError, match="startup"):
+        scenario.load(path, {"startup.nope": 1})
+
+
+@pytest.mark.timeout(60)
+def test_simulated_start_of_fetch_restart_and_drain():
+    """Virtual time: a fetch's manifest comes after a lookup round and before its first piece, a
+    restarted host is back node_start after rejoin_after, a leaving worker drains first."""
+    from simulations import report, startup
+    from simulations.sim import Simulation
+
+    path = scenario.SCENARIO_DIR / "tb_rolling_churn.toml"
+    sc = scenario.load(path, testbed.for_testbed(path, {}))
+    r = Simulation(sc, 1, log_pieces=False).run()
+    start = report.start_of_fetch(r)
+    assert startup.TESTBED.lookup_round <= start["manifest"] < start["first_piece"]
+    kills = [e for e in r.events if e[1] == "depart" and e[0] < 5]
+    assert len(kills) == 2
+    for t, _ev, node, _p, _v in kills:
+        back = [e[0] for e in r.events if e[1] == "arrive" and e[2] == node and e[0] > t]
+        assert back and back[0] >= t + 3 + startup.TESTBED.node_start - 1e-9
+    leave = next(e[0] for e in r.events if e[1] == "event_leave")
+    gone = [e[0] for e in r.events if e[1] == "depart" and e[2].startswith("workers")]
+    assert gone and leave < gone[0] <= leave + startup.TESTBED.drain + 1e-9  # it had pieces to send
+    assert r.stats["wasted_bytes"] >= 0
