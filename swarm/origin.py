@@ -66,7 +66,13 @@ STALL_TIMEOUT = 3.0
 """Seconds without any progress reported by the puller (bytes of its download) before it is
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
 MAX_CANDIDATES = 16
-"""Interested peers considered in one election (lookups return at most 20)."""
+"""Interested peers from the DHT considered in one election (lookups return at most 20)."""
+MAX_PROBES = 64
+"""Connected peers asked directly in one election or rival check, besides those the DHT names: an
+interest record may still be on its way (testbed, 8 nodes on 2 loaded vCPUs: announcing took
+0.8-10 s, and three nodes that found no one in the DHT pulled side by side)."""
+PROVIDE_WAIT = 3.0
+"""Seconds the interest announcement (ADD_PROVIDER) may hold up the election."""
 WAIT_GRACE = 10.0
 """Seconds a follower waits on a peer that does not pull itself but waits too (it is noticing a
 dead puller, ~1-3 s, and electing again, ~1-2 s) before giving up on it."""
@@ -311,22 +317,31 @@ class OriginCoordinator:
         (resuming the partial files in ``blobs``), verifies and seeds, calling the function it is
         given once the download is over (the manifest is built next: progress then ticks)."""
         mkey = model_key(repo_id)
-        t0 = trio.current_time()
-        if await self._providers(mkey):
-            return await swarm_fetch()
         key = origin_key(repo_id, ref)
         it = self.interests.get(key)
         if it is not None and it.state == "seeded":  # pulled here before: it is in the swarm
             return await swarm_fetch()
+        # Interested from now on (fellow fetchers that ask us learn it at once, DHT or not), while
+        # we look for providers of the model and announce the interest, side by side.
         it = self.interests[key] = _Interest()
         try:
-            t1 = trio.current_time()
-            await self.host.provide(key)
+            t0 = trio.current_time()
+            found: list[PeerAddr] = []
+
+            async def lookup() -> None:
+                found.extend(await self._providers(mkey))
+
+            async def announce() -> None:
+                await self.host.provide(key, timeout=PROVIDE_WAIT)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(lookup)
+                n.start_soon(announce)
+            if found:
+                it.state = "none"
+                return await swarm_fetch()
             log.info(
-                "origin: no provider of %s (lookup %.1f s); interest announced in %.1f s",
-                repo_id,
-                t1 - t0,
-                trio.current_time() - t1,
+                "origin: no provider of %s; interest announced (%.1f s)", repo_id, trio.current_time() - t0
             )
             await trio.sleep(ELECTION_SETTLE)
             return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
@@ -337,6 +352,8 @@ class OriginCoordinator:
         finally:
             if it.state != "seeded":  # a seeded record stays: late followers learn to fetch
                 self.host.stop_providing(key)
+                if it.state == "none":
+                    self.interests.pop(key, None)
 
     async def _pull_or_follow(
         self, key: bytes, mkey: bytes, it: _Interest, blobs: Path, swarm_fetch, pull
@@ -424,27 +441,56 @@ class OriginCoordinator:
         return None
 
     async def _closer_puller(self, key: bytes, it: _Interest, excluded: set[str]) -> str | None:
-        """Look for another puller ahead of us (more bytes, or as many and closer to the key)
-        during the first RIVAL_WINDOW seconds of our pull: views of the interested set can differ
-        while announcements spread, or while a dead puller is noticed. None if none."""
-        mine = distance(self.peer_id, key)
+        """Look, every RIVAL_CHECK for as long as we pull, for another puller ahead of us: one that
+        started with more bytes to resume from (``have``, fixed for a pull), or as many and closer
+        to the key. Both sides compare the same two fixed values, so exactly one gives way. Views
+        of the interested set can differ while announcements spread, or while a dead puller is
+        noticed. The DHT is asked during the first RIVAL_WINDOW, connected peers throughout."""
+        mine = (it.have, -distance(self.peer_id, key))
         end = trio.current_time() + RIVAL_WINDOW
-        while trio.current_time() < end:
+        while True:
             await trio.sleep(RIVAL_CHECK)
-            for p in await self._providers(key):
-                if p.peer_id in excluded:
-                    continue
-                try:
-                    st = await self.ask(p, key)
-                except (NetError, ValueError):
-                    continue
-                if st.state != "pulling":
-                    continue
-                ours = await trio.to_thread.run_sync(dir_bytes, it.blobs) if it.blobs else 0
-                if (st.progress, -distance(p.peer_id, key)) > (ours, -mine):
-                    return p.peer_id
-        await trio.sleep_forever()
-        return None
+            states, _unanswered = await self._survey(key, excluded, dht=trio.current_time() < end)
+            for pid, st in states.items():
+                if st.state == "pulling" and (st.have, -distance(pid, key)) > mine:
+                    return pid
+
+    async def _survey(
+        self, key: bytes, excluded: set[str], *, dht: bool = True
+    ) -> tuple[dict[str, OriginState], set[str]]:
+        """(states of the peers that answered, DHT-named interested peers that did not): the
+        interested peers the DHT names (the closest MAX_CANDIDATES) and every connected peer (up
+        to MAX_PROBES; those not interested answer ``none``), asked at once; then the pullers
+        their answers name that were not asked yet."""
+        found = await self._providers(key) if dht else []
+        skip = excluded | {self.peer_id}
+        named = [p for p in found if p.peer_id not in skip]
+        named.sort(key=lambda p: distance(p.peer_id, key))
+        named = named[:MAX_CANDIDATES]
+        targets: dict[str, str | PeerAddr] = {p.peer_id: p for p in named}
+        for pid in self.host.connected_peers()[:MAX_PROBES]:
+            if pid not in skip:
+                targets.setdefault(pid, pid)
+        states: dict[str, OriginState] = {}
+
+        async def probe(pid: str, p: str | PeerAddr) -> None:
+            try:
+                states[pid] = await self.ask(p, key)
+            except (NetError, ValueError) as e:
+                log.debug("origin: %s did not answer: %s", pid[:12], e)
+
+        async with trio.open_nursery() as n:
+            for pid, p in targets.items():
+                n.start_soon(probe, pid, p)
+        leaders = (
+            {st.leader for st in states.values() if st.state == "waiting" and st.leader} - skip - set(states)
+        )
+        async with trio.open_nursery() as n:
+            for pid in list(leaders)[:MAX_CANDIDATES]:
+                n.start_soon(probe, pid, pid)
+        states = {pid: st for pid, st in states.items() if st.state != "none"}
+        unanswered = {p.peer_id for p in named if p.peer_id not in states}
+        return states, unanswered
 
     async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
         """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
@@ -498,21 +544,7 @@ class OriginCoordinator:
         (the dead puller's backup), ties to the closest (maybe us). None when the model has
         providers now."""
         t0 = trio.current_time()
-        found = await self._providers(key)
-        others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
-        others.sort(key=lambda p: distance(p.peer_id, key))
-        others = others[:MAX_CANDIDATES]
-        states: dict[str, OriginState] = {}
-
-        async def probe(p: PeerAddr) -> None:
-            try:
-                states[p.peer_id] = await self.ask(p, key)
-            except (NetError, ValueError) as e:
-                log.debug("origin: %s did not answer: %s", p.peer_id[:12], e)
-
-        async with trio.open_nursery() as n:
-            for p in others:
-                n.start_soon(probe, p)
+        states, unanswered = await self._survey(key, excluded)
         # Follow the puller itself (a follower names it), so a stall is seen where it happens.
         active = {
             st.leader if st.state == "waiting" and st.leader else pid
@@ -520,9 +552,9 @@ class OriginCoordinator:
             if st.active
         }
         active -= excluded | {self.peer_id}
-        # A peer that did not answer counts as live (a busy host answers late; a dead one is
-        # dropped by _follow within a second): passing over it risks a second pull.
-        live = {p.peer_id for p in others if p.peer_id not in states or states[p.peer_id].state == "waiting"}
+        # A peer the DHT names that did not answer counts as live (a busy host answers late; a
+        # dead one is dropped by _follow within a second): passing over it risks a second pull.
+        live = unanswered | {pid for pid, st in states.items() if st.state == "waiting"}
         live.add(self.peer_id)
         have = {pid: st.have for pid, st in states.items()}
         have[self.peer_id] = it.have
@@ -538,10 +570,10 @@ class OriginCoordinator:
                 return None  # a last look before pulling: someone may have seeded it meanwhile
         rest = live - {leader}
         log.info(
-            "origin: election in %.1f s: %d interested found, %d answered, %d active; leader %s",
+            "origin: election in %.1f s: %d interested answered, %d silent, %d active; leader %s",
             trio.current_time() - t0,
-            len(others),
             len(states),
+            len(unanswered),
             len(active),
             leader[:12],
         )
