@@ -102,6 +102,8 @@ def child(spec: dict) -> None:
                     say(event="pull", t=time.time() - t0)
                 elif e.get("event") in ("manifest", "configs_ready", "done"):
                     say(event=e["event"], t=time.time() - t0)
+                elif e.get("event") == "attempt" and e.get("outcome") == "failed":
+                    say(event="failed_" + e["source"], t=time.time() - t0, reason=e.get("reason", "")[:300])
 
             req = FetchRequest(
                 MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=SourceEnv(hf_endpoint=spec["endpoint"])
@@ -234,6 +236,8 @@ def run_crowd(
                         pulls.append((msg["t"], i))
                     elif msg.get("event"):
                         timeline.setdefault(i, {})[msg["event"]] = round(msg["t"], 2)
+                        if msg.get("reason"):
+                            timeline[i][msg["event"] + "_why"] = msg["reason"]
                     elif "done" in msg:
                         results[i] = msg
                         timeline.setdefault(i, {})["end"] = round(msg["seconds"], 2)

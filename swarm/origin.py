@@ -66,10 +66,18 @@ STALL_TIMEOUT = 3.0
 """Seconds without any progress reported by the puller (bytes of its download) before it is
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
 MAX_CANDIDATES = 16
-"""Interested peers considered in one election (lookups return at most 20)."""
-WAIT_GRACE = 10.0
+"""Interested peers from the DHT considered in one election (lookups return at most 20)."""
+MAX_PROBES = 64
+"""Connected peers asked directly in one election or rival check, besides those the DHT names: an
+interest record may still be on its way (testbed, 8 nodes on 2 loaded vCPUs: announcing took
+0.8-10 s, and three nodes that found no one in the DHT pulled side by side)."""
+PROVIDE_WAIT = 3.0
+"""Seconds the interest announcement (ADD_PROVIDER) may hold up the election."""
+WAIT_GRACE = 15.0
 """Seconds a follower waits on a peer that does not pull itself but waits too (it is noticing a
-dead puller, ~1-3 s, and electing again, ~1-2 s) before giving up on it."""
+dead puller: up to SILENT_TIMEOUT when the puller vanished without a reset, and electing again,
+~1-3 s) before passing over it. A peer passed over is left out of elections, not of the rival
+check: if it pulls after all, it is followed or given way to as any puller."""
 RIVAL_WINDOW = 5.0
 """Seconds at the start of a pull during which the puller looks for a closer one that also pulls
 (elected at the same time from a different view) and gives way to it."""
@@ -261,7 +269,10 @@ class OriginCoordinator:
         if it.state == "pulling" and it.building:
             it.progress += 1  # hashing the snapshot for the manifest: alive, nothing to download
         elif it.state == "pulling" and it.blobs is not None:
-            it.progress = await trio.to_thread.run_sync(dir_bytes, it.blobs)
+            got = await trio.to_thread.run_sync(dir_bytes, it.blobs)
+            # No byte yet: asking the origin for its listing (seconds on a loaded host; a hang
+            # there ends in hubpull's timeouts, then "failed"): alive, so progress ticks.
+            it.progress = got if got else it.progress + 1
         return OriginState(it.state, it.progress, it.leader, it.have).encode()
 
     async def _answer_mirror(self, _peer: str, request: bytes) -> bytes:
@@ -311,22 +322,31 @@ class OriginCoordinator:
         (resuming the partial files in ``blobs``), verifies and seeds, calling the function it is
         given once the download is over (the manifest is built next: progress then ticks)."""
         mkey = model_key(repo_id)
-        t0 = trio.current_time()
-        if await self._providers(mkey):
-            return await swarm_fetch()
         key = origin_key(repo_id, ref)
         it = self.interests.get(key)
         if it is not None and it.state == "seeded":  # pulled here before: it is in the swarm
             return await swarm_fetch()
+        # Interested from now on (fellow fetchers that ask us learn it at once, DHT or not), while
+        # we look for providers of the model and announce the interest, side by side.
         it = self.interests[key] = _Interest()
         try:
-            t1 = trio.current_time()
-            await self.host.provide(key)
+            t0 = trio.current_time()
+            found: list[PeerAddr] = []
+
+            async def lookup() -> None:
+                found.extend(await self._providers(mkey))
+
+            async def announce() -> None:
+                await self.host.provide(key, timeout=PROVIDE_WAIT)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(lookup)
+                n.start_soon(announce)
+            if found:
+                it.state = "none"
+                return await swarm_fetch()
             log.info(
-                "origin: no provider of %s (lookup %.1f s); interest announced in %.1f s",
-                repo_id,
-                t1 - t0,
-                trio.current_time() - t1,
+                "origin: no provider of %s; interest announced (%.1f s)", repo_id, trio.current_time() - t0
             )
             await trio.sleep(ELECTION_SETTLE)
             return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
@@ -337,15 +357,18 @@ class OriginCoordinator:
         finally:
             if it.state != "seeded":  # a seeded record stays: late followers learn to fetch
                 self.host.stop_providing(key)
+                if it.state == "none":
+                    self.interests.pop(key, None)
 
     async def _pull_or_follow(
         self, key: bytes, mkey: bytes, it: _Interest, blobs: Path, swarm_fetch, pull
     ) -> Path:
-        excluded: set[str] = set()
+        excluded: set[str] = set()  # gone, failed or stalled pullers: never followed again
+        passed: set[str] = set()  # peers that kept waiting: not elected, still seen pulling
         while True:
-            elected = await self._elect(key, mkey, excluded, it)
+            elected = await self._elect(key, mkey, excluded | passed, it)
             if elected is None:  # the model appeared in the swarm meanwhile
-                return await swarm_fetch()
+                return await self._swarm(swarm_fetch, ())
             leader, backup = elected
             if leader == self.peer_id:
                 path = await self._pull(key, it, blobs, pull, excluded)
@@ -360,26 +383,35 @@ class OriginCoordinator:
                 " as its backup" if backup else "",
                 extra={"event": "origin_follow", "leader": leader, "backup": backup},
             )
-            it.heard = trio.current_time()
-            async with trio.open_nursery() as n:
-                if backup:  # next in line: keep a copy of its partial files to resume from
-                    n.start_soon(self._mirror, key, leader, blobs, it)
-                why = await self._follow(key, leader, it)
-                n.cancel_scope.cancel()
-            if why is None:
+            while True:
+                it.heard = trio.current_time()
+                async with trio.open_nursery() as n:
+                    if backup:  # next in line: keep a copy of its partial files to resume from
+                        n.start_soon(self._mirror, key, leader, blobs, it)
+                    outcome, detail = await self._follow(key, leader, it, excluded)
+                    n.cancel_scope.cancel()
+                if outcome != "redirect":
+                    break
+                # We chose a peer that follows another's pull (we did not hear from that one in
+                # time): follow the puller itself, and fetch from it once it has seeded.
+                log.info("origin: %s follows %s: following that one", leader[:12], detail[:12])
+                leader = it.leader = detail
+            if outcome == "seeded":
                 it.state = "seeded"
-                log.info("origin: %s seeded; fetching through the swarm", leader[:12])
-                return await swarm_fetch((leader,))
+                hint = tuple(dict.fromkeys(p for p in (detail, leader) if p and p != self.peer_id))
+                log.info("origin: %s seeded; fetching through the swarm", hint[0][:12])
+                return await self._swarm(swarm_fetch, hint)
+            why = detail
             log.warning(
                 "origin: puller %s %s; electing again",
                 leader[:12],
                 why,
                 extra={"event": "origin_replace", "leader": leader, "reason": why},
             )
-            excluded.add(leader)
+            (passed if outcome == "passed" else excluded).add(leader)
             if await self._providers(mkey):  # it (or another) seeded while we could not tell
                 it.state = "seeded"
-                return await swarm_fetch((leader,))
+                return await self._swarm(swarm_fetch, (leader,))
 
     async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]) -> Path | None:
         """Our pull; None if we gave way to a closer puller (two elected at once)."""
@@ -420,31 +452,60 @@ class OriginCoordinator:
                 trio.current_time() - (done_at[0] if done_at else started),
             )
             return result[0]
-        it.state, it.blobs = "waiting", None
+        it.state, it.blobs, it.leader = "waiting", None, ""
         return None
 
     async def _closer_puller(self, key: bytes, it: _Interest, excluded: set[str]) -> str | None:
-        """Look for another puller ahead of us (more bytes, or as many and closer to the key)
-        during the first RIVAL_WINDOW seconds of our pull: views of the interested set can differ
-        while announcements spread, or while a dead puller is noticed. None if none."""
-        mine = distance(self.peer_id, key)
+        """Look, every RIVAL_CHECK for as long as we pull, for another puller ahead of us: one that
+        started with more bytes to resume from (``have``, fixed for a pull), or as many and closer
+        to the key. Both sides compare the same two fixed values, so exactly one gives way. Views
+        of the interested set can differ while announcements spread, or while a dead puller is
+        noticed. The DHT is asked during the first RIVAL_WINDOW, connected peers throughout."""
+        mine = (it.have, -distance(self.peer_id, key))
         end = trio.current_time() + RIVAL_WINDOW
-        while trio.current_time() < end:
+        while True:
             await trio.sleep(RIVAL_CHECK)
-            for p in await self._providers(key):
-                if p.peer_id in excluded:
-                    continue
-                try:
-                    st = await self.ask(p, key)
-                except (NetError, ValueError):
-                    continue
-                if st.state != "pulling":
-                    continue
-                ours = await trio.to_thread.run_sync(dir_bytes, it.blobs) if it.blobs else 0
-                if (st.progress, -distance(p.peer_id, key)) > (ours, -mine):
-                    return p.peer_id
-        await trio.sleep_forever()
-        return None
+            states, _unanswered = await self._survey(key, excluded, dht=trio.current_time() < end)
+            for pid, st in states.items():
+                if st.state == "pulling" and (st.have, -distance(pid, key)) > mine:
+                    return pid
+
+    async def _survey(
+        self, key: bytes, excluded: set[str], *, dht: bool = True
+    ) -> tuple[dict[str, OriginState], set[str]]:
+        """(states of the peers that answered, DHT-named interested peers that did not): the
+        interested peers the DHT names (the closest MAX_CANDIDATES) and every connected peer (up
+        to MAX_PROBES; those not interested answer ``none``), asked at once; then the pullers
+        their answers name that were not asked yet."""
+        found = await self._providers(key) if dht else []
+        skip = excluded | {self.peer_id}
+        named = [p for p in found if p.peer_id not in skip]
+        named.sort(key=lambda p: distance(p.peer_id, key))
+        named = named[:MAX_CANDIDATES]
+        targets: dict[str, str | PeerAddr] = {p.peer_id: p for p in named}
+        for pid in self.host.connected_peers()[:MAX_PROBES]:
+            if pid not in skip:
+                targets.setdefault(pid, pid)
+        states: dict[str, OriginState] = {}
+
+        async def probe(pid: str, p: str | PeerAddr) -> None:
+            try:
+                states[pid] = await self.ask(p, key)
+            except (NetError, ValueError) as e:
+                log.debug("origin: %s did not answer: %s", pid[:12], e)
+
+        async with trio.open_nursery() as n:
+            for pid, p in targets.items():
+                n.start_soon(probe, pid, p)
+        leaders = (
+            {st.leader for st in states.values() if st.state == "waiting" and st.leader} - skip - set(states)
+        )
+        async with trio.open_nursery() as n:
+            for pid in list(leaders)[:MAX_CANDIDATES]:
+                n.start_soon(probe, pid, pid)
+        states = {pid: st for pid, st in states.items() if st.state != "none"}
+        unanswered = {p.peer_id for p in named if p.peer_id not in states}
+        return states, unanswered
 
     async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
         """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
@@ -459,13 +520,15 @@ class OriginCoordinator:
                 listing = _parse_listing(raw)
                 it.heard = trio.current_time()  # an answer: the puller is alive
                 for name, size in listing:
-                    await self._mirror_file(key, leader, blobs, name, size)
-                it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
+                    await self._mirror_file(key, leader, blobs, name, size, it)
             except (NetError, ValueError, OSError) as e:
                 log.debug("origin: mirror from %s: %s", leader[:12], e)
+            it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
             await trio.sleep(POLL)
 
-    async def _mirror_file(self, key: bytes, leader: str, blobs: Path, name: str, size: int) -> None:
+    async def _mirror_file(
+        self, key: bytes, leader: str, blobs: Path, name: str, size: int, it: _Interest
+    ) -> None:
         base = name.removesuffix(PARTIAL_SUFFIX)
         if (blobs / base).exists():
             return
@@ -481,7 +544,10 @@ class OriginCoordinator:
             )
             if not chunk:
                 return
-            have = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
+            it.heard = trio.current_time()
+            grown = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
+            it.have += grown - have  # kept current: the election ranks the backup by it
+            have = grown
 
     async def _providers(self, key: bytes) -> list[PeerAddr]:
         try:
@@ -498,21 +564,7 @@ class OriginCoordinator:
         (the dead puller's backup), ties to the closest (maybe us). None when the model has
         providers now."""
         t0 = trio.current_time()
-        found = await self._providers(key)
-        others = [p for p in found if p.peer_id not in excluded and p.peer_id != self.peer_id]
-        others.sort(key=lambda p: distance(p.peer_id, key))
-        others = others[:MAX_CANDIDATES]
-        states: dict[str, OriginState] = {}
-
-        async def probe(p: PeerAddr) -> None:
-            try:
-                states[p.peer_id] = await self.ask(p, key)
-            except (NetError, ValueError) as e:
-                log.debug("origin: %s did not answer: %s", p.peer_id[:12], e)
-
-        async with trio.open_nursery() as n:
-            for p in others:
-                n.start_soon(probe, p)
+        states, unanswered = await self._survey(key, excluded)
         # Follow the puller itself (a follower names it), so a stall is seen where it happens.
         active = {
             st.leader if st.state == "waiting" and st.leader else pid
@@ -520,9 +572,9 @@ class OriginCoordinator:
             if st.active
         }
         active -= excluded | {self.peer_id}
-        # A peer that did not answer counts as live (a busy host answers late; a dead one is
-        # dropped by _follow within a second): passing over it risks a second pull.
-        live = {p.peer_id for p in others if p.peer_id not in states or states[p.peer_id].state == "waiting"}
+        # A peer the DHT names that did not answer counts as live (a busy host answers late; a
+        # dead one is dropped by _follow within a second): passing over it risks a second pull.
+        live = unanswered | {pid for pid, st in states.items() if st.state == "waiting"}
         live.add(self.peer_id)
         have = {pid: st.have for pid, st in states.items()}
         have[self.peer_id] = it.have
@@ -538,20 +590,21 @@ class OriginCoordinator:
                 return None  # a last look before pulling: someone may have seeded it meanwhile
         rest = live - {leader}
         log.info(
-            "origin: election in %.1f s: %d interested found, %d answered, %d active; leader %s",
+            "origin: election in %.1f s: %d interested answered, %d silent, %d active; leader %s",
             trio.current_time() - t0,
-            len(others),
             len(states),
+            len(unanswered),
             len(active),
             leader[:12],
         )
         return leader, bool(rest) and min(rest, key=rank) == self.peer_id
 
-    async def _follow(self, key: bytes, leader: str, it: _Interest) -> str | None:
-        """Wait while ``leader``'s pull goes on: None once seeded, else why it was given up: gone
-        (``PROBE_FAILURES`` refused queries in a row, or no answer of any kind for
-        ``SILENT_TIMEOUT``), failed, or stalled (no change in its state or progress for
-        STALL_TIMEOUT while it pulls, WAIT_GRACE while it waits)."""
+    async def _follow(self, key: bytes, leader: str, it: _Interest, excluded: set[str]) -> tuple[str, str]:
+        """Wait while ``leader``'s pull goes on. ("seeded", the puller's id) once it has seeded;
+        ("redirect", puller) if ``leader`` itself follows a pull (we follow the puller instead);
+        ("drop", why) when it is given up: gone (``PROBE_FAILURES`` refused queries in a row, or
+        no answer of any kind for ``SILENT_TIMEOUT``), failed, or stalled (no change in its state
+        or progress for STALL_TIMEOUT while it pulls, WAIT_GRACE while it waits)."""
         refused = 0
         last: tuple[str, int] | None = None
         since = trio.current_time()
@@ -563,23 +616,48 @@ class OriginCoordinator:
                 if isinstance(e, ValueError) or not _timed_out(e):
                     refused += 1
                 if refused >= PROBE_FAILURES:
-                    return f"refused {refused} state queries in a row ({e})"
+                    return "drop", f"refused {refused} state queries in a row ({e})"
                 if now - it.heard > SILENT_TIMEOUT:
-                    return f"did not answer for {now - it.heard:.1f} s ({e})"
+                    return "drop", f"did not answer for {now - it.heard:.1f} s ({e})"
                 await trio.sleep(POLL)
                 continue
             refused = 0
             now = it.heard = trio.current_time()
             if st.state == "seeded":
-                return None
+                return "seeded", st.leader or leader
             if st.state in ("failed", "none"):
-                return f"reports {st.state}"
+                return "drop", f"reports {st.state}"
+            if (
+                st.state == "waiting"
+                and st.leader
+                and st.leader not in (leader, self.peer_id)
+                and st.leader not in excluded
+            ):
+                return "redirect", st.leader
             it.progress = st.progress
             if (st.state, st.progress) != last:
                 last, since = (st.state, st.progress), now
-            elif now - since > (STALL_TIMEOUT if st.state == "pulling" else WAIT_GRACE):
-                return f"made no progress for {now - since:.1f} s ({st.state})"
+            elif st.state == "pulling" and now - since > STALL_TIMEOUT:
+                return "drop", f"made no progress for {now - since:.1f} s (pulling)"
+            elif st.state == "waiting" and now - since > WAIT_GRACE:
+                return "passed", f"kept waiting for {now - since:.1f} s"
             await trio.sleep(POLL)
+
+    async def _swarm(self, swarm_fetch, hint: tuple[str, ...]) -> Path:
+        """The swarm fetch after an origin pull, its failure logged (the chain goes on to the Hub:
+        a second copy from the origin, so the reason matters)."""
+        t0 = trio.current_time()
+        try:
+            return await swarm_fetch(hint)
+        except Exception as e:
+            log.warning(
+                "origin: swarm fetch after the pull failed in %.1f s (hint %s): %s",
+                trio.current_time() - t0,
+                ", ".join(h[:12] for h in hint) or "none",
+                e,
+                extra={"event": "origin_swarm_failed", "reason": str(e)},
+            )
+            raise
 
 
 def _timed_out(e: Exception) -> bool:
