@@ -479,8 +479,10 @@ class SimTransfer(TransferCore):
         assert peer is not None
         try:
             while True:
-                while peer.control:
-                    end.send(peer.control.popleft())
+                if peer.control:
+                    msgs, peer.control = peer.control, []
+                    for msg in msgs:
+                        end.send(msg)
                 i = self._next_upload(peer)
                 if i is None:
                     if peer.control:  # Rejects for what a choked peer had queued

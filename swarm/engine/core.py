@@ -513,10 +513,10 @@ class TransferCore(RequestBook):
         """The piece to send ``peer`` next, if any: if it was choked since it asked, everything
         it queued is Rejected instead (it will ask others)."""
         if peer.uploads and not peer.slot.unchoked:
-            while peer.uploads:
-                peer.control.append(wire.Reject(peer.uploads.popleft()))
+            peer.control.extend(wire.Reject(i) for i in peer.uploads)
+            peer.uploads.clear()
             return None
-        return peer.uploads.popleft() if peer.uploads else None
+        return peer.uploads.pop(0) if peer.uploads else None
 
     def _upload_started(self, i: int) -> None:
         """Piece ``i`` was taken off a peer's queue to be sent (it may wait for upload credit)."""

@@ -259,7 +259,7 @@ class Transfer(TransferCore):
     async def _writer(self, peer: PeerState) -> None:
         while True:
             while peer.control:
-                await peer.link.send(peer.control.popleft())
+                await peer.link.send(peer.control.pop(0))
             index = self._next_upload(peer)
             if index is None:
                 if peer.control:  # Rejects for what a choked peer had queued
@@ -272,7 +272,7 @@ class Transfer(TransferCore):
             error: StoreError | None = None
             try:
                 if not await self._upload_credit(peer, index):
-                    peer.uploads.appendleft(index)  # choked meanwhile: Rejected by _next_upload
+                    peer.uploads.insert(0, index)  # choked meanwhile: Rejected by _next_upload
                     continue
                 self._upload_copy(index)
                 if peer.send_piece is not None:
@@ -307,7 +307,7 @@ class Transfer(TransferCore):
         Request and Choke must not wait with it)."""
         while True:
             while peer.control:
-                await peer.link.send(peer.control.popleft())
+                await peer.link.send(peer.control.pop(0))
             if trio.current_time() >= until:
                 return
             peer.wake = trio.Event()
