@@ -9,10 +9,11 @@ began, so the elected puller downloads by itself, into the same HF cache layout:
   sha1, the names huggingface_hub gives its blobs); a partial file already there (this node's
   earlier attempt, or bytes mirrored from a puller that died, see swarm/origin.py) is resumed with
   an HTTP ``Range`` request from its end, as BEP 19 web seeds are read;
-* a complete file is checked against the listing (``sources.hub_mismatch``: size, then sha256 for
-  LFS files, git blob sha1 for the others) before it is renamed to ``blobs/<etag>`` and linked
-  from ``snapshots/<commit>/<path>``. A resumed file that fails is downloaded once more from byte
-  0 (the resumed bytes came from a peer); a fresh download that fails means the origin's bytes do
+* a complete file is checked against the listing (as ``sources.hub_mismatch`` checks: size, then
+  sha256 for LFS files, git blob sha1 for the others; hashed as the bytes arrive, so the file is
+  not read a second time) before it is renamed to ``blobs/<etag>`` and linked from
+  ``snapshots/<commit>/<path>``. A resumed file that fails is downloaded once more from byte 0
+  (the resumed bytes came from a peer); a fresh download that fails means the origin's bytes do
   not match the origin's own listing: :class:`~swarm.sources.VerificationFailed`, nothing linked.
 
 A partial file never gets a blob name, so neither huggingface_hub nor the swarm ever takes it for
@@ -21,6 +22,7 @@ a file: it is only a resume point.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -38,7 +40,6 @@ from swarm.sources import (
     ModelNotFound,
     VerificationFailed,
     _selected,
-    hub_mismatch,
 )
 from swarm.store.layout import RepoLayout
 
@@ -115,10 +116,35 @@ def pull_snapshot(req: FetchRequest, endpoint: str, token: str | None, stop: thr
             if not blob.exists():
                 url = f"{endpoint}/{req.repo_id}/resolve/{commit}/{quote(f.path)}"
                 _fetch_verified(client, url, blobs / (f.etag + PARTIAL_SUFFIX), blob, f, stop)
-            repo.link(snap, f.path, f.etag)
+    # Linked only once every file is in and verified: a pull abandoned midway (it gave way to
+    # another puller, or was cancelled) leaves blobs and partial files, never a snapshot
+    # directory, which the swarm would refuse to complete ("created by something other than
+    # swarm"): on the testbed two pullers that gave way fell through to the Hub that way.
+    for f in files:
+        repo.link(snap, f.path, f.etag)
     if req.revision != commit:
         repo.write_ref(req.ref, commit)
     return snap
+
+
+def _new_digest(entry: HubEntry):
+    """The hash the Hub lists for ``entry``, empty: sha256 for LFS files, else the git blob sha1."""
+    if entry.lfs_sha256 is not None:
+        return hashlib.sha256()
+    return hashlib.sha1(b"blob %d\0" % entry.size, usedforsecurity=False)
+
+
+def _mismatch(digest, entry: HubEntry) -> str | None:
+    """Why a file hashed into ``digest`` is not the one the Hub lists (None: it is), worded as
+    ``sources.hub_mismatch`` words it."""
+    got = digest.hexdigest()
+    if entry.lfs_sha256 is not None:
+        if got != entry.lfs_sha256.lower():
+            return f"sha256 {got[:16]}..., the Hub lists {entry.lfs_sha256[:16]}..."
+        return None
+    if got != entry.blob_id.lower():
+        return f"git blob sha1 {got[:16]}..., the Hub lists {entry.blob_id[:16]}..."
+    return None
 
 
 def _fetch_verified(
@@ -126,12 +152,12 @@ def _fetch_verified(
 ) -> None:
     resumed = partial.stat().st_size if partial.exists() else 0
     log.debug("pulling %s from byte %d of %d", f.path, resumed, f.entry.size)
-    _download(client, url, partial, f.entry.size, stop)
-    why = hub_mismatch(partial, f.entry)
+    # Hashed as the bytes arrive (the resumed part first): no second read of the whole file, and
+    # the puller reports "seeded" that much sooner.
+    why = _mismatch(_download(client, url, partial, f.entry, stop), f.entry)
     if why is not None and resumed:  # the resumed bytes came from elsewhere: once more, from 0
         partial.unlink(missing_ok=True)
-        _download(client, url, partial, f.entry.size, stop)
-        why = hub_mismatch(partial, f.entry)
+        why = _mismatch(_download(client, url, partial, f.entry, stop), f.entry)
     if why is not None:
         partial.unlink(missing_ok=True)
         raise VerificationFailed(
@@ -140,18 +166,26 @@ def _fetch_verified(
     os.replace(partial, blob)
 
 
-def _download(client, url: str, partial: Path, size: int, stop: threading.Event) -> None:
-    """Bring ``partial`` to ``size`` bytes, resuming from its end with a Range request."""
+def _download(client, url: str, partial: Path, entry: HubEntry, stop: threading.Event):
+    """Bring ``partial`` to the ``entry``'s size, resuming from its end with a Range request; the
+    digest (``_new_digest``) of the whole file, fed as the bytes were written."""
+    size = entry.size
+    digest = _new_digest(entry)
     have = partial.stat().st_size if partial.exists() else 0
     if have > size:
         partial.unlink()
         have = 0
+    if have:
+        with open(partial, "rb") as fh:
+            while chunk := fh.read(READ_CHUNK):
+                digest.update(chunk)
     if have == size:
-        return
+        return digest
     headers = {"Range": f"bytes={have}-"} if have else {}
     with client.stream("GET", url, headers=headers) as r:
         if r.status_code == 200:
             have = 0  # the server ignored the range: start over
+            digest = _new_digest(entry)
         elif r.status_code == 206:
             if not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
                 raise FetchError(
@@ -167,5 +201,7 @@ def _download(client, url: str, partial: Path, size: int, stop: threading.Event)
                 if have > size:
                     raise VerificationFailed(f"{url}: more than the {size} bytes the Hub lists")
                 out.write(chunk)
+                digest.update(chunk)
     if have != size:
         raise FetchError(f"{url}: body ended at {have} of {size} bytes")
+    return digest

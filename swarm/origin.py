@@ -84,8 +84,10 @@ RIVAL_WINDOW = 5.0
 RIVAL_CHECK = 1.0
 """Seconds between those looks."""
 MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
-MIRROR_CHUNK = 4 << 20
-"""Most bytes of a partial file one mirror query returns (a 25 MB/s pull grows ~6 MB per POLL)."""
+MIRROR_CHUNK = 16 << 20
+"""Most bytes of a partial file one mirror query returns. At 4 MiB (a stream opened per query) the
+backup's copy fell far behind on a loaded host: 11 MB copied when the puller died at 135 MB
+(testbed), and the replacement pulled the rest again (1.48 x the model)."""
 MAX_MIRROR_FILES = 64
 """Most files a puller lists to its backup (the weight shards of a large model)."""
 
@@ -477,16 +479,10 @@ class OriginCoordinator:
         interested peers the DHT names (the closest MAX_CANDIDATES) and every connected peer (up
         to MAX_PROBES; those not interested answer ``none``), asked at once; then the pullers
         their answers name that were not asked yet."""
-        found = await self._providers(key) if dht else []
         skip = excluded | {self.peer_id}
-        named = [p for p in found if p.peer_id not in skip]
-        named.sort(key=lambda p: distance(p.peer_id, key))
-        named = named[:MAX_CANDIDATES]
-        targets: dict[str, str | PeerAddr] = {p.peer_id: p for p in named}
-        for pid in self.host.connected_peers()[:MAX_PROBES]:
-            if pid not in skip:
-                targets.setdefault(pid, pid)
         states: dict[str, OriginState] = {}
+        asked: set[str] = set()
+        named: list[PeerAddr] = []
 
         async def probe(pid: str, p: str | PeerAddr) -> None:
             try:
@@ -494,15 +490,26 @@ class OriginCoordinator:
             except (NetError, ValueError) as e:
                 log.debug("origin: %s did not answer: %s", pid[:12], e)
 
+        def ask_all(n: trio.Nursery, targets: list[tuple[str, str | PeerAddr]]) -> None:
+            for pid, p in targets:
+                if pid not in skip and pid not in asked:
+                    asked.add(pid)
+                    n.start_soon(probe, pid, p)
+
+        async def from_dht(n: trio.Nursery) -> None:
+            found = [p for p in await self._providers(key) if p.peer_id not in skip]
+            found.sort(key=lambda p: distance(p.peer_id, key))
+            named.extend(found[:MAX_CANDIDATES])
+            ask_all(n, [(p.peer_id, p) for p in named])
+
+        # Connected peers at once, the DHT's side by side (its lookup takes up to LOOKUP_TIMEOUT).
         async with trio.open_nursery() as n:
-            for pid, p in targets.items():
-                n.start_soon(probe, pid, p)
-        leaders = (
-            {st.leader for st in states.values() if st.state == "waiting" and st.leader} - skip - set(states)
-        )
+            ask_all(n, [(pid, pid) for pid in self.host.connected_peers()[:MAX_PROBES]])
+            if dht:
+                n.start_soon(from_dht, n)
+        leaders = {st.leader for st in states.values() if st.state == "waiting" and st.leader}
         async with trio.open_nursery() as n:
-            for pid in list(leaders)[:MAX_CANDIDATES]:
-                n.start_soon(probe, pid, pid)
+            ask_all(n, [(pid, pid) for pid in list(leaders - set(states))[:MAX_CANDIDATES]])
         states = {pid: st for pid, st in states.items() if st.state != "none"}
         unanswered = {p.peer_id for p in named if p.peer_id not in states}
         return states, unanswered
@@ -564,7 +571,14 @@ class OriginCoordinator:
         (the dead puller's backup), ties to the closest (maybe us). None when the model has
         providers now."""
         t0 = trio.current_time()
-        states, unanswered = await self._survey(key, excluded)
+        seeded: list[PeerAddr] = []
+
+        async def last_look() -> None:  # someone may have seeded it meanwhile
+            seeded.extend(await self._providers(mkey))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(last_look)
+            states, unanswered = await self._survey(key, excluded)
         # Follow the puller itself (a follower names it), so a stall is seen where it happens.
         active = {
             st.leader if st.state == "waiting" and st.leader else pid
@@ -586,8 +600,8 @@ class OriginCoordinator:
             leader = min(active, key=lambda pid: distance(pid, key))
         else:
             leader = min(live, key=rank)
-            if leader == self.peer_id and await self._providers(mkey):
-                return None  # a last look before pulling: someone may have seeded it meanwhile
+            if leader == self.peer_id and seeded:
+                return None
         rest = live - {leader}
         log.info(
             "origin: election in %.1f s: %d interested answered, %d silent, %d active; leader %s",
