@@ -48,11 +48,11 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-#: Peak RSS of one run per node, measured with scale_1000.toml (~40 links per node; each link end
-#: holds the engine's per-peer state and two trio tasks): 0.73 MB per node at 1,000 nodes, 0.74 MB
-#: at 3,000, more at 10,000 (more links per node); rounded up. Keeps parallel seeds within the
-#: memory there is.
-RSS_PER_NODE = 1.1e6
+#: Peak RSS of one run per node, measured with scale_1000.toml (~60 link ends per node, each holding
+#: the engine core's per-peer state; no trio since issue #13): 0.27 MB per node at 1,000 nodes,
+#: 0.34 MB at 10,000 (before the peer queues became lists); rounded up. Keeps parallel seeds within
+#: the memory there is.
+RSS_PER_NODE = 0.45e6
 #: Peak RSS of a run apart from its nodes (the interpreter, trio, the engine's modules).
 RSS_BASE = 100e6
 
