@@ -373,10 +373,12 @@ class OriginCoordinator:
                 return await self._swarm(swarm_fetch, ())
             leader, backup = elected
             if leader == self.peer_id:
-                path = await self._pull(key, it, blobs, pull, excluded)
+                path, rival = await self._pull(key, it, blobs, pull, excluded)
                 if path is not None:
                     return path
-                continue  # gave way to a closer puller: follow it (as its backup, likely)
+                # Gave way to a puller ahead of us: follow it (electing again could pick us once
+                # more when answers come late, and the two would take turns).
+                leader, backup = rival, False
             it.leader = leader
             log.info(
                 "origin: following %s's pull of key %s%s",
@@ -415,8 +417,11 @@ class OriginCoordinator:
                 it.state = "seeded"
                 return await self._swarm(swarm_fetch, (leader,))
 
-    async def _pull(self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]) -> Path | None:
-        """Our pull; None if we gave way to a closer puller (two elected at once)."""
+    async def _pull(
+        self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]
+    ) -> tuple[Path | None, str]:
+        """(the snapshot, "") from our pull; (None, the other puller) if we gave way to a puller
+        ahead of us (two elected at once)."""
         it.state, it.leader, it.progress, it.blobs = "pulling", self.peer_id, 0, blobs
         it.building = False
 
@@ -435,6 +440,7 @@ class OriginCoordinator:
             result.append(await pull(downloaded))
             cancel.cancel()
 
+        rival: str | None = None
         async with trio.open_nursery() as n:
             n.start_soon(run_pull, n.cancel_scope)
             rival = await self._closer_puller(key, it, excluded)
@@ -453,9 +459,10 @@ class OriginCoordinator:
                 "origin: seeded %.1f s after the download",
                 trio.current_time() - (done_at[0] if done_at else started),
             )
-            return result[0]
-        it.state, it.blobs, it.leader = "waiting", None, ""
-        return None
+            return result[0], ""
+        assert rival is not None
+        it.state, it.blobs, it.leader = "waiting", None, rival
+        return None, rival
 
     async def _closer_puller(self, key: bytes, it: _Interest, excluded: set[str]) -> str | None:
         """Look, every RIVAL_CHECK for as long as we pull, for another puller ahead of us: one that
@@ -475,7 +482,7 @@ class OriginCoordinator:
     async def _survey(
         self, key: bytes, excluded: set[str], *, dht: bool = True
     ) -> tuple[dict[str, OriginState], set[str]]:
-        """(states of the peers that answered, DHT-named interested peers that did not): the
+        """(states of the interested peers that answered, peers asked that did not): the
         interested peers the DHT names (the closest MAX_CANDIDATES) and every connected peer (up
         to MAX_PROBES; those not interested answer ``none``), asked at once; then the pullers
         their answers name that were not asked yet."""
@@ -484,11 +491,16 @@ class OriginCoordinator:
         asked: set[str] = set()
         named: list[PeerAddr] = []
 
+        answered_none: set[str] = set()
+
         async def probe(pid: str, p: str | PeerAddr) -> None:
             try:
-                states[pid] = await self.ask(p, key)
+                states[pid] = st = await self.ask(p, key)
             except (NetError, ValueError) as e:
                 log.debug("origin: %s did not answer: %s", pid[:12], e)
+                return
+            if st.state == "none":
+                answered_none.add(pid)
 
         def ask_all(n: trio.Nursery, targets: list[tuple[str, str | PeerAddr]]) -> None:
             for pid, p in targets:
@@ -511,7 +523,11 @@ class OriginCoordinator:
         async with trio.open_nursery() as n:
             ask_all(n, [(pid, pid) for pid in list(leaders - set(states))[:MAX_CANDIDATES]])
         states = {pid: st for pid, st in states.items() if st.state != "none"}
-        unanswered = {p.peer_id for p in named if p.peer_id not in states}
+        # Every peer asked that did not answer (a connected one too: on a loaded host answers come
+        # late, and three nodes that each heard from a different three of seven all pulled).
+        # The election counts them as live: all compute the same order over the same peers; one
+        # that turns out not interested answers ``none`` and is dropped at its first answer.
+        unanswered = asked - set(states) - answered_none
         return states, unanswered
 
     async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
@@ -586,8 +602,8 @@ class OriginCoordinator:
             if st.active
         }
         active -= excluded | {self.peer_id}
-        # A peer the DHT names that did not answer counts as live (a busy host answers late; a
-        # dead one is dropped by _follow within a second): passing over it risks a second pull.
+        # A peer that did not answer counts as live (a busy host answers late; a dead one is
+        # dropped by _follow within a second): passing over it risks a second pull.
         live = unanswered | {pid for pid, st in states.items() if st.state == "waiting"}
         live.add(self.peer_id)
         have = {pid: st.have for pid, st in states.items()}

@@ -19,7 +19,8 @@ requests huggingface_hub 2.x makes for ``snapshot_download`` / ``hf_hub_download
 For the origin-once tests and benchmark (docs/protocol.md, "Origin once") it can also cap its
 upload rate (``rate``: bytes/s over all responses, a token bucket), count the bytes of file bodies
 it sent (``bytes_served``), lie (``corrupt(repo, path)``: serve that file with one byte flipped
-while its ``ETag``/``lfs.oid``/size stay right) and stall (``hang_after``: the first download to
+while its ``ETag``/``lfs.oid``/size stay right; ``pad(repo, path)``: one byte more than listed)
+and stall (``hang_after``: the first download to
 pass that many bytes of one file hangs until the hub stops, as a dead origin connection does).
 
 Errors look like the Hub's: 404 with ``X-Error-Code: RepoNotFound`` (unknown repo, or 401 when a
@@ -107,6 +108,7 @@ class FakeHub:
         self.rate = rate  # bytes/s over all file bodies (None: as fast as loopback goes)
         self.hang_after = hang_after  # the first body to pass this many bytes hangs (once)
         self.corrupted: set[tuple[str, str]] = set()
+        self.padded: set[tuple[str, str]] = set()
         self.requests: list[HubRequest] = []
         self.bytes_served = 0
         self._lock = threading.Lock()
@@ -130,6 +132,11 @@ class FakeHub:
     def corrupt(self, repo_id: str, path: str) -> None:
         """Serve ``path`` with its middle byte flipped; its listed hashes and size stay the true ones."""
         self.corrupted.add((repo_id, path))
+
+    def pad(self, repo_id: str, path: str) -> None:
+        """Serve ``path`` with one byte more at its end (Content-Length too); its listed size and
+        hashes stay the true ones: an origin whose bytes do not match its own listed size."""
+        self.padded.add((repo_id, path))
 
     def _throttle(self, n: int) -> None:
         """Wait until ``n`` more bytes fit under ``rate`` (one clock shared by every response)."""
@@ -398,7 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(end - start))
+        extra = b"\0" if (repo.repo_id, f.path) in self.fake.padded and end == f.size else b""
+        self.send_header("Content-Length", str(end - start + len(extra)))
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -426,3 +434,5 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     hub._stopping.wait()
                     return
+        if extra:
+            self.wfile.write(extra)

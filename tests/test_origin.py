@@ -270,6 +270,31 @@ async def test_lying_origin_is_refused_before_anyone_serves_it(tmp_path, served)
             assert not left, left
 
 
+@pytest.mark.timeout(150)
+async def test_origin_sending_more_than_its_listed_size_is_refused(tmp_path, served):
+    # The origin sends one byte more of a weight file than its own listing says (hashes and
+    # listed size true): each puller refuses it as it arrives, nobody serves it, no node keeps it.
+    with FakeHub() as hub:
+        hub.add_repo(REPO, served, COMMIT)
+        hub.pad(REPO, WEIGHTS[0])
+        async with trio.open_nursery() as n:
+            crowd = Crowd(tmp_path, n)
+            await crowd.start(3)
+            done = trio.Event()
+            with trio.fail_after(110):
+                crowd.fetch_all(hub, done)
+                await done.wait()
+            for node in crowd.nodes:
+                assert not node.shared, "a node serves bytes that do not match the Hub's size"
+            n.cancel_scope.cancel()
+        for i, r in crowd.results.items():
+            assert isinstance(r, Exception), f"node {i}: {r!r}"
+        for node in crowd.nodes:
+            snap = node.config.cache_dir / f"models--{REPO.replace('/', '--')}" / "snapshots"
+            left = [p for p in snap.rglob(WEIGHTS[0])]
+            assert not left, left
+
+
 async def test_non_lfs_file_checked_against_its_git_blob_sha1(tmp_path, served):
     with FakeHub() as hub:
         hub.add_repo(REPO, served, COMMIT)
