@@ -81,9 +81,9 @@ def _to_local_dir(snapshot: Path, local_dir: Path, req: Any) -> Path:
     return local_dir
 
 
-def _blob_name(src: Path) -> str:
-    """The blob name of a file in the node's cache (its name under ``blobs/``), else its blake3."""
-    if src.parent.name == "blobs":
+def _blob_name(src: Path, blobs: Path | None) -> str:
+    """The blob name of a file in a hub cache's ``blobs`` (its name there), else its blake3."""
+    if blobs is not None and src.parent == blobs:
         return src.name
     import blake3
 
@@ -97,31 +97,20 @@ def _blob_name(src: Path) -> str:
 def _to_cache(snapshot: Path, cache_dir: Path, req: Any, revision: str) -> Path:
     """Lay the requested files of ``snapshot`` out in the hub cache ``cache_dir`` (blobs linked or
     copied, snapshot symlinks, ``refs/<branch>``); the new snapshot directory."""
-    repo = Path(cache_dir).expanduser().absolute() / ("models--" + req.repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / revision
+    from swarm.store.layout import RepoLayout, snapshot_parts  # light: not the download machinery
+
+    home = snapshot_parts(snapshot)  # (repo, revision) when the snapshot is in a hub cache (the node's)
+    blobs = RepoLayout(home[0]).blobs.resolve() if home is not None else None
+    repo = RepoLayout.of(Path(cache_dir).expanduser().absolute(), req.repo_id)
+    snap = repo.snapshot(revision)
     for rel in selected_files(snapshot, req):
         src = (snapshot / rel).resolve()
-        blob = repo / "blobs" / _blob_name(src)
-        _place(src, blob)
-        link = snap / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        target = os.path.relpath(blob, link.parent)
-        with contextlib.suppress(OSError):
-            if os.readlink(link) == target:
-                continue
-        tmp = link.parent / f".{link.name}.swarm-{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
+        blob = _blob_name(src, blobs)
+        _place(src, repo.blob(blob))
+        repo.link(snap, rel, blob)
     ref = req.revision or "main"
     if ref != revision:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        tmp = repo / "refs" / f".{os.getpid()}.tmp"
-        tmp.write_text(revision)
-        dest = repo / "refs" / ref
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        repo.write_ref(ref, revision)
     return snap
 
 

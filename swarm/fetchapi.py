@@ -240,7 +240,9 @@ def _check_repo(_inst: object, _attr: object, value: str) -> None:
 
 
 def repo_folder(repo_id: str) -> str:
-    """The directory of a model in a hub cache: ``models--org--name``."""
+    """The directory of a model in a hub cache, ``models--org--name``, unchecked: for the client's
+    quick "is there anything local?" test before a request is even built. Everything else goes
+    through :mod:`swarm.store.layout` (the owner of the layout, which validates the name)."""
     return "models--" + repo_id.replace("/", "--")
 
 
@@ -271,7 +273,9 @@ class FetchRequest:
 
     @property
     def repo_dir(self) -> Path:
-        return self.cache_dir / repo_folder(self.repo_id)
+        from swarm.store.layout import RepoLayout
+
+        return RepoLayout.of(self.cache_dir, self.repo_id).root
 
 
 @attrs.frozen

@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from swarm.store import layout
+
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -231,14 +233,7 @@ class _NodeCollector:
         except OSError:
             repos = []
         for repo in repos:
-            if not repo.name.startswith("models--"):
-                continue
-            try:
-                with os.scandir(os.path.join(repo.path, "blobs")) as it:
-                    for e in it:
-                        if e.is_file(follow_symlinks=False):
-                            total += e.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
+            if repo.name.startswith(layout.REPO_PREFIX):
+                total += layout.RepoLayout(repo.path).blob_bytes()
         self._cache_bytes = (now, total)
         return total

@@ -33,7 +33,7 @@ from swarm.sources import (
     fetch_chain,
     hub_error,
 )
-from swarm.store import Download, SnapshotReader, touch_access
+from swarm.store import Download, RepoLayout, SnapshotReader, touch_access
 
 log = logging.getLogger("swarm.node")  # one logger for the whole node, as before the split
 
@@ -316,7 +316,7 @@ class Fetching:
             return await self.origin.fetch(
                 r.repo_id,
                 r.ref,
-                r.repo_dir / "blobs",
+                RepoLayout(r.repo_dir).blobs,
                 swarm_fetch=lambda hint=(): self.fetch(r, on_event=on_event, hint=hint),
                 pull=lambda downloaded: self._pull_from_hub(r, downloaded, on_event),
             )

@@ -15,11 +15,11 @@ import trio
 
 from swarm import wire
 from swarm.engine import Transfer
-from swarm.manifest import Manifest, ManifestError, validate_model_name
+from swarm.manifest import Manifest, validate_model_name
 from swarm.net.host import manifest_key, model_key
 from swarm.node.state import Shared
 from swarm.node.util import _remote_host
-from swarm.store import SnapshotReader
+from swarm.store import SnapshotReader, layout
 from swarm.trust import (
     RELEASE_LIFETIME,
     Release,
@@ -64,17 +64,13 @@ class Serving:
         root = Path(self.config.cache_dir)
         if not root.is_dir():
             return out
-        for repo in sorted(root.glob("models--*")):  # models--org--name and models--name
-            model = repo.name[len("models--") :].replace("--", "/", 1)
-            try:
-                validate_model_name(model)
-            except ManifestError:
-                continue
+        for model in layout.models(root):  # models--org--name and models--name
             try:
                 main = self.store.read_ref(model)
             except Exception:
                 main = None
-            for snap in sorted((repo / "snapshots").glob("*"), key=lambda p: (p.name == main, p)):
+            snaps = [self.store.snapshot_dir(model, rev) for rev in self.store.revisions(model)]
+            for snap in sorted(snaps, key=lambda p: (p.name == main, p)):
                 try:
                     m = self.store.load_manifest(model, snap.name)
                     if m is None:

@@ -15,6 +15,7 @@ import attrs
 from swarm.fetchapi import FetchRequest, _abspath, _effective_env
 from swarm.manifest import ManifestError, classify, is_tokenizer_file, should_skip, validate_revision
 from swarm.selection import select_files
+from swarm.store.layout import INCOMPLETE, RepoLayout
 
 __all__ = ["local_snapshot"]
 
@@ -159,7 +160,8 @@ def _sample(items: list[str], n: int = 3) -> str:
 
 
 def _inspect_root(req: FetchRequest) -> _Local:
-    repo = req.repo_dir
+    layout = RepoLayout(req.repo_dir)
+    repo = layout.root
 
     def miss(reason: str) -> _Local:
         return _Local(None, reason, "not_found")
@@ -170,18 +172,19 @@ def _inspect_root(req: FetchRequest) -> _Local:
     if _COMMIT_RE.fullmatch(rev):
         commit = rev
     else:
-        ref = repo / "refs" / rev
+        ref = layout.ref_path(rev)
         try:
-            commit = ref.read_text().strip()
-        except FileNotFoundError:
-            return miss(f"no complete snapshot in {repo} (no refs/{rev})")
+            found = layout.read_ref(rev)
         except OSError as exc:
             return miss(f"cannot read {ref}: {exc}")
+        if found is None:
+            return miss(f"no complete snapshot in {repo} (no refs/{rev})")
+        commit = found
         try:
             validate_revision(commit)
         except ManifestError:
             return miss(f"{ref} holds an invalid revision {commit[:60]!r}")
-    snap = repo / "snapshots" / commit
+    snap = layout.snapshot(commit)
     if not snap.is_dir():
         return miss(f"no complete snapshot in {snap} (missing)")
     present, broken = _scan_snapshot(snap)
@@ -223,9 +226,8 @@ def _inspect_root(req: FetchRequest) -> _Local:
                 return _Local(None, bad, "verification", snap / p, repo)
         chosen = sorted(expected)
     else:
-        blobs = repo / "blobs"
         with contextlib.suppress(OSError):
-            leftovers = sorted(e.name for e in os.scandir(blobs) if e.name.endswith(".incomplete"))
+            leftovers = sorted(e.name for e in os.scandir(layout.blobs) if e.name.endswith(INCOMPLETE))
             if leftovers:
                 return miss(f"no complete snapshot in {snap}: interrupted download ({_sample(leftovers, 1)})")
         chosen = sorted(_selected(req, [*present, *broken], present))
@@ -285,7 +287,7 @@ def _evict(repo: Path, entry: Path) -> str:
     try:
         target = Path(os.path.realpath(entry)) if entry.is_symlink() else None
         entry.unlink()
-        blobs = os.path.realpath(repo / "blobs")
+        blobs = os.path.realpath(RepoLayout(repo).blobs)
         if target is not None and os.path.dirname(target) == blobs:
             target.unlink(missing_ok=True)
     except OSError as exc:

@@ -93,22 +93,71 @@ once final and read through short-lived fds afterwards (a repo of thousands of s
 not exhaust fds).
 """
 
-from swarm.store.admin import touch_access
-from swarm.store.download import Download
-from swarm.store.errors import (
-    DiskFull,
-    ForeignBlob,
-    LockTimeout,
-    PieceHashMismatch,
-    PieceNotAvailable,
-    SnapshotConflict,
-    StoreError,
-    StorePermissionError,
-)
-from swarm.store.layout import RepoLayout, private_revision, repo_folder_name
-from swarm.store.partfile import FileState
-from swarm.store.reader import SnapshotReader
-from swarm.store.store import Store
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.store.admin import touch_access
+    from swarm.store.download import Download
+    from swarm.store.errors import (
+        DiskFull,
+        ForeignBlob,
+        LockTimeout,
+        PieceHashMismatch,
+        PieceNotAvailable,
+        SnapshotConflict,
+        StoreError,
+        StorePermissionError,
+    )
+    from swarm.store.layout import RepoLayout, private_revision, repo_folder_name
+    from swarm.store.partfile import FileState
+    from swarm.store.reader import SnapshotReader
+    from swarm.store.store import Store
+
+_HOME = {
+    "touch_access": "admin",
+    "Download": "download",
+    **dict.fromkeys(
+        (
+            "DiskFull",
+            "ForeignBlob",
+            "LockTimeout",
+            "PieceHashMismatch",
+            "PieceNotAvailable",
+            "SnapshotConflict",
+            "StoreError",
+            "StorePermissionError",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(("RepoLayout", "private_revision", "repo_folder_name"), "layout"),
+    "FileState": "partfile",
+    "SnapshotReader": "reader",
+    "Store": "store",
+}
+"""Where each name below lives. They load on first use (PEP 562), so that ``import
+swarm.store.layout`` (the client's delivery into a hub cache, the local-cache source) does not load
+the download machinery (filelock, the resume state, the store) with it."""
+
+
+def __getattr__(name: str) -> object:
+    import importlib
+
+    home = _HOME.get(name)
+    if home is None:
+        try:  # a submodule (swarm.store.download ...) not imported yet
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "DiskFull",

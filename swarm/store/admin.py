@@ -90,7 +90,7 @@ class StoreAdmin:
             os.rename(snap, trash)
         fsync_dir(snap.parent)
         for ref in self.refs_to(model, revision):
-            unlink_quiet(self.repo_dir(model) / "refs" / ref)
+            unlink_quiet(self.layout(model).ref_path(ref))
         for rec in (
             self._owner_path(model, revision),
             self.access_path(model, revision),
@@ -101,7 +101,7 @@ class StoreAdmin:
         for other in self.revisions(model):
             kept.update(self.snapshot_blobs(model, other).values())
         freed = 0
-        blobs = self.repo_dir(model) / "blobs"
+        blobs = self.layout(model).blobs
         for blob in sorted(mine - kept):
             try:
                 st = os.stat(blobs / blob, follow_symlinks=False)
@@ -134,7 +134,7 @@ class StoreAdmin:
         ``model``: no download of the repo is open (its repo lock is free; a busy repo is skipped)
         and neither file changed for ``max_age`` seconds (a restarted node resumes newer ones).
         Returns (path, size) of each file deleted."""
-        blobs = self.repo_dir(model) / "blobs"
+        blobs = self.layout(model).blobs
         if not blobs.is_dir():
             return []
         try:
@@ -179,7 +179,7 @@ class StoreAdmin:
         removal interrupted by a crash leaves, or the finished files of a download abandoned
         before it was finalized. The Hub client's blobs (named by etag, never marked) are left
         alone. Returns (path, size) of each blob deleted."""
-        blobs = self.repo_dir(model) / "blobs"
+        blobs = self.layout(model).blobs
         marks = self._meta(model) / "verified"
         if not marks.is_dir():
             return []
