@@ -205,7 +205,7 @@ async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     from swarm.config import DEFAULT_LISTEN, resolve_run
     from swarm.fetchapi import FetchTimeout
     from swarm.home import HomeBusy, HomeLock
-    from swarm.node import Node
+    from swarm.node import Node, NodeConfig
 
     settings = resolve_run(home=home, serve=None, no_serve_hf_cache=True)
     # A node that lives for one fetch dials out; it listens on loopback only unless told otherwise.
@@ -216,8 +216,13 @@ async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
             stack.enter_context(HomeLock(home))
         except (HomeBusy, OSError):
             node_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-embedded-")))
-        cfg = settings.node_config(
-            home=node_home, cache_dir=Path(req.cache_dir), serve=(), serve_hf_cache=False, listen=listen
+        cfg = NodeConfig.from_settings(
+            settings,
+            home=node_home,
+            cache_dir=Path(req.cache_dir),
+            serve=(),
+            serve_hf_cache=False,
+            listen=listen,
         )
         node = Node(cfg)
         deadline = float("inf") if req.timeout is None else trio.current_time() + req.timeout

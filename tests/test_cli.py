@@ -373,7 +373,7 @@ def test_run_cli_path_gives_the_node_its_lane_mode(tmp_path):
     """``swarm-node run --lane off|plaintext``, parsed and resolved as ``run`` does, builds a Node
     with that mode (constructed only: nothing listens)."""
     from swarm.cli import build_parser, run_settings
-    from swarm.node import Node
+    from swarm.node import Node, NodeConfig
 
     def node_for(*extra: str) -> Node:
         args = build_parser().parse_args(
@@ -389,7 +389,7 @@ def test_run_cli_path_gives_the_node_its_lane_mode(tmp_path):
                 *extra,
             ]
         )
-        return Node(run_settings(args).node_config())
+        return Node(NodeConfig.from_settings(run_settings(args)))
 
     node = node_for("--lane", "off")
     assert node.config.lane == "off" and node.lane is None and node.store.direct_io is True

@@ -60,10 +60,10 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...]
 )
 
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("swarm.client", "swarm.node"): "the embedded node swarm.fetch starts when no node runs "
-    "(a lazy import, only on that path); to move behind the fetch API (swarm/client.py: api-split)",
-    ("swarm.config.resolve", "swarm.node"): "RunSettings.node_config() builds a NodeConfig (a lazy "
-    "import); its callers (swarm/cli.py, swarm/client.py, tests) should build it in swarm.node",
+    ("swarm.client", "swarm.node"): "swarm.fetch starts an embedded node for the one fetch when no "
+    "node runs (swarm.client._embedded). The import sits inside that function, so only that path "
+    "pays for libp2p and the node; a fetch through a running node never loads them "
+    "(test_the_client_path_loads_no_libp2p_at_import, tests/test_client.py)",
 }
 """(importer, imported) pairs that break a rule today; a test fails once one no longer does."""
 

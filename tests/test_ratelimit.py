@@ -18,6 +18,7 @@ from test_engine import model as model  # the fixture
 from swarm import client
 from swarm.config import ConfigError, format_rate, parse_rate, reference_markdown, resolve_run, socket_path
 from swarm.engine import Transfer
+from swarm.node import NodeConfig
 from swarm.ratelimit import BURST_SECONDS, Bandwidth, Limits, Throttle, TokenBucket
 
 # --- rates as options ---------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_rate_options_come_from_flags_variables_and_toml(tmp_path):
     conf.write_text('max_upload_rate = "100MB/s"\nmax_download_rate = 5000000\n')
     s = resolve_run(config=conf, env={"SWARM_MAX_PEER_UPLOAD_RATE": "80Mbit/s"}, max_download_rate="1G")
     assert (s.max_upload_rate, s.max_download_rate, s.max_peer_upload_rate) == (100e6, 1e9, 10e6)
-    nc = s.node_config()
+    nc = NodeConfig.from_settings(s)
     assert (nc.max_upload_rate, nc.max_download_rate, nc.max_peer_upload_rate) == (100e6, 1e9, 10e6)
     assert resolve_run(env={}).max_upload_rate is None
     with pytest.raises(ConfigError, match="SWARM_MAX_UPLOAD_RATE"):

@@ -474,6 +474,7 @@ import json, os, sys, time
 import swarm.store as S
 import swarm.store.download as D
 from swarm.manifest import Manifest
+S.Store, S.SnapshotReader  # loaded now (swarm.store loads its names on first use), before uid drops
 
 plan = json.loads(sys.argv[1])
 m = Manifest.decode(open(plan["manifest"], "rb").read())

@@ -174,15 +174,14 @@ class RunSettings:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "psk")
         return f"RunSettings({fields})"
 
-    def node_config(self, **overrides: Any):
-        """A ``swarm.node.NodeConfig`` (imports the node, hence libp2p)."""
-        from swarm.node import NodeConfig
+    def node_fields(self) -> dict[str, Any]:
+        """The fields of a ``swarm.node.NodeConfig`` these settings give (the node builds it:
+        ``NodeConfig.from_settings``; the config package never imports the node)."""
         from swarm.trust import TrustPolicy
 
         kw: dict[str, Any] = {k: getattr(self, k) for k in _NODE_KEYS}
         kw["trust"] = TrustPolicy(self.trust, frozenset(self.trusted_publishers))
-        kw.update(overrides)
-        return NodeConfig(**kw)
+        return kw
 
 
 def _given(opt: Option, given: Mapping[str, Any]) -> tuple[Any, bool]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -12,6 +12,9 @@ from swarm.engine import EngineConfig, Transfer
 from swarm.manifest import Manifest
 from swarm.net.lane import LANE_MODES
 from swarm.trust import TrustPolicy
+
+if TYPE_CHECKING:
+    from swarm.config import RunSettings
 
 
 @attrs.frozen
@@ -51,6 +54,12 @@ class NodeConfig:
     max_upload_rate: float | None = None
     max_download_rate: float | None = None
     max_peer_upload_rate: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, **overrides: Any) -> NodeConfig:
+        """The configuration ``settings`` (resolved ``swarm-node run`` options) give, with
+        ``overrides`` (field=value) on top."""
+        return cls(**{**settings.node_fields(), **overrides})
 
 
 @attrs.define

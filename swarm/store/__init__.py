@@ -3,10 +3,10 @@ cache layout.
 
 Modules: ``layout`` (the one owner of the HF cache layout: paths, blobs, symlinks, refs, complete
 snapshots), ``store`` (:class:`Store`), ``admin`` (listing, removal, collection), ``download``
-(:class:`Download`), ``partfile`` (per-file state: :class:`FileState` absent / partial / final,
-and fds), ``resume`` (the resume state), ``hashing`` (whole-file blake3), ``fileio`` (pread /
-pwrite, O_DIRECT, directory fsync, atomic writes), ``locks``, ``reader`` (:class:`SnapshotReader`),
-``errors``.
+(:class:`Download`; what it does at open, adoption and resume, in ``download_setup``),
+``partfile`` (per-file state: :class:`FileState` absent / partial / final, and fds), ``resume``
+(the resume state), ``hashing`` (whole-file blake3), ``fileio`` (pread / pwrite, O_DIRECT,
+directory fsync, atomic writes), ``locks``, ``reader`` (:class:`SnapshotReader`), ``errors``.
 
 Layout (the Hugging Face hub cache, so ``huggingface_hub`` and ``transformers`` find the result with
 ``local_files_only=True`` / ``HF_HUB_OFFLINE=1``)::

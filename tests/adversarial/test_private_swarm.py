@@ -188,7 +188,7 @@ def test_trust_and_psk_options_resolve_and_fail_clearly(tmp_path):
         resolve_run(config=cfg, trust="open", env={})  # the file's publishers with open
     s = resolve_run(env={}, trust="open")
     assert s.trust == "open" and s.trusted_publishers == () and s.psk is None
-    policy = resolve_run(config=cfg, env={}).node_config().trust
+    policy = NodeConfig.from_settings(resolve_run(config=cfg, env={})).trust
     assert policy.mode == "trusted-publishers" and policy.publishers == {pub}
     bad = [
         (dict(psk="not-a-key"), "--psk"),
