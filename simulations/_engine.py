@@ -1,6 +1,6 @@
 """The one place the simulator imports swarm's code from: the real engine's core
 (swarm/engine/core.py, which the node's trio runner drives; simulations/driver.py drives it here)
-and the real discovery policies (swarm/discovery.py, the objects swarm/node.py drives), unchanged."""
+and the real discovery policies (swarm/discovery.py, the objects swarm/node/ drives), unchanged."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class Node:
         self.transfer: SimTransfer | None = None
         self.links: dict[str, LinkEnd] = {}
         self.dialing: dict[str, None] = {}
-        self.scores = ProviderScores()  # swarm.discovery, as in swarm/node.py: outlives sessions
+        self.scores = ProviderScores()  # swarm.discovery, as in swarm/node/: outlives sessions
         self.ask: ManifestAsk[Node] | None = None  # the manifest requests of this session
         self.ask_found: list[Node] = []  # the providers of the lookup being asked, answered first
         self.connect: ConnectPolicy[Node] | None = None  # this session's connect loop
@@ -481,7 +481,7 @@ class Simulation:
             self._valid_cache = (until, valid)
         return self._valid_cache[1]
 
-    # Discovery runs swarm/discovery.py's policies, the objects swarm/node.py's runners drive:
+    # Discovery runs swarm/discovery.py's policies, the objects swarm/node/'s runners drive:
     # resolve (a DHT lookup, then ``ManifestAsk`` over the providers found), then the connect loop
     # (``ConnectPolicy.step`` after each lookup). Only the I/O is modelled here: lookup, answer and
     # dial times.

@@ -7,7 +7,7 @@ host gone at once. Five things make up the difference, each a named
 model parameter here (``simulations/sim.py`` calls into this module in a few places only):
 
 - ``announce="manifest"``: a fetching node announces itself once it has chosen the manifest (it
-  announces under the manifest's key, which it cannot know before; swarm/node.py starts
+  announces under the manifest's key, which it cannot know before; swarm/node/fetch.py starts
   ``_announce`` in the nursery that runs the transfer, after ``_resolve``). The simulator used to
   put a fetcher's provider record in the DHT at its arrival, so a flash crowd found each other
   before any of them could answer.
@@ -47,7 +47,7 @@ import attrs
 class StartupModel:
     announce_at_manifest: bool = True
     """A fetcher whose group announces at ``start`` does so when its manifest is chosen, not at
-    its arrival (swarm/node.py)."""
+    its arrival (swarm/node/fetch.py)."""
     lookup_round: float = 0.0
     """Seconds a DHT lookup takes at least (a lookup that cannot fill its provider limit runs to
     its end)."""
@@ -62,7 +62,7 @@ class StartupModel:
     drain: float = 0.0
     """Seconds a gracefully leaving node (a ``leave`` event, ``after_finish``: SIGTERM on the
     testbed) drains before it is gone: it takes no new requests or links but sends the pieces
-    peers already asked of it (swarm/node.py ``Node.drain``, ``drain_timeout`` = 10 s). 0: it is
+    peers already asked of it (swarm/node/serving.py ``Node.drain``, ``drain_timeout`` = 10 s). 0: it is
     gone at once, its pieces in flight aborted."""
 
     def lookup_delay(self, hops_delay: float) -> float:
@@ -75,7 +75,7 @@ class StartupModel:
 
 
 DRAIN_POLL = 0.05
-"""Seconds between a draining node's checks of its pending uploads (swarm/node.py DRAIN_POLL)."""
+"""Seconds between a draining node's checks of its pending uploads (swarm/node/serving.py DRAIN_POLL)."""
 
 
 def leave(sim: Any, node: Any, why: str, sess: int | None = None, rejoin_after: float | None = None) -> None:

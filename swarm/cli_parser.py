@@ -92,7 +92,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         )
         from swarm.config import add_run_arguments
 
-        add_run_arguments(run)  # every option of the table in swarm/config.py
+        add_run_arguments(run)  # every option of the table in swarm/config/options.py
         run.add_argument("--config", metavar="FILE", help="TOML config file (env SWARM_CONFIG)")
         run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

@@ -1,10 +1,11 @@
 """How a fetch finds its peers: the decisions, without I/O.
 
 Three small state machines, driven by whoever owns the clock and the sockets: the node's trio
-runners (``swarm/node.py``: ``_resolve``, ``_ask_in_turn``, ``_connect_loop``) and the simulator's
-timeline (``simulations/sim.py``) call the very same objects, so what the simulator measures is what
-the node runs. Nothing here imports trio or libp2p, reads a clock or opens a socket: time comes in as
-``now`` (seconds, any monotonic origin), randomness as a ``random.Random``.
+runners (``swarm/node/vote.py``: ``_resolve``, ``_ask_in_turn``; ``swarm/node/fetch.py``:
+``_connect_loop``) and the simulator's timeline (``simulations/sim.py``) call the very same objects,
+so what the simulator measures is what the node runs. Nothing here imports trio or libp2p, reads a
+clock or opens a socket: time comes in as ``now`` (seconds, any monotonic origin), randomness as a
+``random.Random``.
 
 - ``ProviderScores``: which providers failed us lately (asked last, for a while).
 - ``ManifestAsk``: which providers to ask for the manifest next, and when to stop waiting.

@@ -8,7 +8,7 @@ Rules (BitTorrent's, with one addition for model files):
 - Rarest first afterwards: lowest availability among connected peers, ties broken by file order
   (lowest index first) until a peer first rejects a request, at random from then on
   (``contended``). In order, a file is hashed as it arrives and never read back before it is
-  published (swarm/store.py), which made a 1 GiB single-source transfer ~1.5x faster here. A
+  published (swarm/store/download.py), which made a 1 GiB single-source transfer ~1.5x faster here. A
   Reject means others want the same pieces from that peer (a seeder's least-copied-first policy
   holds back pieces it just sent elsewhere); several fetchers taking ties in the same order would
   then keep asking one seeder for the same pieces (measured: seeder upload 3.6x the model with

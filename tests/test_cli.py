@@ -1,5 +1,5 @@
 """``swarm-node`` end to end, in subprocesses on 127.0.0.1: ``run``, ``fetch``, ``status``; plus the
-option resolution of swarm/config.py.
+option resolution of swarm/config/.
 
 Every subprocess gets HF_HUB_OFFLINE=1 and an HF_ENDPOINT on a closed 127.0.0.1 port (see
 tests/procs.py), so nothing ever reaches the Internet: a model arrives through the swarm or not at all.

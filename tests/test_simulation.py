@@ -549,7 +549,7 @@ def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
 def test_lookup_and_manifest_vote_wait_for_a_vanished_host_and_not_for_a_stopped_one():
     # vanished: the first lookup waits out lookup_timeout_first (5 s); the manifest requests to the
     # vanished hosts are cut MANIFEST_VOTE_GRACE (2 s) after the worker answered (swarm.discovery's
-    # ManifestAsk, as in swarm/node.py), not held for manifest_timeout (5 s)
+    # ManifestAsk, as in swarm/node/vote.py), not held for manifest_timeout (5 s)
     for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 7.0, 7.1)):
         r = _departure(action)
         first = {}

@@ -38,7 +38,7 @@ class NodeConfig:
     verifies every piece) or "off" (libp2p streams only). Links fall back to libp2p streams
     whenever a lane cannot be opened."""
     direct_io: bool = True
-    """Write whole aligned pieces received over the lane with O_DIRECT (see swarm/store.py)."""
+    """Write whole aligned pieces received over the lane with O_DIRECT (see swarm/store/fileio.py)."""
     trust: TrustPolicy = attrs.Factory(TrustPolicy)
     stall_timeout: float | None = 60.0
     """Seconds a download may go without a verified piece while no linked peer can still send one

@@ -34,7 +34,7 @@ semantics), then for ``configs_only`` :func:`swarm.manifest.classify` over a lis
    ``snapshots/<sha>`` for a commit) and check that the snapshot holds every requested file.  The
    list of files a commit should have comes from ``huggingface_hub``'s tree cache
    (``trees/<commit>.json``, written by its ``snapshot_download``) or else from a swarm manifest
-   stored beside the snapshot (swarm/store.py); sizes are checked against it, and blake3 digests too
+   stored beside the snapshot (swarm/store/); sizes are checked against it, and blake3 digests too
    when ``FetchRequest.verify`` is set (which needs a stored manifest).  A dangling symlink or a link
    to an ``*.incomplete`` blob means incomplete.  Without a file list, a snapshot counts as a configs
    set only with ``config.json`` and a tokenizer file (:data:`swarm.manifest.TOKENIZER_PATTERNS`:
