@@ -1039,6 +1039,9 @@ class Transfer:
             p.window_bytes = 0
         if not self.may_upload:
             return
+        slots = [p.slot for p in self.peers.values()]
+        pieces_up = sum(s.pieces_up for s in self.stats.values())
+        self.choker.size_slots(slots, now, self.bytes_up, pieces_up, seeding=self.picker.done)
         unchoke, choke = self.choker.rechoke(
             [p.slot for p in self.peers.values()], now, seeding=self.picker.done
         )
