@@ -1018,6 +1018,9 @@ class Transfer:
                 expired = True
         if expired:
             self._fill_all()
+        for p in self.peers.values():  # it Rejected all we asked: ask again once the backoff is over
+            if p.refused and not p.requests and not p.peer_choking and min(p.refused.values()) <= now:
+                self._fill_requests(p)
 
     def _set_choked(self, peer: _Peer, choked: bool, now: float) -> None:
         peer.slot.unchoked = not choked
