@@ -10,15 +10,15 @@ serve) and d_min the smallest download among fetching nodes.
 - Mundinger, Weber & Weiss (M equal pieces, every upload equal to u, one seed):
   T* = (1 + floor(log2 N) / M) * F / u.
 - Piece start-up (``startup_bound``; M equal pieces of P = F / M, every fetching node uploading u,
-  seeds of any upload): a node uploads nothing before it holds a whole piece, and it can hold one
-  only after a delivery completes. A seed completes at most one delivery per P / min(u_seed, d),
-  a fetching node one per P / min(u, d) from the moment it holds its first piece, so the k-th node
-  to hold a piece holds it no sooner than the k-th earliest delivery of the greedy schedule in
-  which every holder sends whole pieces one after the other to nodes holding none (t_1 <= ... <=
-  t_N; swarm moves each piece whole from one sender). Every fetching node's F bytes are uploaded by someone, so the smallest T with
-  u_s T + u sum_k (T - t_k)^+ >= N F is a lower bound, and so is max(that, F / u_s, F / d_min).
-  It is the Kumar & Ross bound with the upload that cannot be used during the start-up taken
-  out; unlike Mundinger's formula it holds when the seed uploads faster than the fetching nodes.
+  seeds of any upload): a node uploads nothing before it holds a whole piece, and swarm moves each
+  piece whole from one sender. A seed completes at most one delivery per P / min(u_seed, d), a
+  fetching node one per P / min(u, d) from the moment it holds its first piece, so the k-th node to
+  hold a piece holds it no sooner than t_k, the k-th delivery of the greedy schedule in which
+  every holder sends whole pieces one after the other to nodes holding none. Every fetching
+  node's F bytes are uploaded by someone, so the smallest T with
+  u_s T + u sum_k (T - t_k)^+ >= N F is a lower bound, and so is max(that, F / u_s, F / d_min):
+  Kumar & Ross without the upload that cannot be used during the start-up. Unlike Mundinger's
+  formula it holds when the seed uploads faster than the fetching nodes.
 
 The bounds are for the static population (every node present from t=0 to the end): with arrivals
 and churn they describe the flash crowd of the same population, not the run.
