@@ -441,6 +441,8 @@ def cmd_bounds(a: argparse.Namespace) -> int:
     print(f"  client-server        {b['T_client_server']:10.3f} s")
     if "T_mundinger" in b:
         print(f"  piece-level (MWW)    {b['T_mundinger']:10.3f} s")
+    if "T_startup" in b:
+        print(f"  piece start-up       {b['T_startup']:10.3f} s")
     return 0
 
 

@@ -5,7 +5,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.choker import Choker, PeerSlot
+from swarm.choker import Choker, PeerSlot, SlotSizer
 from swarm.picker import ENDGAME_MAX_DUPLICATES, Picker
 
 
@@ -181,3 +181,74 @@ def test_seeds_serving_the_same_waiting_peers_do_not_herd():
         for _ in range(4)
     ]
     assert len(set().union(*unkeyed)) == 4  # the herd the key breaks up
+
+
+def _feed(sizer, capacity, per_slot, steps=60, waiting=50, piece=1 << 20):
+    """Drive a sizer once per second against an upload of ``capacity`` bytes/s whose peers take
+    at most ``per_slot`` bytes/s each; returns the slot counts it chose."""
+    up = pieces = 0
+    seen = []
+    for t in range(steps):
+        rate = min(capacity, per_slot * sizer.slots)
+        up += int(rate)
+        pieces += max(1, int(rate) // piece)
+        seen.append(sizer.update(float(t), up, pieces, seeding=True, waiting=waiting))
+    return seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.lists(
+        st.tuples(
+            st.floats(0, 1e4),
+            st.integers(0, 1 << 30),
+            st.integers(0, 1000),
+            st.booleans(),
+            st.integers(0, 64),
+        ),
+        max_size=40,
+    ),
+)
+def test_slot_sizer_stays_within_its_range_and_is_base_when_not_seeding(base, calls):
+    sizer = SlotSizer(base, 8 * base)
+    now = up = pieces = 0
+    for dt, db, dp, seeding, waiting in calls:
+        now, up, pieces = now + dt, up + db, pieces + dp
+        n = sizer.update(now, up, pieces, seeding=seeding, waiting=waiting)
+        assert base <= n <= 8 * base
+        if not seeding:
+            assert n == base
+
+
+def test_slot_sizer_opens_slots_when_peers_cannot_take_its_upload():
+    """A 10 Gbit/s seed whose peers each take at most 500 Mbit/s: the rate grows with every slot
+    it adds, so it ends at ``most`` (``heterogeneous.toml``: a datacenter node serving edge nodes)."""
+    seen = _feed(SlotSizer(4, 32), capacity=1.25e9, per_slot=62.5e6)
+    assert seen[-1] == 32
+
+
+def test_slot_sizer_keeps_few_slots_when_its_upload_is_the_bottleneck():
+    """A seed whose own upload is full with ``base`` slots gains nothing from more: each try is
+    undone, tries come rarer (backoff), and most of the time it serves ``base`` peers, so first
+    copies of pieces come out whole at the full rate (``flash_crowd.toml``'s worker)."""
+    seen = _feed(SlotSizer(4, 32), capacity=125e6, per_slot=125e6, steps=120)
+    assert seen[-1] in (4, 8)
+    assert sum(n == 4 for n in seen) >= 0.8 * len(seen)
+    assert max(seen) <= 8
+
+
+def test_slot_sizer_does_not_grow_without_waiting_peers():
+    seen = _feed(SlotSizer(4, 32), capacity=1.25e9, per_slot=1e6, waiting=0)
+    assert set(seen) == {4}
+
+
+def test_choker_size_slots_counts_waiting_peers_and_sets_slots():
+    ch = Choker(2, hold=2.0)
+    peers = slots([f"p{i}" for i in range(6)], interested=True)
+    up = 0
+    for t in range(30):
+        up += int(min(1e9, 10e6 * ch.slots))
+        ch.size_slots(peers, float(t), up, 10 * (t + 1), seeding=True)
+    assert ch.slots > 2
+    assert ch.size_slots(peers, 31.0, up, 400, seeding=False) == 2

@@ -576,6 +576,10 @@ class TransferCore(RequestBook):
             p.window_bytes = 0
         if not self.may_upload:
             return
+        if self.config.size_slots:
+            slots = [p.slot for p in self.peers.values()]
+            pieces_up = sum(s.pieces_up for s in self.stats.values())
+            self.choker.size_slots(slots, now, self.bytes_up, pieces_up, seeding=self.picker.done)
         unchoke, choke = self.choker.rechoke(
             [p.slot for p in self.peers.values()], now, seeding=self.picker.done
         )
