@@ -22,6 +22,9 @@ Events
 Needs root (namespaces, veth, tc). ``available()`` says why it cannot run; the CLI and the tests
 skip with that reason. Everything is torn down on exit, on SIGINT/SIGTERM and on failure;
 namespaces left by a killed run (their pid is gone) are removed before each run.
+
+Modules: ``simulations.netns`` (namespaces, bridge, tc, teardown), ``simulations.testbed_host``
+(one host's node process and its measurements), this one (the run and its result).
 """
 
 from __future__ import annotations
@@ -30,45 +33,65 @@ import contextlib
 import math
 import os
 import random
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
-
+from simulations.netns import (
+    PREFIX,
+    SUBNET,
+    TBF_BURST_SECONDS,
+    TBF_LATENCY,
+    TBF_MIN_BURST,
+    Fabric,
+    HostNet,
+    TestbedError,
+    _delete_namespace,
+    _our_namespaces,
+    available,
+    cleanup_stale,
+    signals_raise,
+)
 from simulations.scenario import Scenario, ScenarioError
 from simulations.sim import NodeResult, SimResult
+from simulations.testbed_host import NODE_PORT, READY_TIMEOUT, STOP_GRACE, Host, _later, _machine_busy
 
-PREFIX = "swtb"
-"""Namespace names start with ``swtb-<pid>-``: cleanup finds leftovers of killed runs by it."""
-SUBNET = "10.77"
-"""Host addresses 10.77.x.y/16: only inside the namespaces this module creates."""
-NODE_PORT = 4001
-TBF_BURST_SECONDS = 0.004
-"""tbf bucket: 4 ms of the rate (at least ``TBF_MIN_BURST``): small enough to shape, big enough
-for one timer tick of a 250 Hz kernel."""
-TBF_MIN_BURST = 32 * 1024
-TBF_LATENCY = "20ms"
-"""Longest a packet may wait in tbf's queue (sets the queue length): a short queue keeps control
-messages from waiting behind seconds of piece data."""
+__all__ = [
+    "CPU_BOUND_BUSY",
+    "EXTRA_NODE_FLAGS",
+    "NODE_PORT",
+    "PREFIX",
+    "READY_TIMEOUT",
+    "STOP_GRACE",
+    "SUBNET",
+    "TBF_BURST_SECONDS",
+    "TBF_LATENCY",
+    "TBF_MIN_BURST",
+    "TESTBED_LATENCY",
+    "Fabric",
+    "Host",
+    "HostNet",
+    "Testbed",
+    "TestbedError",
+    "available",
+    "check_supported",
+    "cleanup_stale",
+    "for_testbed",
+    "node_command",
+    "signals_raise",
+    "write_model",
+]
+"""The network (``simulations.netns``) and the hosts (``simulations.testbed_host``) are re-exported
+here: callers and tests use ``simulations.testbed`` for all of it."""
+
 TESTBED_LATENCY = 0.0001
 """One-way latency (s) the simulator is given for a testbed host (veth + bridge, no netem)."""
-READY_TIMEOUT = 60.0
-"""Seconds a node may take to start (import, listen, hash a served model) on a busy machine."""
-STOP_GRACE = 15.0
-"""Seconds a node gets after SIGTERM before SIGKILL: more than its drain (the node keeps sending
-the pieces peers already asked of it for up to ``drain_timeout``, 10 s by default); a shorter
-grace cut a leaving worker's drain short (it used to be 5 s)."""
-CMD_TIMEOUT = 30.0
-"""Seconds any one ``ip``/``tc`` command may take."""
 EXTRA_NODE_FLAGS: tuple[str, ...] = ()
 """Flags added to every ``swarm-node run`` (e.g. an opt-in to listen beyond loopback)."""
 EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
@@ -83,201 +106,7 @@ QUIET_TIMEOUT = 30.0
 """Seconds after which the run starts anyway (``stats.quiet_timeout`` says so)."""
 
 
-class TestbedError(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CMD_TIMEOUT)
-    if check and p.returncode != 0:
-        raise TestbedError(f"{' '.join(cmd)}: {p.stderr.strip() or p.stdout.strip()}")
-    return p
-
-
-def _ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _run(["ip", "netns", "exec", ns, *cmd], check=check)
-
-
-def available() -> str | None:
-    """None if namespaces can be made here, else the reason they cannot."""
-    if not sys.platform.startswith("linux"):
-        return "the testbed needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the testbed needs root (network namespaces, veth, tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"the testbed needs `{tool}` (iproute2)"
-    probe = f"{PREFIX}-{os.getpid()}-probe"
-    try:
-        _run(["ip", "netns", "add", probe])
-        try:
-            _ns(probe, "ip", "link", "set", "lo", "up")
-            _run(["ip", "-n", probe, "link", "add", "t0", "type", "veth", "peer", "name", "t1"])
-            _run(
-                [
-                    "tc",
-                    "-n",
-                    probe,
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    "t0",
-                    "root",
-                    "tbf",
-                    "rate",
-                    "100mbit",
-                    "burst",
-                    "32kb",
-                    "latency",
-                    TBF_LATENCY,
-                ]
-            )
-        finally:
-            _run(["ip", "netns", "del", probe], check=False)
-    except (OSError, subprocess.SubprocessError, TestbedError) as e:
-        return f"cannot make network namespaces here: {e}"
-    return None
-
-
-def _our_namespaces() -> list[str]:
-    p = _run(["ip", "netns", "list"], check=False)
-    names = [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(PREFIX + "-")]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _delete_namespace(ns: str) -> None:
-    """Kill every process in ``ns``, then delete it (its veth ends go with it)."""
-    p = _run(["ip", "netns", "pids", ns], check=False)
-    for tok in p.stdout.split():
-        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-            os.kill(int(tok), signal.SIGKILL)
-    _run(["ip", "netns", "del", ns], check=False)
-
-
-def cleanup_stale() -> list[str]:
-    """Remove namespaces (and their processes) left by testbed runs whose process is gone."""
-    removed = []
-    for ns in _our_namespaces():
-        m = re.match(rf"{PREFIX}-(\d+)-", ns)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue  # not named by us, ours, or a run that is still going
-        _delete_namespace(ns)
-        removed.append(ns)
-    return removed
-
-
-# --------------------------------------------------------------------------- the network
-
-
-@attrs.frozen
-class HostNet:
-    index: int
-    ns: str
-    addr: str
-    port: str  # the bridge-side interface
-    upload: float  # bytes/s
-    download: float
-
-
-def _tbf(ns: str, dev: str, rate: float, queue: str) -> None:
-    bits = int(rate * 8)
-    burst = max(TBF_MIN_BURST, int(rate * TBF_BURST_SECONDS))
-    _run(
-        [
-            "tc",
-            "-n",
-            ns,
-            "qdisc",
-            "replace",
-            "dev",
-            dev,
-            "root",
-            "tbf",
-            "rate",
-            f"{bits}bit",
-            "burst",
-            str(burst),
-            "latency",
-            queue,
-        ]
-    )
-
-
-class Fabric:
-    """The bridge namespace and one namespace per host; ``teardown`` removes all of them."""
-
-    def __init__(self, tag: str | None = None, queue: str = TBF_LATENCY):
-        self.queue = queue
-        self.prefix = f"{PREFIX}-{os.getpid()}-{tag + '-' if tag else ''}"
-        self.bridge = self.prefix + "br"
-        self.hosts: list[HostNet] = []
-        self.namespaces: list[str] = []
-        self._add_ns(self.bridge)
-        _run(["ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", self.bridge, "link", "set", "br0", "up"])
-
-    def _add_ns(self, ns: str) -> None:
-        self.namespaces.append(ns)  # first: an interrupt during `add` still gets it deleted
-        _run(["ip", "netns", "add", ns])
-        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-
-    def add_host(self, upload: float, download: float) -> HostNet:
-        i = len(self.hosts)
-        ns = f"{self.prefix}h{i}"
-        port = f"p{i}"
-        addr = f"{SUBNET}.{i // 250}.{i % 250 + 1}"
-        self._add_ns(ns)
-        _run(
-            [
-                "ip",
-                "-n",
-                self.bridge,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns,
-            ]
-        )
-        _run(["ip", "-n", self.bridge, "link", "set", port, "master", "br0"])
-        _run(["ip", "-n", self.bridge, "link", "set", port, "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{addr}/16", "dev", "eth0"])
-        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        _tbf(ns, "eth0", upload, self.queue)  # egress of the host: its upload
-        _tbf(self.bridge, port, download, self.queue)  # egress of the bridge port: its download
-        h = HostNet(i, ns, addr, port, upload, download)
-        self.hosts.append(h)
-        return h
-
-    def set_port(self, host: HostNet, up: bool) -> None:
-        """Down: the host's link stops carrying packets; nothing is closed (a vanished host)."""
-        _run(["ip", "-n", self.bridge, "link", "set", host.port, "up" if up else "down"])
-
-    def teardown(self) -> None:
-        for ns in reversed(self.namespaces):
-            _delete_namespace(ns)
-        self.namespaces.clear()
-
-
-# --------------------------------------------------------------------------- hosts
+# --------------------------------------------------------------------------- node command line
 
 
 def _clean_env() -> dict[str, str]:
@@ -320,145 +149,6 @@ def node_command(
     for b in bootstrap:
         cmd += ["--bootstrap", b]
     return cmd
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a live process (``ip netns exec`` execs the node, so it is that pid)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
-    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return float(sum(vals) - idle), float(sum(vals))
-
-
-def _later(delay: float, fn: Callable[..., Any], *args: Any) -> None:
-    t = threading.Timer(delay, fn, args=args)
-    t.daemon = True
-    t.start()
-
-
-class Host:
-    """One host: its namespace, its node process (restartable) and what it measured."""
-
-    def __init__(self, nid: str, group: Any, net: HostNet, root: Path):
-        self.id = nid
-        self.group = group
-        self.net = net
-        self.home = root / nid / "home"
-        self.cache = root / nid / "hf-cache"
-        self.log = root / nid / "node.log"
-        self.home.parent.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen | None = None
-        self.stopping: threading.Thread | None = None  # a stop under way (see Testbed._depart)
-        self.peer_id = ""
-        self.online = False
-        self.gone = False
-        self.vanished = False
-        self.session = 0
-        self.first_arrival: float | None = None
-        self.completed_at: float | None = None
-        self.configs_at: float | None = None
-        self.manifest_at: float | None = None  # the node chose the manifest (since t = 0)
-        self.first_piece_at: float | None = None
-        self.wasted = 0  # piece bytes received twice or late (of finished processes)
-        self.cur_wasted = 0
-        self.timeouts = 0
-        self.cur_timeouts = 0
-        self.departures = 0
-        self.bytes_up = 0  # of finished processes
-        self.bytes_down = 0
-        self.cur_up = 0  # of the running process, last seen
-        self.cur_down = 0
-        self.cpu = 0.0  # seconds, of finished processes
-        self.cpu_start: float | None = None
-        self.fetch_error: str | None = None
-
-    def start(self, cmd: list[str], env: dict[str, str]) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.net.ns, *cmd],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=env,
-                start_new_session=True,
-            )
-        self.session += 1
-        self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
-
-    def cpu_now(self) -> float:
-        c = _cpu_seconds(self.proc.pid) if self.proc is not None else None
-        return self.cpu + (c or 0.0)
-
-    def poll_bytes(self) -> None:
-        from swarm import client
-
-        if self.proc is None or self.proc.poll() is not None or self.vanished:
-            return
-        with contextlib.suppress(Exception):
-            st = client.status(self.home)
-            self.cur_up, self.cur_down = int(st.get("bytes_up") or 0), int(st.get("bytes_down") or 0)
-            ms = st.get("models") or []
-            self.cur_wasted = sum(int(m.get("wasted_bytes") or 0) for m in ms)
-            self.cur_timeouts = sum(int(m.get("timeouts") or 0) for m in ms)
-
-    def stop(self, sig: int) -> None:
-        """End the process with ``sig`` (SIGKILL after STOP_GRACE), keeping its counters."""
-        p = self.proc
-        if p is None:
-            return
-        if sig != signal.SIGKILL:
-            self.poll_bytes()
-        c = _cpu_seconds(p.pid)
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(sig)
-            deadline = time.monotonic() + STOP_GRACE
-            while p.poll() is None and time.monotonic() < deadline:  # a draining node's counters
-                c = _cpu_seconds(p.pid) or c
-                if sig != signal.SIGKILL:
-                    self.poll_bytes()
-                time.sleep(0.1)
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                p.wait()
-        self.cpu += c or 0.0
-        self.bytes_up += self.cur_up
-        self.bytes_down += self.cur_down
-        self.wasted += self.cur_wasted
-        self.timeouts += self.cur_timeouts
-        self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
-        self.proc = None
-
-    def wait_ready(self, deadline: float, *, serving: bool = False) -> None:
-        from swarm import client
-
-        while True:
-            if self.proc is None or self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace").splitlines()[-6:]
-                raise TestbedError(f"{self.id}: node exited:\n  " + "\n  ".join(tail))
-            try:
-                st = client.status(self.home)
-            except client.NodeUnavailable:
-                st = None
-            if st is not None and (not serving or any(m.get("complete") for m in st["models"])):
-                self.peer_id = st["peer_id"]
-                return
-            if time.monotonic() > deadline:
-                raise TestbedError(f"{self.id}: not ready after {READY_TIMEOUT:g} s (see {self.log})")
-            time.sleep(0.1)
-
-    @property
-    def multiaddr(self) -> str:
-        return f"/ip4/{self.net.addr}/tcp/{NODE_PORT}/p2p/{self.peer_id}"
 
 
 # --------------------------------------------------------------------------- the model
@@ -885,20 +575,6 @@ def _start_of_fetch(hosts: list[Host]) -> dict[str, Any]:
 
 CPU_BOUND_BUSY = 0.9
 """Machine CPU busy fraction over a run above which its result is flagged as CPU-bound."""
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (as SIGINT does), so ``finally`` tears everything down."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
