@@ -23,128 +23,56 @@ Peers' answers only steer whom a node waits for; no byte is taken on a peer's wo
 verifies against the origin's hashes, and the others verify every piece against the manifest.
 A peer that lies about its state can only delay a fetch by ``STALL_TIMEOUT`` per election, or
 make this node pull itself.
+
+The constants, wire formats and file helpers are in ``swarm/origin_rules.py`` (imported here by
+name, so ``swarm.origin`` still offers them, and a test patches a timing here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
 import trio
 
-from swarm.hubpull import BLOB_NAME, PARTIAL_SUFFIX
+from swarm.hubpull import PARTIAL_SUFFIX
 from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
+from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before the split)
+    ELECTION_SETTLE,
+    LOOKUP_TIMEOUT,
+    MAX_CANDIDATES,
+    MAX_MIRROR_FILES,
+    MAX_PROBES,
+    MIRROR_CHUNK,
+    MIRROR_PROTOCOL,
+    ORIGIN_PROTOCOL,
+    POLL,
+    PROBE_FAILURES,
+    PROBE_TIMEOUT,
+    PROVIDE_WAIT,
+    RIVAL_CHECK,
+    RIVAL_WINDOW,
+    SILENT_TIMEOUT,
+    STALL_TIMEOUT,
+    WAIT_GRACE,
+    OriginState,
+    _append,
+    _mirror_name,
+    _parse_listing,
+    _parse_query,
+    _query,
+    _size_of,
+    _timed_out,
+    blob_sizes,
+    dir_bytes,
+    distance,
+    origin_key,
+)
 
 log = logging.getLogger(__name__)
-
-ORIGIN_PROTOCOL = "/swarm/origin/1.0.0"
-ELECTION_SETTLE = 0.5
-"""Seconds between announcing interest and electing: provider records reach the DHT nodes in
-~50-150 ms on a LAN (more on a loaded host), so fetchers that start together see each other."""
-LOOKUP_TIMEOUT = 1.5
-"""Seconds one lookup of interested peers (or of the model's providers) may take."""
-POLL = 0.25
-"""Seconds between state queries to the puller (a ~200-byte exchange)."""
-PROBE_TIMEOUT = 2.0
-"""Seconds one state query may take. A live node answers in milliseconds when idle, but a node
-hashing a model on a loaded host took over 1 s to open a stream (namespace testbed, 8 nodes on 2
-vCPUs: at 1 s, followers dropped a puller that had just seeded and elected again, ~10 s lost)."""
-PROBE_FAILURES = 3
-"""Refused state queries in a row (connection refused or reset: a dead process) after which the
-puller counts as gone: ~0.75 s with POLL. Queries that time out count only through
-SILENT_TIMEOUT."""
-SILENT_TIMEOUT = 8.0
-"""Seconds without any answer from the puller (state, file listing or mirrored bytes) after which
-it counts as gone: a host that vanished (no RST) or hangs. A busy one answers within this."""
-STALL_TIMEOUT = 3.0
-"""Seconds without any progress reported by the puller (bytes of its download) before it is
-replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
-MAX_CANDIDATES = 16
-"""Interested peers from the DHT considered in one election (lookups return at most 20)."""
-MAX_PROBES = 64
-"""Connected peers asked directly in one election or rival check, besides those the DHT names: an
-interest record may still be on its way (testbed, 8 nodes on 2 loaded vCPUs: announcing took
-0.8-10 s, and three nodes that found no one in the DHT pulled side by side)."""
-PROVIDE_WAIT = 3.0
-"""Seconds the interest announcement (ADD_PROVIDER) may hold up the election."""
-WAIT_GRACE = 15.0
-"""Seconds a follower waits on a peer that does not pull itself but waits too (it is noticing a
-dead puller: up to SILENT_TIMEOUT when the puller vanished without a reset, and electing again,
-~1-3 s) before passing over it. A peer passed over is left out of elections, not of the rival
-check: if it pulls after all, it is followed or given way to as any puller."""
-RIVAL_WINDOW = 5.0
-"""Seconds at the start of a pull during which the puller looks for a closer one that also pulls
-(elected at the same time from a different view) and gives way to it."""
-RIVAL_CHECK = 1.0
-"""Seconds between those looks."""
-MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
-MIRROR_CHUNK = 16 << 20
-"""Most bytes of a partial file one mirror query returns. At 4 MiB (a stream opened per query) the
-backup's copy fell far behind on a loaded host: 11 MB copied when the puller died at 135 MB
-(testbed), and the replacement pulled the rest again (1.48 x the model)."""
-MAX_MIRROR_FILES = 64
-"""Most files a puller lists to its backup (the weight shards of a large model)."""
-
-_ORIGIN_KEY_PREFIX = b"swarm/origin/"
-_SHA2_256 = 0x12
-_STATES = ("waiting", "pulling", "seeded", "failed", "none")
-
-
-def origin_key(repo_id: str, ref: str) -> bytes:
-    """DHT key under which fetchers of ``repo_id@ref`` announce their interest: the sha2-256
-    multihash (34 bytes) of ``b"swarm/origin/" + repo + "@" + ref``."""
-    digest = hashlib.sha256(_ORIGIN_KEY_PREFIX + f"{repo_id}@{ref}".encode()).digest()
-    return bytes([_SHA2_256, 32]) + digest
-
-
-def distance(peer_id: str, key: bytes) -> int:
-    """XOR distance between a peer and a key, over sha256 digests (as Kademlia measures it)."""
-    a = hashlib.sha256(peer_id.encode()).digest()
-    b = hashlib.sha256(key).digest()
-    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
-
-
-@attrs.frozen
-class OriginState:
-    """One node's answer about one origin key."""
-
-    state: str  # waiting | pulling | seeded | failed | none (not interested)
-    progress: int = 0  # bytes of the pull (its own, or the one it follows) last seen
-    leader: str = ""  # whom it follows (itself when pulling)
-    have: int = 0  # bytes it holds to resume from (its copy of the puller's partial files)
-
-    def encode(self) -> bytes:
-        return json.dumps(attrs.asdict(self)).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> OriginState:
-        """Parse a peer's answer; ValueError on anything malformed."""
-        try:
-            obj = json.loads(raw)
-            state, progress, leader = obj["state"], obj["progress"], obj["leader"]
-            have = obj.get("have", 0)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"bad origin state: {e!r}") from None
-        if (
-            state not in _STATES
-            or not _count(progress)
-            or not _count(have)
-            or not isinstance(leader, str)
-            or len(leader) > 128
-        ):
-            raise ValueError("bad origin state")
-        return cls(state, progress, leader, have)
-
-    @property
-    def active(self) -> bool:
-        """Pulling, or following a pull that made progress, or done: worth following."""
-        return self.state in ("pulling", "seeded") or (self.state == "waiting" and self.progress > 0)
 
 
 @attrs.define
@@ -156,95 +84,6 @@ class _Interest:
     have: int = 0  # bytes our copy of the puller's partial files holds
     building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
     heard: float = 0.0  # trio time of the followed puller's last answer of any kind
-
-
-def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 60
-
-
-def _query(key: bytes, **fields: object) -> bytes:
-    return json.dumps({"key": key.hex(), **fields}).encode()
-
-
-def _parse_query(request: bytes) -> tuple[bytes, dict]:
-    obj = json.loads(request)
-    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
-        raise ValueError("bad origin query")
-    key = bytes.fromhex(obj["key"])
-    if len(key) != 34:
-        raise ValueError("bad origin key")
-    return key, obj
-
-
-def _mirror_name(name: str) -> bool:
-    return BLOB_NAME.fullmatch(name.removesuffix(PARTIAL_SUFFIX)) is not None
-
-
-def _parse_listing(raw: bytes) -> list[tuple[str, int]]:
-    """A puller's list of [name, size]; ValueError on anything else."""
-    obj = json.loads(raw)
-    if not isinstance(obj, list) or len(obj) > MAX_MIRROR_FILES:
-        raise ValueError("bad file listing")
-    out = []
-    for item in obj:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not _mirror_name(item[0])
-            or isinstance(item[1], bool)
-            or not isinstance(item[1], int)
-            or not 0 <= item[1] < 1 << 50
-        ):
-            raise ValueError("bad file listing entry")
-        out.append((item[0], item[1]))
-    return out
-
-
-def blob_sizes(blobs: Path) -> list[list]:
-    """[name, size] of the blobs and partial blobs in ``blobs`` (at most MAX_MIRROR_FILES)."""
-    out = []
-    try:
-        with os.scandir(blobs) as it:
-            for e in it:
-                if _mirror_name(e.name):
-                    with contextlib.suppress(OSError):
-                        out.append([e.name, e.stat(follow_symlinks=False).st_size])
-    except OSError:
-        return []
-    return sorted(out)[:MAX_MIRROR_FILES]
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _append(path: Path, offset: int, data: bytes) -> int:
-    """Append ``data`` at ``offset``; the file's new size (0: it had changed, copy it over)."""
-    with open(path, "ab") as fh:
-        if fh.tell() != offset:  # our own pull or another copy wrote meanwhile
-            fh.truncate(0)
-            return 0
-        fh.write(data)
-        return offset + len(data)
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes of the files directly in ``path`` (the Hub client's blobs, ``.incomplete`` ones too)."""
-    total = 0
-    try:
-        with os.scandir(path) as it:
-            for e in it:
-                try:
-                    total += e.stat(follow_symlinks=False).st_size
-                except OSError:
-                    continue
-    except OSError:
-        return 0
-    return total
 
 
 class OriginCoordinator:
@@ -688,9 +527,3 @@ class OriginCoordinator:
                 extra={"event": "origin_swarm_failed", "reason": str(e)},
             )
             raise
-
-
-def _timed_out(e: Exception) -> bool:
-    """Whether a query failed by timing out (a busy or unreachable peer) rather than by being
-    refused or reset (a dead process: its kernel answers at once)."""
-    return "timed out" in str(e)
