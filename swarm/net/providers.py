@@ -9,10 +9,11 @@ peers is hearsay and is ranked after first-hand records (``ProviderBook``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import multiaddr
@@ -21,6 +22,7 @@ from libp2p.kad_dht.common import ALPHA
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from swarm.discovery import LOOKUP_HEDGE, lookup_grace
 from swarm.net import compat
 from swarm.net.addrs import PeerAddr, check_key, strip_p2p
 
@@ -186,8 +188,21 @@ class ProvidersMixin:
         book = ProviderBook(self.peer_id)
         local = self._dht.provider_store.get_providers(key)
         book.add(itertools.islice(local, MAX_PROVIDERS_FOUND), source=None)
+        began = trio.current_time()
+        found = trio.Event()
         with trio.move_on_after(timeout):
-            await self._lookup_providers(key, limit, book)
+            async with trio.open_nursery() as nursery:
+
+                async def lookup() -> None:
+                    await self._lookup_providers(key, limit, book, found)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(lookup)
+                # Peers that vanished (no FIN, no RST) never answer: once one peer has named
+                # providers, the others get a grace in proportion (discovery.lookup_grace).
+                await found.wait()
+                await trio.sleep(lookup_grace(trio.current_time() - began))
+                nursery.cancel_scope.cancel()
         return book.result(limit, connected_at=self._connected_addrs)
 
     def _connected_addrs(self, peer_id: str) -> list[str] | None:
@@ -196,7 +211,9 @@ class ProvidersMixin:
             return None
         return [str(strip_p2p(a)) for a in self._known_addrs(pid)[:MAX_ADDRS_PER_PROVIDER]]
 
-    async def _lookup_providers(self, key: bytes, limit: int, book: ProviderBook) -> None:
+    async def _lookup_providers(
+        self, key: bytes, limit: int, book: ProviderBook, found: trio.Event | None = None
+    ) -> None:
         """GET_PROVIDERS to the closest peers we already know (one round trip: enough in a small
         swarm) while the iterative closest-peer lookup runs; then to the peers that lookup finds,
         and to closer peers named in the answers. Returns early once ``limit`` first-hand
@@ -213,8 +230,7 @@ class ProvidersMixin:
                 for attempt in range(GET_PROVIDERS_ATTEMPTS):
                     if attempt:
                         await trio.sleep(random.uniform(0.05, 0.25) * attempt)
-                    async with sem:
-                        answer = await self._get_providers_from(peer, key)
+                    answer = await self._hedged(sem, functools.partial(self._get_providers_from, peer, key))
                     if answer is None:  # unreachable: no point in asking again
                         return
                     provs, more = answer
@@ -224,6 +240,8 @@ class ProvidersMixin:
                     # resets every request beyond 12 it is handling (a flash crowd of fetchers
                     # asking one worker at once).
                 book.add(provs, source=peer.to_base58())
+                if provs and found is not None:
+                    found.set()
                 closer.extend(more)
                 if book.first_hand_count >= limit or book.full:
                     nursery.cancel_scope.cancel()
@@ -254,6 +272,33 @@ class ProvidersMixin:
                 if not more:
                     break
                 await ask_all(more)
+
+    @staticmethod
+    async def _hedged(sem: trio.Semaphore, request: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``request`` holding one of ``sem``'s places for at most LOOKUP_HEDGE seconds:
+        a DHT peer that vanished (no FIN, no RST) would otherwise hold it to the dial or request
+        timeout while peers that answer wait behind it."""
+        await sem.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                sem.release()
+
+        async def hedge() -> None:
+            await trio.sleep(LOOKUP_HEDGE)
+            release()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(hedge)
+                answer = await request()
+                n.cancel_scope.cancel()
+            return answer
+        finally:
+            release()
 
     async def _get_providers_from(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
         """One GET_PROVIDERS to ``peer``: (providers, closer peers); ([], []) on a failed request,
