@@ -37,7 +37,7 @@ MANIFEST_VOTE_GRACE = 2.0
 other answers count (the majority vote; the newest release under trusted-publishers): long enough
 for providers that need a dial across a WAN to answer, short of the node's MANIFEST_ASK_TIMEOUT.
 The node waits less (``MANIFEST_VOTE_MIN_GRACE``, ``MANIFEST_VOTE_GRACE_FACTOR``)."""
-MANIFEST_VOTE_MIN_GRACE = 0.2
+MANIFEST_VOTE_MIN_GRACE = 0.1
 """The least a fetch by name waits for the others once a usable manifest is in."""
 MANIFEST_VOTE_GRACE_FACTOR = 3.0
 """A fetch by name waits for the others this many times as long as the first usable answer took
@@ -45,7 +45,7 @@ from its request (at least MANIFEST_VOTE_MIN_GRACE, at most MANIFEST_VOTE_GRACE)
 near as the first one answer in about the same time, a provider that answers never (vanished: no
 FIN, no RST; its record lives on in the DHT for 48 h) holds the fetch no longer than that
 (issue #12)."""
-MANIFEST_ASK_HEDGE = 0.1
+MANIFEST_ASK_HEDGE = 0.05
 """Seconds after which a provider that has not answered the manifest request no longer holds one
 of the MANIFEST_ASK_FANOUT places: the next provider is asked too (the slow one stays out). So
 eight vanished providers asked first delay the one that answers by this much, not by the node's
@@ -67,14 +67,14 @@ FEW_PEERS = 4
 """Below this many linked peers a fetch looks up every LOOKUP_RETRY, else every LOOKUP_SETTLED."""
 LOOKUP_SETTLED = 5.0
 """Seconds between DHT lookups of a fetch with enough peers (it only looks for better ones)."""
-LOOKUP_MIN_GRACE = 0.2
+LOOKUP_MIN_GRACE = 0.05
 """The least a provider lookup goes on once one DHT peer has named providers (``lookup_grace``)."""
-LOOKUP_GRACE_FACTOR = 2.0
+LOOKUP_GRACE_FACTOR = 3.0
 """A provider lookup goes on this many times as long as the first answer naming providers took
 (at least LOOKUP_MIN_GRACE), then returns what it has: DHT peers that vanished (no FIN, no RST;
 they stay in routing tables until a refresh drops them) would otherwise hold it to its timeout.
 The connect loop looks up again (``LookupSchedule``) for providers that came late."""
-LOOKUP_HEDGE = 0.25
+LOOKUP_HEDGE = 0.05
 """Seconds a GET_PROVIDERS request without an answer holds one of the lookup's ALPHA places; then
 the next DHT peer is asked too (the request goes on)."""
 MAX_LINKS_PER_FETCH = 16
