@@ -121,13 +121,16 @@ class ManifestVote:
         # Under `open` by name the vote counts the answers in by the cutoff: MANIFEST_VOTE_GRACE_FACTOR
         # times as long as the first usable answer took, at least MANIFEST_VOTE_MIN_GRACE, at most
         # MANIFEST_VOTE_GRACE; providers that answer never (vanished) are not waited for longer.
+        # Under trusted-publishers the stragglers keep MANIFEST_VOTE_GRACE (a slower provider may
+        # hold a newer release), pinned fetches MANIFEST_STRAGGLER_GRACE: both as before.
+        adaptive = manifest_hash is None and self.config.trust.mode == "open"
         try:
             asked = await self._ask_in_turn(
                 providers,
                 ask,
                 settled=lambda: bool(votes),
                 grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE,
-                min_grace=None if manifest_hash is not None else MANIFEST_VOTE_MIN_GRACE,
+                min_grace=MANIFEST_VOTE_MIN_GRACE if adaptive else None,
             )
         finally:
             closed = True
