@@ -51,6 +51,14 @@ MAX_SIGNED_RECORD_BYTES = 4096
 bytes; a bigger one is not verified (its addresses would all be parsed into the peerstore)."""
 
 
+class _FirstAnswer:
+    """Set once a DHT peer names providers; ``took``: how long its request took."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.took = 0.0
+
+
 class ProviderBook:
     """The providers one lookup found, first-hand apart from hearsay, with bounded work per record.
 
@@ -172,7 +180,9 @@ class ProvidersMixin:
         Always asks the network (py-libp2p's own find_providers returns its local cache alone as
         soon as that has an entry, so a peer that once learnt of one provider would never learn of
         the next): an iterative Kademlia lookup for the closest peers, then GET_PROVIDERS to them
-        (and to closer peers they name). Returns what it found after ``timeout`` seconds.
+        (and to closer peers they name). Returns what it found when every peer asked has
+        answered or failed, ``lookup_grace`` after the first answer naming providers (DHT peers
+        that vanished never answer), or after ``timeout`` seconds, whichever comes first.
 
         What a DHT peer says about *other* peers is hearsay: one hostile peer can answer with any
         number of made-up providers, or with junk addresses for a real one. So the list is
@@ -188,8 +198,7 @@ class ProvidersMixin:
         book = ProviderBook(self.peer_id)
         local = self._dht.provider_store.get_providers(key)
         book.add(itertools.islice(local, MAX_PROVIDERS_FOUND), source=None)
-        began = trio.current_time()
-        found = trio.Event()
+        found = _FirstAnswer()
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
 
@@ -200,8 +209,8 @@ class ProvidersMixin:
                 nursery.start_soon(lookup)
                 # Peers that vanished (no FIN, no RST) never answer: once one peer has named
                 # providers, the others get a grace in proportion (discovery.lookup_grace).
-                await found.wait()
-                await trio.sleep(lookup_grace(trio.current_time() - began))
+                await found.event.wait()
+                await trio.sleep(lookup_grace(found.took))
                 nursery.cancel_scope.cancel()
         return book.result(limit, connected_at=self._connected_addrs)
 
@@ -212,7 +221,7 @@ class ProvidersMixin:
         return [str(strip_p2p(a)) for a in self._known_addrs(pid)[:MAX_ADDRS_PER_PROVIDER]]
 
     async def _lookup_providers(
-        self, key: bytes, limit: int, book: ProviderBook, found: trio.Event | None = None
+        self, key: bytes, limit: int, book: ProviderBook, found: _FirstAnswer | None = None
     ) -> None:
         """GET_PROVIDERS to the closest peers we already know (one round trip: enough in a small
         swarm) while the iterative closest-peer lookup runs; then to the peers that lookup finds,
@@ -223,6 +232,11 @@ class ProvidersMixin:
         closer: list[ID] = []
 
         async with trio.open_nursery() as nursery:
+            asked_at: dict[ID, float] = {}
+
+            async def request(peer: ID) -> Any:
+                asked_at[peer] = trio.current_time()  # once it holds a place (_hedged)
+                return await self._get_providers_from(peer, key)
 
             async def ask(peer: ID) -> None:
                 provs: list[PeerInfo] = []
@@ -230,7 +244,7 @@ class ProvidersMixin:
                 for attempt in range(GET_PROVIDERS_ATTEMPTS):
                     if attempt:
                         await trio.sleep(random.uniform(0.05, 0.25) * attempt)
-                    answer = await self._hedged(sem, functools.partial(self._get_providers_from, peer, key))
+                    answer = await self._hedged(sem, functools.partial(request, peer))
                     if answer is None:  # unreachable: no point in asking again
                         return
                     provs, more = answer
@@ -240,8 +254,9 @@ class ProvidersMixin:
                     # resets every request beyond 12 it is handling (a flash crowd of fetchers
                     # asking one worker at once).
                 book.add(provs, source=peer.to_base58())
-                if provs and found is not None:
-                    found.set()
+                if provs and found is not None and not found.event.is_set():
+                    found.took = trio.current_time() - asked_at[peer]
+                    found.event.set()
                 closer.extend(more)
                 if book.first_hand_count >= limit or book.full:
                     nursery.cancel_scope.cancel()
