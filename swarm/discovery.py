@@ -69,7 +69,7 @@ LOOKUP_SETTLED = 5.0
 """Seconds between DHT lookups of a fetch with enough peers (it only looks for better ones)."""
 LOOKUP_MIN_GRACE = 0.05
 """The least a provider lookup goes on once one DHT peer has named providers (``lookup_grace``)."""
-LOOKUP_GRACE_FACTOR = 3.0
+LOOKUP_GRACE_FACTOR = 1.0
 """A provider lookup goes on this many times as long as the first answer naming providers took
 (at least LOOKUP_MIN_GRACE), then returns what it has: DHT peers that vanished (no FIN, no RST;
 they stay in routing tables until a refresh drops them) would otherwise hold it to its timeout.

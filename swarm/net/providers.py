@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_ADDRS_PER_PROVIDER", "ProviderBook", "ProvidersMixin", "parse_providers_answer"]
 
+LOOKUP_PARALLEL = 3 * ALPHA
+"""GET_PROVIDERS requests one lookup has out at once (each a place for LOOKUP_HEDGE at most): a
+lookup first asks the <= 20 closest peers it knows plus those it is connected to, and some may have
+vanished."""
 PROVIDE_TIMEOUT = 30.0
 """Seconds ``provide`` may take to send its ADD_PROVIDERs."""
 GET_PROVIDERS_ATTEMPTS = 4
@@ -228,7 +232,7 @@ class ProvidersMixin:
         and to closer peers named in the answers. Returns early once ``limit`` first-hand
         providers are found (or MAX_PROVIDERS_FOUND in all)."""
         queried: set[ID] = {self._id}
-        sem = trio.Semaphore(ALPHA)
+        sem = trio.Semaphore(LOOKUP_PARALLEL)
         closer: list[ID] = []
 
         async with trio.open_nursery() as nursery:
