@@ -181,7 +181,7 @@ def main() -> int:
         time.sleep(1.0)  # their ADD_PROVIDERs land
         for s in stale:
             s.popen.send_signal(signal.SIGSTOP if args.how == "stop" else signal.SIGKILL)
-        print(f"{args.stale} providers fetched the model and were {args.how}ped", flush=True)
+        print(f"{args.stale} providers fetched the model, then got SIG{args.how.upper()}", flush=True)
 
         for r in range(args.rounds):
             samples["stale"].append(timed_fetch(env, front.home))
@@ -194,8 +194,9 @@ def main() -> int:
         print(f"fresh front: {samples['fresh front'][-1]:.3f} s", flush=True)
 
         med = {k: statistics.median(v) for k, v in samples.items()}
+        how = "SIGSTOPped" if args.how == "stop" else "SIGKILLed"
         print(
-            f"\n{args.size_mb} MiB, {args.stale} providers {args.how}ped; "
+            f"\n{args.size_mb} MiB, {args.stale} providers {how}; "
             "wall time of `swarm-node fetch` (real processes, 127.0.0.1)"
         )
         print(f"  {'':<12} {'median':>8} {'max':>8}  samples")
