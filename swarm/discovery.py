@@ -34,9 +34,25 @@ in (any answer is as good as eight): providers that vanished (their records live
 would otherwise hold the fetch for the node's MANIFEST_ASK_TIMEOUT. Connected providers answer in
 ms."""
 MANIFEST_VOTE_GRACE = 2.0
-"""The same for a fetch by name, where the other answers count (the majority vote; the newest
-release under trusted-publishers): long enough for providers that need a dial across a WAN to
-answer, short of the node's MANIFEST_ASK_TIMEOUT."""
+"""The most a fetch by name waits for providers still out once a usable manifest is in, where the
+other answers count (the majority vote; the newest release under trusted-publishers): long enough
+for providers that need a dial across a WAN to answer, short of the node's MANIFEST_ASK_TIMEOUT.
+The node waits less (``MANIFEST_VOTE_MIN_GRACE``, ``MANIFEST_VOTE_GRACE_FACTOR``)."""
+MANIFEST_VOTE_MIN_GRACE = 0.1
+"""The least a fetch by name waits for the others once a usable manifest is in."""
+MANIFEST_VOTE_GRACE_FACTOR = 3.0
+"""A fetch by name waits for the others this many times as long as the first usable answer took
+from its request (at least MANIFEST_VOTE_MIN_GRACE, at most MANIFEST_VOTE_GRACE): providers as
+near as the first one answer in about the same time, a provider that answers never (vanished: no
+FIN, no RST; its record lives on in the DHT for 48 h) holds the fetch no longer than that
+(issue #12)."""
+MANIFEST_ASK_HEDGE = 0.05
+"""Seconds after which a provider that has not answered the manifest request no longer holds one
+of the MANIFEST_ASK_FANOUT places: the next provider is asked too (the slow one stays out). So
+eight vanished providers asked first delay the one that answers by this much, not by the node's
+MANIFEST_ASK_TIMEOUT."""
+MANIFEST_ASK_MAX_OUT = 3 * MANIFEST_ASK_FANOUT
+"""Manifest requests out at once, slow ones included."""
 PROVIDER_FAILURE_MEMORY = 600.0
 """Seconds a provider that failed to answer or to be dialled is asked last; then it is forgiven
 (made-up provider records, vanished peers, peers that were only busy)."""
@@ -52,8 +68,24 @@ FEW_PEERS = 4
 """Below this many linked peers a fetch looks up every LOOKUP_RETRY, else every LOOKUP_SETTLED."""
 LOOKUP_SETTLED = 5.0
 """Seconds between DHT lookups of a fetch with enough peers (it only looks for better ones)."""
+LOOKUP_MIN_GRACE = 0.05
+"""The least a provider lookup goes on once one DHT peer has named providers (``lookup_grace``)."""
+LOOKUP_GRACE_FACTOR = 1.0
+"""A provider lookup goes on this many times as long as the first answer naming providers took
+(at least LOOKUP_MIN_GRACE), then returns what it has: DHT peers that vanished (no FIN, no RST;
+they stay in routing tables until a refresh drops them) would otherwise hold it to its timeout.
+The connect loop looks up again (``LookupSchedule``) for providers that came late."""
+LOOKUP_HEDGE = 0.05
+"""Seconds a GET_PROVIDERS request without an answer holds one of the lookup's ALPHA places; then
+the next DHT peer is asked too (the request goes on)."""
 MAX_LINKS_PER_FETCH = 16
 """Outbound links a fetch opens; inbound ones from other fetchers come on top."""
+
+
+def lookup_grace(first_answer_after: float) -> float:
+    """Seconds a provider lookup goes on once, ``first_answer_after`` seconds in, a DHT peer
+    named providers."""
+    return max(LOOKUP_MIN_GRACE, LOOKUP_GRACE_FACTOR * max(0.0, first_answer_after))
 
 
 def _peer_id(p: Any) -> str:
@@ -120,13 +152,17 @@ class ManifestAsk(Generic[T]):
     """Asking providers for the manifest, ``fanout`` at a time, in the order given (see
     ``ProviderScores.order``). While no usable manifest is in (``settled`` false), each answer or
     failure makes room for the next provider, so providers that are made up or gone cannot end a
-    fetch while untried ones remain. Providers that failed us recently (``stale``) are asked only
-    once every other one has finished without a usable manifest. Once one is in, nothing new is
-    asked, and those still out get ``grace`` seconds (``cutoff``) before they are cut off.
+    fetch while untried ones remain; so does a provider out for ``hedge`` seconds without an
+    answer (it stays out: a slow answer still counts), at most ``max_out`` out in all. Providers
+    that failed us recently (``stale``) are asked only once every other one has finished (or
+    been out for ``hedge``) without a usable manifest. Once one is in, nothing new is asked, and
+    those still out get a grace (``cutoff``) before they are cut off: ``grace`` seconds, or with
+    ``min_grace`` set, ``factor`` times as long as the first usable answer took (since its
+    provider was asked), at least ``min_grace`` and at most ``grace``.
 
     The runner: ask each provider ``start`` returns, report each end with ``finished`` (asking
-    those it returns), and stop once ``out`` is empty or the clock reaches ``cutoff``; the ids
-    still in ``out`` then are the stragglers."""
+    those it returns), call ``start`` again at ``wake_at`` (the next hedge), and stop once ``out``
+    is empty or the clock reaches ``cutoff``; the ids still in ``out`` then are the stragglers."""
 
     def __init__(
         self,
@@ -136,12 +172,24 @@ class ManifestAsk(Generic[T]):
         grace: float,
         key: Callable[[T], str] = _peer_id,
         fanout: int = MANIFEST_ASK_FANOUT,
+        hedge: float = math.inf,
+        max_out: int | None = None,
+        min_grace: float | None = None,
+        factor: float = MANIFEST_VOTE_GRACE_FACTOR,
+        now: float = 0.0,
     ):
         if fanout < 1:
             raise ValueError(f"fanout must be >= 1, not {fanout}")
+        if hedge <= 0:
+            raise ValueError(f"hedge must be > 0, not {hedge}")
         self.key = key
         self.grace = grace
         self.fanout = fanout
+        self.hedge = hedge
+        self.max_out = max(fanout, max_out if max_out is not None else 3 * fanout)
+        self.min_grace = min_grace
+        self.factor = factor
+        self.began = now
         unique: dict[str, T] = {}  # a lookup may name a provider twice: asked once
         for p in providers:
             unique.setdefault(key(p), p)
@@ -149,20 +197,36 @@ class ManifestAsk(Generic[T]):
         self._fresh = [p for pid, p in unique.items() if not stale(pid)][::-1]  # popped from the end
         self._stale = [p for pid, p in unique.items() if stale(pid)][::-1]
         self.out: dict[str, bool] = {}  # peer id -> is it a fresh one
+        self.since: dict[str, float] = {}  # peer id -> when it was asked (those out)
         self.asked = 0
         self.cutoff = math.inf
+        self.settled_at: float | None = None
+        self._now = now
 
-    def start(self, settled: bool) -> list[T]:
-        """The providers to ask now."""
+    def _active(self, now: float) -> list[str]:
+        """Those out that still hold a place (asked less than ``hedge`` ago)."""
+        return [pid for pid, t in self.since.items() if now - t < self.hedge]
+
+    def start(self, settled: bool, now: float | None = None) -> list[T]:
+        """The providers to ask now (``now``: the last time given if None)."""
+        if now is None:
+            now = self._now
+        self._now = max(self._now, now)
         ask: list[T] = []
-        while len(self.out) < self.fanout and not settled:
+        if settled:
+            return ask
+        active = self._active(now)
+        while len(active) < self.fanout and len(self.out) < self.max_out:
             if self._fresh:
                 p, fresh = self._fresh.pop(), True
-            elif self._stale and not any(self.out.values()):
+            elif self._stale and not any(self.out[pid] for pid in active):
                 p, fresh = self._stale.pop(), False
             else:
                 break
-            self.out[self.key(p)] = fresh
+            pid = self.key(p)
+            self.out[pid] = fresh
+            self.since[pid] = now
+            active.append(pid)
             self.asked += 1
             ask.append(p)
         return ask
@@ -170,11 +234,28 @@ class ManifestAsk(Generic[T]):
     def finished(self, peer_id: str, now: float, settled: bool) -> list[T]:
         """``peer_id`` answered or failed at ``now``; ``settled``: a usable manifest is in.
         Returns the providers to ask next."""
+        self._now = max(self._now, now)
         self.out.pop(peer_id, None)
+        asked_at = self.since.pop(peer_id, self.began)
         if not settled:
-            return self.start(False)
-        self.cutoff = min(self.cutoff, now + self.grace)
+            return self.start(False, now)
+        if self.settled_at is None:
+            self.settled_at = now
+            grace = self.grace
+            if self.min_grace is not None:
+                grace = min(grace, max(self.min_grace, self.factor * (now - asked_at)))
+            self.cutoff = now + grace
         return []
+
+    @property
+    def wake_at(self) -> float:
+        """When ``start`` may next have someone to ask though nobody answered (a hedge ends)."""
+        if self.settled_at is not None or not (self._fresh or self._stale):
+            return math.inf
+        if len(self.out) >= self.max_out:
+            return math.inf
+        ends = [t + self.hedge for t in self.since.values() if t + self.hedge > self._now]
+        return min(ends, default=math.inf)
 
     @property
     def untried(self) -> int:

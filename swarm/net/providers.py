@@ -9,10 +9,11 @@ peers is hearsay and is ranked after first-hand records (``ProviderBook``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import multiaddr
@@ -21,6 +22,7 @@ from libp2p.kad_dht.common import ALPHA
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from swarm.discovery import LOOKUP_HEDGE, lookup_grace
 from swarm.net import compat
 from swarm.net.addrs import PeerAddr, check_key, strip_p2p
 
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_ADDRS_PER_PROVIDER", "ProviderBook", "ProvidersMixin", "parse_providers_answer"]
 
+LOOKUP_PARALLEL = 3 * ALPHA
+"""GET_PROVIDERS requests one lookup has out at once (each a place for LOOKUP_HEDGE at most): a
+lookup first asks the <= 20 closest peers it knows plus those it is connected to, and some may have
+vanished."""
 PROVIDE_TIMEOUT = 30.0
 """Seconds ``provide`` may take to send its ADD_PROVIDERs."""
 GET_PROVIDERS_ATTEMPTS = 4
@@ -47,6 +53,14 @@ MAX_PROVIDERS_FOUND = 200
 MAX_SIGNED_RECORD_BYTES = 4096
 """A signed peer record (an envelope with a key, a signature and a few addresses) is a few hundred
 bytes; a bigger one is not verified (its addresses would all be parsed into the peerstore)."""
+
+
+class _FirstAnswer:
+    """Set once a DHT peer names providers; ``took``: how long its request took."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.took = 0.0
 
 
 class ProviderBook:
@@ -170,7 +184,9 @@ class ProvidersMixin:
         Always asks the network (py-libp2p's own find_providers returns its local cache alone as
         soon as that has an entry, so a peer that once learnt of one provider would never learn of
         the next): an iterative Kademlia lookup for the closest peers, then GET_PROVIDERS to them
-        (and to closer peers they name). Returns what it found after ``timeout`` seconds.
+        (and to closer peers they name). Returns what it found when every peer asked has
+        answered or failed, ``lookup_grace`` after the first answer naming providers (DHT peers
+        that vanished never answer), or after ``timeout`` seconds, whichever comes first.
 
         What a DHT peer says about *other* peers is hearsay: one hostile peer can answer with any
         number of made-up providers, or with junk addresses for a real one. So the list is
@@ -186,8 +202,20 @@ class ProvidersMixin:
         book = ProviderBook(self.peer_id)
         local = self._dht.provider_store.get_providers(key)
         book.add(itertools.islice(local, MAX_PROVIDERS_FOUND), source=None)
+        found = _FirstAnswer()
         with trio.move_on_after(timeout):
-            await self._lookup_providers(key, limit, book)
+            async with trio.open_nursery() as nursery:
+
+                async def lookup() -> None:
+                    await self._lookup_providers(key, limit, book, found)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(lookup)
+                # Peers that vanished (no FIN, no RST) never answer: once one peer has named
+                # providers, the others get a grace in proportion (discovery.lookup_grace).
+                await found.event.wait()
+                await trio.sleep(lookup_grace(found.took))
+                nursery.cancel_scope.cancel()
         return book.result(limit, connected_at=self._connected_addrs)
 
     def _connected_addrs(self, peer_id: str) -> list[str] | None:
@@ -196,16 +224,23 @@ class ProvidersMixin:
             return None
         return [str(strip_p2p(a)) for a in self._known_addrs(pid)[:MAX_ADDRS_PER_PROVIDER]]
 
-    async def _lookup_providers(self, key: bytes, limit: int, book: ProviderBook) -> None:
+    async def _lookup_providers(
+        self, key: bytes, limit: int, book: ProviderBook, found: _FirstAnswer | None = None
+    ) -> None:
         """GET_PROVIDERS to the closest peers we already know (one round trip: enough in a small
         swarm) while the iterative closest-peer lookup runs; then to the peers that lookup finds,
         and to closer peers named in the answers. Returns early once ``limit`` first-hand
         providers are found (or MAX_PROVIDERS_FOUND in all)."""
         queried: set[ID] = {self._id}
-        sem = trio.Semaphore(ALPHA)
+        sem = trio.Semaphore(LOOKUP_PARALLEL)
         closer: list[ID] = []
 
         async with trio.open_nursery() as nursery:
+            asked_at: dict[ID, float] = {}
+
+            async def request(peer: ID) -> Any:
+                asked_at[peer] = trio.current_time()  # once it holds a place (_hedged)
+                return await self._get_providers_from(peer, key)
 
             async def ask(peer: ID) -> None:
                 provs: list[PeerInfo] = []
@@ -213,8 +248,7 @@ class ProvidersMixin:
                 for attempt in range(GET_PROVIDERS_ATTEMPTS):
                     if attempt:
                         await trio.sleep(random.uniform(0.05, 0.25) * attempt)
-                    async with sem:
-                        answer = await self._get_providers_from(peer, key)
+                    answer = await self._hedged(sem, functools.partial(request, peer))
                     if answer is None:  # unreachable: no point in asking again
                         return
                     provs, more = answer
@@ -224,6 +258,9 @@ class ProvidersMixin:
                     # resets every request beyond 12 it is handling (a flash crowd of fetchers
                     # asking one worker at once).
                 book.add(provs, source=peer.to_base58())
+                if provs and found is not None and not found.event.is_set():
+                    found.took = trio.current_time() - asked_at[peer]
+                    found.event.set()
                 closer.extend(more)
                 if book.first_hand_count >= limit or book.full:
                     nursery.cancel_scope.cancel()
@@ -254,6 +291,33 @@ class ProvidersMixin:
                 if not more:
                     break
                 await ask_all(more)
+
+    @staticmethod
+    async def _hedged(sem: trio.Semaphore, request: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``request`` holding one of ``sem``'s places for at most LOOKUP_HEDGE seconds:
+        a DHT peer that vanished (no FIN, no RST) would otherwise hold it to the dial or request
+        timeout while peers that answer wait behind it."""
+        await sem.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                sem.release()
+
+        async def hedge() -> None:
+            await trio.sleep(LOOKUP_HEDGE)
+            release()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(hedge)
+                answer = await request()
+                n.cancel_scope.cancel()
+            return answer
+        finally:
+            release()
 
     async def _get_providers_from(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
         """One GET_PROVIDERS to ``peer``: (providers, closer peers); ([], []) on a failed request,

@@ -15,8 +15,11 @@ import trio
 from swarm import wire
 from swarm.discovery import (
     LOOKUP_RETRY,
+    MANIFEST_ASK_HEDGE,
+    MANIFEST_ASK_MAX_OUT,
     MANIFEST_STRAGGLER_GRACE,
     MANIFEST_VOTE_GRACE,
+    MANIFEST_VOTE_MIN_GRACE,
     ManifestAsk,
 )
 from swarm.dynamo.card import manifest_mismatches
@@ -54,7 +57,8 @@ class ManifestVote:
     ) -> tuple[Manifest, bytes, list[PeerAddr]]:
         """Find providers and agree on one manifest."""
         key = manifest_key(manifest_hash) if manifest_hash else model_key(req.repo_id)
-        deadline = trio.current_time() + self.config.lookup_timeout
+        began = trio.current_time()
+        deadline = began + self.config.lookup_timeout
         providers: list[PeerAddr] = []
         while True:
             try:
@@ -81,11 +85,15 @@ class ManifestVote:
         releases: dict[bytes, Release] = {}  # the newest valid record offered for each manifest
         reasons: list[str] = []
 
+        closed = False  # the choice is made: answers coming later only update ProviderScores
+
         async def ask(p: PeerAddr) -> None:
             try:
                 replies = await self._fetch_manifests_from(p, request)
             except Exception as e:
                 reasons.append(f"{p.peer_id[:12]}: {e}")
+                return
+            if closed:
                 return
             for r in replies:
                 try:
@@ -109,14 +117,25 @@ class ManifestVote:
                 holders.setdefault(h, []).append(p)
 
         providers = self._order_providers(providers)
+        looked_up = trio.current_time()
         # A manifest pinned by hash is as good from one provider as from eight; by name, the
         # answers of the others count (votes; under trusted-publishers, the newest release).
-        asked = await self._ask_in_turn(
-            providers,
-            ask,
-            settled=lambda: bool(votes),
-            grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE,
-        )
+        # Under `open` by name the vote counts the answers in by the cutoff: MANIFEST_VOTE_GRACE_FACTOR
+        # times as long as the first usable answer took, at least MANIFEST_VOTE_MIN_GRACE, at most
+        # MANIFEST_VOTE_GRACE; providers that answer never (vanished) are not waited for longer.
+        # Under trusted-publishers the stragglers keep MANIFEST_VOTE_GRACE (a slower provider may
+        # hold a newer release), pinned fetches MANIFEST_STRAGGLER_GRACE: both as before.
+        adaptive = manifest_hash is None and self.config.trust.mode == "open"
+        try:
+            asked = await self._ask_in_turn(
+                providers,
+                ask,
+                settled=lambda: bool(votes),
+                grace=MANIFEST_STRAGGLER_GRACE if manifest_hash is not None else MANIFEST_VOTE_GRACE,
+                min_grace=MANIFEST_VOTE_MIN_GRACE if adaptive else None,
+            )
+        finally:
+            closed = True
         if not votes:
             raise ModelNotFound(
                 f"{len(providers)} providers of {req.repo_id} found, none gave a "
@@ -129,13 +148,15 @@ class ManifestVote:
         log_ = log.warning if len(votes) > 1 else log.info
         log_(
             "%s: taking manifest %s (revision %s), announced by %d of %d providers asked; "
-            "%d distinct manifests offered",
+            "%d distinct manifests offered (lookup %.2f s, manifest requests %.2f s)",
             req.repo_id,
             manifests[best].hash_str[:20],
             manifests[best].revision,
             count,
             asked,
             len(votes),
+            looked_up - began,
+            trio.current_time() - looked_up,
         )
         return (
             manifests[best],
@@ -177,32 +198,51 @@ class ManifestVote:
         *,
         settled: Callable[[], bool],
         grace: float,
+        min_grace: float | None = None,
     ) -> int:
         """Run ``ask`` on providers as ``ManifestAsk`` decides (MANIFEST_ASK_FANOUT at a time,
-        each end making room for the next until a usable manifest is in (``settled()``), those
-        that failed us lately last, stragglers cut ``grace`` seconds after); returns how many
-        were asked. Stragglers cut off are remembered as failed."""
-        plan = ManifestAsk(providers, stale=self._failed_recently, grace=grace)
+        each end, or MANIFEST_ASK_HEDGE seconds without one, making room for the next until a
+        usable manifest is in (``settled()``), those that failed us lately last, stragglers cut
+        off after the grace); returns how many were asked. Stragglers cut off are remembered as
+        failed at once; their requests go on in the node's nursery (each bounded by
+        MANIFEST_ASK_TIMEOUT), so one that answers after all is forgiven (``ask`` must ignore
+        what comes after the choice)."""
+        plan = ManifestAsk(
+            providers,
+            stale=self._failed_recently,
+            grace=grace,
+            min_grace=min_grace,
+            hedge=MANIFEST_ASK_HEDGE,
+            max_out=MANIFEST_ASK_MAX_OUT,
+            now=trio.current_time(),
+        )
         finished_send, finished = trio.open_memory_channel[str](math.inf)
 
         async def one(p: PeerAddr) -> None:
             try:
                 await ask(p)
+            except Exception as e:  # in the node's nursery: a bad answer must not stop the node
+                log.warning("manifest request to %s: %r", p.peer_id[:12], e)
             finally:
                 finished_send.send_nowait(p.peer_id)
 
-        async with trio.open_nursery() as n:
-            for p in plan.start(settled()):
-                n.start_soon(one, p)
+        nursery = self._nursery
+        async with trio.open_nursery() as local:
+            # Requests run in the node's nursery when it runs (stragglers outlive the vote).
+            spawn = (nursery or local).start_soon
+            for p in plan.start(settled(), trio.current_time()):
+                spawn(one, p)
             while not plan.over(trio.current_time()):
-                with trio.move_on_at(plan.cutoff):
+                with trio.move_on_at(min(plan.cutoff, plan.wake_at)):
                     pid = await finished.receive()
                     for p in plan.finished(pid, trio.current_time(), settled()):
-                        n.start_soon(one, p)
+                        spawn(one, p)
+                for p in plan.start(settled(), trio.current_time()):  # a hedge ended
+                    spawn(one, p)
             for pid in plan.out:
                 log.info("manifest request to %s cut off after the grace period", pid[:12])
                 self._note_failed(pid)
-            n.cancel_scope.cancel()
+            local.cancel_scope.cancel()
         return plan.asked
 
     def _choose(
