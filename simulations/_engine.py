@@ -11,12 +11,16 @@ from swarm.discovery import (
     LOOKUP_RETRY,
     LOOKUP_SETTLED,
     MANIFEST_ASK_FANOUT,
+    MANIFEST_ASK_HEDGE,
+    MANIFEST_ASK_MAX_OUT,
     MANIFEST_VOTE_GRACE,
+    MANIFEST_VOTE_MIN_GRACE,
     ConnectPolicy,
     LinkState,
     LookupSchedule,
     ManifestAsk,
     ProviderScores,
+    lookup_grace,
 )
 from swarm.engine import EngineConfig, LinkClosed, TransferCore
 from swarm.engine.peer import Drop, PeerState
@@ -29,7 +33,10 @@ __all__ = [
     "LOOKUP_RETRY",
     "LOOKUP_SETTLED",
     "MANIFEST_ASK_FANOUT",
+    "MANIFEST_ASK_HEDGE",
+    "MANIFEST_ASK_MAX_OUT",
     "MANIFEST_VOTE_GRACE",
+    "MANIFEST_VOTE_MIN_GRACE",
     "ConnectPolicy",
     "Drop",
     "EngineConfig",
@@ -42,4 +49,5 @@ __all__ = [
     "ProviderScores",
     "StoreError",
     "TransferCore",
+    "lookup_grace",
 ]

@@ -14,11 +14,15 @@ from typing import Any
 from simulations._engine import (
     FIRST_LOOKUPS,
     LOOKUP_FIRST,
+    MANIFEST_ASK_HEDGE,
+    MANIFEST_ASK_MAX_OUT,
     MANIFEST_VOTE_GRACE,
+    MANIFEST_VOTE_MIN_GRACE,
     ConnectPolicy,
     LinkState,
     LookupSchedule,
     ManifestAsk,
+    lookup_grace,
 )
 from simulations.driver import LinkEnd, connect
 from simulations.network import Network, Timeline
@@ -91,7 +95,14 @@ class Discovery:
         delay = self.sc.startup.lookup_delay(self._lookup_delay(node))
         if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
             dht = self.sc.dht
-            delay = max(delay, dht.lookup_timeout_first if first else dht.lookup_timeout)
+            timeout = dht.lookup_timeout_first if first else dht.lookup_timeout
+            if any(p is not node for p in self._valid_providers(now)):
+                # A live DHT peer names the providers (records outlive their hosts): the node's
+                # lookup ends lookup_grace after that first answer (swarm/net/providers.py)
+                # instead of waiting for the vanished entries' requests to time out.
+                delay = min(timeout, delay + lookup_grace(delay))
+            else:
+                delay = max(delay, timeout)
         self.at(now + delay, self._resolve if first else self._lookup_done, node, node.session)
 
     def _find(self, node: Node, now: float) -> list[Node]:
@@ -108,11 +119,13 @@ class Discovery:
         return node.scores.order(providers, now, connected=linked, rng=node.rng, key=_node_id)
 
     def _resolve(self, node: Node, sess: int) -> None:
-        """node.py's ``_resolve`` after its first lookup: ask the providers found for the manifest
-        as ``ManifestAsk`` decides (as a fetch by name: stragglers get MANIFEST_VOTE_GRACE once
-        one answered). An online provider answers after a connection and a round trip, a stopped
-        node's host refuses at once, a vanished host answers never (``manifest_timeout``). With no
-        answer node.py gives up (Hub fallback); here the node looks again."""
+        """The node's manifest step after its first lookup (swarm/node/vote.py): ask the providers
+        found as ``ManifestAsk`` decides, as a fetch by name under `open` does: a provider silent
+        for MANIFEST_ASK_HEDGE makes room for the next, stragglers get an adaptive grace once one
+        answered (MANIFEST_VOTE_MIN_GRACE to MANIFEST_VOTE_GRACE). An online provider answers after
+        a connection and a round trip, a stopped node's host refuses at once, a vanished host
+        answers never (``manifest_timeout``). With no answer the node gives up (Hub fallback);
+        here the node looks again."""
         if not self._live(node, sess):
             return
         now = self.tl.now()
@@ -121,14 +134,34 @@ class Discovery:
             found,
             stale=lambda pid: node.scores.failed_recently(pid, now),
             grace=MANIFEST_VOTE_GRACE,
+            min_grace=MANIFEST_VOTE_MIN_GRACE,  # the node's `open` vote by name (node/vote.py)
+            hedge=MANIFEST_ASK_HEDGE,
+            max_out=MANIFEST_ASK_MAX_OUT,
             key=_node_id,
             fanout=self.sc.dht.manifest_fanout,
+            now=now,
         )
         node.ask, node.ask_found = plan, []
-        for p in plan.start(False):
+        for p in plan.start(False, now):
             self._ask(node, p, now)
         if not plan.out:
             self._asked_all(node, sess, plan)
+        else:
+            self._hedge_later(node, sess, plan)
+
+    def _hedge_later(self, node: Node, sess: int, plan: ManifestAsk[Node]) -> None:
+        """node/vote.py's ``move_on_at(plan.wake_at)``: a provider silent for MANIFEST_ASK_HEDGE
+        makes room for the next one."""
+        if math.isfinite(plan.wake_at):
+            self.at(plan.wake_at, self._hedge, node, sess, plan)
+
+    def _hedge(self, node: Node, sess: int, plan: ManifestAsk[Node]) -> None:
+        if node.ask is not plan or not self._live(node, sess) or plan.over(self.tl.now()):
+            return
+        now = self.tl.now()
+        for q in plan.start(bool(node.ask_found), now):
+            self._ask(node, q, now)
+        self._hedge_later(node, sess, plan)
 
     def _ask(self, node: Node, p: Node, now: float) -> None:
         rtt = 2 * Network.delay(node.port, p.port)
@@ -151,6 +184,8 @@ class Discovery:
         cutoff = plan.cutoff
         for q in plan.finished(p.id, now, bool(node.ask_found)):
             self._ask(node, q, now)
+        if not node.ask_found:
+            self._hedge_later(node, sess, plan)
         if plan.over(now):
             self._asked_all(node, sess, plan)
         elif plan.cutoff < cutoff:

@@ -546,11 +546,15 @@ def test_pieces_sent_to_a_vanished_host_block_the_sender_until_tcp_gives_up():
     assert not any(e[1] == "disconnect" and e[2] == "workers-0000" and e[3] == "slow-0000" for e in r.events)
 
 
-def test_lookup_and_manifest_vote_wait_for_a_vanished_host_and_not_for_a_stopped_one():
-    # vanished: the first lookup waits out lookup_timeout_first (5 s); the manifest requests to the
-    # vanished hosts are cut MANIFEST_VOTE_GRACE (2 s) after the worker answered (swarm.discovery's
-    # ManifestAsk, as in swarm/node/vote.py), not held for manifest_timeout (5 s)
-    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 7.0, 7.1)):
+def test_lookup_and_manifest_vote_barely_wait_for_vanished_hosts():
+    # vanished: the first lookup ends lookup_grace after a live DHT peer names the providers (their
+    # records outlive the vanished hosts), not after lookup_timeout_first (5 s); the manifest requests
+    # to the vanished hosts make room for others after MANIFEST_ASK_HEDGE and are cut an adaptive
+    # grace (>= MANIFEST_VOTE_MIN_GRACE) after the worker answered, not held for manifest_timeout
+    # (5 s): swarm.discovery's ManifestAsk as swarm/node/vote.py runs it. Real nodes measured
+    # +0.13-0.25 s with 8 vanished providers (scripts/bench_stale_providers.py); a stopped host
+    # refuses at once.
+    for action, lo, hi in (("kill", 0.0, 0.1), ("vanish", 0.1, 0.5)):
         r = _departure(action)
         first = {}
         for t, ev, node, _peer, _v in r.events:
