@@ -39,6 +39,22 @@ def grow(fs: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(fs)], check=True)
 
 
+def take_every_free_block(fs: Path, filler: Path) -> int:
+    """Grow ``filler`` until the filesystem has no block left. One fallocate of statvfs's free
+    count is not enough: tmpfs can refuse it (its accounting differs by a few pages) and then
+    undoes the whole allocation, leaving the disk as empty as before."""
+    taken = 0
+    with open(filler, "wb") as f:
+        chunk = max(os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize, 4096)
+        while chunk >= 4096:
+            try:
+                os.posix_fallocate(f.fileno(), taken, chunk)
+                taken += chunk
+            except OSError:
+                chunk //= 2
+    return taken
+
+
 def snapshot_dirs(cache: Path) -> list[Path]:
     return [p for p in cache.glob("models--*/snapshots/*")]
 
@@ -112,14 +128,7 @@ async def test_disk_fills_up_mid_transfer(tmp_path, adv_model, small_fs, error_l
 
         def on_event(ev: dict) -> None:
             if ev.get("event") == "progress" and not filled and ev["have"] > 0.6 * m.total_size:
-                st = os.statvfs(small_fs)
-                free = st.f_bavail * st.f_frsize
-                with open(filler, "wb") as f:
-                    try:
-                        os.posix_fallocate(f.fileno(), 0, free)
-                    except OSError:
-                        pass
-                filled.append(free)
+                filled.append(take_every_free_block(small_fs, filler))
 
         req = FetchRequest(MODEL, cache_dir=cache)
         with FinalPathWatcher(cache, [m]) as watch:
