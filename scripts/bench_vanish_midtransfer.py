@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from simulations import bounds as bounds_mod  # noqa: E402
-from simulations import scenario, testbed  # noqa: E402
+from simulations import report, scenario, testbed  # noqa: E402
 
 NOFAULT = "tb_midtransfer"
 VARIANTS = {"vanish": "tb_vanish_mid", "kill": "tb_kill_mid", "worker": "tb_vanish_worker_mid"}
@@ -210,6 +210,26 @@ class MidTestbed(testbed.Testbed):
             self.polls += 1
             time.sleep(POLL)
 
+    def teardown(self) -> None:
+        """Keep each live node's last status (its transfers' peers, slots and counters)."""
+        from swarm import client
+
+        self.final_status: dict[str, Any] = {}
+        for h in self.hosts:
+            if h.proc is not None and h.proc.poll() is None and not h.vanished:
+                try:
+                    st = client.status(h.home)
+                except Exception:
+                    continue
+                self.final_status[h.id] = {
+                    "peers": st.get("peers"),
+                    "models": [
+                        {k: m.get(k) for k in ("have_bytes", "bytes", "peers", "unchoked", "timeouts")}
+                        for m in st.get("models") or []
+                    ],
+                }
+        super().teardown()
+
     def holds(self, end: float) -> dict[str, Any]:
         if self.fired_at is None:
             return {}
@@ -245,6 +265,8 @@ def run_one(name: str, seed: int, a: argparse.Namespace, out: Path) -> dict[str,
     t0 = time.perf_counter()
     res = tb.run()
     wall = time.perf_counter() - t0
+    report.write_events(res, out / f"events_{name}_s{seed}.csv")
+    (out / f"final_status_{name}_s{seed}.json").write_text(json.dumps(tb.final_status, indent=1))
     gone_hosts = set(tb.gone_ids.values())
     fetch = [n for n in res.nodes if n.role == "fetch"]
     survivors = [n for n in fetch if n.id not in gone_hosts]
