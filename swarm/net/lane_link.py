@@ -68,7 +68,7 @@ CHANNEL_DEPTH = 32
 """Messages queued from the receiver thread to the engine (the pool bounds the pieces among them)."""
 SOCKET_BUFFER = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of lane sockets (the kernel doubles it)."""
-LIVENESS_TIMEOUT = 8.0
+LIVENESS_TIMEOUT = 5.0
 """Seconds a lane's peer may leave our data unacknowledged (or its receive window shut) before the
 kernel drops the connection (TCP_USER_TIMEOUT); the receiver and sender then see ETIMEDOUT and the
 engine forgets the link, its requests and its upload slot. A host that vanished (no FIN, no RST)
