@@ -2,7 +2,8 @@
 
 - in-process: lane sockets and libp2p's TCP connections carry keepalive and TCP_USER_TIMEOUT (a
   peer that leaves our data unacknowledged is dropped by the kernel within seconds, not after
-  Linux's ~15 min of retransmissions);
+  Linux's ~15 min of retransmissions), and the engine forgets a link its transport drops, with
+  its upload slot and its requests;
 - namespace testbed (root; skipped with the reason otherwise): a frontend vanishes mid-transfer
   (its bridge port goes down) and the worker and the other frontend stop listing it among their
   linked peers and upload slots, and the other frontend completes.
@@ -23,7 +24,11 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
+from test_engine import DictStore, cfg, direct
+from test_engine import model as model
 
+from swarm.engine import LinkClosed, Transfer
+from swarm.memlink import link_pair
 from swarm.net import compat, quiet_libp2p_logs
 from swarm.net.host import SwarmHost
 from swarm.net.identity import load_or_create_identity
@@ -105,6 +110,105 @@ async def test_libp2p_connections_drop_a_silent_peer_within_seconds(tmp_path):
                 assert keep == 1
                 if HAS_USER_TIMEOUT:
                     assert user == int(compat.LIBP2P_LIVENESS_TIMEOUT * 1000)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class _Vanishing:
+    """A memory link end whose transport can "time out" the way a lane does when the kernel drops
+    a silent peer (TCP_USER_TIMEOUT: ETIMEDOUT in the link's threads): from ``drop()`` on, a
+    pending or later ``receive`` and every ``send`` raise LinkClosed. The peer itself is never told
+    (it vanished)."""
+
+    def __init__(self, link):
+        self.inner = link
+        self.peer_id = link.peer_id
+        self.dead = trio.Event()
+
+    def drop(self) -> None:
+        self.dead.set()
+
+    async def send(self, msg):
+        if self.dead.is_set():
+            raise LinkClosed("lane to peer: OSError(110, 'Connection timed out')")
+        await self.inner.send(msg)
+
+    async def receive(self):
+        got = None
+        async with trio.open_nursery() as n:
+
+            async def read():
+                nonlocal got
+                got = await self.inner.receive()
+                n.cancel_scope.cancel()
+
+            async def die():
+                await self.dead.wait()
+                n.cancel_scope.cancel()
+
+            n.start_soon(read)
+            n.start_soon(die)
+        if got is None:
+            raise LinkClosed("lane to peer: OSError(110, 'Connection timed out')")
+        return got
+
+    async def aclose(self):
+        pass  # nothing reaches a vanished peer
+
+
+@pytest.mark.timeout(60)
+async def test_a_link_the_transport_drops_frees_its_upload_slot_and_requests(model, autojump_clock):
+    """A seed with one upload slot serves leecher "gone" first; "next" waits, choked. When the
+    transport drops "gone"'s link (what TCP_USER_TIMEOUT does to a vanished host's lane), the seed
+    forgets it and deals its slot to "next" at once; "gone"'s requests are nobody's any more."""
+    m, pieces = model
+    async with trio.open_nursery() as n:
+        seed = Transfer(m, DictStore(m, pieces), config=cfg(upload_slots=1), run_blocking=direct)
+        n.start_soon(seed.run)
+        gone_scope = trio.CancelScope()
+
+        async def slow_disk(fn, *args):  # leechers stay mid-transfer for a while
+            await trio.sleep(0.5)
+            return fn(*args)
+
+        gone = Transfer(m, DictStore(m), config=cfg(), run_blocking=slow_disk)
+        la, lb = link_pair("seed", "gone")
+        at_seed = _Vanishing(la)  # the seed's end of the link to "gone"
+
+        async def gone_side():
+            with gone_scope:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(gone.run)
+                    inner.start_soon(gone.serve_link, lb)
+
+        n.start_soon(gone_side)
+        n.start_soon(seed.serve_link, at_seed)
+        with trio.fail_after(5):
+            while not ("gone" in seed.peers and seed.peers["gone"].slot.unchoked):
+                await trio.sleep(0.01)
+        store = DictStore(m)
+        nxt = Transfer(m, store, config=cfg(), run_blocking=slow_disk)
+        n.start_soon(nxt.run)
+        lc, ld = link_pair("seed", "next")
+        n.start_soon(seed.serve_link, lc)
+        n.start_soon(nxt.serve_link, ld)
+        with trio.fail_after(5):
+            while "next" not in seed.peers:
+                await trio.sleep(0.01)
+        await trio.sleep(0.5)  # less than slot_hold: "gone" keeps the one slot
+        assert seed.peers["gone"].slot.unchoked and not seed.peers["next"].slot.unchoked
+        gone_scope.cancel()  # the host vanishes: it neither sends nor closes anything ...
+        at_seed.drop()  # ... until the transport gives up on it
+        with trio.fail_after(1):
+            while "gone" in seed.peers or not seed.peers["next"].slot.unchoked:
+                await trio.sleep(0.01)
+        assert not nxt.is_complete
+        assert seed.uploads_pending <= len(seed.peers["next"].uploads) + 1
+        with trio.fail_after(60):
+            await nxt.completed.wait()
+        n.cancel_scope.cancel()
+    assert store.pieces == pieces
 
 
 # --------------------------------------------------------------------------- namespace testbed
