@@ -19,6 +19,10 @@ these were written and measured against):
 7. ``is_stream_eof``: 0.8.1 signals a stream's end with StreamEOF or StreamClosed rather than b"".
 8. ``leaves``: an exception from the body of ``SwarmHost.run`` comes out of five nested nurseries
    (ours and py-libp2p's), wrapped once by each.
+9. ``keep_tcp_alive``: wraps ``TrioTCPStream.__init__`` to set TCP keepalive and
+   TCP_USER_TIMEOUT on every libp2p TCP connection, dialed or accepted (0.8.1 sets none, so a
+   connection to a host that vanished stayed "connected" for the kernel's ~15 min of
+   retransmissions, and every stream opened on it waited for its own timeout).
 
 Log handling (py-libp2p logs routine events as WARNING/ERROR, and detaches its logger) stays in
 ``swarm.net.__init__`` (``quiet_libp2p_logs``): it must be importable without importing libp2p.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import socket
 import warnings
 from typing import Any
 
@@ -55,6 +60,7 @@ __all__ = [
     "forget_provider",
     "get_providers_on",
     "is_stream_eof",
+    "keep_tcp_alive",
     "leaves",
     "make_noise_writes_atomic",
     "open_dht_stream",
@@ -262,3 +268,41 @@ def leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     for e in eg.exceptions:
         out.extend(leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
+
+
+# --------------------------------------------------------------------------- 9. TCP liveness
+
+LIBP2P_LIVENESS_TIMEOUT = 10.0
+"""TCP_USER_TIMEOUT of libp2p's TCP connections (seconds): a peer that leaves our data (a stream
+open, a DHT query, a yamux window update) unacknowledged this long, or stops answering keepalive
+probes (idle after ``lane_link.KEEPALIVE_IDLE``), is dropped by the kernel: py-libp2p then closes
+the connection and its streams, and a dial makes a new one. Longer than the lane's
+``LIVENESS_TIMEOUT``: the lane's links carry the pieces (and are dropped first); this connection
+carries the DHT and the lane's setup, and costs a new Noise handshake to replace."""
+
+
+def keep_tcp_alive(timeout: float = LIBP2P_LIVENESS_TIMEOUT) -> None:
+    """Set keepalive and TCP_USER_TIMEOUT (``swarm.net.lane_link.set_liveness``) on the socket of
+    every ``TrioTCPStream`` py-libp2p 0.8.1 makes from now on (its TCP transport wraps both dialed
+    and accepted connections in one). Idempotent; the newest ``timeout`` applies."""
+    from libp2p.io.trio import TrioTCPStream
+
+    from swarm.net.lane_link import set_liveness
+
+    init = TrioTCPStream.__init__
+    if getattr(init, "_swarm_liveness", None) is not None:
+        init._swarm_liveness[0] = timeout  # type: ignore[attr-defined]
+        return
+    setting = [timeout]
+
+    def __init__(self: Any, stream: Any) -> None:
+        init(self, stream)
+        sock = getattr(stream, "socket", None)
+        if sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM:
+            try:
+                set_liveness(sock, setting[0])
+            except Exception as e:  # a socket that cannot take them still works
+                log.debug("TCP liveness options: %r", e)
+
+    __init__._swarm_liveness = setting  # type: ignore[attr-defined]
+    TrioTCPStream.__init__ = __init__  # type: ignore[method-assign]

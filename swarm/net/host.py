@@ -108,6 +108,7 @@ class SwarmHost(ProvidersMixin, RequestsMixin):
         self.peer_id: str = peer_id_of(keypair)
         self._id = ID.from_base58(self.peer_id)
         compat.make_noise_writes_atomic()
+        compat.keep_tcp_alive()
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or DEFAULT_LISTEN)]
         self._bootstrap = list(bootstrap or ())
         for a in self._bootstrap:

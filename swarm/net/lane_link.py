@@ -51,7 +51,7 @@ from swarm.net.lane_pool import capacity as _capacity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["POOL_BUFFERS", "STALL_TIMEOUT", "LaneLink", "blocking_socket"]
+__all__ = ["LIVENESS_TIMEOUT", "POOL_BUFFERS", "STALL_TIMEOUT", "LaneLink", "blocking_socket", "set_liveness"]
 
 IO_TICK = 0.25
 """SO_RCVTIMEO: how often a blocked receiver looks up to see whether its link is closing."""
@@ -68,6 +68,23 @@ CHANNEL_DEPTH = 32
 """Messages queued from the receiver thread to the engine (the pool bounds the pieces among them)."""
 SOCKET_BUFFER = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of lane sockets (the kernel doubles it)."""
+LIVENESS_TIMEOUT = 5.0
+"""Seconds a lane's peer may leave our data unacknowledged (or its receive window shut) before the
+kernel drops the connection (TCP_USER_TIMEOUT); the receiver and sender then see ETIMEDOUT and the
+engine forgets the link, its requests and its upload slot. A host that vanished (no FIN, no RST)
+held its links, slots and our requests to it for the whole transfer before (Linux retransmits for
+~15 min, ``tcp_retries2``; SO_SNDTIMEO fires only once the send buffer is full; a receiver waiting
+for a record's header never timed out): namespace testbed, ``scripts/bench_vanish_midtransfer.py``.
+A live peer's kernel acknowledges within a round trip whatever its process does, so only a window
+shut for this long by a peer that stops reading looks the same (a peer that slow is no use to us
+either: the link is dropped and may be dialed again)."""
+KEEPALIVE_IDLE = 2
+"""Seconds without a packet from the peer before an idle lane sends TCP keepalive probes (every
+KEEPALIVE_INTERVAL): with TCP_USER_TIMEOUT set, an idle link to a vanished peer is dropped
+LIVENESS_TIMEOUT after the peer's last packet."""
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 8
+"""Unanswered probes that drop a link where TCP_USER_TIMEOUT is unknown (not Linux): ~10 s."""
 
 
 class _Stop(Exception):
@@ -85,17 +102,33 @@ def blocking_socket(tsock: trio.socket.SocketType) -> socket.socket:
     sock = socket.socket(family, type_, proto, fileno=tsock.detach())
     sock.setblocking(True)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, val in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, opt):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    set_liveness(sock)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IO_TICK))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(STALL_TIMEOUT))
     return sock
+
+
+def set_liveness(
+    sock: Any,
+    timeout: float = LIVENESS_TIMEOUT,
+    idle: int = KEEPALIVE_IDLE,
+    interval: int = KEEPALIVE_INTERVAL,
+    count: int = KEEPALIVE_COUNT,
+) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT on a connected TCP socket (stdlib or trio): a peer that
+    stops answering is dropped by the kernel ``timeout`` seconds after its last packet (see
+    LIVENESS_TIMEOUT). Options the platform lacks are skipped."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    opts = [("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)]
+    opts.append(("TCP_USER_TIMEOUT", int(timeout * 1000)))
+    for opt, val in opts:
+        if hasattr(socket, opt):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
 
 
 def _piece_length(store: Any, index: int) -> int | None:

@@ -164,6 +164,7 @@ class Node(Serving, ManifestVote, Fetching, CacheManagement):
                     "wasted_bytes": t.wasted_bytes,
                     "timeouts": t.timeouts,
                     "peers": sorted(t.peers),
+                    "unchoked": sorted(pid for pid, p in t.peers.items() if p.slot.unchoked),
                     "banned": sorted(t.banned),
                 }
             )
