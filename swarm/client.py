@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from swarm.config import resolve_home
 from swarm.control_client import (  # the queries: here too, as swarm.client.status(...) etc.
     CacheRefusal,
     NodeUnavailable,
@@ -37,6 +35,7 @@ from swarm.control_client import (  # the queries: here too, as swarm.client.sta
     node_running,
     peers,
     remove,
+    resolve_home,
     status,
 )
 from swarm.delivery import deliver
@@ -146,7 +145,8 @@ def _request(
     env: Any = None,
 ) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
-    MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
+    MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides.
+    ``env``: a SourceEnv, or :func:`swarm.fetchwire.environ_json`'s dict (checked here)."""
     from swarm.fetchapi import FetchRequest, SourceEnv
 
     kw: dict[str, Any] = {}
@@ -161,7 +161,7 @@ def _request(
         ignore_patterns=ignore_patterns,
         configs_only=bool(configs_only),
         timeout=timeout,
-        env=SourceEnv.from_environ() if env is None else env,
+        env=SourceEnv.from_environ() if env is None else SourceEnv(**env) if isinstance(env, dict) else env,
         **kw,
     )
 
@@ -170,13 +170,13 @@ def _may_be_local(repo_id: Any, cache_dir: os.PathLike | str | None, env: Any) -
     """False when no cache root the fast path looks in (``cache_dir`` or the default, the
     ModelExpress cache) has a directory for ``repo_id``: then there is no local snapshot, and the
     request goes to the node before the checks of a FetchRequest are even loaded."""
-    from swarm.fetchapi import default_cache_dir, repo_folder
+    from swarm.fetchwire import default_cache_dir, repo_folder
 
     if not isinstance(repo_id, str):
         return True  # let the FetchRequest say what is wrong
     roots = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
-    if env.modelexpress_cache is not None:
-        roots.append(Path(env.modelexpress_cache))
+    if env.get("modelexpress_cache") is not None:
+        roots.append(Path(env["modelexpress_cache"]))
     return any((root / repo_folder(repo_id)).is_dir() for root in roots)
 
 
@@ -200,6 +200,8 @@ def _fast_path(req: Any) -> Any | None:
 
 async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     """Run a node for the duration of this fetch (imports libp2p)."""
+    import tempfile
+
     import trio
 
     from swarm.config import DEFAULT_LISTEN, resolve_run
@@ -253,11 +255,12 @@ def fetch_result(
 ) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
-    from swarm.fetchapi import SourceEnv, request_body
+    # Only what the request body needs before it is sent (swarm.fetchwire: no attrs, no checks).
+    from swarm.fetchwire import environ_json, request_body
 
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
-    env = SourceEnv.from_environ()
+    env = environ_json()
     args = (repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout, env)
     made: dict[str, Any] = {}
 

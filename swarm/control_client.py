@@ -1,10 +1,14 @@
 """Talking to the running node over its control socket (``<home>/control.sock``): HTTP/1.1 with
-the standard library's ``http.client`` (it imports in ~20 ms), this user's or root's node only.
+the standard library's ``http.client``, this user's or root's node only.
 
 The queries (``status``, ``peers``, ``models``, ``cache``, ``remove``, ``limits``) and the fetch:
 ``POST /v1/fetch`` streams the node's events as NDJSON and ends with the result or the error
 (:mod:`swarm.fetchapi` encodes and decodes them). :func:`afetch_via_node` runs the same client in
 a worker thread for trio code. Never imports trio at import, nor libp2p.
+
+A fetch is on its way before anything heavy is loaded (issue #12 item 5): the request is written
+to the socket as it is (a few lines of HTTP/1.1), and ``http.client`` (~20 ms: email, ssl), attrs
+and the request checks load while the node works on it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from swarm.config import resolve_home
 from swarm.home import (
     NodeUnavailable,
     check_socket_file,
@@ -37,8 +40,10 @@ __all__ = [
     "limits",
     "models",
     "node_running",
+    "open_socket",
     "peers",
     "remove",
+    "resolve_home",
     "status",
 ]
 
@@ -50,15 +55,29 @@ READ_MARGIN = 30.0
 """Extra seconds the client waits past a fetch ``timeout`` for the node's own timeout answer."""
 
 
+def resolve_home(
+    home: os.PathLike | str | None = None, *, cli_config: os.PathLike | str | None = None
+) -> Path:
+    """``swarm.config.resolve_home``: ``--home`` > ``SWARM_HOME`` > the config file's ``home`` >
+    the default; the first two read here, without loading ``swarm.config`` (attrs, tomllib,
+    platformdirs: the start of every ``swarm-node fetch``). ConfigError (from swarm.config) only
+    from the config file."""
+    given = os.fspath(home) if home is not None else ""
+    text = given or os.environ.get("SWARM_HOME", "").strip()
+    if text:
+        return Path(text).expanduser().absolute()
+    from swarm.config import resolve_home as resolve
+
+    return resolve(None, cli_config=cli_config)
+
+
 def _unavailable(home: Path, exc: BaseException) -> NodeUnavailable:
     return NodeUnavailable(f"no swarm-node answers on {socket_path(home)} ({exc})")
 
 
-def connect(home: Path, read_timeout: float | None) -> Any:
-    """An ``http.client`` connection to the node's socket (the standard library: it imports in
-    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
+def open_socket(home: Path, read_timeout: float | None) -> Any:
+    """A socket connected to the node's control socket, its owner checked (this user or root);
     NodeUnavailable if none answers."""
-    import http.client
     import socket
 
     sock_path = socket_path(home)
@@ -80,6 +99,16 @@ def connect(home: Path, read_timeout: float | None) -> Any:
             f"the process on {sock_path} runs as uid {uid}, not as this user or root: not talking to it"
         )
     s.settimeout(read_timeout)
+    return s
+
+
+def connect(home: Path, read_timeout: float | None) -> Any:
+    """An ``http.client`` connection to the node's socket (the standard library: it imports in
+    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
+    NodeUnavailable if none answers."""
+    import http.client
+
+    s = open_socket(home, read_timeout)
     conn = http.client.HTTPConnection("swarm-node")
     conn.sock = s
     return conn
@@ -209,6 +238,15 @@ def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
     return result
 
 
+def _fetch_head(length: int) -> bytes:
+    """The head of a ``POST /v1/fetch`` request with a JSON body of ``length`` bytes (what
+    ``http.client`` would send)."""
+    return (
+        "POST /v1/fetch HTTP/1.1\r\nHost: swarm-node\r\nAccept-Encoding: identity\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode("ascii")
+
+
 def fetch_via_node(
     body: dict,
     home: Path,
@@ -218,45 +256,60 @@ def fetch_via_node(
 ) -> Any:
     """Fetch through the running node (``POST /v1/fetch`` with ``body``, see
     :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult, or its
-    error raised; NodeUnavailable when no node answers. ``on_connect`` gets the connection once it
-    is open (the async variant closes it to cancel); ``after_send`` runs once the request is sent,
-    while the node works on it (what it raises ends the call)."""
-    import http.client
-
-    from swarm.fetchapi import FetchError, FetchTimeout
-
+    error raised; NodeUnavailable when no node answers. ``on_connect`` gets the socket once it is
+    open (the async variant shuts it down to cancel); ``after_send`` runs once the request is sent,
+    while the node works on it (what it raises ends the call). The request goes out before
+    ``http.client`` (which reads the answer) or :mod:`swarm.fetchapi` are loaded."""
     sock = socket_path(home)
     repo_id, timeout = body.get("repo_id"), body.get("timeout")
     read = None if timeout is None else timeout + READ_MARGIN
-    conn = connect(home, read)
+    s = open_socket(home, read)
     if on_connect is not None:
-        on_connect(conn)
+        on_connect(s)
+    r = None
     try:
-        data = json.dumps(body).encode()
-        conn.request("POST", "/v1/fetch", body=data, headers={"content-type": "application/json"})
+        try:
+            data = json.dumps(body).encode()
+            s.sendall(_fetch_head(len(data)) + data)
+        except OSError as e:
+            raise _lost(sock, e) from None
         if after_send is not None:
             after_send()
-        r = conn.getresponse()
-        if r.status != 200:
-            raw = r.read()
-            try:
-                msg = json.loads(raw).get("error", "")
-            except (ValueError, AttributeError):
-                msg = raw.decode("utf-8", "replace").strip()[:200]
-            raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
-        while line := r.readline():
-            result = _handle_line(line.decode("utf-8", "replace"), emit)
-            if result is not None:
-                return result
-    except TimeoutError:
-        raise FetchTimeout(
-            f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:
-        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
+        import http.client
+
+        from swarm.fetchapi import FetchError, FetchTimeout
+
+        try:
+            r = http.client.HTTPResponse(s, method="POST")
+            r.begin()
+            if r.status != 200:
+                raw = r.read()
+                try:
+                    msg = json.loads(raw).get("error", "")
+                except (ValueError, AttributeError):
+                    msg = raw.decode("utf-8", "replace").strip()[:200]
+                raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
+            while line := r.readline():
+                result = _handle_line(line.decode("utf-8", "replace"), emit)
+                if result is not None:
+                    return result
+        except TimeoutError:
+            raise FetchTimeout(
+                f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _lost(sock, e) from None
     finally:
-        conn.close()
+        if r is not None:
+            r.close()
+        s.close()
     raise FetchError(f"the swarm-node on {sock} ended the fetch of {repo_id} without a result")
+
+
+def _lost(sock: Path, e: BaseException) -> Exception:
+    from swarm.fetchapi import FetchError
+
+    return FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}")
 
 
 async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) -> Any:
@@ -267,10 +320,10 @@ async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) 
 
     held: dict[str, Any] = {}
 
-    def on_connect(conn: Any) -> None:
-        held["conn"] = conn
+    def on_connect(sock: Any) -> None:
+        held["sock"] = sock
         if held.get("cancelled"):
-            _abort(conn)
+            _abort(sock)
 
     def from_thread(event: dict) -> None:
         with contextlib.suppress(Exception):
@@ -286,15 +339,13 @@ async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) 
     finally:
         if not done:
             held["cancelled"] = True
-            if "conn" in held:
-                _abort(held["conn"])
+            if "sock" in held:
+                _abort(held["sock"])
 
 
-def _abort(conn: Any) -> None:
-    """Make a blocked read of ``conn`` in another thread return at once."""
+def _abort(sock: Any) -> None:
+    """Make a blocked read of ``sock`` in another thread return at once."""
     import socket
 
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)

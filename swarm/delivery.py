@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,8 @@ def _place(src: Path, dest: Path, *, link: bool = True) -> None:
                 raise OSError("copy")
             os.link(src, tmp)
         except OSError:
+            import shutil
+
             shutil.copy2(src, tmp)
         os.replace(tmp, dest)
     except BaseException:

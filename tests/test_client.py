@@ -483,3 +483,44 @@ def test_long_home_paths_work(tmp_path):
 
     assert len(str(deep / "control.sock")) > 108
     assert trio.run(main)["peer_id"] == "12D3KooWfake"
+
+
+@pytest.mark.timeout(30)
+def test_the_light_home_and_env_match_swarm_config_and_sourceenv(tmp_path, monkeypatch):
+    """What the client reads before it sends a fetch, without swarm.config or attrs (issue #12
+    item 5), is what swarm.config.resolve_home and SourceEnv.from_environ make of it."""
+    from swarm import config, control_client, fetchwire
+    from swarm.fetchapi import SourceEnv
+
+    monkeypatch.delenv("SWARM_HOME", raising=False)
+    monkeypatch.delenv("SWARM_CONFIG", raising=False)
+    for given in (str(tmp_path / "h"), "~/swarm-h", Path("rel/h"), None):
+        assert control_client.resolve_home(given) == config.resolve_home(given)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'home = "{tmp_path / "from-toml"}"\n')
+    assert control_client.resolve_home(None, cli_config=toml) == config.resolve_home(None, cli_config=toml)
+    monkeypatch.setenv("SWARM_HOME", f" {tmp_path / 'env'} ")
+    for given in (None, "", str(tmp_path / "cli")):
+        assert control_client.resolve_home(given, cli_config=toml) == config.resolve_home(
+            given, cli_config=toml
+        )
+    for environ in (
+        {},
+        {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        {"TRANSFORMERS_OFFLINE": "no", "HUGGING_FACE_HUB_TOKEN": "t", "MODEL_EXPRESS_URL": "grpc://m:1"},
+        {"HF_HUB_OFFLINE": "", "MODEL_EXPRESS_CACHE_DIRECTORY": "~/mx", "MODEL_EXPRESS_CACHE_PATH": ""},
+    ):
+        assert fetchwire.environ_json(environ) == SourceEnv.from_environ(environ).to_json()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_goes_out_before_attrs_and_http_client_load():
+    """``swarm.fetch`` sends its request having loaded only the light modules; the request checks
+    (attrs, swarm.manifest) and http.client come while the node works (issue #12 item 5)."""
+    code = (
+        "import sys, swarm.cli, swarm.client, swarm.fetchwire; "
+        "print(sorted(m for m in ('attrs', 'http.client', 'swarm.config', 'swarm.fetchapi', "
+        "'swarm.manifest', 'logging') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
