@@ -247,17 +247,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                     "--card fetches the card's files: no --revision, --configs-only, --include or --exclude",
                     EXIT_USAGE,
                 )
-            result = client.fetch_card_result(
-                args.card,
-                weights=args.weights,
-                cache_dir=args.cache_dir,
-                local_dir=args.local_dir,
-                mdc_cache=args.mdc_cache or False,
-                timeout=args.timeout,
-                home=home,
+            from swarm.fetchapi import result_json
+
+            answer = result_json(
+                client.fetch_card_result(
+                    args.card,
+                    weights=args.weights,
+                    cache_dir=args.cache_dir,
+                    local_dir=args.local_dir,
+                    mdc_cache=args.mdc_cache or False,
+                    timeout=args.timeout,
+                    home=home,
+                )
             )
         else:
-            result = client.fetch_result(
+            answer = client.fetch_answer(
                 args.repo_id,
                 args.revision,
                 allow_patterns=args.include or None,
@@ -282,12 +286,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             EXIT_USAGE if isinstance(leaf, ValueError) and not isinstance(leaf, FetchError) else EXIT_FAILURE
         )
         return _fail(_one_line(leaf), code)
-    if args.json:
-        from swarm.fetchapi import result_json
-
-        print(json.dumps(result_json(result)), flush=True)
-    else:
-        print(result.path, flush=True)
+    # The result as swarm.fetchapi.result_json gives it (through a running node, attrs never loads).
+    print(json.dumps(answer) if args.json else answer["path"], flush=True)
     return 0
 
 

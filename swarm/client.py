@@ -49,6 +49,7 @@ __all__ = [
     "afetch_result",
     "cache",
     "fetch",
+    "fetch_answer",
     "fetch_result",
     "limits",
     "models",
@@ -255,7 +256,73 @@ def fetch_result(
 ) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
-    # Only what the request body needs before it is sent (swarm.fetchwire: no attrs, no checks).
+    return _fetch(
+        repo_id,
+        revision,
+        allow_patterns,
+        ignore_patterns,
+        configs_only,
+        cache_dir,
+        local_dir,
+        timeout,
+        home,
+        on_event,
+        progress,
+        raw=False,
+    )
+
+
+def fetch_answer(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """:func:`fetch_result` as ``swarm.fetchapi.result_json`` gives it (``{"path", "source",
+    "revision", "attempts"}``, what ``swarm-node fetch --json`` prints). Through a running node,
+    with nothing to deliver, it never builds a FetchResult: no attrs is loaded at all."""
+    return _fetch(
+        repo_id,
+        revision,
+        allow_patterns,
+        ignore_patterns,
+        configs_only,
+        cache_dir,
+        local_dir,
+        timeout,
+        home,
+        on_event,
+        progress,
+        raw=True,
+    )
+
+
+def _fetch(
+    repo_id: str,
+    revision: str | None,
+    allow_patterns: str | Iterable[str] | None,
+    ignore_patterns: str | Iterable[str] | None,
+    configs_only: bool,
+    cache_dir: os.PathLike | str | None,
+    local_dir: os.PathLike | str | None,
+    timeout: float | None,
+    home: os.PathLike | str | None,
+    on_event: Callable[[dict], None] | None,
+    progress: bool | None,
+    *,
+    raw: bool,
+) -> Any:
+    """:func:`fetch_result` (``raw``: :func:`fetch_answer`)."""
+    # Only what the request body needs (swarm.fetchwire: no attrs, no checks). Through a running
+    # node the request is checked there, once (ValueError from a 400, as the checks here raise).
     from swarm.fetchwire import environ_json, request_body
 
     if timeout is not None and not timeout > 0:
@@ -269,17 +336,27 @@ def fetch_result(
             made["req"] = _request(*args)
         return made["req"]
 
+    def answer(result: Any) -> Any:
+        if not raw:
+            return result
+        from swarm.fetchapi import result_json
+
+        return result_json(result)
+
     if _may_be_local(repo_id, cache_dir, env):
         local = _fast_path(request())
         if local is not None:
-            return deliver(local, request(), False, local_dir)
-    # Sent first, checked here while the node works on it (the node refuses what we would).
+            return answer(deliver(local, request(), False, local_dir))
     body = request_body(repo_id, revision, allow_patterns, ignore_patterns, configs_only, timeout, env)
     h = _home(home)
     emit, close = _observer(on_event, progress, repo_id)
+    delivering = cache_dir is not None or local_dir is not None
     try:
         try:
-            result = fetch_via_node(body, h, emit, after_send=request)
+            # What delivery needs is built while the node works on the request.
+            result = fetch_via_node(
+                body, h, emit, after_send=request if delivering else None, raw=raw and not delivering
+            )
         except NodeUnavailable:
             import trio
 
@@ -294,7 +371,9 @@ def fetch_result(
             result = trio.run(_embedded, request(), h, emit)
     finally:
         close()
-    return deliver(result, request(), cache_dir is not None, local_dir)
+    if isinstance(result, dict):  # raw, from the node, and nothing to deliver
+        return result
+    return answer(deliver(result, request(), cache_dir is not None, local_dir))
 
 
 async def afetch_result(

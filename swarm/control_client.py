@@ -6,9 +6,10 @@ The queries (``status``, ``peers``, ``models``, ``cache``, ``remove``, ``limits`
 (:mod:`swarm.fetchapi` encodes and decodes them). :func:`afetch_via_node` runs the same client in
 a worker thread for trio code. Never imports trio at import, nor libp2p.
 
-A fetch is on its way before anything heavy is loaded (issue #12 item 5): the request is written
-to the socket as it is (a few lines of HTTP/1.1), and ``http.client`` (~20 ms: email, ssl), attrs
-and the request checks load while the node works on it.
+A fetch loads nothing heavy (issue #12 item 5): its request is written to the socket as it is (a
+few lines of HTTP/1.1) and its answer read by :class:`_Answer` (a chunked NDJSON stream), not by
+``http.client`` (~30 ms of CPU to import: email, ssl); :mod:`swarm.fetchapi` (attrs) loads for the
+last event only, and not at all with ``raw`` (``swarm-node fetch``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -218,24 +219,115 @@ def node_running(home: os.PathLike | str | None = None) -> bool:
     return True
 
 
-def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
-    """One NDJSON line: the FetchResult if final, raises if it is an error, else None."""
-    from swarm.fetchapi import FetchError, decode_event
-
+def _handle_line(line: bytes, emit: Callable[[dict], None], raw: bool = False) -> Any | None:
+    """One NDJSON line: the final result (a FetchResult, or with ``raw`` the ``result`` event as
+    :func:`swarm.fetchwire.result_answer` gives it), raises if it is an error, else None (the
+    event went to ``emit``). Only the last line loads :mod:`swarm.fetchapi` (and attrs)."""
     line = line.strip()
     if not line:
         return None
     try:
         event = json.loads(line)
     except ValueError:
+        from swarm.fetchapi import FetchError
+
         raise FetchError(f"the node sent a bad event line: {line[:200]!r}") from None
     if not isinstance(event, dict):
         return None
-    result = decode_event(event)  # raises the error of an "error" event
-    if result is None:
-        with contextlib.suppress(Exception):
-            emit(event)
-    return result
+    kind = event.get("event")
+    if kind == "result" and raw:
+        from swarm.fetchwire import result_answer
+
+        return result_answer(event)
+    if kind in ("result", "error"):
+        from swarm.fetchapi import decode_event
+
+        return decode_event(event)  # raises the error of an "error" event
+    with contextlib.suppress(Exception):
+        emit(event)
+    return None
+
+
+MAX_LINE = 1 << 20
+"""Longest line of the node's answer read (a status line, a header, a chunk size, an event)."""
+
+
+class _Answer:
+    """The node's HTTP/1.1 answer to ``POST /v1/fetch``, read off the socket: the status line and
+    headers, then the body (chunked, as the node streams events; or of a Content-Length, as its
+    error answers; or up to the end) as lines. The standard library's ``http.client`` does the
+    same but costs ~30 ms of CPU to import, which a 2-core host takes from the node's download
+    (issue #12 item 5). A malformed or cut answer raises ConnectionError (an OSError)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._file = sock.makefile("rb")
+        self.status = 0
+        self._chunked = False
+        self._length: int | None = None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _line(self) -> bytes:
+        line = self._file.readline(MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise ConnectionError(
+                "the answer was cut short" if len(line) <= MAX_LINE else "answer line too long"
+            )
+        return line
+
+    def begin(self) -> int:
+        parts = self._line().split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ConnectionError(f"not an HTTP/1.1 answer: {b' '.join(parts)[:100]!r}")
+        self.status = int(parts[1])
+        while (header := self._line()) not in (b"\r\n", b"\n"):
+            name, _, value = header.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"transfer-encoding":
+                self._chunked = b"chunked" in value
+            elif name == b"content-length" and value.isdigit():
+                self._length = int(value)
+        return self.status
+
+    def _read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) < n:
+            raise ConnectionError("the answer was cut short")
+        return data
+
+    def _chunks(self) -> Iterator[bytes]:
+        if self._chunked:
+            while True:
+                size_text = self._line().split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise ConnectionError(f"bad chunk size {size_text[:20]!r}") from None
+                if size == 0:
+                    while self._line() not in (b"\r\n", b"\n"):  # trailers
+                        pass
+                    return
+                yield self._read(size)
+                self._line()  # the chunk's CRLF
+        elif self._length is not None:
+            yield self._read(self._length)
+        else:
+            while data := self._file.read1(64 * 1024):
+                yield data
+
+    def lines(self) -> Iterator[bytes]:
+        """The body's lines (the last one may lack its newline)."""
+        rest = b""
+        for chunk in self._chunks():
+            rest += chunk
+            if b"\n" in rest:
+                *done, rest = rest.split(b"\n")
+                yield from done
+            if len(rest) > MAX_LINE:
+                raise ConnectionError("answer line too long")
+        if rest:
+            yield rest
 
 
 def _fetch_head(length: int) -> bytes:
@@ -253,63 +345,64 @@ def fetch_via_node(
     emit: Callable[[dict], None],
     on_connect: Callable[[Any], None] | None = None,
     after_send: Callable[[], None] | None = None,
+    *,
+    raw: bool = False,
 ) -> Any:
     """Fetch through the running node (``POST /v1/fetch`` with ``body``, see
-    :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult, or its
-    error raised; NodeUnavailable when no node answers. ``on_connect`` gets the socket once it is
-    open (the async variant shuts it down to cancel); ``after_send`` runs once the request is sent,
-    while the node works on it (what it raises ends the call). The request goes out before
-    ``http.client`` (which reads the answer) or :mod:`swarm.fetchapi` are loaded."""
+    :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult (with
+    ``raw``, the ``result`` event as :func:`swarm.fetchwire.result_answer` gives it), or its
+    error raised; NodeUnavailable when no node answers, ValueError when the node refuses the
+    request as bad (HTTP 400: the checks of a FetchRequest, made by the node). ``on_connect`` gets
+    the socket once it is open (the async variant shuts it down to cancel); ``after_send`` runs
+    once the request is sent, while the node works on it (what it raises ends the call)."""
     sock = socket_path(home)
     repo_id, timeout = body.get("repo_id"), body.get("timeout")
     read = None if timeout is None else timeout + READ_MARGIN
     s = open_socket(home, read)
     if on_connect is not None:
         on_connect(s)
-    r = None
+    answer = None
     try:
         try:
             data = json.dumps(body).encode()
             s.sendall(_fetch_head(len(data)) + data)
-        except OSError as e:
-            raise _lost(sock, e) from None
-        if after_send is not None:
-            after_send()
-        import http.client
-
-        from swarm.fetchapi import FetchError, FetchTimeout
-
-        try:
-            r = http.client.HTTPResponse(s, method="POST")
-            r.begin()
-            if r.status != 200:
-                raw = r.read()
+            if after_send is not None:
+                after_send()
+            answer = _Answer(s)
+            status = answer.begin()
+            if status != 200:
+                raw_body = b"".join(answer.lines())
                 try:
-                    msg = json.loads(raw).get("error", "")
+                    msg = json.loads(raw_body).get("error", "")
                 except (ValueError, AttributeError):
-                    msg = raw.decode("utf-8", "replace").strip()[:200]
-                raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
-            while line := r.readline():
-                result = _handle_line(line.decode("utf-8", "replace"), emit)
+                    msg = raw_body.decode("utf-8", "replace").strip()[:200]
+                text = f"the swarm-node on {sock} refused the fetch: HTTP {status}: {msg}"
+                if status == 400:
+                    raise ValueError(text)
+                from swarm.fetchapi import FetchError
+
+                raise FetchError(text)
+            for line in answer.lines():
+                result = _handle_line(line, emit, raw)
                 if result is not None:
                     return result
         except TimeoutError:
+            from swarm.fetchapi import FetchTimeout
+
             raise FetchTimeout(
                 f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
             ) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise _lost(sock, e) from None
+        except OSError as e:
+            from swarm.fetchapi import FetchError
+
+            raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
     finally:
-        if r is not None:
-            r.close()
+        if answer is not None:
+            answer.close()
         s.close()
-    raise FetchError(f"the swarm-node on {sock} ended the fetch of {repo_id} without a result")
-
-
-def _lost(sock: Path, e: BaseException) -> Exception:
     from swarm.fetchapi import FetchError
 
-    return FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}")
+    raise FetchError(f"the swarm-node on {sock} ended the fetch of {repo_id} without a result")
 
 
 async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) -> Any:

@@ -117,6 +117,8 @@ def _to_cache(snapshot: Path, cache_dir: Path, req: Any, revision: str) -> Path:
 
 def deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLike | str | None) -> Any:
     """Apply ``cache_dir`` / ``local_dir`` to a result whose snapshot may live in the node's cache."""
+    if not cache_dir_given and local_dir is None:
+        return result  # nothing to do (and attrs not loaded for it)
     import attrs
 
     path = Path(result.path)

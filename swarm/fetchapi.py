@@ -20,7 +20,14 @@ from typing import Any
 
 import attrs
 
-from swarm.fetchwire import _abspath, default_cache_dir, environ_json, repo_folder, request_body
+from swarm.fetchwire import (
+    _abspath,
+    default_cache_dir,
+    environ_json,
+    repo_folder,
+    request_body,
+    result_answer,
+)
 
 __all__ = [
     "SOURCES",
@@ -439,13 +446,8 @@ def decode_event(event: dict) -> FetchResult | None:
     event raised as its FetchError kind; None for any other event."""
     kind = event.get("event")
     if kind == "result":
-        path = Path(event["path"])
-        return FetchResult(
-            path,
-            str(event.get("source") or "?"),
-            str(event.get("revision") or path.name),
-            _attempts_from(event.get("attempts")),
-        )
+        a = result_answer(event)  # the one normalization (swarm.fetchwire)
+        return FetchResult(Path(a["path"]), a["source"], a["revision"], _attempts_from(a["attempts"]))
     if kind == "error":
         cls = ERROR_TYPES.get(str(event.get("type")), FetchError)
         raise cls(str(event.get("message") or "fetch failed"), _attempts_from(event.get("attempts")))

@@ -2,7 +2,8 @@
 ``swarm-node fetch`` need before the request is on its way to the node, and nothing more. The
 ``POST /v1/fetch`` body from the call's arguments (:func:`request_body`), the caller's environment as
 that body carries it (:func:`environ_json`), and the cache roots the client looks in first
-(:func:`default_cache_dir`, :func:`repo_folder`).
+(:func:`default_cache_dir`, :func:`repo_folder`); and the node's ``result`` event as
+``swarm-node fetch --json`` prints it (:func:`result_answer`).
 
 Standard library only (no attrs, no ``swarm.manifest``): the client sends the request first and
 builds and checks its own ``FetchRequest`` while the node works on it (issue #12 item 5). The
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_cache_dir", "environ_json", "repo_folder", "request_body"]
+__all__ = ["default_cache_dir", "environ_json", "repo_folder", "request_body", "result_answer"]
 
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 
@@ -96,4 +97,25 @@ def request_body(
         "timeout": timeout,
         "env": dict(env) if isinstance(env, dict) else env.to_json(),
         **({"expect": [list(e) for e in expect]} if expect else {}),
+    }
+
+
+def result_answer(event: dict) -> dict:
+    """A ``result`` event as ``{"path", "source", "revision", "attempts"}``, normalized as
+    ``swarm.fetchapi.result_json(swarm.fetchapi.decode_event(event))`` (which is built on this):
+    what ``swarm-node fetch --json`` prints, without building a FetchResult."""
+    path = Path(event["path"])
+    return {
+        "path": str(path),
+        "source": str(event.get("source") or "?"),
+        "revision": str(event.get("revision") or path.name),
+        "attempts": [
+            {
+                "source": str(a.get("source", "?")),
+                "outcome": str(a.get("outcome", "?")),
+                "reason": str(a.get("reason", "")),
+            }
+            for a in event.get("attempts") or ()
+            if isinstance(a, dict)
+        ],
     }
