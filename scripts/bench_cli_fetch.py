@@ -19,12 +19,19 @@ It prints every sample, the medians and ``cli - in-process``. ``--timeline`` als
 from a fresh ``python -c`` through ``swarm.client.fetch_result`` and prints when each event arrived
 (seconds since that process started), to see where the difference goes.
 
+``--base DIR`` also times the ``swarm-node fetch`` of another source tree (e.g. a ``git worktree``
+of an older commit) against the same front node, alternating with this tree's in every round
+(``cli@base``, ``cli@base - its Node.fetch``), so both are measured under the same load.
+``--configs-only`` fetches only the config and tokenizer files (both ways): the small-fetch case.
+
     PYTHONPATH=. .venv/bin/python scripts/bench_cli_fetch.py [--size-mb 1024] [--rounds 3] [--timeline]
+        [--base DIR] [--configs-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -52,6 +59,19 @@ def on_event(e):
         mark(kind, e.get("source") or e.get("outcome") or "")
 import swarm.client as c
 mark("imported")
+try:
+    import swarm.control_client as cc
+except ImportError:
+    cc = c
+if hasattr(c, "fetch_via_node"):  # mark when the request is on its way
+    fvn = c.fetch_via_node
+    def fetch_via_node(body, home, emit, *a, after_send=None, **kw):
+        def sent():
+            mark("sent")
+            if after_send is not None:
+                after_send()
+        return fvn(body, home, emit, *a, after_send=sent, **kw)
+    c.fetch_via_node = fetch_via_node
 def wrap(mod, name):
     fn = getattr(mod, name)
     def wrapped(*a, **kw):
@@ -61,15 +81,10 @@ def wrap(mod, name):
         finally:
             mark("end", name)
     setattr(mod, name, wrapped)
-try:
-    import swarm.control_client as cc
-except ImportError:
-    cc = c
-for mod, name in ((c, "_request"), (c, "_fast_path"), (cc, "connect" if cc is not c else "_connect")):
+opener = "open_socket" if hasattr(cc, "open_socket") else "connect" if cc is not c else "_connect"
+for mod, name in ((c, "_request"), (c, "_fast_path"), (cc, opener)):
     wrap(mod, name)
-import http.client
-wrap(http.client.HTTPConnection, "getresponse")
-r = c.fetch_result({repo!r}, home={home!r}, on_event=on_event, progress=False)
+r = c.fetch_result({repo!r}, home={home!r}, on_event=on_event, progress=False, configs_only={configs!r})
 mark("returned", r.source)
 print(json.dumps(marks))
 """
@@ -200,6 +215,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="samples of each way (default 3)")
     ap.add_argument("--timeline", action="store_true", help="also print one client's event timeline")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--base", metavar="DIR", help="also time the cli of this source tree, alternately")
+    ap.add_argument("--configs-only", action="store_true", help="fetch only config/tokenizer files")
     args = ap.parse_args()
 
     try:
@@ -247,34 +264,40 @@ def main() -> int:
         def drop() -> None:
             front.call(node.remove_cached, REPO, None, force=True)
 
+        configs = args.configs_only
+        flags = ["--configs-only"] if configs else []
+        trees = {"cli": env}
+        if args.base:
+            trees["cli@base"] = dict(env, PYTHONPATH=str(Path(args.base).resolve()))
+
         def in_process() -> float:
-            req = FetchRequest(REPO, cache_dir=node.config.cache_dir)
+            req = FetchRequest(REPO, cache_dir=node.config.cache_dir, configs_only=configs)
             t0 = time.perf_counter()
             front.call(node.fetch, req)
             return time.perf_counter() - t0
 
         def chain() -> float:
-            req = FetchRequest(REPO, cache_dir=node.config.cache_dir)
+            req = FetchRequest(REPO, cache_dir=node.config.cache_dir, configs_only=configs)
             t0 = time.perf_counter()
             r = front.call(node.fetch_with_fallback, req)
             assert r.source == "swarm", r
             return time.perf_counter() - t0
 
-        def cli() -> float:
+        def cli(name: str = "cli") -> float:
             t0 = time.perf_counter()
             out = subprocess.run(
-                [*swarm_node_cmd(), "fetch", REPO, "--home", str(front.home), "--json"],
-                env=env,
+                [*swarm_node_cmd(), "fetch", REPO, *flags, "--home", str(front.home), "--json"],
+                env=trees[name],
                 capture_output=True,
                 text=True,
                 timeout=600,
             )
             wall = time.perf_counter() - t0
             if out.returncode != 0:
-                raise SystemExit(f"swarm-node fetch failed: {out.stderr}")
+                raise SystemExit(f"swarm-node fetch ({name}) failed: {out.stderr}")
             r = json.loads(out.stdout)
             assert r["source"] == "swarm", r
-            samples["cli - its Node.fetch"].append(wall - front.swarm_seconds[-1])
+            samples[f"{name} - its Node.fetch"].append(wall - front.swarm_seconds[-1])
             return wall
 
         def cli_start() -> float:
@@ -290,15 +313,15 @@ def main() -> int:
 
         in_process()  # warm: connections, DHT, page cache of the seed's files
         drop()
-        samples: dict[str, list[float]] = {
-            "in-process": [],
-            "chain": [],
-            "cli": [],
-            "cli start": [],
-            "cli - its Node.fetch": [],
-        }
+        samples: dict[str, list[float]] = {"in-process": [], "chain": [], "cli start": []}
+        for name in trees:
+            samples[name] = []
+            samples[f"{name} - its Node.fetch"] = []
+        ways = [("in-process", in_process), ("cli", cli), ("chain", chain)]
+        if args.base:
+            ways.append(("cli@base", functools.partial(cli, "cli@base")))
         for r in range(args.rounds):
-            for name, fn in (("in-process", in_process), ("cli", cli), ("chain", chain)):
+            for name, fn in ways if r % 2 == 0 else [*ways[:1], *reversed(ways[1:])]:
                 samples[name].append(fn())
                 drop()
             samples["cli start"].append(cli_start())
@@ -308,7 +331,11 @@ def main() -> int:
             )
         if args.timeline:
             out = subprocess.run(
-                [sys.executable, "-c", TIMELINE_CHILD.format(repo=REPO, home=str(front.home))],
+                [
+                    sys.executable,
+                    "-c",
+                    TIMELINE_CHILD.format(repo=REPO, home=str(front.home), configs=configs),
+                ],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -323,15 +350,19 @@ def main() -> int:
                 print(f"timeline child failed: {out.stderr[-2000:]}")
         med = {k: statistics.median(v) for k, v in samples.items()}
         low = {k: min(v) for k, v in samples.items()}
-        print(f"\n{args.rounds} rounds, {args.size_mb} MiB (cli: wall of real processes; in-process, chain:")
-        print("in-process timer; cli - its Node.fetch: the cli's wall less the Node.fetch that served it)")
-        print(f"  {'':<21} {'median':>8} {'min':>8}")
+        high = {k: max(v) for k, v in samples.items()}
+        what = "config files" if configs else "the whole model"
+        print(f"\n{args.rounds} rounds, {args.size_mb} MiB model, {what} (cli: wall of real processes;")
+        print("in-process, chain: in-process timer; cli - its Node.fetch: the cli's wall less the")
+        print("Node.fetch that served it)")
+        print(f"  {'':<26} {'median':>8} {'min':>8} {'max':>8}")
         for k in samples:
-            print(f"  {k:<21} {med[k]:>7.3f}s {low[k]:>7.3f}s")
-        print(
-            f"  {'cli - in-process':<21} {med['cli'] - med['in-process']:>+7.3f}s "
-            f"{low['cli'] - low['in-process']:>+7.3f}s"
-        )
+            print(f"  {k:<26} {med[k]:>7.3f}s {low[k]:>7.3f}s {high[k]:>7.3f}s")
+        for name in trees:
+            print(
+                f"  {name + ' - in-process':<26} {med[name] - med['in-process']:>+7.3f}s "
+                f"{low[name] - low['in-process']:>+7.3f}s"
+            )
         print(
             f"  {'chain - in-process':<21} {med['chain'] - med['in-process']:>+7.3f}s "
             f"{low['chain'] - low['in-process']:>+7.3f}s"

@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from swarm.config import resolve_home
 from swarm.control_client import (  # the queries: here too, as swarm.client.status(...) etc.
     CacheRefusal,
     NodeUnavailable,
@@ -37,6 +35,7 @@ from swarm.control_client import (  # the queries: here too, as swarm.client.sta
     node_running,
     peers,
     remove,
+    resolve_home,
     status,
 )
 from swarm.delivery import deliver
@@ -50,6 +49,7 @@ __all__ = [
     "afetch_result",
     "cache",
     "fetch",
+    "fetch_answer",
     "fetch_result",
     "limits",
     "models",
@@ -146,7 +146,8 @@ def _request(
     env: Any = None,
 ) -> Any:
     """The FetchRequest, carrying this process's environment (HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT,
-    MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides."""
+    MODEL_EXPRESS_URL, MODEL_EXPRESS_CACHE_PATH) so that the caller, not the node, decides.
+    ``env``: a SourceEnv, or :func:`swarm.fetchwire.environ_json`'s dict (checked here)."""
     from swarm.fetchapi import FetchRequest, SourceEnv
 
     kw: dict[str, Any] = {}
@@ -161,7 +162,7 @@ def _request(
         ignore_patterns=ignore_patterns,
         configs_only=bool(configs_only),
         timeout=timeout,
-        env=SourceEnv.from_environ() if env is None else env,
+        env=SourceEnv.from_environ() if env is None else SourceEnv(**env) if isinstance(env, dict) else env,
         **kw,
     )
 
@@ -170,13 +171,13 @@ def _may_be_local(repo_id: Any, cache_dir: os.PathLike | str | None, env: Any) -
     """False when no cache root the fast path looks in (``cache_dir`` or the default, the
     ModelExpress cache) has a directory for ``repo_id``: then there is no local snapshot, and the
     request goes to the node before the checks of a FetchRequest are even loaded."""
-    from swarm.fetchapi import default_cache_dir, repo_folder
+    from swarm.fetchwire import default_cache_dir, repo_folder
 
     if not isinstance(repo_id, str):
         return True  # let the FetchRequest say what is wrong
     roots = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
-    if env.modelexpress_cache is not None:
-        roots.append(Path(env.modelexpress_cache))
+    if env.get("modelexpress_cache") is not None:
+        roots.append(Path(env["modelexpress_cache"]))
     return any((root / repo_folder(repo_id)).is_dir() for root in roots)
 
 
@@ -200,6 +201,8 @@ def _fast_path(req: Any) -> Any | None:
 
 async def _embedded(req: Any, home: Path, emit: Callable[[dict], None]) -> Any:
     """Run a node for the duration of this fetch (imports libp2p)."""
+    import tempfile
+
     import trio
 
     from swarm.config import DEFAULT_LISTEN, resolve_run
@@ -253,11 +256,78 @@ def fetch_result(
 ) -> Any:
     """Like :func:`fetch`, returning the whole ``swarm.fetchapi.FetchResult`` (path, source,
     revision, attempts)."""
-    from swarm.fetchapi import SourceEnv, request_body
+    return _fetch(
+        repo_id,
+        revision,
+        allow_patterns,
+        ignore_patterns,
+        configs_only,
+        cache_dir,
+        local_dir,
+        timeout,
+        home,
+        on_event,
+        progress,
+        raw=False,
+    )
+
+
+def fetch_answer(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: str | Iterable[str] | None = None,
+    ignore_patterns: str | Iterable[str] | None = None,
+    configs_only: bool = False,
+    cache_dir: os.PathLike | str | None = None,
+    local_dir: os.PathLike | str | None = None,
+    timeout: float | None = None,
+    home: os.PathLike | str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """:func:`fetch_result` as ``swarm.fetchapi.result_json`` gives it (``{"path", "source",
+    "revision", "attempts"}``, what ``swarm-node fetch --json`` prints). Through a running node,
+    with nothing to deliver, it never builds a FetchResult: no attrs is loaded at all."""
+    return _fetch(
+        repo_id,
+        revision,
+        allow_patterns,
+        ignore_patterns,
+        configs_only,
+        cache_dir,
+        local_dir,
+        timeout,
+        home,
+        on_event,
+        progress,
+        raw=True,
+    )
+
+
+def _fetch(
+    repo_id: str,
+    revision: str | None,
+    allow_patterns: str | Iterable[str] | None,
+    ignore_patterns: str | Iterable[str] | None,
+    configs_only: bool,
+    cache_dir: os.PathLike | str | None,
+    local_dir: os.PathLike | str | None,
+    timeout: float | None,
+    home: os.PathLike | str | None,
+    on_event: Callable[[dict], None] | None,
+    progress: bool | None,
+    *,
+    raw: bool,
+) -> Any:
+    """:func:`fetch_result` (``raw``: :func:`fetch_answer`)."""
+    # Only what the request body needs (swarm.fetchwire: no attrs, no checks). Through a running
+    # node the request is checked there, once (ValueError from a 400, as the checks here raise).
+    from swarm.fetchwire import environ_json, request_body
 
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
-    env = SourceEnv.from_environ()
+    env = environ_json()
     args = (repo_id, revision, allow_patterns, ignore_patterns, configs_only, cache_dir, timeout, env)
     made: dict[str, Any] = {}
 
@@ -266,17 +336,27 @@ def fetch_result(
             made["req"] = _request(*args)
         return made["req"]
 
+    def answer(result: Any) -> Any:
+        if not raw:
+            return result
+        from swarm.fetchapi import result_json
+
+        return result_json(result)
+
     if _may_be_local(repo_id, cache_dir, env):
         local = _fast_path(request())
         if local is not None:
-            return deliver(local, request(), False, local_dir)
-    # Sent first, checked here while the node works on it (the node refuses what we would).
+            return answer(deliver(local, request(), False, local_dir))
     body = request_body(repo_id, revision, allow_patterns, ignore_patterns, configs_only, timeout, env)
     h = _home(home)
     emit, close = _observer(on_event, progress, repo_id)
+    delivering = cache_dir is not None or local_dir is not None
     try:
         try:
-            result = fetch_via_node(body, h, emit, after_send=request)
+            # What delivery needs is built while the node works on the request.
+            result = fetch_via_node(
+                body, h, emit, after_send=request if delivering else None, raw=raw and not delivering
+            )
         except NodeUnavailable:
             import trio
 
@@ -291,7 +371,9 @@ def fetch_result(
             result = trio.run(_embedded, request(), h, emit)
     finally:
         close()
-    return deliver(result, request(), cache_dir is not None, local_dir)
+    if isinstance(result, dict):  # raw, from the node, and nothing to deliver
+        return result
+    return answer(deliver(result, request(), cache_dir is not None, local_dir))
 
 
 async def afetch_result(

@@ -1,10 +1,15 @@
 """Talking to the running node over its control socket (``<home>/control.sock``): HTTP/1.1 with
-the standard library's ``http.client`` (it imports in ~20 ms), this user's or root's node only.
+the standard library's ``http.client``, this user's or root's node only.
 
 The queries (``status``, ``peers``, ``models``, ``cache``, ``remove``, ``limits``) and the fetch:
 ``POST /v1/fetch`` streams the node's events as NDJSON and ends with the result or the error
 (:mod:`swarm.fetchapi` encodes and decodes them). :func:`afetch_via_node` runs the same client in
 a worker thread for trio code. Never imports trio at import, nor libp2p.
+
+A fetch loads nothing heavy (issue #12 item 5): its request is written to the socket as it is (a
+few lines of HTTP/1.1) and its answer read by :class:`_Answer` (a chunked NDJSON stream), not by
+``http.client`` (~30 ms of CPU to import: email, ssl); :mod:`swarm.fetchapi` (attrs) loads for the
+last event only, and not at all with ``raw`` (``swarm-node fetch``).
 """
 
 from __future__ import annotations
@@ -12,12 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from swarm.config import resolve_home
 from swarm.home import (
     NodeUnavailable,
     check_socket_file,
@@ -37,8 +41,10 @@ __all__ = [
     "limits",
     "models",
     "node_running",
+    "open_socket",
     "peers",
     "remove",
+    "resolve_home",
     "status",
 ]
 
@@ -50,15 +56,29 @@ READ_MARGIN = 30.0
 """Extra seconds the client waits past a fetch ``timeout`` for the node's own timeout answer."""
 
 
+def resolve_home(
+    home: os.PathLike | str | None = None, *, cli_config: os.PathLike | str | None = None
+) -> Path:
+    """``swarm.config.resolve_home``: ``--home`` > ``SWARM_HOME`` > the config file's ``home`` >
+    the default; the first two read here, without loading ``swarm.config`` (attrs, tomllib,
+    platformdirs: the start of every ``swarm-node fetch``). ConfigError (from swarm.config) only
+    from the config file."""
+    given = os.fspath(home) if home is not None else ""
+    text = given or os.environ.get("SWARM_HOME", "").strip()
+    if text:
+        return Path(text).expanduser().absolute()
+    from swarm.config import resolve_home as resolve
+
+    return resolve(None, cli_config=cli_config)
+
+
 def _unavailable(home: Path, exc: BaseException) -> NodeUnavailable:
     return NodeUnavailable(f"no swarm-node answers on {socket_path(home)} ({exc})")
 
 
-def connect(home: Path, read_timeout: float | None) -> Any:
-    """An ``http.client`` connection to the node's socket (the standard library: it imports in
-    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
+def open_socket(home: Path, read_timeout: float | None) -> Any:
+    """A socket connected to the node's control socket, its owner checked (this user or root);
     NodeUnavailable if none answers."""
-    import http.client
     import socket
 
     sock_path = socket_path(home)
@@ -80,6 +100,16 @@ def connect(home: Path, read_timeout: float | None) -> Any:
             f"the process on {sock_path} runs as uid {uid}, not as this user or root: not talking to it"
         )
     s.settimeout(read_timeout)
+    return s
+
+
+def connect(home: Path, read_timeout: float | None) -> Any:
+    """An ``http.client`` connection to the node's socket (the standard library: it imports in
+    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
+    NodeUnavailable if none answers."""
+    import http.client
+
+    s = open_socket(home, read_timeout)
     conn = http.client.HTTPConnection("swarm-node")
     conn.sock = s
     return conn
@@ -189,24 +219,124 @@ def node_running(home: os.PathLike | str | None = None) -> bool:
     return True
 
 
-def _handle_line(line: str, emit: Callable[[dict], None]) -> Any | None:
-    """One NDJSON line: the FetchResult if final, raises if it is an error, else None."""
-    from swarm.fetchapi import FetchError, decode_event
-
+def _handle_line(line: bytes, emit: Callable[[dict], None], raw: bool = False) -> Any | None:
+    """One NDJSON line: the final result (a FetchResult, or with ``raw`` the ``result`` event as
+    :func:`swarm.fetchwire.result_answer` gives it), raises if it is an error, else None (the
+    event went to ``emit``). Only the last line loads :mod:`swarm.fetchapi` (and attrs)."""
     line = line.strip()
     if not line:
         return None
     try:
         event = json.loads(line)
     except ValueError:
+        from swarm.fetchapi import FetchError
+
         raise FetchError(f"the node sent a bad event line: {line[:200]!r}") from None
     if not isinstance(event, dict):
         return None
-    result = decode_event(event)  # raises the error of an "error" event
-    if result is None:
-        with contextlib.suppress(Exception):
-            emit(event)
-    return result
+    kind = event.get("event")
+    if kind == "result" and raw:
+        from swarm.fetchwire import result_answer
+
+        return result_answer(event)
+    if kind in ("result", "error"):
+        from swarm.fetchapi import decode_event
+
+        return decode_event(event)  # raises the error of an "error" event
+    with contextlib.suppress(Exception):
+        emit(event)
+    return None
+
+
+MAX_LINE = 1 << 20
+"""Longest line of the node's answer read (a status line, a header, a chunk size, an event)."""
+
+
+class _Answer:
+    """The node's HTTP/1.1 answer to ``POST /v1/fetch``, read off the socket: the status line and
+    headers, then the body (chunked, as the node streams events; or of a Content-Length, as its
+    error answers; or up to the end) as lines. The standard library's ``http.client`` does the
+    same but costs ~30 ms of CPU to import, which a 2-core host takes from the node's download
+    (issue #12 item 5). A malformed or cut answer raises ConnectionError (an OSError)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._file = sock.makefile("rb")
+        self.status = 0
+        self._chunked = False
+        self._length: int | None = None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _line(self) -> bytes:
+        line = self._file.readline(MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise ConnectionError(
+                "the answer was cut short" if len(line) <= MAX_LINE else "answer line too long"
+            )
+        return line
+
+    def begin(self) -> int:
+        parts = self._line().split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ConnectionError(f"not an HTTP/1.1 answer: {b' '.join(parts)[:100]!r}")
+        self.status = int(parts[1])
+        while (header := self._line()) not in (b"\r\n", b"\n"):
+            name, _, value = header.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"transfer-encoding":
+                self._chunked = b"chunked" in value
+            elif name == b"content-length" and value.isdigit():
+                self._length = int(value)
+        return self.status
+
+    def _read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) < n:
+            raise ConnectionError("the answer was cut short")
+        return data
+
+    def _chunks(self) -> Iterator[bytes]:
+        if self._chunked:
+            while True:
+                size_text = self._line().split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise ConnectionError(f"bad chunk size {size_text[:20]!r}") from None
+                if size == 0:
+                    while self._line() not in (b"\r\n", b"\n"):  # trailers
+                        pass
+                    return
+                yield self._read(size)
+                self._line()  # the chunk's CRLF
+        elif self._length is not None:
+            yield self._read(self._length)
+        else:
+            while data := self._file.read1(64 * 1024):
+                yield data
+
+    def lines(self) -> Iterator[bytes]:
+        """The body's lines (the last one may lack its newline)."""
+        rest = b""
+        for chunk in self._chunks():
+            rest += chunk
+            if b"\n" in rest:
+                *done, rest = rest.split(b"\n")
+                yield from done
+            if len(rest) > MAX_LINE:
+                raise ConnectionError("answer line too long")
+        if rest:
+            yield rest
+
+
+def _fetch_head(length: int) -> bytes:
+    """The head of a ``POST /v1/fetch`` request with a JSON body of ``length`` bytes (what
+    ``http.client`` would send)."""
+    return (
+        "POST /v1/fetch HTTP/1.1\r\nHost: swarm-node\r\nAccept-Encoding: identity\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode("ascii")
 
 
 def fetch_via_node(
@@ -215,47 +345,63 @@ def fetch_via_node(
     emit: Callable[[dict], None],
     on_connect: Callable[[Any], None] | None = None,
     after_send: Callable[[], None] | None = None,
+    *,
+    raw: bool = False,
 ) -> Any:
     """Fetch through the running node (``POST /v1/fetch`` with ``body``, see
-    :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult, or its
-    error raised; NodeUnavailable when no node answers. ``on_connect`` gets the connection once it
-    is open (the async variant closes it to cancel); ``after_send`` runs once the request is sent,
-    while the node works on it (what it raises ends the call)."""
-    import http.client
-
-    from swarm.fetchapi import FetchError, FetchTimeout
-
+    :func:`swarm.fetchapi.request_json`): its events to ``emit``, then the FetchResult (with
+    ``raw``, the ``result`` event as :func:`swarm.fetchwire.result_answer` gives it), or its
+    error raised; NodeUnavailable when no node answers, ValueError when the node refuses the
+    request as bad (HTTP 400: the checks of a FetchRequest, made by the node). ``on_connect`` gets
+    the socket once it is open (the async variant shuts it down to cancel); ``after_send`` runs
+    once the request is sent, while the node works on it (what it raises ends the call)."""
     sock = socket_path(home)
     repo_id, timeout = body.get("repo_id"), body.get("timeout")
     read = None if timeout is None else timeout + READ_MARGIN
-    conn = connect(home, read)
+    s = open_socket(home, read)
     if on_connect is not None:
-        on_connect(conn)
+        on_connect(s)
+    answer = None
     try:
-        data = json.dumps(body).encode()
-        conn.request("POST", "/v1/fetch", body=data, headers={"content-type": "application/json"})
-        if after_send is not None:
-            after_send()
-        r = conn.getresponse()
-        if r.status != 200:
-            raw = r.read()
-            try:
-                msg = json.loads(raw).get("error", "")
-            except (ValueError, AttributeError):
-                msg = raw.decode("utf-8", "replace").strip()[:200]
-            raise FetchError(f"the swarm-node on {sock} refused the fetch: HTTP {r.status}: {msg}")
-        while line := r.readline():
-            result = _handle_line(line.decode("utf-8", "replace"), emit)
-            if result is not None:
-                return result
-    except TimeoutError:
-        raise FetchTimeout(
-            f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:
-        raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
+        try:
+            data = json.dumps(body).encode()
+            s.sendall(_fetch_head(len(data)) + data)
+            if after_send is not None:
+                after_send()
+            answer = _Answer(s)
+            status = answer.begin()
+            if status != 200:
+                raw_body = b"".join(answer.lines())
+                try:
+                    msg = json.loads(raw_body).get("error", "")
+                except (ValueError, AttributeError):
+                    msg = raw_body.decode("utf-8", "replace").strip()[:200]
+                text = f"the swarm-node on {sock} refused the fetch: HTTP {status}: {msg}"
+                if status == 400:
+                    raise ValueError(text)
+                from swarm.fetchapi import FetchError
+
+                raise FetchError(text)
+            for line in answer.lines():
+                result = _handle_line(line, emit, raw)
+                if result is not None:
+                    return result
+        except TimeoutError:
+            from swarm.fetchapi import FetchTimeout
+
+            raise FetchTimeout(
+                f"cannot fetch {repo_id}: the swarm-node on {sock} did not answer within {timeout:g} s"
+            ) from None
+        except OSError as e:
+            from swarm.fetchapi import FetchError
+
+            raise FetchError(f"lost the swarm-node on {sock} during the fetch: {e!r}") from None
     finally:
-        conn.close()
+        if answer is not None:
+            answer.close()
+        s.close()
+    from swarm.fetchapi import FetchError
+
     raise FetchError(f"the swarm-node on {sock} ended the fetch of {repo_id} without a result")
 
 
@@ -267,10 +413,10 @@ async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) 
 
     held: dict[str, Any] = {}
 
-    def on_connect(conn: Any) -> None:
-        held["conn"] = conn
+    def on_connect(sock: Any) -> None:
+        held["sock"] = sock
         if held.get("cancelled"):
-            _abort(conn)
+            _abort(sock)
 
     def from_thread(event: dict) -> None:
         with contextlib.suppress(Exception):
@@ -286,15 +432,13 @@ async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) 
     finally:
         if not done:
             held["cancelled"] = True
-            if "conn" in held:
-                _abort(held["conn"])
+            if "sock" in held:
+                _abort(held["sock"])
 
 
-def _abort(conn: Any) -> None:
-    """Make a blocked read of ``conn`` in another thread return at once."""
+def _abort(sock: Any) -> None:
+    """Make a blocked read of ``sock`` in another thread return at once."""
     import socket
 
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,8 @@ def _place(src: Path, dest: Path, *, link: bool = True) -> None:
                 raise OSError("copy")
             os.link(src, tmp)
         except OSError:
+            import shutil
+
             shutil.copy2(src, tmp)
         os.replace(tmp, dest)
     except BaseException:
@@ -116,6 +117,8 @@ def _to_cache(snapshot: Path, cache_dir: Path, req: Any, revision: str) -> Path:
 
 def deliver(result: Any, req: Any, cache_dir_given: bool, local_dir: os.PathLike | str | None) -> Any:
     """Apply ``cache_dir`` / ``local_dir`` to a result whose snapshot may live in the node's cache."""
+    if not cache_dir_given and local_dir is None:
+        return result  # nothing to do (and attrs not loaded for it)
     import attrs
 
     path = Path(result.path)

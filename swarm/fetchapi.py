@@ -20,6 +20,15 @@ from typing import Any
 
 import attrs
 
+from swarm.fetchwire import (
+    _abspath,
+    default_cache_dir,
+    environ_json,
+    repo_folder,
+    request_body,
+    result_answer,
+)
+
 __all__ = [
     "SOURCES",
     "Attempt",
@@ -56,17 +65,6 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --- the caller's environment ------------------------------------------------------------------
-
-_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
-
-
-def _set(environ: Mapping[str, str], *names: str) -> str | None:
-    """The first of ``names`` set to a non-empty value (empty counts as unset, as in huggingface_hub)."""
-    for name in names:
-        value = environ.get(name)
-        if value:
-            return value
-    return None
 
 
 def _check_env_text(_inst: object, attr: attrs.Attribute, value: str | None) -> None:
@@ -121,16 +119,7 @@ class SourceEnv:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SourceEnv:
-        env = os.environ if environ is None else environ
-        offline = [env.get(n) for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if env.get(n)]
-        cache = _set(env, "MODEL_EXPRESS_CACHE_PATH", "MODEL_EXPRESS_CACHE_DIRECTORY")
-        return cls(
-            hub_offline=any(v.upper() in _TRUE for v in offline) if offline else None,
-            hf_token=_set(env, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
-            hf_endpoint=_set(env, "HF_ENDPOINT"),
-            modelexpress_url=_set(env, "MODEL_EXPRESS_URL"),
-            modelexpress_cache=None if cache is None else str(_abspath(cache)),
-        )
+        return cls(**environ_json(environ))  # the variables read in one place (swarm.fetchwire)
 
     def over(self, fallback: SourceEnv) -> SourceEnv:
         """This environment, with ``fallback``'s values where this one has none."""
@@ -169,22 +158,6 @@ def _effective_env(req: FetchRequest) -> SourceEnv:
 
 
 # --- values ------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """The HF hub cache dir from the environment *now* (``HF_HUB_CACHE``, ``HF_HOME``, XDG, ~)."""
-    env = os.environ
-    raw = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
-    if not raw:
-        home = env.get("HF_HOME") or os.path.join(
-            env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
-        )
-        raw = os.path.join(home, "hub")
-    return _abspath(os.path.expandvars(raw))
-
-
-def _abspath(value: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
 
 
 def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -237,13 +210,6 @@ def _check_repo(_inst: object, _attr: object, value: str) -> None:
     from swarm.manifest import validate_model_name
 
     validate_model_name(value)
-
-
-def repo_folder(repo_id: str) -> str:
-    """The directory of a model in a hub cache, ``models--org--name``, unchecked: for the client's
-    quick "is there anything local?" test before a request is even built. Everything else goes
-    through :mod:`swarm.store.layout` (the owner of the layout, which validates the name)."""
-    return "models--" + repo_id.replace("/", "--")
 
 
 @attrs.frozen
@@ -350,34 +316,6 @@ def request_json(req: FetchRequest) -> dict:
         req.env,
         req.expect,
     )
-
-
-def request_body(
-    repo_id: str,
-    revision: str | None,
-    allow_patterns: str | Iterable[str] | None,
-    ignore_patterns: str | Iterable[str] | None,
-    configs_only: bool,
-    timeout: float | None,
-    env: SourceEnv,
-    expect: Iterable | None = None,
-) -> dict:
-    """:func:`request_json` from the arguments themselves, unchecked (the node checks them with
-    :func:`request_from_json`): what the client sends before it builds its own FetchRequest."""
-
-    def pats(p: str | Iterable[str] | None) -> list[str] | None:
-        return None if p is None else [p] if isinstance(p, str) else list(p)
-
-    return {
-        "repo_id": repo_id,
-        "revision": revision,
-        "allow_patterns": pats(allow_patterns),
-        "ignore_patterns": pats(ignore_patterns),
-        "configs_only": bool(configs_only),
-        "timeout": timeout,
-        "env": env.to_json(),
-        **({"expect": [list(e) for e in expect]} if expect else {}),
-    }
 
 
 def request_from_json(obj: Any, cache_dir: Path) -> tuple[FetchRequest, float | None]:
@@ -508,13 +446,8 @@ def decode_event(event: dict) -> FetchResult | None:
     event raised as its FetchError kind; None for any other event."""
     kind = event.get("event")
     if kind == "result":
-        path = Path(event["path"])
-        return FetchResult(
-            path,
-            str(event.get("source") or "?"),
-            str(event.get("revision") or path.name),
-            _attempts_from(event.get("attempts")),
-        )
+        a = result_answer(event)  # the one normalization (swarm.fetchwire)
+        return FetchResult(Path(a["path"]), a["source"], a["revision"], _attempts_from(a["attempts"]))
     if kind == "error":
         cls = ERROR_TYPES.get(str(event.get("type")), FetchError)
         raise cls(str(event.get("message") or "fetch failed"), _attempts_from(event.get("attempts")))

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -483,3 +484,140 @@ def test_long_home_paths_work(tmp_path):
 
     assert len(str(deep / "control.sock")) > 108
     assert trio.run(main)["peer_id"] == "12D3KooWfake"
+
+
+@pytest.mark.timeout(30)
+def test_the_light_home_and_env_match_swarm_config_and_sourceenv(tmp_path, monkeypatch):
+    """What the client reads before it sends a fetch, without swarm.config or attrs (issue #12
+    item 5), is what swarm.config.resolve_home and SourceEnv.from_environ make of it."""
+    from swarm import config, control_client, fetchwire
+    from swarm.fetchapi import SourceEnv
+
+    monkeypatch.delenv("SWARM_HOME", raising=False)
+    monkeypatch.delenv("SWARM_CONFIG", raising=False)
+    for given in (str(tmp_path / "h"), "~/swarm-h", Path("rel/h"), None):
+        assert control_client.resolve_home(given) == config.resolve_home(given)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'home = "{tmp_path / "from-toml"}"\n')
+    assert control_client.resolve_home(None, cli_config=toml) == config.resolve_home(None, cli_config=toml)
+    monkeypatch.setenv("SWARM_HOME", f" {tmp_path / 'env'} ")
+    for given in (None, "", str(tmp_path / "cli")):
+        assert control_client.resolve_home(given, cli_config=toml) == config.resolve_home(
+            given, cli_config=toml
+        )
+    for environ in (
+        {},
+        {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        {"TRANSFORMERS_OFFLINE": "no", "HUGGING_FACE_HUB_TOKEN": "t", "MODEL_EXPRESS_URL": "grpc://m:1"},
+        {"HF_HUB_OFFLINE": "", "MODEL_EXPRESS_CACHE_DIRECTORY": "~/mx", "MODEL_EXPRESS_CACHE_PATH": ""},
+    ):
+        assert fetchwire.environ_json(environ) == SourceEnv.from_environ(environ).to_json()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_goes_out_before_attrs_and_http_client_load():
+    """``swarm.fetch`` sends its request having loaded only the light modules; the request checks
+    (attrs, swarm.manifest) and http.client come while the node works (issue #12 item 5)."""
+    code = (
+        "import sys, swarm.cli, swarm.client, swarm.fetchwire; "
+        "print(sorted(m for m in ('attrs', 'http.client', 'swarm.config', 'swarm.fetchapi', "
+        "'swarm.manifest', 'logging') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _one_answer(home: Path, answer: bytes) -> Any:
+    """A socket at ``home``'s control.sock that reads one request and writes ``answer``; a thread."""
+    import threading
+
+    home.mkdir(parents=True, exist_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(home / "control.sock"))
+    srv.listen(1)
+    got: dict[str, bytes] = {}
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            got["head"], got["body"] = head, body
+            conn.sendall(answer)
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t, got
+
+
+def _chunked(data: bytes, sizes: tuple[int, ...]) -> bytes:
+    out, i = b"", 0
+    for n in sizes:
+        part, i = data[i : i + n], i + n
+        out += b"%x;ext=1\r\n%s\r\n" % (len(part), part)
+    return out + b"0\r\nx-trailer: 1\r\n\r\n"
+
+
+@pytest.mark.timeout(30)
+def test_the_fetch_answer_reader(tmp_path):
+    """The client's own reader of a fetch answer (no http.client, issue #12 item 5): chunked NDJSON
+    with lines split across chunks, error answers with a Content-Length (400 -> ValueError like
+    the client's own checks, others FetchError), and a cut answer (FetchError: lost the node)."""
+    from swarm import control_client
+    from swarm.fetchapi import FetchError, FetchResult
+
+    events = [
+        {"event": "source", "source": "swarm"},
+        {"event": "progress", "have": 1, "total": 2},
+        {
+            "event": "result",
+            "path": str(tmp_path / "snap"),
+            "source": "swarm",
+            "revision": "r1",
+            "attempts": [],
+        },
+    ]
+    ndjson = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+    ok = b"HTTP/1.1 200 \r\ncontent-type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for i, raw in enumerate((False, True)):
+        home = tmp_path / f"ok{i}"
+        t, got = _one_answer(home, ok + _chunked(ndjson, (7, 1, 30, 2, 500)))
+        seen: list[dict] = []
+        body = {"repo_id": "acme/x", "timeout": None}
+        r = control_client.fetch_via_node(body, home, seen.append, raw=raw)
+        t.join(5)
+        assert json.loads(got["body"]) == body and got["head"].startswith(b"POST /v1/fetch HTTP/1.1\r\n")
+        assert seen == events[:2]
+        if raw:
+            assert r == {"path": str(tmp_path / "snap"), "source": "swarm", "revision": "r1", "attempts": []}
+        else:
+            assert r == FetchResult(tmp_path / "snap", "swarm", "r1", ())
+
+    def refused(status: int) -> bytes:
+        text = json.dumps({"error": "bad fetch request: no"}).encode()
+        return b"HTTP/1.1 %d X\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+            status,
+            len(text),
+            text,
+        )
+
+    for name, answer, error in (
+        ("400", refused(400), ValueError),
+        ("503", refused(503), FetchError),
+        ("cut", ok + _chunked(ndjson, (40,))[:-40], FetchError),
+        ("junk", b"SSH-2.0\r\n\r\n", FetchError),
+    ):
+        t, _got = _one_answer(tmp_path / name, answer)
+        with pytest.raises(error) as e:
+            control_client.fetch_via_node({"repo_id": "acme/x"}, tmp_path / name, lambda _e: None)
+        t.join(5)
+        if name in ("400", "503"):
+            assert f"HTTP {name}: bad fetch request: no" in str(e.value)
+        else:
+            assert "lost the swarm-node" in str(e.value)
