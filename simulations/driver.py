@@ -92,39 +92,20 @@ class PieceSet:
         return f"PieceSet({list(self)})"
 
 
-def _piece_set(v: Any) -> PieceSet:
-    return v if type(v) is PieceSet else PieceSet(v)
-
-
 class SimPeer(PeerState):
     """The engine's ``PeerState`` with its three piece sets (``have``, ``cancelled``,
     ``held_back``) as ``PieceSet``: the same decisions (event logs identical), ~1 KB less per link
-    end at 25 pieces, where a node of a large crowd holds 40-60 link ends. (The parent's three
-    slots stay empty.)"""
+    end at 25 pieces, where a node of a large crowd holds 40-60 link ends. The engine assigns
+    them only in ``PeerState.__init__`` and ``have`` in ``_check_bitfield``, which the driver
+    calls (``_handshake_message``) and follows with a ``PieceSet``."""
 
-    __slots__ = ("_cancelled", "_have", "_held_back")
+    __slots__ = ()
 
-    def _get_have(self) -> PieceSet:
-        return self._have
-
-    def _set_have(self, v: Any) -> None:
-        self._have = _piece_set(v)
-
-    def _get_cancelled(self) -> PieceSet:
-        return self._cancelled
-
-    def _set_cancelled(self, v: Any) -> None:
-        self._cancelled = _piece_set(v)
-
-    def _get_held_back(self) -> PieceSet:
-        return self._held_back
-
-    def _set_held_back(self, v: Any) -> None:
-        self._held_back = _piece_set(v)
-
-    have = property(_get_have, _set_have)  # type: ignore[assignment]
-    cancelled = property(_get_cancelled, _set_cancelled)  # type: ignore[assignment]
-    held_back = property(_get_held_back, _set_held_back)  # type: ignore[assignment]
+    def __init__(self, link: Any, now: float):
+        super().__init__(link, now)
+        self.have = PieceSet()  # type: ignore[assignment]
+        self.cancelled = PieceSet()  # type: ignore[assignment]
+        self.held_back = PieceSet()  # type: ignore[assignment]
 
 
 class LinkEnd:
@@ -463,6 +444,7 @@ class SimTransfer(TransferCore):
                 end.state = BITFIELD
                 return
             self._check_bitfield(peer, msg)
+            peer.have = PieceSet(peer.have)  # type: ignore[assignment]
         except (wire.ProtocolError, Drop) as e:
             self._handshake_failed(end, e)
             return
