@@ -19,6 +19,7 @@ The simulator's nodes hold no task: a whole run is one loop over the timeline.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -38,11 +39,19 @@ from swarm import wire
 log = logging.getLogger(__name__)
 
 _PieceData = wire.PieceData
+_ceil = math.ceil
 _CLOSED: Any = object()
 
 HELLO, BITFIELD, TRADING, ENDED = 0, 1, 2, 3  # a link end's state; the first two: its handshake
 #: ``LinkEnd.writing`` until its first write (never appended to: ``_write`` makes a list).
 _NO_WRITES: Any = ()
+
+
+#: PieceSet bits -> their indices, ascending: the engine iterates a peer's pieces often (the
+#: picker's ``interesting`` is ``set.isdisjoint`` over them) and a crowd's nodes pass through the
+#: same few sets. Bounded: cleared when full (a cache only; answers never depend on it).
+_MEMBERS: dict[int, tuple[int, ...]] = {}
+_MEMBERS_MAX = 1 << 16
 
 
 class PieceSet:
@@ -71,7 +80,12 @@ class PieceSet:
 
     def __iter__(self) -> Any:
         b = self.bits
-        return iter([i for i in range(b.bit_length()) if (b >> i) & 1])
+        t = _MEMBERS.get(b)
+        if t is None:
+            if len(_MEMBERS) >= _MEMBERS_MAX:
+                _MEMBERS.clear()
+            t = _MEMBERS[b] = tuple([i for i in range(b.bit_length()) if (b >> i) & 1])
+        return iter(t)
 
     def __len__(self) -> int:
         return self.bits.bit_count()
@@ -196,7 +210,22 @@ class LinkEnd:
         counts = net.msg_counts
         t = type(msg)
         counts[t] = counts.get(t, 0) + 1
-        self.remote._push(net.deliver_at(self, self.tl.now()), msg)
+        if net.plain_delivery:  # Network.deliver_at without jitter or loss, inlined (hot path)
+            at = self.tl.t + self.delay
+            g = net.grid
+            if g:
+                at = _ceil(at / g - 1e-6) * g
+            if at < self.last_at:
+                at = self.last_at
+            self.last_at = at
+        else:
+            at = net.deliver_at(self, self.tl.t)
+        remote = self.remote
+        inbox = remote.inbox
+        inbox.append((at, msg))  # remote._push, inlined
+        if not remote.scheduled and len(inbox) == 1 and not remote.paused:
+            remote.scheduled = True
+            remote.tl.at(at, _read, remote)
 
     def put_piece(self, msg: wire.PieceData) -> None:
         """Put a piece on the wire; ``_flow_over`` delivers it once its last byte has left. (Not
