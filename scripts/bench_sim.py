@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench_sim.py --sizes 100,300,999   # the frontend count at each size
     .venv/bin/python scripts/bench_sim.py --profile             # where the time goes, by layer
     .venv/bin/python scripts/bench_sim.py --memory 6            # what holds memory at t = 6 s
+    .venv/bin/python scripts/bench_sim.py --sizes 99999 --watch 1 --max-rss 20
+        # RSS, CPU and link ends every virtual second; stop the run if RSS passes 20 GB
 
 The result for this machine is in docs/simulation.md ("Scale").
 """
@@ -83,11 +85,60 @@ def memory_by_layer(snap: tracemalloc.Snapshot, link_ends: int) -> dict[str, Any
     }
 
 
-def run(path: Path, count: int | None, seed: int, profile: bool, memory_at: float | None = None) -> dict:
+def rss_now_mb() -> float:
+    """Resident set size now (not the peak), from /proc (Linux); 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def watch(sim: Simulation, every: float, max_rss_gb: float | None, w0: float, c0: float) -> None:
+    """Every ``every`` virtual seconds print virtual time, wall and CPU so far, RSS now and peak,
+    link ends and completions (stderr); stop the run once RSS passes ``max_rss_gb``."""
+
+    def tick() -> None:
+        rss = rss_now_mb()
+        n = len(sim.nodes)
+        line = {
+            "t": round(sim.tl.now(), 3),
+            "wall_s": round(time.perf_counter() - w0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+            "rss_mb": round(rss),
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_kb_per_node": round(rss * 1024 / max(1, n), 1),
+            "link_ends": sim.link_ends,
+            "finished": sim.finished,
+            "load_avg_1min": round(os.getloadavg()[0], 1),
+        }
+        print(json.dumps(line), file=sys.stderr, flush=True)
+        if max_rss_gb is not None and rss > max_rss_gb * 1024:
+            print(f"RSS {rss:.0f} MB > {max_rss_gb} GB: stopping the run", file=sys.stderr, flush=True)
+            sim._stop("max_rss")
+            return
+        sim.at(sim.tl.now() + every, tick)
+
+    sim.at(0.0, tick)
+
+
+def run(
+    path: Path,
+    count: int | None,
+    seed: int,
+    profile: bool,
+    memory_at: float | None = None,
+    watch_every: float | None = None,
+    max_rss_gb: float | None = None,
+) -> dict:
     overrides = {"groups.frontends.count": count} if count is not None else {}
+    w0, c0 = time.perf_counter(), time.process_time()
     sc = scenario.load(path, overrides)
     b = bounds.for_scenario(sc)
     sim = Simulation(sc, seed, log_pieces=False)
+    setup_s = time.process_time() - c0
+    if watch_every is not None:
+        watch(sim, watch_every, max_rss_gb, w0, c0)
     snap: dict[str, Any] = {}
     if memory_at is not None:
 
@@ -113,6 +164,8 @@ def run(path: Path, count: int | None, seed: int, profile: bool, memory_at: floa
         "nodes": sum(g.count for g in sc.groups),
         "pieces": sc.manifest.num_pieces,
         "seed": seed,
+        "stopped_by": r.stopped_by,
+        "setup_cpu_s": round(setup_s, 2),
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
         "virtual_s": round(r.end_time, 3),
@@ -147,10 +200,14 @@ def main() -> int:
         help="tracemalloc snapshot at virtual time T: bytes by layer and per link end "
         "(slows the run ~2x; RSS then includes tracemalloc's own tables)",
     )
+    ap.add_argument("--watch", type=float, metavar="DT", help="print RSS, CPU, link ends every DT virtual s")
+    ap.add_argument("--max-rss", type=float, metavar="GB", help="with --watch: stop the run past this RSS")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else [None]
     for n in sizes:
-        print(json.dumps(run(Path(a.scenario), n, a.seed, a.profile, a.memory)), flush=True)
+        print(
+            json.dumps(run(Path(a.scenario), n, a.seed, a.profile, a.memory, a.watch, a.max_rss)), flush=True
+        )
     return 0
 
 

@@ -230,6 +230,8 @@ class Network:
         self.rate_changes = 0
         self.messages = 0
         self.msg_counts: dict[type, int] = {}
+        # deliver_at is one delay, the grid and the link's order (the driver inlines it then).
+        self.plain_delivery = not jitter and not loss
         self.active_flows = 0
         self.peak_flows = 0
 

@@ -78,7 +78,8 @@ class Simulation(Discovery):
                     lengths,
                     have=g.role == "seed",
                     corrupt=g.corrupt,
-                    rng=random.Random(f"{seed}/{nid}/corrupt"),
+                    # (only drawn from with corrupt > 0: a Random is 2.5 KB, per node)
+                    rng=random.Random(f"{seed}/{nid}/corrupt") if g.corrupt else None,
                 )
                 node = Node(nid, g, i, Port(nid, g.upload, g.download, g.latency), store, seed)
                 self.nodes.append(node)

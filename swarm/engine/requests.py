@@ -67,7 +67,9 @@ class RequestBook:
 
     def _fill_all(self, skip: PeerState | None = None) -> None:
         for p in self.peers.values():
-            if p is not skip:
+            # (_fill_requests' own first test, here: most peers choke us, and a large crowd's
+            # nodes call this for ~50 peers per piece they get)
+            if p is not skip and not p.peer_choking and p.am_interested:
                 self._fill_requests(p)
 
     def _end_request(self, peer: PeerState, i: int) -> None:
@@ -100,6 +102,8 @@ class RequestBook:
     def _expire_requests(self, now: float) -> None:
         expired = False
         for p in self.peers.values():
+            if not p.requests:  # (most peers, every tick: skip the call)
+                continue
             deadline = self._queue_deadline(p)
             if deadline is None or deadline > now:
                 continue
