@@ -259,6 +259,7 @@ def run_crowd(
             "sources": sorted({r.get("source", "") for r in ok}),
             "timeline": {i: timeline[i] for i in sorted(timeline)},
             "pullers": [i for _t, i in sorted(pulls)],
+            "t_start": at,
         }
         if killed is not None:
             out["killed_at_s"] = round(kill_time, 2)

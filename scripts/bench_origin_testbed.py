@@ -80,7 +80,9 @@ def hub_child(spec: dict) -> None:
                     for r in hub.model_requests
                     if r.method == "GET" and "/resolve/" in r.path
                 ]
-                say(bytes=hub.bytes_served, gets=gets)
+                with hub._lock:
+                    transfers = [dict(t) for t in hub.transfers]
+                say(bytes=hub.bytes_served, gets=gets, transfers=transfers)
             else:
                 return
 
@@ -215,7 +217,23 @@ def main() -> None:
                         place=place,
                         log=True,
                     )
-                    r["ranged_gets"] = [g for g in hub.stats()["gets"] if g[1]]
+                    stats = hub.stats()
+                    r["ranged_gets"] = [g for g in stats["gets"] if g[1]]
+                    # The origin's per-body log: which node read which file from which byte, how
+                    # much, when (seconds from the crowd's start): double reads show up here.
+                    who = {net.addr: i for i, net in enumerate(nets)}
+                    t_start = r.get("t_start", 0.0)
+                    r["transfers"] = [
+                        [
+                            who.get(t["client"], t["client"]),
+                            t["file"],
+                            t["start"],
+                            t["sent"],
+                            round(t["t0"] - t_start, 2),
+                            round((t["t1"] or t["t0"]) - t_start, 2),
+                        ]
+                        for t in stats["transfers"]
+                    ]
                     if swarm:
                         t_min = r["last_s"]
                         r["origin_bytes"], r["origin_x"] = 0, 0.0  # it served from a directory

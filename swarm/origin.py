@@ -30,24 +30,30 @@ name, so ``swarm.origin`` still offers them, and a test patches a timing here).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
+import outcome
 import trio
+from libp2p.custom_types import TProtocol
 
 from swarm.hubpull import PARTIAL_SUFFIX
+from swarm.net import compat
 from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
 from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before the split)
     ELECTION_SETTLE,
     LOOKUP_TIMEOUT,
     MAX_CANDIDATES,
+    MAX_FRAME_HEADER,
     MAX_MIRROR_FILES,
+    MAX_MIRRORS,
     MAX_PROBES,
-    MIRROR_CHUNK,
+    MIRROR_FRAME,
+    MIRROR_IDLE,
     MIRROR_PROTOCOL,
+    MIRROR_RETRY,
     ORIGIN_PROTOCOL,
     POLL,
     PROBE_FAILURES,
@@ -61,15 +67,20 @@ from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before 
     OriginState,
     _append,
     _mirror_name,
-    _parse_listing,
     _parse_query,
     _query,
     _size_of,
     _timed_out,
     blob_sizes,
+    copy_sizes,
     dir_bytes,
     distance,
+    encode_frame,
+    encode_header,
     origin_key,
+    parse_frame_header,
+    parse_mirror_request,
+    read_blob,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +95,7 @@ class _Interest:
     have: int = 0  # bytes our copy of the puller's partial files holds
     building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
     heard: float = 0.0  # trio time of the followed puller's last answer of any kind
+    mirrors: int = 0  # mirror streams our pull is serving (at most MAX_MIRRORS)
 
 
 class OriginCoordinator:
@@ -96,17 +108,15 @@ class OriginCoordinator:
 
     def install(self) -> None:
         self.host.set_query_handler(ORIGIN_PROTOCOL, self._answer)
-        self.host.set_query_handler(MIRROR_PROTOCOL, self._answer_mirror, max_reply=MIRROR_CHUNK)
+        # A long-lived stream, not a query: py-libp2p's host serves it (SwarmHost has no generic
+        # stream handler; the data lane and pieces protocols are the engine's).
+        self.host._host.set_stream_handler(TProtocol(MIRROR_PROTOCOL), self._serve_mirror)
 
     async def _answer(self, _peer: str, request: bytes) -> bytes:
-        key, obj = _parse_query(request)
+        key, _obj = _parse_query(request)
         it = self.interests.get(key)
         if it is None:
             return OriginState("none").encode()
-        if obj.get("op") == "files":  # what the backup may mirror: our partial and done blobs
-            if it.state != "pulling" or it.blobs is None:
-                return b"[]"
-            return json.dumps(await trio.to_thread.run_sync(blob_sizes, it.blobs)).encode()
         if it.state == "pulling" and it.building:
             it.progress += 1  # hashing the snapshot for the manifest: alive, nothing to download
         elif it.state == "pulling" and it.blobs is not None:
@@ -116,30 +126,52 @@ class OriginCoordinator:
             it.progress = got if got else it.progress + 1
         return OriginState(it.state, it.progress, it.leader, it.have).encode()
 
-    async def _answer_mirror(self, _peer: str, request: bytes) -> bytes:
-        """Bytes ``offset``.. of one of the files our pull is writing (at most MIRROR_CHUNK)."""
-        key, obj = _parse_query(request)
-        it = self.interests.get(key)
-        name, offset = obj.get("name"), obj.get("offset")
-        if (
-            it is None
-            or it.state != "pulling"
-            or it.blobs is None
-            or not isinstance(name, str)
-            or not _mirror_name(name)
-            or isinstance(offset, bool)
-            or not isinstance(offset, int)
-            or offset < 0
-        ):
-            raise ValueError("bad mirror request")
-        path = it.blobs / name
+    async def _serve_mirror(self, stream) -> None:
+        """The puller's side of its backup's mirror stream: every byte our pull has written that
+        the backup's copy lacks, then each new one as it lands, until the pull ends. Never raises
+        (an exception out of a py-libp2p stream handler tears the host down)."""
+        peer = "?"
+        try:
+            peer = compat.stream_peer_id(stream)[:12]
+            with trio.fail_after(QUERY_TIMEOUT):
+                key, sent = parse_mirror_request(await _read_frame(stream))
+            it = self.interests.get(key)
+            if it is None or it.state != "pulling" or it.blobs is None:
+                raise ValueError("not pulling that model")
+            if it.mirrors >= MAX_MIRRORS:
+                raise ValueError(f"already serving {it.mirrors} mirror stream(s)")
+            it.mirrors += 1
+            try:
+                await self._stream_pull(stream, it, sent)
+            finally:
+                it.mirrors -= 1
+        except Exception as e:
+            log.info("origin: mirror stream to %s ended: %r", peer, e)
+        finally:
+            await _close_stream(stream)
 
-        def read() -> bytes:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                return fh.read(MIRROR_CHUNK)
-
-        return await trio.to_thread.run_sync(read)
+    async def _stream_pull(self, stream, it: _Interest, sent: dict[str, int]) -> None:
+        """Send what our pull writes that the backup lacks (``sent``: what its copy holds)."""
+        blobs = it.blobs
+        while it.state == "pulling" and it.blobs is blobs:
+            sizes = await trio.to_thread.run_sync(copy_sizes, blobs)
+            moved = False
+            for base, size in sorted(sizes.items()):
+                if base not in sent and len(sent) >= MAX_MIRROR_FILES:
+                    continue
+                off = sent.get(base, 0)
+                while off < size and it.state == "pulling":
+                    n = min(MIRROR_FRAME, size - off)
+                    data = await trio.to_thread.run_sync(read_blob, blobs, base, off, n)
+                    if not data:
+                        break
+                    # A backup that stops reading holds the stream (and this task) no longer.
+                    with trio.fail_after(QUERY_TIMEOUT):
+                        await stream.write(encode_frame(base, off, data))
+                    off = sent[base] = off + len(data)
+                    moved = True
+            if not moved:
+                await trio.sleep(MIRROR_IDLE)
 
     async def ask(self, peer: str | PeerAddr, key: bytes) -> OriginState:
         """A peer's state about ``key``; NetError when it cannot be asked, ValueError on garbage."""
@@ -172,25 +204,41 @@ class OriginCoordinator:
         it = self.interests[key] = _Interest()
         try:
             t0 = trio.current_time()
-            found: list[PeerAddr] = []
 
-            async def lookup() -> None:
-                found.extend(await self._providers(mkey))
+            announced = trio.Event()
 
             async def announce() -> None:
-                await self.host.provide(key, timeout=PROVIDE_WAIT)
+                try:
+                    await self.host.provide(key, timeout=PROVIDE_WAIT)
+                finally:
+                    announced.set()
 
-            async with trio.open_nursery() as n:
-                n.start_soon(lookup)
-                n.start_soon(announce)
-            if found:
-                it.state = "none"
-                return await swarm_fetch()
-            log.info(
-                "origin: no provider of %s; interest announced (%.1f s)", repo_id, trio.current_time() - t0
-            )
-            await trio.sleep(ELECTION_SETTLE)
-            return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
+            async def body() -> Path:
+                found = await self._providers(mkey)
+                if found:
+                    it.state = "none"
+                    return await swarm_fetch()
+                # The election waits for our own announcement at most ELECTION_SETTLE past the
+                # lookup (fellow fetchers connected to us ask us directly; the DHT record is for
+                # the others), then ELECTION_SETTLE for theirs.
+                with trio.move_on_after(ELECTION_SETTLE):
+                    await announced.wait()
+                log.info(
+                    "origin: no provider of %s; interest %s (%.1f s)",
+                    repo_id,
+                    "announced" if announced.is_set() else "being announced",
+                    trio.current_time() - t0,
+                )
+                await trio.sleep(ELECTION_SETTLE)
+                return await self._pull_or_follow(key, mkey, it, blobs, swarm_fetch, pull)
+
+            # The announcement goes on beside the election (bounded by PROVIDE_WAIT); the body's
+            # outcome is taken out of the nursery so its exceptions reach the caller as they are.
+            async with trio.open_nursery() as bg:
+                bg.start_soon(announce)
+                result = await outcome.acapture(body)
+                bg.cancel_scope.cancel()
+            return result.unwrap()
         except BaseException:
             if it.state != "seeded":
                 it.state = "failed"
@@ -370,46 +418,42 @@ class OriginCoordinator:
         return states, unanswered
 
     async def _mirror(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
-        """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files,
-        every POLL: if it dies we are elected next and resume where its copy ends. The bytes are
-        a resume point only: the pull verifies each whole file against the Hub's hashes."""
+        """Copy the puller's partial and finished files into ours as ``.swarm-partial`` files as
+        its pull writes them (one stream, ``/swarm/origin-data/2.0.0``, reopened if it breaks):
+        if it dies we are elected next and resume where the copy ends. The bytes are a resume
+        point only: the pull verifies each whole file against the Hub's hashes."""
         await trio.to_thread.run_sync(lambda: blobs.mkdir(parents=True, exist_ok=True))
         while True:
             try:
-                raw = await self.host.query(
-                    leader, ORIGIN_PROTOCOL, _query(key, op="files"), timeout=PROBE_TIMEOUT
-                )
-                listing = _parse_listing(raw)
-                it.heard = trio.current_time()  # an answer: the puller is alive
-                for name, size in listing:
-                    await self._mirror_file(key, leader, blobs, name, size, it)
-            except (NetError, ValueError, OSError) as e:
-                log.debug("origin: mirror from %s: %s", leader[:12], e)
-            it.have = await trio.to_thread.run_sync(dir_bytes, blobs)
-            await trio.sleep(POLL)
+                await self._mirror_stream(key, leader, blobs, it)
+            except Exception as e:  # NetError, a bad frame, a stream reset or EOF, a disk error
+                log.debug("origin: mirror from %s: %r", leader[:12], e)
+            it.have = sum((await trio.to_thread.run_sync(copy_sizes, blobs)).values())
+            await trio.sleep(MIRROR_RETRY)
 
-    async def _mirror_file(
-        self, key: bytes, leader: str, blobs: Path, name: str, size: int, it: _Interest
-    ) -> None:
-        base = name.removesuffix(PARTIAL_SUFFIX)
-        if (blobs / base).exists():
-            return
-        local = blobs / (base + PARTIAL_SUFFIX)
-        have = await trio.to_thread.run_sync(_size_of, local)
-        while have < size:
-            chunk = await self.host.query(
-                leader,
-                MIRROR_PROTOCOL,
-                _query(key, name=name, offset=have),
-                timeout=QUERY_TIMEOUT,
-                max_reply=MIRROR_CHUNK,
-            )
-            if not chunk:
-                return
-            it.heard = trio.current_time()
-            grown = await trio.to_thread.run_sync(_append, local, have, chunk[: size - have])
-            it.have += grown - have  # kept current: the election ranks the backup by it
-            have = grown
+    async def _mirror_stream(self, key: bytes, leader: str, blobs: Path, it: _Interest) -> None:
+        have = await trio.to_thread.run_sync(copy_sizes, blobs)
+        it.have = sum(have.values())
+        listing = [[name, size] for name, size in sorted(have.items())][:MAX_MIRROR_FILES]
+        stream = await self.host._open_stream(leader, MIRROR_PROTOCOL, PROBE_TIMEOUT)
+        try:
+            await stream.write(encode_header({"key": key.hex(), "have": listing}))
+            while True:
+                name, offset, n = parse_frame_header(await _read_frame(stream))
+                data = await _read_exactly(stream, n)
+                it.heard = trio.current_time()  # bytes from the puller: it is alive
+                if name not in have and len(have) >= MAX_MIRROR_FILES:
+                    raise ValueError("more files than a mirror carries")
+                if (blobs / name).exists():  # finished and verified here already
+                    continue
+                local = blobs / (name + PARTIAL_SUFFIX)
+                grown = await trio.to_thread.run_sync(_append, local, offset, data)
+                if not grown:  # our copy changed under us: start the stream over from it
+                    raise ValueError(f"{name[:12]}: frame at {offset} does not continue our copy")
+                it.have += grown - have.get(name, 0)  # kept current: the election ranks by it
+                have[name] = grown
+        finally:
+            await _close_stream(stream)
 
     async def _providers(self, key: bytes) -> list[PeerAddr]:
         try:
@@ -527,3 +571,37 @@ class OriginCoordinator:
                 extra={"event": "origin_swarm_failed", "reason": str(e)},
             )
             raise
+
+
+async def _read_exactly(stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError(f"mirror stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _read_frame(stream) -> bytes:
+    """A frame's header (its 4-byte length, then that many bytes)."""
+    n = int.from_bytes(await _read_exactly(stream, 4), "big")
+    if not 0 < n <= MAX_FRAME_HEADER:
+        raise ValueError(f"mirror frame header of {n} bytes")
+    return await _read_exactly(stream, n)
+
+
+async def _close_stream(stream) -> None:
+    """Close a libp2p stream, reset it if that fails; bounded, never raises."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(1.0):
+            try:
+                await stream.close()
+                return
+            except Exception:
+                pass
+        with trio.move_on_after(1.0):
+            try:
+                await stream.reset()
+            except Exception:
+                pass
