@@ -62,7 +62,9 @@ from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before 
     RIVAL_CHECK,
     RIVAL_WINDOW,
     SILENT_TIMEOUT,
+    SMALL_NETWORK,
     STALL_TIMEOUT,
+    SURVEY_DHT_GRACE,
     WAIT_GRACE,
     OriginState,
     _append,
@@ -356,7 +358,8 @@ class OriginCoordinator:
         started with more bytes to resume from (``have``, fixed for a pull), or as many and closer
         to the key. Both sides compare the same two fixed values, so exactly one gives way. Views
         of the interested set can differ while announcements spread, or while a dead puller is
-        noticed. The DHT is asked during the first RIVAL_WINDOW, connected and routing-table peers throughout."""
+        noticed. The DHT is asked during the first RIVAL_WINDOW, connected and routing-table
+        peers throughout."""
         mine = (it.have, -distance(self.peer_id, key))
         end = trio.current_time() + RIVAL_WINDOW
         while True:
@@ -400,17 +403,27 @@ class OriginCoordinator:
                     asked.add(pid)
                     n.start_soon(probe, pid, p)
 
+        lookup = trio.CancelScope()
+
         async def from_dht(n: trio.Nursery) -> None:
-            found = [p for p in await self._providers(key) if p.peer_id not in skip]
+            found: list[PeerAddr] = []
+            with lookup:
+                found = [p for p in await self._providers(key) if p.peer_id not in skip]
             found.sort(key=lambda p: distance(p.peer_id, key))
             named.extend(found[:MAX_CANDIDATES])
             ask_all(n, [(p.peer_id, p) for p in named])
 
-        # Connected peers at once, the DHT's side by side (its lookup takes up to LOOKUP_TIMEOUT).
+        # Known peers at once, the DHT's side by side (its lookup takes up to LOOKUP_TIMEOUT).
+        known = self._known_peers()[:MAX_PROBES]
         async with trio.open_nursery() as n:
-            ask_all(n, [(pid, pid) for pid in self._known_peers()[:MAX_PROBES]])
             if dht:
                 n.start_soon(from_dht, n)
+            async with trio.open_nursery() as first:
+                ask_all(first, [(pid, pid) for pid in known])
+            if len(known) < SMALL_NETWORK:
+                # Every peer we know has answered (or timed out), and a routing table this small
+                # holds the whole network: the lookup can name no one new, give it a moment only.
+                lookup.deadline = min(lookup.deadline, trio.current_time() + SURVEY_DHT_GRACE)
         leaders = {st.leader for st in states.values() if st.state == "waiting" and st.leader}
         async with trio.open_nursery() as n:
             ask_all(n, [(pid, pid) for pid in list(leaders - set(states))[:MAX_CANDIDATES]])
