@@ -301,10 +301,9 @@ class OriginCoordinator:
                 why,
                 extra={"event": "origin_replace", "leader": leader, "reason": why},
             )
+            # The next election also looks for providers of the model, side by side with its
+            # survey: the dropped puller (or another) may have seeded while we could not tell.
             (passed if outcome == "passed" else excluded).add(leader)
-            if await self._providers(mkey):  # it (or another) seeded while we could not tell
-                it.state = "seeded"
-                return await self._swarm(swarm_fetch, (leader,))
 
     async def _pull(
         self, key: bytes, it: _Interest, blobs: Path, pull, excluded: set[str]
@@ -508,12 +507,19 @@ class OriginCoordinator:
         t0 = trio.current_time()
         seeded: list[PeerAddr] = []
 
+        look = trio.CancelScope()
+
         async def last_look() -> None:  # someone may have seeded it meanwhile
-            seeded.extend(await self._providers(mkey))
+            with look:
+                seeded.extend(await self._providers(mkey))
 
         async with trio.open_nursery() as n:
             n.start_soon(last_look)
             states, unanswered = await self._survey(key, excluded)
+            if len(self._known_peers()) < SMALL_NETWORK:  # as in _survey: a moment more only
+                look.deadline = min(look.deadline, trio.current_time() + SURVEY_DHT_GRACE)
+        if seeded:
+            return None
         # Follow the puller itself (a follower names it), so a stall is seen where it happens.
         active = {
             st.leader if st.state == "waiting" and st.leader else pid
@@ -531,12 +537,7 @@ class OriginCoordinator:
         def rank(pid: str) -> tuple[int, int]:
             return -have.get(pid, 0), distance(pid, key)
 
-        if active:
-            leader = min(active, key=lambda pid: distance(pid, key))
-        else:
-            leader = min(live, key=rank)
-            if leader == self.peer_id and seeded:
-                return None
+        leader = min(active, key=lambda pid: distance(pid, key)) if active else min(live, key=rank)
         rest = live - {leader}
         log.info(
             "origin: election in %.1f s: %d interested answered, %d silent, %d active; leader %s",
