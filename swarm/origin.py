@@ -43,6 +43,7 @@ from swarm.hubpull import PARTIAL_SUFFIX
 from swarm.net import compat
 from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
 from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before the split)
+    BACKUP_SILENT,
     ELECTION_SETTLE,
     LOOKUP_TIMEOUT,
     MAX_CANDIDATES,
@@ -281,7 +282,7 @@ class OriginCoordinator:
                 async with trio.open_nursery() as n:
                     if backup:  # next in line: keep a copy of its partial files to resume from
                         n.start_soon(self._mirror, key, leader, blobs, it)
-                    outcome, detail = await self._follow(key, leader, it, excluded)
+                    outcome, detail = await self._follow(key, leader, it, excluded, backup=backup)
                     n.cancel_scope.cancel()
                 if outcome != "redirect":
                     break
@@ -549,7 +550,9 @@ class OriginCoordinator:
         )
         return leader, bool(rest) and min(rest, key=rank) == self.peer_id
 
-    async def _follow(self, key: bytes, leader: str, it: _Interest, excluded: set[str]) -> tuple[str, str]:
+    async def _follow(
+        self, key: bytes, leader: str, it: _Interest, excluded: set[str], *, backup: bool = False
+    ) -> tuple[str, str]:
         """Wait while ``leader``'s pull goes on. ("seeded", the puller's id) once it has seeded;
         ("redirect", puller) if ``leader`` itself follows a pull (we follow the puller instead);
         ("drop", why) when it is given up: gone (``PROBE_FAILURES`` refused queries in a row, or
@@ -567,7 +570,9 @@ class OriginCoordinator:
                     refused += 1
                 if refused >= PROBE_FAILURES:
                     return "drop", f"refused {refused} state queries in a row ({e})"
-                if now - it.heard > SILENT_TIMEOUT:
+                # The backup, which also hears the pull's bytes as they come, gives up sooner: it
+                # is the one elected next, and the others follow whoever pulls.
+                if now - it.heard > (BACKUP_SILENT if backup else SILENT_TIMEOUT):
                     return "drop", f"did not answer for {now - it.heard:.1f} s ({e})"
                 await trio.sleep(POLL)
                 continue

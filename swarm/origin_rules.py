@@ -42,6 +42,11 @@ SILENT_TIMEOUT."""
 SILENT_TIMEOUT = 8.0
 """Seconds without any answer from the puller (state, file listing or mirrored bytes) after which
 it counts as gone: a host that vanished (no RST) or hangs. A busy one answers within this."""
+BACKUP_SILENT = 4.0
+"""SILENT_TIMEOUT for the backup, which hears the pull's bytes on its mirror stream as well as
+the state answers: nothing of either for this long and it takes over (a vanished puller is
+replaced in ~5 s, not ~9). Dropping a live puller by mistake costs little: the backup then pulls
+with more resume bytes than the old puller started with, so the old one gives way to it."""
 STALL_TIMEOUT = 3.0
 """Seconds without any progress reported by the puller (bytes of its download) before it is
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
