@@ -31,6 +31,7 @@ name, so ``swarm.origin`` still offers them, and a test patches a timing here).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import outcome
 import trio
 from libp2p.custom_types import TProtocol
 
+from swarm import hubpull
 from swarm.hubpull import PARTIAL_SUFFIX
 from swarm.net import compat
 from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
@@ -52,7 +54,9 @@ from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before 
     MAX_MIRRORS,
     MAX_PROBES,
     MIRROR_FRAME,
+    MIRROR_GATE_WAIT,
     MIRROR_IDLE,
+    MIRROR_MAX_LAG,
     MIRROR_PROTOCOL,
     MIRROR_RETRY,
     ORIGIN_PROTOCOL,
@@ -81,6 +85,7 @@ from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before 
     encode_frame,
     encode_header,
     origin_key,
+    parse_ack,
     parse_frame_header,
     parse_mirror_request,
     read_blob,
@@ -99,6 +104,8 @@ class _Interest:
     building: bool = False  # downloaded; building the manifest (CPU work: progress ticks)
     heard: float = 0.0  # trio time of the followed puller's last answer of any kind
     mirrors: int = 0  # mirror streams our pull is serving (at most MAX_MIRRORS)
+    copied: dict[str, int] | None = None  # as the puller: what our backup's copy holds (its acks)
+    gate_off: bool = False  # as the puller: the copy stopped moving; the download is not held
     streaming: bool = False  # as the backup: our mirror stream is delivering the pull's bytes
     stream_broke: bool = False  # as the backup: a mirror stream that delivered bytes broke
 
@@ -146,14 +153,55 @@ class OriginCoordinator:
             if it.mirrors >= MAX_MIRRORS:
                 raise ValueError(f"already serving {it.mirrors} mirror stream(s)")
             it.mirrors += 1
+            it.copied, it.gate_off = dict(sent), False
             try:
-                await self._stream_pull(stream, it, sent)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._read_acks, stream, it)
+                    await self._stream_pull(stream, it, sent)
+                    n.cancel_scope.cancel()
             finally:
                 it.mirrors -= 1
+                it.copied = None
         except Exception as e:
             log.info("origin: mirror stream to %s ended: %r", peer, e)
         finally:
             await _close_stream(stream)
+
+    @staticmethod
+    async def _read_acks(stream, it: _Interest) -> None:
+        """The backup's acknowledgements: after each frame it has written, ``{"name", "have"}``."""
+        while True:
+            name, have = parse_ack(await _read_frame(stream))
+            if it.copied is not None and (name in it.copied or len(it.copied) < MAX_MIRROR_FILES):
+                it.copied[name] = have
+
+    def _gate(self, it: _Interest):
+        """The download's gate while we pull (``hubpull.GATES``, called in the download's thread
+        after each chunk): hold the download while it is more than MIRROR_MAX_LAG ahead of what
+        the backup has acknowledged of that file, so a puller that dies costs the origin at most
+        that much again (plus what is in flight). Never for longer than MIRROR_GATE_WAIT without
+        the copy moving: then the gate stays open for this stream (the followers drop a puller
+        whose download makes no progress for STALL_TIMEOUT)."""
+
+        def gate(name: str, offset: int, stop) -> None:
+            last, since = None, time.monotonic()
+            while not stop.is_set() and not it.gate_off:
+                copied = it.copied
+                if copied is None:  # no backup copying
+                    return
+                have = copied.get(name, 0)
+                if offset - have <= MIRROR_MAX_LAG:
+                    return
+                now = time.monotonic()
+                if have != last:
+                    last, since = have, now
+                elif now - since > MIRROR_GATE_WAIT:
+                    it.gate_off = True
+                    log.info("origin: the backup's copy stopped at %d bytes of %s", have, name[:12])
+                    return
+                time.sleep(0.005)
+
+        return gate
 
     async def _stream_pull(self, stream, it: _Interest, sent: dict[str, int]) -> None:
         """Send what our pull writes that the backup lacks (``sent``: what its copy holds)."""
@@ -339,7 +387,11 @@ class OriginCoordinator:
         result: list[Path] = []
 
         async def run_pull(cancel: trio.CancelScope) -> None:
-            result.append(await pull(downloaded))
+            hubpull.GATES[blobs] = self._gate(it)
+            try:
+                result.append(await pull(downloaded))
+            finally:
+                hubpull.GATES.pop(blobs, None)
             cancel.cancel()
 
         rival: str | None = None
@@ -504,6 +556,8 @@ class OriginCoordinator:
                     raise ValueError(f"{name[:12]}: frame at {offset} does not continue our copy")
                 it.have += grown - have.get(name, 0)  # kept current: the election ranks by it
                 have[name] = grown
+                with trio.fail_after(QUERY_TIMEOUT):  # the puller holds its download on these
+                    await stream.write(encode_header({"name": name, "have": grown}))
         finally:
             await _close_stream(stream)
 

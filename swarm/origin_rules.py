@@ -85,6 +85,17 @@ MIRROR_FRAME = 1 << 20
 MIRROR_IDLE = 0.05
 """Seconds the puller's side of the mirror stream sleeps when the backup has every byte written
 so far (the copy lags the pull by at most this, plus what is in flight on the stream)."""
+MIRROR_MAX_LAG = 8 << 20
+"""Most bytes of a file the puller's download may be ahead of what its backup has acknowledged:
+the download waits (``hubpull.GATES``) while it is further ahead. A puller that dies then costs
+the origin at most this again, plus what was in flight. Without it the copy, a libp2p stream
+that a loaded host ran at ~16 MB/s against the origin's 24 MB/s, was 35 MB behind at a kill
+(testbed: 1.15 x the model). The price: where the stream is slower than the origin, the pull
+runs at the stream's rate."""
+MIRROR_GATE_WAIT = 2.0
+"""Seconds the download waits on a copy that does not move at all before it stops waiting for
+that stream (a backup that hangs; the followers would take a download without progress for
+STALL_TIMEOUT as a stalled puller)."""
 MAX_MIRRORS = 1
 """Mirror streams a puller serves at once. Views of the interested set differ on a loaded host
 (testbed: three followers each took themselves for the backup), and every stream is a copy of the
@@ -205,6 +216,19 @@ def parse_frame_header(raw: bytes) -> tuple[str, int, int]:
     if not _count(offset) or not _count(n) or n > MIRROR_FRAME or not n:
         raise ValueError("bad mirror frame offset or length")
     return name, offset, n
+
+
+def parse_ack(raw: bytes) -> tuple[str, int]:
+    """(blob name, bytes the backup's copy of it holds) of an acknowledgement frame."""
+    obj = json.loads(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("bad mirror ack")
+    name, have = obj.get("name"), obj.get("have")
+    if not isinstance(name, str) or not _mirror_name(name) or name.endswith(PARTIAL_SUFFIX):
+        raise ValueError("bad mirror ack name")
+    if not _count(have):
+        raise ValueError("bad mirror ack size")
+    return name, have
 
 
 def parse_mirror_request(raw: bytes) -> tuple[bytes, dict[str, int]]:

@@ -411,8 +411,46 @@ async def test_backup_copy_follows_the_pull_as_it_grows(tmp_path):
         assert (ours / (first + origin.PARTIAL_SUFFIX)).read_bytes() == data
         assert (ours / (second + origin.PARTIAL_SUFFIX)).read_bytes() == data[:1000]
         assert copy.have == len(data) + 1000
+        # The backup acknowledged what it wrote: the puller's gate reads it.
+        assert pulling.copied == {first: len(data), second: 1000}
         # The puller's side ends with its pull: the stream closes, no task is left serving.
         pulling.state = "seeded"
         with trio.fail_after(30):
             while pulling.mirrors:
                 await trio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_the_download_waits_for_the_backups_copy_but_not_on_a_stuck_one(monkeypatch):
+    # hubpull calls the gate after every chunk: it returns at once while the download is at most
+    # MIRROR_MAX_LAG ahead of the backup's acknowledged copy (or no backup copies), waits while
+    # the copy moves, and stops waiting on a copy that does not move at all (the followers would
+    # drop a puller whose download shows no progress).
+    import threading
+
+    monkeypatch.setattr(origin, "MIRROR_GATE_WAIT", 20.0)  # no stop while the copy moves
+    it = origin._Interest(state="pulling")
+    gate = origin.OriginCoordinator(None, "me")._gate(it)
+    stop = threading.Event()
+    name = "ab" * 32
+    gate(name, 1 << 40, stop)  # no backup copying: no wait
+    it.copied = {name: 0}
+    gate(name, origin.MIRROR_MAX_LAG, stop)  # within the lag
+    done = threading.Event()
+
+    def ahead() -> None:
+        gate(name, origin.MIRROR_MAX_LAG + (4 << 20), stop)
+        done.set()
+
+    t = threading.Thread(target=ahead)
+    t.start()
+    for step in range(1, 5):  # the copy moves: the download waits for it
+        assert not done.wait(0.1)
+        it.copied[name] = step << 20
+    assert done.wait(10)
+    t.join()
+    assert not it.gate_off
+    monkeypatch.setattr(origin, "MIRROR_GATE_WAIT", 0.3)
+    gate(name, 1 << 40, stop)  # the copy stops moving: after MIRROR_GATE_WAIT, no more waiting
+    assert it.gate_off
+    gate(name, 1 << 41, stop)
