@@ -57,9 +57,10 @@ READ_TIMEOUT = 30.0
 the others long before: swarm/origin.py STALL_TIMEOUT)."""
 
 
-GATES: dict[Path, Callable[[str, int, threading.Event], None]] = {}
+GATES: dict[Path, Callable[[str, int, int, threading.Event], None]] = {}
 """Per blobs directory, a function the download calls after each chunk it writes (blob name, bytes
-of that file written so far, the stop event): it may hold the download back. The origin-once
+of that file written so far, the byte this request began at, the stop event): it may hold the
+download back. The origin-once
 puller registers one that keeps the origin from getting more than ``MIRROR_MAX_LAG`` ahead of its
 backup's copy (swarm/origin.py)."""
 
@@ -201,6 +202,7 @@ def _download(client, url: str, partial: Path, entry: HubEntry, stop: threading.
                 )
         else:
             raise FetchError(f"{url}: HTTP {r.status_code}")
+        began = have
         with open(partial, "ab" if have else "wb") as out:
             for chunk in r.iter_bytes(READ_CHUNK):
                 if stop.is_set():
@@ -213,7 +215,7 @@ def _download(client, url: str, partial: Path, entry: HubEntry, stop: threading.
                 gate = GATES.get(partial.parent)
                 if gate is not None:
                     out.flush()
-                    gate(partial.name.removesuffix(PARTIAL_SUFFIX), have, stop)
+                    gate(partial.name.removesuffix(PARTIAL_SUFFIX), have, began, stop)
     if have != size:
         raise FetchError(f"{url}: body ended at {have} of {size} bytes")
     return digest

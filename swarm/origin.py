@@ -47,6 +47,7 @@ from swarm.net.host import QUERY_TIMEOUT, NetError, PeerAddr, model_key
 from swarm.origin_rules import (  # noqa: F401 (swarm.origin's names, as before the split)
     BACKUP_SILENT,
     ELECTION_SETTLE,
+    FINISHED_FRAMES,
     LOOKUP_TIMEOUT,
     MAX_CANDIDATES,
     MAX_FRAME_HEADER,
@@ -132,7 +133,11 @@ class OriginCoordinator:
         if it.state == "pulling" and it.building:
             it.progress += 1  # hashing the snapshot for the manifest: alive, nothing to download
         elif it.state == "pulling" and it.blobs is not None:
+            # Our download's bytes, and our backup's copy: while the download waits for the copy
+            # (_gate) the copy moves, and the followers see progress.
+            copied = it.copied
             got = await trio.to_thread.run_sync(dir_bytes, it.blobs)
+            got += sum(copied.values()) if copied else 0
             # No byte yet: asking the origin for its listing (seconds on a loaded host; a hang
             # there ends in hubpull's timeouts, then "failed"): alive, so progress ticks.
             it.progress = got if got else it.progress + 1
@@ -178,19 +183,20 @@ class OriginCoordinator:
     def _gate(self, it: _Interest):
         """The download's gate while we pull (``hubpull.GATES``, called in the download's thread
         after each chunk): hold the download while it is more than MIRROR_MAX_LAG ahead of what
-        the backup has acknowledged of that file, so a puller that dies costs the origin at most
-        that much again (plus what is in flight). Never for longer than MIRROR_GATE_WAIT without
+        the backup has acknowledged of that file (or than where this request began: bytes we
+        resumed from came from elsewhere), so a puller that dies costs the origin at most that
+        much again (plus what is in flight). Never for longer than MIRROR_GATE_WAIT without
         the copy moving: then the gate stays open for this stream (the followers drop a puller
         whose download makes no progress for STALL_TIMEOUT)."""
 
-        def gate(name: str, offset: int, stop) -> None:
+        def gate(name: str, offset: int, began: int, stop) -> None:
             last, since = None, time.monotonic()
             while not stop.is_set() and not it.gate_off:
                 copied = it.copied
                 if copied is None:  # no backup copying
                     return
                 have = copied.get(name, 0)
-                if offset - have <= MIRROR_MAX_LAG:
+                if offset - max(have, began) <= MIRROR_MAX_LAG:
                     return
                 now = time.monotonic()
                 if have != last:
@@ -204,25 +210,44 @@ class OriginCoordinator:
         return gate
 
     async def _stream_pull(self, stream, it: _Interest, sent: dict[str, int]) -> None:
-        """Send what our pull writes that the backup lacks (``sent``: what its copy holds)."""
+        """Send what our pull writes that the backup lacks (``sent``: what its copy holds). The
+        files being downloaded come first (our download waits on their copy, ``_gate``); finished
+        ones (a backup that attached late, or a new backup of a resumed pull) get a few frames
+        per pass in between."""
         blobs = it.blobs
+
+        async def send(base: str, off: int, n: int) -> bool:
+            data = await trio.to_thread.run_sync(read_blob, blobs, base, off, n)
+            if not data:
+                return False
+            # A backup that stops reading holds the stream (and this task) no longer.
+            with trio.fail_after(QUERY_TIMEOUT):
+                await stream.write(encode_frame(base, off, data))
+            sent[base] = off + len(data)
+            return True
+
         while it.state == "pulling" and it.blobs is blobs:
-            sizes = await trio.to_thread.run_sync(copy_sizes, blobs)
+            listing = await trio.to_thread.run_sync(blob_sizes, blobs)
+            growing = {n.removesuffix(PARTIAL_SUFFIX) for n, _ in listing if n.endswith(PARTIAL_SUFFIX)}
+            sizes: dict[str, int] = {}
+            for n, size in listing:
+                base = n.removesuffix(PARTIAL_SUFFIX)
+                if base in sent or len(sent) < MAX_MIRROR_FILES:
+                    sizes[base] = max(sizes.get(base, 0), size)
             moved = False
-            for base, size in sorted(sizes.items()):
-                if base not in sent and len(sent) >= MAX_MIRROR_FILES:
-                    continue
-                off = sent.get(base, 0)
-                while off < size and it.state == "pulling":
-                    n = min(MIRROR_FRAME, size - off)
-                    data = await trio.to_thread.run_sync(read_blob, blobs, base, off, n)
-                    if not data:
+            for base in sorted(b for b in sizes if b in growing):
+                while sent.get(base, 0) < sizes[base] and it.state == "pulling":
+                    off = sent.get(base, 0)
+                    if not await send(base, off, min(MIRROR_FRAME, sizes[base] - off)):
                         break
-                    # A backup that stops reading holds the stream (and this task) no longer.
-                    with trio.fail_after(QUERY_TIMEOUT):
-                        await stream.write(encode_frame(base, off, data))
-                    off = sent[base] = off + len(data)
                     moved = True
+            budget = FINISHED_FRAMES
+            for base in sorted(b for b in sizes if b not in growing):
+                while budget and sent.get(base, 0) < sizes[base] and it.state == "pulling":
+                    off = sent.get(base, 0)
+                    if not await send(base, off, min(MIRROR_FRAME, sizes[base] - off)):
+                        break
+                    moved, budget = True, budget - 1
             if not moved:
                 await trio.sleep(MIRROR_IDLE)
 

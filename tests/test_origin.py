@@ -433,13 +433,14 @@ def test_the_download_waits_for_the_backups_copy_but_not_on_a_stuck_one(monkeypa
     gate = origin.OriginCoordinator(None, "me")._gate(it)
     stop = threading.Event()
     name = "ab" * 32
-    gate(name, 1 << 40, stop)  # no backup copying: no wait
+    gate(name, 1 << 40, 0, stop)  # no backup copying: no wait
     it.copied = {name: 0}
-    gate(name, origin.MIRROR_MAX_LAG, stop)  # within the lag
+    gate(name, origin.MIRROR_MAX_LAG, 0, stop)  # within the lag
+    gate(name, 1 << 40, (1 << 40) - 1, stop)  # resumed from a copy: only what came since counts
     done = threading.Event()
 
     def ahead() -> None:
-        gate(name, origin.MIRROR_MAX_LAG + (4 << 20), stop)
+        gate(name, origin.MIRROR_MAX_LAG + (4 << 20), 0, stop)
         done.set()
 
     t = threading.Thread(target=ahead)
@@ -451,6 +452,6 @@ def test_the_download_waits_for_the_backups_copy_but_not_on_a_stuck_one(monkeypa
     t.join()
     assert not it.gate_off
     monkeypatch.setattr(origin, "MIRROR_GATE_WAIT", 0.3)
-    gate(name, 1 << 40, stop)  # the copy stops moving: after MIRROR_GATE_WAIT, no more waiting
+    gate(name, 1 << 40, 0, stop)  # the copy stops moving: after MIRROR_GATE_WAIT, no more waiting
     assert it.gate_off
-    gate(name, 1 << 41, stop)
+    gate(name, 1 << 41, 0, stop)
