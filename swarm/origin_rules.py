@@ -83,8 +83,8 @@ reply bounded by the 5 s query timeout, and on the loaded testbed the copy held 
 MIRROR_FRAME = 1 << 20
 """Most bytes of one frame of the mirror stream (the puller's download writes 1 MiB chunks)."""
 FINISHED_FRAMES = 4
-"""Frames of finished files the puller sends its backup between two looks at the files being
-downloaded (those come first: the download waits on their copy)."""
+"""Frames of finished files the puller sends its backup when the files being downloaded have
+nothing new for it (those come first: the download waits on their copy)."""
 MIRROR_IDLE = 0.05
 """Seconds the puller's side of the mirror stream sleeps when the backup has every byte written
 so far (the copy lags the pull by at most this, plus what is in flight on the stream)."""
