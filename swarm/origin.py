@@ -38,7 +38,6 @@ from pathlib import Path
 import attrs
 import outcome
 import trio
-from libp2p.custom_types import TProtocol
 
 from swarm import hubpull
 from swarm.hubpull import PARTIAL_SUFFIX
@@ -122,8 +121,9 @@ class OriginCoordinator:
     def install(self) -> None:
         self.host.set_query_handler(ORIGIN_PROTOCOL, self._answer)
         # A long-lived stream, not a query: py-libp2p's host serves it (SwarmHost has no generic
-        # stream handler; the data lane and pieces protocols are the engine's).
-        self.host._host.set_stream_handler(TProtocol(MIRROR_PROTOCOL), self._serve_mirror)
+        # stream handler; the data lane and pieces protocols are the engine's). A protocol id is
+        # a plain str at run time (libp2p's TProtocol; only swarm/net imports libp2p).
+        self.host._host.set_stream_handler(MIRROR_PROTOCOL, self._serve_mirror)
 
     async def _answer(self, _peer: str, request: bytes) -> bytes:
         key, _obj = _parse_query(request)
