@@ -183,9 +183,11 @@ def run_crowd(
     model_bytes: int,
     place=None,
     log: bool = False,
+    kill=None,
 ) -> dict:
     """One crowd; ``place(i)``: (extra spec fields, command prefix) of node ``i`` (the testbed puts
-    each in a namespace of its own, scripts/bench_origin_testbed.py)."""
+    each in a namespace of its own, scripts/bench_origin_testbed.py); ``kill(i)``: how the first
+    puller (node ``i``) is taken away at ``kill_at`` (default: SIGKILL)."""
     root = tmp / name
     procs: list[Proc] = []
     peer_ids: list[str] = []
@@ -243,7 +245,10 @@ def run_crowd(
                         timeline.setdefault(i, {})["end"] = round(msg["seconds"], 2)
             if kill_at is not None and killed is None and pulls and hub.bytes_served >= kill_at * model_bytes:
                 killed = min(pulls)[1]
-                fetchers[killed].p.send_signal(signal.SIGKILL)
+                if kill is None:
+                    fetchers[killed].p.send_signal(signal.SIGKILL)
+                else:
+                    kill(killed)
                 kill_time = time.time() - at
         ok = [r for r in results.values() if r.get("done")]
         out = {
@@ -259,6 +264,7 @@ def run_crowd(
             "sources": sorted({r.get("source", "") for r in ok}),
             "timeline": {i: timeline[i] for i in sorted(timeline)},
             "pullers": [i for _t, i in sorted(pulls)],
+            "t_start": at,
         }
         if killed is not None:
             out["killed_at_s"] = round(kill_time, 2)

@@ -12,7 +12,9 @@ Runs (each on fresh node processes and caches, the same namespaces and origin):
 * ``today``: the N nodes fetch at once with origin-once switched off: each goes to the origin;
 * ``once``: the N nodes fetch at once with origin-once (swarm/origin.py);
 * ``kill``: as ``once``, and the first puller is SIGKILLed when the origin has sent ``--kill-at``
-  of the model.
+  of the model;
+* ``vanish``: as ``kill``, but the first puller's bridge port goes down instead (no FIN, no RST:
+  the host is gone from the network, its process still runs); it comes back after the run.
 
 Times are wall-clock times of the real node processes (from the common start to each node's
 ``fetch_with_fallback`` return). It prints one JSON line per run and a table with the targets:
@@ -80,7 +82,9 @@ def hub_child(spec: dict) -> None:
                     for r in hub.model_requests
                     if r.method == "GET" and "/resolve/" in r.path
                 ]
-                say(bytes=hub.bytes_served, gets=gets)
+                with hub._lock:
+                    transfers = [dict(t) for t in hub.transfers]
+                say(bytes=hub.bytes_served, gets=gets, transfers=transfers)
             else:
                 return
 
@@ -155,7 +159,7 @@ def main() -> None:
     ap.add_argument("--size", default="256M", help="weights bytes (two shards)")
     ap.add_argument("--origin-rate", default="200mbit", help="the origin's upload cap (tc tbf)")
     ap.add_argument("--node-rate", default="1gbit", help="each node's upload and download cap")
-    ap.add_argument("--runs", default="swarm,once,kill", help="of swarm,today,once,kill")
+    ap.add_argument("--runs", default="swarm,once,kill", help="of swarm,today,once,kill,vanish")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the runs (interleaved)")
     ap.add_argument("--kill-at", type=float, default=0.5)
     ap.add_argument("--lane", default="plaintext", help="the nodes' data lane (as the fleet testbed)")
@@ -203,6 +207,12 @@ def main() -> None:
                         )
 
                     swarm = name == "swarm"
+                    gone: list[int] = []
+
+                    def vanish(i: int, gone=gone) -> None:
+                        fabric.set_port(nets[i], False)
+                        gone.append(i)
+
                     r = run_crowd(
                         tmp,
                         f"{name}-{rep}",
@@ -210,12 +220,31 @@ def main() -> None:
                         args.nodes - 1 if swarm else args.nodes,
                         origin_once=name not in ("today", "swarm"),
                         serve=served if swarm else None,
-                        kill_at=args.kill_at if name == "kill" else None,
+                        kill_at=args.kill_at if name in ("kill", "vanish") else None,
                         model_bytes=model_bytes,
                         place=place,
                         log=True,
+                        kill=vanish if name == "vanish" else None,
                     )
-                    r["ranged_gets"] = [g for g in hub.stats()["gets"] if g[1]]
+                    for i in gone:
+                        fabric.set_port(nets[i], True)
+                    stats = hub.stats()
+                    r["ranged_gets"] = [g for g in stats["gets"] if g[1]]
+                    # The origin's per-body log: which node read which file from which byte, how
+                    # much, when (seconds from the crowd's start): double reads show up here.
+                    who = {net.addr: i for i, net in enumerate(nets)}
+                    t_start = r.get("t_start", 0.0)
+                    r["transfers"] = [
+                        [
+                            who.get(t["client"], t["client"]),
+                            t["file"],
+                            t["start"],
+                            t["sent"],
+                            round(t["t0"] - t_start, 2),
+                            round((t["t1"] or t["t0"]) - t_start, 2),
+                        ]
+                        for t in stats["transfers"]
+                    ]
                     if swarm:
                         t_min = r["last_s"]
                         r["origin_bytes"], r["origin_x"] = 0, 0.0  # it served from a directory

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -54,6 +55,14 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0
 """Seconds without a byte from the origin before the request fails (the puller is replaced by
 the others long before: swarm/origin.py STALL_TIMEOUT)."""
+
+
+GATES: dict[Path, Callable[[str, int, int, threading.Event], None]] = {}
+"""Per blobs directory, a function the download calls after each chunk it writes (blob name, bytes
+of that file written so far, the byte this request began at, the stop event): it may hold the
+download back. The origin-once
+puller registers one that keeps the origin from getting more than ``MIRROR_MAX_LAG`` ahead of its
+backup's copy (swarm/origin.py)."""
 
 
 class Cancelled(Exception):
@@ -193,6 +202,7 @@ def _download(client, url: str, partial: Path, entry: HubEntry, stop: threading.
                 )
         else:
             raise FetchError(f"{url}: HTTP {r.status_code}")
+        began = have
         with open(partial, "ab" if have else "wb") as out:
             for chunk in r.iter_bytes(READ_CHUNK):
                 if stop.is_set():
@@ -202,6 +212,10 @@ def _download(client, url: str, partial: Path, entry: HubEntry, stop: threading.
                     raise VerificationFailed(f"{url}: more than the {size} bytes the Hub lists")
                 out.write(chunk)
                 digest.update(chunk)
+                gate = GATES.get(partial.parent)
+                if gate is not None:
+                    out.flush()
+                    gate(partial.name.removesuffix(PARTIAL_SUFFIX), have, began, stop)
     if have != size:
         raise FetchError(f"{url}: body ended at {have} of {size} bytes")
     return digest

@@ -42,6 +42,11 @@ SILENT_TIMEOUT."""
 SILENT_TIMEOUT = 8.0
 """Seconds without any answer from the puller (state, file listing or mirrored bytes) after which
 it counts as gone: a host that vanished (no RST) or hangs. A busy one answers within this."""
+BACKUP_SILENT = 4.0
+"""SILENT_TIMEOUT for the backup, which hears the pull's bytes on its mirror stream as well as
+the state answers: nothing of either for this long and it takes over (a vanished puller is
+replaced in ~5 s, not ~9). Dropping a live puller by mistake costs little: the backup then pulls
+with more resume bytes than the old puller started with, so the old one gives way to it."""
 STALL_TIMEOUT = 3.0
 """Seconds without any progress reported by the puller (bytes of its download) before it is
 replaced. The Hub client writes as bytes arrive, so a live pull moves every few ms."""
@@ -51,6 +56,13 @@ MAX_PROBES = 64
 """Connected peers asked directly in one election or rival check, besides those the DHT names: an
 interest record may still be on its way (testbed, 8 nodes on 2 loaded vCPUs: announcing took
 0.8-10 s, and three nodes that found no one in the DHT pulled side by side)."""
+SMALL_NETWORK = 20
+"""Fewer known peers (connected and in the DHT routing table) than this, Kademlia's bucket size:
+the routing table holds the whole network, so a survey that has heard from (or timed out on)
+every known peer waits for its DHT lookup only SURVEY_DHT_GRACE more."""
+SURVEY_DHT_GRACE = 0.3
+"""Seconds (see SMALL_NETWORK). The lookup ran its full LOOKUP_TIMEOUT in every election on the
+testbed (1.7-1.8 s, eight nodes that had all answered in milliseconds)."""
 PROVIDE_WAIT = 3.0
 """Seconds the interest announcement (ADD_PROVIDER) may hold up the election."""
 WAIT_GRACE = 15.0
@@ -63,14 +75,43 @@ RIVAL_WINDOW = 5.0
 (elected at the same time from a different view) and gives way to it."""
 RIVAL_CHECK = 1.0
 """Seconds between those looks."""
-MIRROR_PROTOCOL = "/swarm/origin-data/1.0.0"
-MIRROR_CHUNK = 16 << 20
-"""Most bytes of a partial file one mirror query returns. At 4 MiB (a stream opened per query) the
-backup's copy fell far behind on a loaded host: 11 MB copied when the puller died at 135 MB
-(testbed), and the replacement pulled the rest again (1.48 x the model)."""
+MIRROR_PROTOCOL = "/swarm/origin-data/2.0.0"
+"""The backup's copy of the puller's files: one long-lived stream per pull (below,
+:func:`encode_frame`). Version 1.0.0 was a query per 16 MiB: a stream opened per query, each
+reply bounded by the 5 s query timeout, and on the loaded testbed the copy held 1.6-9.8 MB of the
+~135 MB the puller had when it was killed (the replacement pulled the rest again: 1.49-1.73 x)."""
+MIRROR_FRAME = 1 << 20
+"""Most bytes of one frame of the mirror stream (the puller's download writes 1 MiB chunks)."""
+FINISHED_FRAMES = 4
+"""Frames of finished files the puller sends its backup when the files being downloaded have
+nothing new for it (those come first: the download waits on their copy)."""
+MIRROR_IDLE = 0.05
+"""Seconds the puller's side of the mirror stream sleeps when the backup has every byte written
+so far (the copy lags the pull by at most this, plus what is in flight on the stream)."""
+MIRROR_MAX_LAG = 8 << 20
+"""Most bytes of a file the puller's download may be ahead of what its backup has acknowledged:
+the download waits (``hubpull.GATES``) while it is further ahead. A puller that dies then costs
+the origin at most this again, plus what was in flight. Without it the copy, a libp2p stream
+that a loaded host ran at ~16 MB/s against the origin's 24 MB/s, was 35 MB behind at a kill
+(testbed: 1.15 x the model). The price: where the stream is slower than the origin, the pull
+runs at the stream's rate."""
+MIRROR_GATE_WAIT = 2.0
+"""Seconds the download waits on a copy that does not move at all before it stops waiting for
+that stream (a backup that hangs; the followers would take a download without progress for
+STALL_TIMEOUT as a stalled puller)."""
+MAX_MIRRORS = 1
+"""Mirror streams a puller serves at once. Views of the interested set differ on a loaded host
+(testbed: three followers each took themselves for the backup), and every stream is a copy of the
+whole pull through the puller's CPU; the election after a death ranks by bytes held, so the one
+backup that copies is the one elected."""
+MIRROR_RETRY = 1.0
+"""Seconds before a backup opens the mirror stream again (refused: another backup has it; or
+broken)."""
 MAX_MIRROR_FILES = 64
-"""Most files a puller lists to its backup (the weight shards of a large model)."""
-
+"""Most files one mirror stream carries (the weight shards of a large model)."""
+MAX_FRAME_HEADER = 8192
+"""Largest frame header: a file frame's (a blob name and two integers), or the backup's first one
+(up to MAX_MIRROR_FILES names and sizes)."""
 _ORIGIN_KEY_PREFIX = b"swarm/origin/"
 _SHA2_256 = 0x12
 _STATES = ("waiting", "pulling", "seeded", "failed", "none")
@@ -149,24 +190,89 @@ def _mirror_name(name: str) -> bool:
     return BLOB_NAME.fullmatch(name.removesuffix(PARTIAL_SUFFIX)) is not None
 
 
-def _parse_listing(raw: bytes) -> list[tuple[str, int]]:
-    """A puller's list of [name, size]; ValueError on anything else."""
+def encode_frame(name: str, offset: int, data: bytes) -> bytes:
+    """One frame of the mirror stream: a 4-byte big-endian header length, the header (JSON
+    ``{"name": <blob name>, "offset": <byte of the file>, "len": <payload bytes>}``), the payload.
+    The stream's first frame, from the backup, is a header alone: ``{"key": <origin key hex>,
+    "have": [[name, size], ...]}`` (what its copy holds); the puller answers with file frames,
+    each continuing a file where the backup's copy ends."""
+    header = json.dumps({"name": name, "offset": offset, "len": len(data)}).encode()
+    return len(header).to_bytes(4, "big") + header + data
+
+
+def encode_header(obj: dict) -> bytes:
+    """A header-only frame (the backup's first)."""
+    raw = json.dumps(obj).encode()
+    if len(raw) > MAX_FRAME_HEADER:
+        raise ValueError(f"mirror header of {len(raw)} bytes")
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def parse_frame_header(raw: bytes) -> tuple[str, int, int]:
+    """(blob name, offset, payload length) of a file frame's header; ValueError on anything else."""
     obj = json.loads(raw)
-    if not isinstance(obj, list) or len(obj) > MAX_MIRROR_FILES:
-        raise ValueError("bad file listing")
-    out = []
-    for item in obj:
+    if not isinstance(obj, dict):
+        raise ValueError("bad mirror frame")
+    name, offset, n = obj.get("name"), obj.get("offset"), obj.get("len")
+    if not isinstance(name, str) or not _mirror_name(name) or name.endswith(PARTIAL_SUFFIX):
+        raise ValueError("bad mirror frame name")
+    if not _count(offset) or not _count(n) or n > MIRROR_FRAME or not n:
+        raise ValueError("bad mirror frame offset or length")
+    return name, offset, n
+
+
+def parse_ack(raw: bytes) -> tuple[str, int]:
+    """(blob name, bytes the backup's copy of it holds) of an acknowledgement frame."""
+    obj = json.loads(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("bad mirror ack")
+    name, have = obj.get("name"), obj.get("have")
+    if not isinstance(name, str) or not _mirror_name(name) or name.endswith(PARTIAL_SUFFIX):
+        raise ValueError("bad mirror ack name")
+    if not _count(have):
+        raise ValueError("bad mirror ack size")
+    return name, have
+
+
+def parse_mirror_request(raw: bytes) -> tuple[bytes, dict[str, int]]:
+    """(origin key, {blob name: bytes the backup holds}) of a mirror stream's first frame."""
+    key, obj = _parse_query(raw)
+    have = obj.get("have", [])
+    if not isinstance(have, list) or len(have) > MAX_MIRROR_FILES:
+        raise ValueError("bad mirror request")
+    out: dict[str, int] = {}
+    for item in have:
         if (
             not isinstance(item, list)
             or len(item) != 2
             or not isinstance(item[0], str)
             or not _mirror_name(item[0])
-            or isinstance(item[1], bool)
-            or not isinstance(item[1], int)
-            or not 0 <= item[1] < 1 << 50
+            or not _count(item[1])
         ):
-            raise ValueError("bad file listing entry")
-        out.append((item[0], item[1]))
+            raise ValueError("bad mirror request entry")
+        out[item[0].removesuffix(PARTIAL_SUFFIX)] = item[1]
+    return key, out
+
+
+def read_blob(blobs: Path, base: str, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``offset`` of blob ``base`` in ``blobs``, partial or finished (the
+    pull renames the partial file when it is verified); b"" if neither is there."""
+    for name in (base + PARTIAL_SUFFIX, base):
+        try:
+            with open(blobs / name, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(n)
+        except FileNotFoundError:
+            continue
+    return b""
+
+
+def copy_sizes(blobs: Path) -> dict[str, int]:
+    """{blob name: size} of what ``blobs`` holds, partial or finished (one entry per blob)."""
+    out: dict[str, int] = {}
+    for name, size in blob_sizes(blobs):
+        base = name.removesuffix(PARTIAL_SUFFIX)
+        out[base] = max(out.get(base, 0), size)
     return out
 
 

@@ -25,7 +25,8 @@ pass that many bytes of one file hangs until the hub stops, as a dead origin con
 
 Errors look like the Hub's: 404 with ``X-Error-Code: RepoNotFound`` (unknown repo, or 401 when a
 token is required and missing/wrong), ``RevisionNotFound`` and ``EntryNotFound`` (with
-``X-Repo-Commit``).  Every request is recorded (``hub.requests``); ``hub.model_requests`` leaves out
+``X-Repo-Commit``).  Every request is recorded (``hub.requests``), every file body sent with its
+client address, range and bytes (``hub.transfers``); ``hub.model_requests`` leaves out
 requests that are not about a repository (huggingface_hub's once-per-process user-agent registry
 lookup, ``/api/agent-harnesses``, which gets a plain 404).
 """
@@ -110,6 +111,7 @@ class FakeHub:
         self.corrupted: set[tuple[str, str]] = set()
         self.padded: set[tuple[str, str]] = set()
         self.requests: list[HubRequest] = []
+        self.transfers: list[dict] = []  # one per file body: client, file, range, bytes sent, times
         self.bytes_served = 0
         self._lock = threading.Lock()
         self._bucket_time = time.monotonic()
@@ -215,6 +217,7 @@ class FakeHub:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.transfers.clear()
             self.bytes_served = 0
 
 
@@ -414,6 +417,17 @@ class _Handler(BaseHTTPRequestHandler):
         flip = (end - start) // 2 if (repo.repo_id, f.path) in hub.corrupted else -1
         block = _BLOCK if not hub.rate else _RATED_BLOCK
         sent = 0
+        rec = {
+            "client": self.client_address[0],
+            "file": f.path,
+            "range": rng,
+            "start": start,
+            "sent": 0,
+            "t0": time.time(),
+            "t1": None,
+        }
+        with hub._lock:
+            hub.transfers.append(rec)
         with open(f.source, "rb") as fh:
             fh.seek(start)
             left = end - start
@@ -430,6 +444,7 @@ class _Handler(BaseHTTPRequestHandler):
                 sent += len(chunk)
                 with hub._lock:
                     hub.bytes_served += len(chunk)
+                    rec["sent"], rec["t1"] = sent, time.time()
                 if hub._should_hang(sent):
                     self.wfile.flush()
                     hub._stopping.wait()

@@ -355,3 +355,103 @@ async def test_garbage_origin_query_does_not_hurt_the_host(tmp_path):
             assert reply == b"", reply
         st = await a.origin.ask(b.peer_id, origin_key(REPO, "main"))
         assert st == OriginState("none")
+
+
+async def _size_when(path: Path, size: int) -> None:
+    while not path.exists() or path.stat().st_size != size:
+        await trio.sleep(0.02)
+
+
+@pytest.mark.timeout(90)
+async def test_backup_copy_follows_the_pull_as_it_grows(tmp_path):
+    # The backup's copy is one stream the puller feeds as its pull writes (a query per 16 MiB
+    # before: on the loaded testbed the copy held 1.6-9.8 MB of ~135 MB when the puller died).
+    # A file that grows, is renamed when verified, and a second file all reach the copy; a
+    # second backup is refused while the first copies; the stream ends with the pull.
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(2):
+            boot = tuple(nodes[0].host.addrs[:1]) if nodes else ()
+            node = Node(
+                NodeConfig(
+                    home=tmp_path / f"m{i}" / "home",
+                    cache_dir=tmp_path / f"m{i}" / "cache",
+                    engine=ENGINE,
+                    bootstrap=boot,
+                )
+            )
+            await stack.enter_async_context(node.running())
+            nodes.append(node)
+        puller, backup = nodes
+        key = origin_key(REPO, "main")
+        theirs, ours = tmp_path / "puller-blobs", tmp_path / "backup-blobs"
+        theirs.mkdir()
+        first, second = "ab" * 32, "cd" * 20  # an LFS sha256 and a git blob sha1
+        data = bytes(range(256)) * (24 << 10)  # 6 MiB
+        (theirs / (first + origin.PARTIAL_SUFFIX)).write_bytes(data[: 3 << 20])
+        pulling = origin._Interest(state="pulling", leader=puller.peer_id, blobs=theirs)
+        puller.origin.interests[key] = pulling
+        copy = origin._Interest()
+        async with trio.open_nursery() as n:
+            n.start_soon(backup.origin._mirror, key, puller.peer_id, ours, copy)
+            with trio.fail_after(60):
+                await _size_when(ours / (first + origin.PARTIAL_SUFFIX), 3 << 20)
+                with open(theirs / (first + origin.PARTIAL_SUFFIX), "ab") as fh:
+                    fh.write(data[3 << 20 :])
+                (theirs / (first + origin.PARTIAL_SUFFIX)).rename(theirs / first)  # verified
+                (theirs / (second + origin.PARTIAL_SUFFIX)).write_bytes(data[:1000])
+                await _size_when(ours / (first + origin.PARTIAL_SUFFIX), len(data))
+                await _size_when(ours / (second + origin.PARTIAL_SUFFIX), 1000)
+                # Another backup (views differ on a loaded host) gets no stream of its own.
+                other = origin._Interest()
+                with pytest.raises(Exception):  # noqa: B017 (closed by the puller: EOF or reset)
+                    await backup.origin._mirror_stream(key, puller.peer_id, tmp_path / "other", other)
+                assert other.have == 0
+            n.cancel_scope.cancel()
+        assert (ours / (first + origin.PARTIAL_SUFFIX)).read_bytes() == data
+        assert (ours / (second + origin.PARTIAL_SUFFIX)).read_bytes() == data[:1000]
+        assert copy.have == len(data) + 1000
+        # The backup acknowledged what it wrote: the puller's gate reads it.
+        assert pulling.copied == {first: len(data), second: 1000}
+        # The puller's side ends with its pull: the stream closes, no task is left serving.
+        pulling.state = "seeded"
+        with trio.fail_after(30):
+            while pulling.mirrors:
+                await trio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_the_download_waits_for_the_backups_copy_but_not_on_a_stuck_one(monkeypatch):
+    # hubpull calls the gate after every chunk: it returns at once while the download is at most
+    # MIRROR_MAX_LAG ahead of the backup's acknowledged copy (or no backup copies), waits while
+    # the copy moves, and stops waiting on a copy that does not move at all (the followers would
+    # drop a puller whose download shows no progress).
+    import threading
+
+    monkeypatch.setattr(origin, "MIRROR_GATE_WAIT", 20.0)  # no stop while the copy moves
+    it = origin._Interest(state="pulling")
+    gate = origin.OriginCoordinator(None, "me")._gate(it)
+    stop = threading.Event()
+    name = "ab" * 32
+    gate(name, 1 << 40, 0, stop)  # no backup copying: no wait
+    it.copied = {name: 0}
+    gate(name, origin.MIRROR_MAX_LAG, 0, stop)  # within the lag
+    gate(name, 1 << 40, (1 << 40) - 1, stop)  # resumed from a copy: only what came since counts
+    done = threading.Event()
+
+    def ahead() -> None:
+        gate(name, origin.MIRROR_MAX_LAG + (4 << 20), 0, stop)
+        done.set()
+
+    t = threading.Thread(target=ahead)
+    t.start()
+    for step in range(1, 5):  # the copy moves: the download waits for it
+        assert not done.wait(0.1)
+        it.copied[name] = step << 20
+    assert done.wait(10)
+    t.join()
+    assert not it.gate_off
+    monkeypatch.setattr(origin, "MIRROR_GATE_WAIT", 0.3)
+    gate(name, 1 << 40, 0, stop)  # the copy stops moving: after MIRROR_GATE_WAIT, no more waiting
+    assert it.gate_off
+    gate(name, 1 << 41, 0, stop)
