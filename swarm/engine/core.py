@@ -103,7 +103,9 @@ class TransferCore(RequestBook):
         self.choked_out: dict[str, float] = {}
         # Peers whose link broke the protocol: peer id -> when (see EngineConfig.fault_cooldown).
         self.faulted: dict[str, float] = {}
-        self._seed = SeedPolicy(self.num_pieces, self.config.first_copy_window)
+        self._seed = SeedPolicy(
+            self.num_pieces, self.config.first_copy_window, manifest.config_piece_indices()
+        )
         self.bytes_up = 0
         self.bytes_down = 0
         self.internal_errors = 0
