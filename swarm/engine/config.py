@@ -71,6 +71,12 @@ class EngineConfig:
     bounds": where it helps and where not). On real links one TCP connection then carries a
     piece at a time; the next piece's first bytes go out while the last one's tail drains from
     the kernel's send buffer, so the upload does not idle between pieces."""
+    needy_first: bool = False
+    """While downloading, the optimistic upload slot (and slots no sender has earned) goes to the
+    interested peer holding the fewest pieces, not the longest waiter: in a large flash crowd a
+    node with no piece has all its upload idle, and with ~60 interested peers per node and one
+    optimistic slot each, the longest-waiter rotation left some nodes without a first piece for
+    10 s (docs/simulation.md, "Efficiency against the bounds")."""
     slot_hold: float = 2.0
     """Seconds a peer keeps an upload slot before fair rotation may take it."""
     rechoke_interval: float = 1.0

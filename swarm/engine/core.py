@@ -83,7 +83,12 @@ class TransferCore(RequestBook):
             self.picker.got(i)
         self._lengths = [p.length for p in manifest.pieces]
         self.wanted_bytes = sum(self._lengths[i] for i in wanted)
-        self.choker = Choker(self.config.upload_slots, self.config.slot_hold, rng=self.rng)
+        self.choker = Choker(
+            self.config.upload_slots,
+            self.config.slot_hold,
+            rng=self.rng,
+            needy_first=self.config.needy_first,
+        )
         self.peers: dict[str, PeerState] = {}
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
@@ -685,6 +690,9 @@ class TransferCore(RequestBook):
             slots = [p.slot for p in self.peers.values()]
             pieces_up = sum(s.pieces_up for s in self.stats.values())
             self.choker.size_slots(slots, now, self.bytes_up, pieces_up, seeding=self.picker.done)
+        if self.config.needy_first:
+            for p in self.peers.values():
+                p.slot.pieces = len(p.have)
         unchoke, choke = self.choker.rechoke(
             [p.slot for p in self.peers.values()], now, seeding=self.picker.done
         )
