@@ -46,6 +46,7 @@ class PeerSlot:
     since: float = 0.0  # when it was last choked/unchoked
     order: float = 0.0  # wait-order key: ``since`` plus a random jitter (see Choker)
     down_rate: float = 0.0  # bytes/s we received from it lately
+    pieces: int = 0  # pieces it holds (set before a rechoke; used with ``Choker(needy_first=True)``)
 
 
 @attrs.define
@@ -129,10 +130,12 @@ class Choker:
         *,
         rng: random.Random | None = None,
         most: int | None = None,
+        needy_first: bool = False,
     ):
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
+        self.needy_first = needy_first
         self.hold = hold
         self.rng = rng or random.Random()
         self.sizer = SlotSizer(slots, slots * MAX_SLOTS_FACTOR if most is None else most)
@@ -190,11 +193,18 @@ class Choker:
         chosen = {p.peer_id for p in regular}
         rest = [p for p in interested if p.peer_id not in chosen]
         # Optimistic: a currently unchoked non-regular keeps it until `hold`, else longest waiter.
+        # With ``needy_first``: the peer holding the fewest pieces (then the longest waiter).
         holders = [p for p in rest if p.unchoked and now - p.since < self.hold]
-        optimistic = holders[:1] or sorted(rest, key=lambda p: (p.unchoked, p.since, p.peer_id))[:1]
+        needy = self.needy_first
+        optimistic = (
+            holders[:1]
+            or sorted(rest, key=lambda p: (p.unchoked, p.pieces if needy else 0, p.since, p.peer_id))[:1]
+        )
         chosen |= {p.peer_id for p in optimistic}
-        # Leftover slots (few senders yet) go in wait order.
-        for p in sorted(rest, key=lambda p: (p.unchoked is False, p.since, p.peer_id)):
+        # Leftover slots (few senders yet) go in wait order (``needy_first``: fewest pieces first).
+        for p in sorted(
+            rest, key=lambda p: (p.unchoked is False, p.pieces if needy else 0, p.since, p.peer_id)
+        ):
             if len(chosen) >= self.slots:
                 break
             chosen.add(p.peer_id)

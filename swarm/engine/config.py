@@ -58,6 +58,25 @@ class EngineConfig:
     2.03 to 1.45 x T_min, but the flash crowd does not gain (1.145 -> 1.173, within seed spread),
     a scale_1000 worker uploads 15.8 x the model instead of 8.2 x, and simulations cost ~45% more
     CPU; not yet measured on real nodes (docs/simulation.md, "Efficiency against the bounds")."""
+    serial_uploads: float = 0.0
+    """Serial first copies: a piece held by fewer than this fraction of our linked peers is sent
+    alone (no other piece of this transfer starts while it is on the wire, and it waits for the
+    pieces on the wire to finish), at the full upload instead of a share of it, and when a send
+    ends the next one goes to the waiting request whose piece the fewest of our peers hold (then
+    the fewest copies we sent, then the peer we served longest ago). A piece that reaches a node
+    that can pass it on after P / u instead of slots x P / u: in a large flash crowd the first
+    copies spread in a binary tree rather than four times slower. Pieces held more widely are
+    sent as before (each unchoked peer's next piece at once, sharing the upload). 0: off; above
+    1.0: every piece is sent alone. Off by default (docs/simulation.md, "Efficiency against the
+    bounds": where it helps and where not). On real links one TCP connection then carries a
+    piece at a time; the next piece's first bytes go out while the last one's tail drains from
+    the kernel's send buffer, so the upload does not idle between pieces."""
+    needy_first: bool = False
+    """While downloading, the optimistic upload slot (and slots no sender has earned) goes to the
+    interested peer holding the fewest pieces, not the longest waiter: in a large flash crowd a
+    node with no piece has all its upload idle, and with ~60 interested peers per node and one
+    optimistic slot each, the longest-waiter rotation left some nodes without a first piece for
+    10 s (docs/simulation.md, "Efficiency against the bounds")."""
     slot_hold: float = 2.0
     """Seconds a peer keeps an upload slot before fair rotation may take it."""
     rechoke_interval: float = 1.0

@@ -16,6 +16,7 @@ runner overrides: ``_cancel_link`` (end a link from outside its tasks) and ``_on
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +33,13 @@ from swarm.picker import Picker
 from swarm.store import PieceHashMismatch, StoreError
 
 log = logging.getLogger("swarm.engine")
+
+SERIAL_PATIENCE = 1.0
+"""Seconds a send alone (``EngineConfig.serial_uploads``) holds back the others before any such
+send has finished (then: twice as long as the recent ones took, at least one tick)."""
+ALONE_RATE_DECAY = 0.9
+"""Each finished send alone keeps this share of the best rate seen before it (a decaying maximum:
+a few slow receivers do not make every send look slow)."""
 
 
 class TransferCore(RequestBook):
@@ -75,12 +83,23 @@ class TransferCore(RequestBook):
             self.picker.got(i)
         self._lengths = [p.length for p in manifest.pieces]
         self.wanted_bytes = sum(self._lengths[i] for i in wanted)
-        self.choker = Choker(self.config.upload_slots, self.config.slot_hold, rng=self.rng)
+        self.choker = Choker(
+            self.config.upload_slots,
+            self.config.slot_hold,
+            rng=self.rng,
+            needy_first=self.config.needy_first,
+        )
         self.peers: dict[str, PeerState] = {}
         self.stats: dict[str, PeerStats] = {}
         self.banned: set[str] = set()
         self._writing: set[int] = set()
         self._sending = 0  # pieces being sent right now (a drain waits for them)
+        # Serial first copies (EngineConfig.serial_uploads): sends going alone now, and the peer
+        # whose queued request starts next (the others wait for it).
+        self._alone = 0
+        self._turn: PeerState | None = None
+        self._turn_at = 0.0
+        self._alone_rate = 0.0  # bytes/s of recent sends alone (a decaying maximum)
         # Links still in their handshake: they count against max_peers, and per peer id, per
         # address and inbound against the limits of EngineConfig (see _refusal).
         self._gate = HandshakeGate(self.config)
@@ -89,7 +108,9 @@ class TransferCore(RequestBook):
         self.choked_out: dict[str, float] = {}
         # Peers whose link broke the protocol: peer id -> when (see EngineConfig.fault_cooldown).
         self.faulted: dict[str, float] = {}
-        self._seed = SeedPolicy(self.num_pieces, self.config.first_copy_window)
+        self._seed = SeedPolicy(
+            self.num_pieces, self.config.first_copy_window, manifest.config_piece_indices()
+        )
         self.bytes_up = 0
         self.bytes_down = 0
         self.internal_errors = 0
@@ -184,6 +205,8 @@ class TransferCore(RequestBook):
         Returns the links to close as idle (their reason set)."""
         self._expire_requests(now)
         self._expire_refusals(now)
+        if self.config.serial_uploads and (self._alone or self._turn is not None):
+            self._serial_tick(now)
         if self._paced_downloads():  # download credit came back: request again
             self._fill_all()
         if now < self._next_rechoke:
@@ -308,6 +331,9 @@ class TransferCore(RequestBook):
         if peer.slot.unchoked:
             peer.slot.unchoked = False
             self._fill_slots()
+        if self._turn is peer:
+            self._turn = None
+            self._pass_turn()
         self._fill_all()
 
     # ------------------------------------------------------------------ messages in
@@ -515,12 +541,85 @@ class TransferCore(RequestBook):
         if peer.uploads and not peer.slot.unchoked:
             peer.control.extend(wire.Reject(i) for i in peer.uploads)
             peer.uploads.clear()
+            if self._turn is peer:
+                self._pass_turn()
             return None
-        return peer.uploads.pop(0) if peer.uploads else None
+        if not self.config.serial_uploads:
+            return peer.uploads.pop(0) if peer.uploads else None
+        if not peer.uploads:
+            if self._turn is peer:  # its request was cancelled meanwhile
+                self._pass_turn()
+            return None
+        turn = self._turn
+        if turn is not None and turn is not peer and self.clock() - self._turn_at < self.config.tick:
+            return None  # another peer's request goes first (``_pass_turn`` woke it; a writer
+            #              that does not take its turn within a tick, stuck on a full socket, loses it)
+        i = peer.uploads[0]
+        alone = self._sends_alone(i)
+        if self._sending and (alone or self._alone):
+            return None  # ``_pass_turn`` wakes us when the piece(s) on the wire are out
+        self._turn = None
+        del peer.uploads[0]
+        peer.upload_piece = i
+        peer.send_alone = alone
+        peer.served_at = self.clock()
+        if alone:
+            self._alone += 1
+        return i
+
+    def _sends_alone(self, i: int) -> bool:
+        """Whether piece ``i`` is rare enough to be sent alone (``EngineConfig.serial_uploads``)."""
+        return self.picker.availability[i] < self.config.serial_uploads * len(self.peers)
+
+    def _pass_turn(self) -> None:
+        """Serial first copies: give the next send to the waiting request whose piece the fewest
+        of our peers hold (then: the fewest copies sent by us, the peer served longest ago), if
+        it may start now, and wake its writer. Each waiting peer's queue is served in order (the
+        order the peer's request timeouts assume, ``RequestBook``)."""
+        self._turn = None
+        if self._sending and self._alone:
+            return
+        avail, copies = self.picker.availability, self._seed.copies
+        best: PeerState | None = None
+        best_key: tuple[int, int, float] | None = None
+        for p in self.peers.values():
+            if not p.uploads or p.upload_piece >= 0 or p.closed or not p.slot.unchoked:
+                continue
+            i = p.uploads[0]
+            key = (avail[i], copies[i], p.served_at)
+            if best_key is None or key < best_key:
+                best, best_key = p, key
+        if best is None or (self._sending and self._sends_alone(best.uploads[0])):
+            return  # nobody waits, or the rarest waits for the wire to clear
+        self._turn, self._turn_at = best, self.clock()
+        best.wake.set()
+
+    def _serial_tick(self, now: float) -> None:
+        """A send alone that takes more than twice as long as recent ones did (a slow or vanished
+        receiver) stops holding back the others, and a turn not taken within a tick lapses: the
+        upload must not wait on one peer."""
+        rate = self._alone_rate
+        freed = False
+        for p in self.peers.values():
+            if p.send_alone:
+                expect = 2 * self._lengths[p.upload_piece] / rate if rate else SERIAL_PATIENCE
+                if now - p.served_at >= max(expect, self.config.tick):
+                    p.send_alone = False
+                    self._alone -= 1
+                    freed = True
+        if self._turn is not None and now - self._turn_at >= self.config.tick:
+            self._turn = None  # its writer did not take it (stuck on a full socket?): anyone may
+            for p in self.peers.values():
+                if p.uploads and p.upload_piece < 0:
+                    p.wake.set()
+        elif freed:
+            self._pass_turn()
 
     def _upload_started(self, i: int) -> None:
         """Piece ``i`` was taken off a peer's queue to be sent (it may wait for upload credit)."""
         self._sending += 1
+        if self.config.serial_uploads and not self._alone:
+            self._pass_turn()  # a piece not sent alone: the next waiting one may start with it
 
     def _upload_copy(self, i: int) -> None:
         """A copy of piece ``i`` starts out (the seeding policy counts it)."""
@@ -532,6 +631,17 @@ class TransferCore(RequestBook):
         they must ask elsewhere)."""
         self._sending -= 1
         self._seed.sent(i, self.clock())  # the copy is out (see SeedPolicy.hold_back)
+        if peer.upload_piece >= 0:
+            peer.upload_piece = -1
+            if peer.send_alone:
+                peer.send_alone = False
+                self._alone -= 1
+                if n:
+                    took = self.clock() - peer.served_at
+                    rate = n / took if took > 0 else math.inf
+                    self._alone_rate = max(rate, ALONE_RATE_DECAY * self._alone_rate)
+            if self.config.serial_uploads:
+                self._pass_turn()
         if error is not None:
             log.warning("cannot serve piece %d of %s: %s", i, self.manifest.model, error)
             peer.control.append(wire.Reject(i))
@@ -580,6 +690,9 @@ class TransferCore(RequestBook):
             slots = [p.slot for p in self.peers.values()]
             pieces_up = sum(s.pieces_up for s in self.stats.values())
             self.choker.size_slots(slots, now, self.bytes_up, pieces_up, seeding=self.picker.done)
+        if self.config.needy_first:
+            for p in self.peers.values():
+                p.slot.pieces = len(p.have)
         unchoke, choke = self.choker.rechoke(
             [p.slot for p in self.peers.values()], now, seeding=self.picker.done
         )

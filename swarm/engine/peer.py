@@ -54,11 +54,14 @@ class PeerState:
         "refused",
         "requests",
         "scope",
+        "send_alone",
         "send_piece",
+        "served_at",
         "serves",
         "slot",
         "tell",
         "timeouts",
+        "upload_piece",
         "uploads",
         "wake",
         "wasted",
@@ -84,6 +87,11 @@ class PeerState:
         self.moved_at = now
         self.cancelled: set[int] = set()  # requests we cancelled whose piece may still come
         self.uploads: list[int] = []
+        # The writer's piece being sent (``_next_upload`` .. ``_upload_ended``), whether it goes
+        # alone (``EngineConfig.serial_uploads``) and when we last started one for them.
+        self.upload_piece = -1  # -1: none
+        self.send_alone = False
+        self.served_at = -1.0
         self.refused: dict[int, float] = {}  # piece -> until when we don't re-ask this peer
         self.idle_since: float | None = None  # both sides uninterested since (we complete)
         self.held_back: set[int] = set()  # pieces we refused them once by the seeding policy
