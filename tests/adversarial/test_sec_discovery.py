@@ -30,6 +30,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from swarm import wire
+from swarm.engine import LinkClosed
 from swarm.net.host import PeerAddr, StreamLink, SwarmHost, manifest_key, model_key
 from swarm.net.identity import load_or_create_identity
 from swarm.sources import FetchRequest
@@ -307,23 +308,35 @@ async def test_unread_manifest_requests_are_bounded_per_peer(tmp_path):
         tracemalloc.start()
         try:
             links = []
-            for _ in range(streams):
+            firsts: list = []
+
+            async def ask() -> None:
                 s = await flooder._open_stream(server.peer_id, wire.MANIFEST_PROTOCOL, 10)
                 link = StreamLink(
                     s, frozenset({wire.ManifestReply.TYPE, wire.ManifestEnd.TYPE, wire.Error.TYPE})
                 )
-                await link.send(wire.ManifestRequest(MODEL))
                 links.append(link)
-            firsts = []
-            with trio.fail_after(30):
-                for link in links:
+                await link.send(wire.ManifestRequest(MODEL))
+                try:
                     firsts.append(await link.receive())
+                except LinkClosed as e:
+                    # py-libp2p's yamux resets a stream whose reader stays idle ~5 s; on a loaded
+                    # machine that can hit a stream before its first frame is read.
+                    firsts.append(e)
+
+            # All at once, each reading its first frame as soon as it comes: read one after
+            # another, the last streams sat unread for seconds on a loaded machine.
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(streams):
+                        nursery.start_soon(ask)
             await trio.sleep(0.5)  # the served ones are now blocked on the unread window
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         served = sum(isinstance(f, wire.ManifestReply) for f in firsts)
         busy = [f for f in firsts if isinstance(f, wire.Error)]
+        reset = [f for f in firsts if isinstance(f, LinkClosed)]
         # The server still answers a well-behaved asker in full once the flooder is gone.
         for link in links:
             await link.aclose()
@@ -336,9 +349,11 @@ async def test_unread_manifest_requests_are_bounded_per_peer(tmp_path):
         "discovery: 16 unread manifest requests from one peer (8 x 1 MiB reply)",
         served_at_once=served,
         refused_busy=len(busy),
+        reset_before_first_frame=len(reset),
         heap_peak_mib=peak >> 20,
         outcome="bounded",
     )
     assert served <= 4, served
-    assert len(busy) == streams - served and all("busy" in e.reason for e in busy)
+    assert len(busy) + len(reset) == streams - served and all("busy" in e.reason for e in busy)
+    assert busy, "no request was refused busy"
     assert peak < 48 << 20, f"heap peak {peak >> 20} MiB"
