@@ -362,13 +362,16 @@ QUICK_EXIT = frozenset({"fetch", "status", "models", "rm", "peers", "limits"})
 """Commands whose process ends with ``os._exit`` once its output is flushed (see :func:`main`)."""
 
 
-def _quick_exit(code: int) -> None:
+def _quick_exit(code: int | None) -> None:
     """End this process now, skipping the interpreter's teardown (freeing every module and object:
     25-80 ms, a third of what ``swarm-node fetch`` added to the fetch it asked for; issue #12 item
-    5). Only after a command that talked to a running node: nothing of the node (libp2p, trio
-    threads, open store files) lives in this process then, and stdout / stderr are flushed first.
-    Returns (the caller exits the usual way) when anything is left to do."""
-    if any(m in sys.modules for m in ("swarm.node", "trio")):
+    5). Only when no node ran in this process (a fetch or query through a running node, or a
+    ``models`` / ``rm`` on the cache itself): nothing of a node (libp2p, trio threads, open store
+    files) lives here then; stdout / stderr are flushed first. Returns (the caller exits the usual
+    way) when an embedded node ran, or for an exit code ``sys.exit`` would print."""
+    if code is None:
+        code = 0  # as sys.exit(None)
+    if not isinstance(code, int) or any(m in sys.modules for m in ("swarm.node", "trio")):
         return  # an embedded node ran here: leave the teardown to Python
     try:
         sys.stdout.flush()

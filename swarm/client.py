@@ -373,7 +373,9 @@ def _fetch(
         close()
     if isinstance(result, dict):  # raw, from the node, and nothing to deliver
         return result
-    return answer(deliver(result, request(), cache_dir is not None, local_dir))
+    if delivering:
+        result = deliver(result, request(), cache_dir is not None, local_dir)
+    return answer(result)
 
 
 async def afetch_result(

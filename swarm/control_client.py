@@ -1,15 +1,16 @@
-"""Talking to the running node over its control socket (``<home>/control.sock``): HTTP/1.1 with
-the standard library's ``http.client``, this user's or root's node only.
+"""Talking to the running node over its control socket (``<home>/control.sock``): HTTP/1.1, this
+user's or root's node only.
 
 The queries (``status``, ``peers``, ``models``, ``cache``, ``remove``, ``limits``) and the fetch:
 ``POST /v1/fetch`` streams the node's events as NDJSON and ends with the result or the error
 (:mod:`swarm.fetchapi` encodes and decodes them). :func:`afetch_via_node` runs the same client in
 a worker thread for trio code. Never imports trio at import, nor libp2p.
 
-A fetch loads nothing heavy (issue #12 item 5): its request is written to the socket as it is (a
-few lines of HTTP/1.1) and its answer read by :class:`_Answer` (a chunked NDJSON stream), not by
-``http.client`` (~30 ms of CPU to import: email, ssl); :mod:`swarm.fetchapi` (attrs) loads for the
-last event only, and not at all with ``raw`` (``swarm-node fetch``).
+Nothing heavy loads (issue #12 item 5): a request is written to the socket as it is (a few lines
+of HTTP/1.1) and its answer read by :class:`_Answer` (a JSON body, or a fetch's chunked NDJSON
+stream), not by ``http.client`` (~30 ms of CPU to import: email, ssl; :func:`connect` still gives
+an ``http.client`` connection to whoever wants one); :mod:`swarm.fetchapi` (attrs) loads for a
+fetch's last event only, and not at all with ``raw`` (``swarm-node fetch``).
 """
 
 from __future__ import annotations
@@ -104,9 +105,8 @@ def open_socket(home: Path, read_timeout: float | None) -> Any:
 
 
 def connect(home: Path, read_timeout: float | None) -> Any:
-    """An ``http.client`` connection to the node's socket (the standard library: it imports in
-    ~20 ms where httpx takes ~100 ms; on first use, so ``import swarm`` stays small).
-    NodeUnavailable if none answers."""
+    """An ``http.client`` connection to the node's socket (not used by this module's own requests,
+    which :class:`_Answer` reads). NodeUnavailable if none answers."""
     import http.client
 
     s = open_socket(home, read_timeout)
@@ -118,28 +118,28 @@ def connect(home: Path, read_timeout: float | None) -> Any:
 def _ask(
     method: str, route: str, home: os.PathLike | str | None, body: dict | None = None
 ) -> tuple[int, dict]:
-    import http.client
-
+    """One query: (HTTP status, the JSON answer). Written and read here (:class:`_Answer`), as a
+    fetch is: ``http.client`` would be most of a ``swarm-node status``'s imports."""
     h = resolve_home(home)
-    conn = connect(h, QUERY_TIMEOUT)
+    s = open_socket(h, QUERY_TIMEOUT)
+    answer = None
     try:
-        if body is None:
-            conn.request(method, route)
-        else:
-            conn.request(
-                method, route, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-            )
-        r = conn.getresponse()
-        raw = r.read()
-    except (OSError, http.client.HTTPException) as e:
+        data = b"" if body is None else json.dumps(body).encode()
+        s.sendall(_head(method, route, len(data) if body is not None else None) + data)
+        answer = _Answer(s)
+        status = answer.begin()
+        raw = answer.read_all()
+    except OSError as e:
         raise NodeUnavailable(f"swarm-node on {socket_path(h)} did not answer {route}: {e}") from None
     finally:
-        conn.close()
+        if answer is not None:
+            answer.close()
+        s.close()
     try:
-        answer = json.loads(raw)
+        reply = json.loads(raw)
     except ValueError:
-        answer = {"error": raw.decode("utf-8", "replace").strip()[:200]}
-    return r.status, answer
+        reply = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+    return status, reply
 
 
 def _get(route: str, home: os.PathLike | str | None) -> dict:
@@ -316,6 +316,10 @@ class _Answer:
             while data := self._file.read1(64 * 1024):
                 yield data
 
+    def read_all(self) -> bytes:
+        """The whole body."""
+        return b"".join(self._chunks())
+
     def lines(self) -> Iterator[bytes]:
         """The body's lines (the last one may lack its newline)."""
         rest = b""
@@ -330,13 +334,13 @@ class _Answer:
             yield rest
 
 
-def _fetch_head(length: int) -> bytes:
-    """The head of a ``POST /v1/fetch`` request with a JSON body of ``length`` bytes (what
-    ``http.client`` would send)."""
+def _head(method: str, route: str, length: int | None) -> bytes:
+    """The head of a request (what ``http.client`` would send), with a JSON body of ``length``
+    bytes unless None."""
+    body = "" if length is None else f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
     return (
-        "POST /v1/fetch HTTP/1.1\r\nHost: swarm-node\r\nAccept-Encoding: identity\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
-    ).encode("ascii")
+        f"{method} {route} HTTP/1.1\r\nHost: swarm-node\r\nAccept-Encoding: identity\r\n{body}\r\n".encode()
+    )
 
 
 def fetch_via_node(
@@ -365,7 +369,7 @@ def fetch_via_node(
     try:
         try:
             data = json.dumps(body).encode()
-            s.sendall(_fetch_head(len(data)) + data)
+            s.sendall(_head("POST", "/v1/fetch", len(data)) + data)
             if after_send is not None:
                 after_send()
             answer = _Answer(s)
@@ -406,7 +410,7 @@ def fetch_via_node(
 
 
 async def afetch_via_node(body: dict, home: Path, emit: Callable[[dict], None]) -> Any:
-    """:func:`fetch_via_node` for trio code: the same ``http.client`` client in a worker thread,
+    """:func:`fetch_via_node` for trio code: the same client in a worker thread,
     its events passed to ``emit`` on the trio thread. Cancelling it closes the connection (the
     node goes on with the download for others; a retry joins it)."""
     import trio
