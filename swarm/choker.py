@@ -12,7 +12,8 @@ Reject). Serving few peers fast beats serving all slowly: a peer with whole piec
   * seeding: fair rotation. A peer that has held a slot for ``hold`` seconds gives it up to the peer
     that has waited longest, so every interested peer gets served in turn;
   * downloading: ``slots - 1`` slots to the peers that send us the most (reciprocation), and one
-    optimistic slot rotating in wait order, so newcomers get a first piece to trade.
+    optimistic slot rotating in wait order, so newcomers get a first piece to trade
+    (``needy_first``: to the peer holding the fewest pieces, whose upload is idle).
 - A seed sizes its slots to its upload (``SlotSizer``, fed by ``Choker.size_slots`` every rechoke):
   it starts at ``slots`` and, while more peers wait than it serves, tries twice as many; it keeps
   them only if its measured upload rate rose with them, else it goes back and waits longer before

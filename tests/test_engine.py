@@ -729,3 +729,76 @@ async def test_pieces_the_store_drops_are_fetched_again(model, tmp_path):  # wal
         want = b"".join(pieces[i] for i in m.file_piece_range(k))
         assert (path / fe.path).read_bytes() == want, fe.path
     assert leech.peer_stats("seed").pieces_down >= 1
+
+
+class PacedLink:
+    """A memory link whose piece sends take ``len / rate`` seconds (virtual): a peer's upload."""
+
+    def __init__(self, link, rate):
+        self.link, self.rate, self.peer_id = link, rate, link.peer_id
+
+    async def send(self, msg):
+        if isinstance(msg, wire.PieceData):
+            await trio.sleep(len(msg.data) / self.rate)
+        await self.link.send(msg)
+
+    async def receive(self):
+        return await self.link.receive()
+
+    async def aclose(self):
+        await self.link.aclose()
+
+
+class CountingTransfer(Transfer):
+    """Records how many pieces it sends at once and to whom, in order."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.now_sending = 0
+        self.most_at_once = 0
+        self.sent_to = []
+
+    def _next_upload(self, peer):
+        i = super()._next_upload(peer)
+        if i is not None:
+            self.sent_to.append(peer.id)
+        return i
+
+    def _upload_started(self, i):
+        super()._upload_started(i)
+        self.now_sending += 1
+        self.most_at_once = max(self.most_at_once, self.now_sending)
+
+    def _upload_ended(self, peer, i, n, error=None):
+        self.now_sending -= 1
+        super()._upload_ended(peer, i, n, error)
+
+
+@pytest.mark.timeout(60)
+async def test_serial_first_copies_send_one_piece_at_a_time_to_different_peers(model, autojump_clock):
+    """``serial_uploads``: a seeder serving four unchoked leechers (four requests pipelined each)
+    sends one piece at a time, each to the peer whose next piece is rarest (then the one served
+    longest ago), so the first pieces go round the four peers; everyone completes. Without
+    it the same seeder sends to all four at once."""
+    m, pieces = model
+    for serial, most in ((2.0, 1), (0.0, 4)):
+        config = cfg(serial_uploads=serial, upload_slots=4, request_timeout=5.0)
+        async with trio.open_nursery() as n:
+            seed = CountingTransfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+            n.start_soon(seed.run)
+            leeches = []
+            for k in range(4):
+                t = Transfer(m, DictStore(m), config=config, run_blocking=direct, rng=random.Random(k))
+                n.start_soon(t.run)
+                leeches.append(t)
+                la, lb = link_pair("seed", f"l{k}")
+                n.start_soon(seed.serve_link, PacedLink(la, 20 * MiB))  # the seed's end: paced
+                n.start_soon(t.serve_link, lb)
+            with trio.fail_after(60):
+                for t in leeches:
+                    await t.completed.wait()
+            n.cancel_scope.cancel()
+        assert all(t.store.pieces == pieces for t in leeches)
+        assert seed.most_at_once == most, (serial, seed.most_at_once)
+        if serial:  # turns go round the peers (one may ask before another has linked)
+            assert set(seed.sent_to[:6]) == {"l0", "l1", "l2", "l3"}, seed.sent_to[:12]

@@ -252,3 +252,19 @@ def test_choker_size_slots_counts_waiting_peers_and_sets_slots():
         ch.size_slots(peers, float(t), up, 10 * (t + 1), seeding=True)
     assert ch.slots > 2
     assert ch.size_slots(peers, 31.0, up, 400, seeding=False) == 2
+
+
+def test_needy_first_gives_the_optimistic_slot_to_the_peer_with_fewest_pieces():
+    """Downloading with ``needy_first``: three peers send to us and keep regular slots; the
+    optimistic slot goes to the interested peer holding the fewest pieces, not the longest
+    waiter (which it does without the flag)."""
+    senders = slots(["s1", "s2", "s3"], interested=True, unchoked=True, since=5.0, down_rate=1e6)
+    waiting = [
+        PeerSlot("old", interested=True, since=0.0, pieces=9),
+        PeerSlot("empty", interested=True, since=4.0, pieces=0),
+        PeerSlot("some", interested=True, since=2.0, pieces=3),
+    ]
+    for needy, want in ((True, "empty"), (False, "old")):
+        ch = Choker(4, hold=2.0, needy_first=needy)
+        unchoke, choke = ch.rechoke(senders + waiting, 10.0, seeding=False)
+        assert [p.peer_id for p in unchoke] == [want] and not choke

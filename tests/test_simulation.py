@@ -173,7 +173,7 @@ def test_flow_rates_are_max_min_fair():
 # --------------------------------------------------------------------------- determinism
 
 
-def _churny() -> scenario.Scenario:
+def _churny(engine: dict[str, Any] | None = None) -> scenario.Scenario:
     data = _two_groups(
         24,
         "24 MiB",
@@ -188,6 +188,8 @@ def _churny() -> scenario.Scenario:
     data["events"] = [
         {"at": "1.5 s", "action": "leave", "group": "workers", "count": 1, "rejoin_after": "1 s"}
     ]
+    if engine:
+        data["engine"] = engine
     return scenario.parse(data)
 
 
@@ -220,6 +222,18 @@ def test_same_seed_same_event_log_and_other_seeds_differ():
         env={**os.environ, "PYTHONHASHSEED": "12345"},
     ).stdout.strip()
     assert out == hashlib.sha256(la.encode()).hexdigest()
+
+
+@pytest.mark.timeout(300)
+def test_serial_first_copies_under_churn_complete_and_are_deterministic():
+    """``serial_uploads`` and ``needy_first`` (engine turns, slow-send release at ticks) keep a
+    run with churn complete, free of engine errors and a function of its seed."""
+    sc = _churny({"serial_uploads": 2.0, "needy_first": True})
+    a = simulate(sc, 11)
+    b = simulate(sc, 11)
+    assert a.stats["finished"] == 24
+    assert a.stats["engine_internal_errors"] == 0 and a.stats["engine_failures"] == 0
+    assert report.events_text(a) == report.events_text(b)
 
 
 # --------------------------------------------------------------------------- validation

@@ -63,14 +63,18 @@ class EngineConfig:
     alone (no other piece of this transfer starts while it is on the wire, and it waits for the
     pieces on the wire to finish), at the full upload instead of a share of it, and when a send
     ends the next one goes to the waiting request whose piece the fewest of our peers hold (then
-    the fewest copies we sent, then the peer we served longest ago). A piece that reaches a node
+    the fewest copies we sent, then the peer we served longest ago). A piece then reaches a node
     that can pass it on after P / u instead of slots x P / u: in a large flash crowd the first
     copies spread in a binary tree rather than four times slower. Pieces held more widely are
     sent as before (each unchoked peer's next piece at once, sharing the upload). 0: off; above
-    1.0: every piece is sent alone. Off by default (docs/simulation.md, "Efficiency against the
-    bounds": where it helps and where not). On real links one TCP connection then carries a
-    piece at a time; the next piece's first bytes go out while the last one's tail drains from
-    the kernel's send buffer, so the upload does not idle between pieces."""
+    1.0: every piece is sent alone. Off by default; on in the simulator's scale_1000 and
+    flash_crowd scenarios (last completion 2.08 -> 1.39 x the start-up bound and 1.19 -> 1.08 x
+    T_min with ``needy_first``), but worse where receivers are slower than the sender
+    (heterogeneous: 1.57 -> 3.70 x T_min): docs/simulation.md, "Efficiency against the bounds".
+    On real links one TCP connection then carries a piece at a time; the next piece's first bytes
+    go out while the last one's tail drains from the kernel's send buffer, so the upload does not
+    idle between pieces, but a connection idle for longer than its RTO restarts in slow start
+    (not measured on the testbed yet)."""
     needy_first: bool = False
     """While downloading, the optimistic upload slot (and slots no sender has earned) goes to the
     interested peer holding the fewest pieces, not the longest waiter: in a large flash crowd a

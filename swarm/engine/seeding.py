@@ -18,7 +18,7 @@ class SeedPolicy:
         self.window = first_copy_window
         # Pieces never held back: the config pieces. Every fetcher needs them before it asks for
         # any weight piece (the picker's priority class), and they are small: refusing a second
-        # copy of a 4 KiB config.json kept all but one of 999 frontends from asking the seed for
+        # copy of a 4 KiB config.json kept every frontend but the first from asking the seed for
         # anything for ~0.6 s (the Reject's back-off) in the simulator's scale_1000.
         self.exempt = frozenset(exempt)
         self.sent_at: dict[int, float] = {}
