@@ -184,10 +184,13 @@ def run_crowd(
     place=None,
     log: bool = False,
     kill=None,
+    puller_now=None,
 ) -> dict:
     """One crowd; ``place(i)``: (extra spec fields, command prefix) of node ``i`` (the testbed puts
-    each in a namespace of its own, scripts/bench_origin_testbed.py); ``kill(i)``: how the first
-    puller (node ``i``) is taken away at ``kill_at`` (default: SIGKILL)."""
+        each in a namespace of its own, scripts/bench_origin_testbed.py); ``kill(i)``: how the first
+        puller (node ``i``) is taken away at ``kill_at`` (default: SIGKILL); ``puller_now()``: the node
+    the origin is sending to at that moment (default: the first that started a pull, which may have
+    given way to another by then)."""
     root = tmp / name
     procs: list[Proc] = []
     peer_ids: list[str] = []
@@ -244,7 +247,9 @@ def run_crowd(
                         results[i] = msg
                         timeline.setdefault(i, {})["end"] = round(msg["seconds"], 2)
             if kill_at is not None and killed is None and pulls and hub.bytes_served >= kill_at * model_bytes:
-                killed = min(pulls)[1]
+                killed = puller_now() if puller_now is not None else None
+                if killed is None or not 0 <= killed < len(fetchers):
+                    killed = min(pulls)[1]
                 if kill is None:
                     fetchers[killed].p.send_signal(signal.SIGKILL)
                 else:

@@ -150,6 +150,17 @@ class HubProc:
 # --- the orchestrator ---------------------------------------------------------------------------
 
 
+def current_puller(hub: HubProc, nets: list) -> int | None:
+    """The node the origin sent the latest file body to (the puller now: a node that pulled and
+    gave way to another is not it)."""
+    transfers = hub.stats()["transfers"]
+    who = {net.addr: i for i, net in enumerate(nets)}
+    big = [t for t in transfers if t["sent"] > 0]
+    if not big:
+        return None
+    return who.get(max(big, key=lambda t: t["t1"] or t["t0"])["client"])
+
+
 def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "--hub":
         hub_child(json.loads(sys.argv[2]))
@@ -225,6 +236,7 @@ def main() -> None:
                         place=place,
                         log=True,
                         kill=vanish if name == "vanish" else None,
+                        puller_now=lambda: current_puller(hub, nets),
                     )
                     for i in gone:
                         fabric.set_port(nets[i], True)

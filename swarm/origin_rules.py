@@ -3,7 +3,7 @@
 What every node computes the same way without asking anyone: the DHT key fetchers announce under
 (:func:`origin_key`), the XOR distance that orders an election (:func:`distance`), a peer's
 answer (:class:`OriginState`), the queries and file listings of ``/swarm/origin/1.0.0`` and
-``/swarm/origin-data/1.0.0``, and the file helpers a puller and its backup use on their blobs.
+``/swarm/origin-data/2.0.0``, and the file helpers a puller and its backup use on their blobs.
 The protocol itself (elections, following, mirroring, the rival check) is
 :class:`swarm.origin.OriginCoordinator`.
 
