@@ -54,9 +54,13 @@ def mundinger(F: float, N: int, M: int, u: float) -> float:
     return (1 + math.floor(math.log2(max(N, 1))) / M) * F / u
 
 
-def startup_bound(F: float, N: int, M: int, seed_uploads: list[float], u: float, d_min: float) -> float:
+def startup_bound(
+    F: float, N: int, M: int, seed_uploads: list[float], u: float, d_min: float, fraction: float = 1.0
+) -> float:
     """The piece start-up bound (module docstring): Kumar & Ross without the upload of nodes that
-    do not hold a whole piece yet, for N fetching nodes uploading ``u`` each."""
+    do not hold a whole piece yet, for N fetching nodes uploading ``u`` each. With ``fraction``
+    < 1: no schedule completes that share of the nodes sooner (``fraction * N * F`` bytes must be
+    uploaded; 0.5: a bound on the median, the same way)."""
     if N == 0 or M == 0 or not seed_uploads:
         return 0.0
     P = F / M
@@ -79,7 +83,7 @@ def startup_bound(F: float, N: int, M: int, seed_uploads: list[float], u: float,
     lo, hi = 0.0, N * F / u_s + firsts[-1]
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if uploaded(mid) >= N * F else (mid, hi)
+        lo, hi = (lo, mid) if uploaded(mid) >= fraction * N * F else (mid, hi)
     return max(hi, F / u_s, F / d_min if d_min < math.inf else 0.0)
 
 

@@ -49,10 +49,10 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 #: Peak RSS of one run per node, measured with scale_1000.toml (~60 link ends per node, each holding
-#: the engine core's per-peer state; no trio since issue #13): 0.27 MB per node at 1,000 nodes,
-#: 0.34 MB at 10,000 (before the peer queues became lists); rounded up. Keeps parallel seeds within
-#: the memory there is.
-RSS_PER_NODE = 0.45e6
+#: the engine core's per-peer state; no trio since issue #13; piece sets as int bits, issue #17):
+#: 0.18 MB per node at 1,000 nodes, 0.17 MB at 10,000 (1,664 MB peak); rounded up. Keeps parallel
+#: seeds within the memory there is.
+RSS_PER_NODE = 0.25e6
 #: Peak RSS of a run apart from its nodes (the interpreter, trio, the engine's modules).
 RSS_BASE = 100e6
 

@@ -90,7 +90,7 @@ class Simulation(Discovery):
         self.online = 0
         self.vanished = 0  # nodes offline because their host vanished (see _lookup)
         self.providers: list[Node] = []  # every node that ever announced, in order
-        self._valid_cache: tuple[float, list[Node]] | None = None
+        self._valid_cache: tuple[float, list[Node], dict[Node, int]] | None = None
         self.mean_latency = sum(n.port.latency for n in self.nodes) / len(self.nodes) if self.nodes else 0.0
         self.events: list[tuple] = []
         self.samples: list[tuple] = []

@@ -61,7 +61,7 @@ class Discovery:
     online: int
     vanished: int
     providers: list[Node]
-    _valid_cache: tuple[float, list[Node]] | None
+    _valid_cache: tuple[float, list[Node], dict[Node, int]] | None
     mean_latency: float
     _stopping: bool
     dials: int
@@ -83,7 +83,9 @@ class Discovery:
         if node.record_until == -INF:  # its first announce: it goes last, as a rebuild would put it
             self.providers.append(node)
             if self._valid_cache is not None:
-                self._valid_cache[1].append(node)
+                _, valid, pos = self._valid_cache
+                pos[node] = len(valid)
+                valid.append(node)
         else:
             self._valid_cache = None
         node.announced_at = now
@@ -91,7 +93,8 @@ class Discovery:
 
     def _valid_providers(self, now: float) -> list[Node]:
         """Nodes whose provider record a lookup can find now: online announcers, and departed ones
-        until their last record expires. Cached until the set can change."""
+        until their last record expires. Cached until the set can change, with each one's
+        position (``_find``)."""
         if self._valid_cache is None or now >= self._valid_cache[0]:
             valid, until = [], INF
             for p in self.providers:
@@ -100,7 +103,7 @@ class Discovery:
                 elif p.record_until > now:
                     valid.append(p)
                     until = min(until, p.record_until)
-            self._valid_cache = (until, valid)
+            self._valid_cache = (until, valid, {p: i for i, p in enumerate(valid)})
         return self._valid_cache[1]
 
     # Discovery runs swarm/discovery.py's policies, the objects swarm/node/'s runners drive:
@@ -135,7 +138,8 @@ class Discovery:
         run's CPU grow as N^2 (10^5 nodes: ~10^10 list items)."""
         valid = self._valid_providers(now)
         if node.announced_at is not None or node.record_until > now:  # node's own record is there
-            view: Sequence[Node] = _Without(valid, valid.index(node))
+            assert self._valid_cache is not None
+            view: Sequence[Node] = _Without(valid, self._valid_cache[2][node])
         else:
             view = valid
         k = self.sc.dht.max_providers

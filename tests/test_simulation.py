@@ -490,7 +490,7 @@ def test_parallel_seeds_are_limited_to_the_memory_there_is():
 
     gib = float(1 << 30)
     assert jobs_that_fit(1_000, 8 * gib) >= 7
-    assert jobs_that_fit(10_000, 24 * gib) == 5
+    assert jobs_that_fit(10_000, 24 * gib) == 9  # 2.6 GB each (RSS_PER_NODE 0.25 MB)
     assert jobs_that_fit(10_000, 4 * gib) == 1
     assert jobs_that_fit(100_000, 24 * gib) == 1  # never fewer than one
     assert jobs_that_fit(10_000, None) > 2  # no /proc/meminfo: as asked
