@@ -84,13 +84,32 @@ async def test_configs_only_and_hf_offline_lookup(tmp_path, model_dir):
         assert Path(found) == snap
 
 
+@pytest.mark.timeout(60)
+async def test_connected_holder_is_asked_when_the_dht_misses_it(tmp_path, model_dir):
+    """The DHT names no provider (the worker's record is gone: as when a busy worker resets a
+    flash crowd's GET_PROVIDERS), but the frontend is connected to the worker: the fetch asks the
+    peers it is connected to (vote.CONNECTED_FALLBACK) instead of failing with ModelNotFound."""
+    from swarm.net.host import model_key
+
+    async with AsyncExitStack() as stack:
+        worker = await start(stack, tmp_path, "w", serve=(("org/private", model_dir),))
+        worker.host.stop_providing(model_key("org/private"))
+        front = await start(stack, tmp_path, "f", bootstrap=tuple(worker.host.addrs[:1]))
+        assert worker.host.peer_id in front.host.connected_peers()
+        assert not await front.host.find_providers(model_key("org/private"), timeout=2.0)
+        with trio.fail_after(40):
+            snap = await front.fetch(FetchRequest("org/private", cache_dir=front.config.cache_dir))
+        served = worker.shared[next(iter(worker.shared))].manifest
+        same_tree(model_dir, snap, [fe.path for fe in served.files])
+
+
 @pytest.mark.timeout(30)
 async def test_no_provider_fails_clearly_within_timeout(tmp_path):
     async with AsyncExitStack() as stack:
         a = await start(stack, tmp_path, "a")
         b = await start(stack, tmp_path, "b", bootstrap=tuple(a.host.addrs[:1]))
         t0 = trio.current_time()
-        with pytest.raises(ModelNotFound, match="no providers"):
+        with pytest.raises(ModelNotFound, match="no providers .* none of the 1 peers connected to has it"):
             await b.fetch(FetchRequest("org/nobody-has-this", cache_dir=b.config.cache_dir))
         assert trio.current_time() - t0 < 10
 

@@ -39,6 +39,14 @@ log = logging.getLogger("swarm.node")  # one logger for the whole node, as befor
 
 MANIFEST_ASK_TIMEOUT = 5.0
 """Seconds one provider has to answer a manifest request (dial included)."""
+CONNECTED_FALLBACK = 16
+"""Peers we are connected to that are asked for the manifest directly when the DHT lookup comes
+back empty. The DHT can miss a provider we are connected to: a worker that a flash crowd asks at
+once resets GET_PROVIDERS beyond 12 (swarm/net/providers.py), and on a loaded host its answers come
+after ``lookup_timeout`` (16 frontend processes bootstrapped to one worker: a few failed with "no
+providers" under load; on the namespace testbed late fetchers connected only to the worker did
+too). Fleets bootstrap to their workers, so a worker is usually among them. A peer that does not
+hold the model answers at once with no manifest; at most this many are asked (8 at a time)."""
 HINTED_LOOKUP = 0.5
 """Seconds the first DHT lookup may take when the caller names peers that hold the model
 (``hint``: the origin puller that just seeded, swarm/origin.py). Those are asked anyway; the
@@ -80,11 +88,14 @@ class ManifestVote:
             if providers or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(LOOKUP_RETRY, max(0.0, deadline - trio.current_time())))
-        if not providers:
-            what = f"manifest {manifest_hash.hex()[:16]}" if manifest_hash else req.repo_id
-            raise ModelNotFound(
-                f"no providers for {what} in the DHT (looked for {self.config.lookup_timeout:.0f} s)", ()
-            )
+        what = f"manifest {manifest_hash.hex()[:16]}" if manifest_hash else req.repo_id
+        not_in_dht = f"no providers for {what} in the DHT (looked for {self.config.lookup_timeout:.0f} s)"
+        from_connected = not providers
+        if from_connected:  # see CONNECTED_FALLBACK
+            providers = [PeerAddr(pid) for pid in self.host.connected_peers()[:CONNECTED_FALLBACK]]
+            if not providers:
+                raise ModelNotFound(not_in_dht, ())
+            log.info("%s; asking the %d peers connected to", not_in_dht, len(providers))
         request = wire.ManifestRequest(req.repo_id, req.revision or "", manifest_hash or b"")
         votes: Counter[bytes] = Counter()
         manifests: dict[bytes, Manifest] = {}
@@ -143,6 +154,12 @@ class ManifestVote:
             )
         finally:
             closed = True
+        if not votes and from_connected:
+            raise ModelNotFound(
+                f"{not_in_dht}, and none of the {len(providers)} peers connected to has it"
+                + (f": {'; '.join(reasons[:4])}" if reasons else ""),
+                (),
+            )
         if not votes:
             raise ModelNotFound(
                 f"{len(providers)} providers of {req.repo_id} found, none gave a "
