@@ -74,6 +74,27 @@ async def test_cold_crowd_gets_the_model_from_modelexpress_once(tmp_path, served
         assert sorted(r.source for r in crowd.results.values()) == ["swarm"] * 4
 
 
+@pytest.mark.timeout(60)
+async def test_a_lone_node_pulls_from_modelexpress_itself(tmp_path, served):
+    # No fellow fetcher: the election names this node at once and it pulls (in-process timing of
+    # this path, docs/protocol.md: ~0.5 s more than the plain ModelExpress step, as for the Hub).
+    with FakeModelExpress() as mx:
+        mx.add_model(REPO, served, COMMIT)
+        async with trio.open_nursery() as n:
+            crowd = Crowd(tmp_path, n)
+            await crowd.start(1)
+            done = trio.Event()
+            with trio.fail_after(40):
+                crowd.fetch_all(None, done, lambda node: mx_request(node, mx))
+                await done.wait()
+            n.cancel_scope.cancel()
+        r = crowd.results[0]
+        assert not isinstance(r, BaseException), repr(r)
+        assert_same_weights(served, r.path)
+        assert crowd.pulls == [0]
+        assert mx.bytes_served == model_bytes(served)
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.usefixtures("slow_election")
 async def test_dead_modelexpress_puller_is_replaced(tmp_path, served3):
