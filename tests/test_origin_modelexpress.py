@@ -128,3 +128,62 @@ async def test_dead_modelexpress_puller_is_replaced(tmp_path, served3):
         assert mx.streamed.count(WEIGHTS3[0]) == 1, mx.streamed
         # Without the copy: the whole model again on top of the 45% (or more) the dead one had.
         assert mx.bytes_served < total + 0.35 * size, (mx.bytes_served / total, mx.streamed)
+
+
+# -- the puller's download itself (swarm/modelexpress/pull.py), without nodes --
+
+
+def _pull(mx: FakeModelExpress, cache: Path, **kw) -> Path:
+    import threading
+
+    from swarm.modelexpress.client import ModelExpressClient
+    from swarm.modelexpress.pull import pull_snapshot
+
+    with ModelExpressClient(mx.url, timeout=30) as client:
+        return pull_snapshot(client, REPO, cache, threading.Event(), **kw)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("take_copies", [True, False])
+def test_pull_takes_complete_copies_and_streams_the_rest(tmp_path, served3, take_copies):
+    from swarm.hubpull import PARTIAL_SUFFIX
+    from swarm.modelexpress.pull import blob_name
+    from swarm.store.layout import RepoLayout
+
+    cache = tmp_path / "cache"
+    blobs = RepoLayout.of(cache, REPO).blobs
+    blobs.mkdir(parents=True)
+    w1, w2, _w3 = WEIGHTS3
+    for w, part in ((w1, 1.0), (w2, 0.5)):  # what a backup copied of a puller that died
+        data = (served3 / w).read_bytes()
+        name = blob_name(COMMIT, w, len(data))
+        (blobs / (name + PARTIAL_SUFFIX)).write_bytes(data[: int(len(data) * part)])
+    with FakeModelExpress() as mx:
+        mx.add_model(REPO, served3, COMMIT)
+        snap = _pull(mx, cache, take_copies=take_copies)
+        streamed = list(mx.streamed)
+    assert snap == RepoLayout.of(cache, REPO).snapshot(COMMIT)
+    for f in served3.rglob("*"):
+        if f.is_file():
+            rel = str(f.relative_to(served3))
+            assert (snap / rel).read_bytes() == f.read_bytes(), rel
+    assert (w1 in streamed) is not take_copies, streamed  # complete copy: taken (open policy only)
+    assert w2 in streamed  # half a file is no resume point: ModelExpress streams whole files
+    assert not list(blobs.glob("*" + PARTIAL_SUFFIX))
+    assert (cache / RepoLayout.of(cache, REPO).root.name / "refs" / "main").read_text() == COMMIT
+
+
+@pytest.mark.timeout(60)
+def test_pull_refuses_what_modelexpress_gets_wrong(tmp_path, served):
+    from swarm.modelexpress.client import ModelExpressProtocolError, ModelExpressUnsupported
+
+    with FakeModelExpress() as mx:
+        mx.add_model(REPO, served, COMMIT)
+        mx.evil_path = "../../escape"
+        with pytest.raises(ModelExpressProtocolError, match="unsafe"):
+            _pull(mx, tmp_path / "a")
+        mx.evil_path = None
+        mx.pre_revisions = True  # cannot pin: a pinned pull is refused, as by the plain step
+        with pytest.raises(ModelExpressUnsupported):
+            _pull(mx, tmp_path / "b", revision="v1")
+    assert not list(tmp_path.rglob("escape"))

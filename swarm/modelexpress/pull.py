@@ -26,9 +26,11 @@ mirror copy is kept under that name). ``StreamModelFiles`` cannot start inside a
 file is no resume point: a take-over streams it again from byte 0. A *complete* copy, mirrored from
 a puller that died, is taken as it is (its size is checked against the listing; ModelExpress has no
 hash to check it against): it came from a node of this private swarm, whose manifest of the same
-bytes the followers would have accepted had it lived. A server without ``ListModelFiles`` or
-without ``resolved_revision`` (before 0.7) gets the plain download (``client.download_snapshot``): no
-resume, no copy taken over.
+bytes the followers would have accepted had it lived. That holds under the ``open`` trust policy
+only: under ``trusted-publishers`` the node that takes over would sign, as built, bytes it took on a
+peer's word, so there (``take_copies`` False) every file is streamed from ModelExpress again. A
+server without ``ListModelFiles`` or without ``resolved_revision`` (before 0.7) gets the plain
+download (``client.download_snapshot``): no resume, no copy taken over.
 """
 
 from __future__ import annotations
@@ -69,12 +71,14 @@ def pull_snapshot(
     ignore_weights: bool = False,
     shared: Callable[[str], Path | None] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    take_copies: bool = True,
 ) -> Path:
     """Pull ``model`` from the server into the HF cache ``cache_dir``; the snapshot directory.
 
     Runs in a worker thread; ``stop`` set makes it give up (the calls in flight are cancelled).
     ``shared(commit)``: a complete snapshot of that commit already in one of our cache roots (a
-    cache shared with the server), returned without streaming."""
+    cache shared with the server), returned without streaming. ``take_copies``: complete mirror
+    copies of a puller that died are taken as they are (see the module docstring)."""
     emit = on_event or (lambda e: None)
     done = threading.Event()
 
@@ -115,7 +119,7 @@ def pull_snapshot(
         repo = RepoLayout.of(cache_dir, model)
         repo.blobs.mkdir(parents=True, exist_ok=True)
         names = {f.path: blob_name(resolved, f.path, f.size) for f in chosen}
-        missing = [f for f in chosen if not _have(repo.blobs, names[f.path], f.size)]
+        missing = [f for f in chosen if not _have(repo.blobs, names[f.path], f.size, take_copies)]
         if missing:
             log.info(
                 "pulling %d of %d files of %s from ModelExpress at %s",
@@ -136,14 +140,14 @@ def pull_snapshot(
         done.set()
 
 
-def _have(blobs: Path, name: str, size: int) -> bool:
-    """Whether ``blobs/<name>`` is complete: pulled here before, or a complete mirror copy of a
-    puller that died (taken as it is: see the module docstring). A shorter copy is no resume point
-    (the stream cannot start inside a file): it is streamed again."""
+def _have(blobs: Path, name: str, size: int, take_copies: bool) -> bool:
+    """Whether ``blobs/<name>`` is complete: pulled here before, or (``take_copies``) a complete
+    mirror copy of a puller that died (taken as it is: see the module docstring). A shorter copy is
+    no resume point (the stream cannot start inside a file): it is streamed again."""
     blob, partial = blobs / name, blobs / (name + PARTIAL_SUFFIX)
     if _size(blob) == size:
         return True
-    if _size(partial) == size:
+    if take_copies and _size(partial) == size:
         os.replace(partial, blob)
         log.info("origin: %s taken from the copy of the puller that died (%d bytes)", name[:12], size)
         return True

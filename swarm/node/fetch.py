@@ -407,7 +407,10 @@ class Fetching:
             on_event(
                 {"event": "origin_pull", "model": req.repo_id, "revision": req.ref, "origin": "modelexpress"}
             )
-        path = await pull_from_modelexpress(req, url, on_event=on_event)
+        # Complete copies of a dead puller's files are taken over under the open policy only
+        # (ModelExpress has no hash to check them against; swarm/modelexpress/pull.py).
+        take = self.config.trust.mode == "open"
+        path = await pull_from_modelexpress(req, url, on_event=on_event, take_copies=take)
         downloaded()
         return await self._seed_pulled(req, path, "modelexpress")
 

@@ -107,12 +107,16 @@ async def _run_mapped(run: Callable[[], Path], client, req: FetchRequest) -> Pat
 
 
 async def pull_from_modelexpress(
-    req: FetchRequest, url: str, *, on_event: Callable[[dict], None] | None = None
+    req: FetchRequest,
+    url: str,
+    *,
+    on_event: Callable[[dict], None] | None = None,
+    take_copies: bool = True,
 ) -> Path:
     """The origin-once puller's download of ``req`` from the ModelExpress server at ``url`` into
     ``req.cache_dir`` (swarm/modelexpress/pull.py: files under ``blobs/<name>.swarm-partial``
-    until each is checked, complete copies mirrored from a puller that died taken over); the
-    snapshot dir. Errors as :func:`from_modelexpress`'s."""
+    until each is checked; with ``take_copies``, complete copies mirrored from a puller that died
+    are taken over); the snapshot dir. Errors as :func:`from_modelexpress`'s."""
     import threading
 
     from swarm.hubpull import Cancelled
@@ -146,6 +150,7 @@ async def pull_from_modelexpress(
                 ignore_weights=req.configs_only,
                 shared=shared,
                 on_event=_thread_emitter(emit),
+                take_copies=take_copies,
             )
 
     try:
