@@ -114,6 +114,8 @@ def child(spec: dict) -> None:
 
             if spec.get("mx"):  # ModelExpress is the origin; the Hub is off
                 env = SourceEnv(modelexpress_url=spec["endpoint"], hub_offline=True)
+            elif spec.get("hub_off"):  # the swarm alone (T_min beside a ModelExpress origin)
+                env = SourceEnv(hub_offline=True)
             else:
                 env = SourceEnv(hf_endpoint=spec["endpoint"])
             req = FetchRequest(MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=env)
@@ -211,7 +213,10 @@ def run_crowd(
                 "home": str(root / f"n{i}" / "home"),
                 "cache": str(root / f"n{i}" / "cache"),
                 "endpoint": hub.url,
-                "mx": bool(getattr(hub, "is_modelexpress", False)),
+                # ModelExpress as the origin: given to the fetchers, except in the swarm-only
+                # run (T_min), whose fetchers have neither ModelExpress nor the Hub.
+                "mx": bool(getattr(hub, "is_modelexpress", False)) and serve is None,
+                "hub_off": bool(getattr(hub, "is_modelexpress", False)) and serve is not None,
                 "bootstrap": boot[:1],
                 "origin_once": origin_once,
                 "serve": [str(serve)] if serve is not None and i == 0 else [],
