@@ -15,8 +15,15 @@ Three runs on the same generated model and machine, each node its own OS process
 For each it prints the bytes the origin served (and / model size), the last node's time, and the
 target ``1.3 x (F / origin rate + T_min)``.
 
+``--origin mx`` makes the origin a ModelExpress server instead (tests/fake_modelexpress.py, the
+0.7 server's behaviour, in this process, capped at ``--rate``): every node's request carries
+``MODEL_EXPRESS_URL`` and ``HF_HUB_OFFLINE`` (so every byte comes from ModelExpress or a peer), and
+``today`` is the chain's plain ModelExpress step on every node (what main did before ModelExpress
+was an origin). ``--shards`` splits the weights into that many files (ModelExpress cannot resume
+inside a file, so a killed puller costs the file in progress).
+
     .venv/bin/python scripts/bench_origin.py [--nodes 8] [--size 256M] [--rate 25M]
-        [--runs swarm,today,once,kill] [--kill-at 0.5]
+        [--runs swarm,today,once,kill] [--kill-at 0.5] [--origin hub|mx] [--shards 2]
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ def child(spec: dict) -> None:
         )
         node = Node(cfg)
         if not spec.get("origin_once", True):
-            node._origin_once = lambda _req: False  # today's behaviour: every node to the origin
+            node._origin_once = lambda *_a, **_k: False  # today's behaviour: every node to the origin
         async with node.running():
             with trio.move_on_after(10):
                 while len(node.host.connected_peers()) < len(cfg.bootstrap):
@@ -105,9 +112,13 @@ def child(spec: dict) -> None:
                 elif e.get("event") == "attempt" and e.get("outcome") == "failed":
                     say(event="failed_" + e["source"], t=time.time() - t0, reason=e.get("reason", "")[:300])
 
-            req = FetchRequest(
-                MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=SourceEnv(hf_endpoint=spec["endpoint"])
-            )
+            if spec.get("mx"):  # ModelExpress is the origin; the Hub is off
+                env = SourceEnv(modelexpress_url=spec["endpoint"], hub_offline=True)
+            elif spec.get("hub_off"):  # the swarm alone (T_min beside a ModelExpress origin)
+                env = SourceEnv(hub_offline=True)
+            else:
+                env = SourceEnv(hf_endpoint=spec["endpoint"])
+            req = FetchRequest(MODEL, cache_dir=cfg.cache_dir, timeout=600.0, env=env)
             try:
                 r = await node.fetch_with_fallback(req, on_event=on_event)
                 say(done=True, seconds=time.time() - t0, source=r.source)
@@ -202,6 +213,10 @@ def run_crowd(
                 "home": str(root / f"n{i}" / "home"),
                 "cache": str(root / f"n{i}" / "cache"),
                 "endpoint": hub.url,
+                # ModelExpress as the origin: given to the fetchers, except in the swarm-only
+                # run (T_min), whose fetchers have neither ModelExpress nor the Hub.
+                "mx": bool(getattr(hub, "is_modelexpress", False)) and serve is None,
+                "hub_off": bool(getattr(hub, "is_modelexpress", False)) and serve is not None,
                 "bootstrap": boot[:1],
                 "origin_once": origin_once,
                 "serve": [str(serve)] if serve is not None and i == 0 else [],
@@ -279,6 +294,20 @@ def run_crowd(
             p.stop()
 
 
+def _origin(kind: str, rate: int):
+    """The capped origin: the fake Hub, or the fake ModelExpress server (``is_modelexpress``)."""
+    if kind == "hub":
+        from fakehub import FakeHub
+
+        return FakeHub(rate=rate)
+    from fake_modelexpress import FakeModelExpress
+
+    mx = FakeModelExpress()
+    mx.rate = rate
+    mx.is_modelexpress = True
+    return mx
+
+
 def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "--child":
         child(json.loads(sys.argv[2]))
@@ -290,26 +319,30 @@ def main() -> None:
     ap.add_argument("--runs", default="swarm,today,once,kill")
     ap.add_argument("--kill-at", type=float, default=0.5)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--origin", choices=("hub", "mx"), default="hub", help="the Hub or ModelExpress")
+    ap.add_argument("--shards", type=int, default=2, help="weight files")
     args = ap.parse_args()
-
-    from fakehub import FakeHub
 
     from swarm.testmodel import make_model_dir
 
     size, rate = parse_size(args.size), parse_size(args.rate)
     tmp = Path(tempfile.mkdtemp(prefix="bench-origin-"))
-    served = make_model_dir(tmp / "served", weights_bytes=size, n_weight_files=2, seed=11)
+    served = make_model_dir(tmp / "served", weights_bytes=size, n_weight_files=args.shards, seed=11)
     model_bytes = sum(f.stat().st_size for f in served.rglob("*") if f.is_file())
     runs = args.runs.split(",")
     print(
-        f"model {model_bytes / 1e6:.1f} MB, origin capped at {rate / 1e6:.1f} MB/s, "
+        f"model {model_bytes / 1e6:.1f} MB in {args.shards} weight files, origin "
+        f"{'ModelExpress' if args.origin == 'mx' else 'Hub'} capped at {rate / 1e6:.1f} MB/s, "
         f"{args.nodes} nodes; work dir {tmp}",
         flush=True,
     )
     t_min = None
     rows = []
-    with FakeHub(rate=rate) as hub:
-        hub.add_repo(MODEL, served, COMMIT)
+    with _origin(args.origin, rate) as hub:
+        if args.origin == "mx":
+            hub.add_model(MODEL, served, COMMIT)
+        else:
+            hub.add_repo(MODEL, served, COMMIT)
         for name in runs:
             if name == "swarm":
                 r = run_crowd(

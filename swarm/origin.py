@@ -10,10 +10,14 @@ itself: the origin served N x the model. Here (docs/protocol.md, "Origin once"):
    that already pulls (or follows a pull that makes progress, or has finished one) is followed: a
    late-comer never starts a second pull. Otherwise the interested peer whose id is closest (XOR
    of sha256 digests) to the key pulls; every node computes the same choice from the same set.
-3. The puller downloads from the Hub (``sources.from_hub``), which checks every file against the
-   Hub's listing (sizes, sha256 of LFS files, git blob sha1 of the others) before anything is
-   seeded, then builds and seeds the manifest (announced under the model key) like any snapshot
-   from the Hub.
+3. The puller downloads from the origin: whatever the ``pull`` it is handed does. The node hands
+   it the Hub's (``swarm/hubpull.py``, which checks every file against the Hub's listing: sizes,
+   sha256 of LFS files, git blob sha1 of the others) or, when ModelExpress is configured,
+   ModelExpress's (``swarm/modelexpress/pull.py``: commit, paths and sizes; ModelExpress offers no
+   hash), then the Hub's if that fails. Both write ``blobs/<name>.swarm-partial`` files renamed to
+   ``blobs/<name>`` when checked and call ``hubpull.GATES``, which is all the mirror and the
+   take-over below rely on. Then it builds and seeds the manifest (announced under the model key)
+   like any snapshot from the origin.
 4. The others poll the puller every ``POLL`` seconds. When it reports ``seeded`` they fetch
    through the swarm. When it stops answering (``PROBE_FAILURES`` in a row), reports failure, or
    shows no progress for ``STALL_TIMEOUT``, they drop it and elect again among the rest: the

@@ -27,6 +27,9 @@ the model name before ``DOWNLOADED``, e.g. to play a server sharing our storage)
 (play a server from before pinned revisions: ``revision`` and the files requests' ``ignore_weights``
 ignored, no ``resolved_revision``, no chunk for an empty file).
 ``calls`` counts RPCs by method name; ``requests`` keeps the request messages.
+For origin-once tests and benchmarks: ``rate`` caps the streamed file bytes (bytes/s over all
+streams, one shared clock), ``bytes_served`` counts the file bytes streamed, ``streamed`` names the
+files whose first chunk went out (in order), and ``reset()`` clears the three counters.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
         self.pre_revisions = False
         self.on_ensure: Callable[[str], None] | None = None
         self.cancelled = threading.Event()
+        self.rate: float | None = None
+        self.bytes_served = 0
+        self.streamed: list[str] = []
+        self._bucket_time = 0.0
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
         self.port = 0
@@ -119,6 +126,30 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
     def total_calls(self) -> int:
         with self._lock:
             return sum(self.calls.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.requests.clear()
+            self.bytes_served = 0
+            self.streamed.clear()
+
+    def _throttle(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under ``rate`` (one clock shared by every stream)."""
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._bucket_time = max(self._bucket_time, now - 0.05) + n / self.rate
+            wait = self._bucket_time - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def _served(self, rel: str, offset: int, n: int) -> None:
+        with self._lock:
+            self.bytes_served += n
+            if offset == 0:
+                self.streamed.append(rel)
 
     def _count(self, method: str, request: object) -> None:
         with self._lock:
@@ -237,6 +268,7 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
             if size == 0 and self.pre_revisions:
                 continue  # the server's read loop before 2026 sent nothing for an empty file
             if size == 0:  # one chunk with no data, as the server sends for an empty file
+                self._served(rel, 0, 0)
                 yield chunk(
                     relative_path=rel,
                     data=b"",
@@ -250,6 +282,10 @@ class FakeModelExpress(model_pb2_grpc.ModelServiceServicer):
             with open(root / rel, "rb") as fh:
                 while data := fh.read(chunk_size):
                     last_chunk = offset + len(data) >= size
+                    self._throttle(len(data))
+                    if not context.is_active():  # the client cancelled (or died)
+                        return
+                    self._served(rel, offset, len(data))
                     yield chunk(
                         relative_path=rel,
                         data=data,

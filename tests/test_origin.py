@@ -102,7 +102,9 @@ class Crowd:
         for scope in self.scopes[i]:
             scope.cancel()
 
-    def fetch_all(self, hub: FakeHub, done: trio.Event) -> None:
+    def fetch_all(self, hub: FakeHub | None, done: trio.Event, make_request=None) -> None:
+        """Every node fetches at once (``make_request(node)``, default: from ``hub``)."""
+        make_request = make_request or (lambda node: request(node, hub))
         left = [len(self.nodes)]
 
         async def one(i: int, node: Node) -> None:
@@ -114,7 +116,7 @@ class Crowd:
             self.scopes[i].append(scope)
             with scope:
                 try:
-                    self.results[i] = await node.fetch_with_fallback(request(node, hub), on_event=on_event)
+                    self.results[i] = await node.fetch_with_fallback(make_request(node), on_event=on_event)
                 except Exception as e:  # kept for the test to look at
                     self.results[i] = e
             left[0] -= 1

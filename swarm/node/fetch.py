@@ -33,6 +33,8 @@ from swarm.sources import (
     fetch_chain,
     hub_error,
 )
+from swarm.sources.chain import modelexpress_url_of
+from swarm.sources.modelexpress import pull_from_modelexpress
 from swarm.store import Download, RepoLayout, SnapshotReader, touch_access
 
 log = logging.getLogger("swarm.node")  # one logger for the whole node, as before the split
@@ -302,6 +304,13 @@ class Fetching:
     ) -> FetchResult:
         """The whole chain: local cache -> ModelExpress -> swarm -> Hub; seeds what it got."""
         kwargs = {} if modelexpress_url is None else {"modelexpress_url": modelexpress_url}
+        # The chain's choice of ModelExpress server, made the same way.
+        mx_url = (
+            modelexpress_url_of(req)
+            if modelexpress_url is None
+            else modelexpress_url_of(req, modelexpress_url)
+        )
+        once = self._origin_once(req, mx_url)
         started = trio.current_time()
         log.info(
             "fetch of %s@%s started",
@@ -311,18 +320,26 @@ class Fetching:
         )
 
         async def via_swarm(r: FetchRequest) -> Path:
-            if not self._origin_once(r):
+            if not once:
                 return await self.fetch(r, on_event=on_event)
             return await self.origin.fetch(
                 r.repo_id,
                 r.ref,
                 RepoLayout(r.repo_dir).blobs,
                 swarm_fetch=lambda hint=(): self.fetch(r, on_event=on_event, hint=hint),
-                pull=lambda downloaded: self._pull_from_hub(r, downloaded, on_event),
+                pull=lambda downloaded: self._pull_from_origin(r, mx_url, downloaded, on_event),
             )
 
         try:
-            result = await fetch_chain(req, swarm=via_swarm, on_event=on_event, **kwargs)
+            # With origin once and ModelExpress set, ModelExpress is the crowd's origin: the swarm
+            # step elects one node to pull from it (the chain's own ModelExpress step is skipped).
+            result = await fetch_chain(
+                req,
+                swarm=via_swarm,
+                on_event=on_event,
+                modelexpress_in_swarm=once and mx_url is not None,
+                **kwargs,
+            )
         except BaseException as e:
             self._fetch_ended(req, started, "none", e)
             raise
@@ -345,14 +362,64 @@ class Fetching:
             self._nursery.start_soon(self._enforce_quietly)
         return result
 
-    def _origin_once(self, req: FetchRequest) -> bool:
-        """Whether fetchers of ``req`` coordinate so that one pulls from the Hub for all (see
-        swarm/origin.py): only where what comes from the Hub is seeded, and the Hub may be used."""
+    def _origin_once(self, req: FetchRequest, modelexpress_url: str | None = None) -> bool:
+        """Whether fetchers of ``req`` coordinate so that one pulls from the origin for all (see
+        swarm/origin.py): only where what comes from the origin is seeded, and an origin may be
+        used (ModelExpress when ``modelexpress_url`` is set, else the Hub when not offline)."""
         return (
             self.serves_hf_cache
             and not self.draining
-            and not req.env.over(SourceEnv.from_environ()).hub_offline
+            and (modelexpress_url is not None or not req.env.over(SourceEnv.from_environ()).hub_offline)
         )
+
+    async def _pull_from_origin(
+        self,
+        req: FetchRequest,
+        modelexpress_url: str | None,
+        downloaded: Callable[[], None],
+        on_event: Callable[[dict], None] | None,
+    ) -> Path:
+        """The elected puller's download, in the chain's order: ModelExpress when set, then (if it
+        fails and the Hub may be used) the Hub, so the crowd still pulls once."""
+        if modelexpress_url is not None:
+            try:
+                return await self._pull_from_modelexpress(req, modelexpress_url, downloaded, on_event)
+            except Exception as e:
+                if req.env.over(SourceEnv.from_environ()).hub_offline:
+                    raise
+                log.warning(
+                    "origin: the pull from ModelExpress failed (%s); pulling from the Hub",
+                    str(e).splitlines()[0][:300],
+                    extra={"event": "origin_origin_failed", "origin": "modelexpress", "reason": str(e)},
+                )
+        return await self._pull_from_hub(req, downloaded, on_event)
+
+    async def _pull_from_modelexpress(
+        self,
+        req: FetchRequest,
+        url: str,
+        downloaded: Callable[[], None],
+        on_event: Callable[[dict], None] | None,
+    ) -> Path:
+        """The elected puller's download from ModelExpress (swarm/modelexpress/pull.py: paths,
+        sizes and the commit checked; ModelExpress offers no content hash), then seeded."""
+        if on_event is not None:
+            on_event(
+                {"event": "origin_pull", "model": req.repo_id, "revision": req.ref, "origin": "modelexpress"}
+            )
+        # Complete copies of a dead puller's files are taken over under the open policy only
+        # (ModelExpress has no hash to check them against; swarm/modelexpress/pull.py).
+        take = self.config.trust.mode == "open"
+        path = await pull_from_modelexpress(req, url, on_event=on_event, take_copies=take)
+        downloaded()
+        return await self._seed_pulled(req, path, "modelexpress")
+
+    async def _seed_pulled(self, req: FetchRequest, path: Path, source: str) -> Path:
+        self.metrics.origin_bytes.labels(source).inc(await trio.to_thread.run_sync(_snapshot_bytes, path))
+        # Followers learn "seeded" from us and then look us up: our own provider record is stored
+        # at once, the copies sent to the DHT follow.
+        await self.serve_snapshot(req.repo_id, path, announce_later=True)
+        return path
 
     async def _pull_from_hub(
         self, req: FetchRequest, downloaded: Callable[[], None], on_event: Callable[[dict], None] | None
@@ -361,7 +428,7 @@ class Fetching:
         each file checked against the Hub's listing before it is linked), then seeded under the
         model key so the others fetch it from us."""
         if on_event is not None:
-            on_event({"event": "origin_pull", "model": req.repo_id, "revision": req.ref})
+            on_event({"event": "origin_pull", "model": req.repo_id, "revision": req.ref, "origin": "hub"})
         env = req.env.over(SourceEnv.from_environ())
         stop = threading.Event()
         try:
@@ -375,11 +442,7 @@ class Fetching:
         finally:
             stop.set()  # an abandoned thread stops at its next chunk
         downloaded()
-        self.metrics.origin_bytes.labels("hub").inc(await trio.to_thread.run_sync(_snapshot_bytes, path))
-        # Followers learn "seeded" from us and then look us up: our own provider record is stored
-        # at once, the copies sent to the DHT follow.
-        await self.serve_snapshot(req.repo_id, path, announce_later=True)
-        return path
+        return await self._seed_pulled(req, path, "hub")
 
     def _fetch_ended(
         self, req: FetchRequest, started: float, source: str, error: BaseException | None

@@ -24,7 +24,7 @@ from swarm.sources.hub import from_hub
 from swarm.sources.local import _evict, _expect_mismatches, _inspect_local
 from swarm.sources.modelexpress import from_modelexpress
 
-__all__ = ["fetch_chain"]
+__all__ = ["fetch_chain", "modelexpress_url_of"]
 
 
 class _FromEnv:
@@ -33,6 +33,17 @@ class _FromEnv:
 
 
 _FROM_ENV: str | None = _FromEnv()  # type: ignore[assignment]
+
+
+def modelexpress_url_of(req: FetchRequest, setting: str | None = _FROM_ENV) -> str | None:
+    """The ModelExpress URL a fetch of ``req`` uses (None: none): the caller's
+    (``req.env.modelexpress_url``) when set, else ``setting`` (the node's), which defaults to
+    ``MODEL_EXPRESS_URL`` as set at call time."""
+    if req.env.modelexpress_url is not None:  # the caller's setting wins over the node's
+        return req.env.modelexpress_url or None
+    if setting is _FROM_ENV:
+        return os.environ.get("MODEL_EXPRESS_URL") or None
+    return setting or None
 
 
 def _safe_emit(on_event: Callable[[dict], None] | None) -> Callable[[dict], None]:
@@ -62,6 +73,7 @@ async def fetch_chain(
     swarm: Callable[[FetchRequest], Awaitable[Path]] | None,
     modelexpress_url: str | None = _FROM_ENV,
     on_event: Callable[[dict], None] | None = None,
+    modelexpress_in_swarm: bool = False,
 ) -> FetchResult:
     """Try local cache -> ModelExpress -> swarm -> Hub; return the first success (see module doc).
 
@@ -70,12 +82,11 @@ async def fetch_chain(
     time; None or "" skips ModelExpress.  ``swarm`` None skips the swarm.  ``on_event(dict)`` gets
     ``{"event": "source", "source": ...}`` when a source starts, ``{"event": "attempt", "source",
     "outcome", "reason", "seconds"}`` when it ends, source-specific progress events, and
-    ``{"event": "fetched", ...}``.
+    ``{"event": "fetched", ...}``.  ``modelexpress_in_swarm``: the swarm step pulls from
+    ModelExpress itself, once for a crowd (origin once, swarm/origin.py), so the ModelExpress step
+    is recorded as skipped.
     """
-    if req.env.modelexpress_url is not None:  # the caller's setting wins over the node's
-        modelexpress_url = req.env.modelexpress_url
-    elif modelexpress_url is _FROM_ENV:
-        modelexpress_url = os.environ.get("MODEL_EXPRESS_URL") or None
+    modelexpress_url = modelexpress_url_of(req, modelexpress_url)
     emit = _safe_emit(on_event)
 
     async def local() -> Path:
@@ -99,6 +110,8 @@ async def fetch_chain(
     async def modelexpress() -> Path:
         if not modelexpress_url:
             raise SourceSkipped("MODEL_EXPRESS_URL not set")
+        if modelexpress_in_swarm:
+            raise SourceSkipped("origin once: the swarm step has one node pull it from ModelExpress for all")
         return await from_modelexpress(req, modelexpress_url, on_event=emit)
 
     async def via_swarm() -> Path:

@@ -1,5 +1,7 @@
 """Step 2 of the chain: the ModelExpress server (gRPC, :mod:`swarm.modelexpress.client`, imported
-on first use), only when ``MODEL_EXPRESS_URL`` is set."""
+on first use), only when ``MODEL_EXPRESS_URL`` is set; and :func:`pull_from_modelexpress`, the
+origin-once puller's download from it (swarm/modelexpress/pull.py), run by the node inside the swarm
+step when the crowd elects one node to pull for all (docs/protocol.md, "Origin once")."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import trio
 from swarm.fetchapi import FetchError, FetchRequest, ModelNotFound, VerificationFailed
 from swarm.sources.local import _selected, local_snapshot
 
-__all__ = ["from_modelexpress"]
+__all__ = ["from_modelexpress", "pull_from_modelexpress"]
 
 
 def _thread_emitter(emit: Callable[[dict], None]) -> Callable[[dict], None]:
@@ -48,12 +50,7 @@ async def from_modelexpress(
     commit that is not the one asked for), or :class:`FetchError` (unreachable, server error, a
     server that cannot pin revisions, timeout).
     """
-    from swarm.modelexpress.client import (
-        ModelExpressClient,
-        ModelExpressError,
-        ModelExpressNotFound,
-        ModelExpressProtocolError,
-    )
+    from swarm.modelexpress.client import ModelExpressClient
 
     rev = None if req.revision in (None, "main") else req.revision
     left = _remaining()
@@ -83,6 +80,17 @@ async def from_modelexpress(
                 on_event=_thread_emitter(emit),
             )
 
+    return await _run_mapped(run, client, req)
+
+
+async def _run_mapped(run: Callable[[], Path], client, req: FetchRequest) -> Path:
+    """``run()`` in a worker thread, ModelExpress's errors mapped to the chain's."""
+    from swarm.modelexpress.client import (
+        ModelExpressError,
+        ModelExpressNotFound,
+        ModelExpressProtocolError,
+    )
+
     try:
         return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
     except ModelExpressNotFound as exc:
@@ -96,3 +104,58 @@ async def from_modelexpress(
     except BaseException:
         client.cancel()  # cancelled (timeout): stop the calls in the abandoned thread
         raise
+
+
+async def pull_from_modelexpress(
+    req: FetchRequest,
+    url: str,
+    *,
+    on_event: Callable[[dict], None] | None = None,
+    take_copies: bool = True,
+) -> Path:
+    """The origin-once puller's download of ``req`` from the ModelExpress server at ``url`` into
+    ``req.cache_dir`` (swarm/modelexpress/pull.py: files under ``blobs/<name>.swarm-partial``
+    until each is checked; with ``take_copies``, complete copies mirrored from a puller that died
+    are taken over); the snapshot dir. Errors as :func:`from_modelexpress`'s."""
+    import threading
+
+    from swarm.hubpull import Cancelled
+    from swarm.modelexpress.client import ModelExpressClient
+    from swarm.modelexpress.pull import pull_snapshot
+
+    rev = None if req.revision in (None, "main") else req.revision
+    left = _remaining()
+    try:
+        client = ModelExpressClient(url, timeout=None if left is None else left + 2.0)
+    except ValueError as exc:
+        raise FetchError(f"invalid MODEL_EXPRESS_URL {url!r}: {exc}") from None
+    emit = on_event or (lambda e: None)
+    stop = threading.Event()
+
+    def want(path: str, size: int) -> bool:
+        return bool(_selected(req, [path], {path: size}))
+
+    def shared(commit: str) -> Path | None:
+        return local_snapshot(attrs.evolve(req, revision=commit))
+
+    def run() -> Path:
+        with client:
+            return pull_snapshot(
+                client,
+                req.repo_id,
+                req.cache_dir,
+                stop,
+                want=want,
+                revision=rev,
+                ignore_weights=req.configs_only,
+                shared=shared,
+                on_event=_thread_emitter(emit),
+                take_copies=take_copies,
+            )
+
+    try:
+        return await _run_mapped(run, client, req)
+    except Cancelled:
+        raise FetchError("the ModelExpress pull was abandoned") from None
+    finally:
+        stop.set()  # an abandoned thread stops at its next chunk
