@@ -139,8 +139,8 @@ def section(names: list[str], out: Path) -> str:
         "Error: simulator mean / testbed mean - 1.",
         "",
         "| scenario | hosts | T_min s | median: sim / testbed | error | last: sim / testbed | "
-        "error | within 10% | CPU per host (mean, max) | machine busy | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "error | within 10% | CPU per host (mean, max) | machine busy | load | nodes' nice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     details = []
     docs = []
@@ -157,6 +157,8 @@ def section(names: list[str], out: Path) -> str:
         busy = [s["machine_busy"] for s in stats]
         loads = [float(s["loadavg"][0]) for s in stats if s.get("loadavg")]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+        nices = sorted({s["nice"] for s in stats if s.get("nice") is not None})
+        nice = ", ".join(f"{n:+d}" if n else "0" for n in nices) if nices else "0"
         hosts = sum(g["nodes"] for g in tb["per_seed"][0]["groups"].values())
         lines.append(
             f"| {cmp['scenario']} | {hosts} | {cmp['T_min']:.2f} | "
@@ -165,7 +167,7 @@ def section(names: list[str], out: Path) -> str:
             f"{last['sim']['mean']:.2f} / {last['testbed']['mean']:.2f} +/- {last['testbed']['sd']:.2f} | "
             f"{last['sim_error'] * 100:+.0f}% | {'yes' if ok else '**no**'} | "
             f"{cpu_mean * 100:.0f}%, {cpu_max * 100:.0f}% | "
-            f"{min(busy) * 100:.0f}-{max(busy) * 100:.0f}% | {load} |"
+            f"{min(busy) * 100:.0f}-{max(busy) * 100:.0f}% | {load} | {nice} |"
         )
         fig = FIGURES / f"testbed_{name}.png"
         if (d / "compare.png").exists():
@@ -189,7 +191,9 @@ def section(names: list[str], out: Path) -> str:
         "CPU per host: node CPU seconds over the run's wall time (1 = one core). "
         "Machine busy: all CPUs over the run, from /proc/stat, other jobs on the machine "
         "included; above 90% a run is flagged CPU-bound in its summary.json. Load: the "
-        "1-minute load average at each run's end (2 cores).",
+        "1-minute load average at each run's end (2 cores). Nodes' nice: the scheduling priority "
+        "of the node processes and the testbed during the runs (`simulations.testbed.NODE_NICE`; "
+        "0 = the same as the machine's other jobs, before December 2026).",
         "",
         *budget_lines(cpu_fit(docs)),
     ]

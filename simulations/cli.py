@@ -283,6 +283,7 @@ def run_testbed(
     timeout: float | None = None,
     results_out: list[Any] | None = None,
     queue: str | None = None,
+    nice: int | None = None,
 ) -> dict[str, Any]:
     """Each seed once on the testbed (one repetition per seed: its arrival times and event
     choices); writes what ``run_scenario`` writes."""
@@ -316,6 +317,7 @@ def run_testbed(
                 timeout=timeout,
                 keep=out / "logs" if keep_logs else None,
                 queue=queue or testbed.TBF_LATENCY,
+                nice=testbed.NODE_NICE if nice is None else (nice or None),
             )
             result = tb.run()
             wall = time.perf_counter() - t0
@@ -396,6 +398,7 @@ def cmd_testbed(a: argparse.Namespace) -> int:
             timeout=a.timeout,
             results_out=tb_results,
             queue=a.queue,
+            nice=a.nice,
         )
     except KeyboardInterrupt:
         print("swarm-sim testbed: interrupted; torn down", file=sys.stderr)
@@ -494,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--keep-logs", action="store_true", help="copy node logs to OUT/logs")
     t.add_argument(
         "--queue", metavar="TIME", help="tbf queue length as time at the cap (tc's `latency`; default 20ms)"
+    )
+    t.add_argument(
+        "--nice",
+        type=int,
+        help="nice value of the nodes and the testbed during a run (default -5, 0: as started)",
     )
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--quiet", action="store_true")

@@ -172,7 +172,7 @@ class LinkEnd:
         self.closed = False  # this end was closed (by its runner or because its node left)
         self.eof = False  # the other end's close has arrived here
         self.dead = False  # one end's host vanished: nothing crosses, nothing is closed
-        self.reset_at = INF  # when TCP gives up retransmitting to a vanished peer (see vanish)
+        self.reset_at = INF  # when the kernel drops the link to a vanished peer (see vanish)
         # The runner's state (SimTransfer):
         self.owner: SimTransfer | None = None
         self.state = HELLO
@@ -273,13 +273,13 @@ class LinkEnd:
     def vanish(self) -> None:
         """Called on the end held by a host that vanished: from now on nothing crosses this link
         either way and neither end sees it close; the peer's piece in flight to us stops using
-        bandwidth but keeps its sender blocked; data it had unacknowledged starts TCP's
-        retransmission clock."""
+        bandwidth but keeps its sender blocked. The peer's end is reset ``blackhole_reset`` later,
+        idle or not (the lane's TCP_USER_TIMEOUT and keepalive, ``scenario.BLACKHOLE_RESET``)."""
         remote = self.remote
         self.dead = remote.dead = True
         if remote.flow is not None:
             self.net.freeze(remote.flow)
-            remote._start_reset()
+        remote._start_reset()
         if self.flow is not None:
             self.net.abort(self.flow)
 
@@ -326,7 +326,7 @@ def _read(end: LinkEnd) -> None:
 
 
 def _reset(end: LinkEnd) -> None:
-    """TCP gave up retransmitting to a vanished peer: the connection is reset."""
+    """The kernel dropped the link to a vanished peer (TCP_USER_TIMEOUT): the connection ends."""
     if not end.closed and not end.eof:
         end._push(end.tl.now(), _CLOSED)
         if end.flow is not None:

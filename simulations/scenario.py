@@ -33,6 +33,22 @@ from swarm.manifest import EMPTY_DIGEST, HASH_PREFIX, FileEntry, Manifest, piece
 ROLES = ("seed", "fetch")
 EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
 ANNOUNCE = ("start", "first_piece", "complete", "never")
+LIVENESS_TIMEOUT = 5.0
+"""swarm.net.lane_link.LIVENESS_TIMEOUT (copied: the simulator never imports swarm.net;
+tests/test_simulation.py checks they agree): the data lane's TCP_USER_TIMEOUT, with keepalive
+probes after KEEPALIVE_IDLE (2 s) idle, every KEEPALIVE_INTERVAL (1 s)."""
+BLACKHOLE_RESET = 6.0
+"""Seconds from a peer's vanishing (no FIN, no RST) to our node dropping its link to it: the
+kernel drops the lane's connection LIVENESS_TIMEOUT after the peer's last packet, data waiting or
+not (unacknowledged data: the retransmission timer, clamped to TCP_USER_TIMEOUT; an idle link:
+the keepalive probes, so up to one KEEPALIVE_INTERVAL more); the lane's threads see ETIMEDOUT
+within IO_TICK (0.25 s) and the engine forgets the link, its requests and its upload slot. The
+namespace testbed measured 6.3-8.9 s from the vanish to the link and slot being gone
+(docs/reliability.md, "Hosts that vanish mid-transfer"; node status polled every 0.25 s, machine
+busy). libp2p's connection to it goes after 10 s (swarm.net.compat.LIBP2P_LIVENESS_TIMEOUT), not
+modelled apart: the simulator's link is the lane. Before December 2026 the lane had no liveness
+option and a link was reset only by STALL_TIMEOUT (30 s after a send stopped progressing); plain
+TCP gives up after 924.6 s (tcp_retries2 = 15, 200 ms minimum RTO)."""
 
 
 @attrs.frozen
@@ -200,10 +216,9 @@ class NetworkParams:
     dial_timeout: float = 10.0
     """Seconds a dial to a host that vanished takes to fail (swarm.net.host.CONNECT_TIMEOUT); a
     dial to a host whose node stopped is refused after one round trip."""
-    blackhole_reset: float = 30.0
-    """Seconds after which a link to a peer that vanished is reset once data to it waits: the data
-    lane's STALL_TIMEOUT (SO_SNDTIMEO, swarm.net.lane); plain TCP would take 924.6 s (Linux
-    tcp_retries2 = 15, 200 ms minimum RTO). Until then the link just hangs."""
+    blackhole_reset: float = BLACKHOLE_RESET
+    """Seconds after a peer vanished at which each of our links to it is reset, idle or not (see
+    BLACKHOLE_RESET). Until then the link just hangs."""
     window: int = 0
     """If > 0, a flow is capped at window / RTT (a TCP receive window)."""
     time_grid: float = 0.001
@@ -340,7 +355,9 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         min_rto=units.duration(net.get("min_rto", 0.2), "network.min_rto"),
         connect_rtts=float(net.get("connect_rtts", 2.0)),
         dial_timeout=units.duration(net.get("dial_timeout", 10.0), "network.dial_timeout"),
-        blackhole_reset=units.duration(net.get("blackhole_reset", 30.0), "network.blackhole_reset"),
+        blackhole_reset=units.duration(
+            net.get("blackhole_reset", BLACKHOLE_RESET), "network.blackhole_reset"
+        ),
         window=units.size(net.get("window", 0), "network.window"),
         time_grid=units.duration(net.get("time_grid", 0.001), "network.time_grid"),
     )

@@ -60,11 +60,20 @@ from simulations.netns import (
 )
 from simulations.scenario import Scenario, ScenarioError
 from simulations.sim import NodeResult, SimResult
-from simulations.testbed_host import NODE_PORT, READY_TIMEOUT, STOP_GRACE, Host, _later, _machine_busy
+from simulations.testbed_host import (
+    NODE_PORT,
+    READY_TIMEOUT,
+    STOP_GRACE,
+    Host,
+    _later,
+    _machine_busy,
+    set_nice,
+)
 
 __all__ = [
     "CPU_BOUND_BUSY",
     "EXTRA_NODE_FLAGS",
+    "NODE_NICE",
     "NODE_PORT",
     "PREFIX",
     "READY_TIMEOUT",
@@ -95,6 +104,12 @@ TESTBED_LATENCY = 0.0001
 EXTRA_NODE_FLAGS: tuple[str, ...] = ()
 """Flags added to every ``swarm-node run`` (e.g. an opt-in to listen beyond loopback)."""
 EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
+NODE_NICE = -5
+"""Nice value of the node processes and of the testbed's own process (its fetch client threads
+take the completion times) during a run; ``swarm-sim testbed --nice`` changes it, 0 turns it off.
+On a machine shared with other jobs a node at nice 0 waits for a CPU behind them, and the testbed
+measures the queue for the CPU instead of the swarm (docs/simulation.md, "What the testbed
+found"). Needs root, as the testbed does; ignored where not allowed."""
 QUIET_CORE_PER_HOST = 0.10
 """The run's clock starts once the nodes are quiet: every node connected to a peer and their CPU
 over the last ``QUIET_WINDOW`` below this many cores per host (start-up, DHT bootstrap and the
@@ -203,9 +218,11 @@ class Testbed:
         keep: Path | None = None,
         timeout: float | None = None,
         queue: str = TBF_LATENCY,
+        nice: int | None = NODE_NICE,
     ):
         check_supported(sc)
         self.queue = queue
+        self.nice = nice
         self.sc = sc
         self.seed = seed
         self.lane = lane
@@ -257,10 +274,10 @@ class Testbed:
         deadline = time.monotonic() + READY_TIMEOUT
         self.seeds = [h for h in self.hosts if h.group.role == "seed"]
         first, rest = self.seeds[0], [h for h in self.hosts if h is not self.seeds[0]]
-        first.start(self._node_cmd(first), self.env)
+        first.start(self._node_cmd(first), self.env, self.nice)
         first.wait_ready(deadline, serving=True)
         for h in rest:
-            h.start(self._node_cmd(h), self.env)
+            h.start(self._node_cmd(h), self.env, self.nice)
         for h in rest:
             h.wait_ready(time.monotonic() + READY_TIMEOUT, serving=h.group.role == "seed")
         self.settle()
@@ -406,7 +423,7 @@ class Testbed:
                 h.vanished = False
             if h.proc is None:
                 began = self.now()
-                h.start(self._node_cmd(h), self.env)
+                h.start(self._node_cmd(h), self.env, self.nice)
                 h.wait_ready(time.monotonic() + READY_TIMEOUT, serving=h.group.role == "seed")
                 self.log("node_start", h.id, "", f"{self.now() - began:.6f}")  # startup.node_start
         except TestbedError as e:
@@ -450,11 +467,16 @@ class Testbed:
     _stopping = False
 
     def run(self) -> SimResult:
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        if self.nice is not None and not set_nice(0, self.nice):
+            self.say(f"could not set nice {self.nice} (not root?): the nodes run at {before}")
+            self.nice = None
         try:
             self.setup()
             return self._go()
         finally:
             self.teardown()
+            set_nice(0, before)
 
     def _go(self) -> SimResult:
         plan = self.schedule()
@@ -506,6 +528,7 @@ class Testbed:
         stats = {
             "testbed": True,
             "lane": self.lane,
+            "nice": self.nice if self.nice is not None else os.getpriority(os.PRIO_PROCESS, 0),
             "fetchers": fetchers,
             "finished": self.finished,
             "gone": self.gone,

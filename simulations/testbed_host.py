@@ -40,6 +40,15 @@ def _machine_busy() -> tuple[float, float]:
     return float(sum(vals) - idle), float(sum(vals))
 
 
+def set_nice(pid: int, nice: int) -> bool:
+    """Set a process's nice value (0: this thread); False where not allowed (not root)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError:
+        return False
+    return True
+
+
 def _later(delay: float, fn: Callable[..., Any], *args: Any) -> None:
     t = threading.Timer(delay, fn, args=args)
     t.daemon = True
@@ -82,7 +91,10 @@ class Host:
         self.cpu_start: float | None = None
         self.fetch_error: str | None = None
 
-    def start(self, cmd: list[str], env: dict[str, str]) -> None:
+    def start(self, cmd: list[str], env: dict[str, str], nice: int | None = None) -> None:
+        """Start the node; ``nice``: its scheduling priority (see testbed.NODE_NICE), set while
+        the process is still ``ip netns exec`` (one thread: every thread the node makes inherits
+        it)."""
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.net.ns, *cmd],
@@ -92,6 +104,8 @@ class Host:
                 env=env,
                 start_new_session=True,
             )
+        if nice is not None:
+            set_nice(self.proc.pid, nice)
         self.session += 1
         self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
 

@@ -575,3 +575,29 @@ def test_lookup_and_manifest_vote_barely_wait_for_vanished_hosts():
             if ev == "lookup" and node.startswith("late") and node not in first:
                 first[node] = t - 2.0  # they arrive at 2 s
         assert len(first) == 3 and all(lo <= w < hi for w in first.values()), (action, first)
+
+
+def test_links_to_a_vanished_host_are_dropped_after_the_lanes_liveness_timeout():
+    # swarm.net.lane_link sets TCP_USER_TIMEOUT (LIVENESS_TIMEOUT) and keepalive on every lane:
+    # each link to a vanished host is dropped ~BLACKHOLE_RESET after the vanish, idle links too
+    # (before, only a link with data waiting was reset, after STALL_TIMEOUT = 30 s).
+    from swarm.net import lane_link
+
+    assert scenario.LIVENESS_TIMEOUT == lane_link.LIVENESS_TIMEOUT
+    assert scenario.LIVENESS_TIMEOUT <= scenario.BLACKHOLE_RESET <= 2 * scenario.LIVENESS_TIMEOUT
+    assert scenario.parse(_two_groups(1)).network.blackhole_reset == scenario.BLACKHOLE_RESET
+    data = _two_groups(4, "16 MiB", fetch_down="10 Mbit/s", latency="1 ms")  # ~14 s each
+    data["groups"]["workers"]["count"] = 3
+    data["events"] = [{"at": "1 s", "action": "vanish", "group": "workers", "count": 2}]
+    r = simulate(scenario.parse(data), 3)
+    gone = {e[2] for e in r.events if e[1] == "depart" and e[4] == "event"}
+    assert len(gone) == 2 and r.end_time > 10
+    linked = {(e[2], e[3]) for e in r.events if e[1] == "connect" and e[0] < 1.0 and e[3] in gone}
+    linked |= {(e[3], e[2]) for e in r.events if e[1] == "connect" and e[0] < 1.0 and e[2] in gone}
+    dropped = {(e[2], e[3]): e[0] for e in r.events if e[1] == "disconnect" and e[3] in gone}
+    assert linked, "no link to the hosts that vanish"
+    for pair in linked:
+        if pair[0] in gone:
+            continue
+        at = dropped.get(pair)
+        assert at is not None and abs(at - (1.0 + scenario.BLACKHOLE_RESET)) < 0.05, (pair, at)
