@@ -416,7 +416,8 @@ def _row(r: dict[str, Any]) -> str:
         mpm = f"{d['ms_per_mb']:.1f}" if d["ms_per_mb"] is not None else "-"
         ij, ia = r["idle_joined"][k]["core"], r["idle_after"][k]["core"]
         parts.append(
-            f"{k}: {d['cpu_s']:.2f} CPU-s (user {d['user_s']:.2f}, event loop {d['main_s']:.2f}), up {d['mb_up']:.0f} down {d['mb_down']:.0f} MB, {mpm} ms/MB, "
+            f"{k}: {d['cpu_s']:.2f} CPU-s (user {d['user_s']:.2f}, event loop {d['main_s']:.2f}), "
+            f"up {d['mb_up']:.0f} down {d['mb_down']:.0f} MB, {mpm} ms/MB, "
             f"ctx/MB {d['ctx_per_mb'] or 0:.0f}; idle {ij:.4f} / {ia:.4f} core"
         )
     rate = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
