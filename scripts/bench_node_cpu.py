@@ -381,15 +381,18 @@ def run_one(args: argparse.Namespace, tree: Path, rate: float, tmp: Path, rep: i
                 cpu = ut + st_ - sum(c0[n.name])
                 ours += cpu
                 s1 = _ctx_switches(n.proc.pid)  # type: ignore[union-attr]
+                fetch_main = _main_thread_cpu(n.proc.pid) - m0[n.name]  # type: ignore[union-attr]
                 moved = (up + down) / 1e6
                 fetch_res[n.name] = {
                     "cpu_s": cpu,
                     "user_s": ut - c0[n.name][0],
-                    "main_s": _main_thread_cpu(n.proc.pid) - m0[n.name],  # type: ignore[union-attr]
+                    "main_s": fetch_main,
                     "sys_s": st_ - c0[n.name][1],
                     "mb_up": up / 1e6,
                     "mb_down": down / 1e6,
                     "ms_per_mb": 1000 * cpu / moved if moved else None,
+                    "thread_ms_per_mb": 1000 * (cpu - fetch_main) / moved if moved else None,
+                    "loop_core": fetch_main / wall,
                     "ctx_per_mb": (s1[0] - s0[n.name][0] + s1[1] - s0[n.name][1]) / moved if moved else None,
                 }
             fetch_res["other_cpu_s"] = max(0.0, (b1 - b0) / os.sysconf("SC_CLK_TCK") - ours)
@@ -417,7 +420,8 @@ def _row(r: dict[str, Any]) -> str:
         ij, ia = r["idle_joined"][k]["core"], r["idle_after"][k]["core"]
         parts.append(
             f"{k}: {d['cpu_s']:.2f} CPU-s (user {d['user_s']:.2f}, event loop {d['main_s']:.2f}), "
-            f"up {d['mb_up']:.0f} down {d['mb_down']:.0f} MB, {mpm} ms/MB, "
+            f"up {d['mb_up']:.0f} down {d['mb_down']:.0f} MB, {mpm} ms/MB (other threads "
+            f"{d['thread_ms_per_mb'] or 0:.1f}), event loop {d['loop_core']:.3f} core, "
             f"ctx/MB {d['ctx_per_mb'] or 0:.0f}; idle {ij:.4f} / {ia:.4f} core"
         )
     rate = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
