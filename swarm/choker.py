@@ -132,11 +132,13 @@ class Choker:
         rng: random.Random | None = None,
         most: int | None = None,
         needy_first: bool = False,
+        feed_empty: bool = False,
     ):
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
         self.needy_first = needy_first
+        self.feed_empty = feed_empty
         self.hold = hold
         self.rng = rng or random.Random()
         self.sizer = SlotSizer(slots, slots * MAX_SLOTS_FACTOR if most is None else most)
@@ -160,8 +162,10 @@ class Choker:
         """Peers to unchoke now into free slots (chokes nobody)."""
         peers = list(peers)
         used = sum(1 for p in peers if p.unchoked)
+        needy = self.feed_empty
         waiting = sorted(
-            (p for p in peers if p.interested and not p.unchoked), key=lambda p: (p.order, p.peer_id)
+            (p for p in peers if p.interested and not p.unchoked),
+            key=lambda p: (p.pieces if needy else 0, p.order, p.peer_id),
         )
         return waiting[: max(0, self.slots - used)]
 
@@ -187,11 +191,19 @@ class Choker:
                 drop.append(keep.pop(0))
             take = waiting[: max(0, self.slots - len(keep))]
             return take, drop
-        # Downloading: best senders keep regular slots; one optimistic slot rotates.
         interested = keep + waiting
+        # Downloading: best senders keep regular slots; one optimistic slot rotates.
+        # With ``feed_empty``: first the peers holding no piece (their upload is idle).
+        chosen: set[str] = set()
+        if self.feed_empty:
+            empties = sorted(
+                (p for p in interested if p.pieces == 0), key=lambda p: (not p.unchoked, p.order, p.peer_id)
+            )
+            chosen = {p.peer_id for p in empties[: self.slots]}
         regular = sorted(interested, key=lambda p: (-p.down_rate, p.since, p.peer_id))
-        regular = [p for p in regular if p.down_rate > 0][: self.slots - 1]
-        chosen = {p.peer_id for p in regular}
+        room = max(0, self.slots - 1 - len(chosen))
+        regular = [p for p in regular if p.down_rate > 0 and p.peer_id not in chosen][:room]
+        chosen |= {p.peer_id for p in regular}
         rest = [p for p in interested if p.peer_id not in chosen]
         # Optimistic: a currently unchoked non-regular keeps it until `hold`, else longest waiter.
         # With ``needy_first``: the peer holding the fewest pieces (then the longest waiter).
@@ -201,7 +213,8 @@ class Choker:
             holders[:1]
             or sorted(rest, key=lambda p: (p.unchoked, p.pieces if needy else 0, p.since, p.peer_id))[:1]
         )
-        chosen |= {p.peer_id for p in optimistic}
+        if len(chosen) < self.slots:
+            chosen |= {p.peer_id for p in optimistic}
         # Leftover slots (few senders yet) go in wait order (``needy_first``: fewest pieces first).
         for p in sorted(
             rest, key=lambda p: (p.unchoked is False, p.pieces if needy else 0, p.since, p.peer_id)

@@ -802,3 +802,42 @@ async def test_serial_first_copies_send_one_piece_at_a_time_to_different_peers(m
         assert seed.most_at_once == most, (serial, seed.most_at_once)
         if serial:  # turns go round the peers (one may ask before another has linked)
             assert set(seed.sent_to[:6]) == {"l0", "l1", "l2", "l3"}, seed.sent_to[:12]
+
+
+@pytest.mark.timeout(60)
+async def test_start_up_options_complete_a_small_mesh(model, autojump_clock):
+    """``needy_turns``, ``feed_empty`` and ``swap_idle`` (with serial first copies, the neediest
+    peer first and two requests per peer, as scale_1000.toml ships them) move slots around while
+    pieces are in flight: a seed and six leechers, every pair linked over paced links, all
+    complete with every piece and no internal error."""
+    m, pieces = model
+    config = cfg(
+        serial_uploads=2.0,
+        needy_first=True,
+        needy_turns=True,
+        feed_empty=True,
+        swap_idle=True,
+        pipeline_depth=2,
+        upload_slots=2,
+        request_timeout=5.0,
+    )
+    async with trio.open_nursery() as n:
+        seed = CountingTransfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+        nodes = {"seed": seed}
+        n.start_soon(seed.run)
+        for k in range(6):
+            t = Transfer(m, DictStore(m), config=config, run_blocking=direct, rng=random.Random(k))
+            nodes[f"l{k}"] = t
+            n.start_soon(t.run)
+        names = list(nodes)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                la, lb = link_pair(names[a], names[b])
+                n.start_soon(nodes[names[a]].serve_link, PacedLink(la, 20 * MiB))
+                n.start_soon(nodes[names[b]].serve_link, PacedLink(lb, 20 * MiB))
+        with trio.fail_after(60):
+            for name in names[1:]:
+                await nodes[name].completed.wait()
+        n.cancel_scope.cancel()
+    assert all(nodes[k].store.pieces == pieces for k in names[1:])
+    assert all(t.internal_errors == 0 for t in nodes.values())

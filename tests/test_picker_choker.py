@@ -83,15 +83,20 @@ def slots(ids, **kw):
 
 @given(
     st.integers(1, 8),
-    st.lists(st.tuples(st.booleans(), st.booleans(), st.floats(0, 100), st.floats(0, 1e6)), max_size=20),
+    st.lists(
+        st.tuples(st.booleans(), st.booleans(), st.floats(0, 100), st.floats(0, 1e6), st.integers(0, 3)),
+        max_size=20,
+    ),
     st.booleans(),
     st.floats(0, 200),
+    st.booleans(),
+    st.booleans(),
 )
-def test_choker_never_exceeds_slots_and_only_unchokes_interested(nslots, specs, seeding, now):
-    ch = Choker(nslots, hold=2.0)
+def test_choker_never_exceeds_slots_and_only_unchokes_interested(nslots, specs, seeding, now, needy, feed):
+    ch = Choker(nslots, hold=2.0, needy_first=needy, feed_empty=feed)
     peers = [
-        PeerSlot(f"p{k}", interested=i, unchoked=u, since=s, down_rate=r)
-        for k, (i, u, s, r) in enumerate(specs)
+        PeerSlot(f"p{k}", interested=i, unchoked=u, since=s, down_rate=r, pieces=n)
+        for k, (i, u, s, r, n) in enumerate(specs)
     ]
     unchoke, choke = ch.rechoke(peers, now, seeding=seeding)
     ids_c = {p.peer_id for p in choke}
@@ -268,3 +273,25 @@ def test_needy_first_gives_the_optimistic_slot_to_the_peer_with_fewest_pieces():
         ch = Choker(4, hold=2.0, needy_first=needy)
         unchoke, choke = ch.rechoke(senders + waiting, 10.0, seeding=False)
         assert [p.peer_id for p in unchoke] == [want] and not choke
+
+
+def test_feed_empty_gives_slots_to_peers_holding_nothing_before_senders():
+    """Downloading with ``feed_empty``: interested peers holding no piece take slots before the
+    peers that send to us (their upload is idle until they get one), the optimistic slot stays;
+    a free slot goes to the peer holding the fewest pieces. Without the flag the senders keep
+    their regular slots and a free slot goes to the longest waiter."""
+    senders = slots(["s1", "s2", "s3"], interested=True, unchoked=True, since=5.0, down_rate=1e6)
+    for p in senders:
+        p.pieces = 5
+    waiting = [
+        PeerSlot("old", interested=True, since=0.0, order=0.0, pieces=9),
+        PeerSlot("e1", interested=True, since=4.0, order=4.0, pieces=0),
+        PeerSlot("e2", interested=True, since=3.0, order=3.0, pieces=0),
+    ]
+    for feed, want_in, want_out in ((True, {"e1", "e2", "old"}, {"s2", "s3"}), (False, {"old"}, set())):
+        ch = Choker(4, hold=2.0, feed_empty=feed)
+        unchoke, choke = ch.rechoke(senders + waiting, 10.0, seeding=False)
+        assert {p.peer_id for p in unchoke} == want_in
+        assert {p.peer_id for p in choke} == want_out
+    ch = Choker(4, hold=2.0, feed_empty=True)
+    assert [p.peer_id for p in ch.fill(waiting, 10.0)] == ["e2", "e1", "old"]

@@ -49,7 +49,12 @@ class PieceStore(Protocol):
 @attrs.frozen
 class EngineConfig:
     pipeline_depth: int = 4
-    """Requests outstanding per peer: enough to keep a fast link busy across one round trip."""
+    """Requests outstanding per peer: enough to keep a fast link busy across one round trip.
+    With serial first copies a sender serves its peers' requests one at a time, so a deep queue
+    at a busy sender delays pieces the picker cannot ask elsewhere meanwhile: the simulator's
+    scale_1000 and flash_crowd use 2 (scale_1000 with the start-up options, seeds 1-2: last
+    1.269 x the start-up bound at 3, 1.224 at 2, 1.199 at 1; 1 costs a round trip per piece on
+    a link with one sender)."""
     upload_slots: int = 4
     """Peers served at once (see choker)."""
     size_slots: bool = False
@@ -81,6 +86,34 @@ class EngineConfig:
     node with no piece has all its upload idle, and with ~60 interested peers per node and one
     optimistic slot each, the longest-waiter rotation left some nodes without a first piece for
     10 s (docs/simulation.md, "Efficiency against the bounds")."""
+    needy_turns: bool = False
+    """With ``serial_uploads``: when a send ends, the next turn goes to the waiting request of the
+    peer holding the fewest pieces (then the rarest piece, as without it), so first copies go to
+    peers that cannot upload yet and the last pieces to the peers furthest behind. Alone (with
+    ``serial_uploads`` and ``needy_first``) on scale_1000: last 1.393 -> 1.360 x the start-up
+    bound, median 1.443 -> 1.416 x T_min; with ``feed_empty`` and ``swap_idle`` on it is within
+    the seed spread (without it: median 1.324, last 1.224 against 1.314, 1.237). Off by
+    default; on where ``feed_empty`` is (docs/simulation.md, "Efficiency against the bounds")."""
+    feed_empty: bool = False
+    """Peers holding no weight piece come first for our upload slots: their upload is idle until
+    they get one. At a rechoke (downloading) they take slots before the peers that send to us
+    (the optimistic slot stays), a free slot goes to the interested peer holding the fewest
+    pieces, and a peer that just got a piece from us (seeding too) gives its slot to the
+    longest-waiting empty peer. In a large flash crowd the nodes that can upload then grow
+    faster: on scale_1000 (seed 1) 241 nodes held a weight piece at 2 s instead of 119, all of
+    them at 3.5 s instead of 6.3 s. With ``swap_idle`` and two requests per peer: median 1.443
+    -> 1.314 x T_min, last 1.393 -> 1.237 x the start-up bound (seeds 1-2; without it 1.399,
+    1.283); 10,000 nodes (seed 1): median 1.756 -> 1.467 x T_min. Off by default; on in the
+    simulator's scale_1000 and flash_crowd scenarios, not measured on real nodes yet."""
+    swap_idle: bool = False
+    """When our upload is idle at a tick, unchoked peers that asked nothing for a tick give their
+    slot to interested peers waiting for one (``needy_first``: the fewest pieces first). In a
+    large crowd a peer we unchoke often has nothing left to ask of us (what we hold that it lacks
+    is already in flight from others): with ``feed_empty`` alone 15-18% of the nodes of
+    scale_1000 had an idle upload from 3.5 s to 5 s (4 slots taken by peers that asked nothing,
+    others waiting), 1.5-3% with it; median 1.371 -> 1.314 x T_min, last 1.296 -> 1.237 x the
+    start-up bound (seeds 1-2, two requests per peer). Off by default; on where ``feed_empty``
+    is."""
     slot_hold: float = 2.0
     """Seconds a peer keeps an upload slot before fair rotation may take it."""
     rechoke_interval: float = 1.0

@@ -77,6 +77,7 @@ class TransferCore(RequestBook):
         for f in files:
             wanted.update(manifest.file_piece_range(f))
         config_pieces = manifest.config_piece_indices() & wanted
+        self._config_pieces = tuple(sorted(manifest.config_piece_indices()))
         self.picker = Picker(self.num_pieces, wanted, config_pieces, rng=self.rng)
         self.have: set[int] = set(store.have)
         for i in self.have:
@@ -88,6 +89,7 @@ class TransferCore(RequestBook):
             self.config.slot_hold,
             rng=self.rng,
             needy_first=self.config.needy_first,
+            feed_empty=self.config.feed_empty,
         )
         self.peers: dict[str, PeerState] = {}
         self.stats: dict[str, PeerStats] = {}
@@ -207,6 +209,8 @@ class TransferCore(RequestBook):
         self._expire_refusals(now)
         if self.config.serial_uploads and (self._alone or self._turn is not None):
             self._serial_tick(now)
+        if self.config.swap_idle and self.may_upload and not self._sending:
+            self._swap_idle(now)
         if self._paced_downloads():  # download credit came back: request again
             self._fill_all()
         if now < self._next_rechoke:
@@ -580,13 +584,14 @@ class TransferCore(RequestBook):
         if self._sending and self._alone:
             return
         avail, copies = self.picker.availability, self._seed.copies
+        needy = self.config.needy_turns
         best: PeerState | None = None
-        best_key: tuple[int, int, float] | None = None
+        best_key: tuple[int, int, int, float] | None = None
         for p in self.peers.values():
             if not p.uploads or p.upload_piece >= 0 or p.closed or not p.slot.unchoked:
                 continue
             i = p.uploads[0]
-            key = (avail[i], copies[i], p.served_at)
+            key = (len(p.have) if needy else 0, avail[i], copies[i], p.served_at)
             if best_key is None or key < best_key:
                 best, best_key = p, key
         if best is None or (self._sending and self._sends_alone(best.uploads[0])):
@@ -642,6 +647,8 @@ class TransferCore(RequestBook):
                     self._alone_rate = max(rate, ALONE_RATE_DECAY * self._alone_rate)
             if self.config.serial_uploads:
                 self._pass_turn()
+        if self.config.feed_empty and n and peer.slot.unchoked and not peer.closed:
+            self._feed_empty(peer, i)
         if error is not None:
             log.warning("cannot serve piece %d of %s: %s", i, self.manifest.model, error)
             peer.control.append(wire.Reject(i))
@@ -676,8 +683,69 @@ class TransferCore(RequestBook):
         if not self.may_upload:
             return
         now = self.clock()
+        if self.config.feed_empty:
+            self._count_pieces()
         for s in self.choker.fill([p.slot for p in self.peers.values()], now):
             self._set_choked(self.peers[s.peer_id], False, now)
+
+    def _empty(self, peer: PeerState) -> bool:
+        """``peer`` holds no weight piece (config pieces aside): it has nothing to upload."""
+        cfg = self._config_pieces
+        return all(j in cfg for j in peer.have)
+
+    def _feed_empty(self, peer: PeerState, i: int) -> None:
+        """``EngineConfig.feed_empty``: ``peer`` got piece ``i`` from us; an interested peer
+        holding nothing that waits for a slot (the longest waiter) takes ``peer``'s slot."""
+        if i in self._config_pieces and self._empty(peer):
+            return  # (a config piece does not make it a peer that can upload)
+        best: PeerState | None = None
+        for p in self.peers.values():
+            s = p.slot
+            if (
+                s.interested
+                and not s.unchoked
+                and not p.closed
+                and (best is None or (s.order, p.id) < (best.slot.order, best.id))
+                and self._empty(p)
+            ):
+                best = p
+        if best is not None:
+            now = self.clock()
+            self._set_choked(peer, True, now)
+            self._set_choked(best, False, now)
+
+    def _swap_idle(self, now: float) -> None:
+        """``EngineConfig.swap_idle``: our upload is idle; unchoked peers that asked nothing for
+        a tick give their slot to interested peers waiting for one."""
+        tick = self.config.tick
+        idle, waiting = [], []
+        for p in self.peers.values():
+            s = p.slot
+            if p.closed or not s.interested:
+                continue
+            if not s.unchoked:
+                waiting.append(p)
+            elif p.uploads or p.upload_piece >= 0:
+                return  # something to send after all
+            elif now - s.since >= tick and now - p.served_at >= tick:
+                idle.append(p)
+        if not idle or not waiting:
+            return
+        if self.config.needy_first:
+            self._count_pieces()
+            waiting.sort(key=lambda p: (p.slot.pieces, p.slot.order, p.id))
+        else:
+            waiting.sort(key=lambda p: (p.slot.order, p.id))
+        for a, b in zip(idle, waiting[: len(idle)], strict=False):
+            self._set_choked(a, True, now)
+            self._set_choked(b, False, now)
+
+    def _count_pieces(self) -> None:
+        """``PeerSlot.pieces`` for the choker (``feed_empty``: config pieces not counted)."""
+        cfg = self._config_pieces if self.config.feed_empty else ()
+        for p in self.peers.values():
+            h = p.have
+            p.slot.pieces = len(h) - sum(1 for i in cfg if i in h)
 
     def _rechoke(self, now: float) -> None:
         interval = self.config.rechoke_interval
@@ -690,9 +758,8 @@ class TransferCore(RequestBook):
             slots = [p.slot for p in self.peers.values()]
             pieces_up = sum(s.pieces_up for s in self.stats.values())
             self.choker.size_slots(slots, now, self.bytes_up, pieces_up, seeding=self.picker.done)
-        if self.config.needy_first:
-            for p in self.peers.values():
-                p.slot.pieces = len(p.have)
+        if self.config.needy_first or self.config.feed_empty:
+            self._count_pieces()
         unchoke, choke = self.choker.rechoke(
             [p.slot for p in self.peers.values()], now, seeding=self.picker.done
         )
