@@ -109,7 +109,7 @@ async def test_no_provider_fails_clearly_within_timeout(tmp_path):
         a = await start(stack, tmp_path, "a")
         b = await start(stack, tmp_path, "b", bootstrap=tuple(a.host.addrs[:1]))
         t0 = trio.current_time()
-        with pytest.raises(ModelNotFound, match="no providers .* none of the 1 peers connected to has it"):
+        with pytest.raises(ModelNotFound, match=r"no providers .* none of the 1 peers connected to has it"):
             await b.fetch(FetchRequest("org/nobody-has-this", cache_dir=b.config.cache_dir))
         assert trio.current_time() - t0 < 10
 
