@@ -225,10 +225,16 @@ def test_same_seed_same_event_log_and_other_seeds_differ():
 
 
 @pytest.mark.timeout(300)
-def test_serial_first_copies_under_churn_complete_and_are_deterministic():
-    """``serial_uploads`` and ``needy_first`` (engine turns, slow-send release at ticks) keep a
-    run with churn complete, free of engine errors and a function of its seed."""
-    sc = _churny({"serial_uploads": 2.0, "needy_first": True})
+@pytest.mark.parametrize("start_up", [False, True])
+def test_serial_first_copies_under_churn_complete_and_are_deterministic(start_up):
+    """``serial_uploads`` and ``needy_first`` (engine turns, slow-send release at ticks), and with
+    them the start-up options (``needy_turns``, ``feed_empty``, ``swap_idle``, two requests per
+    peer: slots swapped while peers leave), keep a run with churn complete, free of engine errors
+    and a function of its seed."""
+    engine: dict[str, Any] = {"serial_uploads": 2.0, "needy_first": True}
+    if start_up:
+        engine |= {"needy_turns": True, "feed_empty": True, "swap_idle": True, "pipeline_depth": 2}
+    sc = _churny(engine)
     a = simulate(sc, 11)
     b = simulate(sc, 11)
     assert a.stats["finished"] == 24
