@@ -10,6 +10,7 @@ from modelgen import make_model_dir
 
 from swarm.engine import EngineConfig
 from swarm.node import Node, NodeConfig
+from swarm.node.util import NodeStopped
 from swarm.sources import FetchRequest, ModelNotFound
 
 ENGINE = EngineConfig(tick=0.05, rechoke_interval=0.25)
@@ -145,3 +146,13 @@ async def test_trusted_publishers_policy(tmp_path, model_dir):
                 FetchRequest("org/private", configs_only=True, cache_dir=other.config.cache_dir)
             )
         assert not list(Path(other.config.cache_dir).rglob("config.json"))
+
+
+@pytest.mark.timeout(60)
+async def test_a_stopped_node_refuses_new_background_tasks_clearly(tmp_path):
+    # A fetch still unwinding when the node stops (CI: a cancelled origin follower that went on to
+    # dial providers) gets NodeStopped, a FetchError, not trio's "Nursery is closed".
+    async with AsyncExitStack() as stack:
+        a = await start(stack, tmp_path, "a")
+    with pytest.raises(NodeStopped, match="stopped"):
+        a._spawn(trio.sleep, 0)

@@ -30,6 +30,7 @@ Log handling (py-libp2p logs routine events as WARNING/ERROR, and detaches its l
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import socket
@@ -194,6 +195,11 @@ def forget_provider(dht: Any, key: bytes, provider: ID) -> None:
 # --------------------------------------------------------------------------- 4. GET_PROVIDERS
 
 
+DHT_STREAM_CLOSE_WAIT = 0.5
+"""Seconds a GET_PROVIDERS stream's close may take, shielded from the caller's cancellation, before
+it is reset: bounded so a cancelled lookup ends promptly even when the peer has vanished."""
+
+
 async def open_dht_stream(host: Any, peer: ID) -> Any:
     """A new DHT (Kademlia) stream to ``peer``, for ``get_providers_on``."""
     return await host.new_stream(peer, [KAD_PROTOCOL_ID])
@@ -216,8 +222,20 @@ async def get_providers_on(host: Any, stream: Any, key: bytes) -> KadMessage:
         await stream.write(varint.encode(len(data)) + data)
         raw = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
     finally:
-        with trio.move_on_after(1):
-            await stream.close()
+        # Shielded: a lookup that ends early (its grace is over, the fetch was cancelled) cancels
+        # us mid-read, and an unshielded close was then cancelled too. The stream stayed open on
+        # the peer, holding one of its inbound DHT streams until the connection closed; a worker
+        # asked by a flash crowd ran out of them and answered later lookups with resets ("no
+        # providers" on the namespace testbed after a vanish). Reset if the FIN cannot go out.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + DHT_STREAM_CLOSE_WAIT
+            try:
+                await stream.close()
+            except Exception:
+                scope.cancel()
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.reset()
     resp = KadMessage()
     resp.ParseFromString(raw)
     return resp

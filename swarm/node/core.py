@@ -22,7 +22,7 @@ from swarm.node.fetch import Fetching
 from swarm.node.records import _ManifestCache, _Provenance
 from swarm.node.serving import Serving
 from swarm.node.state import NodeConfig, Shared
-from swarm.node.util import _close_quietly
+from swarm.node.util import NodeStopped, _close_quietly
 from swarm.node.vote import ManifestVote
 from swarm.origin import OriginCoordinator
 from swarm.ratelimit import Bandwidth, Limits
@@ -120,8 +120,7 @@ class Node(Serving, ManifestVote, Fetching, CacheManagement):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Node]:
-        async with self.host.run(), trio.open_nursery() as nursery:
-            self._nursery = nursery
+        async with self.host.run(), self._node_nursery() as nursery:
             self.host.set_manifest_handler(self._answer_manifests)
             self.host.set_pieces_handler(self._on_pieces_link)
             self.origin.install()
@@ -141,6 +140,23 @@ class Node(Serving, ManifestVote, Fetching, CacheManagement):
                 nursery.cancel_scope.cancel()
                 for sh in self.shared.values():
                     _close_quietly(sh.source)
+
+    @asynccontextmanager
+    async def _node_nursery(self) -> AsyncIterator[trio.Nursery]:
+        """The nursery of tasks that outlive a call (links, announcements, seeding); unset once
+        closed, so a fetch still unwinding after the node stopped gets ``NodeStopped`` from
+        ``_spawn`` instead of trio's "Nursery is closed to new arrivals"."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                yield nursery
+        finally:
+            self._nursery = None
+
+    def _spawn(self, fn, *args) -> None:
+        if self._nursery is None:
+            raise NodeStopped("the node has stopped (or is not running)")
+        self._nursery.start_soon(fn, *args)
 
     # ------------------------------------------------------------------ status
 

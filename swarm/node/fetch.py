@@ -182,8 +182,7 @@ class Fetching:
         self._start(t)  # timers of the seeding transfer now live with the node
         # In the background: ADD_PROVIDER waits for every closest peer, up to PROVIDE_TIMEOUT (30 s)
         # when one has vanished, and the caller has its files now (namespace testbed: 20-35 s).
-        assert self._nursery is not None
-        self._nursery.start_soon(partial(self._announce, sh, model=True))
+        self._spawn(partial(self._announce, sh, model=True))
         emit({"event": "done", "path": str(path)})
         return path
 
@@ -246,8 +245,7 @@ class Fetching:
             step = policy.step(trio.current_time(), self._order_providers(pending), LinkState.of(t))
             for p in step.dials:
                 # Links outlive the fetch (we seed over them), so they belong to the node.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._link_to, t, p)
+                self._spawn(self._link_to, t, p)
             with trio.move_on_at(step.next_lookup_at):
                 await t.completed.wait()
             if t.completed.is_set():

@@ -156,8 +156,7 @@ class Serving:
         self.shared[h] = sh
         self._start(t)
         if announce_later:  # ADD_PROVIDER to a dead DHT peer can hold a provide for seconds
-            assert self._nursery is not None
-            self._nursery.start_soon(partial(self._announce, sh, model=True))
+            self._spawn(partial(self._announce, sh, model=True))
         else:
             await self._announce(sh, model=True)
         return sh
@@ -174,8 +173,7 @@ class Serving:
         )
 
     def _start(self, t: Transfer) -> None:
-        assert self._nursery is not None, "node is not running"
-        self._nursery.start_soon(self._run_transfer, t)
+        self._spawn(self._run_transfer, t)
 
     async def _run_transfer(self, t: Transfer) -> None:
         """``t``'s timers, until the node stops or the snapshot is removed (``_stop_sharing``)."""

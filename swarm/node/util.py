@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm.engine import Transfer
+from swarm.fetchapi import FetchError
 
 log = logging.getLogger("swarm.node")  # one logger for the whole node, as before the split
 
@@ -40,6 +41,11 @@ def _remote_host(link: Any) -> str | None:
     except Exception:  # a closed socket or stream: no address, no per-address limit
         log.debug("no remote address for %r", link, exc_info=True)
     return None
+
+
+class NodeStopped(FetchError):
+    """A call needed the running node (to start a link, a transfer, an announcement) after it
+    stopped: a fetch still unwinding when ``Node.running()`` exits."""
 
 
 def _single(e: BaseException) -> BaseException:
