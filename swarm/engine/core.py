@@ -211,8 +211,8 @@ class TransferCore(RequestBook):
             self._serial_tick(now)
         if self.config.swap_idle and self.may_upload and not self._sending:
             self._swap_idle(now)
-        if self._paced_downloads():  # download credit came back: request again
-            self._fill_all()
+        if self._paced_downloads() or self.picker.in_endgame():
+            self._fill_all()  # download credit came back, or a head went late (_moving_heads)
         if now < self._next_rechoke:
             return []
         self._rechoke(now)
@@ -393,10 +393,13 @@ class TransferCore(RequestBook):
                 self._set_choked(peer, True, now)
                 self._fill_slots()
         elif isinstance(msg, wire.Choke):
+            # Our requests stay outstanding: the peer answers each with its piece or a Reject
+            # (it Rejects what it queued when it chokes us, and what it gets while we are
+            # choked). Dropped here, those we sent after it had choked us and before its Choke
+            # came were queued behind an Unchoke of its next rechoke and still sent, as copies
+            # nobody asked for any more (simulator: 1 worker + 6 frontends received a tenth of
+            # their bytes twice).
             peer.peer_choking = True
-            for i in list(peer.requests):
-                self._end_request(peer, i)
-            self._fill_all()
         elif isinstance(msg, wire.Unchoke):
             peer.peer_choking = False
             self.choked_out.pop(peer.id, None)
@@ -678,6 +681,16 @@ class TransferCore(RequestBook):
         peer.slot.since = now
         peer.slot.order = self.choker.wait_key(now)
         peer.post(wire.Choke() if choked else wire.Unchoke())
+        if choked and peer.uploads:
+            # The peer drops its requests on our Choke, so what it queued is Rejected now, behind
+            # the Choke: Rejected later by the writer, an Unchoke sent meanwhile (slots re-dealt
+            # while a piece was on the wire) let those pieces go out to a peer that no longer
+            # asked for them and had asked others (simulator, 1 worker + 6 frontends: a sixth
+            # of the pieces received).
+            peer.control.extend(wire.Reject(i) for i in peer.uploads)
+            peer.uploads.clear()
+            if self._turn is peer:
+                self._pass_turn()
 
     def _fill_slots(self) -> None:
         if not self.may_upload:

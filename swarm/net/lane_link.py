@@ -84,14 +84,6 @@ KEEPALIVE_INTERVAL): with TCP_USER_TIMEOUT set, an idle link to a vanished peer 
 LIVENESS_TIMEOUT after the peer's last packet."""
 KEEPALIVE_INTERVAL = 1
 KEEPALIVE_COUNT = 8
-RECV_BATCH = 256 << 10
-"""SO_RCVLOWAT while the receiver thread reads a piece body: the kernel wakes it once this many
-bytes are queued instead of for every arriving segment. On a shaped link (tc tbf, a WAN) segments
-arrive one at a time, and a ``recv(MSG_WAITALL)`` of 4 MiB woke ~100 times per MB (namespace
-testbed at 20-100 Mbit/s); on loopback they come in large batches anyway. The last RECV_BATCH bytes
-of a body are read with the mark at exactly what is left, so the end of a piece wakes the thread
-as soon as it is in (no wait for bytes that may never follow); headers and control frames are read
-with the mark at 1, as before. Lower than the receive buffer (the kernel caps it at half)."""
 """Unanswered probes that drop a link where TCP_USER_TIMEOUT is unknown (not Linux): ~10 s."""
 
 
@@ -206,7 +198,6 @@ class LaneLink:
         self._loop_reading = False  # a receive on the event loop is waiting for the socket
         self._in_record = False  # ... and has consumed part of a record
         self._rx: threading.Thread | None = None  # the receiver thread, once started
-        self._lowat = 1  # SO_RCVLOWAT of the socket, as the receiver thread last set it
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -469,27 +460,6 @@ class LaneLink:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError, trio.Cancelled):
             raise _Stop from None  # the link is closing, or the node is gone
 
-    def _set_lowat(self, n: int) -> None:
-        """SO_RCVLOWAT (see RECV_BATCH); a platform without it reads as before."""
-        if n != self._lowat:
-            with contextlib.suppress(OSError):  # left as it was: tried again next time
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
-                self._lowat = n
-
-    def _recv_body(self, mv: memoryview) -> None:
-        """Receiver thread: a piece body into ``mv``, woken once per RECV_BATCH bytes (the last
-        RECV_BATCH bytes with the mark at exactly what is left); the mark is back at 1 after."""
-        total = len(mv)
-        if total <= 2 * RECV_BATCH:
-            self._recv_into(mv)
-            return
-        try:
-            self._set_lowat(RECV_BATCH)
-            self._recv_into(mv[: total - RECV_BATCH])  # at least RECV_BATCH more bytes follow
-            self._recv_into(mv[total - RECV_BATCH :])  # woken when all of it is in
-        finally:
-            self._set_lowat(1)
-
     def _recv_into(self, mv: memoryview, boundary: bool = False) -> bool:
         """Fill ``mv`` from the socket. False on a clean end of stream before the first byte of a
         record (``boundary``); LinkClosed on an end inside a record or a stall."""
@@ -582,7 +552,7 @@ class LaneLink:
             lent = False
             try:
                 mv = memoryview(mm)
-                self._recv_body(mv[: record.body])
+                self._recv_into(mv[: record.body])
                 reader.piece(record, mv)
                 del mv
                 data = lend(self._pool, mm, n)
