@@ -841,3 +841,93 @@ async def test_start_up_options_complete_a_small_mesh(model, autojump_clock):
         n.cancel_scope.cancel()
     assert all(nodes[k].store.pieces == pieces for k in names[1:])
     assert all(t.internal_errors == 0 for t in nodes.values())
+
+
+class FlappingSeeder:
+    """Serves every piece, but before each piece it sends ``Choke`` and ``Unchoke`` (slots
+    re-dealt while the previous piece was on the wire): a Choke must not end the requests the
+    peer still answers."""
+
+    def __init__(self, m, pieces, link):
+        self.m, self.pieces, self.link = m, pieces, link
+
+    async def run(self):
+        await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
+        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces), self.m.num_pieces)))
+        await self.link.send(wire.Unchoke())
+        try:
+            while True:
+                msg = await self.link.receive()
+                if isinstance(msg, wire.Request):
+                    await self.link.send(wire.Choke())
+                    await self.link.send(wire.Unchoke())
+                    await self.link.send(wire.PieceData(msg.index, self.pieces[msg.index]))
+        except Exception:
+            pass
+
+
+async def test_a_choke_and_unchoke_do_not_turn_answered_requests_into_waste(model, autojump_clock):
+    m, pieces = model
+    async with trio.open_nursery() as n:
+        store = DictStore(m)
+        leech = Transfer(m, store, config=cfg(request_timeout=30.0), run_blocking=direct)
+        n.start_soon(leech.run)
+        la, lb = link_pair("flapping", "leech")
+        n.start_soon(FlappingSeeder(m, pieces, la).run)
+        n.start_soon(leech.serve_link, lb)
+        with trio.fail_after(60):
+            await leech.completed.wait()
+        n.cancel_scope.cancel()
+    assert store.pieces == pieces
+    # Before: each Choke ended the requests behind the one being answered; their pieces came
+    # anyway and counted as waste, and were asked again.
+    assert leech.wasted_bytes == 0
+    assert sorted(store.writes) == sorted(pieces)
+
+
+async def test_a_seeder_rejects_what_a_peer_queued_when_it_chokes_it(model, autojump_clock):
+    # A seeder's Choke is followed at once by a Reject for each request still queued, so the
+    # peer's outstanding requests (kept over the Choke) are answered and go elsewhere.
+    m, pieces = model
+    async with trio.open_nursery() as n:
+        config = cfg(upload_slots=1, slot_hold=0.1)
+        seed = Transfer(m, DictStore(m, pieces), config=config, run_blocking=direct)
+        n.start_soon(seed.run)
+        got: list = []
+        links = []
+        for name in ("a", "b"):
+            la, lb = link_pair("seed", name)
+            n.start_soon(seed.serve_link, la)
+            links.append(lb)
+            await lb.send(wire.Hello(m.manifest_hash, m.num_pieces))
+            await lb.send(wire.Bitfield(wire.pack_bitfield((), m.num_pieces)))
+            await lb.send(wire.Interested())
+
+        async def reader(lb, tag):
+            try:
+                while True:
+                    msg = await lb.receive()
+                    got.append((tag, msg))
+                    if isinstance(msg, wire.Unchoke):
+                        for i in range(m.num_pieces):  # more than one piece queued
+                            await lb.send(wire.Request(i))
+            except Exception:
+                pass
+
+        for tag, lb in zip("ab", links, strict=True):
+            n.start_soon(reader, lb, tag)
+        with trio.fail_after(30):
+            while not any(isinstance(msg, wire.Choke) for _, msg in got):
+                await trio.sleep(0.05)
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    for tag in "ab":
+        msgs = [msg for t, msg in got if t == tag]
+        for k, msg in enumerate(msgs):
+            if isinstance(msg, wire.Choke):
+                asked = set(range(m.num_pieces))
+                sent = {x.index for x in msgs[:k] if isinstance(x, wire.PieceData)}
+                after = msgs[k + 1 : k + 1 + len(asked - sent)]
+                rejected = {x.index for x in after if isinstance(x, wire.Reject)}
+                assert rejected == asked - sent, (tag, msgs[: k + 8])
+                break
