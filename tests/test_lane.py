@@ -172,20 +172,27 @@ async def test_lane_moves_pieces_that_verify(tmp_path, lane_model, mode_a, mode_
             assert a.peer_id == hosts[1].peer_id and b.peer_id == hosts[0].peer_id
             reader = SnapshotReader(root, m)
             sent = 0
-            # Both directions at once: pieces a -> b (send_piece: sendfile in plaintext mode,
-            # in-place AES-GCM otherwise), control frames b -> a.
-            for p in m.pieces:
-                sent += await a.send_piece(p.index, reader)
-                await b.send(wire.Have(p.index))
-            await a.send(wire.Interested())
+
+            async def send_all() -> None:
+                # Both directions at once: pieces a -> b (send_piece: sendfile in plaintext mode,
+                # in-place AES-GCM otherwise), control frames b -> a. A send returns once at
+                # most SEND_LOWAT of it waits unsent, so the receiver reads meanwhile.
+                nonlocal sent
+                for p in m.pieces:
+                    sent += await a.send_piece(p.index, reader)
+                    await b.send(wire.Have(p.index))
+                await a.send(wire.Interested())
+
             got = {}
-            for _ in range(m.num_pieces):
-                msg = await b.receive()
-                assert isinstance(msg, wire.PieceData)
-                assert len(msg.data) == m.pieces[msg.index].length
-                got[msg.index] = blake3.blake3(memoryview(msg.data).cast("B")).digest()
-                msg.data.release()
-                msg.data.release()  # idempotent
+            async with trio.open_nursery() as n:
+                n.start_soon(send_all)
+                for _ in range(m.num_pieces):
+                    msg = await b.receive()
+                    assert isinstance(msg, wire.PieceData)
+                    assert len(msg.data) == m.pieces[msg.index].length
+                    got[msg.index] = blake3.blake3(memoryview(msg.data).cast("B")).digest()
+                    msg.data.release()
+                    msg.data.release()  # idempotent
             assert got == {p.index: p.digest for p in m.pieces}
             assert await b.receive() == wire.Interested()
             for p in m.pieces:
