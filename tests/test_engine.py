@@ -212,10 +212,13 @@ async def test_peer_vanishing_mid_transfer(model, autojump_clock):
 
 
 class SilentPeer:
-    """Handshakes, unchokes, then ignores every request."""
+    """Handshakes, unchokes, then ignores every request (``on_message``: what a subclass does)."""
 
     def __init__(self, m, link):
         self.m, self.link = m, link
+
+    async def on_message(self, msg):
+        pass
 
     async def run(self):
         await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
@@ -223,7 +226,7 @@ class SilentPeer:
         await self.link.send(wire.Unchoke())
         try:
             while True:
-                await self.link.receive()
+                await self.on_message(await self.link.receive())
         except Exception:
             pass
 
@@ -843,27 +846,20 @@ async def test_start_up_options_complete_a_small_mesh(model, autojump_clock):
     assert all(t.internal_errors == 0 for t in nodes.values())
 
 
-class FlappingSeeder:
+class FlappingSeeder(SilentPeer):
     """Serves every piece, but before each piece it sends ``Choke`` and ``Unchoke`` (slots
     re-dealt while the previous piece was on the wire): a Choke must not end the requests the
     peer still answers."""
 
     def __init__(self, m, pieces, link):
-        self.m, self.pieces, self.link = m, pieces, link
+        super().__init__(m, link)
+        self.pieces = pieces
 
-    async def run(self):
-        await self.link.send(wire.Hello(self.m.manifest_hash, self.m.num_pieces))
-        await self.link.send(wire.Bitfield(wire.pack_bitfield(range(self.m.num_pieces), self.m.num_pieces)))
-        await self.link.send(wire.Unchoke())
-        try:
-            while True:
-                msg = await self.link.receive()
-                if isinstance(msg, wire.Request):
-                    await self.link.send(wire.Choke())
-                    await self.link.send(wire.Unchoke())
-                    await self.link.send(wire.PieceData(msg.index, self.pieces[msg.index]))
-        except Exception:
-            pass
+    async def on_message(self, msg):
+        if isinstance(msg, wire.Request):
+            await self.link.send(wire.Choke())
+            await self.link.send(wire.Unchoke())
+            await self.link.send(wire.PieceData(msg.index, self.pieces[msg.index]))
 
 
 async def test_a_choke_and_unchoke_do_not_turn_answered_requests_into_waste(model, autojump_clock):
