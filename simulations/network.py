@@ -118,7 +118,7 @@ class Timeline:
 class Resource:
     """One direction of one node's access link."""
 
-    __slots__ = ("cap", "flows", "mu", "node", "queued", "up")
+    __slots__ = ("cap", "flows", "mu", "node", "queued", "up", "weighted")
 
     def __init__(self, node: Port, cap: float, up: bool):
         self.node = node
@@ -127,12 +127,15 @@ class Resource:
         self.flows: list[Flow] = []
         self.mu = INF
         self.queued = False
+        self.weighted = False  # a flow with a weight other than 1 has used it (share_spread)
 
     def level(self) -> float:
         flows = self.flows
         n = len(flows)
         if n == 0:
             return INF
+        if self.weighted:
+            return self._weighted_level()
         if n == 1:
             f = flows[0]
             lim = f.dst_res.mu if self.up else f.src_res.mu
@@ -149,6 +152,26 @@ class Resource:
             if lim >= share:
                 return share
             rem -= lim
+        return INF
+
+    def _weighted_level(self) -> float:
+        """The level with flow weights (``Network.share_spread``): a flow's rate is its weight
+        times the level, so mu is a rate per unit weight; the same water-filling otherwise."""
+        lims = []
+        weight = 0.0
+        for f in self.flows:
+            other = f.dst_res.mu if self.up else f.src_res.mu
+            per_w = f.cap / f.w
+            lims.append((other if other < per_w else per_w, f.w))
+            weight += f.w
+        lims.sort()
+        rem = self.cap
+        for lim, w in lims:
+            share = rem / weight
+            if lim >= share:
+                return share
+            rem -= lim * w
+            weight -= w
         return INF
 
 
@@ -180,9 +203,10 @@ class Flow:
         "src_res",
         "t",
         "version",
+        "w",
     )
 
-    def __init__(self, src: Port, dst: Port, size: int, cap: float, now: float):
+    def __init__(self, src: Port, dst: Port, size: int, cap: float, now: float, w: float = 1.0):
         self.src_res = src.up
         self.dst_res = dst.down
         self.size = size
@@ -195,6 +219,7 @@ class Flow:
         self.active = False
         self.aborted = False
         self.frozen = False  # its receiver vanished: no bandwidth, the sender stays blocked
+        self.w = w  # its weight in the max-min share (Network.share_spread)
 
 
 class Network:
@@ -212,8 +237,10 @@ class Network:
         window: int = 0,
         grid: float = 0.0,
         blackhole_reset: float = INF,
+        share_spread: float = 0.0,
     ):
         self.tl = timeline
+        self.share_spread = share_spread
         self.blackhole_reset = blackhole_reset
         self.grid = grid
         self.rng = rng
@@ -325,18 +352,24 @@ class Network:
             for f in r.flows:
                 a, b = f.src_res.mu, f.dst_res.mu
                 rate = a if a < b else b
+                if f.w != 1.0:
+                    rate *= f.w
                 if f.cap < rate:
                     rate = f.cap
                 if rate != f.rate:
                     self._set_rate(f, rate, now)
         if touched is not None and touched.active:
-            rate = min(touched.src_res.mu, touched.dst_res.mu, touched.cap)
+            rate = min(touched.src_res.mu, touched.dst_res.mu) * touched.w
+            if touched.cap < rate:
+                rate = touched.cap
             if rate != touched.rate:
                 self._set_rate(touched, rate, now)
 
     def start_flow(self, f: Flow, now: float) -> None:
         f.active = True
         f.t = now
+        if f.w != 1.0:
+            f.src_res.weighted = f.dst_res.weighted = True
         f.src_res.flows.append(f)
         f.dst_res.flows.append(f)
         self.flows_started += 1
@@ -373,7 +406,10 @@ class Network:
         """Start moving ``nbytes`` from ``src`` to ``dst`` at the fair-share rate; ``owner`` is
         told (``_flow_over``) when the last byte has left or the flow was aborted."""
         now = self.tl.now()
-        f = Flow(src, dst, nbytes, cap, now)
+        w = 1.0
+        if self.share_spread:
+            w = self.rng.uniform(1.0 - self.share_spread, 1.0 + self.share_spread)
+        f = Flow(src, dst, nbytes, cap, now, w)
         f.owner = owner
         self.start_flow(f, now)
         return f

@@ -223,6 +223,9 @@ class NetworkParams:
     """If > 0, a flow is capped at window / RTT (a TCP receive window)."""
     time_grid: float = 0.001
     """Message deliveries and flow ends are rounded up to this grid (0: exact); see network.py."""
+    share_spread: float = 0.0
+    """Uneven TCP shares: each piece's flow gets a weight uniform in [1 - s, 1 + s] in the max-min
+    share of the links it crosses (0: exactly fair); see network.py."""
 
 
 @attrs.frozen
@@ -360,7 +363,10 @@ def parse(data: Mapping[str, Any], *, name: str = "scenario") -> Scenario:
         ),
         window=units.size(net.get("window", 0), "network.window"),
         time_grid=units.duration(net.get("time_grid", 0.001), "network.time_grid"),
+        share_spread=float(net.get("share_spread", 0.0)),
     )
+    if not 0 <= network.share_spread < 1:
+        raise ScenarioError("network.share_spread: must be within [0, 1)")
     if not 0 <= network.loss < 1:
         raise ScenarioError("network.loss: must be within [0, 1)")
     dh = _table(d.get("dht", {}), "dht")

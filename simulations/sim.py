@@ -67,6 +67,7 @@ class Simulation(Discovery):
             window=scenario.network.window,
             grid=scenario.network.time_grid,
             blackhole_reset=scenario.network.blackhole_reset,
+            share_spread=scenario.network.share_spread,
         )
         self.nodes: list[Node] = []
         self.by_id: dict[str, Node] = {}

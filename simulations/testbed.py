@@ -101,6 +101,18 @@ here: callers and tests use ``simulations.testbed`` for all of it."""
 
 TESTBED_LATENCY = 0.0001
 """One-way latency (s) the simulator is given for a testbed host (veth + bridge, no netem)."""
+TESTBED_PAYLOAD = 1448 / 1514
+"""Payload over the bytes ``tc tbf`` counts: a full TCP segment is 1448 bytes of data in a 1514
+byte Ethernet frame (TCP with timestamps 32, IP 20, Ethernet 14). The simulator's rates are
+payload rates, so it is given each testbed cap times this. ``scripts/bench_tcp_share.py
+--flows 1``: one 4 MiB flow through a 20 Mbit/s cap ends at 1.04 x 4 MiB / cap (1 / 0.956 =
+1.046)."""
+TESTBED_SHARE_SPREAD = 0.6
+"""``network.share_spread`` the simulator is given for the testbed: TCP flows through one tbf
+link do not share it evenly. ``scripts/bench_tcp_share.py`` (4 flows of 4 MiB, 20 Mbit/s, two
+runs of 8 and 10 repetitions) fits 0.5 and 0.75 for one sender's upload shared by 4 receivers
+(the case in which a seeder's rounds of pieces end), 0.85-0.9 for one receiver's download shared
+by 4 senders; 0.6 is the sender's case over both runs."""
 EXTRA_NODE_FLAGS: tuple[str, ...] = ()
 """Flags added to every ``swarm-node run`` (e.g. an opt-in to listen beyond loopback)."""
 EVENT_ACTIONS = ("leave", "kill", "vanish", "join")
@@ -601,9 +613,10 @@ CPU_BOUND_BUSY = 0.9
 
 
 def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides that make the simulator model the testbed: latency of every group, and the start
-    of a fetch measured on it (``simulations.startup.TESTBED``) unless the scenario or the caller
-    set ``startup`` keys."""
+    """Overrides that make the simulator model the testbed: latency of every group, its caps as
+    payload rates (``TESTBED_PAYLOAD``), TCP's uneven share of a link (``TESTBED_SHARE_SPREAD``),
+    and the start of a fetch measured on it (``simulations.startup.TESTBED``) unless the
+    scenario or the caller set ``startup`` keys."""
     from simulations import scenario, startup
 
     sc = scenario.load(sc_path, overrides)
@@ -612,4 +625,8 @@ def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         out.update(startup.overrides(startup.TESTBED))
     for g in sc.groups:
         out[f"groups.{g.name}.latency"] = TESTBED_LATENCY
+        out[f"groups.{g.name}.upload"] = g.upload * TESTBED_PAYLOAD
+        out[f"groups.{g.name}.download"] = g.download * TESTBED_PAYLOAD
+    if "share_spread" not in sc.raw.get("network", {}) and "network.share_spread" not in overrides:
+        out["network.share_spread"] = TESTBED_SHARE_SPREAD
     return out

@@ -136,6 +136,16 @@ def test_startup_table_and_the_testbed_calibration():
     assert scenario.load(path, mine).startup == startup.StartupModel(link_setup=0.25)
     with pytest.raises(scenario.ScenarioError, match="startup"):
         scenario.load(path, {"startup.nope": 1})
+    # tbf's caps become payload rates, and TCP's uneven shares are on unless the caller sets them
+    plain, tb = scenario.load(path), scenario.load(path, testbed.for_testbed(path, {}))
+    for g, h in zip(plain.groups, tb.groups, strict=True):
+        assert h.upload == pytest.approx(g.upload * testbed.TESTBED_PAYLOAD)
+        assert h.download == pytest.approx(g.download * testbed.TESTBED_PAYLOAD)
+    assert plain.network.share_spread == 0 and tb.network.share_spread == testbed.TESTBED_SHARE_SPREAD
+    even = testbed.for_testbed(path, {"network.share_spread": 0})
+    assert scenario.load(path, even).network.share_spread == 0
+    with pytest.raises(scenario.ScenarioError, match="share_spread"):
+        scenario.load(path, {"network.share_spread": 1.5})
 
 
 @pytest.mark.timeout(60)
