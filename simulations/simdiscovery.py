@@ -118,15 +118,18 @@ class Discovery:
 
     def _lookup(self, node: Node, now: float, first: bool = False) -> None:
         node.lookups += 1
-        delay = self.sc.startup.lookup_delay(self._lookup_delay(node))
+        hops = self._lookup_delay(node)
+        delay = self.sc.startup.lookup_delay(hops)
         if self.vanished:  # GET_PROVIDERS to a vanished routing-table entry never answers
             dht = self.sc.dht
             timeout = dht.lookup_timeout_first if first else dht.lookup_timeout
             if any(p is not node for p in self._valid_providers(now)):
                 # A live DHT peer names the providers (records outlive their hosts): the node's
                 # lookup ends lookup_grace after that first answer (swarm/net/providers.py)
-                # instead of waiting for the vanished entries' requests to time out.
-                delay = min(timeout, delay + lookup_grace(delay))
+                # instead of waiting for the vanished entries' requests to time out. The first
+                # answer comes after the hops; ``lookup_round`` is the least a lookup takes in
+                # all (the node's own work), not when its first answer comes.
+                delay = min(timeout, max(delay, hops + lookup_grace(hops)))
             else:
                 delay = max(delay, timeout)
         self.at(now + delay, self._resolve if first else self._lookup_done, node, node.session)
