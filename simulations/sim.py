@@ -34,6 +34,9 @@ from simulations.simstate import Blob, Node, NodeResult, SimResult, SimStore, _q
 __all__ = ["Blob", "Node", "NodeResult", "SimResult", "SimStore", "Simulation", "simulate"]
 
 INF = math.inf
+BYTES_FROM_MAX_NODES = 200
+"""Runs up to this many nodes record who sent each node its piece bytes (``stats.bytes_from``, as
+the testbed's); larger ones would hold a count per link."""
 
 
 # --------------------------------------------------------------------------- simulation
@@ -107,6 +110,10 @@ class Simulation(Discovery):
         self.link_ends = 0  # link ends held by nodes now
         self.peak_link_ends = 0
         self.wasted_bytes = 0  # piece bytes received late or twice (Transfer.wasted_bytes)
+        # receiver -> {sender: piece bytes}, for small runs (BYTES_FROM_MAX_NODES)
+        self.bytes_from: dict[str, dict[str, int]] | None = (
+            {} if len(self.nodes) <= BYTES_FROM_MAX_NODES else None
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -153,6 +160,11 @@ class Simulation(Discovery):
         node.bytes_up += tr.bytes_up
         node.bytes_down += tr.bytes_down
         self.wasted_bytes += tr.wasted_bytes
+        if self.bytes_from is not None:
+            got = self.bytes_from.setdefault(node.id, {})
+            for pid, st in tr.stats.items():
+                if st.bytes_down:
+                    got[pid] = got.get(pid, 0) + st.bytes_down
         self.engine_errors += getattr(tr, "internal_errors", 0)
         self.bans += len(tr.banned)
         if getattr(tr, "error", None) is not None:
@@ -379,6 +391,8 @@ class Simulation(Discovery):
             "bytes_down": sum(n.bytes_down for n in self.nodes),
             "wasted_bytes": self.wasted_bytes,
         }
+        if self.bytes_from is not None:
+            stats["bytes_from"] = {k: v for k, v in self.bytes_from.items() if v}
         return SimResult(
             self.sc.name, self.seed, self.end_time, self.stopped_by, nodes, self.events, self.samples, stats
         )

@@ -551,6 +551,7 @@ class Testbed:
             },
             "mb_moved": {h.id: moved[h.id] / 1e6 for h in self.hosts},
             "wasted_bytes": {h.id: h.wasted + h.cur_wasted for h in self.hosts},
+            "bytes_from": _bytes_from(self.hosts),
             "request_timeouts": {h.id: h.timeouts + h.cur_timeouts for h in self.hosts},
             "start_of_fetch": _start_of_fetch(self.hosts),
             "quiet": self.quiet,
@@ -610,6 +611,22 @@ def _start_of_fetch(hosts: list[Host]) -> dict[str, Any]:
 
 CPU_BOUND_BUSY = 0.9
 """Machine CPU busy fraction over a run above which its result is flagged as CPU-bound."""
+
+
+def _bytes_from(hosts: list[Any]) -> dict[str, dict[str, int]]:
+    """Piece bytes each host received from each other host (``receiver -> {sender: bytes}``), from
+    the nodes' per-peer counters (``GET /v1/models``, ``peer_stats``); who relayed to whom."""
+    by_pid = {h.peer_id: h.id for h in hosts if h.peer_id}
+    out: dict[str, dict[str, int]] = {}
+    for h in hosts:
+        got: dict[str, int] = {}
+        for src in (h.got_from, h.cur_got_from):
+            for pid, b in src.items():
+                name = by_pid.get(pid, pid[:12])
+                got[name] = got.get(name, 0) + b
+        if got:
+            out[h.id] = got
+    return out
 
 
 def for_testbed(sc_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,8 @@ class Host:
         self.first_piece_at: float | None = None
         self.wasted = 0  # piece bytes received twice or late (of finished processes)
         self.cur_wasted = 0
+        self.got_from: dict[str, int] = {}  # piece bytes received per sender's peer id (finished)
+        self.cur_got_from: dict[str, int] = {}
         self.timeouts = 0
         self.cur_timeouts = 0
         self.departures = 0
@@ -124,6 +126,12 @@ class Host:
             ms = st.get("models") or []
             self.cur_wasted = sum(int(m.get("wasted_bytes") or 0) for m in ms)
             self.cur_timeouts = sum(int(m.get("timeouts") or 0) for m in ms)
+        with contextlib.suppress(Exception):  # per-peer counters (GET /v1/models peer_stats)
+            got: dict[str, int] = {}
+            for m in client.models(self.home):
+                for pid, b in (m.get("peer_stats") or {}).items():
+                    got[pid] = got.get(pid, 0) + int(b.get("bytes_down") or 0)
+            self.cur_got_from = got
 
     def stop(self, sig: int) -> None:
         """End the process with ``sig`` (SIGKILL after STOP_GRACE), keeping its counters."""
@@ -150,6 +158,9 @@ class Host:
         self.bytes_up += self.cur_up
         self.bytes_down += self.cur_down
         self.wasted += self.cur_wasted
+        for pid, b in self.cur_got_from.items():
+            self.got_from[pid] = self.got_from.get(pid, 0) + b
+        self.cur_got_from = {}
         self.timeouts += self.cur_timeouts
         self.cur_up = self.cur_down = self.cur_wasted = self.cur_timeouts = 0
         self.proc = None

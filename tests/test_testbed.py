@@ -39,6 +39,11 @@ def test_smoke_run_matches_the_run_outputs_and_tears_down(tmp_path):
     F = doc["bounds"]["F_bytes"]
     assert s["groups"]["frontends"]["bytes_down"] >= 2 * F * 0.99  # measured by the nodes
     assert s["stats"]["cpu_seconds"]["workers-0000"] > 0
+    # who sent whom piece bytes, from the nodes' per-peer counters: each frontend got the model
+    got = s["stats"]["bytes_from"]
+    fronts = [h for h in got if h.startswith("frontends")]
+    assert len(fronts) == 2 and all(sum(got[h].values()) >= F * 0.99 for h in fronts), got
+    assert all(src in {"workers-0000", *fronts} for h in fronts for src in got[h]), got
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["per_seed"][0]["completion"]["max"] == s["completion"]["max"]
     with open(tmp_path / "events_seed1.csv") as fh:
